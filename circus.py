@@ -1,0 +1,3662 @@
+#!/usr/bin/env python3
+"""circus.py: a process and socket manager in one file.
+
+Runs Circus 0.19 configs unchanged, speaks Circus's ZeroMQ protocol (the real
+``circusctl`` drives it, and its ``ctl`` drives a real ``circusd``), and sees
+child deaths the moment they happen (pidfd / SIGCHLD), not on a polling tick.
+
+Use::
+
+    python circus.py daemon circus.ini      # run the daemon
+    python circus.py ctl status             # talk to it
+
+or from Python::
+
+    import circus
+    arbiter = circus.get_arbiter([{"name": "web", "cmd": "python -m http.server"}])
+    arbiter.run()
+
+Public API (``__all__``): Process, Watcher, Arbiter, get_arbiter, Client,
+load_config, CircusError, ConfigError, CommandError, and the stream classes.
+
+Sections, in order (each uses only those above it):
+ 1. Header and lazy imports        8. Watcher
+ 2. Constants, states, errors      9. Arbiter
+ 3. Pure helpers                  10. Command table
+ 4. Config                        11. ZeroMQ channels (control, pub/sub)
+ 5. Sockets                       12. Client and ctl
+ 6. Streams and logging           13. CLI (daemon, ctl, argv dispatch)
+ 7. Process
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import signal
+import sys
+import time
+
+__version__ = "0.1.0"
+#: The Circus release whose protocol and config format we speak.
+CIRCUS_COMPAT = "0.19.0"
+
+__all__ = [
+    "Process", "Watcher", "Arbiter", "get_arbiter", "Client", "load_config",
+    "CircusError", "ConfigError", "CommandError", "MessageError",
+    "StdoutStream", "FancyStdoutStream", "FileStream", "WatchedFileStream",
+    "TimedRotatingFileStream", "QueueStream",
+]
+
+
+class _LazyModule:
+    """A module imported on first attribute access.
+
+    ``ctl`` must start fast: it needs zmq and json only, so asyncio, psutil,
+    subprocess and logging are imported when the daemon side first uses them.
+    """
+
+    def __init__(self, name: str):
+        self.__dict__["_name"] = name
+
+    def __getattr__(self, attr):
+        import importlib
+        mod = importlib.import_module(self.__dict__["_name"])
+        self.__dict__.update(mod.__dict__)
+        return getattr(mod, attr)
+
+
+asyncio = _LazyModule("asyncio")
+subprocess = _LazyModule("subprocess")
+logging = _LazyModule("logging")
+_psutil = _LazyModule("psutil")
+
+HAS_PIDFD = hasattr(os, "pidfd_open") and sys.platform.startswith("linux")
+
+
+def _log():
+    return logging.getLogger("circus")
+
+
+# ---------------------------------------------------------------------------
+# 2. Constants, states, errors
+# ---------------------------------------------------------------------------
+
+DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
+DEFAULT_PUBSUB = "tcp://127.0.0.1:5556"
+DEFAULT_STATS = "tcp://127.0.0.1:5557"
+DEFAULT_MULTICAST = "udp://237.219.251.97:12027"
+
+# Watcher states as Circus reports them in `status`.
+STOPPED, STARTING, ACTIVE, STOPPING = "stopped", "starting", "active", "stopping"
+
+
+class ProcState:
+    """Per-process states (Supervisor's names, shown beside Circus's view)."""
+    STOPPED = "STOPPED"
+    STARTING = "STARTING"
+    RUNNING = "RUNNING"
+    BACKOFF = "BACKOFF"
+    STOPPING = "STOPPING"
+    EXITED = "EXITED"
+    FATAL = "FATAL"
+
+
+# Error numbers of the control protocol (Circus's commands/errors.py values).
+E_NOT_SPECIFIED, E_INVALID_JSON, E_UNKNOWN_COMMAND, E_MESSAGE_ERROR = 0, 1, 2, 3
+E_OS_ERROR, E_COMMAND_ERROR, E_BAD_MSG_DATA = 4, 5, 6
+
+
+class CircusError(Exception):
+    """Root of every error circus.py raises on purpose."""
+
+
+class ConfigError(CircusError):
+    """A config file, section or value is wrong; the text says where and how."""
+
+
+class CommandError(CircusError):
+    """A control command failed; carries the protocol errno."""
+
+    errno = E_COMMAND_ERROR
+
+    def __init__(self, reason: str, errno_: int | None = None):
+        super().__init__(reason)
+        if errno_ is not None:
+            self.errno = errno_
+
+
+class MessageError(CommandError):
+    """A request is malformed or names something that does not exist (errno 3)."""
+
+    errno = E_MESSAGE_ERROR
+
+
+# ---------------------------------------------------------------------------
+# 3. Pure helpers
+# ---------------------------------------------------------------------------
+
+_TRUE = {"1", "yes", "true", "on"}
+_FALSE = {"0", "no", "false", "off"}
+
+
+def to_bool(value) -> bool:
+    """Circus/configparser booleans: yes/true/on/1 and no/false/off/0, any case."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError("%r is not a boolean (use true/false, yes/no, on/off, 1/0)" % (value,))
+
+
+def to_int(value) -> int:
+    if isinstance(value, bool):
+        raise ValueError("%r is not an integer" % (value,))
+    if isinstance(value, int):
+        return value
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        raise ValueError("%r is not an integer" % (value,)) from None
+
+
+def to_float(value) -> float:
+    if isinstance(value, bool):
+        raise ValueError("%r is not a number" % (value,))
+    try:
+        return float(str(value).strip()) if isinstance(value, str) else float(value)
+    except (TypeError, ValueError):
+        raise ValueError("%r is not a number" % (value,)) from None
+
+
+def to_signum(value) -> int:
+    """A signal given as a number, a name with or without SIG in any case, or RTMIN+n."""
+    if isinstance(value, bool):
+        raise ValueError("%r is not a signal" % (value,))
+    if isinstance(value, int):
+        if 0 < value < getattr(signal, "NSIG", 65):
+            return value
+        raise ValueError("%r is not a signal number" % (value,))
+    text = str(value).strip().upper()
+    if text.isdigit():
+        return to_signum(int(text))
+    if not text.startswith("SIG"):
+        text = "SIG" + text
+    m = re.match(r"^SIG(RTMIN|RTMAX)([+-]\d+)?$", text)
+    if m and hasattr(signal, "SIGRTMIN"):
+        base = signal.SIGRTMIN if m.group(1) == "RTMIN" else signal.SIGRTMAX
+        return int(base) + int(m.group(2) or 0)
+    num = getattr(signal, text, None)
+    if isinstance(num, signal.Signals):
+        return int(num)
+    raise ValueError("%r is not a signal name (e.g. TERM, SIGHUP, 15)" % (value,))
+
+
+def signame(num: int) -> str:
+    try:
+        return signal.Signals(num).name
+    except ValueError:
+        return str(num)
+
+
+def exit_code_of(status: int) -> int:
+    """A wait status as Circus reports it: the exit code, or minus the signal."""
+    if os.WIFSIGNALED(status):
+        return -os.WTERMSIG(status)
+    if os.WIFEXITED(status):
+        return os.WEXITSTATUS(status)
+    return status
+
+
+def describe_exit(code: int) -> str:
+    return "killed by %s" % signame(-code) if code < 0 else "exit code %d" % code
+
+
+_CIRCUS_VAR = re.compile(r"(?:\$\(|\(\()circus\.([\w.\-]+)(?:\)\)|\))", re.IGNORECASE)
+
+
+def replace_circus_vars(text: str, table: dict) -> str:
+    """Expand ``$(circus.KEY)`` and ``((circus.KEY))``; case-insensitive keys.
+
+    ``table`` maps lower-case keys (``wid``, ``env.home``, ``sockets.web``) to
+    values; unknown keys are left untouched, as Circus does.
+    """
+    if "circus" not in text.lower():
+        return text
+
+    def sub(m):
+        val = table.get(m.group(1).lower())
+        return m.group(0) if val is None else str(val)
+    return _CIRCUS_VAR.sub(sub, text)
+
+
+_ENV_REF = re.compile(r"\$([A-Z][A-Z0-9_]*)")
+
+
+def expand_env_refs(text: str, environ) -> str:
+    """``$NAME`` inside ``[env]`` values, from the daemon's own environment."""
+    return _ENV_REF.sub(lambda m: environ.get(m.group(1), ""), text)
+
+
+def human_size(n) -> str:
+    """Circus's size format: ``512B``, ``1.50K``, ``3.20M``..."""
+    try:
+        n = float(n)
+    except (TypeError, ValueError):
+        return "N/A"
+    if n < 1024:
+        return "%dB" % n
+    for unit in "KMGTPEZ":
+        n /= 1024.0
+        if n < 1024 or unit == "Z":
+            return "%.2f%s" % (n, unit)
+    return "%.2f%s" % (n, "Z")
+
+
+def human_cputime(seconds: float) -> str:
+    """CPU time as ``M:SS.cc``."""
+    minutes, sec = divmod(seconds, 60)
+    return "%d:%05.2f" % (minutes, sec)
+
+
+def parse_octal(value) -> int:
+    text = str(value).strip()
+    try:
+        return int(text, 8)
+    except ValueError:
+        raise ValueError("%r is not an octal mode (e.g. 022)" % (value,)) from None
+
+
+def import_dotted(path: str, extra_dirs=()):
+    """Import ``pkg.mod.Name``; ``extra_dirs`` are tried first (the config's folder)."""
+    import importlib
+    if "." not in path:
+        raise ImportError("%r is not a dotted path (package.module.Name)" % path)
+    modname, attr = path.rsplit(".", 1)
+    for d in extra_dirs:
+        if d and d not in sys.path:
+            sys.path.insert(0, d)
+    mod = importlib.import_module(modname)
+    try:
+        return getattr(mod, attr)
+    except AttributeError:
+        raise ImportError("module %r has no %r" % (modname, attr)) from None
+
+
+# ---------------------------------------------------------------------------
+# 4. Config
+# ---------------------------------------------------------------------------
+# An INI reader with Circus's dialect (first definition wins, `#` inline is
+# data, `;` inline after white space is a comment, case kept), then typed,
+# validated config objects. Nothing here binds a socket or starts a process.
+
+class _Where:
+    """Where a value came from, for error lines: ``file:line [section] key``."""
+    __slots__ = ("file", "line", "section", "key")
+
+    def __init__(self, file, line, section, key=None):
+        self.file, self.line, self.section, self.key = file, line, section, key
+
+    def __str__(self):
+        out = "%s:%s [%s]" % (self.file, self.line, self.section)
+        return out + (" %s" % self.key if self.key else "")
+
+
+class IniFile:
+    """Sections in file order; each maps key -> (value, _Where)."""
+
+    _SECTION = re.compile(r"^\[(?P<name>.+)\]\s*$")
+    _OPTION = re.compile(r"^(?P<key>[^=:]*?)\s*(?P<sep>[=:])\s*(?P<value>.*)$")
+
+    def __init__(self):
+        self.sections: dict = {}
+        self.files: list = []
+
+    def read(self, path: str, text: str | None = None) -> None:
+        if text is None:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    text = f.read()
+            except OSError as e:
+                raise ConfigError("%s: cannot read config file: %s" % (path, e.strerror or e)) from None
+            except UnicodeDecodeError as e:
+                raise ConfigError("%s: not UTF-8 text (%s)" % (path, e.reason)) from None
+        self.files.append(path)
+        section = key = None
+        for lineno, raw in enumerate(text.splitlines(), 1):
+            line = raw.rstrip()
+            stripped = line.strip()
+            if not stripped or stripped[0] in "#;":
+                continue
+            if raw[0] in " \t" and key is not None:
+                # continuation line: joined to the previous value with a newline
+                value, where = section[key]
+                section[key] = (value + "\n" + _strip_inline_comment(stripped), where)
+                continue
+            m = self._SECTION.match(stripped)
+            if m:
+                name = m.group("name").strip()
+                section = self.sections.setdefault(name, {})
+                key = None
+                section.setdefault("__where__", (None, _Where(path, lineno, name)))
+                continue
+            if section is None:
+                raise ConfigError("%s:%d: option outside any section: %r (start the file "
+                                  "with a [section] header)" % (path, lineno, stripped))
+            m = self._OPTION.match(stripped)
+            if not m or not m.group("key"):
+                raise ConfigError("%s:%d: cannot parse %r (expected 'key = value')"
+                                  % (path, lineno, stripped))
+            key = m.group("key")
+            value = _strip_inline_comment(m.group("value"))
+            if value == '""':
+                value = ""
+            if key in section:        # first definition wins, as in Circus
+                key = None
+                continue
+            section[key] = (value, _Where(path, lineno, self._section_name(section), key))
+
+    def _section_name(self, section):
+        return section["__where__"][1].section
+
+    def items(self, name):
+        """key -> value of one section, without the bookkeeping entry."""
+        return {k: v[0] for k, v in self.sections.get(name, {}).items() if k != "__where__"}
+
+    def where(self, name, key=None):
+        sec = self.sections.get(name, {})
+        if key is not None and key in sec:
+            return sec[key][1]
+        w = sec.get("__where__", (None, _Where("?", "?", name)))[1]
+        return _Where(w.file, w.line, name, key)
+
+
+def _strip_inline_comment(value: str) -> str:
+    m = re.search(r"\s;", value)
+    return (value[:m.start()] if m else value).strip()
+
+
+def _number(value):
+    """int when the text is an integer, else float (warmup_delay, graceful_timeout)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    text = str(value).strip()
+    try:
+        return int(text)
+    except ValueError:
+        return to_float(text)
+
+
+def _str_or_none(value):
+    return None if value is None else str(value)
+
+
+def _args(value):
+    if value is None or isinstance(value, list):
+        return value
+    return str(value)
+
+
+#: Watcher options: name -> (converter, default). One table serves the INI
+#: parser, `add`, `set`, `options` and `get`.
+WATCHER_OPTIONS = {
+    "cmd": (str, None),
+    "args": (_args, None),
+    "numprocesses": (to_int, 1),
+    "warmup_delay": (_number, 0),
+    "executable": (_str_or_none, None),
+    "working_dir": (_str_or_none, None),
+    "shell": (to_bool, False),
+    "shell_args": (_str_or_none, None),
+    "uid": (_str_or_none, None),
+    "gid": (_str_or_none, None),
+    "send_hup": (to_bool, False),
+    "stop_signal": (to_signum, int(signal.SIGTERM)),
+    "stop_children": (to_bool, False),
+    "max_retry": (to_int, 5),
+    "graceful_timeout": (_number, 30.0),
+    "priority": (to_int, 0),
+    "singleton": (to_bool, False),
+    "use_sockets": (to_bool, False),
+    "copy_env": (to_bool, False),
+    "copy_path": (to_bool, False),
+    "on_demand": (to_bool, False),
+    "respawn": (to_bool, True),
+    "autostart": (to_bool, True),
+    "max_age": (to_int, 0),
+    "max_age_variance": (to_int, 30),
+    "close_child_stdin": (to_bool, True),
+    "close_child_stdout": (to_bool, False),
+    "close_child_stderr": (to_bool, False),
+    "virtualenv": (_str_or_none, None),
+    "virtualenv_py_ver": (_str_or_none, None),
+    "stdin_socket": (_str_or_none, None),
+    "check_flapping": (to_bool, True),
+}
+
+#: The options `options`/`get` show, as circusd 0.19 does (plus free-form keys).
+VISIBLE_OPTIONS = (
+    "numprocesses", "warmup_delay", "working_dir", "uid", "gid", "send_hup",
+    "stop_signal", "stop_children", "shell", "shell_args", "env", "max_retry",
+    "cmd", "args", "respawn", "graceful_timeout", "executable", "use_sockets",
+    "priority", "copy_env", "singleton", "stdout_stream_conf", "on_demand",
+    "stderr_stream_conf", "max_age", "max_age_variance", "close_child_stdin",
+    "close_child_stdout", "close_child_stderr",
+)
+
+HOOK_NAMES = ("before_start", "after_start", "before_spawn", "after_spawn",
+              "before_stop", "after_stop", "before_signal", "after_signal",
+              "before_reap", "after_reap", "extended_stats")
+
+RLIMITS = ("as", "core", "cpu", "data", "fsize", "memlock", "msgqueue", "nice",
+           "nofile", "nproc", "rss", "rtprio", "rttime", "sigpending", "stack")
+
+
+def convert_watcher_option(key: str, value):
+    """Validate one watcher option; returns (kind, key, typed value).
+
+    kind is "opt" (a known option), "stream" (``stdout_stream.X``), "hook",
+    "rlimit" or "free" (kept as given, like Circus's free-form keys).
+    Raises ValueError with a readable text.
+    """
+    if key in WATCHER_OPTIONS:
+        conv = WATCHER_OPTIONS[key][0]
+        if value is None and WATCHER_OPTIONS[key][1] is None:
+            return "opt", key, None
+        return "opt", key, conv(value)
+    for prefix in ("stdout_stream.", "stderr_stream."):
+        if key.startswith(prefix):
+            return "stream", key, value
+    if key.startswith("hooks."):
+        name = key[6:]
+        if name not in HOOK_NAMES:
+            raise ValueError("unknown hook %r (known: %s)" % (name, ", ".join(HOOK_NAMES)))
+        return "hook", name, parse_hook(value)
+    if key.startswith("rlimit_"):
+        res = key[7:].lower()
+        if res not in RLIMITS:
+            raise ValueError("unknown resource limit %r (known: %s)" % (res, ", ".join(RLIMITS)))
+        if value is None or str(value).strip() == "":
+            return "rlimit", res, None
+        return "rlimit", res, to_int(value)
+    return "free", key, value
+
+
+def parse_hook(value):
+    """``dotted.path[, ignore_failure]`` -> (path, ignore_failure)."""
+    if isinstance(value, (list, tuple)):
+        path, ignore = (list(value) + [False])[:2]
+        return str(path), to_bool(ignore)
+    parts = [p.strip() for p in str(value).split(",")]
+    if len(parts) > 2 or not parts[0]:
+        raise ValueError("%r: a hook is 'package.module.function[, true|false]'" % (value,))
+    return parts[0], to_bool(parts[1]) if len(parts) == 2 else False
+
+
+class SocketConfig:
+    """One ``[socket:NAME]`` section, typed."""
+
+    FAMILIES = ("AF_INET", "AF_INET6", "AF_UNIX")
+    TYPES = ("SOCK_STREAM", "SOCK_DGRAM", "SOCK_RAW", "SOCK_RDM", "SOCK_SEQPACKET")
+
+    def __init__(self, name, host="localhost", port=8080, family="AF_INET",
+                 type="SOCK_STREAM", proto=0, backlog=2048, path=None, umask=8,
+                 replace=False, so_reuseport=False, blocking=False, interface=None):
+        self.name = name.lower()
+        self.host = host
+        self.port = to_int(port)
+        family = str(family).upper()
+        if family not in self.FAMILIES:
+            raise ValueError("family %r: use one of %s" % (family, ", ".join(self.FAMILIES)))
+        type = str(type).upper()
+        if type not in self.TYPES:
+            raise ValueError("type %r: use one of %s" % (type, ", ".join(self.TYPES)))
+        self.path = path
+        self.family = "AF_UNIX" if path else family
+        self.type = type
+        self.proto = proto
+        self.backlog = to_int(backlog)
+        # Circus reads the socket umask as a *decimal* number; users write it
+        # either way, so a leading 0 means octal here (documented difference).
+        text = str(umask).strip()
+        self.umask = int(text, 8) if text.startswith("0") and text != "0" else to_int(text)
+        self.replace = to_bool(replace)
+        self.so_reuseport = to_bool(so_reuseport)
+        self.blocking = to_bool(blocking)
+        self.interface = interface
+
+    def key(self):
+        return tuple(sorted((k, v) for k, v in vars(self).items()))
+
+
+class WatcherConfig:
+    """One watcher, typed: options, env, hooks, rlimits, stream settings."""
+
+    def __init__(self, name: str, options: dict | None = None):
+        self.name = name
+        self.options = {k: d for k, (c, d) in WATCHER_OPTIONS.items()}
+        self.env: dict = {}
+        self.hooks: dict = {}
+        self.rlimits: dict = {}
+        self.stdout_stream: dict = {}
+        self.stderr_stream: dict = {}
+        self.free: dict = {}
+        for k, v in (options or {}).items():
+            self.set(k, v)
+
+    def set(self, key, value):
+        """Apply one option; raises ValueError naming the problem."""
+        if key == "env":
+            if not isinstance(value, dict):
+                raise ValueError("env must be an object of NAME: value strings")
+            self.env = {str(k): str(v) for k, v in value.items()}
+            return
+        if key in ("stdout_stream", "stderr_stream"):
+            if not isinstance(value, dict):
+                raise ValueError("%s must be an object with a 'class' key" % key)
+            setattr(self, key, {str(k): v for k, v in value.items()})
+            return
+        if key == "hooks":
+            if not isinstance(value, dict):
+                raise ValueError("hooks must be an object keyed by hook name")
+            for name, spec in value.items():
+                self.set("hooks." + name, spec)
+            return
+        if key == "rlimits" and isinstance(value, dict):
+            for res, lim in value.items():
+                self.set("rlimit_" + res, lim)
+            return
+        kind, k, v = convert_watcher_option(key, value)
+        if kind == "opt":
+            self.options[k] = v
+        elif kind == "stream":
+            which, sub = k.split(".", 1)
+            getattr(self, which)[sub] = v
+        elif kind == "hook":
+            self.hooks[k] = v
+        elif kind == "rlimit":
+            self.rlimits[k] = v
+        else:
+            self.free[k] = v
+
+    def check(self):
+        o = self.options
+        if not o.get("cmd"):
+            raise ValueError("'cmd' is required: the command this watcher runs")
+        if o["singleton"] and o["numprocesses"] > 1:
+            raise ValueError("singleton = true allows numprocesses 0 or 1, not %d"
+                             % o["numprocesses"])
+        if o["numprocesses"] < 0:
+            raise ValueError("numprocesses must be >= 0")
+        for which in ("stdout_stream", "stderr_stream"):
+            conf = getattr(self, which)
+            if conf and "class" not in conf and "filename" not in conf:
+                raise ValueError("%s.* needs %s.class (e.g. FileStream) or %s.filename"
+                                 % (which, which, which))
+        return self
+
+    def key(self):
+        """Everything that defines this watcher, for reloadconfig diffs."""
+        return json.dumps([self.options, self.env, self.hooks, self.rlimits,
+                           self.stdout_stream, self.stderr_stream, self.free],
+                          sort_keys=True, default=str)
+
+
+class CircusConfig:
+    """The whole config: ``[circus]`` globals, sockets, watchers, plugins."""
+
+    def __init__(self, path=None):
+        self.path = path
+        self.endpoint = DEFAULT_ENDPOINT
+        self.pubsub_endpoint = DEFAULT_PUBSUB
+        self.stats_endpoint = DEFAULT_STATS
+        self.multicast_endpoint = None      # Circus: on by default; here only when set
+        self.endpoint_owner = None
+        self.statsd = False
+        self.check_delay = 5.0
+        self.warmup_delay = 0
+        self.umask = None
+        self.httpd = False
+        self.httpd_host = "localhost"
+        self.httpd_port = 8080
+        self.debug = False
+        self.debug_gc = False
+        self.pidfile = None
+        self.loglevel = None
+        self.logoutput = None
+        self.loggerconfig = None
+        self.fqdn_prefix = None
+        self.sockets: list = []
+        self.watchers: list = []
+        self.plugins: list = []
+        self.warnings: list = []
+
+    def globals_key(self):
+        return json.dumps({k: v for k, v in vars(self).items()
+                           if k not in ("sockets", "watchers", "plugins", "warnings", "path")},
+                          sort_keys=True, default=str)
+
+
+_CIRCUS_KEYS = {
+    "endpoint": str, "pubsub_endpoint": str, "stats_endpoint": str,
+    "multicast_endpoint": str, "endpoint_owner": str, "statsd": to_bool,
+    "check_delay": to_float, "warmup_delay": _number, "umask": parse_octal,
+    "httpd": to_bool, "httpd_host": str, "httpd_port": to_int, "debug": to_bool,
+    "debug_gc": to_bool, "pidfile": str, "loglevel": str, "logoutput": str,
+    "loggerconfig": str, "fqdn_prefix": str, "include": str, "include_dir": str,
+    # Documented by Circus but not read by it; accepted for the same files.
+    "statsd_close_outputs": to_bool, "httpd_close_outputs": to_bool, "stream_backend": str,
+}
+
+_SOCKET_KEYS = ("host", "port", "family", "type", "proto", "backlog", "path", "umask",
+                "replace", "so_reuseport", "blocking", "interface")
+
+
+def _read_with_includes(path: str) -> IniFile:
+    import glob
+    ini = IniFile()
+    ini.read(path)
+    base = os.path.dirname(os.path.abspath(path))
+    main = ini.items("circus")
+    patterns = main.get("include", "").split()
+    for d in main.get("include_dir", "").split():
+        patterns.append(os.path.join(d, "*.ini"))
+    for pat in patterns:
+        full = pat if os.path.isabs(pat) else os.path.join(base, pat)
+        found = sorted(glob.glob(full))
+        if not found:
+            _log().warning("%s: include %r matches no file", path, pat)
+        for f in found:
+            if os.path.abspath(f) != os.path.abspath(path):
+                ini.read(f)
+    return ini
+
+
+def load_config(path: str, environ=None) -> CircusConfig:
+    """Read and validate a Circus INI file (with its includes).
+
+    Raises ConfigError with one line naming file, section, key and the fix.
+    """
+    environ = dict(os.environ if environ is None else environ)
+    ini = _read_with_includes(path)
+    cfg = CircusConfig(os.path.abspath(path))
+    names = list(ini.sections)
+
+    # [env] and [env:PATTERNS]: $NAME refs come from the daemon's environment.
+    env_sections = []
+    for name in names:
+        if name == "env" or name.startswith("env:"):
+            values = {k: expand_env_refs(v, environ) for k, v in ini.items(name).items()}
+            pats = [] if name == "env" else [p.strip() for p in name[4:].split(",") if p.strip()]
+            env_sections.append((pats, values))
+    global_env = {}
+    for pats, values in env_sections:
+        if not pats:
+            global_env.update(values)
+    table = {"env." + k.lower(): v for k, v in environ.items()}
+    table.update({"env." + k.lower(): v for k, v in global_env.items()})
+
+    def expand(value, tbl=table):
+        return replace_circus_vars(value, tbl) if isinstance(value, str) else value
+
+    def conv(section, key, value, func):
+        try:
+            return func(value)
+        except (ValueError, TypeError) as e:
+            raise ConfigError("%s: %s" % (ini.where(section, key), e)) from None
+
+    # [circus]
+    for key, value in ini.items("circus").items():
+        if key not in _CIRCUS_KEYS:
+            cfg.warnings.append("%s: unknown [circus] key, ignored" % ini.where("circus", key))
+            continue
+        if key in ("include", "include_dir"):
+            continue
+        setattr(cfg, key, conv("circus", key, expand(value), _CIRCUS_KEYS[key]))
+    if "stats_endpoint" in ini.items("circus"):
+        cfg.statsd = True
+    if cfg.check_delay <= 0:
+        cfg.check_delay = 0.0
+
+    # sockets, watchers and plugins, sorted by name as Circus does
+    import fnmatch
+    for name in sorted(n for n in names if n.startswith("socket:")):
+        items = ini.items(name)
+        if not items:
+            continue
+        for key in items:
+            if key not in _SOCKET_KEYS:
+                raise ConfigError("%s: unknown socket option (known: %s)"
+                                  % (ini.where(name, key), ", ".join(_SOCKET_KEYS)))
+        try:
+            cfg.sockets.append(SocketConfig(name[7:], **{k: expand(v) for k, v in items.items()}))
+        except (ValueError, TypeError) as e:
+            raise ConfigError("%s: %s" % (ini.where(name), e)) from None
+    seen = {}
+    for name in sorted(n for n in names if n.startswith("watcher:")):
+        items = ini.items(name)
+        if not items:
+            continue
+        wname = name[8:].strip()
+        if not wname:
+            raise ConfigError("%s: a watcher needs a name: [watcher:NAME]" % ini.where(name))
+        if wname.lower() in seen:
+            raise ConfigError("%s: watcher names are case-insensitive; %r clashes with %r"
+                              % (ini.where(name), wname, seen[wname.lower()]))
+        seen[wname.lower()] = wname
+        wenv = dict(global_env)
+        for pats, values in env_sections:
+            if pats and any(fnmatch.fnmatchcase(wname, p) for p in pats):
+                wenv.update(values)
+        wtable = dict(table)
+        wtable.update({"env." + k.lower(): v for k, v in wenv.items()})
+        wc = WatcherConfig(wname)
+        for key, value in items.items():
+            if key.startswith(("hooks.", "rlimit_")) or key == "stop_signal":
+                pass                    # never expanded, as in Circus
+            elif key in WATCHER_OPTIONS and WATCHER_OPTIONS[key][0] in (str, _str_or_none, _args):
+                value = expand(value, wtable)
+            else:
+                value = expand(value, wtable if "." in key or key not in WATCHER_OPTIONS else table)
+            conv(name, key, value, lambda v, k=key: wc.set(k, v))
+        wc.env = wenv
+        try:
+            wc.check()
+        except ValueError as e:
+            raise ConfigError("%s: %s" % (ini.where(name), e)) from None
+        cfg.watchers.append(wc)
+    for name in sorted(n for n in names if n.startswith("plugin:")):
+        items = ini.items(name)
+        if items:
+            cfg.plugins.append((name[7:], {k: expand(v) for k, v in items.items()}))
+    for name in names:
+        if name != "circus" and not name.startswith(("socket:", "watcher:", "plugin:", "env")):
+            cfg.warnings.append("%s: unknown section, ignored" % ini.where(name))
+    sockets = {s.name for s in cfg.sockets}
+    for wc in cfg.watchers:
+        for ref in re.findall(r"circus\.sockets\.([\w.\-]+)", wc.options["cmd"] + " " +
+                              str(wc.options["args"] or ""), re.IGNORECASE):
+            if ref.lower() not in sockets:
+                raise ConfigError("%s: refers to socket %r but there is no [socket:%s] section"
+                                  % (ini.where("watcher:" + wc.name, "cmd"), ref, ref))
+    return cfg
+
+
+# ---------------------------------------------------------------------------
+# 5. Sockets
+# ---------------------------------------------------------------------------
+
+class CircusSocket:
+    """A listening socket the daemon binds once and hands to its workers.
+
+    It stays bound across watcher restarts, so clients queue in the backlog
+    instead of seeing "connection refused". With ``so_reuseport`` each spawn
+    gets a fresh SO_REUSEPORT socket of its own (``bind_fresh``) and this
+    one is never bound, as in Circus (else it would take a share of the
+    connections nobody accepts).
+    """
+
+    def __init__(self, conf: SocketConfig):
+        self.conf = conf
+        self.name = conf.name
+        self.sock = None
+        self.host, self.port, self.path = conf.host, conf.port, conf.path
+
+    def _new(self):
+        import socket
+        c = self.conf
+        family = getattr(socket, c.family)
+        stype = getattr(socket, c.type)
+        proto = c.proto
+        if isinstance(proto, str) and proto:
+            proto = socket.getprotobyname(proto)
+        addr = c.path
+        if family != socket.AF_UNIX:
+            infos = socket.getaddrinfo(c.host, c.port, family, stype)
+            if not infos:
+                raise OSError("cannot resolve %r" % c.host)
+            addr = infos[0][4]
+        s = socket.socket(family, stype, proto or 0)
+        try:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if c.so_reuseport and hasattr(socket, "SO_REUSEPORT"):
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_UNIX:
+                if os.path.exists(c.path):
+                    if not c.replace:
+                        raise OSError(errno.EADDRINUSE, "%s exists (set replace = true "
+                                      "to remove a stale socket file)" % c.path)
+                    os.unlink(c.path)
+                old = os.umask(c.umask)
+                try:
+                    s.bind(addr)
+                finally:
+                    os.umask(old)
+            else:
+                s.bind(addr)
+            if stype in (socket.SOCK_STREAM, socket.SOCK_SEQPACKET):
+                s.listen(c.backlog)
+            s.setblocking(c.blocking)
+        except BaseException:
+            s.close()
+            raise
+        return s
+
+    def bind_and_listen(self):
+        if self.conf.so_reuseport:
+            return
+        self.sock = self._new()
+        if self.conf.family != "AF_UNIX":
+            self.host, self.port = self.sock.getsockname()[:2]
+
+    def bind_fresh(self):
+        """A new SO_REUSEPORT socket for one process (caller closes it after spawn)."""
+        s = self._new()
+        if self.conf.family != "AF_UNIX" and not self.port:
+            self.port = s.getsockname()[1]
+            self.conf.port = self.port
+        return s
+
+    def fileno(self):
+        return self.sock.fileno() if self.sock else -1
+
+    def close(self):
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+            if self.conf.path:
+                try:
+                    os.unlink(self.conf.path)
+                except OSError:
+                    pass
+
+    def info(self) -> dict:
+        d = {"fd": self.fileno(), "name": self.name, "backlog": self.conf.backlog}
+        if self.conf.path:
+            d["path"] = self.conf.path
+        else:
+            d["host"], d["port"] = self.host, self.port
+        return d
+
+
+# ---------------------------------------------------------------------------
+# 6. Streams and logging
+# ---------------------------------------------------------------------------
+# A stream is a callable taking {"data": bytes, "pid": int, "name": "stdout"}
+# with an optional close(). Output is passed on as raw bytes, in the chunks
+# read (up to 1 MiB), unless a time_format prefix asks for per-line work.
+
+class _Prefixer:
+    """Adds ``<time> [<pid>] | `` at the start of every line, across chunks."""
+
+    def __init__(self, time_format):
+        self.time_format = time_format
+        self._midline = set()
+
+    def __call__(self, data: bytes, pid) -> bytes:
+        stamp = ("%s [%s] | " % (time.strftime(self.time_format), pid)).encode()
+        lines = data.splitlines(True)
+        out = []
+        for i, line in enumerate(lines):
+            if not (i == 0 and pid in self._midline):
+                out.append(stamp)
+            out.append(line)
+        if data.endswith(b"\n"):
+            self._midline.discard(pid)
+        else:
+            self._midline.add(pid)
+        return b"".join(out)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+class StdoutStream:
+    """Writes output to the daemon's own stdout."""
+
+    def __init__(self, time_format=None, **_):
+        self._prefix = _Prefixer(time_format) if time_format else None
+
+    def __call__(self, data: dict) -> None:
+        chunk = data["data"]
+        if self._prefix:
+            chunk = self._prefix(chunk, data.get("pid"))
+        try:
+            _write_all(sys.stdout.fileno(), chunk)
+        except (OSError, ValueError):
+            pass
+
+    def close(self):
+        pass
+
+
+class FancyStdoutStream(StdoutStream):
+    """Stdout with a coloured ``<time> [<pid>] | `` prefix per line."""
+
+    COLORS = {"red": 1, "green": 2, "yellow": 3, "blue": 4, "magenta": 5, "cyan": 6, "white": 7}
+
+    def __init__(self, color=None, time_format="%Y-%m-%d %H:%M:%S", **_):
+        import random
+        code = self.COLORS.get(str(color).lower()) or random.choice(list(self.COLORS.values()))
+        self._start = b"\033[0;3%d;40m" % code
+        self._prefix = _Prefixer(time_format or "%Y-%m-%d %H:%M:%S")
+
+    def __call__(self, data: dict) -> None:
+        lines = self._prefix(data["data"], data.get("pid")).splitlines(True)
+        out = b"".join(self._start + line.rstrip(b"\n") + b"\033[0m" +
+                       (b"\n" if line.endswith(b"\n") else b"") for line in lines)
+        try:
+            _write_all(sys.stdout.fileno(), out)
+        except (OSError, ValueError):
+            pass
+
+
+class FileStream:
+    """Appends to a file; with max_bytes and backup_count, rotates by size.
+
+    Rotation renames ``f.N-1 -> f.N ... f -> f.1`` before a chunk that
+    would reach max_bytes; without backup_count the file just grows.
+    """
+
+    def __init__(self, filename=None, max_bytes=0, backup_count=0, time_format=None, **_):
+        if not filename:
+            import tempfile
+            fd, filename = tempfile.mkstemp(prefix="circus-", suffix=".log")
+            os.close(fd)
+        self.filename = os.path.abspath(str(filename))
+        self.max_bytes = to_int(max_bytes or 0)
+        self.backup_count = to_int(backup_count or 0)
+        self._prefix = _Prefixer(time_format) if time_format else None
+        self._fd = -1
+        self._size = 0
+        self.open()
+
+    def open(self):
+        d = os.path.dirname(self.filename)
+        if d and not os.path.isdir(d):
+            os.makedirs(d, exist_ok=True)
+        self._fd = os.open(self.filename, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        self._size = os.fstat(self._fd).st_size
+
+    def close(self):
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def _before_write(self, n: int) -> None:
+        if self.max_bytes > 0 and self.backup_count > 0 and self._size + n >= self.max_bytes and self._size:
+            self._rotate()
+
+    def _rotate(self):
+        self.close()
+        for i in range(self.backup_count - 1, 0, -1):
+            src = "%s.%d" % (self.filename, i)
+            if os.path.exists(src):
+                os.replace(src, "%s.%d" % (self.filename, i + 1))
+        if os.path.exists(self.filename):
+            os.replace(self.filename, self.filename + ".1")
+        self.open()
+
+    def __call__(self, data: dict) -> None:
+        chunk = data["data"]
+        if self._prefix:
+            chunk = self._prefix(chunk, data.get("pid"))
+        self._before_write(len(chunk))
+        if self._fd < 0:
+            self.open()
+        _write_all(self._fd, chunk)
+        self._size += len(chunk)
+
+
+class WatchedFileStream(FileStream):
+    """A file that is reopened when something (logrotate) moves or deletes it."""
+
+    def __init__(self, filename=None, time_format=None, **kw):
+        self._ino = None
+        super().__init__(filename=filename, time_format=time_format)
+
+    def open(self):
+        super().open()
+        st = os.fstat(self._fd)
+        self._ino = (st.st_dev, st.st_ino)
+
+    def _before_write(self, n):
+        try:
+            st = os.stat(self.filename)
+            same = (st.st_dev, st.st_ino) == self._ino
+        except FileNotFoundError:
+            same = False
+        if not same:
+            self.close()
+            self.open()
+
+
+class TimedRotatingFileStream(FileStream):
+    """Rotates on a clock: rotate_when S, M, H, D, MIDNIGHT or W0-W6 (any case)."""
+
+    _UNITS = {"S": 1, "M": 60, "H": 3600, "D": 86400, "MIDNIGHT": 86400}
+    _SUFFIX = {"S": "%Y-%m-%d_%H-%M-%S", "M": "%Y-%m-%d_%H-%M", "H": "%Y-%m-%d_%H",
+               "D": "%Y-%m-%d", "MIDNIGHT": "%Y-%m-%d", "W": "%Y-%m-%d"}
+
+    def __init__(self, filename=None, backup_count=0, time_format=None, rotate_when="H",
+                 rotate_interval=1, utc=False, **_):
+        when = str(rotate_when).upper()
+        if when not in self._UNITS and not re.match(r"^W[0-6]$", when):
+            raise ValueError("rotate_when %r: use S, M, H, D, MIDNIGHT or W0-W6" % rotate_when)
+        self.when = when
+        self.interval = max(1, to_int(rotate_interval)) * self._UNITS.get(when, 86400 * 7)
+        self.utc = to_bool(utc) if not isinstance(utc, bool) else utc
+        super().__init__(filename=filename, backup_count=backup_count, time_format=time_format)
+        self._next = self._compute_next(time.time())
+
+    def _compute_next(self, now):
+        if self.when in ("S", "M", "H", "D"):
+            return now + self.interval
+        t = time.gmtime(now) if self.utc else time.localtime(now)
+        since_midnight = t.tm_hour * 3600 + t.tm_min * 60 + t.tm_sec
+        nxt = now - since_midnight + 86400
+        if self.when.startswith("W"):
+            days = (int(self.when[1]) - t.tm_wday) % 7 or 7
+            nxt = now - since_midnight + days * 86400
+        return nxt
+
+    def _before_write(self, n):
+        now = time.time()
+        if now < self._next:
+            return
+        start = self._next - self.interval
+        t = time.gmtime(start) if self.utc else time.localtime(start)
+        suffix = time.strftime(self._SUFFIX.get(self.when, self._SUFFIX["W"]), t)
+        self.close()
+        if os.path.exists(self.filename):
+            os.replace(self.filename, self.filename + "." + suffix)
+        if self.backup_count > 0:
+            import glob
+            olds = sorted(glob.glob(glob.escape(self.filename) + ".*"))
+            for old in olds[:-self.backup_count]:
+                try:
+                    os.unlink(old)
+                except OSError:
+                    pass
+        self.open()
+        self._next = self._compute_next(now)
+
+
+class QueueStream:
+    """Puts every chunk dict on a ``queue.Queue`` (for library users and tests)."""
+
+    def __init__(self, queue=None, **_):
+        import queue as _queue
+        self.queue = queue if queue is not None else _queue.Queue()
+
+    def __call__(self, data: dict) -> None:
+        self.queue.put(data)
+
+    def close(self):
+        pass
+
+
+_STREAM_CLASSES = {c.__name__: c for c in (StdoutStream, FancyStdoutStream, FileStream,
+                                           WatchedFileStream, TimedRotatingFileStream, QueueStream)}
+
+
+def build_stream(conf: dict, search_dirs=()):
+    """A stream object from ``stdout_stream.*`` settings (class + kwargs).
+
+    Circus's dotted names (``circus.stream.FileStream``) and the short ones
+    map to the built-in classes; any other dotted path is imported.
+    """
+    conf = dict(conf)
+    cls_name = conf.pop("class", None)
+    if not cls_name:
+        if "filename" not in conf:
+            return None
+        cls_name = "FileStream"
+    short = cls_name.rsplit(".", 1)[-1]
+    if short in _STREAM_CLASSES and (cls_name == short or cls_name.startswith("circus.")):
+        cls = _STREAM_CLASSES[short]
+    else:
+        try:
+            cls = import_dotted(cls_name, search_dirs)
+        except ImportError as e:
+            raise ValueError("stream class %r cannot be imported: %s" % (cls_name, e)) from None
+    return cls(**conf)
+
+
+_LOG_FORMAT = "%(asctime)s %(name)s[%(process)d] [%(levelname)s] %(message)s"
+
+
+def setup_logging(level="info", output="-"):
+    """Configure the "circus" logger (only the CLI calls this, never an import)."""
+    import logging.handlers as handlers
+    logger = logging.getLogger("circus")
+    for h in list(logger.handlers):
+        logger.removeHandler(h)
+    lvl = getattr(logging, str(level or "info").upper(), None)
+    if not isinstance(lvl, int):
+        raise ConfigError("log level %r: use critical, error, warning, info or debug" % level)
+    output = output or "-"
+    datefmt = "%Y-%m-%d %H:%M:%S"
+    if output in ("-", "stderr"):
+        handler = logging.StreamHandler(sys.stderr)
+    elif output == "stdout":
+        handler = logging.StreamHandler(sys.stdout)
+    elif output.startswith("syslog://"):
+        from urllib.parse import urlparse
+        u = urlparse(output)
+        facility = handlers.SysLogHandler.facility_names.get(u.query or "user", handlers.SysLogHandler.LOG_USER)
+        addr = u.path if not u.netloc else (u.hostname, u.port or 514)
+        handler = handlers.SysLogHandler(address=addr or "/dev/log", facility=facility)
+        datefmt = "%b %d %H:%M:%S"
+    else:
+        handler = handlers.WatchedFileHandler(output)
+    handler.setFormatter(logging.Formatter(_LOG_FORMAT, datefmt))
+    logger.addHandler(handler)
+    logger.setLevel(lvl)
+    logger.propagate = False
+    return logger
+
+
+# ---------------------------------------------------------------------------
+# 7. Process
+# ---------------------------------------------------------------------------
+
+class ChildWatcher:
+    """Tells us the moment a child we started exits; never polls.
+
+    Linux 5.3+: one pidfd per child in the event loop (readable on exit).
+    Elsewhere: a SIGCHLD handler that waits on *our* pids only (never
+    ``waitpid(-1)``, which would steal other code's children).
+    """
+
+    def __init__(self, loop):
+        self.loop = loop
+        self._cbs: dict = {}
+        self._sigchld = False
+
+    def add(self, pid: int, callback) -> None:
+        """Call ``callback(pid, wait_status)`` once ``pid`` has exited (it is reaped)."""
+        if HAS_PIDFD:
+            try:
+                fd = os.pidfd_open(pid)
+            except OSError:
+                fd = None
+            if fd is not None:
+                self._cbs[pid] = (callback, fd)
+                self.loop.add_reader(fd, self._ready, pid)
+                return
+        self._cbs[pid] = (callback, None)
+        if not self._sigchld:
+            self.loop.add_signal_handler(signal.SIGCHLD, self._on_sigchld)
+            self._sigchld = True
+        self._ready(pid)            # it may have exited before the handler existed
+
+    def _ready(self, pid):
+        try:
+            wpid, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:   # reaped elsewhere: the status is lost
+            wpid, status = pid, 0
+        if wpid == 0:
+            return
+        callback, fd = self._cbs.pop(pid, (None, None))
+        if fd is not None:
+            self.loop.remove_reader(fd)
+            os.close(fd)
+        if callback is not None:
+            callback(pid, status)
+
+    def _on_sigchld(self):
+        for pid, (cb, fd) in list(self._cbs.items()):
+            if fd is None:
+                self._ready(pid)
+
+    def close(self):
+        for pid, (cb, fd) in list(self._cbs.items()):
+            if fd is not None:
+                self.loop.remove_reader(fd)
+                os.close(fd)
+        self._cbs.clear()
+        if self._sigchld:
+            self.loop.remove_signal_handler(signal.SIGCHLD)
+            self._sigchld = False
+
+
+_CHILD_WATCHERS: dict = {}
+
+
+def _child_watcher(loop) -> ChildWatcher:
+    cw = _CHILD_WATCHERS.get(loop)
+    if cw is None or cw.loop is not loop:
+        cw = _CHILD_WATCHERS[loop] = ChildWatcher(loop)
+    return cw
+
+
+def _rlimit_setter(rlimits: dict):
+    """A preexec function setting resource limits (only used when asked for)."""
+    import resource
+    pairs = []
+    for name, value in rlimits.items():
+        res = getattr(resource, "RLIMIT_" + name.upper(), None)
+        if res is None:
+            continue
+        if value is None:
+            value = resource.RLIM_INFINITY
+        pairs.append((res, value))
+
+    def set_limits():
+        for res, value in pairs:
+            try:
+                resource.setrlimit(res, (value, value))
+            except (ValueError, OSError):
+                if res == resource.RLIMIT_NOFILE:   # "unlimited" means the hard limit
+                    hard = resource.getrlimit(res)[1]
+                    resource.setrlimit(res, (hard, hard))
+    return set_limits
+
+
+class Process:
+    """One child process: spawn, watch its output and exit, signal, stop.
+
+    Usable on its own inside an asyncio loop::
+
+        p = Process(1, "echo", ["hello"], on_output=lambda d: print(d["data"]))
+        p.spawn()
+        code = await p.wait()          # 0, or minus the signal number
+
+    ``cmd`` is shlex-split (unless ``shell``) and ``args`` (a string or a list)
+    appended. Stdout/stderr are piped only when ``on_output`` is given (or
+    set to a file object / DEVNULL via ``stdout``/``stderr``). Spawn errors
+    (missing file, permission) raise OSError from :meth:`spawn`.
+    """
+
+    def __init__(self, wid: int, cmd: str, args=None, *, working_dir=None, shell=False,
+                 shell_args=None, uid=None, gid=None, env=None, rlimits=None,
+                 executable=None, pass_fds=(), stdout=None, stderr=None,
+                 close_child_stdin=True, on_output=None, on_exit=None, loop=None,
+                 watcher_name=""):
+        self.wid = wid
+        self.cmd = cmd
+        self.args = args
+        self.working_dir = working_dir
+        self.shell = shell
+        self.shell_args = shell_args
+        self.uid, self.gid = uid, gid
+        self.env = env
+        self.rlimits = rlimits or {}
+        self.executable = executable
+        self.pass_fds = tuple(pass_fds)
+        self.stdout, self.stderr = stdout, stderr
+        self.close_child_stdin = close_child_stdin
+        self.on_output = on_output      # callable({"data", "pid", "name"}), like a stream
+        self.on_exit = on_exit          # callable(process)
+        self.loop = loop
+        self.watcher_name = watcher_name
+        self.pid = None                 # set by spawn()
+        self.started = 0.0              # epoch time of spawn
+        self.returncode = None          # Circus-style exit code once reaped
+        self.state = ProcState.STOPPED
+        self.stopping = False           # True once we asked it to stop
+        self._popen = None
+        self._pipes: dict = {}          # fd -> "stdout" / "stderr"
+        self._exited = None             # future resolved on exit
+
+    def __repr__(self):
+        return "<Process wid=%s pid=%s state=%s rc=%s>" % (self.wid, self.pid, self.state, self.returncode)
+
+    def argv(self):
+        """The command line as spawned: a list, or one string for the shell."""
+        import shlex
+        args = self.args
+        if self.shell:
+            extra = args if isinstance(args, str) else " ".join(shlex.quote(a) for a in (args or []))
+            return (self.cmd + (" " + extra if extra else ""))
+        argv = shlex.split(self.cmd)
+        if isinstance(args, str):
+            argv += shlex.split(args)
+        elif args:
+            argv += [str(a) for a in args]
+        return argv
+
+    def spawn(self) -> int:
+        """Start the process; returns its pid. Raises OSError/ValueError on failure."""
+        loop = self.loop or asyncio.get_event_loop()
+        self.loop = loop
+        argv = self.argv()
+        kw = dict(cwd=self.working_dir or None, env=self.env, close_fds=True,
+                  pass_fds=self.pass_fds, start_new_session=True,
+                  executable=self.executable or None)
+        if self.shell:
+            kw["shell"] = True
+            if self.shell_args:
+                import shlex
+                argv = ["/bin/sh", "-c", argv] + shlex.split(self.shell_args)
+                kw["shell"] = False
+        kw["stdin"] = subprocess.DEVNULL if self.close_child_stdin else None
+        piped = self.on_output is not None
+        kw["stdout"] = subprocess.PIPE if (piped and self.stdout is None) else self.stdout
+        kw["stderr"] = subprocess.PIPE if (piped and self.stderr is None) else self.stderr
+        if self.uid is not None or self.gid is not None:
+            uid, gid, groups = resolve_user(self.uid, self.gid)
+            if uid is not None and uid != os.geteuid():
+                kw["user"] = uid
+                if groups is not None:
+                    kw["extra_groups"] = groups
+            if gid is not None and gid != os.getegid():
+                kw["group"] = gid
+        if self.rlimits:
+            kw["preexec_fn"] = _rlimit_setter(self.rlimits)
+        self._popen = popen = subprocess.Popen(argv, **kw)
+        self.pid = popen.pid
+        self.started = time.time()
+        self.state = ProcState.RUNNING
+        self._exited = loop.create_future()
+        for name in ("stdout", "stderr"):
+            f = getattr(popen, name)
+            if f is not None:
+                fd = f.fileno()
+                os.set_blocking(fd, False)
+                self._pipes[fd] = (name, f)
+                loop.add_reader(fd, self._read, fd)
+        _child_watcher(loop).add(self.pid, self._reaped)
+        return self.pid
+
+    def _read(self, fd):
+        name, f = self._pipes.get(fd, (None, None))
+        if name is None:
+            return
+        try:
+            data = os.read(fd, 1 << 20)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.loop.remove_reader(fd)
+            del self._pipes[fd]
+            f.close()
+            return
+        try:
+            self.on_output({"data": data, "pid": self.pid, "name": name})
+        except Exception:       # a broken stream never breaks the process
+            _log().exception("output handler of %s failed", self)
+
+    def drain(self):
+        """Read what is left in the pipes (called on exit, so no line is lost)."""
+        for fd in list(self._pipes):
+            while fd in self._pipes:
+                try:
+                    data = os.read(fd, 1 << 20)
+                except BlockingIOError:
+                    break           # a grandchild still holds it: keep reading later
+                except OSError:
+                    data = b""
+                if not data:
+                    name, f = self._pipes.pop(fd)
+                    self.loop.remove_reader(fd)
+                    f.close()
+                    break
+                try:
+                    self.on_output({"data": data, "pid": self.pid, "name": self._pipes[fd][0]})
+                except Exception:
+                    _log().exception("output handler of %s failed", self)
+
+    def _reaped(self, pid, status):
+        self.returncode = exit_code_of(status)
+        if self._popen is not None:
+            self._popen.returncode = self.returncode   # Popen must never wait() for it again
+        self.state = ProcState.STOPPED if self.stopping else ProcState.EXITED
+        self.drain()
+        if self._exited is not None and not self._exited.done():
+            self._exited.set_result(self.returncode)
+        if self.on_exit is not None:
+            self.on_exit(self)
+
+    @property
+    def alive(self) -> bool:
+        return self.pid is not None and self.returncode is None
+
+    async def wait(self, timeout=None):
+        """Wait for the exit; returns the exit code (or None on timeout)."""
+        if self._exited is None:
+            return self.returncode
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._exited), timeout)
+        except asyncio.TimeoutError:
+            return None
+
+    def send_signal(self, sig: int) -> None:
+        if self.alive:
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:   # exited; the reap is on its way
+                pass
+
+    def children(self, recursive=False):
+        try:
+            return _psutil.Process(self.pid).children(recursive=recursive)
+        except _psutil.Error:
+            return []
+
+    def signal_children(self, sig: int, recursive=False) -> None:
+        for child in self.children(recursive):
+            try:
+                child.send_signal(sig)
+            except _psutil.Error:
+                pass
+
+    def signal_group(self, sig: int) -> None:
+        """Signal the whole process group (the leader was started in its own session)."""
+        if self.pid is None:
+            return
+        try:
+            os.killpg(self.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    async def stop(self, sig=signal.SIGTERM, timeout=30.0, stop_children=False, on_kill=None):
+        """Send ``sig``, wait up to ``timeout`` s, then SIGKILL it and its descendants.
+
+        Whatever is left of its process group afterwards gets ``sig`` too, so
+        a ``sh -c`` wrapper's child does not outlive the stop (Circus #16).
+        """
+        if not self.alive:
+            return self.returncode
+        self.stopping = True
+        self.state = ProcState.STOPPING
+        self.send_signal(sig)
+        if stop_children:
+            self.signal_children(sig)
+        if on_kill:
+            on_kill(self)
+        code = await self.wait(timeout) if timeout and timeout > 0 else None
+        if code is None and self.alive:
+            descendants = self.children(recursive=True)
+            self.send_signal(signal.SIGKILL)
+            for child in descendants:
+                try:
+                    child.kill()
+                except _psutil.Error:
+                    pass
+            if on_kill:
+                on_kill(self)
+            code = await self.wait()
+        self.signal_group(sig)
+        return code
+
+    def info(self) -> dict:
+        return {"pid": self.pid, "wid": self.wid, "state": self.state,
+                "started": self.started, "age": time.time() - self.started if self.started else 0}
+
+
+def resolve_user(uid, gid):
+    """Names or numbers -> (uid, gid, supplementary groups); clear errors."""
+    import grp
+    import pwd
+    out_uid = out_gid = groups = None
+    if uid is not None and str(uid) != "":
+        try:
+            pw = pwd.getpwuid(int(uid)) if str(uid).isdigit() else pwd.getpwnam(str(uid))
+        except KeyError:
+            raise ValueError("unknown user %r" % (uid,)) from None
+        out_uid = pw.pw_uid
+        out_gid = pw.pw_gid
+        try:
+            groups = os.getgrouplist(pw.pw_name, pw.pw_gid)
+        except OSError:
+            groups = None
+    if gid is not None and str(gid) != "":
+        try:
+            out_gid = int(gid) if str(gid).isdigit() else grp.getgrnam(str(gid)).gr_gid
+        except KeyError:
+            raise ValueError("unknown group %r" % (gid,)) from None
+    return out_uid, out_gid, groups
+
+
+# ---------------------------------------------------------------------------
+# 8. Watcher
+# ---------------------------------------------------------------------------
+
+#: A process that dies sooner than this after its spawn counts as a failed
+#: start for max_retry (Circus counts only exec errors, so a crash loop ran
+#: forever; #1157).
+MIN_UPTIME = 1.0
+#: Hooks whose exceptions never abort anything (Circus's rule).
+_IGNORED_HOOK_FAILURES = {"before_stop", "after_stop", "before_signal", "after_signal",
+                          "extended_stats", "before_reap", "after_reap"}
+INHERIT = "inherit"
+
+
+def _backoff(failures: int) -> float:
+    """Delay before retry n: 0 for the first, then 0.1 s doubling up to 5 s."""
+    return 0.0 if failures <= 1 else min(0.1 * 2 ** (failures - 2), 5.0)
+
+
+class Watcher:
+    """Keeps ``numprocesses`` copies of one command alive.
+
+    Example, inside a running asyncio loop::
+
+        w = Watcher("web", "python -m http.server", numprocesses=2)
+        await w.start()
+        ...
+        await w.stop()
+
+    Options are Circus's watcher keys (see WATCHER_OPTIONS). Events go to
+    ``on_event(topic, payload)`` as ``("watcher.web.spawn", {...})``.
+    """
+
+    def __init__(self, name: str, cmd: str | None = None, args=None, *, config: WatcherConfig | None = None,
+                 on_event=None, sockets: dict | None = None, arbiter=None, search_dirs=(),
+                 **options):
+        if config is None:
+            config = WatcherConfig(name)
+        if cmd is not None:
+            config.set("cmd", cmd)
+        if args is not None:
+            config.set("args", args)
+        for k, v in options.items():
+            config.set(k, v)
+        self.conf = config.check()
+        self.name = name
+        self.on_event = on_event
+        self.sockets = sockets if sockets is not None else {}
+        self.arbiter = arbiter
+        self.search_dirs = tuple(search_dirs)
+        self.status = STOPPED
+        self.processes: dict = {}       # pid -> Process counted in numprocesses
+        self.retiring: dict = {}        # pid -> Process being stopped (decr, reload, max_age)
+        self.stdout_stream = None
+        self.stderr_stream = None
+        self.failures = 0               # consecutive failed starts (max_retry)
+        self.last_error = None          # text of the last spawn failure or crash
+        self.lock = None                # asyncio.Lock, serialises commands on this watcher
+        self._respawn_handle = None
+        self._timers: dict = {}         # pid -> max_age timer
+        self._env_cache = None
+        for which in ("stdout_stream", "stderr_stream"):
+            self._check_stream(getattr(config, which))
+        for hook in config.hooks.values():
+            self._load_hook(hook[0])
+
+    def __repr__(self):
+        return "<Watcher %s %s %d/%d>" % (self.name, self.status, len(self.processes), self.numprocesses)
+
+    # -- options ------------------------------------------------------------
+    def opt(self, key):
+        return self.conf.options[key]
+
+    @property
+    def numprocesses(self) -> int:
+        return self.conf.options["numprocesses"]
+
+    @property
+    def priority(self) -> int:
+        return self.conf.options["priority"]
+
+    @property
+    def topic_name(self) -> str:
+        return self.name.lower().replace(" ", "_")
+
+    def options(self) -> dict:
+        """Options as the ``options`` command shows them."""
+        o = self.conf.options
+        out = {k: o[k] for k in VISIBLE_OPTIONS if k in o}
+        out["working_dir"] = o["working_dir"] or os.getcwd()
+        out["env"] = dict(self.conf.env)
+        out["stdout_stream_conf"] = {k: v for k, v in self.conf.stdout_stream.items() if k != "class"}
+        out["stderr_stream_conf"] = {k: v for k, v in self.conf.stderr_stream.items() if k != "class"}
+        out.update(self.conf.free)
+        return dict(sorted(out.items()))
+
+    def _check_stream(self, conf):
+        if conf:
+            name = conf.get("class", "FileStream")
+            short = name.rsplit(".", 1)[-1]
+            if not (short in _STREAM_CLASSES and (name == short or name.startswith("circus."))):
+                try:
+                    import_dotted(name, self.search_dirs)
+                except ImportError as e:
+                    raise ValueError("stream class %r cannot be imported: %s" % (name, e)) from None
+
+    def _load_hook(self, path):
+        try:
+            return import_dotted(path, self.search_dirs)
+        except ImportError as e:
+            raise ValueError("hook %r cannot be imported: %s" % (path, e)) from None
+
+    # -- events and hooks -----------------------------------------------------
+    def emit(self, event: str, **payload) -> None:
+        payload.setdefault("time", time.time())
+        if self.on_event is not None:
+            try:
+                self.on_event("watcher.%s.%s" % (self.topic_name, event), payload)
+            except Exception:
+                _log().exception("event listener failed on %s", event)
+
+    def call_hook(self, name: str, **kw) -> bool:
+        spec = self.conf.hooks.get(name)
+        if not spec:
+            return True
+        path, ignore_failure = spec
+        try:
+            func = self._load_hook(path)
+            result = func(watcher=self, arbiter=self.arbiter, hook_name=name, **kw)
+        except Exception as e:
+            _log().error("hook %s (%s) of watcher %s failed: %s", name, path, self.name, e)
+            self.emit("hook_failure", name=name, error=str(e))
+            return ignore_failure or name in _IGNORED_HOOK_FAILURES
+        self.emit("hook_success", name=name)
+        return bool(result) or name in _IGNORED_HOOK_FAILURES
+
+    # -- spawning ----------------------------------------------------------------
+    def env(self) -> dict:
+        if self._env_cache is None:
+            o = self.conf.options
+            env = dict(os.environ) if o["copy_env"] else {}
+            env.update(self.conf.env)
+            if o["copy_path"]:
+                paths = [p for p in sys.path if p]
+                if env.get("PYTHONPATH"):
+                    paths.append(env["PYTHONPATH"])
+                env["PYTHONPATH"] = os.pathsep.join(paths)
+            venv = o["virtualenv"]
+            if venv:
+                ver = o["virtualenv_py_ver"] or "%d.%d" % sys.version_info[:2]
+                env["PATH"] = os.path.join(venv, "bin") + os.pathsep + env.get("PATH", os.defpath)
+                site = os.path.join(venv, "lib", "python" + ver, "site-packages")
+                env["PYTHONPATH"] = os.pathsep.join(p for p in (site, env.get("PYTHONPATH")) if p)
+                env["VIRTUAL_ENV"] = venv
+            self._env_cache = env
+        return self._env_cache
+
+    def _vars(self, wid, fds) -> dict:
+        o = self.conf.options
+        table = {k.lower(): v for k, v in self.conf.free.items()}
+        table.update({k: v for k, v in o.items() if v is not None})
+        table.update({"wid": wid, "use_fds": o["use_sockets"],
+                      "working_dir": o["working_dir"] or os.getcwd()})
+        table.update({"env." + k.lower(): v for k, v in self.env().items()})
+        table.update({"rlimits." + k: v for k, v in self.conf.rlimits.items()})
+        table.update({"sockets." + k: v for k, v in fds.items()})
+        return table
+
+    def _next_wid(self) -> int:
+        used = {p.wid for p in self.processes.values()}
+        wid = 1
+        while wid in used:
+            wid += 1
+        return wid
+
+    def _socket_fds(self):
+        """fds to pass: every socket with use_sockets, and each one cmd/args names.
+
+        so_reuseport sockets are bound fresh per process; returns (fds, to_close).
+        """
+        o = self.conf.options
+        text = (o["cmd"] + " " + str(o["args"] or "")).lower()
+        fds, fresh = {}, []
+        for name, sock in self.sockets.items():
+            named = ("sockets." + name) in text
+            if not (named or o["use_sockets"]):
+                continue
+            if sock.conf.so_reuseport:
+                if named:
+                    s = sock.bind_fresh()
+                    fresh.append(s)
+                    fds[name] = s.fileno()
+            elif sock.sock is not None:
+                fds[name] = sock.fileno()
+        return fds, fresh
+
+    def spawn_process(self):
+        """Start one process now; returns it, or None when the spawn failed."""
+        o = self.conf.options
+        if not self.call_hook("before_spawn"):
+            self._give_up("before_spawn hook refused the spawn")
+            return None
+        wid = self._next_wid()
+        fresh = []
+        try:
+            fds, fresh = self._socket_fds()
+            table = self._vars(wid, fds)
+            cmd = replace_circus_vars(o["cmd"], table)
+            args = o["args"]
+            if isinstance(args, str):
+                args = replace_circus_vars(args, table)
+            elif args:
+                args = [replace_circus_vars(str(a), table) for a in args]
+            shell_args = replace_circus_vars(o["shell_args"], table) if o["shell_args"] else None
+            piped = {}
+            for which in ("stdout", "stderr"):
+                if getattr(self, which + "_stream") is not None:
+                    piped[which] = subprocess.PIPE
+                elif o["close_child_" + which]:
+                    piped[which] = subprocess.DEVNULL
+                else:
+                    piped[which] = None
+            p = Process(wid, cmd, args, working_dir=o["working_dir"], shell=o["shell"],
+                        shell_args=shell_args, uid=o["uid"], gid=o["gid"], env=self.env(),
+                        rlimits=self.conf.rlimits, executable=o["executable"],
+                        pass_fds=fds.values(), stdout=piped["stdout"], stderr=piped["stderr"],
+                        close_child_stdin=o["close_child_stdin"],
+                        on_output=self._on_output if (piped["stdout"] == subprocess.PIPE or
+                                                      piped["stderr"] == subprocess.PIPE) else None,
+                        on_exit=self._on_exit, watcher_name=self.name)
+            p.spawn()
+        except (OSError, ValueError, subprocess.SubprocessError) as e:
+            self.last_error = "spawn failed: %s" % (e,)
+            _log().error("watcher %s: cannot spawn %r: %s", self.name, o["cmd"], e)
+            self._failed_start()
+            return None
+        finally:
+            for s in fresh:
+                s.close()
+        self.processes[p.pid] = p
+        _log().debug("watcher %s: spawned pid %d (wid %d)", self.name, p.pid, wid)
+        self.emit("spawn", process_pid=p.pid, time=p.started)
+        if not self.call_hook("after_spawn", pid=p.pid):
+            self.processes.pop(p.pid, None)
+            self.retiring[p.pid] = p
+            p.send_signal(signal.SIGKILL)
+            self._give_up("after_spawn hook refused pid %d" % p.pid)
+            return None
+        if o["max_age"] > 0:
+            import random
+            delay = o["max_age"] + random.randint(0, max(0, o["max_age_variance"]))
+            self._timers[p.pid] = asyncio.get_event_loop().call_later(delay, self._expire, p)
+        return p
+
+    async def spawn_missing(self, force=0):
+        """Top up to numprocesses (plus ``force`` extra), yielding to the loop in batches."""
+        o = self.conf.options
+        n = 0
+        while self.status in (STARTING, ACTIVE) and (force > 0 or len(self.processes) < self.numprocesses):
+            if self._respawn_handle is not None and not force:
+                return          # a backoff is pending: it will top up
+            p = self.spawn_process()
+            if p is None:
+                return
+            force -= 1
+            n += 1
+            if o["warmup_delay"]:
+                await asyncio.sleep(o["warmup_delay"])
+            elif n % 64 == 0:
+                await asyncio.sleep(0)      # keep the control channel answering
+
+    def _failed_start(self):
+        self.failures += 1
+        limit = self.conf.options["max_retry"]
+        if limit >= 0 and self.failures >= max(limit, 1):
+            self._give_up("%d failed starts in a row (max_retry = %d); last: %s"
+                          % (self.failures, limit, self.last_error))
+            return
+        self._schedule_respawn(_backoff(self.failures))
+
+    def _schedule_respawn(self, delay):
+        if self._respawn_handle is not None:
+            return
+        loop = asyncio.get_event_loop()
+
+        def fire():
+            self._respawn_handle = None
+            loop.create_task(self.spawn_missing())
+        self._respawn_handle = loop.call_later(delay, fire) if delay > 0 else loop.call_soon(fire)
+
+    def _give_up(self, why):
+        _log().error("watcher %s: stopped: %s. Fix it, then `ctl start %s`.", self.name, why, self.name)
+        self.last_error = why
+        if self.status in (STARTING, ACTIVE):
+            asyncio.get_event_loop().create_task(self.stop())
+
+    # -- process events ---------------------------------------------------------
+    def _on_output(self, chunk: dict):
+        stream = self.stdout_stream if chunk["name"] == "stdout" else self.stderr_stream
+        if stream is not None:
+            stream(chunk)
+
+    def _on_exit(self, p: Process):
+        counted = self.processes.pop(p.pid, None) is not None
+        self.retiring.pop(p.pid, None)
+        timer = self._timers.pop(p.pid, None)
+        if timer is not None:
+            timer.cancel()
+        now = time.time()
+        self.call_hook("before_reap", process_pid=p.pid, time=now)
+        self.emit("reap", process_pid=p.pid, time=now, exit_code=p.returncode)
+        self.call_hook("after_reap", process_pid=p.pid, time=now, exit_code=p.returncode,
+                       process_status=p.state)
+        if not counted or p.stopping or self.status not in (STARTING, ACTIVE):
+            return
+        _log().info("watcher %s: pid %d exited (%s)", self.name, p.pid, describe_exit(p.returncode))
+        if not self.conf.options["respawn"]:
+            if not self.processes:
+                asyncio.get_event_loop().create_task(self.stop())
+            return
+        if now - p.started < MIN_UPTIME:
+            self.last_error = "pid %d exited %.2f s after spawning (%s)" % (
+                p.pid, now - p.started, describe_exit(p.returncode))
+            self._failed_start()
+        else:
+            self.failures = 0
+            self._schedule_respawn(0)
+
+    def _expire(self, p):
+        """max_age reached: a new process first, then the old one stops gracefully."""
+        self._timers.pop(p.pid, None)
+        if self.processes.pop(p.pid, None) is None:
+            return
+        self.retiring[p.pid] = p
+        loop = asyncio.get_event_loop()
+        loop.create_task(self.spawn_missing())
+        loop.create_task(self._stop_process(p))
+
+    async def _stop_process(self, p: Process, sig=None):
+        o = self.conf.options
+        sig = o["stop_signal"] if sig is None else sig
+        self.processes.pop(p.pid, None)
+        if p.alive:
+            self.retiring[p.pid] = p
+        if not p.alive:
+            return
+        if not self.call_hook("before_signal", pid=p.pid, signum=sig):
+            sig = signal.SIGKILL if sig == signal.SIGKILL else None
+        if sig is None:
+            return
+        await p.stop(sig, o["graceful_timeout"], o["stop_children"],
+                     on_kill=lambda proc: self.emit("kill", process_pid=proc.pid))
+        self.call_hook("after_signal", pid=p.pid, signum=sig)
+
+    # -- lifecycle ---------------------------------------------------------------
+    def _open_streams(self):
+        for which in ("stdout_stream", "stderr_stream"):
+            if getattr(self, which) is None and getattr(self.conf, which):
+                setattr(self, which, build_stream(getattr(self.conf, which), self.search_dirs))
+
+    def _close_streams(self):
+        for which in ("stdout_stream", "stderr_stream"):
+            stream = getattr(self, which)
+            setattr(self, which, None)
+            if stream is not None and hasattr(stream, "close"):
+                try:
+                    stream.close()
+                except Exception:
+                    _log().exception("closing %s of %s", which, self.name)
+
+    async def start(self) -> dict:
+        """Start (or top up) the processes; returns {"started": [pids], "kept": [pids]}."""
+        kept = list(self.processes)
+        if self.status in (STARTING, ACTIVE):
+            await self.spawn_missing()
+            return {"started": [p for p in self.processes if p not in kept], "kept": kept}
+        if not self.call_hook("before_start"):
+            _log().warning("watcher %s: before_start hook said no", self.name)
+            return {"started": [], "kept": []}
+        self.status = STARTING
+        self.failures = 0
+        self.last_error = None
+        try:
+            self._open_streams()
+        except (OSError, ValueError) as e:
+            self.status = STOPPED
+            raise CommandError("watcher %s: cannot open its output stream: %s" % (self.name, e),
+                               E_OS_ERROR) from None
+        await self.spawn_missing()
+        if self.status != STARTING:
+            return {"started": list(self.processes), "kept": []}
+        if not self.call_hook("after_start"):
+            await self.stop()
+            return {"started": [], "kept": []}
+        self.status = ACTIVE
+        self.emit("start")
+        _log().info("watcher %s started (%d processes)", self.name, len(self.processes))
+        return {"started": list(self.processes), "kept": []}
+
+    async def stop(self) -> None:
+        """Stop every process (stop_signal, then SIGKILL after graceful_timeout)."""
+        if self.status == STOPPED:
+            return
+        if self._respawn_handle is not None:
+            self._respawn_handle.cancel()
+            self._respawn_handle = None
+        self.status = STOPPING
+        self.call_hook("before_stop")
+        procs = list(self.processes.values()) + list(self.retiring.values())
+        await asyncio.gather(*(self._stop_process(p) for p in procs))
+        for t in self._timers.values():
+            t.cancel()
+        self._timers.clear()
+        self._close_streams()
+        self.status = STOPPED
+        self.emit("stop")
+        self.call_hook("after_stop")
+        _log().info("watcher %s stopped", self.name)
+
+    async def restart(self) -> dict:
+        stopped = list(self.processes)
+        await self.stop()
+        info = await self.start()
+        info["stopped"] = stopped
+        return info
+
+    async def reload(self, graceful=True, sequential=False) -> dict:
+        """New processes replace the old ones; SIGHUP instead with send_hup."""
+        if self.status == STOPPED:
+            info = await self.start()
+            info["stopped"] = []
+            return info
+        if self.conf.options["send_hup"]:
+            for p in self.processes.values():
+                p.send_signal(signal.SIGHUP)
+            return {"stopped": [], "started": [], "kept": list(self.processes)}
+        if not graceful:
+            return await self.restart()
+        old = list(self.processes.values())
+        started = []
+        if sequential:
+            for p in old:
+                await self._stop_process(p)
+                new = self.spawn_process()
+                if new is not None:
+                    started.append(new.pid)
+                if self.conf.options["warmup_delay"]:
+                    await asyncio.sleep(self.conf.options["warmup_delay"])
+        else:
+            before = set(self.processes)
+            await self.spawn_missing(force=self.numprocesses)
+            started = [pid for pid in self.processes if pid not in before]
+            await asyncio.gather(*(self._stop_process(p) for p in old))
+        self.emit("reload")
+        return {"stopped": [p.pid for p in old], "started": started, "kept": []}
+
+    async def manage(self) -> None:
+        """Bring the number of processes to numprocesses (spawn or retire extras)."""
+        if self.status not in (STARTING, ACTIVE):
+            return
+        extra = len(self.processes) - self.numprocesses
+        if extra > 0:
+            oldest = sorted(self.processes.values(), key=lambda p: p.started)[:extra]
+            await asyncio.gather(*(self._stop_process(p) for p in oldest))
+        else:
+            await self.spawn_missing()
+
+    async def set_numprocesses(self, n: int) -> int:
+        if self.conf.options["singleton"] and n > 1:
+            raise MessageError("watcher %s is a singleton: numprocesses can only be 0 or 1" % self.name)
+        self.conf.options["numprocesses"] = max(0, n)
+        await self.manage()
+        return self.numprocesses
+
+    async def set_options(self, options: dict) -> None:
+        """Apply ``set`` options; a change to the command line reloads the watcher."""
+        reload_needed = False
+        for key, value in options.items():
+            try:
+                if key == "numprocesses" and self.conf.options["singleton"] and to_int(value) > 1:
+                    raise ValueError("a singleton watcher can only have 0 or 1 process")
+                self.conf.set(key, value)
+            except ValueError as e:
+                raise MessageError("%s: %s" % (key, e)) from None
+            self._env_cache = None
+            if key in ("cmd", "args", "env", "working_dir", "uid", "gid", "shell", "shell_args",
+                       "executable", "copy_env", "copy_path", "max_age", "max_age_variance") \
+                    or key.startswith("rlimit_"):
+                reload_needed = True
+            elif key.startswith(("stdout_stream", "stderr_stream")):
+                which = "stdout_stream" if key.startswith("stdout") else "stderr_stream"
+                self._check_stream(getattr(self.conf, which))
+                if self.status != STOPPED:
+                    old = getattr(self, which)
+                    setattr(self, which, build_stream(getattr(self.conf, which), self.search_dirs))
+                    if old is None:
+                        reload_needed = True
+                    elif hasattr(old, "close"):
+                        old.close()
+            elif key.startswith("hooks"):
+                for hook in self.conf.hooks.values():
+                    self._load_hook(hook[0])
+            self.emit("updated", key=key)
+        if reload_needed and self.status != STOPPED:
+            await self.reload()
+        else:
+            await self.manage()
+
+    def send_signal(self, signum, pid=None, childpid=None, children=False, recursive=False):
+        """The ``signal`` command: to processes, their children, or a whole tree."""
+        if pid is not None:
+            if pid not in self.processes:
+                raise MessageError("process %s not found in %r" % (pid, self.name))
+            targets = [self.processes[pid]]
+        else:
+            if childpid is not None:
+                raise CommandError("childpid needs pid: the watcher process it is a child of")
+            targets = list(self.processes.values())
+        for p in targets:
+            if not self.call_hook("before_signal", pid=p.pid, signum=signum) and signum != signal.SIGKILL:
+                continue
+            if childpid is not None:
+                kids = [c for c in p.children() if c.pid == childpid]
+                if not kids:
+                    raise MessageError("child %s not found in process %s" % (childpid, p.pid))
+                kids[0].send_signal(signum)
+            elif children:
+                p.signal_children(signum)
+            else:
+                p.send_signal(signum)
+                if recursive:
+                    p.signal_children(signum, recursive=True)
+            self.call_hook("after_signal", pid=p.pid, signum=signum)
+
+    async def kill(self, signum=None, pid=None, graceful_timeout=None):
+        """The ``kill`` command: stop (then SIGKILL) processes; respawn refills them."""
+        o = self.conf.options
+        sig = o["stop_signal"] if signum is None else signum
+        timeout = o["graceful_timeout"] if graceful_timeout is None else graceful_timeout
+        if pid is not None:
+            if pid not in self.processes:
+                raise MessageError("process %s not found in %r" % (pid, self.name))
+            procs = [self.processes[pid]]
+        else:
+            procs = list(self.processes.values())
+        await asyncio.gather(*(p.stop(sig, timeout, o["stop_children"],
+                                      on_kill=lambda proc: self.emit("kill", process_pid=proc.pid))
+                               for p in procs))
+        await self.manage()
+
+
+# ---------------------------------------------------------------------------
+# 9. Arbiter
+# ---------------------------------------------------------------------------
+
+class Arbiter:
+    """Many watchers and sockets, one event loop, the control and pub/sub channels.
+
+    ``run()`` blocks in its own loop (with signal handlers: TERM/INT/QUIT
+    quit, HUP reloads); ``await start()`` / ``await stop()`` run it inside the
+    caller's loop. Events reach every callable in ``listeners`` as
+    ``(topic, payload)``; the pub/sub channel is one of them.
+    """
+
+    def __init__(self, watchers=(), endpoint: str | None = DEFAULT_ENDPOINT,
+                 pubsub_endpoint: str | None = DEFAULT_PUBSUB, *, sockets=(), check_delay=1.0,
+                 warmup_delay=0, multicast_endpoint=None, stats_endpoint=None,
+                 endpoint_owner=None, config: CircusConfig | None = None, umask=None):
+        self.endpoint = endpoint
+        self.pubsub_endpoint = pubsub_endpoint
+        self.stats_endpoint = stats_endpoint
+        self.multicast_endpoint = multicast_endpoint
+        self.endpoint_owner = endpoint_owner
+        self.check_delay = check_delay
+        self.warmup_delay = warmup_delay
+        self.umask = umask
+        self.config = config
+        self.search_dirs = (os.path.dirname(config.path),) if config and config.path else ()
+        self.listeners: list = []
+        self.sockets: dict = {}
+        self.watchers: list = []
+        self.channels: list = []
+        self.started_at = None
+        self.loop = None
+        self._lock = None           # serialises arbiter-wide operations
+        self._done = None
+        self._socket_confs = list(sockets)
+        for w in watchers:
+            self._attach(w if isinstance(w, Watcher) else self._make_watcher(w))
+
+    @classmethod
+    def from_config(cls, cfg: CircusConfig) -> "Arbiter":
+        arb = cls(endpoint=cfg.endpoint, pubsub_endpoint=cfg.pubsub_endpoint,
+                  check_delay=cfg.check_delay, warmup_delay=cfg.warmup_delay,
+                  multicast_endpoint=cfg.multicast_endpoint or None,
+                  stats_endpoint=cfg.stats_endpoint, endpoint_owner=cfg.endpoint_owner,
+                  config=cfg, umask=cfg.umask, sockets=cfg.sockets)
+        for wc in cfg.watchers:
+            arb._attach(arb._make_watcher(wc))
+        return arb
+
+    def _make_watcher(self, spec) -> Watcher:
+        if isinstance(spec, WatcherConfig):
+            return Watcher(spec.name, config=spec, search_dirs=self.search_dirs)
+        spec = dict(spec)
+        name = spec.pop("name")
+        return Watcher(name, spec.pop("cmd", None), spec.pop("args", None),
+                       search_dirs=self.search_dirs, **spec)
+
+    def _attach(self, w: Watcher):
+        w.on_event = self.emit
+        w.sockets = self.sockets
+        w.arbiter = self
+        self.watchers.append(w)
+        if self.loop is not None:
+            w.lock = asyncio.Lock()
+
+    # -- lookups ---------------------------------------------------------------
+    def get_watcher(self, name) -> Watcher:
+        low = str(name).lower()
+        for w in self.watchers:
+            if w.name.lower() == low:
+                return w
+        raise MessageError("program %s not found" % name)
+
+    def iter_watchers(self, reverse=False):
+        """By priority, highest first (stable on config order); reverse for stopping."""
+        ws = sorted(self.watchers, key=lambda w: -w.priority)
+        return list(reversed(ws)) if reverse else ws
+
+    def emit(self, topic, payload):
+        for listener in list(self.listeners):
+            try:
+                listener(topic, payload)
+            except Exception:
+                _log().exception("event listener %r failed", listener)
+
+    # -- lifecycle ---------------------------------------------------------------
+    def run(self) -> int:
+        """Block until quit; returns the exit code (0)."""
+        return asyncio.run(self._serve())
+
+    async def _serve(self):
+        await self.start(handle_signals=True)
+        await self._done
+        return 0
+
+    async def start(self, handle_signals=False):
+        """Bind sockets and channels, then start the watchers in priority order."""
+        self.loop = asyncio.get_running_loop()
+        self._lock = asyncio.Lock()
+        self._done = self.loop.create_future()
+        for w in self.watchers:
+            w.lock = asyncio.Lock()
+        if self.umask is not None:
+            os.umask(self.umask)
+        self._bind_sockets(self._socket_confs)
+        await self._start_channels()
+        if handle_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+                self.loop.add_signal_handler(sig, self._on_quit_signal, sig)
+            self.loop.add_signal_handler(signal.SIGHUP, self._on_hup)
+            if hasattr(signal, "SIGWINCH"):
+                signal.signal(signal.SIGWINCH, signal.SIG_IGN)
+        self.started_at = time.time()
+        await self.start_watchers()
+        _log().info("arbiter ready: %d watchers, control on %s", len(self.watchers), self.endpoint)
+
+    def _bind_sockets(self, confs):
+        for conf in confs:
+            s = CircusSocket(conf)
+            try:
+                s.bind_and_listen()
+            except OSError as e:
+                for other in self.sockets.values():
+                    other.close()
+                self.sockets.clear()
+                raise CircusError("socket %s (%s): cannot bind: %s" % (
+                    conf.name, conf.path or "%s:%s" % (conf.host, conf.port), e.strerror or e)) from None
+            self.sockets[conf.name] = s
+            _log().info("socket %s bound: %s", s.name, s.info())
+
+    async def _start_channels(self):
+        if self.endpoint or self.pubsub_endpoint or self.multicast_endpoint:
+            self.channels = await start_channels(self)
+
+    async def start_watchers(self, names=None):
+        for w in self.iter_watchers():
+            if (names is None and w.conf.options["autostart"]) or (names is not None and w in names):
+                async with w.lock:
+                    await w.start()
+                if self.warmup_delay:
+                    await asyncio.sleep(self.warmup_delay)
+
+    async def stop_watchers(self, watchers=None):
+        """Stop in reverse priority order; watchers of equal priority stop together."""
+        ws = self.iter_watchers(reverse=True) if watchers is None else \
+            sorted(watchers, key=lambda w: w.priority)
+        i = 0
+        while i < len(ws):
+            group = [w for w in ws[i:] if w.priority == ws[i].priority]
+            i += len(group)
+
+            async def stop_one(w):
+                async with w.lock:
+                    await w.stop()
+            await asyncio.gather(*(stop_one(w) for w in group))
+
+    async def stop(self):
+        """Stop every watcher, close sockets and channels; run() then returns.
+
+        Called by the ``quit`` command's own handler, it returns once the
+        watchers are down, so the handler can still send its reply; the
+        channels close right after.
+        """
+        async with self._lock:
+            await self.stop_watchers()
+        finish = self.loop.create_task(self._finish())
+        me = asyncio.current_task()
+        if not any(ch.owns(me) for ch in self.channels):
+            await finish
+
+    async def _finish(self):
+        for ch in self.channels:
+            await ch.close()
+        self.channels = []
+        for s in self.sockets.values():
+            s.close()
+        self.sockets.clear()
+        cw = _CHILD_WATCHERS.pop(self.loop, None)
+        if cw is not None:
+            cw.close()
+        if self._done is not None and not self._done.done():
+            self._done.set_result(True)
+
+    def _on_quit_signal(self, sig):
+        _log().info("got %s: stopping", signame(sig))
+        self.loop.create_task(self.stop())
+
+    def _on_hup(self):
+        _log().info("got SIGHUP: reloading")
+        self.loop.create_task(self._guarded(self.reload()))
+
+    async def _guarded(self, coro):
+        try:
+            return await coro
+        except CircusError as e:
+            _log().error("%s", e)
+        except Exception:
+            _log().exception("unexpected error")
+
+    async def reload(self, graceful=True, sequential=False):
+        """Reload every running watcher (stopped ones stay stopped: Circus bug 5)."""
+        async with self._lock:
+            for w in self.iter_watchers():
+                if w.status == STOPPED:
+                    continue
+                async with w.lock:
+                    await w.reload(graceful=graceful, sequential=sequential)
+                if self.warmup_delay:
+                    await asyncio.sleep(self.warmup_delay)
+
+    # -- watchers at runtime -----------------------------------------------------
+    def add_watcher(self, name, cmd, args=None, options=None) -> Watcher:
+        """Create and attach a watcher (not started). Raises CommandError/MessageError."""
+        if any(w.name.lower() == str(name).lower() for w in self.watchers):
+            raise CommandError("%r already exist" % name)
+        try:
+            w = Watcher(name, cmd, args, search_dirs=self.search_dirs, **(options or {}))
+        except ValueError as e:
+            raise MessageError(str(e)) from None
+        self._attach(w)
+        self.emit("watcher.%s.add" % w.topic_name, {"time": time.time()})
+        return w
+
+    def rm_watcher(self, w: Watcher, nostop=False):
+        """Detach a watcher; returns a coroutine that stops it (nothing with nostop)."""
+        self.watchers.remove(w)
+        self.emit("watcher.%s.remove" % w.topic_name, {"time": time.time()})
+        if nostop:
+            for p in list(w.processes.values()):
+                p.on_exit = None        # left running, no longer ours to respawn
+            w._close_streams()
+            return _none(asyncio.sleep(0))
+        return _none(_locked(w, w.stop))
+
+    # -- config reload -------------------------------------------------------------
+    def _load_new_config(self) -> CircusConfig:
+        if not self.config or not self.config.path:
+            raise CommandError("no config file to reload: this arbiter was built in Python")
+        try:
+            return load_config(self.config.path)
+        except ConfigError as e:
+            raise CommandError("config not reloaded, nothing changed: %s" % e, E_MESSAGE_ERROR) from None
+
+    async def reload_config(self):
+        """Re-read the file; apply only what changed. A broken file changes nothing."""
+        new = self._load_new_config()
+        old = self.config
+        for w in new.warnings:
+            _log().warning("%s", w)
+        async with self._lock:
+            if new.globals_key() != old.globals_key():
+                self.check_delay, self.warmup_delay = new.check_delay, new.warmup_delay
+                for k in ("endpoint", "pubsub_endpoint", "multicast_endpoint"):
+                    if getattr(new, k) != getattr(old, k):
+                        _log().warning("reloadconfig: %s changed; it takes effect at the next "
+                                       "daemon start (a restart keeps the old one)", k)
+            # sockets: close the removed and changed ones, bind the new ones
+            old_socks = {s.name: s for s in old.sockets}
+            new_socks = {s.name: s for s in new.sockets}
+            changed_socks = {n for n in old_socks if n not in new_socks or
+                             old_socks[n].key() != new_socks[n].key()}
+            added_socks = [s for n, s in new_socks.items() if n not in old_socks or n in changed_socks]
+            users = {w for w in self.watchers for n in changed_socks
+                     if ("sockets." + n) in (w.conf.options["cmd"] + str(w.conf.options["args"])).lower()}
+            old_w = {w.name.lower(): w for w in self.watchers}
+            new_w = {wc.name.lower(): wc for wc in new.watchers}
+            removed = [w for n, w in old_w.items() if n not in new_w]
+            changed, resized = [], []
+            for n, wc in new_w.items():
+                w = old_w.get(n)
+                if w is None:
+                    continue
+                if w in users or self._differs_beyond_numprocesses(w.conf, wc):
+                    changed.append((w, wc))
+                elif w.conf.options["numprocesses"] != wc.options["numprocesses"]:
+                    resized.append((w, wc))
+            for w in removed + [w for w, _ in changed]:
+                self.watchers.remove(w)
+                self.emit("watcher.%s.remove" % w.topic_name, {"time": time.time()})
+            await self.stop_watchers(removed + [w for w, _ in changed])
+            for n in changed_socks:
+                s = self.sockets.pop(n, None)
+                if s is not None:
+                    s.close()
+            self._bind_sockets(added_socks)
+            self.config = new
+            for w, wc in resized:
+                async with w.lock:
+                    await w.set_numprocesses(wc.options["numprocesses"])
+            fresh = []
+            for wc in new.watchers:
+                if wc.name.lower() not in old_w or any(w.name.lower() == wc.name.lower() for w, _ in changed):
+                    w = self._make_watcher(wc)
+                    self._attach(w)
+                    fresh.append(w)
+                    self.emit("watcher.%s.add" % w.topic_name, {"time": time.time()})
+            await self.start_watchers([w for w in fresh if w.conf.options["autostart"]])
+
+    @staticmethod
+    def _differs_beyond_numprocesses(a: WatcherConfig, b: WatcherConfig) -> bool:
+        na, nb = a.options["numprocesses"], b.options["numprocesses"]
+        try:
+            a.options["numprocesses"] = nb
+            return a.key() != b.key()
+        finally:
+            a.options["numprocesses"] = na
+
+    async def restart(self):
+        """Full restart in this process: stop all, re-read the config, rebind, start.
+
+        If the file is now broken, the old config is started again (nothing lost).
+        """
+        try:
+            new = self._load_new_config() if self.config and self.config.path else None
+        except CommandError as e:
+            _log().error("%s; restarting with the previous config", e)
+            new = None
+        async with self._lock:
+            await self.stop_watchers()
+            if new is not None:
+                for s in self.sockets.values():
+                    s.close()
+                self.sockets.clear()
+                self.config = new
+                self.watchers = []
+                for wc in new.watchers:
+                    self._attach(self._make_watcher(wc))
+                self._bind_sockets(new.sockets)
+            await self.start_watchers()
+
+
+def get_arbiter(watchers, controller=DEFAULT_ENDPOINT, pubsub_endpoint=DEFAULT_PUBSUB,
+                sockets=(), check_delay=1.0, warmup_delay=0, **kw) -> Arbiter:
+    """Build an Arbiter from dicts, like Circus's ``get_arbiter``.
+
+    ``watchers`` are dicts with ``name``, ``cmd`` and any watcher option;
+    ``sockets`` are dicts with ``name`` and socket keys (host, port, path...).
+    Pass ``controller=None, pubsub_endpoint=None`` for no ZeroMQ channels.
+    """
+    socks = [s if isinstance(s, SocketConfig) else SocketConfig(**s) for s in sockets]
+    return Arbiter(watchers, controller, pubsub_endpoint, sockets=socks,
+                   check_delay=check_delay, warmup_delay=warmup_delay, **kw)
+
+
+# ---------------------------------------------------------------------------
+# 10. Command table
+# ---------------------------------------------------------------------------
+# One entry per command: the server side (runs in the daemon: returns a dict,
+# or a coroutine for work that `waiting` may wait for), the ctl usage (also
+# the argument parser) and the text formatter. The controller, `ctl` and
+# `ctl help` all read this table.
+
+class Command:
+    __slots__ = ("name", "run", "usage", "fmt", "help")
+
+    def __init__(self, name, run, usage, fmt, help):
+        self.name, self.run, self.usage, self.fmt, self.help = name, run, usage, fmt, help
+
+
+COMMANDS: dict = {}
+
+
+def _fmt_ok(reply):
+    return "ok"
+
+
+def command(name, usage="", fmt=_fmt_ok):
+    """Register a command; the docstring's first line is its short help."""
+    def deco(func):
+        COMMANDS[name] = Command(name, func, usage, fmt, (func.__doc__ or "").strip())
+        return func
+    return deco
+
+
+# -- validation helpers ----------------------------------------------------------
+
+def _prop(props, key, kind=None, default=None, required=False):
+    if key not in props or props[key] is None:
+        if required:
+            raise MessageError("message invalid %r is missing" % key)
+        return default
+    value = props[key]
+    try:
+        if kind is int:
+            return to_int(value)
+        if kind is float:
+            return to_float(value)
+        if kind is bool:
+            return to_bool(value)
+        if kind == "signal":
+            return to_signum(value)
+        if kind is str and not isinstance(value, str):
+            raise ValueError("%r is not a string" % (value,))
+    except ValueError as e:
+        raise MessageError("%s: %s" % (key, e)) from None
+    return value
+
+
+def _watcher(arb, props):
+    return arb.get_watcher(_prop(props, "name", str, required=True))
+
+
+def _match(arb, props):
+    """Watchers named by ``name`` under ``match``: simple, glob (default) or regex."""
+    import fnmatch
+    name = str(_prop(props, "name", str)).lower()
+    how = props.get("match") or "glob"
+    if how == "simple":
+        found = [w for w in arb.watchers if w.name.lower() == name]
+    elif how == "glob":
+        found = [w for w in arb.watchers if fnmatch.fnmatch(w.name.lower(), name)]
+    elif how == "regex":
+        try:
+            rx = re.compile(name)
+        except re.error as e:
+            raise MessageError("invalid regex %r: %s" % (name, e)) from None
+        found = [w for w in arb.watchers if rx.match(w.name.lower())]
+    else:
+        raise MessageError("unknown match method %s" % how)
+    if not found:
+        raise MessageError("program %s not found" % props.get("name"))
+    return found
+
+
+async def _locked(w, coro_fn):
+    async with w.lock:
+        return await coro_fn()
+
+
+def _one_or_many(arb, props, one, many, nameless):
+    """The all/one-watcher fan-out shared by start, stop and restart."""
+    if not props.get("name"):
+        return nameless()
+    found = _match(arb, props)
+    if len(found) == 1:
+        return one(found[0])
+    return many(found)
+
+
+async def _none(coro):
+    await coro
+    return {}
+
+
+# -- watcher lifecycle -------------------------------------------------------------
+
+@command("start", "[name] [--waiting] [--match=glob]")
+def cmd_start(arb, props):
+    """Start the arbiter or a watcher (even one with autostart = false)."""
+    async def one(w):
+        info = await _locked(w, w.start)
+        return {"info": {"started": info["started"], "kept": info["kept"]}}
+    return _one_or_many(arb, props, one, lambda ws: _none(arb.start_watchers(ws)),
+                        lambda: _none(arb.start_watchers()))
+
+
+@command("stop", "[name] [--waiting] [--match=glob]")
+def cmd_stop(arb, props):
+    """Stop the arbiter's watchers or one of them (processes get stop_signal, then SIGKILL)."""
+    async def one(w):
+        await _locked(w, w.stop)
+        return {"info": None}
+    return _one_or_many(arb, props, one, lambda ws: _none(arb.stop_watchers(ws)),
+                        lambda: _none(arb.stop_watchers()))
+
+
+@command("restart", "[name] [--waiting] [--match=glob]")
+def cmd_restart(arb, props):
+    """Restart a watcher, or without a name the whole arbiter (re-reading the config)."""
+    async def one(w):
+        return {"info": await _locked(w, w.restart)}
+
+    async def many(ws):
+        await arb.stop_watchers(ws)
+        await arb.start_watchers(ws)
+        return {}
+    return _one_or_many(arb, props, one, many, lambda: _none(arb.restart()))
+
+
+@command("reload", "[name] [--terminate] [--waiting] [--sequential]")
+def cmd_reload(arb, props):
+    """Reload processes gracefully: new ones first, then the old ones stop."""
+    graceful = _prop(props, "graceful", bool, True)
+    sequential = _prop(props, "sequential", bool, False)
+    if props.get("name"):
+        w = _watcher(arb, props)
+
+        async def one():
+            return {"info": await _locked(w, lambda: w.reload(graceful, sequential))}
+        return one()
+    return _none(arb.reload(graceful, sequential))
+
+
+@command("reloadconfig", "[--waiting]")
+def cmd_reloadconfig(arb, props):
+    """Re-read the config file and apply only what changed (a broken file changes nothing)."""
+    return _none(arb.reload_config())
+
+
+def _fmt_numprocesses(reply):
+    if reply.get("singleton"):
+        return "This watcher is a Singleton - not changing the number of processes"
+    return str(reply["numprocesses"]) if "numprocesses" in reply else "ok"
+
+
+def _resize(arb, props, sign):
+    w = _watcher(arb, props)
+    nb = _prop(props, "nb", int, 1)
+    if w.conf.options["singleton"]:
+        return {"numprocesses": w.numprocesses, "singleton": True}
+
+    async def run():
+        n = await _locked(w, lambda: w.set_numprocesses(w.numprocesses + sign * nb))
+        return {"numprocesses": n}
+    return run()
+
+
+@command("incr", "name [nb] [--waiting]", _fmt_numprocesses)
+def cmd_incr(arb, props):
+    """Add nb processes (default 1) to a watcher."""
+    return _resize(arb, props, 1)
+
+
+@command("decr", "name [nb] [--waiting]", _fmt_numprocesses)
+def cmd_decr(arb, props):
+    """Remove nb processes (default 1) from a watcher; the oldest go first."""
+    return _resize(arb, props, -1)
+
+
+@command("signal", "name [pid] signum [--children] [--recursive]")
+def cmd_signal(arb, props):
+    """Send a signal to a watcher's processes, one process, or their children."""
+    w = _watcher(arb, props)
+    signum = _prop(props, "signum", "signal", required=True)
+    pid = _prop(props, "pid", int)
+    childpid = _prop(props, "childpid", int)
+    w.send_signal(signum, pid=pid, childpid=childpid, children=_prop(props, "children", bool, False),
+                  recursive=_prop(props, "recursive", bool, False))
+    return {}
+
+
+@command("kill", "name [pid] [--signum=] [--graceful_timeout=] [--waiting]")
+def cmd_kill(arb, props):
+    """Stop processes (signal, then SIGKILL after graceful_timeout); they are respawned."""
+    w = _watcher(arb, props)
+    pid = _prop(props, "pid", int)
+    signum = _prop(props, "signum", "signal")
+    timeout = _prop(props, "graceful_timeout", float)
+    if pid is not None and pid not in w.processes:
+        raise MessageError("process %s not found in %r" % (pid, w.name))
+    return _none(w.kill(signum, pid, timeout))
+
+
+# -- watchers at runtime -------------------------------------------------------------
+
+@command("add", "name cmd... [--start]")
+def cmd_add(arb, props):
+    """Add a watcher running CMD (started with --start)."""
+    name = _prop(props, "name", str, required=True)
+    cmd = _prop(props, "cmd", str, required=True)
+    if not re.match(r"^[\w.@:+-][\w .@:+-]*$", name):
+        raise MessageError("invalid watcher name %r: use letters, digits and . _ - @ : +" % name)
+    options = props.get("options") or {}
+    if not isinstance(options, dict):
+        raise MessageError("'options' property should be an object")
+    args = props.get("args")
+    if args is not None and not isinstance(args, (str, list)):
+        raise MessageError("'args' should be a string or a list")
+    for key in options:
+        if key in ("priority", "use_sockets", "on_demand", "autostart"):
+            raise MessageError("%r cannot be set by add (Circus's rule); put it in the config file" % key)
+    opts = {k: v for k, v in options.items() if not k.startswith("rlimit_")}
+    rl = {k[7:]: v for k, v in options.items() if k.startswith("rlimit_")}
+    if rl:
+        opts["rlimits"] = rl
+    w = arb.add_watcher(name, cmd, args, opts)
+    if _prop(props, "start", bool, False):
+        async def run():
+            info = await _locked(w, w.start)
+            return {"started": info["started"], "kept": info["kept"]}
+        return run()
+    return {}
+
+
+@command("rm", "name [--nostop] [--waiting]")
+def cmd_rm(arb, props):
+    """Remove a watcher (its processes are stopped unless nostop)."""
+    w = _watcher(arb, props)
+    return arb.rm_watcher(w, _prop(props, "nostop", bool, False))
+
+
+@command("set", "name options... [--waiting]")
+def cmd_set(arb, props):
+    """Set watcher options: ctl set NAME KEY VALUE [KEY VALUE ...]."""
+    w = _watcher(arb, props)
+    options = props.get("options")
+    if not isinstance(options, dict) or not options:
+        raise MessageError("'options' property should be an object")
+    for key, value in options.items():
+        if key == "env" and isinstance(value, str):
+            options[key] = dict(kv.split("=", 1) for kv in value.split(",") if "=" in kv)
+        try:
+            WatcherConfig(w.name).set(key, options[key])
+        except ValueError as e:
+            raise MessageError("%s: %s" % (key, e)) from None
+        if key in ("priority", "use_sockets", "on_demand", "autostart"):
+            raise MessageError("%r cannot be changed at run time; edit the config and reloadconfig" % key)
+    return _none(_locked(w, lambda: w.set_options(options)))
+
+
+# -- read-only ---------------------------------------------------------------------
+
+def _fmt_status(reply):
+    if "statuses" in reply:
+        st = reply["statuses"]
+        return "\n".join("%s: %s" % (k, st[k]) for k in sorted(st))
+    return str(reply.get("status"))
+
+
+@command("status", "[name]", _fmt_status)
+def cmd_status(arb, props):
+    """Status of every watcher, or of one (its state replaces 'ok', as in Circus)."""
+    if props.get("name"):
+        return {"status": _watcher(arb, props).status}
+    return {"statuses": {w.name: w.status for w in arb.watchers}}
+
+
+def _fmt_list(reply):
+    if "pids" in reply:
+        return ",".join(str(p) for p in reply["pids"])
+    return ",".join(reply.get("watchers", []))
+
+
+@command("list", "[name]", _fmt_list)
+def cmd_list(arb, props):
+    """Watcher names, or the pids of one watcher in spawn order."""
+    if props.get("name"):
+        w = _watcher(arb, props)
+        return {"pids": sorted(w.processes, key=lambda pid: w.processes[pid].started)}
+    return {"watchers": sorted(w.name.lower() for w in arb.watchers)}
+
+
+def _fmt_field(key):
+    return lambda reply: str(reply.get(key))
+
+
+@command("numprocesses", "[name]", _fmt_field("numprocesses"))
+def cmd_numprocesses(arb, props):
+    """Number of processes of one watcher, or of all."""
+    if props.get("name"):
+        w = _watcher(arb, props)
+        return {"numprocesses": len(w.processes), "watcher_name": props["name"]}
+    return {"numprocesses": sum(len(w.processes) for w in arb.watchers)}
+
+
+@command("numwatchers", "", _fmt_field("numwatchers"))
+def cmd_numwatchers(arb, props):
+    """Number of watchers."""
+    return {"numwatchers": len(arb.watchers)}
+
+
+def _opt_str(key, value):
+    if key == "env" and isinstance(value, dict):
+        return ",".join("%s=%s" % (k, value[k]) for k in sorted(value))
+    return "" if value is None else str(value)
+
+
+def _fmt_options(reply):
+    return "\n".join("%s: %s" % (k, _opt_str(k, v)) for k, v in reply.get("options", {}).items())
+
+
+@command("options", "name", _fmt_options)
+def cmd_options(arb, props):
+    """All options of a watcher."""
+    return {"options": _watcher(arb, props).options()}
+
+
+@command("get", "name keys+", _fmt_options)
+def cmd_get(arb, props):
+    """Values of some watcher options."""
+    w = _watcher(arb, props)
+    keys = _prop(props, "keys", required=True)
+    if not isinstance(keys, list):
+        raise MessageError("'keys' should be a list of option names")
+    opts = w.options()
+    out = {}
+    for k in keys:
+        if k not in opts:
+            raise MessageError("%r option not found" % k)
+        out[k] = opts[k]
+    return {"options": out}
+
+
+@command("globaloptions", "[option]", _fmt_options)
+def cmd_globaloptions(arb, props):
+    """The arbiter's options (endpoints, check_delay)."""
+    opts = {"endpoint": arb.endpoint, "stats_endpoint": arb.stats_endpoint,
+            "pubsub_endpoint": arb.pubsub_endpoint, "check_delay": arb.check_delay,
+            "multicast_endpoint": arb.multicast_endpoint}
+    key = props.get("option")
+    if key:
+        if key not in opts:
+            raise MessageError("%r not an existing option" % key)
+        return {"options": {key: opts[key]}}
+    return {"options": opts}
+
+
+def _fmt_sockets(reply):
+    out = []
+    for s in reply.get("sockets", []):
+        where = s["path"] if "path" in s else "%s:%s" % (s.get("host"), s.get("port"))
+        out.append("%s:socket '%s' at %s" % (s.get("fd"), s.get("name"), where))
+    return "\n".join(out)
+
+
+@command("listsockets", "", _fmt_sockets)
+def cmd_listsockets(arb, props):
+    """The sockets the daemon holds, by fd."""
+    return {"sockets": sorted((s.info() for s in arb.sockets.values()), key=lambda d: d["fd"])}
+
+
+_INFOLINE = "%(pid)s  %(cmdline)s %(username)s %(nice)s %(mem_info1)s %(mem_info2)s %(cpu)s %(mem)s %(ctime)s"
+
+
+def _info_line(info):
+    if not isinstance(info, dict):
+        return str(info)
+    info = dict(info)
+    kids = info.pop("children", [])
+    lines = [_INFOLINE % _defaulted(info)]
+    lines += ["   " + _INFOLINE % _defaulted(c) for c in kids]
+    return "\n".join(lines)
+
+
+def _defaulted(info):
+    keys = ("pid", "cmdline", "username", "nice", "mem_info1", "mem_info2", "cpu", "mem", "ctime")
+    return {k: info.get(k, "N/A") for k in keys}
+
+
+def _fmt_stats(reply):
+    if "infos" in reply:
+        out = []
+        for wname, procs in reply["infos"].items():
+            out.append("%s:" % wname)
+            out += ["%s: %s" % (pid, _info_line(i)) for pid, i in (procs or {}).items()]
+        return "\n".join(out)
+    if "name" in reply:
+        return "\n".join(["%s:" % reply["name"]] +
+                         ["%s: %s" % (pid, _info_line(i)) for pid, i in reply.get("info", {}).items()])
+    return "%s: %s\n" % (reply.get("process"), _info_line(reply.get("info")))
+
+
+_PS_CACHE: dict = {}
+
+
+def process_stats(pid: int, children=True) -> dict:
+    """psutil figures for one pid, in Circus's record format."""
+    p = _PS_CACHE.get(pid)
+    try:
+        if p is None:
+            p = _PS_CACHE[pid] = _psutil.Process(pid)
+        with p.oneshot():
+            info = {"pid": pid}
+            try:
+                mem = p.memory_info()
+                info["mem_info1"], info["mem_info2"] = human_size(mem.rss), human_size(mem.vms)
+            except _psutil.AccessDenied:
+                info["mem_info1"] = info["mem_info2"] = "N/A"
+            for key, fn in (("cpu", lambda: p.cpu_percent(None)),
+                            ("mem", lambda: round(p.memory_percent(), 3)),
+                            ("ctime", lambda: human_cputime(sum(p.cpu_times()[:2]))),
+                            ("username", p.username), ("nice", p.nice),
+                            ("create_time", p.create_time)):
+                try:
+                    info[key] = fn()
+                except (_psutil.AccessDenied, KeyError):
+                    info[key] = "N/A"
+            try:
+                argv = p.cmdline()
+                info["cmdline"] = os.path.basename(argv[0].split()[0]) if argv else "N/A"
+            except (_psutil.AccessDenied, IndexError):
+                info["cmdline"] = "N/A"
+            info["age"] = time.time() - info["create_time"] if isinstance(info["create_time"], float) else "N/A"
+            kids = p.children() if children else []
+        info["children"] = [process_stats(c.pid, children=False) for c in kids]
+        return info
+    except _psutil.NoSuchProcess:
+        _PS_CACHE.pop(pid, None)
+        return "No such process (stopped?)"
+
+
+def _watcher_stats(w, extended=False):
+    out = {}
+    live = set()
+    for pid, p in w.processes.items():
+        info = process_stats(pid)
+        if isinstance(info, dict):
+            info.update(started=p.started, wid=p.wid, age=time.time() - p.started)
+            if extended:
+                w.call_hook("extended_stats", pid=pid, stats=info)
+        out[str(pid)] = info
+        live.add(pid)
+    return out
+
+
+@command("stats", "[name] [process] [--extended]", _fmt_stats)
+def cmd_stats(arb, props):
+    """CPU, memory and age of the processes (all, one watcher, or one pid)."""
+    extended = _prop(props, "extended", bool, False)
+    if props.get("name"):
+        w = _watcher(arb, props)
+        pid = _prop(props, "process", int)
+        if pid is not None:
+            if pid not in w.processes:
+                raise MessageError("process %s not found in %r" % (pid, w.name))
+            return {"process": pid, "info": _watcher_stats(w, extended)[str(pid)]}
+        return {"name": props["name"], "info": _watcher_stats(w, extended)}
+    return {"infos": {w.name: _watcher_stats(w, extended) for w in arb.watchers}}
+
+
+def _fmt_dstats(reply):
+    info = dict(reply.get("info") or {})
+    kids = info.pop("children", [])
+    out = ["Main Process:", "    " + _INFOLINE % _defaulted(info)]
+    if kids:
+        out.append("Children:")
+        out += ["    " + _INFOLINE % _defaulted(c) for c in kids]
+    return "\n".join(out)
+
+
+@command("dstats", "", _fmt_dstats)
+def cmd_dstats(arb, props):
+    """CPU and memory of the daemon itself."""
+    info = process_stats(os.getpid(), children=False)
+    info["children"] = []
+    return {"info": info}
+
+
+@command("quit", "[--waiting]")
+def cmd_quit(arb, props):
+    """Stop every watcher and exit the daemon."""
+    return _none(arb.stop())
+
+
+@command("listen", "[topic...]")
+def cmd_listen(arb, props):
+    """Print pub/sub events (ctl subscribes to the pub/sub endpoint itself)."""
+    raise MessageError("invalid message. use a pub/sub socket")
+
+
+@command("help", "[command]")
+def cmd_help(arb, props):
+    """Show the commands, or one command's usage (answered by ctl itself)."""
+    return {"commands": sorted(COMMANDS)}
+
+
+# ---------------------------------------------------------------------------
+# 11. ZeroMQ channels (control, pub/sub, multicast discovery)
+# ---------------------------------------------------------------------------
+
+def _bind(sock, endpoint, what):
+    import zmq
+    try:
+        sock.bind(endpoint)
+    except zmq.ZMQError as e:
+        sock.close(0)
+        hint = " (is another daemon running on it?)" if e.errno == errno.EADDRINUSE else ""
+        raise CircusError("%s %s: cannot bind: %s%s" % (what, endpoint, e.strerror, hint)) from None
+
+
+class ControlChannel:
+    """ROUTER socket answering Circus's JSON commands.
+
+    Accepts DEALER clients (one frame, as circusctl sends) and also REQ
+    clients (empty delimiter frame), which Circus silently drops.
+    """
+
+    MAX_REQUEST = 1 << 20
+
+    def __init__(self, arbiter, endpoint, ctx):
+        self.arbiter = arbiter
+        self.endpoint = endpoint
+        self.ctx = ctx
+        self.sock = None
+        self._task = None
+        self._inflight: set = set()
+
+    async def start(self):
+        import zmq
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, self.MAX_REQUEST)
+        _bind(self.sock, self.endpoint, "control endpoint")
+        self._task = asyncio.get_running_loop().create_task(self._serve())
+
+    def owns(self, task) -> bool:
+        return task in self._inflight
+
+    async def _serve(self):
+        import zmq
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                frames = await self.sock.recv_multipart()
+            except zmq.ZMQError as e:
+                if self.sock is None or self.sock.closed:
+                    return
+                _log().warning("control channel: %s", e)
+                continue
+            if len(frames) == 2:
+                envelope, body = frames[:1], frames[1]
+            elif len(frames) == 3 and frames[1] == b"":
+                envelope, body = frames[:2], frames[2]
+            else:
+                _log().warning("control channel: ignored a %d-frame message (send one JSON frame)",
+                               len(frames))
+                continue
+            task = loop.create_task(self._handle(envelope, body))
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+
+    async def _handle(self, envelope, body):
+        reply = await dispatch(self.arbiter, body)
+        if reply is None or self.sock is None:
+            return
+        try:
+            await self.sock.send_multipart(envelope + [json.dumps(reply).encode()])
+        except Exception as e:  # client gone, socket closing
+            _log().debug("control reply not sent: %s", e)
+
+    async def close(self):
+        me = asyncio.current_task()
+        pending = [t for t in self._inflight if t is not me]
+        if pending:
+            await asyncio.wait(pending, timeout=2.0)
+        if self._task is not None:
+            self._task.cancel()
+        if self.sock is not None:
+            self.sock.close(linger=100)
+            self.sock = None
+
+
+def _error_reply(reason, errno_, msg_id, tb=None):
+    return {"status": "error", "reason": reason, "tb": tb, "time": time.time(),
+            "errno": errno_, "id": msg_id}
+
+
+async def dispatch(arbiter, body: bytes):
+    """One request body -> the reply dict (None for casts). Never raises."""
+    msg_id, cast = None, False
+    try:
+        try:
+            msg = json.loads(body.decode("utf-8").strip())
+        except (UnicodeDecodeError, ValueError):
+            return _error_reply("json invalid", E_INVALID_JSON, None)
+        if not isinstance(msg, dict):
+            return _error_reply("message invalid: a JSON object is expected", E_MESSAGE_ERROR, None)
+        msg_id = msg.get("id")
+        cast = msg.get("msg_type") == "cast"
+        name = msg.get("command")
+        if not isinstance(name, str) or not name:
+            raise MessageError("message invalid 'command' is missing")
+        cmd = COMMANDS.get(name.lower())
+        if cmd is None or cmd.name == "help":
+            raise CommandError("unknown command: %r" % name, E_UNKNOWN_COMMAND)
+        props = msg.get("properties")
+        if props is None:
+            props = {}
+        if not isinstance(props, dict):
+            raise MessageError("'properties' should be an object")
+        result = cmd.run(arbiter, props)
+        if asyncio.iscoroutine(result):
+            if props.get("waiting") is True or props.get("waiting") in ("true", "True", 1):
+                result = await result
+            else:
+                asyncio.get_running_loop().create_task(arbiter._guarded(result))
+                result = {}
+        reply = {"status": "ok", "time": time.time()}
+        reply.update(result)
+        reply["id"] = msg_id
+    except CommandError as e:
+        reply = _error_reply(str(e), e.errno, msg_id)
+    except CircusError as e:
+        reply = _error_reply(str(e), E_COMMAND_ERROR, msg_id)
+    except OSError as e:
+        reply = _error_reply(str(e), E_OS_ERROR, msg_id)
+    except Exception as e:      # a bug of ours: log it, answer, stay up
+        import traceback
+        _log().exception("command failed: %r", body[:200])
+        reply = _error_reply("command %r: %s" % (body[:200], e), E_COMMAND_ERROR, msg_id,
+                             traceback.format_exc())
+    return None if cast else reply
+
+
+class PubChannel:
+    """PUB socket: each event as two frames, ``watcher.NAME.EVENT`` + JSON."""
+
+    def __init__(self, endpoint, ctx):
+        import zmq
+        self.endpoint = endpoint
+        self.sock = ctx.socket(zmq.PUB)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        _bind(self.sock, endpoint, "pubsub endpoint")
+        self._again = zmq.Again
+        self._noblock = zmq.NOBLOCK
+
+    def __call__(self, topic, payload):
+        if self.sock is None:
+            return
+        try:
+            self.sock.send_multipart([topic.encode(), json.dumps(payload).encode()], self._noblock)
+        except self._again:     # a slow subscriber drops events, never blocks us
+            pass
+
+    def owns(self, task):
+        return False
+
+    async def close(self):
+        if self.sock is not None:
+            self.sock.close(linger=100)
+            self.sock = None
+
+
+class MulticastChannel:
+    """Answers any datagram on the multicast group with the control endpoint."""
+
+    def __init__(self, arbiter, endpoint):
+        self.arbiter, self.endpoint, self.transport = arbiter, endpoint, None
+
+    async def start(self):
+        import socket
+        import struct
+        from urllib.parse import urlparse
+        u = urlparse(self.endpoint)
+        group, port = u.hostname, u.port or 12027
+        if not group or not 224 <= int(group.split(".")[0]) <= 239:
+            _log().warning("multicast_endpoint %s is not a multicast group (224-239.x): "
+                           "discovery off", self.endpoint)
+            return
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("0.0.0.0", port))
+        mreq = struct.pack("4sl", socket.inet_aton(group), socket.INADDR_ANY)
+        s.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreq)
+        answer = json.dumps({"endpoint": self.arbiter.endpoint}).encode()
+
+        class Proto(asyncio.DatagramProtocol):
+            def connection_made(self, transport):
+                self.transport = transport
+
+            def datagram_received(self, data, addr):
+                self.transport.sendto(answer, addr)
+        self.transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(Proto, sock=s)
+
+    def owns(self, task):
+        return False
+
+    async def close(self):
+        if self.transport is not None:
+            self.transport.close()
+            self.transport = None
+
+
+async def start_channels(arbiter) -> list:
+    import zmq.asyncio
+    ctx = zmq.asyncio.Context()
+    channels = []
+    try:
+        if arbiter.pubsub_endpoint:
+            pub = PubChannel(arbiter.pubsub_endpoint, ctx)
+            arbiter.listeners.append(pub)
+            channels.append(pub)
+        if arbiter.endpoint:
+            ctl = ControlChannel(arbiter, arbiter.endpoint, ctx)
+            await ctl.start()
+            channels.append(ctl)
+        if arbiter.multicast_endpoint:
+            mc = MulticastChannel(arbiter, arbiter.multicast_endpoint)
+            await mc.start()
+            channels.append(mc)
+    except BaseException:
+        for ch in channels:
+            await ch.close()
+        raise
+    return channels
+
+
+# ---------------------------------------------------------------------------
+# 12. Client and ctl
+# ---------------------------------------------------------------------------
+
+class CallError(CircusError):
+    """The daemon did not answer in time, or could not be reached."""
+
+
+class Client:
+    """Talks to a running daemon (ours or circusd) over its control endpoint.
+
+    ::
+
+        with Client("tcp://127.0.0.1:5555") as c:
+            print(c.call("status"))             # {"status": "ok", "statuses": {...}}
+            c.cast("incr", name="web")          # fire and forget
+    """
+
+    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, timeout: float = 5.0):
+        import zmq
+        self._zmq = zmq
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.IDENTITY, os.urandom(16).hex().encode())
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        self.sock.close(0)
+        self.ctx.term()
+
+    def send(self, message: dict) -> dict | None:
+        """Send a raw message dict; returns the reply (None for casts)."""
+        zmq = self._zmq
+        msg_id = message.setdefault("id", os.urandom(16).hex())
+        self.sock.send(json.dumps(message).encode())
+        if message.get("msg_type") == "cast":
+            return None
+        deadline = time.monotonic() + self.timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.sock.poll(left * 1000, zmq.POLLIN):
+                raise CallError("Timed out.")
+            reply = json.loads(self.sock.recv())
+            if reply.get("id") == msg_id:
+                return reply
+
+    def call(self, command: str, **props) -> dict:
+        """Send a command and wait for its reply."""
+        return self.send({"command": command, "properties": props})
+
+    def cast(self, command: str, **props) -> None:
+        """Send a command without waiting (no reply comes back)."""
+        self.send({"command": command, "properties": props, "msg_type": "cast"})
+
+
+def subscribe(endpoint: str = DEFAULT_PUBSUB, topics=(b"",), timeout=None):
+    """Yield ``(topic, payload)`` events from a pub/sub endpoint, forever or until timeout."""
+    import zmq
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.SUB)
+    sock.setsockopt(zmq.LINGER, 0)
+    for t in topics:
+        sock.setsockopt(zmq.SUBSCRIBE, t if isinstance(t, bytes) else t.encode())
+    sock.connect(endpoint)
+    try:
+        while True:
+            if timeout is not None and not sock.poll(timeout * 1000):
+                return
+            frames = sock.recv_multipart()
+            if len(frames) == 2:
+                try:
+                    yield frames[0].decode(), json.loads(frames[1])
+                except ValueError:
+                    continue
+    finally:
+        sock.close(0)
+        ctx.term()
+
+
+# -- ctl argument parsing, from the command table's usage strings ----------------
+
+class UsageError(CircusError):
+    """Bad ctl arguments; exit code 1 (argument count) or 2 (unknown words)."""
+
+    def __init__(self, text, code=1):
+        super().__init__(text)
+        self.code = code
+
+
+_INT_PROPS = {"nb", "pid", "process", "childpid"}
+# `set` values are converted as circusctl does, so a real circusd accepts them.
+_SET_INT = {"numprocesses", "max_retry", "max_age", "max_age_variance",
+            "stdout_stream.max_bytes", "stdout_stream.backup_count",
+            "stderr_stream.max_bytes", "stderr_stream.backup_count"}
+_SET_FLOAT = {"warmup_delay", "retry_in", "graceful_timeout"}
+_SET_BOOL = {"send_hup", "shell", "copy_env", "respawn", "stop_children", "close_child_stdin",
+             "close_child_stdout", "close_child_stderr", "singleton"}
+
+
+def _set_value(key, value):
+    try:
+        if key in _SET_INT or key.startswith("rlimit_"):
+            return to_int(value)
+        if key in _SET_FLOAT:
+            return to_float(value)
+        if key in _SET_BOOL:
+            return to_bool(value)
+        if key == "stop_signal":
+            return to_signum(value)
+        if key == "env":
+            return dict(kv.split("=", 1) for kv in value.split(",") if "=" in kv)
+        if key == "hooks":
+            return dict(kv.split(":", 1) for kv in value.split(",") if ":" in kv)
+    except ValueError as e:
+        raise UsageError("set %s: %s" % (key, e)) from None
+    return value
+
+
+def build_request(name: str, words: list) -> dict:
+    """ctl words -> a request dict, following the command's usage string."""
+    cmd = COMMANDS[name]
+    spec = cmd.usage.split()
+    flags = {}
+    positional = []
+    for w in words:
+        if w.startswith("--") and len(w) > 2:
+            key, _, val = w[2:].partition("=")
+            key = key.replace("-", "_")
+            known = [s for s in spec if s.strip("[]").startswith("--" + key)]
+            if not known:
+                raise UsageError("%s: unknown option %s (usage: ctl %s %s)" % (name, w, name, cmd.usage), 2)
+            flags[key] = val if "=" in known[0] else True
+        else:
+            positional.append(w)
+    pos_spec = [s for s in spec if not s.strip("[]").startswith("--")]
+    required = [s for s in pos_spec if not s.startswith("[")]
+    props: dict = {}
+    extra = len(positional) - len(required)
+    rest = [s for s in pos_spec if s.endswith(("...", "+", "...]"))]
+    if extra < 0 or (extra > len(pos_spec) - len(required) and not rest):
+        raise UsageError("Invalid number of arguments. usage: ctl %s %s" % (name, cmd.usage))
+    it = iter(positional)
+    for s in pos_spec:
+        key = s.strip("[]").rstrip(".+")
+        optional = s.startswith("[")
+        if s.endswith(("...", "+", "...]")):
+            vals = list(it)
+            if key == "options":
+                if len(vals) % 2:
+                    raise UsageError("set needs KEY VALUE pairs")
+                props["options"] = {vals[i].lower(): _set_value(vals[i].lower(), vals[i + 1])
+                                    for i in range(0, len(vals), 2)}
+            elif key == "cmd":
+                props[key] = " ".join(vals)
+            elif vals or not optional:
+                props[key] = vals
+            continue
+        if optional:
+            if extra <= 0:
+                continue
+            extra -= 1
+        val = next(it)
+        if key in _INT_PROPS:
+            try:
+                val = int(val)
+            except ValueError:
+                raise UsageError("%s: %s must be a number, not %r" % (name, key, val)) from None
+        props[key] = val
+    for s in spec:
+        if s.strip("[]").startswith("--"):
+            key, eq, default = s.strip("[]")[2:].partition("=")
+            if key in flags:
+                props[key] = flags[key]
+            elif default:
+                props[key] = default
+    if "terminate" in props:
+        props["graceful"] = not props.pop("terminate")
+    elif name == "reload":
+        props["graceful"] = True
+    return {"command": name, "properties": props}
+
+
+def _ctl_usage() -> str:
+    lines = ["usage: python circus.py ctl [--endpoint E] [--timeout S] [--json] [--prettify] "
+             "COMMAND [ARGS]", "", "commands:"]
+    for name in sorted(COMMANDS):
+        lines.append("  %-14s %s" % (name, COMMANDS[name].help.splitlines()[0]))
+    lines.append("")
+    lines.append("endpoint: --endpoint, else $CIRCUSCTL_ENDPOINT, else %s" % DEFAULT_ENDPOINT)
+    return "\n".join(lines)
+
+
+def _command_help(name) -> str:
+    cmd = COMMANDS[name]
+    words = " ".join(w.upper() if w[0].isalpha() else w for w in cmd.usage.split())
+    return "usage: python circus.py ctl %s %s\n\n%s" % (name, words, cmd.help)
+
+
+def _listen(endpoint, topics, out):
+    for topic, payload in subscribe(endpoint, [t.encode() for t in topics] or [b""]):
+        out.write("%r: %r\n" % (topic.encode(), json.dumps(payload).encode()))
+        out.flush()
+
+
+def ctl_main(argv) -> int:
+    """``ctl``: the circusctl clone. Returns the exit code."""
+    out, err = sys.stdout, sys.stderr
+    endpoint = os.environ.get("CIRCUSCTL_ENDPOINT") or None
+    timeout, as_json, pretty = 5.0, False, False
+    args = list(argv)
+    while args and args[0].startswith("-"):
+        opt = args.pop(0)
+        key, eq, val = opt.partition("=")
+        if key in ("--endpoint", "--timeout") and not eq:
+            if not args:
+                err.write("error: %s needs a value\n" % key)
+                return 2
+            val = args.pop(0)
+        if key == "--endpoint":
+            endpoint = val
+        elif key == "--timeout":
+            try:
+                timeout = float(val)
+            except ValueError:
+                err.write("error: --timeout takes seconds, not %r\n" % val)
+                return 2
+        elif key == "--json":
+            as_json = True
+        elif key == "--prettify":
+            pretty = True
+        elif key in ("-h", "--help"):
+            if args and args[0] in COMMANDS:
+                out.write(_command_help(args[0]) + "\n")
+            else:
+                out.write(_ctl_usage() + "\n")
+            return 0
+        elif key == "--version":
+            out.write("circus.py %s (circusctl %s compatible)\n" % (__version__, CIRCUS_COMPAT))
+            return 0
+        else:
+            err.write("error: unknown option %s (see: python circus.py ctl --help)\n" % opt)
+            return 2
+    if not args:
+        return _shell(endpoint, timeout)
+    name = args.pop(0).lower()
+    if name not in COMMANDS:
+        err.write("error: unknown command %r (see: python circus.py ctl help)\n" % name)
+        return 2
+    if "--help" in args or "-h" in args or name == "help":
+        topic = args[0] if name == "help" and args else (name if name != "help" else None)
+        if topic and topic not in COMMANDS:
+            err.write("error: unknown command %r\n" % topic)
+            return 2
+        out.write((_command_help(topic) if topic else _ctl_usage()) + "\n")
+        return 0
+    if name == "listen":
+        try:
+            _listen(endpoint or DEFAULT_PUBSUB, args, out)
+        except KeyboardInterrupt:
+            pass
+        return 0
+    try:
+        request = build_request(name, args)
+    except UsageError as e:
+        err.write("error: %s\n" % e)
+        return e.code
+    try:
+        with Client(endpoint or DEFAULT_ENDPOINT, timeout) as client:
+            reply = client.send(request)
+    except CallError as e:
+        err.write("%s\nIs the daemon running on %s? (set --endpoint or $CIRCUSCTL_ENDPOINT)\n"
+                  % (e, endpoint or DEFAULT_ENDPOINT))
+        return 1
+    except Exception as e:          # e.g. a malformed endpoint
+        err.write("error: %s\n" % e)
+        return 1
+    if as_json:
+        out.write((json.dumps(reply, indent=2, sort_keys=True) if pretty else json.dumps(reply)) + "\n")
+        return 0
+    if reply.get("status") == "error":
+        err.write("error: %s\n" % reply.get("reason"))
+        return 3
+    out.write(COMMANDS[name].fmt(reply) + "\n")
+    return 0
+
+
+def _shell(endpoint, timeout) -> int:
+    """No command: a small interactive shell (EOF or 'quit-shell' leaves)."""
+    import shlex
+    out = sys.stdout
+    out.write("circus.py %s ctl shell, talking to %s. 'help' lists commands; Ctrl-D leaves.\n"
+              % (__version__, endpoint or DEFAULT_ENDPOINT))
+    base = (["--endpoint", endpoint] if endpoint else []) + ["--timeout", str(timeout)]
+    ctl_main(base + ["status"])
+    while True:
+        try:
+            line = input("(circus.py) ")
+        except (EOFError, KeyboardInterrupt):
+            out.write("\n")
+            return 0
+        try:
+            words = shlex.split(line)
+        except ValueError as e:
+            out.write("error: %s\n" % e)
+            continue
+        if words:
+            ctl_main(base + words)
+
+
+# ---------------------------------------------------------------------------
+# 13. CLI: daemon, ctl, argv dispatch
+# ---------------------------------------------------------------------------
+
+class Pidfile:
+    """A pidfile that refuses a second live daemon and cleans up after itself."""
+
+    def __init__(self, path):
+        self.path = os.path.abspath(path)
+
+    def check(self):
+        try:
+            with open(self.path) as f:
+                pid = int(f.read().strip() or 0)
+        except (OSError, ValueError):
+            return
+        if pid and pid != os.getpid():
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return                  # stale: its daemon is gone
+            except PermissionError:
+                pass
+            raise CircusError("pidfile %s names pid %d, which is running: a daemon is already "
+                              "started (stop it first, or remove the file if pid %d is not one)"
+                              % (self.path, pid, pid))
+
+    def create(self):
+        self.check()
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write("%d\n" % os.getpid())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, self.path)
+
+    def remove(self):
+        try:
+            with open(self.path) as f:
+                if int(f.read().strip() or 0) != os.getpid():
+                    return
+            os.unlink(self.path)
+        except (OSError, ValueError):
+            pass
+
+
+def daemonize():
+    """Double fork, new session, stdio on /dev/null (the cwd is kept, as in Circus)."""
+    if os.fork():
+        os._exit(0)
+    os.setsid()
+    if os.fork():
+        os._exit(0)
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+
+
+def _daemon_parser():
+    import argparse
+    p = argparse.ArgumentParser(
+        prog="python circus.py daemon",
+        description="Run the circus.py daemon on a Circus INI config file.")
+    p.add_argument("config", help="the config file (Circus INI)")
+    p.add_argument("--daemon", action="store_true", help="detach and run in the background")
+    p.add_argument("--pidfile", help="write the daemon's pid there (refuses to start twice)")
+    p.add_argument("--log-level", dest="loglevel", type=str.lower,
+                   choices=["critical", "error", "warning", "info", "debug"],
+                   help="log level (default: info, or the config's loglevel)")
+    p.add_argument("--log-output", dest="logoutput",
+                   help="'-' (stderr, default), 'stdout', a file path, or syslog://...")
+    p.add_argument("--logger-config", dest="loggerconfig", help="a logging config file (.ini/.json)")
+    p.add_argument("--version", action="version",
+                   version="circus.py %s (circusd %s compatible)" % (__version__, CIRCUS_COMPAT))
+    return p
+
+
+def _logger_config(path):
+    import logging.config
+    if path.endswith(".json"):
+        with open(path) as f:
+            logging.config.dictConfig(json.load(f))
+    else:
+        logging.config.fileConfig(path, disable_existing_loggers=False)
+
+
+def daemon_main(argv) -> int:
+    """``daemon``: read the config (errors -> one line, exit 1), then run."""
+    args = _daemon_parser().parse_args(argv)
+    err = sys.stderr
+    try:
+        import psutil  # noqa: F401  (fail early with one line)
+        import zmq  # noqa: F401
+    except ImportError as e:
+        err.write("error: %s: install the dependencies with: python -m pip install pyzmq psutil\n" % e)
+        return 1
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        err.write("error: %s\n" % e)
+        return 1
+    pidfile = None
+    try:
+        loggerconfig = args.loggerconfig or cfg.loggerconfig
+        if loggerconfig and loggerconfig != "default":
+            _logger_config(loggerconfig)
+        else:
+            setup_logging(args.loglevel or cfg.loglevel or "info", args.logoutput or cfg.logoutput or "-")
+        path = args.pidfile or cfg.pidfile
+        if path:
+            pidfile = Pidfile(path)
+            pidfile.check()
+        for w in cfg.warnings:
+            _log().warning("%s", w)
+        for name, conf in cfg.plugins:
+            _log().warning("[plugin:%s] (use = %s) is not run by this version of circus.py; "
+                           "it was ignored", name, conf.get("use"))
+        if cfg.statsd:
+            _log().warning("statsd / stats_endpoint: the stats publisher is not part of this "
+                           "version; the stats and dstats commands work")
+        if cfg.httpd:
+            _log().warning("httpd = true: the web dashboard is not part of this version; ignored")
+        arbiter = Arbiter.from_config(cfg)
+    except (CircusError, OSError, ValueError) as e:
+        err.write("error: %s\n" % e)
+        return 1
+    if args.daemon:
+        daemonize()
+    if pidfile:
+        try:
+            pidfile.create()
+        except (CircusError, OSError) as e:
+            err.write("error: %s\n" % e)
+            return 1
+    try:
+        return arbiter.run()
+    except CircusError as e:
+        _log().error("%s", e)
+        err.write("error: %s\n" % e)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if pidfile:
+            pidfile.remove()
+
+
+_MAIN_USAGE = """\
+usage: python circus.py daemon CONFIG [--daemon] [--pidfile F] [--log-level L] [--log-output F]
+       python circus.py ctl [--endpoint E] [--timeout S] [--json] COMMAND [ARGS]
+       python circus.py --version
+
+circus.py %s: a process and socket manager, compatible with Circus %s.
+'python circus.py daemon --help' and 'python circus.py ctl help' tell more.
+"""
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        sys.stdout.write(_MAIN_USAGE % (__version__, CIRCUS_COMPAT))
+        return 0 if argv else 2
+    mode, rest = argv[0], argv[1:]
+    if mode == "--version":
+        sys.stdout.write("circus.py %s (Circus %s compatible)\n" % (__version__, CIRCUS_COMPAT))
+        return 0
+    if mode == "ctl":
+        try:
+            return ctl_main(rest)
+        except KeyboardInterrupt:
+            return 130
+    if mode == "daemon":
+        return daemon_main(rest)
+    if os.path.isfile(mode) and mode.endswith((".ini", ".conf", ".cfg")):
+        return daemon_main(argv)            # `python circus.py circus.ini`, as circusd
+    sys.stderr.write("error: unknown mode %r: use 'daemon' or 'ctl' (python circus.py --help)\n" % mode)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
