@@ -3364,7 +3364,7 @@ def _ctl_usage() -> str:
 
 def _command_help(name) -> str:
     cmd = COMMANDS[name]
-    words = " ".join(w.upper() if w[0].isalpha() else w for w in cmd.usage.split())
+    words = " ".join(w if w.strip("[").startswith("--") else w.upper() for w in cmd.usage.split())
     return "usage: python circus.py ctl %s %s\n\n%s" % (name, words, cmd.help)
 
 

@@ -1,0 +1,1013 @@
+"""Tests for circus.py: fast unit tests first, end-to-end tests (marked e2e) last.
+
+Run: python -m pytest -q test_circus.py      (unit only: -k "not e2e")
+
+End-to-end tests (named test_e2e_*) start real daemons on ipc endpoints in a private temp dir,
+drive them with `ctl` and raw ZeroMQ, check real pids with psutil, and kill
+whatever they started by process group. Every wait is bounded and waits
+for a condition.
+"""
+import json
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+
+import psutil
+import pytest
+
+HERE = pathlib.Path(__file__).resolve().parent
+CIRCUS_PY = HERE / "circus.py"
+sys.path.insert(0, str(HERE))
+import circus  # noqa: E402
+
+TIMEOUT = 15.0      # generous bound for any single condition on a loaded CI box
+
+
+def wait_for(predicate, timeout=TIMEOUT, what="condition", interval=0.01):
+    """Poll ``predicate`` against a monotonic deadline; fail naming what never happened."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out after %.1f s waiting for %s" % (timeout, what))
+        time.sleep(interval)
+
+
+# ===========================================================================
+# 3. Pure helpers
+# ===========================================================================
+
+@pytest.mark.parametrize("text,value", [
+    ("yes", True), ("TRUE", True), ("on", True), ("1", True),
+    ("no", False), ("False", False), ("OFF", False), ("0", False), (True, True)])
+def test_to_bool(text, value):
+    assert circus.to_bool(text) is value
+
+
+@pytest.mark.parametrize("bad", ["maybe", "", "2", "tru"])
+def test_to_bool_rejects(bad):
+    with pytest.raises(ValueError, match="not a boolean"):
+        circus.to_bool(bad)
+
+
+@pytest.mark.parametrize("text,num", [
+    ("TERM", 15), ("sigterm", 15), ("SIGKILL", 9), ("9", 9), (15, 15), ("hup", 1),
+    ("RTMIN+1", int(signal.SIGRTMIN) + 1)])
+def test_to_signum(text, num):
+    assert circus.to_signum(text) == num
+
+
+@pytest.mark.parametrize("bad", ["BOGUS", "SIGBOGUS", 0, 999, True])
+def test_to_signum_rejects(bad):
+    with pytest.raises(ValueError):
+        circus.to_signum(bad)
+
+
+def test_replace_circus_vars_forms_and_case():
+    table = {"wid": 3, "env.home": "/h", "sockets.web": 5}
+    assert circus.replace_circus_vars("a $(circus.wid) ((circus.wid))", table) == "a 3 3"
+    assert circus.replace_circus_vars("$(CIRCUS.ENV.HOME)", table) == "/h"
+    assert circus.replace_circus_vars("--fd $(circus.sockets.web)", table) == "--fd 5"
+    # unknown keys and ${...} stay literal, as in Circus
+    assert circus.replace_circus_vars("$(circus.nope) ${circus.wid}", table) == "$(circus.nope) ${circus.wid}"
+
+
+def test_expand_env_refs_uppercase_only():
+    env = {"HOME": "/root", "PATH": "/bin"}
+    assert circus.expand_env_refs("$PATH:/usr/bin", env) == "/bin:/usr/bin"
+    assert circus.expand_env_refs("$home ${HOME} $MISSING.", env) == "$home ${HOME} ."
+
+
+def test_exit_code_and_sizes():
+    assert circus.exit_code_of(0) == 0
+    assert circus.exit_code_of(3 << 8) == 3
+    assert circus.exit_code_of(9) == -9
+    assert circus.human_size(512) == "512B"
+    assert circus.human_size(1536) == "1.50K"
+    assert circus.human_size(3 * 1024 ** 2) == "3.00M"
+    assert circus.human_cputime(75.5) == "1:15.50"
+
+
+# ===========================================================================
+# 4. Config
+# ===========================================================================
+
+def write(path, text):
+    path.write_text(textwrap.dedent(text))
+    return str(path)
+
+
+def test_ini_dialect(tmp_path):
+    conf = write(tmp_path / "c.ini", """\
+        [watcher:web]
+        cmd = run --color=#fff ; a comment
+        args = a;b
+        numprocesses : 2
+        numprocesses = 9
+        empty = ""
+        multi = one
+          two
+        # a comment line
+        ; another
+        CamelKey = kept
+        """)
+    cfg = circus.load_config(conf)
+    w = cfg.watchers[0]
+    assert w.options["cmd"] == "run --color=#fff"      # inline '#' is data, ' ;' starts a comment
+    assert w.options["args"] == "a;b"
+    assert w.options["numprocesses"] == 2              # first definition wins
+    assert w.free["empty"] == ""
+    assert w.free["multi"] == "one\ntwo"
+    assert w.free["CamelKey"] == "kept"
+
+
+def test_defaults_and_types(tmp_path):
+    cfg = circus.load_config(write(tmp_path / "c.ini", """\
+        [circus]
+        check_delay = 2.5
+        warmup_delay = 0.5
+        umask = 022
+        [watcher:a]
+        cmd = sleep 1
+        stop_signal = INT
+        graceful_timeout = 3
+        rlimit_nofile = 100
+        rlimit_core =
+        hooks.before_start = json.dumps, true
+        """))
+    assert cfg.endpoint == "tcp://127.0.0.1:5555" and cfg.pubsub_endpoint == "tcp://127.0.0.1:5556"
+    assert cfg.check_delay == 2.5 and cfg.warmup_delay == 0.5 and cfg.umask == 0o22
+    o = cfg.watchers[0].options
+    assert o["numprocesses"] == 1 and o["max_retry"] == 5 and o["respawn"] is True
+    assert o["stop_signal"] == signal.SIGINT and o["graceful_timeout"] == 3
+    assert cfg.watchers[0].rlimits == {"nofile": 100, "core": None}
+    assert cfg.watchers[0].hooks == {"before_start": ("json.dumps", True)}
+
+
+@pytest.mark.parametrize("body,needle", [
+    ("[watcher:a]\ncmd = x\nnumprocesses = two\n", "c.ini:3 [watcher:a] numprocesses: 'two' is not an integer"),
+    ("[watcher:a]\ncmd = x\nrespawn = maybe\n", "[watcher:a] respawn: 'maybe' is not a boolean"),
+    ("[watcher:a]\ncmd = x\nstop_signal = SIGNOPE\n", "stop_signal"),
+    ("[watcher:a]\nnumprocesses = 1\n", "'cmd' is required"),
+    ("[watcher:a]\ncmd = x\nsingleton = true\nnumprocesses = 2\n", "singleton"),
+    ("[watcher:a]\ncmd = x\nrlimit_bogus = 1\n", "unknown resource limit"),
+    ("[watcher:a]\ncmd = x\nhooks.before_start = no.such.module.hook\n", None),
+    ("[watcher:a]\ncmd = x\nstdout_stream.class = NoSuchStream\n", None),
+    ("[socket:s]\nfamily = AF_BOGUS\n", "family"),
+    ("[socket:s]\nport = 80\nfoo = 1\n", "unknown socket option"),
+    ("[watcher:a]\ncmd = x $(circus.sockets.nope)\n", "no [socket:nope] section"),
+    ("no section = 1\n", "outside any section"),
+    ("[watcher:a]\nthis line is garbage\n", "cannot parse"),
+    ("[circus]\ncheck_delay = soon\n", "[circus] check_delay"),
+])
+def test_config_errors_are_one_clear_line(tmp_path, body, needle):
+    conf = write(tmp_path / "c.ini", body)
+    if needle is None:      # import errors are reported when the arbiter is built
+        cfg = circus.load_config(conf)
+        with pytest.raises(ValueError, match="cannot be imported"):
+            circus.Arbiter.from_config(cfg)
+        return
+    with pytest.raises(circus.ConfigError) as e:
+        circus.load_config(conf)
+    assert needle in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_file():
+    with pytest.raises(circus.ConfigError, match="cannot read config file"):
+        circus.load_config("/nonexistent/circus.ini")
+
+
+def test_env_sections_and_expansion(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", "/usr/bin")
+    monkeypatch.setenv("LOGROOT", "/var/log")
+    cfg = circus.load_config(write(tmp_path / "c.ini", """\
+        [watcher:web1]
+        cmd = serve $(circus.env.PORT)
+        stdout_stream.filename = $(circus.env.LOGROOT)/$(circus.env.NAME).log
+        [watcher:worker]
+        cmd = work
+        [env]
+        PORT = 8000
+        PATH = $PATH:/opt/bin
+        [env:web*]
+        NAME = web
+        PORT = 9000
+        """))
+    web, worker = cfg.watchers
+    assert web.env == {"PORT": "9000", "PATH": "/usr/bin:/opt/bin", "NAME": "web"}
+    assert worker.env == {"PORT": "8000", "PATH": "/usr/bin:/opt/bin"}
+    assert web.options["cmd"] == "serve 9000"       # watcher env wins for string options
+    assert web.stdout_stream["filename"] == "/var/log/web.log"
+    assert "__name__" not in web.env and "__name__" not in web.free   # Circus leaks it; we don't
+
+
+def test_include_and_include_dir(tmp_path):
+    (tmp_path / "conf.d").mkdir()
+    write(tmp_path / "conf.d" / "b.ini", "[watcher:b]\ncmd = b\n")
+    write(tmp_path / "extra-1.ini", "[watcher:a]\ncmd = a\n[watcher:main]\ncmd = overridden\n")
+    cfg = circus.load_config(write(tmp_path / "main.ini", """\
+        [circus]
+        include = extra-*.ini
+        include_dir = conf.d
+        [watcher:main]
+        cmd = main
+        """))
+    assert [w.name for w in cfg.watchers] == ["a", "b", "main"]
+    assert cfg.watchers[2].options["cmd"] == "main"   # included files cannot override
+
+
+def test_sockets_config(tmp_path):
+    cfg = circus.load_config(write(tmp_path / "c.ini", """\
+        [socket:Web]
+        host = 127.0.0.1
+        port = 8888
+        [socket:unix]
+        path = /tmp/x.sock
+        umask = 077
+        """))
+    socks = {s.name: s for s in cfg.sockets}
+    unix, web = socks["unix"], socks["web"]
+    assert web.name == "web" and web.port == 8888 and web.family == "AF_INET" and web.backlog == 2048
+    assert unix.family == "AF_UNIX" and unix.umask == 0o77
+
+
+def test_stats_endpoint_turns_statsd_on(tmp_path):
+    cfg = circus.load_config(write(tmp_path / "c.ini", "[circus]\nstats_endpoint = tcp://127.0.0.1:1\n"))
+    assert cfg.statsd is True
+
+
+# ===========================================================================
+# 6. Streams
+# ===========================================================================
+
+def test_prefixer_across_chunks():
+    p = circus._Prefixer("T")
+    assert p(b"a\nb", 7) == b"T [7] | a\nT [7] | b"
+    assert p(b"c\n", 7) == b"c\n"
+    assert p(b"d\n", 7) == b"T [7] | d\n"
+
+
+def test_file_stream_rotation(tmp_path):
+    f = tmp_path / "out.log"
+    s = circus.FileStream(filename=str(f), max_bytes="10", backup_count="2")
+    for chunk in (b"123456\n", b"abcdef\n", b"ABCDEF\n", b"zzz\n"):
+        s({"data": chunk, "pid": 1, "name": "stdout"})
+    s.close()
+    assert f.read_bytes() == b"zzz\n"
+    assert (tmp_path / "out.log.1").read_bytes() == b"ABCDEF\n"
+    assert (tmp_path / "out.log.2").read_bytes() == b"abcdef\n"
+    assert not (tmp_path / "out.log.3").exists()
+
+
+def test_watched_file_stream_reopens(tmp_path):
+    f = tmp_path / "w.log"
+    s = circus.WatchedFileStream(filename=str(f))
+    s({"data": b"one\n", "pid": 1, "name": "stdout"})
+    os.rename(f, tmp_path / "w.log.old")
+    s({"data": b"two\n", "pid": 1, "name": "stdout"})
+    s.close()
+    assert f.read_bytes() == b"two\n"
+    assert (tmp_path / "w.log.old").read_bytes() == b"one\n"
+
+
+def test_timed_rotating_validation(tmp_path):
+    with pytest.raises(ValueError, match="rotate_when"):
+        circus.TimedRotatingFileStream(filename=str(tmp_path / "t.log"), rotate_when="fortnight")
+    s = circus.TimedRotatingFileStream(filename=str(tmp_path / "t.log"), rotate_when="s",
+                                       backup_count=1)
+    s._next = 0     # force a rollover on the next write
+    s({"data": b"x\n", "pid": 1, "name": "stdout"})
+    s.close()
+    assert len(list(tmp_path.glob("t.log.*"))) == 1
+
+
+def test_build_stream_names():
+    assert isinstance(circus.build_stream({"class": "circus.stream.StdoutStream"}), circus.StdoutStream)
+    assert isinstance(circus.build_stream({"class": "QueueStream"}), circus.QueueStream)
+    assert circus.build_stream({}) is None
+
+
+# ===========================================================================
+# 10/12. Command table and ctl argument mapping
+# ===========================================================================
+
+@pytest.mark.parametrize("words,props", [
+    (["start"], {"match": "glob"}),
+    (["start", "web", "--waiting"], {"name": "web", "waiting": True, "match": "glob"}),
+    (["incr", "web", "3"], {"name": "web", "nb": 3}),
+    (["signal", "web", "HUP"], {"name": "web", "signum": "HUP"}),
+    (["signal", "web", "12", "HUP", "--children"], {"name": "web", "pid": 12, "signum": "HUP", "children": True}),
+    (["add", "web", "python", "-m", "http.server"], {"name": "web", "cmd": "python -m http.server"}),
+    (["get", "web", "cmd", "numprocesses"], {"name": "web", "keys": ["cmd", "numprocesses"]}),
+    (["set", "web", "numprocesses", "3", "stop_signal", "INT"],
+     {"name": "web", "options": {"numprocesses": 3, "stop_signal": 2}}),
+    (["reload", "web", "--terminate"], {"name": "web", "graceful": False}),
+    (["stats", "web", "77"], {"name": "web", "process": 77}),
+    (["kill", "web", "--signum=9"], {"name": "web", "signum": "9"}),
+])
+def test_build_request(words, props):
+    req = circus.build_request(words[0], words[1:])
+    assert req == {"command": words[0], "properties": props}
+
+
+@pytest.mark.parametrize("words,code", [(["incr"], 1), (["options"], 1), (["start", "--bogus"], 2),
+                                        (["set", "w", "numprocesses"], 1), (["incr", "w", "x"], 1)])
+def test_build_request_errors(words, code):
+    with pytest.raises(circus.UsageError) as e:
+        circus.build_request(words[0], words[1:])
+    assert e.value.code == code
+
+
+def test_ctl_help_and_unknown(capsys):
+    assert circus.main(["ctl", "help"]) == 0
+    out = capsys.readouterr().out
+    for name in ("add", "decr", "incr", "list", "quit", "reloadconfig", "status"):
+        assert name in out
+    assert circus.main(["ctl", "bogus"]) == 2
+    assert "unknown command" in capsys.readouterr().err
+    assert circus.main(["ctl", "help", "incr"]) == 0
+    assert "usage: python circus.py ctl incr NAME [NB] [--waiting]" in capsys.readouterr().out
+
+
+def test_ctl_imports_no_asyncio_or_psutil():
+    code = ("import sys; sys.argv=['circus.py','ctl','--help']; import runpy;"
+            "\ntry: runpy.run_path(%r, run_name='__main__')\nexcept SystemExit: pass"
+            "\nprint('LOADED', 'asyncio' in sys.modules, 'psutil' in sys.modules)") % str(CIRCUS_PY)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30).stdout
+    assert "LOADED False False" in out
+
+
+# ===========================================================================
+# 7-9. Process, Watcher, Arbiter used as a library (in-process, no CLI)
+# ===========================================================================
+
+def test_library_process_output_and_exit():
+    import asyncio
+    chunks = []
+
+    async def run():
+        p = circus.Process(1, sys.executable, ["-c", "import sys; print('hi'); sys.exit(3)"],
+                           on_output=chunks.append)
+        p.spawn()
+        return await p.wait(TIMEOUT)
+    assert asyncio.run(run()) == 3
+    assert b"".join(c["data"] for c in chunks if c["name"] == "stdout") == b"hi\n"
+
+
+def test_library_process_spawn_error_is_oserror():
+    import asyncio
+
+    async def run():
+        circus.Process(1, "/nonexistent/binary").spawn()
+    with pytest.raises(OSError):
+        asyncio.run(run())
+
+
+def test_library_watcher_respawns_and_events():
+    import asyncio
+    events = []
+
+    async def run():
+        w = circus.Watcher("w", "sleep 30", numprocesses=2, on_event=lambda t, p: events.append((t, p)))
+        w.lock = asyncio.Lock()
+        await w.start()
+        first = sorted(w.processes)
+        os.kill(first[0], signal.SIGKILL)
+        for _ in range(500):
+            await asyncio.sleep(0.01)
+            if len(w.processes) == 2 and first[0] not in w.processes:
+                break
+        replaced = sorted(w.processes)
+        await w.stop()
+        return first, replaced
+    first, replaced = asyncio.run(run())
+    assert first[0] not in replaced and len(replaced) == 2
+    topics = [t for t, _ in events]
+    assert topics.count("watcher.w.spawn") == 3 and "watcher.w.start" in topics
+    reap = [p for t, p in events if t == "watcher.w.reap" and p["process_pid"] == first[0]]
+    assert reap and reap[0]["exit_code"] == -9
+    for pid in replaced:
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_library_arbiter_in_callers_loop(tmp_path):
+    import asyncio
+    out = tmp_path / "o.log"
+
+    async def run():
+        arb = circus.get_arbiter(
+            [{"name": "echo", "cmd": "sh -c 'echo ready; sleep 30'",
+              "stdout_stream": {"class": "FileStream", "filename": str(out)}}],
+            controller=None, pubsub_endpoint=None)
+        await arb.start()
+        for _ in range(500):
+            if out.exists() and out.read_bytes() == b"ready\n":
+                break
+            await asyncio.sleep(0.01)
+        pids = list(arb.get_watcher("echo").processes)
+        await arb.stop()
+        return pids
+    pids = asyncio.run(run())
+    assert out.read_bytes() == b"ready\n" and len(pids) == 1
+    assert not psutil.pid_exists(pids[0])
+
+
+def test_import_has_no_side_effects():
+    code = ("import logging, signal, sys; sys.path.insert(0, %r); import circus;"
+            "print(logging.getLogger('circus').handlers, signal.getsignal(signal.SIGTERM) is signal.SIG_DFL,"
+            " 'asyncio' in sys.modules)") % str(HERE)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30).stdout
+    assert out.strip() == "[] True False"
+
+
+# ===========================================================================
+# End-to-end: real daemons
+# ===========================================================================
+
+class Daemon:
+    """A circus.py daemon in its own session, on ipc endpoints in a short temp dir."""
+
+    def __init__(self, root, body, name="c.ini", extra_args=()):
+        self.root = pathlib.Path(root)
+        self.endpoint = "ipc://%s/ctl.sock" % root
+        self.pubsub = "ipc://%s/pub.sock" % root
+        self.conf = self.root / name
+        head = "[circus]\nendpoint = %s\npubsub_endpoint = %s\n" % (self.endpoint, self.pubsub)
+        self.conf.write_text(head + textwrap.dedent(body))
+        self.log = self.root / "daemon.log"
+        self.extra_args = list(extra_args)
+        self.proc = None
+        self.seen = set()           # (pid, create_time) of every process we saw under it
+
+    def start(self, wait=True):
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(CIRCUS_PY), "daemon", str(self.conf)] + self.extra_args,
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True, cwd=str(self.root))
+        if wait:
+            wait_for(self.ready, what="daemon to answer (log: %s)" % self.log)
+        return self
+
+    def ready(self):
+        if self.proc.poll() is not None:
+            raise AssertionError("daemon exited with %s: %s" % (self.proc.returncode, self.log.read_text()))
+        try:
+            return self.call("numwatchers", timeout=0.5).get("status") == "ok"
+        except circus.CallError:
+            return False
+
+    def call(self, command, timeout=TIMEOUT, **props):
+        with circus.Client(self.endpoint, timeout) as c:
+            return c.call(command, **props)
+
+    def raw(self, body, timeout=TIMEOUT):
+        """Send raw bytes from a DEALER; returns the parsed reply or None on timeout."""
+        import zmq
+        ctx = zmq.Context()
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(self.endpoint)
+        try:
+            s.send(body)
+            if not s.poll(timeout * 1000):
+                return None
+            return json.loads(s.recv())
+        finally:
+            s.close(0)
+            ctx.term()
+
+    def ctl(self, *args, timeout=60):
+        return subprocess.run([sys.executable, str(CIRCUS_PY), "ctl", "--endpoint", self.endpoint] +
+                              [str(a) for a in args], capture_output=True, text=True, timeout=timeout)
+
+    def pids(self, name):
+        r = self.call("list", name=name)
+        assert r["status"] == "ok", r
+        self.track()
+        return r["pids"]
+
+    def track(self):
+        try:
+            for p in psutil.Process(self.proc.pid).children(recursive=True):
+                try:
+                    self.seen.add((p.pid, p.create_time()))
+                except psutil.Error:
+                    pass
+        except psutil.Error:
+            pass
+
+    def children(self):
+        try:
+            return [p for p in psutil.Process(self.proc.pid).children()
+                    if p.status() != psutil.STATUS_ZOMBIE]
+        except psutil.Error:
+            return []
+
+    def stop(self):
+        if self.proc is None:
+            return
+        self.track()
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(TIMEOUT)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        if self.proc.poll() is None:
+            self.proc.wait(5)
+        leftovers = []
+        for pid, ctime in self.seen:
+            try:
+                p = psutil.Process(pid)
+                if p.create_time() == ctime and p.status() != psutil.STATUS_ZOMBIE:
+                    leftovers.append(p)
+                    p.kill()
+            except psutil.Error:
+                pass
+        self.proc = None
+        assert not leftovers, "processes left behind: %r" % leftovers
+
+
+class Events:
+    """A SUB socket on the daemon's pub/sub endpoint."""
+
+    def __init__(self, endpoint, topics=(b"",)):
+        import zmq
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.SUB)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        for t in topics:
+            self.sock.setsockopt(zmq.SUBSCRIBE, t)
+        self.sock.connect(endpoint)
+        self.got = []
+
+    def wait(self, predicate, timeout=TIMEOUT, what="event"):
+        deadline = time.monotonic() + timeout
+        for topic, payload in self.got:
+            if predicate(topic, payload):
+                return topic, payload
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.sock.poll(left * 1000):
+                raise AssertionError("no %s within %.1f s; got %r" % (what, timeout, self.got[-10:]))
+            topic, body = self.sock.recv_multipart()
+            item = (topic.decode(), json.loads(body))
+            self.got.append(item)
+            if predicate(*item):
+                return item
+
+    def close(self):
+        self.sock.close(0)
+        self.ctx.term()
+
+
+@pytest.fixture
+def shortdir():
+    d = tempfile.mkdtemp(prefix="cpy", dir="/tmp")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def daemon(shortdir):
+    started = []
+
+    def make(body, start=True, **kw):
+        d = Daemon(shortdir, body, **kw)
+        started.append(d)
+        return d.start() if start else d
+    yield make
+    for d in started:
+        d.stop()
+
+
+def subscribe_ready(d, topics=(b"",)):
+    """A subscriber that is known to receive events (ZeroMQ's slow-joiner problem)."""
+    ev = Events(d.pubsub, topics)
+    d.call("add", name="probe-sub", cmd="true")
+    try:
+        ev.wait(lambda t, p: t == "watcher.probe-sub.add", timeout=0.5)
+    except AssertionError:
+        d.call("rm", name="probe-sub")
+        d.call("add", name="probe-sub", cmd="true")
+        ev.wait(lambda t, p: t == "watcher.probe-sub.add", what="subscription to work")
+    d.call("rm", name="probe-sub")
+    return ev
+
+
+
+def test_e2e_status_list_incr_decr_with_ctl(daemon):
+    d = daemon("""
+        [watcher:Sleeper]
+        cmd = sleep 120
+        numprocesses = 2
+        [watcher:other]
+        cmd = sleep 120
+        autostart = false
+        """)
+    r = d.ctl("status")
+    assert r.returncode == 0 and r.stdout == "Sleeper: active\nother: stopped\n"
+    assert d.ctl("list").stdout == "other,sleeper\n"
+    pids = d.pids("sleeper")
+    assert len(pids) == 2
+    kids = {p.pid for p in d.children()}
+    assert set(pids) <= kids
+    for pid in pids:
+        assert psutil.Process(pid).cmdline() == ["sleep", "120"]
+    assert d.ctl("incr", "sleeper", "2", "--waiting").stdout == "4\n"
+    assert len(d.pids("sleeper")) == 4
+    assert d.ctl("decr", "sleeper", "--waiting").stdout == "3\n"
+    assert set(d.pids("sleeper")) == set(d.pids("sleeper")) and len(d.pids("sleeper")) == 3
+    assert d.ctl("numprocesses", "sleeper").stdout == "3\n"
+    assert d.ctl("numwatchers").stdout == "2\n"
+    assert d.ctl("status", "other").stdout == "stopped\n"
+    r = d.ctl("start", "other", "--waiting")
+    assert r.stdout == "ok\n" and d.ctl("status", "other").stdout == "active\n"
+    r = d.ctl("status", "missing")
+    assert r.returncode == 3 and "missing" in r.stderr
+    r = d.ctl("--json", "status", "sleeper")
+    reply = json.loads(r.stdout)
+    assert reply["status"] == "active" and "time" in reply and "id" in reply
+
+
+def test_e2e_kill_is_replaced_in_milliseconds(daemon):
+    d = daemon("[watcher:w]\ncmd = sleep 120\n")
+    ev = subscribe_ready(d)
+    (pid,) = d.pids("w")
+    t0 = time.time()
+    os.kill(pid, signal.SIGKILL)
+    _, reap = ev.wait(lambda t, p: t == "watcher.w.reap" and p["process_pid"] == pid, what="reap")
+    _, spawn = ev.wait(lambda t, p: t == "watcher.w.spawn", what="respawn")
+    assert reap["exit_code"] == -9
+    # seen through pidfd/SIGCHLD, not a tick: well under Circus's 1-5 s cadence
+    assert spawn["time"] - t0 < 0.5
+    new = wait_for(lambda: [p for p in d.pids("w") if p != pid], what="new pid")
+    assert psutil.Process(new[0]).cmdline() == ["sleep", "120"]
+    ev.close()
+
+
+def test_e2e_crash_loop_counts_max_retry_and_daemon_stays_up(daemon, shortdir):
+    marker = pathlib.Path(shortdir) / "count"
+    d = daemon("""
+        [watcher:crash]
+        cmd = sh -c 'echo x >> %s; exit 3'
+        max_retry = 3
+        [watcher:ok]
+        cmd = sleep 120
+        """ % marker)
+    wait_for(lambda: d.call("status", name="crash")["status"] == "stopped", what="crash loop to give up")
+    assert marker.read_text().count("x") == 3       # exactly max_retry attempts
+    assert d.call("status", name="ok")["status"] == "active"
+    assert "max_retry" in d.log.read_text()
+
+
+def test_e2e_missing_executable_goes_to_stopped(daemon):
+    d = daemon("""
+        [watcher:broken]
+        cmd = /nonexistent/program
+        max_retry = 2
+        [watcher:fine]
+        cmd = sleep 120
+        """)
+    wait_for(lambda: d.call("status", name="broken")["status"] == "stopped", what="broken to stop")
+    assert d.call("status", name="fine")["status"] == "active"
+    assert "No such file" in d.log.read_text()
+
+
+def test_e2e_graceful_timeout_then_sigkill_and_grandchildren(daemon, shortdir):
+    d = daemon("""
+        [watcher:stubborn]
+        cmd = sh -c 'trap "" TERM; while true; do sleep 0.05; done'
+        graceful_timeout = 0.5
+        [watcher:wrapper]
+        cmd = sh -c 'sleep 120; echo done'
+        """)
+    ev = subscribe_ready(d)
+    (pid,) = d.pids("stubborn")
+    wrapper = psutil.Process(d.pids("wrapper")[0])
+    grandkids = wait_for(lambda: wrapper.children(), what="sh to start its sleep")
+    t0 = time.monotonic()
+    r = d.ctl("stop", "--waiting")
+    assert r.returncode == 0
+    elapsed = time.monotonic() - t0
+    assert 0.4 < elapsed < 10
+    _, reap = ev.wait(lambda t, p: t == "watcher.stubborn.reap", what="stubborn reap")
+    assert reap["exit_code"] == -9
+    assert not psutil.pid_exists(pid)
+    for g in grandkids:     # the wrapper's child does not outlive the stop
+        wait_for(lambda: not g.is_running() or g.status() == psutil.STATUS_ZOMBIE, what="grandchild gone")
+    ev.close()
+
+
+def test_e2e_prefork_socket_shared_and_bound_across_restart(daemon, shortdir):
+    server = pathlib.Path(shortdir) / "srv.py"
+    server.write_text(textwrap.dedent("""\
+        import os, signal, socket, sys
+        state = {"busy": False, "stop": False}
+        def on_term(*_):            # finish the request in hand, then leave
+            if not state["busy"]:
+                os._exit(0)
+            state["stop"] = True
+        signal.signal(signal.SIGTERM, on_term)
+        s = socket.socket(fileno=int(sys.argv[1]))
+        s.setblocking(True)
+        while True:
+            c, _ = s.accept()
+            state["busy"] = True
+            c.recv(100)
+            c.sendall(b"pid %d" % os.getpid())
+            c.close()
+            state["busy"] = False
+            if state["stop"]:
+                os._exit(0)
+        """))
+    d = daemon("""
+        [socket:web]
+        host = 127.0.0.1
+        port = 0
+        [watcher:web]
+        cmd = %s %s $(circus.sockets.web)
+        use_sockets = true
+        numprocesses = 2
+        """ % (sys.executable, server))
+    socks = d.call("listsockets")["sockets"]
+    port = socks[0]["port"]
+    assert socks[0]["name"] == "web" and port > 0
+    assert d.ctl("listsockets").stdout == "%d:socket 'web' at 127.0.0.1:%d\n" % (socks[0]["fd"], port)
+
+    def ask():
+        with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as c:
+            c.sendall(b"hi")
+            return int(c.recv(100).split()[1])
+    pids = set(d.pids("web"))
+    answers = {ask() for _ in range(40)}
+    assert answers <= pids and answers
+    # during a restart the socket stays bound: connections wait in the backlog
+    d.call("restart", name="web")
+    for _ in range(5):
+        assert ask() > 0
+    assert set(d.pids("web")).isdisjoint(pids)
+
+
+def test_e2e_file_stream_no_line_lost(daemon, shortdir):
+    out = pathlib.Path(shortdir) / "out.log"
+    err = pathlib.Path(shortdir) / "err.log"
+    d = daemon("""
+        [watcher:talker]
+        cmd = %s -c "import sys; [sys.stdout.write('line %%06d\\n' %% i) for i in range(200000)]; sys.stderr.write('bye\\n')"
+        respawn = false
+        stdout_stream.class = circus.stream.FileStream
+        stdout_stream.filename = %s
+        stderr_stream.class = FileStream
+        stderr_stream.filename = %s
+        """ % (sys.executable, out, err))
+    wait_for(lambda: d.call("status", name="talker")["status"] == "stopped", what="talker to finish")
+    lines = out.read_text().splitlines()
+    assert len(lines) == 200000 and lines[0] == "line 000000" and lines[-1] == "line 199999"
+    assert err.read_text() == "bye\n"
+
+
+def test_e2e_priority_order_and_pubsub_events(daemon):
+    d = daemon("""
+        [watcher:low]
+        cmd = sleep 120
+        priority = 1
+        [watcher:high]
+        cmd = sleep 120
+        priority = 10
+        """)
+    ev = subscribe_ready(d)
+    d.call("restart")
+    ev.wait(lambda t, p: t == "watcher.low.start", what="low to start again")
+    order = [t for t, _ in ev.got if t.endswith((".stop", ".start"))]
+    assert order.index("watcher.low.stop") < order.index("watcher.high.stop")      # reverse at stop
+    assert order.index("watcher.high.start") < order.index("watcher.low.start")    # priority at start
+    ev.close()
+
+
+def test_e2e_malformed_input_gets_errors_and_daemon_stays_up(daemon):
+    d = daemon("[watcher:w]\ncmd = sleep 120\n")
+    assert d.raw(b"not json")["errno"] == 1
+    assert d.raw(b"[1, 2]")["status"] == "error"
+    r = d.raw(b'{"id": 5}')
+    assert r["errno"] == 3 and r["id"] == 5
+    r = d.raw(b'{"command": "bogus", "id": "x"}')
+    assert r["errno"] == 2 and r["reason"] == "unknown command: 'bogus'" and r["id"] == "x"
+    assert d.raw(b'{"command": "list", "properties": [1]}')["errno"] == 3
+    assert d.raw(b'{"command": "incr", "properties": {"name": "w", "nb": "many"}}')["errno"] == 3
+    assert d.raw(b'{"command": "options", "properties": {"name": "nope"}}')["reason"] == "program nope not found"
+    assert d.raw(b'{"command": "get", "properties": {"name": "w", "keys": ["zzz"]}}')["errno"] == 3
+    assert d.raw(b'{"command": "signal", "properties": {"name": "w", "signum": "BOGUS"}}')["errno"] == 3
+    assert d.raw(b'{"command": "add", "properties": {"name": "../x", "cmd": "true"}}')["errno"] == 3
+    assert d.raw(b"\xff\xfe") ["errno"] == 1
+    assert d.raw(b'{"command": "LIST", "properties": null, "id": 1}')["watchers"] == ["w"]
+    # a cast gets no reply at all, but is executed
+    assert d.raw(b'{"command": "incr", "properties": {"name": "w"}, "msg_type": "cast"}', timeout=0.3) is None
+    wait_for(lambda: len(d.pids("w")) == 2, what="cast incr to apply")
+    assert d.call("status")["statuses"] == {"w": "active"}
+
+
+def test_e2e_req_socket_is_answered(daemon):
+    import zmq
+    d = daemon("[watcher:w]\ncmd = sleep 120\n")
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.REQ)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(d.endpoint)
+    s.send(b'{"command": "numwatchers", "id": 1}')
+    assert s.poll(TIMEOUT * 1000)
+    assert json.loads(s.recv())["numwatchers"] == 1
+    s.close(0)
+    ctx.term()
+
+
+def test_e2e_commands_are_queued_not_refused(daemon):
+    d = daemon("""
+        [watcher:slow]
+        cmd = sh -c 'trap "" TERM; while true; do sleep 0.05; done'
+        graceful_timeout = 1
+        """)
+    import threading
+    results = {}
+
+    def stop():
+        results["stop"] = d.call("stop", name="slow", waiting=True)
+    t = threading.Thread(target=stop)
+    t.start()
+    wait_for(lambda: d.call("status", name="slow")["status"] == "stopping", what="stopping state")
+    t0 = time.monotonic()
+    assert d.call("list")["status"] == "ok"             # read-only: answered at once
+    assert time.monotonic() - t0 < 0.5
+    r = d.call("start", name="slow", waiting=True)      # waits its turn, no "already running" error
+    t.join(TIMEOUT)
+    assert results["stop"]["status"] == "ok" and r["status"] == "ok"
+    assert d.call("status", name="slow")["status"] == "active"
+
+
+def test_e2e_add_set_rm_signal_kill(daemon, shortdir):
+    d = daemon("[watcher:base]\ncmd = sleep 120\n")
+    assert d.ctl("add", "--start", "extra", "sleep", "121").returncode == 0
+    wait_for(lambda: d.call("status", name="extra")["status"] == "active", what="extra active")
+    (pid,) = d.pids("extra")
+    assert psutil.Process(pid).cmdline() == ["sleep", "121"]
+    assert d.ctl("add", "extra", "sleep", "1").returncode == 3        # duplicate
+    assert d.ctl("set", "extra", "numprocesses", "3", "--waiting").returncode == 0
+    assert len(d.pids("extra")) == 3
+    assert d.ctl("get", "extra", "numprocesses").stdout == "numprocesses: 3\n"
+    # set cmd: the watcher is reloaded with the new command
+    assert d.call("set", name="extra", options={"cmd": "sleep 122"}, waiting=True)["status"] == "ok"
+    wait_for(lambda: all(psutil.Process(p).cmdline() == ["sleep", "122"] for p in d.pids("extra")),
+             what="new cmd")
+    victim = d.pids("extra")[0]
+    assert d.ctl("signal", "extra", victim, "KILL").returncode == 0
+    wait_for(lambda: victim not in d.pids("extra") and len(d.pids("extra")) == 3, what="respawn")
+    before = set(d.pids("extra"))
+    assert d.call("kill", name="extra", signum=9, waiting=True)["status"] == "ok"
+    wait_for(lambda: len(d.pids("extra")) == 3 and not before & set(d.pids("extra")), what="kill+respawn")
+    assert d.ctl("rm", "extra", "--waiting").returncode == 0
+    assert d.ctl("list").stdout == "base\n"
+    for p in before:
+        assert not psutil.pid_exists(p) or psutil.Process(p).status() == psutil.STATUS_ZOMBIE
+
+
+def test_e2e_reloadconfig_changes_only_what_changed(daemon):
+    d = daemon("""
+        [watcher:keep]
+        cmd = sleep 120
+        [watcher:resize]
+        cmd = sleep 120
+        [watcher:change]
+        cmd = sleep 120
+        [watcher:gone]
+        cmd = sleep 120
+        """)
+    keep, resize, change = d.pids("keep"), d.pids("resize"), d.pids("change")
+    text = d.conf.read_text()
+    good = text.replace("[watcher:resize]\ncmd = sleep 120", "[watcher:resize]\ncmd = sleep 120\nnumprocesses = 2")
+    good = good.replace("[watcher:change]\ncmd = sleep 120", "[watcher:change]\ncmd = sleep 121")
+    good = good.replace("[watcher:gone]\ncmd = sleep 120\n", "[watcher:new]\ncmd = sleep 123\n")
+    # a broken file first: error reply, nothing changes
+    d.conf.write_text(good + "[watcher:bad]\ncmd = x\nnumprocesses = lots\n")
+    r = d.call("reloadconfig", waiting=True)
+    assert r["status"] == "error" and "numprocesses" in r["reason"] and "c.ini" in r["reason"]
+    assert d.pids("keep") == keep and d.ctl("list").stdout == "change,gone,keep,resize\n"
+    d.conf.write_text(good)
+    assert d.call("reloadconfig", waiting=True)["status"] == "ok"
+    assert d.pids("keep") == keep
+    assert resize[0] in d.pids("resize") and len(d.pids("resize")) == 2
+    assert d.pids("change") != change
+    assert d.ctl("list").stdout == "change,keep,new,resize\n"
+    assert psutil.Process(d.pids("new")[0]).cmdline() == ["sleep", "123"]
+
+
+def test_e2e_sighup_reloads_running_watchers_only(daemon):
+    d = daemon("""
+        [watcher:run]
+        cmd = sleep 120
+        [watcher:idle]
+        cmd = sleep 120
+        autostart = false
+        """)
+    old = d.pids("run")
+    os.kill(d.proc.pid, signal.SIGHUP)
+    wait_for(lambda: d.pids("run") and d.pids("run") != old, what="reload on SIGHUP")
+    assert d.call("status", name="idle")["status"] == "stopped"
+
+
+def test_e2e_quit_leaves_nothing(daemon):
+    d = daemon("[watcher:w]\ncmd = sleep 120\nnumprocesses = 5\n")
+    pids = d.pids("w")
+    assert d.ctl("quit").stdout == "ok\n"
+    d.proc.wait(TIMEOUT)
+    assert d.proc.returncode == 0
+    for pid in pids:
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_e2e_sigterm_quits(daemon):
+    d = daemon("[watcher:w]\ncmd = sleep 120\nnumprocesses = 3\n")
+    pids = d.pids("w")
+    os.kill(d.proc.pid, signal.SIGTERM)
+    d.proc.wait(TIMEOUT)
+    assert d.proc.returncode == 0
+    assert not any(psutil.pid_exists(p) for p in pids)
+
+
+def test_e2e_bad_config_exits_with_one_line(shortdir):
+    conf = pathlib.Path(shortdir) / "bad.ini"
+    conf.write_text("[watcher:w]\ncmd = sleep 1\nnumprocesses = lots\n")
+    r = subprocess.run([sys.executable, str(CIRCUS_PY), "daemon", str(conf)], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 1
+    assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr
+    assert "bad.ini:3 [watcher:w] numprocesses: 'lots' is not an integer" in r.stderr
+
+
+def test_e2e_pidfile_and_detached_daemon(daemon, shortdir):
+    pidfile = pathlib.Path(shortdir) / "circus.pid"
+    d = daemon("[watcher:w]\ncmd = sleep 120\n", start=False,
+               extra_args=["--daemon", "--pidfile", str(pidfile), "--log-output", str(pathlib.Path(shortdir) / "d.log")])
+    d.start(wait=False)
+    assert d.proc.wait(TIMEOUT) == 0        # the launcher returns at once
+    pid = int(wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), what="pidfile"))
+    real = psutil.Process(pid)
+    try:
+        wait_for(lambda: d.call("numwatchers", timeout=0.5)["status"] == "ok"
+                 if real.is_running() else False, what="detached daemon")
+        # a second daemon with the same pidfile refuses to start
+        r = subprocess.run([sys.executable, str(CIRCUS_PY), "daemon", str(d.conf), "--pidfile", str(pidfile)],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1 and "already started" in r.stderr
+        kids = real.children()
+        assert d.call("quit", waiting=True)["status"] == "ok"
+        wait_for(lambda: not real.is_running() or real.status() == psutil.STATUS_ZOMBIE, what="daemon exit")
+        assert not pidfile.exists()
+        assert not any(k.is_running() and k.status() != psutil.STATUS_ZOMBIE for k in kids)
+    finally:
+        if real.is_running():
+            real.kill()
+
+
+def test_e2e_idle_daemon_does_not_wake_up(daemon):
+    d = daemon("[watcher:w]\ncmd = sleep 120\nnumprocesses = 20\n")
+    assert len(d.pids("w")) == 20
+    p = psutil.Process(d.proc.pid)
+    time.sleep(0.5)         # let start-up settle (not a synchronisation: we measure an interval)
+    before = sum(p.cpu_times()[:2])
+    ctx_before = p.num_ctx_switches().voluntary
+    time.sleep(2.0)
+    assert sum(p.cpu_times()[:2]) - before < 0.05
+    assert p.num_ctx_switches().voluntary - ctx_before < 20
+
+
+def test_e2e_env_copy_env_and_wid(daemon, shortdir):
+    out = pathlib.Path(shortdir) / "env.log"
+    d = daemon("""
+        [watcher:envy]
+        cmd = sh -c 'echo "wid=$(circus.wid) foo=$FOO home=${HOME:-none}"; sleep 120'
+        stdout_stream.filename = %s
+        [env:envy]
+        FOO = bar
+        """ % out)
+    wait_for(lambda: out.exists() and out.read_text().strip(), what="output")
+    assert out.read_text() == "wid=1 foo=bar home=none\n"     # no copy_env: only the config env
+    (pid,) = d.pids("envy")
+    assert "__name__" not in psutil.Process(pid).environ()
