@@ -1282,7 +1282,7 @@ class Process:
     def __init__(self, wid: int, cmd: str, args=None, *, working_dir=None, shell=False,
                  shell_args=None, uid=None, gid=None, env=None, rlimits=None,
                  executable=None, pass_fds=(), stdout=None, stderr=None,
-                 close_child_stdin=True, on_output=None, on_exit=None, loop=None,
+                 close_child_stdin=True, stdin=None, on_output=None, on_exit=None, loop=None,
                  watcher_name=""):
         self.wid = wid
         self.cmd = cmd
@@ -1297,6 +1297,7 @@ class Process:
         self.pass_fds = tuple(pass_fds)
         self.stdout, self.stderr = stdout, stderr
         self.close_child_stdin = close_child_stdin
+        self.stdin = stdin              # an fd for the child's stdin (stdin_socket)
         self.on_output = on_output      # callable({"data", "pid", "name"}), like a stream
         self.on_exit = on_exit          # callable(process)
         self.loop = loop
@@ -1341,7 +1342,10 @@ class Process:
                 import shlex
                 argv = ["/bin/sh", "-c", argv] + shlex.split(self.shell_args)
                 kw["shell"] = False
-        kw["stdin"] = subprocess.DEVNULL if self.close_child_stdin else None
+        if self.stdin is not None:
+            kw["stdin"] = self.stdin
+        else:
+            kw["stdin"] = subprocess.DEVNULL if self.close_child_stdin else None
         piped = self.on_output is not None
         kw["stdout"] = subprocess.PIPE if (piped and self.stdout is None) else self.stdout
         kw["stderr"] = subprocess.PIPE if (piped and self.stderr is None) else self.stderr
@@ -1581,6 +1585,7 @@ class Watcher:
         self.last_error = None          # text of the last spawn failure or crash
         self.lock = None                # asyncio.Lock, serialises commands on this watcher
         self._respawn_handle = None
+        self.on_demand_fds = []         # sockets armed to start it (on_demand)
         self._timers: dict = {}         # pid -> max_age timer
         self._env_cache = None
         for which in ("stdout_stream", "stderr_stream"):
@@ -1718,6 +1723,15 @@ class Watcher:
                 fds[name] = sock.fileno()
         return fds, fresh
 
+    def _stdin_fd(self):
+        name = self.conf.options["stdin_socket"]
+        if not name:
+            return None
+        sock = self.sockets.get(name.lower())
+        if sock is None or sock.sock is None:
+            raise ValueError("stdin_socket %r: no such bound socket" % name)
+        return sock.fileno()
+
     def spawn_process(self):
         """Start one process now; returns it, or None when the spawn failed."""
         o = self.conf.options
@@ -1748,7 +1762,7 @@ class Watcher:
                         shell_args=shell_args, uid=o["uid"], gid=o["gid"], env=self.env(),
                         rlimits=self.conf.rlimits, executable=o["executable"],
                         pass_fds=fds.values(), stdout=piped["stdout"], stderr=piped["stderr"],
-                        close_child_stdin=o["close_child_stdin"],
+                        close_child_stdin=o["close_child_stdin"], stdin=self._stdin_fd(),
                         on_output=self._on_output if (piped["stdout"] == subprocess.PIPE or
                                                       piped["stderr"] == subprocess.PIPE) else None,
                         on_exit=self._on_exit, watcher_name=self.name)
@@ -2077,6 +2091,18 @@ class Watcher:
 # 9. Arbiter
 # ---------------------------------------------------------------------------
 
+async def _locked(w, coro_fn):
+    """Run ``coro_fn()`` holding the watcher's lock (commands on one watcher queue)."""
+    async with w.lock:
+        return await coro_fn()
+
+
+async def _none(coro):
+    """Await ``coro``; the command's reply has no fields of its own."""
+    await coro
+    return {}
+
+
 class Arbiter:
     """Many watchers and sockets, one event loop, the control and pub/sub channels.
 
@@ -2211,10 +2237,38 @@ class Arbiter:
     async def start_watchers(self, names=None):
         for w in self.iter_watchers():
             if (names is None and w.conf.options["autostart"]) or (names is not None and w in names):
+                if names is None and w.conf.options["on_demand"] and self._arm_on_demand(w):
+                    continue
                 async with w.lock:
                     await w.start()
                 if self.warmup_delay:
                     await asyncio.sleep(self.warmup_delay)
+
+    def _arm_on_demand(self, w) -> bool:
+        """on_demand: start ``w`` on the first connection to one of its sockets."""
+        text = (w.conf.options["cmd"] + " " + str(w.conf.options["args"] or "")).lower()
+        fds = [s.fileno() for name, s in self.sockets.items() if s.sock is not None and
+               (w.conf.options["use_sockets"] or ("sockets." + name) in text)]
+        if not fds:
+            _log().warning("watcher %s: on_demand needs a socket it uses; started now", w.name)
+            return False
+
+        def fire():
+            for fd in fds:
+                self.loop.remove_reader(fd)
+            w.on_demand_fds = []
+            if w in self.watchers and w.status == STOPPED:
+                _log().info("watcher %s: activity on its socket, starting (on_demand)", w.name)
+                self.loop.create_task(self._guarded(_locked(w, w.start)))
+        for fd in fds:
+            self.loop.add_reader(fd, fire)
+        w.on_demand_fds = fds
+        return True
+
+    def _disarm(self, w):
+        for fd in getattr(w, "on_demand_fds", ()):
+            self.loop.remove_reader(fd)
+        w.on_demand_fds = []
 
     async def stop_watchers(self, watchers=None):
         """Stop in reverse priority order; watchers of equal priority stop together."""
@@ -2226,6 +2280,7 @@ class Arbiter:
             i += len(group)
 
             async def stop_one(w):
+                self._disarm(w)
                 async with w.lock:
                     await w.stop()
             await asyncio.gather(*(stop_one(w) for w in group))
@@ -2498,11 +2553,6 @@ def _match(arb, props):
     return found
 
 
-async def _locked(w, coro_fn):
-    async with w.lock:
-        return await coro_fn()
-
-
 def _one_or_many(arb, props, one, many, nameless):
     """The all/one-watcher fan-out shared by start, stop and restart."""
     if not props.get("name"):
@@ -2511,11 +2561,6 @@ def _one_or_many(arb, props, one, many, nameless):
     if len(found) == 1:
         return one(found[0])
     return many(found)
-
-
-async def _none(coro):
-    await coro
-    return {}
 
 
 # -- watcher lifecycle -------------------------------------------------------------

@@ -1011,3 +1011,27 @@ def test_e2e_env_copy_env_and_wid(daemon, shortdir):
     assert out.read_text() == "wid=1 foo=bar home=none\n"     # no copy_env: only the config env
     (pid,) = d.pids("envy")
     assert "__name__" not in psutil.Process(pid).environ()
+
+
+def test_e2e_on_demand_stdin_socket_and_max_age(daemon, shortdir):
+    d = daemon("""
+        [socket:lazy]
+        host = 127.0.0.1
+        port = 0
+        [watcher:lazy]
+        cmd = %s -c "import socket,sys; s=socket.socket(fileno=0); s.setblocking(True); c,_=s.accept(); c.sendall(b'up'); c.close(); import time; time.sleep(120)"
+        stdin_socket = lazy
+        use_sockets = true
+        on_demand = true
+        [watcher:old]
+        cmd = sleep 120
+        max_age = 1
+        max_age_variance = 0
+        """ % sys.executable)
+    assert d.call("status", name="lazy")["status"] == "stopped"
+    port = d.call("listsockets")["sockets"][0]["port"]
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as c:
+        assert c.recv(10) == b"up"          # the connection started the watcher
+    assert d.call("status", name="lazy")["status"] == "active"
+    first = d.pids("old")
+    wait_for(lambda: d.pids("old") and d.pids("old") != first, what="max_age replacement")
