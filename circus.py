@@ -587,8 +587,8 @@ class WatcherConfig:
 
     def check(self):
         o = self.options
-        if not o.get("cmd"):
-            raise ValueError("'cmd' is required: the command this watcher runs")
+        if o["virtualenv"] and not os.path.isdir(o["virtualenv"]):
+            raise ValueError("virtualenv %r does not exist" % o["virtualenv"])
         if o["singleton"] and o["numprocesses"] > 1:
             raise ValueError("singleton = true allows numprocesses 0 or 1, not %d"
                              % o["numprocesses"])
@@ -721,8 +721,6 @@ def load_config(path: str, environ=None) -> CircusConfig:
         setattr(cfg, key, conv("circus", key, expand(value), _CIRCUS_KEYS[key]))
     if "stats_endpoint" in ini.items("circus"):
         cfg.statsd = True
-    if cfg.check_delay <= 0:
-        cfg.check_delay = 0.0
 
     # sockets, watchers and plugins, sorted by name as Circus does
     import fnmatch
@@ -766,6 +764,10 @@ def load_config(path: str, environ=None) -> CircusConfig:
                 value = expand(value, wtable if "." in key or key not in WATCHER_OPTIONS else table)
             conv(name, key, value, lambda v, k=key: wc.set(k, v))
         wc.env = wenv
+        if not wc.options["cmd"]:
+            wc.options["cmd"] = ""
+            cfg.warnings.append("%s: no 'cmd': this watcher cannot start until one is set"
+                                % ini.where(name))
         try:
             wc.check()
         except ValueError as e:
@@ -783,8 +785,9 @@ def load_config(path: str, environ=None) -> CircusConfig:
         for ref in re.findall(r"circus\.sockets\.([\w.\-]+)", wc.options["cmd"] + " " +
                               str(wc.options["args"] or ""), re.IGNORECASE):
             if ref.lower() not in sockets:
-                raise ConfigError("%s: refers to socket %r but there is no [socket:%s] section"
-                                  % (ini.where("watcher:" + wc.name, "cmd"), ref, ref))
+                cfg.warnings.append("%s: refers to socket %r but there is no [socket:%s] "
+                                    "section; the text is passed on as it is"
+                                    % (ini.where("watcher:" + wc.name, "cmd"), ref, ref))
     return cfg
 
 
@@ -1322,6 +1325,8 @@ class Process:
             extra = args if isinstance(args, str) else " ".join(shlex.quote(a) for a in (args or []))
             return (self.cmd + (" " + extra if extra else ""))
         argv = shlex.split(self.cmd)
+        if not argv:
+            raise ValueError("no command to run: cmd is empty")
         if isinstance(args, str):
             argv += shlex.split(args)
         elif args:
@@ -1570,6 +1575,8 @@ class Watcher:
             config.set("args", args)
         for k, v in options.items():
             config.set(k, v)
+        if config.options["cmd"] is None:
+            raise ValueError("watcher %s: 'cmd' is required: the command it runs" % name)
         self.conf = config.check()
         self.name = name
         self.on_event = on_event
