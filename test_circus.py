@@ -1384,6 +1384,19 @@ def test_library_arbiter_in_callers_loop(tmp_path):
     assert not psutil.pid_exists(pids[0])
 
 
+def test_readme_python_example_runs(tmp_path):
+    text = (HERE / "README.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in text.split("```python\n")[1:]]
+    assert blocks, "README has no python example"
+    for i, code in enumerate(blocks):
+        script = tmp_path / ("example%d.py" % i)
+        script.write_text(code)
+        r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
+                           env=dict(os.environ, PYTHONPATH=str(HERE)), cwd=str(tmp_path))
+        assert r.returncode == 0, r.stderr
+        assert "hello from 1" in r.stdout and "hello from 2" in r.stdout and "pids: [" in r.stderr
+
+
 def test_import_has_no_side_effects():
     code = ("import logging, signal, sys; sys.path.insert(0, %r); import circus;"
             "print(logging.getLogger('circus').handlers, signal.getsignal(signal.SIGTERM) is signal.SIG_DFL,"
