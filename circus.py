@@ -1234,7 +1234,8 @@ class ChildWatcher:
             self._sigchld = False
 
 
-_CHILD_WATCHERS: dict = {}
+import weakref  # noqa: E402  (cheap; keeps per-loop watchers from outliving their loop)
+_CHILD_WATCHERS = weakref.WeakKeyDictionary()
 
 
 def _child_watcher(loop) -> ChildWatcher:
@@ -1595,6 +1596,9 @@ class Watcher:
         self.on_demand_fds = []         # sockets armed to start it (on_demand)
         self._timers: dict = {}         # pid -> max_age timer
         self._env_cache = None
+        self._vars_cache = None
+        self._free_wids: list = []      # heap of wids given back by exited processes
+        self._max_wid = 0
         for which in ("stdout_stream", "stderr_stream"):
             self._check_stream(getattr(config, which))
         for hook in config.hooks.values():
@@ -1692,22 +1696,31 @@ class Watcher:
         return self._env_cache
 
     def _vars(self, wid, fds) -> dict:
-        o = self.conf.options
-        table = {k.lower(): v for k, v in self.conf.free.items()}
-        table.update({k: v for k, v in o.items() if v is not None})
-        table.update({"wid": wid, "use_fds": o["use_sockets"],
-                      "working_dir": o["working_dir"] or os.getcwd()})
-        table.update({"env." + k.lower(): v for k, v in self.env().items()})
-        table.update({"rlimits." + k: v for k, v in self.conf.rlimits.items()})
+        """The ``$(circus.X)`` table for one spawn (the static part is cached)."""
+        if self._vars_cache is None:
+            o = self.conf.options
+            table = {k.lower(): v for k, v in self.conf.free.items()}
+            table.update({k: v for k, v in o.items() if v is not None})
+            table.update({"use_fds": o["use_sockets"], "working_dir": o["working_dir"] or os.getcwd()})
+            table.update({"env." + k.lower(): v for k, v in self.env().items()})
+            table.update({"rlimits." + k: v for k, v in self.conf.rlimits.items()})
+            self._vars_cache = table
+        table = dict(self._vars_cache)
+        table["wid"] = wid
         table.update({"sockets." + k: v for k, v in fds.items()})
         return table
 
     def _next_wid(self) -> int:
-        used = {p.wid for p in self.processes.values()}
-        wid = 1
-        while wid in used:
-            wid += 1
-        return wid
+        """The smallest free worker id (wids of exited processes are reused)."""
+        import heapq
+        if self._free_wids:
+            return heapq.heappop(self._free_wids)
+        self._max_wid += 1
+        return self._max_wid
+
+    def _release_wid(self, wid):
+        import heapq
+        heapq.heappush(self._free_wids, wid)
 
     def _socket_fds(self):
         """fds to pass: every socket with use_sockets, and each one cmd/args names.
@@ -1775,6 +1788,7 @@ class Watcher:
                         on_exit=self._on_exit, watcher_name=self.name)
             p.spawn()
         except (OSError, ValueError, subprocess.SubprocessError) as e:
+            self._release_wid(wid)
             self.last_error = "spawn failed: %s" % (e,)
             _log().error("watcher %s: cannot spawn %r: %s", self.name, o["cmd"], e)
             self._failed_start()
@@ -1848,6 +1862,7 @@ class Watcher:
     def _on_exit(self, p: Process):
         counted = self.processes.pop(p.pid, None) is not None
         self.retiring.pop(p.pid, None)
+        self._release_wid(p.wid)
         timer = self._timers.pop(p.pid, None)
         if timer is not None:
             timer.cancel()
@@ -2027,7 +2042,7 @@ class Watcher:
                 self.conf.set(key, value)
             except ValueError as e:
                 raise MessageError("%s: %s" % (key, e)) from None
-            self._env_cache = None
+            self._env_cache = self._vars_cache = None
             if key in ("cmd", "args", "env", "working_dir", "uid", "gid", "shell", "shell_args",
                        "executable", "copy_env", "copy_path", "max_age", "max_age_variance") \
                     or key.startswith("rlimit_"):

@@ -1695,24 +1695,26 @@ def test_e2e_graceful_timeout_then_sigkill_and_grandchildren(daemon, shortdir):
 def test_e2e_prefork_socket_shared_and_bound_across_restart(daemon, shortdir):
     server = pathlib.Path(shortdir) / "srv.py"
     server.write_text(textwrap.dedent("""\
-        import os, signal, socket, sys
-        state = {"busy": False, "stop": False}
-        def on_term(*_):            # finish the request in hand, then leave
-            if not state["busy"]:
-                os._exit(0)
-            state["stop"] = True
-        signal.signal(signal.SIGTERM, on_term)
+        import os, select, signal, socket, sys
+        # SIGTERM wakes the select(); a request in hand is finished first
+        rfd, wfd = os.pipe()
+        os.set_blocking(wfd, False)
+        signal.set_wakeup_fd(wfd)
+        signal.signal(signal.SIGTERM, lambda *a: None)
         s = socket.socket(fileno=int(sys.argv[1]))
-        s.setblocking(True)
+        s.setblocking(False)
         while True:
-            c, _ = s.accept()
-            state["busy"] = True
+            ready = select.select([s, rfd], [], [])[0]
+            if rfd in ready:
+                os._exit(0)
+            try:
+                c, _ = s.accept()
+            except BlockingIOError:     # another worker took it
+                continue
+            c.setblocking(True)
             c.recv(100)
             c.sendall(b"pid %d" % os.getpid())
             c.close()
-            state["busy"] = False
-            if state["stop"]:
-                os._exit(0)
         """))
     d = daemon("""
         [socket:web]
