@@ -2012,3 +2012,29 @@ def test_e2e_on_demand_stdin_socket_and_max_age(daemon, shortdir):
     assert d.call("status", name="lazy")["status"] == "active"
     first = d.pids("old")
     wait_for(lambda: d.pids("old") and d.pids("old") != first, what="max_age replacement")
+
+
+def test_e2e_uid_gid_rlimits_working_dir(daemon, shortdir):
+    import pwd
+    user = None
+    if os.geteuid() == 0:
+        try:
+            user = pwd.getpwnam("nobody")
+        except KeyError:
+            user = None
+    d = daemon("""
+        [watcher:limited]
+        cmd = sleep 120
+        rlimit_nofile = 123
+        working_dir = %s
+        %s
+        """ % (shortdir, ("uid = nobody" if user else "")))
+    (pid,) = d.pids("limited")
+    p = psutil.Process(pid)
+    limits = pathlib.Path("/proc/%d/limits" % pid).read_text()
+    assert [l.split()[3:5] for l in limits.splitlines() if l.startswith("Max open files")] == [["123", "123"]]
+    if not user:
+        assert p.cwd() == os.path.realpath(shortdir)
+    else:
+        assert p.uids().real == user.pw_uid and p.gids().real == user.pw_gid
+    assert d.call("options", name="limited")["options"]["working_dir"] == shortdir
