@@ -407,7 +407,7 @@ def _args(value):
 #: parser, `add`, `set`, `options` and `get`.
 WATCHER_OPTIONS = {
     "cmd": (str, None),
-    "args": (_args, None),
+    "args": (_args, ""),
     "numprocesses": (to_int, 1),
     "warmup_delay": (_number, 0),
     "executable": (_str_or_none, None),
@@ -420,7 +420,7 @@ WATCHER_OPTIONS = {
     "stop_signal": (to_signum, int(signal.SIGTERM)),
     "stop_children": (to_bool, False),
     "max_retry": (to_int, 5),
-    "graceful_timeout": (_number, 30.0),
+    "graceful_timeout": (to_float, 30.0),
     "priority": (to_int, 0),
     "singleton": (to_bool, False),
     "use_sockets": (to_bool, False),
@@ -466,9 +466,9 @@ def convert_watcher_option(key: str, value):
     Raises ValueError with a readable text.
     """
     if key in WATCHER_OPTIONS:
-        conv = WATCHER_OPTIONS[key][0]
-        if value is None and WATCHER_OPTIONS[key][1] is None:
-            return "opt", key, None
+        conv, default = WATCHER_OPTIONS[key]
+        if value is None and default in (None, ""):
+            return "opt", key, default
         return "opt", key, conv(value)
     for prefix in ("stdout_stream.", "stderr_stream."):
         if key.startswith(prefix):
@@ -547,12 +547,15 @@ class WatcherConfig:
         self.stdout_stream: dict = {}
         self.stderr_stream: dict = {}
         self.free: dict = {}
+        self.added = False              # created by the `add` command
         for k, v in (options or {}).items():
             self.set(k, v)
 
     def set(self, key, value):
         """Apply one option; raises ValueError naming the problem."""
         if key == "env":
+            if isinstance(value, str):      # `env = A=1,B=2` (Circus drops it silently)
+                value = dict(kv.split("=", 1) for kv in value.split(",") if "=" in kv)
             if not isinstance(value, dict):
                 raise ValueError("env must be an object of NAME: value strings")
             self.env = {str(k): str(v) for k, v in value.items()}
@@ -1546,6 +1549,16 @@ _IGNORED_HOOK_FAILURES = {"before_stop", "after_stop", "before_signal", "after_s
 INHERIT = "inherit"
 
 
+#: Signals that mean the program crashed by itself. A quick death by any other
+#: signal (someone's SIGKILL or SIGTERM) is not a failed start: it cannot spin.
+_CRASH_SIGNALS = {getattr(signal, n) for n in ("SIGSEGV", "SIGABRT", "SIGBUS", "SIGILL", "SIGFPE",
+                                                "SIGSYS", "SIGTRAP") if hasattr(signal, n)}
+
+
+def _is_crash(code: int) -> bool:
+    return code >= 0 or -code in _CRASH_SIGNALS
+
+
 def _backoff(failures: int) -> float:
     """Delay before retry n: 0 for the first, then 0.1 s doubling up to 5 s."""
     return 0.0 if failures <= 1 else min(0.1 * 2 ** (failures - 2), 5.0)
@@ -1629,8 +1642,10 @@ class Watcher:
         out = {k: o[k] for k in VISIBLE_OPTIONS if k in o}
         out["working_dir"] = o["working_dir"] or os.getcwd()
         out["env"] = dict(self.conf.env)
-        out["stdout_stream_conf"] = {k: v for k, v in self.conf.stdout_stream.items() if k != "class"}
-        out["stderr_stream_conf"] = {k: v for k, v in self.conf.stderr_stream.items() if k != "class"}
+        for which in ("stdout_stream", "stderr_stream"):
+            conf = {k: v for k, v in getattr(self.conf, which).items() if k != "class"}
+            # Circus shows null for a watcher added without streams, {} for a config one
+            out[which + "_conf"] = None if (not conf and self.conf.added) else conf
         out.update(self.conf.free)
         return dict(sorted(out.items()))
 
@@ -1878,7 +1893,7 @@ class Watcher:
             if not self.processes:
                 asyncio.get_event_loop().create_task(self.stop())
             return
-        if now - p.started < MIN_UPTIME:
+        if now - p.started < MIN_UPTIME and _is_crash(p.returncode):
             self.last_error = "pid %d exited %.2f s after spawning (%s)" % (
                 p.pid, now - p.started, describe_exit(p.returncode))
             self._failed_start()
@@ -2716,7 +2731,9 @@ def cmd_add(arb, props):
     rl = {k[7:]: v for k, v in options.items() if k.startswith("rlimit_")}
     if rl:
         opts["rlimits"] = rl
+    opts.setdefault("warmup_delay", 0.0)
     w = arb.add_watcher(name, cmd, args, opts)
+    w.conf.added = True
     if _prop(props, "start", bool, False):
         async def run():
             info = await _locked(w, w.start)
@@ -2839,7 +2856,7 @@ def cmd_globaloptions(arb, props):
     """The arbiter's options (endpoints, check_delay)."""
     opts = {"endpoint": arb.endpoint, "stats_endpoint": arb.stats_endpoint,
             "pubsub_endpoint": arb.pubsub_endpoint, "check_delay": arb.check_delay,
-            "multicast_endpoint": arb.multicast_endpoint}
+            "multicast_endpoint": arb.multicast_endpoint or ""}
     key = props.get("option")
     if key:
         if key not in opts:
@@ -2893,11 +2910,20 @@ def _fmt_stats(reply):
     return "%s: %s\n" % (reply.get("process"), _info_line(reply.get("info")))
 
 
-_PS_CACHE: dict = {}
+_PS_CACHE: dict = {}      # pid -> psutil.Process, so cpu_percent measures since last time
 
 
-def process_stats(pid: int, children=True) -> dict:
-    """psutil figures for one pid, in Circus's record format."""
+def _children_map() -> dict:
+    """ppid -> [pid] for the whole machine, read once per stats request
+    (psutil's children() rescans every process each time: O(N^2) for N)."""
+    kids: dict = {}
+    for proc in _psutil.process_iter(["ppid"]):
+        kids.setdefault(proc.info["ppid"], []).append(proc.pid)
+    return kids
+
+
+def process_stats(pid: int, kids_of=None) -> dict:
+    """psutil figures for one pid, in Circus's record format (+ its children's)."""
     p = _PS_CACHE.get(pid)
     try:
         if p is None:
@@ -2924,41 +2950,77 @@ def process_stats(pid: int, children=True) -> dict:
             except (_psutil.AccessDenied, IndexError):
                 info["cmdline"] = "N/A"
             info["age"] = time.time() - info["create_time"] if isinstance(info["create_time"], float) else "N/A"
-            kids = p.children() if children else []
-        info["children"] = [process_stats(c.pid, children=False) for c in kids]
+        info["children"] = [process_stats(c) for c in (kids_of or {}).get(pid, ())]
         return info
     except _psutil.NoSuchProcess:
         _PS_CACHE.pop(pid, None)
         return "No such process (stopped?)"
 
 
-def _watcher_stats(w, extended=False):
-    out = {}
-    live = set()
-    for pid, p in w.processes.items():
-        info = process_stats(pid)
-        if isinstance(info, dict):
-            info.update(started=p.started, wid=p.wid, age=time.time() - p.started)
-            if extended:
-                w.call_hook("extended_stats", pid=pid, stats=info)
-        out[str(pid)] = info
-        live.add(pid)
-    return out
+class _Await:
+    """A command result the reply always waits for (a read done off the loop)."""
+
+    def __init__(self, awaitable):
+        self.awaitable = awaitable
+
+
+def _stats_off_loop(watchers, extended):
+    """Run psutil in a worker thread so respawns and commands never wait for it.
+
+    Returns {watcher: {pid: info}}; extended_stats hooks then run on the loop.
+    """
+    snapshot = [(w, [(pid, p.started, p.wid) for pid, p in w.processes.items()]) for w in watchers]
+
+    def compute():
+        kids_of = _children_map()
+        out = []
+        for w, procs in snapshot:
+            infos = {}
+            for pid, started, wid in procs:
+                info = process_stats(pid, kids_of)
+                if isinstance(info, dict):
+                    info.update(started=started, wid=wid, age=time.time() - started)
+                infos[pid] = info
+            out.append((w, infos))
+        keep = {pid for _, procs in snapshot for pid, _, _ in procs} | {os.getpid()}
+        keep |= {c for pid in list(keep) for c in kids_of.get(pid, ())}
+        if len(watchers) > 1 or len(_PS_CACHE) > 4 * len(keep) + 64:   # forget the dead
+            for pid in list(_PS_CACHE):
+                if pid not in keep:
+                    _PS_CACHE.pop(pid, None)
+        return out
+
+    async def run():
+        result = await asyncio.get_running_loop().run_in_executor(None, compute)
+        if extended:
+            for w, infos in result:
+                for pid, info in infos.items():
+                    if isinstance(info, dict):
+                        w.call_hook("extended_stats", pid=pid, stats=info)
+        return {w: {str(pid): info for pid, info in infos.items()} for w, infos in result}
+    return run()
 
 
 @command("stats", "[name] [process] [--extended]", _fmt_stats)
 def cmd_stats(arb, props):
     """CPU, memory and age of the processes (all, one watcher, or one pid)."""
     extended = _prop(props, "extended", bool, False)
-    if props.get("name"):
-        w = _watcher(arb, props)
-        pid = _prop(props, "process", int)
+    if not props.get("name"):
+        async def every():
+            stats = await _stats_off_loop(arb.watchers, extended)
+            return {"infos": {w.name: infos for w, infos in stats.items()}}
+        return _Await(every())
+    w = _watcher(arb, props)
+    pid = _prop(props, "process", int)
+    if pid is not None and pid not in w.processes:
+        raise MessageError("process %s not found in %r" % (pid, w.name))
+
+    async def one():
+        infos = (await _stats_off_loop([w], extended))[w]
         if pid is not None:
-            if pid not in w.processes:
-                raise MessageError("process %s not found in %r" % (pid, w.name))
-            return {"process": pid, "info": _watcher_stats(w, extended)[str(pid)]}
-        return {"name": props["name"], "info": _watcher_stats(w, extended)}
-    return {"infos": {w.name: _watcher_stats(w, extended) for w in arb.watchers}}
+            return {"process": pid, "info": infos[str(pid)]}
+        return {"name": props["name"], "info": infos}
+    return _Await(one())
 
 
 def _fmt_dstats(reply):
@@ -2974,8 +3036,7 @@ def _fmt_dstats(reply):
 @command("dstats", "", _fmt_dstats)
 def cmd_dstats(arb, props):
     """CPU and memory of the daemon itself."""
-    info = process_stats(os.getpid(), children=False)
-    info["children"] = []
+    info = process_stats(os.getpid())
     return {"info": info}
 
 
@@ -3112,7 +3173,9 @@ async def dispatch(arbiter, body: bytes):
         if not isinstance(props, dict):
             raise MessageError("'properties' should be an object")
         result = cmd.run(arbiter, props)
-        if asyncio.iscoroutine(result):
+        if isinstance(result, _Await):
+            result = await result.awaitable
+        elif asyncio.iscoroutine(result):
             if props.get("waiting") is True or props.get("waiting") in ("true", "True", 1):
                 result = await result
             else:
@@ -3327,6 +3390,16 @@ class UsageError(CircusError):
 
 
 _INT_PROPS = {"nb", "pid", "process", "childpid"}
+# circusctl's own words for a wrong argument count, and the commands that
+# ignore extra words; everything else says "Invalid number of arguments".
+_ARGCOUNT_TEXT = {"options": "number of arguments invalid", "status": "message invalid",
+                  "numprocesses": "message invalid", "stats": "message invalid"}
+_EXTRA_IGNORED = {"options", "globaloptions", "listsockets", "dstats"}
+_SET_KEYS = {"numprocesses", "warmup_delay", "working_dir", "uid", "gid", "send_hup",
+             "stop_signal", "stop_children", "shell", "copy_env", "env", "cmd", "args",
+             "retry_in", "max_retry", "graceful_timeout", "max_age", "max_age_variance",
+             "respawn", "singleton", "close_child_stdin", "close_child_stdout",
+             "close_child_stderr", "hooks"}
 # `set` values are converted as circusctl does, so a real circusd accepts them.
 _SET_INT = {"numprocesses", "max_retry", "max_age", "max_age_variance",
             "stdout_stream.max_bytes", "stdout_stream.backup_count",
@@ -3337,6 +3410,8 @@ _SET_BOOL = {"send_hup", "shell", "copy_env", "respawn", "stop_children", "close
 
 
 def _set_value(key, value):
+    if key not in _SET_KEYS and not key.startswith(("stdout_stream.", "stderr_stream.", "rlimit_")):
+        raise UsageError("unknown key %r" % key)
     try:
         if key in _SET_INT or key.startswith("rlimit_"):
             return to_int(value)
@@ -3374,10 +3449,12 @@ def build_request(name: str, words: list) -> dict:
     pos_spec = [s for s in spec if not s.strip("[]").startswith("--")]
     required = [s for s in pos_spec if not s.startswith("[")]
     props: dict = {}
-    extra = len(positional) - len(required)
     rest = [s for s in pos_spec if s.endswith(("...", "+", "...]"))]
+    if name in _EXTRA_IGNORED and not rest:
+        positional = positional[:len(pos_spec)]
+    extra = len(positional) - len(required)
     if extra < 0 or (extra > len(pos_spec) - len(required) and not rest):
-        raise UsageError("Invalid number of arguments. usage: ctl %s %s" % (name, cmd.usage))
+        raise UsageError(_ARGCOUNT_TEXT.get(name, "Invalid number of arguments"))
     it = iter(positional)
     for s in pos_spec:
         key = s.strip("[]").rstrip(".+")
@@ -3385,8 +3462,8 @@ def build_request(name: str, words: list) -> dict:
         if s.endswith(("...", "+", "...]")):
             vals = list(it)
             if key == "options":
-                if len(vals) % 2:
-                    raise UsageError("set needs KEY VALUE pairs")
+                if len(vals) % 2 or not vals:
+                    raise UsageError("Invalid number of arguments")
                 props["options"] = {vals[i].lower(): _set_value(vals[i].lower(), vals[i + 1])
                                     for i in range(0, len(vals), 2)}
             elif key == "cmd":
@@ -3501,7 +3578,7 @@ def ctl_main(argv) -> int:
     try:
         request = build_request(name, args)
     except UsageError as e:
-        err.write("error: %s\n" % e)
+        err.write("%s\n" % e)
         return e.code
     try:
         with Client(endpoint or DEFAULT_ENDPOINT, timeout) as client:
@@ -3517,7 +3594,10 @@ def ctl_main(argv) -> int:
         out.write((json.dumps(reply, indent=2, sort_keys=True) if pretty else json.dumps(reply)) + "\n")
         return 0
     if reply.get("status") == "error":
-        err.write("error: %s\n" % reply.get("reason"))
+        # circusctl's words: `status NAME` says just "error", globaloptions the bare reason
+        text = {"status": "error", "globaloptions": reply.get("reason")}.get(
+            name, "error: %s" % reply.get("reason"))
+        err.write("%s\n" % text)
         return 3
     out.write(COMMANDS[name].fmt(reply) + "\n")
     return 0
