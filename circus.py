@@ -3355,8 +3355,11 @@ class Client:
         self.send({"command": command, "properties": props, "msg_type": "cast"})
 
 
-def subscribe(endpoint: str = DEFAULT_PUBSUB, topics=(b"",), timeout=None):
-    """Yield ``(topic, payload)`` events from a pub/sub endpoint, forever or until timeout."""
+def subscribe(endpoint: str = DEFAULT_PUBSUB, topics=(b"",), timeout=None, raw=False):
+    """Yield ``(topic, payload)`` events from a pub/sub endpoint, forever or until timeout.
+
+    With ``raw`` the two frames are yielded as they came (bytes, bytes).
+    """
     import zmq
     ctx = zmq.Context()
     sock = ctx.socket(zmq.SUB)
@@ -3369,7 +3372,9 @@ def subscribe(endpoint: str = DEFAULT_PUBSUB, topics=(b"",), timeout=None):
             if timeout is not None and not sock.poll(timeout * 1000):
                 return
             frames = sock.recv_multipart()
-            if len(frames) == 2:
+            if len(frames) == 2 and raw:
+                yield frames[0], frames[1]
+            elif len(frames) == 2:
                 try:
                     yield frames[0].decode(), json.loads(frames[1])
                 except ValueError:
@@ -3513,8 +3518,8 @@ def _command_help(name) -> str:
 
 
 def _listen(endpoint, topics, out):
-    for topic, payload in subscribe(endpoint, [t.encode() for t in topics] or [b""]):
-        out.write("%r: %r\n" % (topic.encode(), json.dumps(payload).encode()))
+    for topic, body in subscribe(endpoint, [t.encode() for t in topics] or [b""], raw=True):
+        out.write("%r: %r\n" % (topic, body))      # circusctl prints the bytes reprs
         out.flush()
 
 

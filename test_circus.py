@@ -1762,6 +1762,63 @@ def test_e2e_prefork_socket_shared_and_bound_across_restart(daemon, shortdir):
     assert set(d.pids("web")).isdisjoint(pids)
 
 
+def test_e2e_unix_and_ipv6_sockets_fd_stable_and_listen(daemon, shortdir):
+    path = pathlib.Path(shortdir) / "app.sock"
+    has_v6 = socket.has_ipv6
+    if has_v6:
+        try:
+            with socket.socket(socket.AF_INET6) as s:
+                s.bind(("::1", 0))
+        except OSError:
+            has_v6 = False
+    d = daemon("""
+        [socket:unix]
+        path = %s
+        umask = 077
+        [socket:six]
+        host = %s
+        port = 0
+        family = %s
+        [watcher:w]
+        cmd = sleep 120
+        use_sockets = true
+        numprocesses = 3
+        """ % (path, "::1" if has_v6 else "127.0.0.1", "AF_INET6" if has_v6 else "AF_INET"))
+    socks = {s["name"]: s for s in d.call("listsockets")["sockets"]}
+    assert socks["unix"]["path"] == str(path) and oct(path.stat().st_mode & 0o777) == oct(0o700)
+    assert socks["six"]["port"] > 0
+    with socket.socket(socket.AF_UNIX) as c:
+        c.connect(str(path))                # bound and listening
+    # every worker holds both sockets, inherited at their fd numbers
+    for pid in d.pids("w"):
+        fds = {fd.fd for fd in psutil.Process(pid).open_files()} | set(
+            int(x) for x in os.listdir("/proc/%d/fd" % pid))
+        assert {socks["unix"]["fd"], socks["six"]["fd"]} <= fds
+    # `ctl listen` prints events as circusctl does
+    listen = subprocess.Popen([sys.executable, str(CIRCUS_PY), "ctl", "--endpoint", d.pubsub, "listen"],
+                              stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        ev = subscribe_ready(d)             # once our own subscriber gets events, so does listen's
+        ev.close()
+        # respawns leave no fd behind in the daemon
+        daemon_proc = psutil.Process(d.proc.pid)
+        before = daemon_proc.num_fds()
+        for _ in range(20):
+            victim = d.pids("w")[0]
+            os.kill(victim, signal.SIGKILL)
+            wait_for(lambda: victim not in d.pids("w") and len(d.pids("w")) == 3, what="respawn")
+        assert daemon_proc.num_fds() == before
+        import select
+        assert select.select([listen.stdout], [], [], TIMEOUT)[0], "ctl listen printed nothing"
+        line = listen.stdout.readline()
+        assert line.startswith("b'watcher.") and "': b'{" in line
+    finally:
+        os.killpg(listen.pid, signal.SIGKILL)
+        listen.wait(TIMEOUT)
+    d.stop()
+    assert not path.exists()                # the unix socket file is removed at exit
+
+
 def test_e2e_file_stream_no_line_lost(daemon, shortdir):
     out = pathlib.Path(shortdir) / "out.log"
     err = pathlib.Path(shortdir) / "err.log"
