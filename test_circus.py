@@ -1798,21 +1798,34 @@ def test_e2e_unix_and_ipv6_sockets_fd_stable_and_listen(daemon, shortdir):
     listen = subprocess.Popen([sys.executable, str(CIRCUS_PY), "ctl", "--endpoint", d.pubsub, "listen"],
                               stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        ev = subscribe_ready(d)             # once our own subscriber gets events, so does listen's
+        ev = subscribe_ready(d)
         ev.close()
-        # respawns leave no fd behind in the daemon
+        import select
+        wait_for(lambda: d.call("incr", name="w", waiting=True) and
+                 select.select([listen.stdout], [], [], 0.2)[0], what="ctl listen to print an event")
+        line = listen.stdout.readline()
+        assert line.startswith("b'watcher.") and "': b'{" in line
+        d.call("set", name="w", options={"numprocesses": 3}, waiting=True)
+        # respawns leave no fd behind in the daemon (every subscriber is connected by now)
         daemon_proc = psutil.Process(d.proc.pid)
-        before = daemon_proc.num_fds()
+        wait_for(lambda: len(d.pids("w")) == 3, what="3 processes")
+        def fd_links():
+            out = {}
+            for fd in os.listdir("/proc/%d/fd" % d.proc.pid):
+                try:
+                    out[int(fd)] = os.readlink("/proc/%d/fd/%s" % (d.proc.pid, fd))
+                except OSError:
+                    pass
+            return out
+        before_links = fd_links()
+        before = len(before_links)
         for _ in range(20):
             victim = d.pids("w")[0]
             os.kill(victim, signal.SIGKILL)
             wait_for(lambda: victim not in d.pids("w") and len(d.pids("w")) == 3, what="respawn")
         # (client connections close asynchronously: wait for the count to settle)
-        wait_for(lambda: daemon_proc.num_fds() <= before, what="fd count back to %d" % before)
-        import select
-        assert select.select([listen.stdout], [], [], TIMEOUT)[0], "ctl listen printed nothing"
-        line = listen.stdout.readline()
-        assert line.startswith("b'watcher.") and "': b'{" in line
+        wait_for(lambda: daemon_proc.num_fds() <= before, what=lambda: "fd count back to %d: new %r" % (
+            before, {k: v for k, v in fd_links().items() if before_links.get(k) != v}))
     finally:
         os.killpg(listen.pid, signal.SIGKILL)
         listen.wait(TIMEOUT)
