@@ -37,6 +37,7 @@ import re
 import signal
 import sys
 import time
+import weakref
 
 __version__ = "0.1.0"
 #: The Circus release whose protocol and config format we speak.
@@ -329,6 +330,7 @@ class IniFile:
                 raise ConfigError("%s: not UTF-8 text (%s)" % (path, e.reason)) from None
         self.files.append(path)
         section = key = None
+        sv = False
         for lineno, raw in enumerate(text.splitlines(), 1):
             line = raw.rstrip()
             stripped = line.strip()
@@ -344,6 +346,7 @@ class IniFile:
                 name = m.group("name").strip()
                 section = self.sections.setdefault(name, {})
                 key = None
+                sv = is_supervisor_section(name)
                 section.setdefault("__where__", (None, _Where(path, lineno, name)))
                 continue
             if section is None:
@@ -354,12 +357,16 @@ class IniFile:
                 raise ConfigError("%s:%d: cannot parse %r (expected 'key = value')"
                                   % (path, lineno, stripped))
             key = m.group("key")
-            value = _strip_inline_comment(m.group("value"))
-            if value == '""':
-                value = ""
-            if key in section:        # first definition wins, as in Circus
-                key = None
-                continue
+            if sv:      # Supervisor's dialect: keys lower-cased, `#` comments too, last one wins
+                key = key.lower()
+                value = _strip_inline_comment(m.group("value"), "#;")
+            else:
+                value = _strip_inline_comment(m.group("value"))
+                if value == '""':
+                    value = ""
+                if key in section:        # first definition wins, as in Circus
+                    key = None
+                    continue
             section[key] = (value, _Where(path, lineno, self._section_name(section), key))
 
     def _section_name(self, section):
@@ -377,9 +384,18 @@ class IniFile:
         return _Where(w.file, w.line, name, key)
 
 
-def _strip_inline_comment(value: str) -> str:
-    m = re.search(r"\s;", value)
+def _strip_inline_comment(value: str, chars=";") -> str:
+    m = re.search(r"\s[%s]" % chars, value)
     return (value[:m.start()] if m else value).strip()
+
+
+_SV_PREFIXES = ("program:", "group:", "fcgi-program:", "eventlistener:", "rpcinterface:",
+                "ctlplugin:", "unix_http_server", "inet_http_server")
+
+
+def is_supervisor_section(name: str) -> bool:
+    """Sections of Supervisor's format (read with its dialect and translated)."""
+    return name in ("supervisord", "supervisorctl", "include") or name.startswith(_SV_PREFIXES)
 
 
 def _number(value):
@@ -438,6 +454,14 @@ WATCHER_OPTIONS = {
     "virtualenv_py_ver": (_str_or_none, None),
     "stdin_socket": (_str_or_none, None),
     "check_flapping": (to_bool, True),
+    # Supervisor semantics (set by [program:x]; usable in [watcher:x] too)
+    "startsecs": (lambda v: None if v is None else to_float(v), None),
+    "autorestart": (lambda v: None if v is None else parse_autorestart(v), None),
+    "exitcodes": (lambda v: v if isinstance(v, list) else parse_exitcodes(v), [0]),
+    "stopasgroup": (to_bool, False),
+    "killasgroup": (to_bool, False),
+    "redirect_stderr": (to_bool, False),
+    "umask": (lambda v: None if v is None else (v if isinstance(v, int) else parse_octal(v)), None),
 }
 
 #: The options `options`/`get` show, as circusd 0.19 does (plus free-form keys).
@@ -540,7 +564,7 @@ class WatcherConfig:
 
     def __init__(self, name: str, options: dict | None = None):
         self.name = name
-        self.options = {k: d for k, (c, d) in WATCHER_OPTIONS.items()}
+        self.options = {k: list(d) if isinstance(d, list) else d for k, (c, d) in WATCHER_OPTIONS.items()}
         self.env: dict = {}
         self.hooks: dict = {}
         self.rlimits: dict = {}
@@ -548,6 +572,7 @@ class WatcherConfig:
         self.stderr_stream: dict = {}
         self.free: dict = {}
         self.added = False              # created by the `add` command
+        self.group = None               # Supervisor group name ([program:x] / [group:x])
         for k, v in (options or {}).items():
             self.set(k, v)
 
@@ -635,6 +660,9 @@ class CircusConfig:
         self.logoutput = None
         self.loggerconfig = None
         self.fqdn_prefix = None
+        self.minfds = None              # [supervisord] minfds: raise RLIMIT_NOFILE to it
+        self.directory = None           # [supervisord] directory: chdir at start
+        self.user = None                # [supervisord] user: drop privileges at start
         self.sockets: list = []
         self.watchers: list = []
         self.plugins: list = []
@@ -661,7 +689,7 @@ _SOCKET_KEYS = ("host", "port", "family", "type", "proto", "backlog", "path", "u
                 "replace", "so_reuseport", "blocking", "interface")
 
 
-def _read_with_includes(path: str) -> IniFile:
+def _read_with_includes(path: str, environ) -> IniFile:
     import glob
     ini = IniFile()
     ini.read(path)
@@ -670,6 +698,11 @@ def _read_with_includes(path: str) -> IniFile:
     patterns = main.get("include", "").split()
     for d in main.get("include_dir", "").split():
         patterns.append(os.path.join(d, "*.ini"))
+    if "files" in ini.items("include"):      # Supervisor's [include] files = globs
+        import platform
+        names = _sv_env_names(environ)
+        names.update(here=base, host_node_name=platform.node())
+        patterns += sv_expand(ini.items("include")["files"], names, ini.where("include", "files")).split()
     for pat in patterns:
         full = pat if os.path.isabs(pat) else os.path.join(base, pat)
         found = sorted(glob.glob(full))
@@ -687,7 +720,7 @@ def load_config(path: str, environ=None) -> CircusConfig:
     Raises ConfigError with one line naming file, section, key and the fix.
     """
     environ = dict(os.environ if environ is None else environ)
-    ini = _read_with_includes(path)
+    ini = _read_with_includes(path, environ)
     cfg = CircusConfig(os.path.abspath(path))
     names = list(ini.sections)
 
@@ -780,8 +813,11 @@ def load_config(path: str, environ=None) -> CircusConfig:
         items = ini.items(name)
         if items:
             cfg.plugins.append((name[7:], {k: expand(v) for k, v in items.items()}))
+    if any(is_supervisor_section(n) for n in names):
+        load_supervisor_sections(ini, cfg, environ, seen)
     for name in names:
-        if name != "circus" and not name.startswith(("socket:", "watcher:", "plugin:", "env")):
+        if name != "circus" and not name.startswith(("socket:", "watcher:", "plugin:", "env")) \
+                and not is_supervisor_section(name):
             cfg.warnings.append("%s: unknown section, ignored" % ini.where(name))
     sockets = {s.name for s in cfg.sockets}
     for wc in cfg.watchers:
@@ -792,6 +828,367 @@ def load_config(path: str, environ=None) -> CircusConfig:
                                     "section; the text is passed on as it is"
                                     % (ini.where("watcher:" + wc.name, "cmd"), ref, ref))
     return cfg
+
+
+# -- 4b. Supervisor's format: [program:x] and friends, translated to watchers --
+
+_SV_FORMAT = re.compile(r"%(%|\((?P<name>[^)]*)\)(?P<spec>[-#0 +]*\d*(?:\.\d+)?[diouxXeEfFgGcrsa])|)")
+
+
+def sv_expand(value: str, names: dict, where) -> str:
+    """Supervisor's ``%(name)s`` expansion, with its rules made strict.
+
+    ``%%`` is a percent sign; ``%(name)X`` a lookup; any other ``%`` is an
+    error (Supervisor silently formats a bare ``%s`` with its whole table).
+    """
+    def sub(m):
+        if m.group(1) == "%":
+            return "%"
+        name = m.group("name")
+        if name is None:
+            raise ConfigError("%s: stray '%%' in %r: write %%%% for a percent sign" % (where, value))
+        if name not in names:
+            avail = ", ".join(sorted(k for k in names if not k.startswith("ENV_"))) + ", ENV_*"
+            raise ConfigError("%s: unknown name %%(%s) in %r (available here: %s)"
+                              % (where, name, value, avail))
+        try:
+            return ("%" + m.group("spec")) % (names[name],)
+        except (TypeError, ValueError) as e:
+            raise ConfigError("%s: %%(%s)%s: %s" % (where, name, m.group("spec"), e)) from None
+    return _SV_FORMAT.sub(sub, value)
+
+
+def _sv_env_names(environ) -> dict:
+    return {"ENV_" + k: v for k, v in environ.items()}
+
+
+_SV_ENV_WORD = re.compile(r"[\w/.+\-():]*")
+
+
+def parse_sv_environment(text: str, where) -> dict:
+    """``KEY=val,KEY2="a b"`` as Supervisor means it.
+
+    Where Supervisor's tokenizer silently mangles a value (an unquoted space,
+    ``$``, ``?``, ``@``, ``=``, a backslash in quotes, ``"x"y``), this stops
+    with a line saying how to quote it instead.
+    """
+    out, pos, n = {}, 0, len(text)
+
+    def fail(why):
+        raise ConfigError("%s: environment %r: %s" % (where, text, why))
+    while True:
+        while pos < n and text[pos] in " \t\n":
+            pos += 1
+        if pos >= n:
+            return out
+        m = re.compile(r"[A-Za-z_][\w.]*").match(text, pos)
+        if not m:
+            fail("expected KEY=value at %r" % text[pos:pos + 20])
+        key, pos = m.group(0), m.end()
+        if pos >= n or text[pos] != "=":
+            fail("%s has no '=value' (write KEY=value, pairs separated by commas)" % key)
+        pos += 1
+        if pos < n and text[pos] in "\"'":
+            q = text[pos]
+            end = text.find(q, pos + 1)
+            if end < 0:
+                fail("unclosed %s quote in %s's value" % (q, key))
+            value = text[pos + 1:end]
+            if "\\" in value:
+                fail("a backslash in %s's quoted value is read differently by Supervisor "
+                     "4.3 and 4.4; avoid it" % key)
+            pos = end + 1
+        else:
+            value = _SV_ENV_WORD.match(text, pos).group(0)
+            pos += len(value)
+            if not value:
+                fail("%s= has no value (write %s=\"\" for an empty one)" % (key, key))
+        rest = text[pos:].lstrip(" \t\n")
+        if rest and rest[0] not in ",;":
+            fail("after %s=%s comes %r, which Supervisor would silently drop or mangle: quote "
+                 "the value (%s=\"...\") and separate pairs with commas" % (key, value, rest[:12], key))
+        out[key] = value
+        pos = n - len(rest) + (1 if rest else 0)
+
+
+def parse_byte_size(value) -> int:
+    m = re.match(r"^\s*(\d+)\s*(KB|MB|GB)?\s*$", str(value), re.IGNORECASE)
+    if not m:
+        raise ValueError("%r is not a size (use digits with an optional KB, MB or GB)" % (value,))
+    return int(m.group(1)) * {None: 1, "KB": 1024, "MB": 1024 ** 2, "GB": 1024 ** 3}[
+        (m.group(2) or "").upper() or None]
+
+
+def parse_exitcodes(value) -> list:
+    codes = []
+    for part in str(value).split(","):
+        part = part.strip()
+        if part:
+            code = to_int(part)
+            if not 0 <= code <= 255:
+                raise ValueError("exit code %d is not in 0..255" % code)
+            codes.append(code)
+    return codes
+
+
+def parse_autorestart(value) -> str:
+    text = str(value).strip().lower()
+    if text == "unexpected":
+        return text
+    return "true" if to_bool(text) else "false"
+
+
+_SV_LOGLEVELS = {"critical": "critical", "error": "error", "warn": "warning", "info": "info",
+                 "debug": "debug", "trace": "debug", "blather": "debug"}
+
+_SV_PROGRAM_KEYS = {
+    "command", "process_name", "numprocs", "numprocs_start", "priority", "autostart", "startsecs",
+    "startretries", "autorestart", "exitcodes", "stopsignal", "stopwaitsecs", "stopasgroup",
+    "killasgroup", "user", "redirect_stderr", "environment", "directory", "umask", "serverurl",
+    "stdout_logfile", "stdout_logfile_maxbytes", "stdout_logfile_backups", "stdout_capture_maxbytes",
+    "stdout_events_enabled", "stdout_syslog", "stderr_logfile", "stderr_logfile_maxbytes",
+    "stderr_logfile_backups", "stderr_capture_maxbytes", "stderr_events_enabled", "stderr_syslog",
+    # fcgi-program
+    "socket", "socket_backlog", "socket_owner", "socket_mode",
+}
+#: Keys read once per section (no %(process_num)); the others are per process.
+_SV_PER_SECTION = {"priority", "autostart", "autorestart", "startsecs", "startretries", "stopsignal",
+                   "stopwaitsecs", "stopasgroup", "killasgroup", "exitcodes", "redirect_stderr",
+                   "numprocs", "numprocs_start", "user", "umask", "serverurl",
+                   "stdout_capture_maxbytes", "stderr_capture_maxbytes", "stdout_events_enabled",
+                   "stderr_events_enabled"}
+_SV_IGNORED = {
+    "unix_http_server": "circus.py is controlled over ZeroMQ ([circus] endpoint), not XML-RPC",
+    "inet_http_server": "circus.py is controlled over ZeroMQ ([circus] endpoint), not XML-RPC",
+    "supervisorctl": "use `python circus.py ctl` (see README, Coming from Supervisor)",
+    "rpcinterface:": "there is no XML-RPC interface",
+    "ctlplugin:": "supervisorctl plugins do not apply to ctl",
+    "eventlistener:": "event listeners are not supported; subscribe to the pub/sub channel instead",
+}
+
+
+def load_supervisor_sections(ini: IniFile, cfg: CircusConfig, environ, seen: dict) -> None:
+    """Translate Supervisor sections into cfg (watchers, sockets, globals)."""
+    import platform
+    main_dir = os.path.dirname(cfg.path)
+    host = platform.node()
+    names = _sv_env_names(environ)
+
+    def here_of(section, key=None):
+        w = ini.where(section, key)
+        return os.path.dirname(os.path.abspath(w.file)) if w.file not in (None, "?") else main_dir
+
+    def value(section, key, extra, default=None):
+        items = ini.items(section)
+        if key not in items:
+            return default
+        table = dict(names)
+        table["here"] = here_of(section, key)
+        table.update(extra)
+        return sv_expand(items[key], table, ini.where(section, key))
+
+    def conv(section, key, raw, func):
+        try:
+            return func(raw)
+        except (ValueError, TypeError) as e:
+            raise ConfigError("%s: %s" % (ini.where(section, key), e)) from None
+
+    # [supervisord]
+    sv_env = {}
+    if "supervisord" in ini.sections:
+        sd = "supervisord"
+        env_text = value(sd, "environment", {})
+        if env_text:
+            sv_env = parse_sv_environment(env_text, ini.where(sd, "environment"))
+            names.update({"ENV_" + k: v for k, v in sv_env.items()})
+        logfile = value(sd, "logfile", {})
+        if logfile and cfg.logoutput is None:
+            cfg.logoutput = "syslog:///dev/log?daemon" if logfile.lower() == "syslog" else \
+                os.path.abspath(os.path.expanduser(logfile))
+        pidfile = value(sd, "pidfile", {})
+        if pidfile and cfg.pidfile is None:
+            cfg.pidfile = os.path.abspath(os.path.expanduser(pidfile))
+        level = value(sd, "loglevel", {})
+        if level and cfg.loglevel is None:
+            if level.lower() not in _SV_LOGLEVELS:
+                raise ConfigError("%s: loglevel %r: use critical, error, warn, info, debug, trace or "
+                                  "blather" % (ini.where(sd, "loglevel"), level))
+            cfg.loglevel = _SV_LOGLEVELS[level.lower()]
+        umask = value(sd, "umask", {})
+        if umask and cfg.umask is None:
+            cfg.umask = conv(sd, "umask", umask, parse_octal)
+        minfds = value(sd, "minfds", {})
+        if minfds:
+            cfg.minfds = conv(sd, "minfds", minfds, to_int)
+        directory = value(sd, "directory", {})
+        if directory:
+            cfg.directory = os.path.expanduser(directory)
+        user = value(sd, "user", {})
+        if user:
+            conv(sd, "user", user, lambda u: resolve_user(u, None))
+            cfg.user = user
+        nodaemon = value(sd, "nodaemon", {})
+        if nodaemon:
+            conv(sd, "nodaemon", nodaemon, to_bool)
+        for key in ini.items(sd):
+            if key not in ("environment", "logfile", "pidfile", "loglevel", "umask", "minfds",
+                           "directory", "user", "nodaemon", "logfile_maxbytes", "logfile_backups",
+                           "silent", "minprocs", "nocleanup", "childlogdir", "strip_ansi", "identifier"):
+                cfg.warnings.append("%s: unknown [supervisord] key, ignored" % ini.where(sd, key))
+    childlogdir = value("supervisord", "childlogdir", {}) if "supervisord" in ini.sections else None
+    childlogdir = childlogdir or __import__("tempfile").gettempdir()
+
+    for name in ini.sections:
+        for prefix, why in _SV_IGNORED.items():
+            if name == prefix or (prefix.endswith(":") and name.startswith(prefix)) or \
+                    (not prefix.endswith(":") and name.startswith(prefix)):
+                cfg.warnings.append("%s: ignored: %s" % (ini.where(name), why))
+
+    # [group:x] programs = a,b
+    group_of, group_prio = {}, {}
+    for name in ini.sections:
+        if name.startswith("group:"):
+            gname = name[6:].strip()
+            prio = value(name, "priority", {"group_name": gname})
+            group_prio[gname] = conv(name, "priority", prio, to_int) if prio else 999
+            for prog in (value(name, "programs", {"group_name": gname}) or "").split(","):
+                prog = prog.strip()
+                if not prog:
+                    continue
+                if "program:" + prog not in ini.sections and "fcgi-program:" + prog not in ini.sections:
+                    raise ConfigError("%s: programs: no [program:%s] section" % (ini.where(name, "programs"), prog))
+                group_of.setdefault(prog, []).append(gname)
+
+    for name in ini.sections:
+        fcgi = name.startswith("fcgi-program:")
+        if not (name.startswith("program:") or fcgi):
+            continue
+        pname = name.split(":", 1)[1].strip()
+        if not pname or re.search(r"[\s:/]", pname):
+            raise ConfigError("%s: a program name cannot be empty or contain spaces, ':' or '/'"
+                              % ini.where(name))
+        for key in ini.items(name):
+            if key not in _SV_PROGRAM_KEYS:
+                cfg.warnings.append("%s: unknown program key, ignored" % ini.where(name, key))
+        for gname in group_of.get(pname, [pname]):
+            _sv_program(ini, cfg, name, pname, gname, group_prio.get(gname), fcgi, sv_env,
+                        names, host, childlogdir, value, conv, seen)
+
+
+def _sv_program(ini, cfg, section, pname, gname, gprio, fcgi, sv_env, names, host, childlogdir,
+                value, conv, seen):
+    base = {"program_name": pname, "group_name": gname, "host_node_name": host}
+    get = lambda key, default=None: value(section, key, base, default)  # noqa: E731
+    items = ini.items(section)
+    if "command" not in items:
+        raise ConfigError("%s: 'command' is required" % ini.where(section))
+    numprocs = conv(section, "numprocs", get("numprocs", "1"), to_int)
+    start = conv(section, "numprocs_start", get("numprocs_start", "0"), to_int)
+    template = items.get("process_name", "%(program_name)s")
+    if numprocs > 1 and "%(process_num)" not in template:
+        raise ConfigError("%s: numprocs = %d needs %%(process_num) in process_name, e.g. "
+                          "process_name = %%(program_name)s_%%(process_num)02d"
+                          % (ini.where(section, "process_name"), numprocs))
+    startsecs = conv(section, "startsecs", get("startsecs", "1"), to_int)
+    startretries = conv(section, "startretries", get("startretries", "3"), to_int)
+    stopasgroup = conv(section, "stopasgroup", get("stopasgroup", "false"), to_bool)
+    killasgroup = conv(section, "killasgroup", get("killasgroup", str(stopasgroup)), to_bool)
+    if stopasgroup and not killasgroup:
+        raise ConfigError("%s: stopasgroup = true needs killasgroup = true (or leave it out)"
+                          % ini.where(section, "killasgroup"))
+    prio = conv(section, "priority", get("priority", "999"), to_int)
+    common = {
+        # Supervisor starts the lowest priority first, Circus the highest: negate
+        "priority": -(gprio if gprio is not None and gname != pname else prio),
+        "autostart": conv(section, "autostart", get("autostart", "true"), to_bool),
+        "startsecs": startsecs,
+        "max_retry": startretries + 1,
+        "autorestart": conv(section, "autorestart", get("autorestart", "unexpected"), parse_autorestart),
+        "exitcodes": conv(section, "exitcodes", get("exitcodes", "0"), parse_exitcodes),
+        "stop_signal": conv(section, "stopsignal", get("stopsignal", "TERM"), to_signum),
+        "graceful_timeout": conv(section, "stopwaitsecs", get("stopwaitsecs", "10"), to_float),
+        "stopasgroup": stopasgroup, "killasgroup": killasgroup,
+        "redirect_stderr": conv(section, "redirect_stderr", get("redirect_stderr", "false"), to_bool),
+        "copy_env": True,       # Supervisor children inherit its environment
+        "close_child_stdin": not fcgi,
+    }
+    user = get("user")
+    if user:
+        conv(section, "user", user, lambda u: resolve_user(u, None))
+        common["uid"] = user
+    umask = get("umask")
+    if umask:
+        common["umask"] = conv(section, "umask", umask, parse_octal)
+    sockname = None
+    if fcgi:
+        sock = get("socket")
+        if not sock:
+            raise ConfigError("%s: fcgi-program needs socket = tcp://HOST:PORT or unix:///PATH"
+                              % ini.where(section))
+        sockname = "fcgi-" + pname.lower()
+        opts = {"backlog": conv(section, "socket_backlog", get("socket_backlog", "1024"), to_int)}
+        if sock.startswith("unix://"):
+            path = sock[7:]
+            if not os.path.isabs(path):
+                raise ConfigError("%s: unix socket path must be absolute" % ini.where(section, "socket"))
+            mode = conv(section, "socket_mode", get("socket_mode", "0700"), parse_octal)
+            opts.update(path=path, umask=0o777 & ~mode, replace=True)
+        elif sock.startswith("tcp://"):
+            host_, _, port = sock[6:].rpartition(":")
+            opts.update(host=host_ or "0.0.0.0", port=conv(section, "socket", port, to_int))
+        else:
+            raise ConfigError("%s: socket %r: use tcp://HOST:PORT or unix:///PATH"
+                              % (ini.where(section, "socket"), sock))
+        if sockname not in {s.name for s in cfg.sockets}:
+            cfg.sockets.append(SocketConfig(sockname, **opts))
+        common.update(stdin_socket=sockname, use_sockets=True)
+    for i in range(numprocs):
+        num = start + i
+        per = dict(base, process_num=num, numprocs=numprocs)
+        env_text = value(section, "environment", per)
+        prog_env = parse_sv_environment(env_text, ini.where(section, "environment")) if env_text else {}
+        per_cmd = dict(per)
+        per_cmd.update({"ENV_" + k: v for k, v in prog_env.items()})
+        procname = value(section, "process_name", per, "%(program_name)s") if "process_name" in items \
+            else pname
+        wname = procname if gname == procname else "%s:%s" % (gname, procname)
+        if wname.lower() in seen:
+            raise ConfigError("%s: process %r is defined twice" % (ini.where(section), wname))
+        seen[wname.lower()] = wname
+        wc = WatcherConfig(wname, common)
+        wc.set("cmd", value(section, "command", per_cmd))
+        directory = value(section, "directory", per)
+        if directory:
+            wc.set("working_dir", os.path.expanduser(directory))
+        env = dict(sv_env)
+        env.update(prog_env)
+        env.update(SUPERVISOR_ENABLED="1", SUPERVISOR_PROCESS_NAME=procname, SUPERVISOR_GROUP_NAME=gname)
+        wc.env = env
+        wc.group = gname
+        for which in ("stdout", "stderr"):
+            if which == "stderr" and common["redirect_stderr"]:
+                continue
+            logfile = value(section, which + "_logfile", per, "AUTO")
+            size = value(section, which + "_logfile_maxbytes", per, "50MB")
+            backups = value(section, which + "_logfile_backups", per, "10")
+            if logfile.upper() in ("NONE", "OFF", ""):
+                continue
+            if logfile.upper() == "SYSLOG":
+                cfg.warnings.append("%s: syslog logging is not supported; output kept for `ctl tail` only"
+                                    % ini.where(section, which + "_logfile"))
+                continue
+            if logfile.upper() == "AUTO":
+                logfile = os.path.join(childlogdir, "%s-%s---supervisor.log" % (procname, which))
+            else:
+                logfile = os.path.abspath(os.path.expanduser(logfile))
+                if not os.path.isdir(os.path.dirname(logfile)):
+                    raise ConfigError("%s: the folder of %s does not exist"
+                                      % (ini.where(section, which + "_logfile"), logfile))
+            wc.set(which + "_stream.class", "FileStream")
+            wc.set(which + "_stream.filename", logfile)
+            wc.set(which + "_stream.max_bytes", conv(section, which + "_logfile_maxbytes", size, parse_byte_size))
+            wc.set(which + "_stream.backup_count", conv(section, which + "_logfile_backups", backups, to_int))
+        cfg.watchers.append(wc.check())
 
 
 # ---------------------------------------------------------------------------
@@ -1237,8 +1634,7 @@ class ChildWatcher:
             self._sigchld = False
 
 
-import weakref  # noqa: E402  (cheap; keeps per-loop watchers from outliving their loop)
-_CHILD_WATCHERS = weakref.WeakKeyDictionary()
+_CHILD_WATCHERS = weakref.WeakKeyDictionary()     # loop -> ChildWatcher, dies with its loop
 
 
 def _child_watcher(loop) -> ChildWatcher:
@@ -1290,7 +1686,7 @@ class Process:
                  shell_args=None, uid=None, gid=None, env=None, rlimits=None,
                  executable=None, pass_fds=(), stdout=None, stderr=None,
                  close_child_stdin=True, stdin=None, on_output=None, on_exit=None, loop=None,
-                 watcher_name=""):
+                 watcher_name="", umask=None):
         self.wid = wid
         self.cmd = cmd
         self.args = args
@@ -1305,6 +1701,7 @@ class Process:
         self.stdout, self.stderr = stdout, stderr
         self.close_child_stdin = close_child_stdin
         self.stdin = stdin              # an fd for the child's stdin (stdin_socket)
+        self.umask = umask
         self.on_output = on_output      # callable({"data", "pid", "name"}), like a stream
         self.on_exit = on_exit          # callable(process)
         self.loop = loop
@@ -1314,6 +1711,7 @@ class Process:
         self.returncode = None          # Circus-style exit code once reaped
         self.state = ProcState.STOPPED
         self.stopping = False           # True once we asked it to stop
+        self.promote = None             # timer moving STARTING -> RUNNING (startsecs)
         self._popen = None
         self._pipes: dict = {}          # fd -> "stdout" / "stderr"
         self._exited = None             # future resolved on exit
@@ -1368,6 +1766,8 @@ class Process:
                 kw["group"] = gid
         if self.rlimits:
             kw["preexec_fn"] = _rlimit_setter(self.rlimits)
+        if self.umask is not None:
+            kw["umask"] = self.umask
         self._popen = popen = subprocess.Popen(argv, **kw)
         self.pid = popen.pid
         self.started = time.time()
@@ -1476,17 +1876,22 @@ class Process:
         except (ProcessLookupError, PermissionError):
             pass
 
-    async def stop(self, sig=signal.SIGTERM, timeout=30.0, stop_children=False, on_kill=None):
+    async def stop(self, sig=signal.SIGTERM, timeout=30.0, stop_children=False, on_kill=None,
+                   group=False):
         """Send ``sig``, wait up to ``timeout`` s, then SIGKILL it and its descendants.
 
-        Whatever is left of its process group afterwards gets ``sig`` too, so
-        a ``sh -c`` wrapper's child does not outlive the stop (Circus #16).
+        ``group`` (Supervisor's stopasgroup) signals the whole process group.
+        Whatever is left of its group afterwards gets ``sig`` too, so a
+        ``sh -c`` wrapper's child does not outlive the stop (Circus #16).
         """
         if not self.alive:
             return self.returncode
         self.stopping = True
         self.state = ProcState.STOPPING
-        self.send_signal(sig)
+        if group:
+            self.signal_group(sig)
+        else:
+            self.send_signal(sig)
         if stop_children:
             self.signal_children(sig)
         if on_kill:
@@ -1494,6 +1899,7 @@ class Process:
         code = await self.wait(timeout) if timeout and timeout > 0 else None
         if code is None and self.alive:
             descendants = self.children(recursive=True)
+            self.signal_group(signal.SIGKILL)
             self.send_signal(signal.SIGKILL)
             for child in descendants:
                 try:
@@ -1538,6 +1944,29 @@ def resolve_user(uid, gid):
 # ---------------------------------------------------------------------------
 # 8. Watcher
 # ---------------------------------------------------------------------------
+
+class RingBuffer:
+    """The last ``size`` bytes of an output stream (for `ctl tail`)."""
+
+    def __init__(self, size=64 * 1024):
+        self.size = size
+        self._chunks = __import__("collections").deque()
+        self._total = 0
+
+    def append(self, data: bytes) -> None:
+        if len(data) >= self.size:
+            self._chunks.clear()
+            data = bytes(data[-self.size:])
+            self._total = 0
+        self._chunks.append(data)
+        self._total += len(data)
+        while self._total - len(self._chunks[0]) >= self.size:
+            self._total -= len(self._chunks.popleft())
+
+    def tail(self, n: int | None = None) -> bytes:
+        data = b"".join(self._chunks)
+        return data if n is None else data[-n:] if n > 0 else b""
+
 
 #: A process that dies sooner than this after its spawn counts as a failed
 #: start for max_retry (Circus counts only exec errors, so a crash loop ran
@@ -1607,6 +2036,10 @@ class Watcher:
         self.lock = None                # asyncio.Lock, serialises commands on this watcher
         self._respawn_handle = None
         self.on_demand_fds = []         # sockets armed to start it (on_demand)
+        self.tails = {"stdout": RingBuffer(), "stderr": RingBuffer()}   # for `ctl tail`
+        self.on_output_event = None     # callable(watcher, chunk): `ctl tail -f` followers
+        self.sv_state = ProcState.STOPPED   # shown when no process runs (EXITED, FATAL...)
+        self.sv_since = None            # when sv_state was entered
         self._timers: dict = {}         # pid -> max_age timer
         self._env_cache = None
         self._vars_cache = None
@@ -1785,22 +2218,23 @@ class Watcher:
             elif args:
                 args = [replace_circus_vars(str(a), table) for a in args]
             shell_args = replace_circus_vars(o["shell_args"], table) if o["shell_args"] else None
+            # Output is always piped (for `ctl tail`), except to /dev/null when asked;
+            # without a stream it is passed on to the daemon's own stdout/stderr.
             piped = {}
             for which in ("stdout", "stderr"):
-                if getattr(self, which + "_stream") is not None:
-                    piped[which] = subprocess.PIPE
-                elif o["close_child_" + which]:
+                if which == "stderr" and o["redirect_stderr"]:
+                    piped[which] = subprocess.STDOUT
+                elif o["close_child_" + which] and getattr(self, which + "_stream") is None:
                     piped[which] = subprocess.DEVNULL
                 else:
-                    piped[which] = None
+                    piped[which] = subprocess.PIPE
             p = Process(wid, cmd, args, working_dir=o["working_dir"], shell=o["shell"],
                         shell_args=shell_args, uid=o["uid"], gid=o["gid"], env=self.env(),
                         rlimits=self.conf.rlimits, executable=o["executable"],
                         pass_fds=fds.values(), stdout=piped["stdout"], stderr=piped["stderr"],
                         close_child_stdin=o["close_child_stdin"], stdin=self._stdin_fd(),
-                        on_output=self._on_output if (piped["stdout"] == subprocess.PIPE or
-                                                      piped["stderr"] == subprocess.PIPE) else None,
-                        on_exit=self._on_exit, watcher_name=self.name)
+                        on_output=self._on_output, on_exit=self._on_exit, watcher_name=self.name,
+                        umask=o["umask"])
             p.spawn()
         except (OSError, ValueError, subprocess.SubprocessError) as e:
             self._release_wid(wid)
@@ -1813,7 +2247,11 @@ class Watcher:
                 s.close()
         self.processes[p.pid] = p
         _log().debug("watcher %s: spawned pid %d (wid %d)", self.name, p.pid, wid)
-        self.emit("spawn", process_pid=p.pid, time=p.started)
+        startsecs = o["startsecs"]
+        if startsecs:       # Supervisor: RUNNING only once it has stayed up startsecs
+            p.state = ProcState.STARTING
+            p.promote = asyncio.get_event_loop().call_later(startsecs, self._promote, p)
+        self.emit("spawn", process_pid=p.pid, time=p.started, state=p.state)
         if not self.call_hook("after_spawn", pid=p.pid):
             self.processes.pop(p.pid, None)
             self.retiring[p.pid] = p
@@ -1845,12 +2283,15 @@ class Watcher:
 
     def _failed_start(self):
         self.failures += 1
+        self.sv_state, self.sv_since = ProcState.BACKOFF, time.time()
         limit = self.conf.options["max_retry"]
         if limit >= 0 and self.failures >= max(limit, 1):
             self._give_up("%d failed starts in a row (max_retry = %d); last: %s"
                           % (self.failures, limit, self.last_error))
             return
-        self._schedule_respawn(_backoff(self.failures))
+        # Supervisor's backoff grows 1, 2, 3 s; Circus watchers retry sooner
+        linear = self.conf.options["startsecs"] is not None
+        self._schedule_respawn(float(self.failures) if linear else _backoff(self.failures))
 
     def _schedule_respawn(self, delay):
         if self._respawn_handle is not None:
@@ -1863,16 +2304,32 @@ class Watcher:
         self._respawn_handle = loop.call_later(delay, fire) if delay > 0 else loop.call_soon(fire)
 
     def _give_up(self, why):
-        _log().error("watcher %s: stopped: %s. Fix it, then `ctl start %s`.", self.name, why, self.name)
-        self.last_error = why
+        _log().error("watcher %s: stopped (FATAL): %s. Fix it, then `ctl start %s`.",
+                     self.name, why, self.name)
         if self.status in (STARTING, ACTIVE):
-            asyncio.get_event_loop().create_task(self.stop())
+            asyncio.get_event_loop().create_task(self.stop(ProcState.FATAL))
 
     # -- process events ---------------------------------------------------------
     def _on_output(self, chunk: dict):
-        stream = self.stdout_stream if chunk["name"] == "stdout" else self.stderr_stream
+        name = chunk["name"]
+        self.tails[name].append(chunk["data"])
+        stream = self.stdout_stream if name == "stdout" else self.stderr_stream
         if stream is not None:
             stream(chunk)
+        elif not self.conf.options["close_child_" + name]:
+            try:    # what an inherited stdout/stderr would have shown
+                _write_all(1 if name == "stdout" else 2, chunk["data"])
+            except OSError:
+                pass
+        if self.on_output_event is not None:
+            self.on_output_event(self, chunk)
+
+    def _promote(self, p):
+        p.promote = None
+        if p.alive and p.state == ProcState.STARTING:
+            p.state = ProcState.RUNNING
+            self.failures = 0
+            self.emit("state", process_pid=p.pid, state=p.state)
 
     def _on_exit(self, p: Process):
         counted = self.processes.pop(p.pid, None) is not None
@@ -1881,15 +2338,26 @@ class Watcher:
         timer = self._timers.pop(p.pid, None)
         if timer is not None:
             timer.cancel()
+        if p.promote is not None:
+            p.promote.cancel()
+            p.promote = None
         now = time.time()
+        o = self.conf.options
+        early = p.state == ProcState.STARTING       # died inside startsecs (Supervisor)
+        if not p.stopping:
+            p.state = ProcState.BACKOFF if early else ProcState.EXITED
         self.call_hook("before_reap", process_pid=p.pid, time=now)
-        self.emit("reap", process_pid=p.pid, time=now, exit_code=p.returncode)
+        self.emit("reap", process_pid=p.pid, time=now, exit_code=p.returncode, state=p.state)
         self.call_hook("after_reap", process_pid=p.pid, time=now, exit_code=p.returncode,
                        process_status=p.state)
         if not counted or p.stopping or self.status not in (STARTING, ACTIVE):
             return
         _log().info("watcher %s: pid %d exited (%s)", self.name, p.pid, describe_exit(p.returncode))
-        if not self.conf.options["respawn"]:
+        self.sv_state, self.sv_since = p.state, now
+        if o["startsecs"] is not None:
+            self._supervisor_exit(p, early, now)
+            return
+        if not o["respawn"]:
             if not self.processes:
                 asyncio.get_event_loop().create_task(self.stop())
             return
@@ -1900,6 +2368,24 @@ class Watcher:
         else:
             self.failures = 0
             self._schedule_respawn(0)
+
+    def _supervisor_exit(self, p, early, now):
+        """Supervisor's rules: an exit inside startsecs is a failed start (BACKOFF,
+        then FATAL after startretries); a later exit restarts per autorestart."""
+        o = self.conf.options
+        if early:
+            self.last_error = "Exited too quickly (process log may have details)"
+            self._failed_start()
+            return
+        expected = p.returncode in o["exitcodes"]       # a signal (< 0) is never expected
+        mode = o["autorestart"] or ("true" if o["respawn"] else "false")
+        if mode == "true" or (mode == "unexpected" and not expected):
+            self.failures = 0
+            # Supervisor restarts from EXITED on its next 1 s tick; a program that
+            # dies at once is restarted about once a second, never in a busy loop
+            self._schedule_respawn(max(0.0, MIN_UPTIME - (now - p.started)))
+        elif not self.processes:
+            asyncio.get_event_loop().create_task(self.stop(ProcState.EXITED))
 
     def _expire(self, p):
         """max_age reached: a new process first, then the old one stops gracefully."""
@@ -1924,7 +2410,8 @@ class Watcher:
         if sig is None:
             return
         await p.stop(sig, o["graceful_timeout"], o["stop_children"],
-                     on_kill=lambda proc: self.emit("kill", process_pid=proc.pid))
+                     on_kill=lambda proc: self.emit("kill", process_pid=proc.pid),
+                     group=o["stopasgroup"])
         self.call_hook("after_signal", pid=p.pid, signum=sig)
 
     # -- lifecycle ---------------------------------------------------------------
@@ -1955,6 +2442,7 @@ class Watcher:
         self.status = STARTING
         self.failures = 0
         self.last_error = None
+        self.sv_state, self.sv_since = ProcState.STARTING, time.time()
         try:
             self._open_streams()
         except (OSError, ValueError) as e:
@@ -1972,8 +2460,12 @@ class Watcher:
         _log().info("watcher %s started (%d processes)", self.name, len(self.processes))
         return {"started": list(self.processes), "kept": []}
 
-    async def stop(self) -> None:
-        """Stop every process (stop_signal, then SIGKILL after graceful_timeout)."""
+    async def stop(self, final_state=ProcState.STOPPED) -> None:
+        """Stop every process (stop_signal, then SIGKILL after graceful_timeout).
+
+        ``final_state`` is what `status --long` shows afterwards (STOPPED, or
+        EXITED / FATAL when the watcher ended by itself).
+        """
         if self.status == STOPPED:
             return
         if self._respawn_handle is not None:
@@ -1988,6 +2480,7 @@ class Watcher:
         self._timers.clear()
         self._close_streams()
         self.status = STOPPED
+        self.sv_state, self.sv_since = final_state, time.time()
         self.emit("stop")
         self.call_hook("after_stop")
         _log().info("watcher %s stopped", self.name)
@@ -2128,6 +2621,24 @@ class Watcher:
 # 9. Arbiter
 # ---------------------------------------------------------------------------
 
+class _RingLogHandler:
+    """Keeps the daemon's log lines for `ctl maintail` and publishes them when followed."""
+
+    level = 0
+
+    def __init__(self, arbiter):
+        self.arbiter = arbiter
+        self.formatter = logging.Formatter(_LOG_FORMAT, "%Y-%m-%d %H:%M:%S")
+
+    def handle(self, record):
+        line = self.formatter.format(record) + "\n"
+        self.arbiter.log_ring.append(line.encode("utf-8", "replace"))
+        self.arbiter.publish_followed("log", {"data": line, "time": time.time()})
+
+    def __getattr__(self, name):        # the rest of the Handler interface: no-ops
+        return lambda *a, **k: None
+
+
 async def _locked(w, coro_fn):
     """Run ``coro_fn()`` holding the watcher's lock (commands on one watcher queue)."""
     async with w.lock:
@@ -2164,6 +2675,8 @@ class Arbiter:
         self.config = config
         self.search_dirs = (os.path.dirname(config.path),) if config and config.path else ()
         self.listeners: list = []
+        self.log_ring = RingBuffer()    # the daemon's recent log, for `ctl maintail`
+        self._log_handler = None
         self.sockets: dict = {}
         self.watchers: list = []
         self.channels: list = []
@@ -2196,6 +2709,7 @@ class Arbiter:
 
     def _attach(self, w: Watcher):
         w.on_event = self.emit
+        w.on_output_event = self._publish_output
         w.sockets = self.sockets
         w.arbiter = self
         self.watchers.append(w)
@@ -2214,6 +2728,21 @@ class Arbiter:
         """By priority, highest first (stable on config order); reverse for stopping."""
         ws = sorted(self.watchers, key=lambda w: -w.priority)
         return list(reversed(ws)) if reverse else ws
+
+    def publish_followed(self, topic: str, payload: dict) -> None:
+        """Send to listeners that follow ``topic`` (output, log): only if someone does."""
+        raw = None
+        for listener in self.listeners:
+            wants = getattr(listener, "wants", None)
+            if wants is not None:
+                raw = raw or topic.encode()
+                if wants(raw):
+                    listener(topic, payload)
+
+    def _publish_output(self, w, chunk):
+        self.publish_followed("output.%s.%s" % (w.topic_name, chunk["name"]),
+                              {"data": chunk["data"].decode("utf-8", "replace"), "pid": chunk["pid"],
+                               "time": time.time()})
 
     def emit(self, topic, payload):
         for listener in list(self.listeners):
@@ -2236,6 +2765,8 @@ class Arbiter:
         """Bind sockets and channels, then start the watchers in priority order."""
         self.loop = asyncio.get_running_loop()
         self._lock = asyncio.Lock()
+        self._log_handler = _RingLogHandler(self)
+        _log().addHandler(self._log_handler)
         self._done = self.loop.create_future()
         for w in self.watchers:
             w.lock = asyncio.Lock()
@@ -2243,6 +2774,8 @@ class Arbiter:
             os.umask(self.umask)
         self._bind_sockets(self._socket_confs)
         await self._start_channels()
+        if self.config is not None and self.config.user:
+            drop_privileges(self.config.user)       # after binding, as supervisord does
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
                 self.loop.add_signal_handler(sig, self._on_quit_signal, sig)
@@ -2337,6 +2870,9 @@ class Arbiter:
             await finish
 
     async def _finish(self):
+        if self._log_handler is not None:
+            _log().removeHandler(self._log_handler)
+            self._log_handler = None
         for ch in self.channels:
             await ch.close()
         self.channels = []
@@ -2409,9 +2945,44 @@ class Arbiter:
         except ConfigError as e:
             raise CommandError("config not reloaded, nothing changed: %s" % e, E_MESSAGE_ERROR) from None
 
-    async def reload_config(self):
+    def _plan(self, new: CircusConfig):
+        """What moving to ``new`` changes: sockets, and watchers removed/changed/resized/added."""
+        old = self.config
+        old_socks = {s.name: s for s in old.sockets}
+        new_socks = {s.name: s for s in new.sockets}
+        changed_socks = {n for n in old_socks if n not in new_socks or
+                         old_socks[n].key() != new_socks[n].key()}
+        added_socks = [s for n, s in new_socks.items() if n not in old_socks or n in changed_socks]
+
+        def uses(w, n):
+            o = w.conf.options
+            return ("sockets." + n) in (o["cmd"] + str(o["args"])).lower() or \
+                o["use_sockets"] or (o["stdin_socket"] or "").lower() == n
+        old_w = {w.name.lower(): w for w in self.watchers}
+        new_w = {wc.name.lower(): wc for wc in new.watchers}
+        removed = [w for n, w in old_w.items() if n not in new_w]
+        changed, resized = [], []
+        for n, wc in new_w.items():
+            w = old_w.get(n)
+            if w is None:
+                continue
+            if any(uses(w, s) for s in changed_socks) or self._differs_beyond_numprocesses(w.conf, wc):
+                changed.append((w, wc))
+            elif w.conf.options["numprocesses"] != wc.options["numprocesses"]:
+                resized.append((w, wc))
+        added = [wc for n, wc in new_w.items() if n not in old_w]
+        return changed_socks, added_socks, removed, changed, resized, added
+
+    def config_diff(self, new: CircusConfig) -> dict:
+        """Names added, changed (incl. resized) and removed, for reread/update."""
+        _, _, removed, changed, resized, added = self._plan(new)
+        return {"added": sorted(wc.name for wc in added),
+                "changed": sorted(w.name for w, _ in changed + resized),
+                "removed": sorted(w.name for w in removed)}
+
+    async def reload_config(self, new: CircusConfig | None = None):
         """Re-read the file; apply only what changed. A broken file changes nothing."""
-        new = self._load_new_config()
+        new = new or self._load_new_config()
         old = self.config
         for w in new.warnings:
             _log().warning("%s", w)
@@ -2422,26 +2993,8 @@ class Arbiter:
                     if getattr(new, k) != getattr(old, k):
                         _log().warning("reloadconfig: %s changed; it takes effect at the next "
                                        "daemon start (a restart keeps the old one)", k)
-            # sockets: close the removed and changed ones, bind the new ones
-            old_socks = {s.name: s for s in old.sockets}
-            new_socks = {s.name: s for s in new.sockets}
-            changed_socks = {n for n in old_socks if n not in new_socks or
-                             old_socks[n].key() != new_socks[n].key()}
-            added_socks = [s for n, s in new_socks.items() if n not in old_socks or n in changed_socks]
-            users = {w for w in self.watchers for n in changed_socks
-                     if ("sockets." + n) in (w.conf.options["cmd"] + str(w.conf.options["args"])).lower()}
+            changed_socks, added_socks, removed, changed, resized, _ = self._plan(new)
             old_w = {w.name.lower(): w for w in self.watchers}
-            new_w = {wc.name.lower(): wc for wc in new.watchers}
-            removed = [w for n, w in old_w.items() if n not in new_w]
-            changed, resized = [], []
-            for n, wc in new_w.items():
-                w = old_w.get(n)
-                if w is None:
-                    continue
-                if w in users or self._differs_beyond_numprocesses(w.conf, wc):
-                    changed.append((w, wc))
-                elif w.conf.options["numprocesses"] != wc.options["numprocesses"]:
-                    resized.append((w, wc))
             for w in removed + [w for w, _ in changed]:
                 self.watchers.remove(w)
                 self.emit("watcher.%s.remove" % w.topic_name, {"time": time.time()})
@@ -2585,6 +3138,10 @@ def _match(arb, props):
         found = [w for w in arb.watchers if rx.match(w.name.lower())]
     else:
         raise MessageError("unknown match method %s" % how)
+    if not found and how != "regex" and not any(c in name for c in "*?["):
+        # Supervisor's names: a group by its name, `group:` or `group:*`
+        group = name[:-1] if name.endswith(":") else name
+        found = [w for w in arb.watchers if w.name.lower().startswith(group + ":")]
     if not found:
         raise MessageError("program %s not found" % props.get("name"))
     return found
@@ -2594,6 +3151,8 @@ def _one_or_many(arb, props, one, many, nameless):
     """The all/one-watcher fan-out shared by start, stop and restart."""
     if not props.get("name"):
         return nameless()
+    if str(props["name"]).lower() == "all" and not any(w.name.lower() == "all" for w in arb.watchers):
+        return many(list(arb.watchers))     # supervisorctl's `all`
     found = _match(arb, props)
     if len(found) == 1:
         return one(found[0])
@@ -2771,18 +3330,63 @@ def cmd_set(arb, props):
 # -- read-only ---------------------------------------------------------------------
 
 def _fmt_status(reply):
+    if "processes" in reply:
+        return _fmt_processes(reply["processes"])
     if "statuses" in reply:
         st = reply["statuses"]
         return "\n".join("%s: %s" % (k, st[k]) for k in sorted(st))
     return str(reply.get("status"))
 
 
-@command("status", "[name]", _fmt_status)
+@command("status", "[name] [--long]", _fmt_status)
 def cmd_status(arb, props):
-    """Status of every watcher, or of one (its state replaces 'ok', as in Circus)."""
+    """Status of every watcher, or of one; --long: every process, as supervisorctl shows it."""
+    long = _prop(props, "long", bool, False)
     if props.get("name"):
-        return {"status": _watcher(arb, props).status}
+        found = _match(arb, props) if long else [_watcher(arb, props)]
+        if long:
+            return {"status": "ok", "processes": [r for w in found for r in process_rows(w)]}
+        return {"status": found[0].status}
+    if long:
+        return {"processes": [r for w in arb.watchers for r in process_rows(w)]}
     return {"statuses": {w.name: w.status for w in arb.watchers}}
+
+
+def _uptime(seconds) -> str:
+    days, rest = divmod(int(seconds), 86400)
+    h, rest = divmod(rest, 3600)
+    m, sec = divmod(rest, 60)
+    out = "%d:%02d:%02d" % (h, m, sec)
+    return ("%d day%s, " % (days, "s" if days > 1 else "") + out) if days else out
+
+
+def process_rows(w) -> list:
+    """One row per process (or one for the watcher when none runs), Supervisor's way."""
+    now = time.time()
+    rows = []
+    procs = sorted(w.processes.values(), key=lambda p: p.wid)
+    for p in procs:
+        name = w.name if w.numprocesses <= 1 and len(procs) == 1 else "%s:%d" % (w.name, p.wid)
+        desc = "pid %d, uptime %s" % (p.pid, _uptime(now - p.started)) if p.state == ProcState.RUNNING else ""
+        rows.append({"name": name, "watcher": w.name, "state": p.state, "pid": p.pid,
+                     "uptime": now - p.started, "description": desc})
+    if not procs:
+        state = w.sv_state
+        if state in (ProcState.BACKOFF, ProcState.FATAL):
+            desc = w.last_error or 'unknown error (try "tail %s")' % w.name
+        elif state in (ProcState.STOPPED, ProcState.EXITED):
+            desc = time.strftime("%b %d %I:%M %p", time.localtime(w.sv_since)) if w.sv_since else "Not started"
+        else:
+            desc = ""
+        rows.append({"name": w.name, "watcher": w.name, "state": state, "pid": None,
+                     "uptime": None, "description": desc})
+    return rows
+
+
+def _fmt_processes(rows) -> str:
+    width = max([30] + [len(r["name"]) for r in rows]) + 3
+    return "\n".join(("%-*s%-10s%s" % (width, r["name"], r["state"], r["description"])).rstrip()
+                     for r in sorted(rows, key=lambda r: r["name"]))
 
 
 def _fmt_list(reply):
@@ -3040,6 +3644,78 @@ def cmd_dstats(arb, props):
     return {"info": info}
 
 
+def _fmt_pids(reply):
+    if "pids" in reply:
+        return "\n".join(str(p) for p in reply["pids"])
+    return str(reply.get("pid"))
+
+
+@command("pid", "[name]", _fmt_pids)
+def cmd_pid(arb, props):
+    """The daemon's pid, or the pids of a watcher (or `all`), one per line."""
+    name = props.get("name")
+    if not name:
+        return {"pid": os.getpid()}
+    ws = arb.watchers if str(name).lower() == "all" else _match(arb, props)
+    return {"pids": [pid for w in ws for pid in sorted(w.processes, key=lambda p: w.processes[p].wid)]}
+
+
+def _fmt_tail(reply):
+    return reply.get("data", "")
+
+
+@command("tail", "name [stream] [--bytes=1600]", _fmt_tail)
+def cmd_tail(arb, props):
+    """The last output of a watcher: ctl tail [-f] [-BYTES] NAME [stdout|stderr]."""
+    w = _watcher(arb, props)
+    stream = props.get("stream") or "stdout"
+    if stream not in ("stdout", "stderr"):
+        raise MessageError("stream must be stdout or stderr, not %r" % stream)
+    n = _prop(props, "bytes", int, 1600)
+    return {"name": w.name, "stream": stream,
+            "data": w.tails[stream].tail(n).decode("utf-8", "replace")}
+
+
+@command("maintail", "[--bytes=1600]", _fmt_tail)
+def cmd_maintail(arb, props):
+    """The end of the daemon's own log: ctl maintail [-f] [-BYTES]."""
+    n = _prop(props, "bytes", int, 1600)
+    return {"data": arb.log_ring.tail(n).decode("utf-8", "replace")}
+
+
+def _fmt_reread(reply):
+    lines = ["%s: %s" % (n, what) for what, key in (("available", "added"), ("changed", "changed"),
+                                                   ("disappeared", "removed"))
+             for n in reply.get(key, [])]
+    return "\n".join(sorted(lines)) or "No config updates to processes"
+
+
+@command("reread", "", _fmt_reread)
+def cmd_reread(arb, props):
+    """What reloadconfig would change (supervisorctl reread); nothing is applied."""
+    return arb.config_diff(arb._load_new_config())
+
+
+def _fmt_update(reply):
+    lines = ["%s: %s" % (n, what) for what, key in (("added process group", "added"),
+                                                   ("updated process group", "changed"),
+                                                   ("removed process group", "removed"))
+             for n in reply.get(key, [])]
+    return "\n".join(sorted(lines)) or "No config updates to processes"
+
+
+@command("update", "", _fmt_update)
+def cmd_update(arb, props):
+    """Apply the config file's changes (supervisorctl update = reloadconfig)."""
+    new = arb._load_new_config()
+    diff = arb.config_diff(new)
+
+    async def run():
+        await arb.reload_config(new)
+        return diff
+    return _Await(run())
+
+
 @command("quit", "[--waiting]")
 def cmd_quit(arb, props):
     """Stop every watcher and exit the daemon."""
@@ -3199,16 +3875,37 @@ async def dispatch(arbiter, body: bytes):
 
 
 class PubChannel:
-    """PUB socket: each event as two frames, ``watcher.NAME.EVENT`` + JSON."""
+    """XPUB socket: each event as two frames, ``watcher.NAME.EVENT`` + JSON.
+
+    XPUB (a PUB that hears subscriptions) lets the daemon publish process
+    output (``output.NAME.stdout``) and its log (``log``) only while someone
+    follows them (`ctl tail -f`, `ctl maintail -f`): no cost otherwise.
+    """
 
     def __init__(self, endpoint, ctx):
         import zmq
         self.endpoint = endpoint
-        self.sock = ctx.socket(zmq.PUB)
+        self.sock = ctx.socket(zmq.XPUB)
         self.sock.setsockopt(zmq.LINGER, 0)
         _bind(self.sock, endpoint, "pubsub endpoint")
-        self._again = zmq.Again
         self._noblock = zmq.NOBLOCK
+        self._again = zmq.Again
+        self.prefixes: set = set()      # topics someone subscribed to
+        self._task = asyncio.get_event_loop().create_task(self._hear())
+
+    async def _hear(self):
+        while self.sock is not None:
+            try:
+                msg = await self.sock.recv()
+            except Exception:       # closed
+                return
+            if msg[:1] == b"\x01":
+                self.prefixes.add(msg[1:])
+            elif msg[:1] == b"\x00":
+                self.prefixes.discard(msg[1:])
+
+    def wants(self, topic: bytes) -> bool:
+        return any(topic.startswith(p) for p in self.prefixes)
 
     def __call__(self, topic, payload):
         if self.sock is None:
@@ -3223,8 +3920,9 @@ class PubChannel:
 
     async def close(self):
         if self.sock is not None:
-            self.sock.close(linger=100)
-            self.sock = None
+            sock, self.sock = self.sock, None
+            self._task.cancel()
+            sock.close(linger=100)
 
 
 class MulticastChannel:
@@ -3580,6 +4278,8 @@ def ctl_main(argv) -> int:
         except KeyboardInterrupt:
             pass
         return 0
+    if name in ("tail", "maintail"):
+        return _ctl_tail(name, args, endpoint or DEFAULT_ENDPOINT, timeout)
     try:
         request = build_request(name, args)
     except UsageError as e:
@@ -3605,6 +4305,62 @@ def ctl_main(argv) -> int:
         err.write("%s\n" % text)
         return 3
     out.write(COMMANDS[name].fmt(reply) + "\n")
+    if name == "status" and any(r["state"] in (ProcState.STOPPED, ProcState.EXITED, ProcState.FATAL)
+                                for r in reply.get("processes", ())):
+        return 3        # as supervisorctl status: some process is not running
+    return 0
+
+
+def _ctl_tail(name, args, endpoint, timeout) -> int:
+    """``tail [-f] [-BYTES] NAME [stdout|stderr]`` and ``maintail [-f] [-BYTES]``."""
+    out, err = sys.stdout, sys.stderr
+    follow, nbytes, words = False, 1600, []
+    for a in args:
+        if a == "-f":
+            follow = True
+        elif re.match(r"^-\d+$", a):
+            nbytes = int(a[1:])
+        elif a.startswith("-"):
+            err.write("Error: bad argument %s\n" % a)
+            return 2
+        else:
+            words.append(a)
+    if (name == "tail" and not 1 <= len(words) <= 2) or (name == "maintail" and words):
+        err.write("usage: python circus.py ctl %s\n" % ("tail [-f] [-BYTES] NAME [stdout|stderr]"
+                                                       if name == "tail" else "maintail [-f] [-BYTES]"))
+        return 2
+    props = {"bytes": nbytes}
+    if name == "tail":
+        props["name"] = words[0]
+        props["stream"] = words[1] if len(words) > 1 else "stdout"
+    try:
+        with Client(endpoint, timeout) as client:
+            sub = None
+            if follow:
+                pubsub = client.call("globaloptions", option="pubsub_endpoint")
+                if pubsub.get("status") == "error":
+                    err.write("error: %s\n" % pubsub.get("reason"))
+                    return 3
+                topic = "log" if name == "maintail" else "output.%s.%s" % (
+                    props["name"].lower().replace(" ", "_"), props["stream"])
+                sub = subscribe(pubsub["options"]["pubsub_endpoint"], [topic.encode()])
+            reply = client.call(name, **props)
+    except CallError as e:
+        err.write("%s\nIs the daemon running on %s?\n" % (e, endpoint))
+        return 1
+    if reply.get("status") == "error":
+        err.write("error: %s\n" % reply.get("reason"))
+        return 3
+    out.write(reply.get("data", ""))
+    out.flush()
+    if sub is None:
+        return 0
+    try:
+        for _topic, payload in sub:
+            out.write(payload.get("data", ""))
+            out.flush()
+    except KeyboardInterrupt:
+        pass
     return 0
 
 
@@ -3674,6 +4430,36 @@ class Pidfile:
             os.unlink(self.path)
         except (OSError, ValueError):
             pass
+
+
+def _raise_nofile(minfds=None):
+    """Each process costs the daemon up to 3 fds: lift the soft limit to the hard one."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if minfds and hard != resource.RLIM_INFINITY and minfds > hard:
+        raise CircusError("[supervisord] minfds = %d is above the hard limit of open files (%d): "
+                          "raise it (ulimit -Hn, LimitNOFILE=) or lower minfds" % (minfds, hard))
+    if want > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (ValueError, OSError):
+            pass
+
+
+def drop_privileges(user):
+    """Become ``user`` (name or uid) with its groups: [supervisord] user."""
+    uid, gid, groups = resolve_user(user, None)
+    if uid == os.geteuid():
+        return
+    try:
+        if groups is not None:
+            os.setgroups(groups)
+        os.setgid(gid)
+        os.setuid(uid)
+    except OSError as e:
+        raise CircusError("cannot switch to user %r: %s (the daemon must start as root)"
+                          % (user, e.strerror)) from None
 
 
 def daemonize():
@@ -3757,8 +4543,19 @@ def daemon_main(argv) -> int:
     except (CircusError, OSError, ValueError) as e:
         err.write("error: %s\n" % e)
         return 1
+    try:
+        _raise_nofile(cfg.minfds)
+    except CircusError as e:
+        err.write("error: %s\n" % e)
+        return 1
     if args.daemon:
         daemonize()
+    if cfg.directory:
+        try:
+            os.chdir(cfg.directory)
+        except OSError as e:
+            err.write("error: [supervisord] directory %s: %s\n" % (cfg.directory, e.strerror))
+            return 1
     if pidfile:
         try:
             pidfile.create()

@@ -1216,6 +1216,173 @@ def test_multicast_default_is_deliberately_off(corpus_env):
 
 
 # ===========================================================================
+# 4c. Supervisor's format
+# ===========================================================================
+
+@pytest.mark.parametrize("text,out", [
+    ("a %% b", "a % b"),
+    ("%(ENV_HOME)s/x", "/root/x"),
+    ("%(program_name)s_%(process_num)02d", "web_03"),
+    ("%(here)s", "/etc"),
+])
+def test_sv_expand(text, out):
+    names = {"ENV_HOME": "/root", "program_name": "web", "process_num": 3, "here": "/etc"}
+    assert circus.sv_expand(text, names, "f:1 [program:web] command") == out
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("date +%s", "stray '%'"),            # Supervisor silently formats its whole table here
+    ("50%", "stray '%'"),
+    ("%(nope)s", "unknown name %(nope) in '%(nope)s' (available here: here, process_num, program_name, ENV_*)"),
+])
+def test_sv_expand_errors(text, needle):
+    with pytest.raises(circus.ConfigError) as e:
+        circus.sv_expand(text, {"program_name": "w", "process_num": 0, "here": "/", "ENV_X": ""},
+                         "f:1 [program:w] command")
+    assert needle in str(e.value) and str(e.value).startswith("f:1 [program:w] command: ")
+
+
+@pytest.mark.parametrize("text,env", [
+    ('A=1,B="x y",C=\'q,r\'', {"A": "1", "B": "x y", "C": "q,r"}),
+    ("A=1, B=2", {"A": "1", "B": "2"}),
+    ("A=1;B=2", {"A": "1", "B": "2"}),
+    ("A=1,", {"A": "1"}),
+    ('A=""', {"A": ""}),
+    ("PATH=/usr/bin:/bin,X=a.b-c+d(e)", {"PATH": "/usr/bin:/bin", "X": "a.b-c+d(e)"}),
+])
+def test_sv_environment(text, env):
+    assert circus.parse_sv_environment(text, "w") == env
+
+
+@pytest.mark.parametrize("text", [
+    "A=1 B=2", "A=x=y", "A=", "A=a@b", "A=a b", "URL=http://h/p?a=b", "A=$HOME", 'A="q\\"x"',
+    'A="x"y', "=1", 'A="open'])
+def test_sv_environment_refuses_what_supervisor_mangles(text):
+    with pytest.raises(circus.ConfigError) as e:
+        circus.parse_sv_environment(text, "f:3 [program:w] environment")
+    assert str(e.value).startswith("f:3 [program:w] environment: environment %r: " % text)
+
+
+@pytest.mark.parametrize("text,size", [("1024", 1024), ("50MB", 50 << 20), ("1kb", 1024), ("2 GB", 2 << 30)])
+def test_byte_size(text, size):
+    assert circus.parse_byte_size(text) == size
+
+
+@pytest.mark.parametrize("bad", ["10M", "1.5MB", "10B", ""])
+def test_byte_size_rejects(bad):
+    with pytest.raises(ValueError):
+        circus.parse_byte_size(bad)
+
+
+def test_sv_program_translation(tmp_path, monkeypatch):
+    monkeypatch.setenv("GREETING", "hi")
+    (tmp_path / "logs").mkdir()
+    conf = write(tmp_path / "supervisord.conf", """\
+        [supervisord]
+        logfile = %(here)s/logs/sd.log    ; a comment
+        environment = GLOBAL="g 1"
+
+        [unix_http_server]
+        file = /tmp/x.sock
+
+        [program:web]
+        command = /bin/echo %(ENV_GREETING)s %(process_num)d %(ENV_PORT)s#kept #comment
+        Process_Name = %(program_name)s_%(process_num)02d
+        numprocs = 2
+        numprocs_start = 5
+        environment = PORT="80%(process_num)d"
+        priority = 10
+        startsecs = 2
+        startretries = 4
+        autorestart = true
+        exitcodes = 0,2
+        stopsignal = INT
+        stopwaitsecs = 7
+        stopasgroup = true
+        redirect_stderr = true
+        stdout_logfile = %(here)s/logs/%(program_name)s-%(process_num)d.log
+        stdout_logfile_maxbytes = 1KB
+        stdout_logfile_backups = 2
+        directory = /tmp
+        umask = 022
+        numprocs = 3
+
+        [program:solo]
+        command = sleep 60 ; stays
+        stdout_logfile = NONE
+
+        [group:g]
+        programs = solo
+        priority = 50
+        """)
+    cfg = circus.load_config(conf)
+    names = [w.name for w in cfg.watchers]
+    assert names == ["web:web_05", "web:web_06", "web:web_07", "g:solo"]     # last numprocs wins
+    w = cfg.watchers[0]
+    o = w.options
+    assert o["cmd"] == "/bin/echo hi 5 805#kept"      # ` #` starts a comment in Supervisor's dialect
+    assert (o["priority"], o["startsecs"], o["max_retry"], o["autorestart"], o["exitcodes"]) == \
+        (-10, 2, 5, "true", [0, 2])
+    assert (o["stop_signal"], o["graceful_timeout"], o["stopasgroup"], o["killasgroup"]) == \
+        (signal.SIGINT, 7.0, True, True)
+    assert (o["redirect_stderr"], o["working_dir"], o["umask"], o["copy_env"]) == (True, "/tmp", 0o22, True)
+    assert w.env["PORT"] == "805" and w.env["GLOBAL"] == "g 1" and w.env["SUPERVISOR_PROCESS_NAME"] == "web_05"
+    assert w.stdout_stream == {"class": "FileStream", "filename": str(tmp_path / "logs" / "web-5.log"),
+                               "max_bytes": 1024, "backup_count": 2}
+    assert w.stderr_stream == {}                        # redirect_stderr
+    solo = cfg.watchers[3]
+    assert solo.options["priority"] == -50 and solo.stdout_stream == {}
+    assert solo.stderr_stream["filename"].endswith("solo-stderr---supervisor.log")      # AUTO
+    assert cfg.logoutput == str(tmp_path / "logs" / "sd.log")
+    assert any("[unix_http_server]: ignored" in x for x in cfg.warnings)
+
+
+@pytest.mark.parametrize("body,needle", [
+    ("[program:a]\nnumprocs = 2\ncommand = x\n", "needs %(process_num) in process_name"),
+    ("[program:a]\ncommand = x\nstopasgroup = true\nkillasgroup = false\n", "needs killasgroup"),
+    ("[program:a]\ncommand = x\nautostart = maybe\n", "[program:a] autostart: 'maybe' is not a boolean"),
+    ("[program:a]\ncommand = x\nstdout_logfile_maxbytes = 10M\n", "is not a size"),
+    ("[program:a]\ncommand = x\nenvironment = A=1 B=2\n", "[program:a] environment"),
+    ("[program:a]\ncommand = date +%s\n", "stray '%'"),
+    ("[program:a]\ncommand = x\nstdout_logfile = /nonexistent/dir/a.log\n", "does not exist"),
+    ("[program:a]\nnumprocs = 1\n", "'command' is required"),
+    ("[group:g]\nprograms = nope\n", "no [program:nope] section"),
+    ("[supervisord]\nloglevel = warning\n", "use critical, error, warn"),
+])
+def test_sv_config_errors(tmp_path, body, needle):
+    with pytest.raises(circus.ConfigError) as e:
+        circus.load_config(write(tmp_path / "s.conf", body))
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_sv_include_globs_relative_to_main_file(tmp_path, monkeypatch):
+    (tmp_path / "conf.d").mkdir()
+    write(tmp_path / "conf.d" / "b.conf", "[program:b]\ncommand = sleep 1\n")
+    write(tmp_path / "conf.d" / "a.conf", "[program:a]\ncommand = sleep 1\n[program:main]\ncommand = sleep 2\n")
+    monkeypatch.chdir("/")
+    cfg = circus.load_config(write(tmp_path / "main.conf", """\
+        [include]
+        files = conf.d/*.conf
+        [program:main]
+        command = sleep 9
+        """))
+    assert sorted(w.name for w in cfg.watchers) == ["a", "b", "main"]
+    # in Supervisor's sections, a later definition (an included file) wins
+    assert [w.options["cmd"] for w in cfg.watchers if w.name == "main"] == ["sleep 2"]
+
+
+def test_sv_corpus_loads(monkeypatch):
+    corpus = HERE.parent / "shared" / "corpus" / "supervisor"
+    if not corpus.is_dir():
+        pytest.skip("supervisor corpus not found")
+    files = [corpus / "sample.conf"] + sorted((corpus / "fixtures").glob("*.conf"))
+    for f in files:
+        cfg = circus.load_config(str(f))      # every one loads, with warnings, never a traceback
+        for w in cfg.watchers:
+            assert w.options["cmd"]
+
+
+# ===========================================================================
 # 6. Streams
 # ===========================================================================
 
