@@ -2338,12 +2338,12 @@ class Watcher:
         timer = self._timers.pop(p.pid, None)
         if timer is not None:
             timer.cancel()
-        if p.promote is not None:
+        early = p.promote is not None       # died inside startsecs: still STARTING (Supervisor)
+        if early:
             p.promote.cancel()
             p.promote = None
         now = time.time()
         o = self.conf.options
-        early = p.state == ProcState.STARTING       # died inside startsecs (Supervisor)
         if not p.stopping:
             p.state = ProcState.BACKOFF if early else ProcState.EXITED
         self.call_hook("before_reap", process_pid=p.pid, time=now)

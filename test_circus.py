@@ -3413,3 +3413,164 @@ def _without_dunder_name(reply):
         if isinstance(opts.get("env"), dict):
             opts["env"].pop("__name__", None)
     return reply
+
+
+# ===========================================================================
+# End-to-end: Supervisor configs
+# ===========================================================================
+
+def sv_rows(d, name=None):
+    props = {"long": True}
+    if name:
+        props["name"] = name
+    r = d.call("status", **props)
+    assert r["status"] == "ok", r
+    return {row["name"]: row for row in r["processes"]}
+
+
+def test_e2e_sv_numprocs_env_status_pid(daemon, shortdir):
+    d = daemon("""
+        [program:web]
+        command = sh -c 'echo "$SUPERVISOR_PROCESS_NAME %(process_num)d $PORT $GREETING"; exec sleep 120'
+        process_name = %(program_name)s_%(process_num)02d
+        numprocs = 3
+        numprocs_start = 1
+        environment = PORT="80%(process_num)02d",GREETING='hello, world'
+        startsecs = 0
+        stdout_logfile = %(here)s/web-%(process_num)d.log
+        """)
+    wait_for(lambda: all(s == "active" for s in d.call("status")["statuses"].values()), what="active")
+    assert d.ctl("list").stdout == "web:web_01,web:web_02,web:web_03\n"
+    for i in (1, 2, 3):
+        log = pathlib.Path(shortdir) / ("web-%d.log" % i)
+        wait_for(lambda: log.exists() and log.read_text(), what="output of web_%02d" % i)
+        assert log.read_text() == "web_%02d %d 80%02d hello, world\n" % (i, i, i)
+    rows = sv_rows(d)
+    assert sorted(rows) == ["web:web_01", "web:web_02", "web:web_03"]
+    assert all(r["state"] == "RUNNING" for r in rows.values())
+    out = d.ctl("status", "--long").stdout.splitlines()
+    assert re.fullmatch(r"web:web_01 {23}RUNNING   pid \d+, uptime 0:00:\d\d", out[0]), out
+    # group operations by the group's name, `group:*` and `all`
+    assert d.ctl("stop", "web", "--waiting").returncode == 0
+    assert set(d.call("status")["statuses"].values()) == {"stopped"}
+    r = d.ctl("status", "--long")
+    assert r.returncode == 3 and "STOPPED" in r.stdout      # supervisorctl: 3 when one is not running
+    assert d.ctl("start", "web:*", "--waiting").returncode == 0
+    pids = d.ctl("pid", "all").stdout.split()
+    assert len(pids) == 3 and all(psutil.pid_exists(int(p)) for p in pids)
+    assert d.ctl("pid").stdout.strip() == str(d.proc.pid)
+    assert d.ctl("restart", "all", "--waiting").returncode == 0
+    assert not set(d.ctl("pid", "web").stdout.split()) & set(pids)
+
+
+def test_e2e_sv_startsecs_startretries_fatal(daemon, shortdir):
+    count = pathlib.Path(shortdir) / "count"
+    d = daemon("""
+        [program:crash]
+        command = sh -c 'echo x >> %s; exit 3'
+        startsecs = 1
+        startretries = 2
+        """ % count)
+    t0 = time.monotonic()
+    wait_for(lambda: sv_rows(d)["crash"]["state"] == "FATAL", timeout=30, what="FATAL")
+    assert count.read_text().count("x") == 3                # startretries + 1 spawns
+    assert time.monotonic() - t0 > 2.5                      # backoff 1 s then 2 s
+    row = sv_rows(d)["crash"]
+    assert row["description"] == "Exited too quickly (process log may have details)"
+    assert "FATAL     Exited too quickly" in d.ctl("status", "--long", "crash").stdout
+    # a manual start leaves FATAL and retries again
+    d.call("start", name="crash")
+    wait_for(lambda: count.read_text().count("x") >= 4, what="a new spawn after start")
+
+
+@pytest.mark.parametrize("mode,code,restarts", [
+    ("unexpected", 0, False), ("unexpected", 3, True), ("true", 0, True), ("false", 3, False)])
+def test_e2e_sv_autorestart_and_exitcodes(daemon, shortdir, mode, code, restarts):
+    count = pathlib.Path(shortdir) / "count"
+    d = daemon("""
+        [program:job]
+        command = sh -c 'echo x >> %s; sleep 1.2; exit %d'
+        startsecs = 1
+        autorestart = %s
+        exitcodes = 0,2
+        """ % (count, code, mode))
+    if restarts:
+        wait_for(lambda: count.exists() and count.read_text().count("x") >= 2, what="a restart")
+    else:
+        wait_for(lambda: sv_rows(d)["job"]["state"] == "EXITED", what="EXITED")
+        assert count.read_text().count("x") == 1
+        assert d.call("status", name="job")["status"] == "stopped"
+
+
+def test_e2e_sv_stopasgroup_kills_grandchild(daemon):
+    d = daemon("""
+        [program:tree]
+        command = sh -c 'sleep 120 & trap "" TERM; wait'
+        stopasgroup = true
+        stopwaitsecs = 30
+        startsecs = 0
+        """)
+    (pid,) = wait_for(lambda: d.pids("tree"), what="tree")
+    leader = psutil.Process(pid)
+    (grandchild,) = wait_for(lambda: leader.children(), what="the sleep")
+    t0 = time.monotonic()
+    assert d.call("stop", name="tree", waiting=True)["status"] == "ok"
+    assert time.monotonic() - t0 < 10           # TERM reached the sleep; no 30 s SIGKILL wait
+    wait_for(lambda: not grandchild.is_running() or grandchild.status() == psutil.STATUS_ZOMBIE,
+             what="grandchild gone")
+
+
+def test_e2e_sv_tail_and_follow(daemon, shortdir):
+    d = daemon("""
+        [program:talk]
+        command = sh -c 'i=0; while true; do i=$((i+1)); echo "line $i"; echo "err $i" >&2; sleep 0.1; done'
+        startsecs = 0
+        stdout_logfile = NONE
+        """)
+    wait_for(lambda: "line 3" in d.ctl("tail", "talk").stdout, what="tail output")
+    out = d.ctl("tail", "-20", "talk", "stderr").stdout
+    assert 0 < len(out) <= 20 and "err" in out
+    r = d.ctl("tail", "talk", "bogus")
+    assert r.returncode == 3 and "stdout or stderr" in r.stderr
+    follow = subprocess.Popen([sys.executable, str(CIRCUS_PY), "ctl", "--endpoint", d.endpoint, "tail", "-f",
+                               "-1", "talk"], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        import select
+        seen = []
+
+        def more():
+            if select.select([follow.stdout], [], [], 0.2)[0]:
+                seen.append(follow.stdout.readline())
+            return len([x for x in seen if x.startswith("line ")]) >= 5
+        wait_for(more, what="tail -f to follow live output")
+        nums = [int(x.split()[1]) for x in seen if x.startswith("line ")]
+        assert nums == sorted(nums) and len(set(nums)) == len(nums)
+    finally:
+        os.killpg(follow.pid, signal.SIGINT)
+        follow.wait(TIMEOUT)
+    assert "arbiter ready" in d.ctl("maintail", "-5000").stdout
+
+
+def test_e2e_sv_include_reread_update_and_mixed(daemon, shortdir):
+    root = pathlib.Path(shortdir)
+    (root / "conf.d").mkdir()
+    (root / "conf.d" / "a.conf").write_text("[program:a]\ncommand = sleep 120\nstartsecs = 0\n")
+    d = daemon("""
+        [include]
+        files = conf.d/*.conf
+        [watcher:circusstyle]
+        cmd = sleep 121
+        [program:b]
+        command = sleep 122
+        startsecs = 0
+        """)
+    assert d.ctl("list").stdout == "a,b,circusstyle\n"
+    assert d.ctl("reread").stdout == "No config updates to processes\n"
+    (root / "conf.d" / "c.conf").write_text("[program:c]\ncommand = sleep 123\nstartsecs = 0\n")
+    (root / "conf.d" / "a.conf").write_text("[program:a]\ncommand = sleep 124\nstartsecs = 0\n")
+    assert d.ctl("reread").stdout == "a: changed\nc: available\n"
+    b_pid = d.pids("b")
+    assert d.ctl("update").stdout == "a: updated process group\nc: added process group\n"
+    assert d.pids("b") == b_pid
+    wait_for(lambda: d.pids("c") and d.pids("a"), what="a and c running")
+    assert psutil.Process(d.pids("a")[0]).cmdline() == ["sleep", "124"]
