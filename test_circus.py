@@ -3574,3 +3574,135 @@ def test_e2e_sv_include_reread_update_and_mixed(daemon, shortdir):
     assert d.pids("b") == b_pid
     wait_for(lambda: d.pids("c") and d.pids("a"), what="a and c running")
     assert psutil.Process(d.pids("a")[0]).cmdline() == ["sleep", "124"]
+
+
+SV_CACHE = pathlib.Path("/tmp/supervisor43-cache")
+
+
+@pytest.fixture(scope="session")
+def supervisor_bin():
+    """Directory with the real supervisord/supervisorctl 4.3.0 ($SUPERVISOR43_BIN, or a cached venv)."""
+    env = os.environ.get("SUPERVISOR43_BIN")
+    if env:
+        return pathlib.Path(env)
+    bindir = SV_CACHE / "bin"
+    with open("%s.lock" % SV_CACHE, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (bindir / "supervisord").exists():
+            shutil.rmtree(SV_CACHE, ignore_errors=True)
+            for argv in ([shutil.which("python3") or sys.executable, "-m", "venv", str(SV_CACHE)],
+                         [str(bindir / "pip"), "install", "-q", "supervisor==4.3.0"]):
+                r = subprocess.run(argv, capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
+                if r.returncode != 0:
+                    shutil.rmtree(SV_CACHE, ignore_errors=True)
+                    pytest.skip("real Supervisor 4.3.0 unavailable: %s: %s" % (" ".join(argv), r.stderr[-300:]))
+    return bindir
+
+
+SV_COMPARE_CONF = """\
+[circus]
+endpoint = ipc://@RUN@/circus.sock
+pubsub_endpoint = ipc://@RUN@/circus-pub.sock
+
+[supervisord]
+nodaemon = true
+logfile = %(here)s/supervisord.log
+pidfile = %(here)s/supervisord.pid
+childlogdir = %(here)s
+
+[unix_http_server]
+file = %(here)s/supervisor.sock
+
+[supervisorctl]
+serverurl = unix://%(here)s/supervisor.sock
+
+[rpcinterface:supervisor]
+supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
+
+[program:ok]
+command = %(here)s/bin/sleep 120
+startsecs = 1
+
+[program:crash]
+command = sh -c 'echo x >> %(here)s/crash.count; exit 3'
+startsecs = 1
+startretries = 2
+
+[program:manual]
+command = %(here)s/bin/sleep 121
+autostart = false
+
+[program:multi]
+command = %(here)s/bin/sleep 122
+process_name = %(program_name)s_%(process_num)d
+numprocs = 2
+startsecs = 0
+environment = GREETING="hello, world",EMPTY=""
+"""
+
+
+def _sv_states_from_supervisorctl(bindir, conf):
+    r = subprocess.run([str(bindir / "supervisorctl"), "-c", str(conf), "status"], capture_output=True,
+                       text=True, timeout=30, stdin=subprocess.DEVNULL)
+    return {line.split()[0]: line.split()[1] for line in r.stdout.splitlines() if line.strip()}
+
+
+def test_e2e_sv_same_config_under_real_supervisor(supervisor_bin):
+    """One supervisord.conf, run by Supervisor 4.3.0 and by circus.py: same programs, same states,
+    the crashing one spawned the same number of times."""
+    root = pathlib.Path(tempfile.mkdtemp(prefix="svc", dir="/tmp"))
+    try:
+        (root / "bin").mkdir()
+        (root / "bin" / "sleep").symlink_to(shutil.which("sleep"))
+        results = {}
+        for kind in ("supervisor", "ours"):
+            run = root / kind
+            shutil.copytree(root / "bin", run / "bin", symlinks=True)
+            conf = run / "supervisord.conf"
+            conf.write_text(SV_COMPARE_CONF.replace("@RUN@", str(run)))     # supervisord ignores [circus]
+            argv = ([str(supervisor_bin / "supervisord"), "-c", str(conf)] if kind == "supervisor" else
+                    [sys.executable, str(CIRCUS_PY), "daemon", str(conf)])
+            proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                    stdin=subprocess.DEVNULL, start_new_session=True, cwd=str(run))
+            try:
+                if kind == "supervisor":
+                    states = lambda: _sv_states_from_supervisorctl(supervisor_bin, conf)  # noqa: E731
+                else:
+                    def states():
+                        try:
+                            with circus.Client("ipc://%s/circus.sock" % run, 2) as c:
+                                reply = c.call("status", long=True)
+                        except circus.CallError:
+                            return {}
+                        return {r["name"]: r["state"] for r in reply.get("processes", [])}
+                final = wait_for(lambda: (lambda s: s if s.get("crash") == "FATAL" and
+                                          s.get("ok") == "RUNNING" else None)(states()),
+                                 timeout=60, what=lambda: "%s: crash FATAL, ok RUNNING (%r)" % (kind, states()))
+                env = {}
+                for p in psutil.Process(proc.pid).children():
+                    if p.cmdline()[1:] == ["122"]:
+                        env = p.environ()
+                results[kind] = (final, (run / "crash.count").read_text().count("x"),
+                                 env.get("GREETING"), env.get("EMPTY"), env.get("SUPERVISOR_PROCESS_NAME"))
+            finally:
+                kids = []
+                with contextlib.suppress(psutil.Error):
+                    kids = psutil.Process(proc.pid).children(recursive=True)
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait(10)
+                for k in kids:
+                    with contextlib.suppress(psutil.Error):
+                        k.kill()
+        assert results["ours"][0] == results["supervisor"][0] == {
+            "ok": "RUNNING", "crash": "FATAL", "manual": "STOPPED",
+            "multi:multi_0": "RUNNING", "multi:multi_1": "RUNNING"}
+        assert results["ours"][1] == results["supervisor"][1] == 3          # startretries + 1 spawns
+        assert results["ours"][2:4] == results["supervisor"][2:4] == ("hello, world", "")
+        assert results["ours"][4] == results["supervisor"][4] in ("multi_0", "multi_1")
+    finally:
+        wait_for(lambda: not procs_mentioning(str(root)), 15, "processes of %s to exit" % root)
+        shutil.rmtree(root, ignore_errors=True)
