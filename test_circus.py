@@ -3706,3 +3706,47 @@ def test_e2e_sv_same_config_under_real_supervisor(supervisor_bin):
     finally:
         wait_for(lambda: not procs_mentioning(str(root)), 15, "processes of %s to exit" % root)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_e2e_sv_group_and_fcgi_program(daemon, shortdir):
+    server = pathlib.Path(shortdir) / "fcgi.py"
+    server.write_text(textwrap.dedent("""\
+        import os, socket
+        s = socket.socket(fileno=0)          # Supervisor hands the socket over as stdin
+        s.setblocking(True)
+        while True:
+            c, _ = s.accept()
+            c.sendall(b"%d" % os.getpid())
+            c.close()
+        """))
+    port = free_ports(1)[0]
+    d = daemon("""
+        [fcgi-program:app]
+        command = %s %s
+        socket = tcp://127.0.0.1:%d
+        process_name = %%(program_name)s_%%(process_num)d
+        numprocs = 2
+        startsecs = 0
+        [program:worker]
+        command = sleep 120
+        startsecs = 0
+        [program:cron]
+        command = sleep 121
+        startsecs = 0
+        [group:back]
+        programs = worker,cron
+        priority = 5
+        """ % (sys.executable, server, port))
+    assert d.ctl("list").stdout == "app:app_0,app:app_1,back:cron,back:worker\n"
+    pids = set(d.pids("app:app_0") + d.pids("app:app_1"))
+
+    def ask():
+        with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as c:
+            return int(c.recv(20))
+    assert {ask() for _ in range(20)} <= pids
+    assert d.ctl("stop", "back", "--waiting").returncode == 0
+    assert d.call("status", name="back:worker")["status"] == "stopped"
+    assert d.call("status", name="back:cron")["status"] == "stopped"
+    assert d.call("status", name="app:app_0")["status"] == "active"
+    assert d.ctl("start", "back:", "--waiting").returncode == 0
+    assert {r["state"] for r in sv_rows(d).values()} == {"RUNNING"}
