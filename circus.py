@@ -17,7 +17,8 @@ or from Python::
     arbiter.run()
 
 Public API (``__all__``): Process, Watcher, Arbiter, get_arbiter, Client,
-load_config, CircusError, ConfigError, CommandError, and the stream classes.
+subscribe, load_config, CircusError, ConfigError, CommandError, MessageError,
+and the stream classes.
 
 Sections, in order (each uses only those above it):
  1. Header and lazy imports        8. Watcher
@@ -44,7 +45,7 @@ __version__ = "0.1.0"
 CIRCUS_COMPAT = "0.19.0"
 
 __all__ = [
-    "Process", "Watcher", "Arbiter", "get_arbiter", "Client", "load_config",
+    "Process", "Watcher", "Arbiter", "get_arbiter", "Client", "subscribe", "load_config",
     "CircusError", "ConfigError", "CommandError", "MessageError",
     "StdoutStream", "FancyStdoutStream", "FileStream", "WatchedFileStream",
     "TimedRotatingFileStream", "QueueStream",
@@ -1513,11 +1514,99 @@ _STREAM_CLASSES = {c.__name__: c for c in (StdoutStream, FancyStdoutStream, File
                                            WatchedFileStream, TimedRotatingFileStream, QueueStream)}
 
 
+class ThreadedStream:
+    """Runs a user's stream class in a thread of its own.
+
+    The rule: a stream class that is not one of ours never runs in the event
+    loop, so a slow or stuck one cannot delay a respawn or a command. Chunks
+    reach it in order. The bound: at most MAX_PENDING bytes wait for it;
+    beyond that chunks are dropped, counted and logged. After MAX_FAILURES
+    exceptions in a row for one process, that process's output is no longer
+    given to it (the daemon and the other streams go on).
+    """
+
+    MAX_PENDING = 16 << 20
+    MAX_FAILURES = 5
+
+    def __init__(self, stream, label: str):
+        import queue
+        import threading
+        self.stream = stream
+        self.label = label
+        self.dropped = 0                # bytes dropped because the stream fell behind
+        self._queue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._pending = 0
+        self._failures: dict = {}
+        self._disabled: set = set()
+        self._thread = threading.Thread(target=self._run, name="stream " + label, daemon=True)
+        self._thread.start()
+
+    def __call__(self, chunk: dict) -> None:
+        if chunk.get("pid") in self._disabled:
+            return
+        n = len(chunk["data"])
+        with self._lock:
+            if self._pending + n > self.MAX_PENDING:
+                if not self.dropped:
+                    _log().warning("stream %s is too slow: dropping output (more than %d bytes "
+                                   "waiting)", self.label, self.MAX_PENDING)
+                self.dropped += n
+                return
+            self._pending += n
+        self._queue.put(chunk)
+
+    def _run(self):
+        while True:
+            chunk = self._queue.get()
+            if chunk is None:
+                break
+            with self._lock:
+                self._pending -= len(chunk["data"])
+            pid = chunk.get("pid")
+            if pid in self._disabled:
+                continue
+            try:
+                self.stream(chunk)
+                self._failures.pop(pid, None)
+            except Exception as e:
+                count = self._failures[pid] = self._failures.get(pid, 0) + 1
+                _log().error("stream %s failed on output of pid %s: %s: %s", self.label, pid,
+                             type(e).__name__, e)
+                if count >= self.MAX_FAILURES:
+                    self._disabled.add(pid)
+                    _log().error("stream %s disabled for pid %s after %d failures in a row",
+                                 self.label, pid, count)
+        close = getattr(self.stream, "close", None)
+        if close is not None:
+            try:
+                close()
+            except Exception as e:
+                _log().error("stream %s failed to close: %s", self.label, e)
+
+    def close(self) -> None:
+        """Let it finish what is queued, then close it (without waiting here)."""
+        self._queue.put(None)
+        _CLOSING_STREAMS.add(self._thread)
+
+
+_CLOSING_STREAMS: set = set()
+
+
+def join_streams(timeout: float) -> None:
+    """Wait (in a worker thread, at exit) for closing user streams to drain, up to ``timeout``."""
+    deadline = time.monotonic() + timeout
+    for thread in list(_CLOSING_STREAMS):
+        thread.join(max(0.0, deadline - time.monotonic()))
+        _CLOSING_STREAMS.discard(thread)
+
+
 def build_stream(conf: dict, search_dirs=()):
     """A stream object from ``stdout_stream.*`` settings (class + kwargs).
 
     Circus's dotted names (``circus.stream.FileStream``) and the short ones
-    map to the built-in classes; any other dotted path is imported.
+    map to the built-in classes; any other dotted path is imported, and runs
+    in a ThreadedStream.
     """
     conf = dict(conf)
     cls_name = conf.pop("class", None)
@@ -1533,6 +1622,11 @@ def build_stream(conf: dict, search_dirs=()):
             cls = import_dotted(cls_name, search_dirs)
         except ImportError as e:
             raise ValueError("stream class %r cannot be imported: %s" % (cls_name, e)) from None
+        try:
+            return ThreadedStream(cls(**conf), cls_name)
+        except Exception as e:
+            raise ValueError("stream class %s(%s) failed: %s: %s" % (
+                cls_name, ", ".join("%s=%r" % kv for kv in conf.items()), type(e).__name__, e)) from None
     return cls(**conf)
 
 
@@ -2632,6 +2726,13 @@ class _RingLogHandler:
 
     def handle(self, record):
         line = self.formatter.format(record) + "\n"
+        arb = self.arbiter
+        if arb.loop_thread == __import__("threading").get_ident():
+            self._publish(line)
+        elif arb.loop is not None and not arb.loop.is_closed():     # e.g. a ThreadedStream's log
+            arb.loop.call_soon_threadsafe(self._publish, line)
+
+    def _publish(self, line):
         self.arbiter.log_ring.append(line.encode("utf-8", "replace"))
         self.arbiter.publish_followed("log", {"data": line, "time": time.time()})
 
@@ -2676,6 +2777,7 @@ class Arbiter:
         self.search_dirs = (os.path.dirname(config.path),) if config and config.path else ()
         self.listeners: list = []
         self.log_ring = RingBuffer()    # the daemon's recent log, for `ctl maintail`
+        self.loop_thread = None
         self._log_handler = None
         self.sockets: dict = {}
         self.watchers: list = []
@@ -2764,6 +2866,7 @@ class Arbiter:
     async def start(self, handle_signals=False):
         """Bind sockets and channels, then start the watchers in priority order."""
         self.loop = asyncio.get_running_loop()
+        self.loop_thread = __import__("threading").get_ident()
         self._lock = asyncio.Lock()
         self._log_handler = _RingLogHandler(self)
         _log().addHandler(self._log_handler)
@@ -2882,6 +2985,8 @@ class Arbiter:
         cw = _CHILD_WATCHERS.pop(self.loop, None)
         if cw is not None:
             cw.close()
+        if _CLOSING_STREAMS:        # user streams finish their queue (bounded) before we exit
+            await self.loop.run_in_executor(None, join_streams, 5.0)
         if self._done is not None and not self._done.done():
             self._done.set_result(True)
 
@@ -4051,6 +4156,20 @@ class Client:
     def cast(self, command: str, **props) -> None:
         """Send a command without waiting (no reply comes back)."""
         self.send({"command": command, "properties": props, "msg_type": "cast"})
+
+    def subscribe(self, topics=("watcher.",), timeout: float | None = None,
+                  pubsub_endpoint: str | None = None):
+        """Yield ``(topic, payload)`` events; the daemon is asked for its pub/sub endpoint.
+
+        ``timeout``: stop after that many seconds without an event (None: never).
+        """
+        if pubsub_endpoint is None:
+            reply = self.call("globaloptions", option="pubsub_endpoint")
+            if reply.get("status") != "ok":
+                raise CallError("cannot find the pub/sub endpoint: %s" % reply.get("reason"))
+            pubsub_endpoint = reply["options"]["pubsub_endpoint"]
+        return subscribe(pubsub_endpoint, [t.encode() if isinstance(t, str) else t for t in topics],
+                         timeout)
 
 
 def subscribe(endpoint: str = DEFAULT_PUBSUB, topics=(b"",), timeout=None, raw=False):

@@ -1559,17 +1559,40 @@ def test_library_arbiter_in_callers_loop(tmp_path):
     assert not psutil.pid_exists(pids[0])
 
 
-def test_readme_python_example_runs(tmp_path):
+def readme_files():
+    """The README's code blocks that start with ``# file: NAME``: {NAME: text}."""
     text = (HERE / "README.md").read_text()
-    blocks = [b.split("```", 1)[0] for b in text.split("```python\n")[1:]]
-    assert blocks, "README has no python example"
-    for i, code in enumerate(blocks):
-        script = tmp_path / ("example%d.py" % i)
-        script.write_text(code)
-        r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
-                           env=dict(os.environ, PYTHONPATH=str(HERE)), cwd=str(tmp_path))
-        assert r.returncode == 0, r.stderr
-        assert "hello from 1" in r.stdout and "hello from 2" in r.stdout and "pids: [" in r.stderr
+    files = {}
+    for block in re.findall(r"```(?:python|ini)\n(.*?)```", text, re.S):
+        first, _, rest = block.partition("\n")
+        if first.startswith("# file: "):
+            files[first[8:].strip()] = rest
+    return files
+
+
+def run_readme_example(tmp_path, name, *args, timeout=60):
+    for fname, text in readme_files().items():
+        (tmp_path / fname).write_text(text)
+    return subprocess.run([sys.executable, str(tmp_path / name)] + list(args), capture_output=True,
+                          text=True, timeout=timeout, env=dict(os.environ, PYTHONPATH=str(HERE)),
+                          cwd=str(tmp_path))
+
+
+def test_readme_has_the_examples():
+    assert set(readme_files()) >= {"api_example.py", "two_watchers.py", "tagger.py", "tagged.ini",
+                                   "watch_events.py"}
+
+
+def test_readme_api_example(tmp_path):
+    r = run_readme_example(tmp_path, "api_example.py")
+    assert r.returncode == 0, r.stderr
+    assert "hello from 1" in r.stdout and "hello from 2" in r.stdout and "pids: [" in r.stderr
+
+
+def test_readme_two_watchers_and_a_socket(tmp_path):
+    r = run_readme_example(tmp_path, "two_watchers.py")
+    assert r.returncode == 0, r.stderr
+    assert "web answered 200 ; workers: 2" in r.stdout
 
 
 def test_import_has_no_side_effects():
@@ -1587,13 +1610,16 @@ def test_import_has_no_side_effects():
 class Daemon:
     """A circus.py daemon in its own session, on ipc endpoints in a short temp dir."""
 
-    def __init__(self, root, body, name="c.ini", extra_args=()):
+    def __init__(self, root, body=None, name="c.ini", extra_args=()):
+        """``body`` is written after a [circus] section with our endpoints; without it,
+        ``name`` is an existing config that uses ipc://ctl.sock and ipc://pub.sock in root."""
         self.root = pathlib.Path(root)
         self.endpoint = "ipc://%s/ctl.sock" % root
         self.pubsub = "ipc://%s/pub.sock" % root
         self.conf = self.root / name
-        head = "[circus]\nendpoint = %s\npubsub_endpoint = %s\n" % (self.endpoint, self.pubsub)
-        self.conf.write_text(head + textwrap.dedent(body))
+        if body is not None:
+            head = "[circus]\nendpoint = %s\npubsub_endpoint = %s\n" % (self.endpoint, self.pubsub)
+            self.conf.write_text(head + textwrap.dedent(body))
         self.log = self.root / "daemon.log"
         self.extra_args = list(extra_args)
         self.proc = None
@@ -1602,7 +1628,7 @@ class Daemon:
     def start(self, wait=True):
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, str(CIRCUS_PY), "daemon", str(self.conf)] + self.extra_args,
+                [sys.executable, str(CIRCUS_PY), "daemon", self.conf.name] + self.extra_args,
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True, cwd=str(self.root))
         if wait:
@@ -3750,3 +3776,119 @@ def test_e2e_sv_group_and_fcgi_program(daemon, shortdir):
     assert d.call("status", name="app:app_0")["status"] == "active"
     assert d.ctl("start", "back:", "--waiting").returncode == 0
     assert {r["state"] for r in sv_rows(d).values()} == {"RUNNING"}
+
+
+
+# ===========================================================================
+# End-to-end: user stream classes and the README's daemon examples
+# ===========================================================================
+
+def test_e2e_readme_custom_stream_class(tmp_path):
+    root = pathlib.Path(tempfile.mkdtemp(prefix="rdm", dir="/tmp"))     # short: ipc paths
+    try:
+        for fname, text in readme_files().items():
+            (root / fname).write_text(text)
+        d = Daemon(root, name="tagged.ini")     # the README's own config, unchanged
+        try:
+            d.start()
+            (pid,) = d.pids("hello")
+            out = root / "tagged.log"
+            wait_for(lambda: out.exists() and out.read_text().count("\n") == 2, what="tagged output")
+            assert out.read_text() == "[hello %d] one\n[hello %d] two\n" % (pid, pid)
+        finally:
+            d.stop()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_e2e_readme_event_client(daemon):
+    d = daemon("[watcher:w]\ncmd = sleep 120\n")
+    files = readme_files()
+    script = pathlib.Path(d.root) / "watch_events.py"
+    script.write_text(files["watch_events.py"])
+    client = subprocess.Popen([sys.executable, str(script), d.endpoint], stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ, PYTHONPATH=str(HERE)), start_new_session=True)
+    try:
+        import select
+        lines = []
+
+        def reaped():       # kill until the (slow-joining) subscriber has seen one
+            if not lines:
+                os.kill(d.pids("w")[0], signal.SIGKILL)
+            if select.select([client.stdout], [], [], 0.3)[0]:
+                lines.append(client.stdout.readline())
+            return lines
+        wait_for(reaped, what="the client to print a reap")
+        assert re.fullmatch(r"w reap \d+ -9\n", lines[0]), lines
+    finally:
+        os.killpg(client.pid, signal.SIGKILL)
+        client.wait(TIMEOUT)
+
+
+STREAMS_PY = """\
+import time
+
+
+class Collector:
+    # every chunk, in order, to one file per pid
+    def __init__(self, folder):
+        self.folder = folder
+
+    def __call__(self, chunk):
+        with open("%s/%d.out" % (self.folder, chunk["pid"]), "ab") as f:
+            f.write(chunk["data"])
+
+
+class Broken:
+    def __init__(self, **kw):
+        pass
+
+    def __call__(self, chunk):
+        raise RuntimeError("broken on purpose")
+
+
+class Slow:
+    def __init__(self, **kw):
+        pass
+
+    def __call__(self, chunk):
+        time.sleep(2)
+"""
+
+
+def test_e2e_user_streams_lossless_failing_and_slow(daemon, shortdir):
+    root = pathlib.Path(shortdir)
+    (root / "streams.py").write_text(STREAMS_PY)
+    (root / "out").mkdir()
+    d = daemon("""
+        [watcher:counter]
+        cmd = %s -c "import sys; [sys.stdout.write('%%d\\\\n' %% i) for i in range(50000)]"
+        stdout_stream.class = streams.Collector
+        stdout_stream.folder = %s/out
+        [watcher:broken]
+        cmd = sh -c 'while true; do echo x; sleep 0.02; done'
+        stdout_stream.class = streams.Broken
+        [watcher:slow]
+        cmd = sh -c 'while true; do echo y; sleep 0.01; done'
+        stdout_stream.class = streams.Slow
+        [watcher:victim]
+        cmd = sleep 120
+        """ % (sys.executable, root))
+    # lossless and in order, across restarts: every run of `counter` wrote 0..49999
+    wait_for(lambda: len(list((root / "out").glob("*.out"))) >= 3, timeout=30, what="three runs of counter")
+    expected = "".join("%d\n" % i for i in range(50000))
+    runs = sorted((root / "out").glob("*.out"))[:3]
+    for f in runs:
+        wait_for(lambda: f.read_text() == expected, what="all of %s" % f.name)
+    # a failing class is logged with its name and disabled for that process
+    wait_for(lambda: "stream streams.Broken disabled for pid" in d.log.read_text(), what="Broken disabled")
+    assert "streams.Broken failed on output of pid" in d.log.read_text()
+    # a slow class does not delay another watcher's respawn
+    ev = subscribe_ready(d)
+    (pid,) = d.pids("victim")
+    t0 = time.time()
+    os.kill(pid, signal.SIGKILL)
+    _, spawn = ev.wait(lambda t, p: t == "watcher.victim.spawn", what="victim respawn")
+    assert spawn["time"] - t0 < 0.5
+    assert d.call("status")["statuses"]["slow"] == "active"
+    ev.close()
