@@ -1385,14 +1385,16 @@ class FileStream:
         self._size = 0
         self.open()
 
-    def open(self):
+    def open(self) -> None:
+        """Open (or create) the file for appending."""
         d = os.path.dirname(self.filename)
         if d and not os.path.isdir(d):
             os.makedirs(d, exist_ok=True)
         self._fd = os.open(self.filename, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
         self._size = os.fstat(self._fd).st_size
 
-    def close(self):
+    def close(self) -> None:
+        """Close the file; the next write reopens it."""
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -1813,7 +1815,7 @@ class Process:
     def __repr__(self):
         return "<Process wid=%s pid=%s state=%s rc=%s>" % (self.wid, self.pid, self.state, self.returncode)
 
-    def argv(self):
+    def argv(self) -> list | str:
         """The command line as spawned: a list, or one string for the shell."""
         import shlex
         args = self.args
@@ -1897,7 +1899,7 @@ class Process:
         except Exception:       # a broken stream never breaks the process
             _log().exception("output handler of %s failed", self)
 
-    def drain(self):
+    def drain(self) -> None:
         """Read what is left in the pipes (called on exit, so no line is lost)."""
         for fd in list(self._pipes):
             while fd in self._pipes:
@@ -1930,9 +1932,10 @@ class Process:
 
     @property
     def alive(self) -> bool:
+        """True from spawn() until the process is reaped."""
         return self.pid is not None and self.returncode is None
 
-    async def wait(self, timeout=None):
+    async def wait(self, timeout=None) -> int | None:
         """Wait for the exit; returns the exit code (or None on timeout)."""
         if self._exited is None:
             return self.returncode
@@ -1942,19 +1945,22 @@ class Process:
             return None
 
     def send_signal(self, sig: int) -> None:
+        """Signal the process itself (a race with its exit is harmless)."""
         if self.alive:
             try:
                 os.kill(self.pid, sig)
             except ProcessLookupError:   # exited; the reap is on its way
                 pass
 
-    def children(self, recursive=False):
+    def children(self, recursive=False) -> list:
+        """Its child processes (psutil objects), or all descendants."""
         try:
             return _psutil.Process(self.pid).children(recursive=recursive)
         except _psutil.Error:
             return []
 
     def signal_children(self, sig: int, recursive=False) -> None:
+        """Signal its children (or all descendants with ``recursive``)."""
         for child in self.children(recursive):
             try:
                 child.send_signal(sig)
@@ -1971,7 +1977,7 @@ class Process:
             pass
 
     async def stop(self, sig=signal.SIGTERM, timeout=30.0, stop_children=False, on_kill=None,
-                   group=False):
+                   group=False) -> int | None:
         """Send ``sig``, wait up to ``timeout`` s, then SIGKILL it and its descendants.
 
         ``group`` (Supervisor's stopasgroup) signals the whole process group.
@@ -2007,6 +2013,7 @@ class Process:
         return code
 
     def info(self) -> dict:
+        """pid, wid, state, start time and age, as a dict."""
         return {"pid": self.pid, "wid": self.wid, "state": self.state,
                 "started": self.started, "age": time.time() - self.started if self.started else 0}
 
@@ -2048,6 +2055,7 @@ class RingBuffer:
         self._total = 0
 
     def append(self, data: bytes) -> None:
+        """Keep ``data``, forgetting the oldest bytes beyond ``size``."""
         if len(data) >= self.size:
             self._chunks.clear()
             data = bytes(data[-self.size:])
@@ -2058,6 +2066,7 @@ class RingBuffer:
             self._total -= len(self._chunks.popleft())
 
     def tail(self, n: int | None = None) -> bytes:
+        """The last ``n`` bytes kept (all of them without ``n``)."""
         data = b"".join(self._chunks)
         return data if n is None else data[-n:] if n > 0 else b""
 
@@ -2148,19 +2157,23 @@ class Watcher:
         return "<Watcher %s %s %d/%d>" % (self.name, self.status, len(self.processes), self.numprocesses)
 
     # -- options ------------------------------------------------------------
-    def opt(self, key):
+    def opt(self, key) -> object:
+        """The current value of one option (WATCHER_OPTIONS)."""
         return self.conf.options[key]
 
     @property
     def numprocesses(self) -> int:
+        """How many processes it keeps running."""
         return self.conf.options["numprocesses"]
 
     @property
     def priority(self) -> int:
+        """Start order: higher first (Circus's rule)."""
         return self.conf.options["priority"]
 
     @property
     def topic_name(self) -> str:
+        """Its name in event topics: lower case, spaces as underscores."""
         return self.name.lower().replace(" ", "_")
 
     def options(self) -> dict:
@@ -2194,6 +2207,7 @@ class Watcher:
 
     # -- events and hooks -----------------------------------------------------
     def emit(self, event: str, **payload) -> None:
+        """Publish ``watcher.<name>.<event>`` with ``payload`` (+ time)."""
         payload.setdefault("time", time.time())
         if self.on_event is not None:
             try:
@@ -2202,6 +2216,7 @@ class Watcher:
                 _log().exception("event listener failed on %s", event)
 
     def call_hook(self, name: str, **kw) -> bool:
+        """Run a configured hook; False means: abort what it guards."""
         spec = self.conf.hooks.get(name)
         if not spec:
             return True
@@ -2218,6 +2233,7 @@ class Watcher:
 
     # -- spawning ----------------------------------------------------------------
     def env(self) -> dict:
+        """The environment its processes get (cached until options change)."""
         if self._env_cache is None:
             o = self.conf.options
             env = dict(os.environ) if o["copy_env"] else {}
@@ -2294,7 +2310,7 @@ class Watcher:
             raise ValueError("stdin_socket %r: no such bound socket" % name)
         return sock.fileno()
 
-    def spawn_process(self):
+    def spawn_process(self) -> Process | None:
         """Start one process now; returns it, or None when the spawn failed."""
         o = self.conf.options
         if not self.call_hook("before_spawn"):
@@ -2358,7 +2374,7 @@ class Watcher:
             self._timers[p.pid] = asyncio.get_event_loop().call_later(delay, self._expire, p)
         return p
 
-    async def spawn_missing(self, force=0):
+    async def spawn_missing(self, force=0) -> None:
         """Top up to numprocesses (plus ``force`` extra), yielding to the loop in batches."""
         o = self.conf.options
         n = 0
@@ -2580,6 +2596,7 @@ class Watcher:
         _log().info("watcher %s stopped", self.name)
 
     async def restart(self) -> dict:
+        """Stop, then start; returns stopped/started/kept pids."""
         stopped = list(self.processes)
         await self.stop()
         info = await self.start()
@@ -2628,6 +2645,7 @@ class Watcher:
             await self.spawn_missing()
 
     async def set_numprocesses(self, n: int) -> int:
+        """Change how many processes run; spawns or retires at once."""
         if self.conf.options["singleton"] and n > 1:
             raise MessageError("watcher %s is a singleton: numprocesses can only be 0 or 1" % self.name)
         self.conf.options["numprocesses"] = max(0, n)
@@ -2668,7 +2686,7 @@ class Watcher:
         else:
             await self.manage()
 
-    def send_signal(self, signum, pid=None, childpid=None, children=False, recursive=False):
+    def send_signal(self, signum, pid=None, childpid=None, children=False, recursive=False) -> None:
         """The ``signal`` command: to processes, their children, or a whole tree."""
         if pid is not None:
             if pid not in self.processes:
@@ -2694,7 +2712,7 @@ class Watcher:
                     p.signal_children(signum, recursive=True)
             self.call_hook("after_signal", pid=p.pid, signum=signum)
 
-    async def kill(self, signum=None, pid=None, graceful_timeout=None):
+    async def kill(self, signum=None, pid=None, graceful_timeout=None) -> None:
         """The ``kill`` command: stop (then SIGKILL) processes; respawn refills them."""
         o = self.conf.options
         sig = o["stop_signal"] if signum is None else signum
@@ -2792,6 +2810,7 @@ class Arbiter:
 
     @classmethod
     def from_config(cls, cfg: CircusConfig) -> "Arbiter":
+        """An Arbiter for a CircusConfig (from load_config)."""
         arb = cls(endpoint=cfg.endpoint, pubsub_endpoint=cfg.pubsub_endpoint,
                   check_delay=cfg.check_delay, warmup_delay=cfg.warmup_delay,
                   multicast_endpoint=cfg.multicast_endpoint or None,
@@ -2820,13 +2839,14 @@ class Arbiter:
 
     # -- lookups ---------------------------------------------------------------
     def get_watcher(self, name) -> Watcher:
+        """A watcher by name, any case; MessageError if there is none."""
         low = str(name).lower()
         for w in self.watchers:
             if w.name.lower() == low:
                 return w
         raise MessageError("program %s not found" % name)
 
-    def iter_watchers(self, reverse=False):
+    def iter_watchers(self, reverse=False) -> list:
         """By priority, highest first (stable on config order); reverse for stopping."""
         ws = sorted(self.watchers, key=lambda w: -w.priority)
         return list(reversed(ws)) if reverse else ws
@@ -2846,7 +2866,8 @@ class Arbiter:
                               {"data": chunk["data"].decode("utf-8", "replace"), "pid": chunk["pid"],
                                "time": time.time()})
 
-    def emit(self, topic, payload):
+    def emit(self, topic, payload) -> None:
+        """Hand an event to every listener (the pub/sub channel is one)."""
         for listener in list(self.listeners):
             try:
                 listener(topic, payload)
@@ -2863,7 +2884,7 @@ class Arbiter:
         await self._done
         return 0
 
-    async def start(self, handle_signals=False):
+    async def start(self, handle_signals=False) -> None:
         """Bind sockets and channels, then start the watchers in priority order."""
         self.loop = asyncio.get_running_loop()
         self.loop_thread = __import__("threading").get_ident()
@@ -2907,7 +2928,8 @@ class Arbiter:
         if self.endpoint or self.pubsub_endpoint or self.multicast_endpoint:
             self.channels = await start_channels(self)
 
-    async def start_watchers(self, names=None):
+    async def start_watchers(self, names=None) -> None:
+        """Start the autostart watchers (or those given) by priority."""
         for w in self.iter_watchers():
             if (names is None and w.conf.options["autostart"]) or (names is not None and w in names):
                 if names is None and w.conf.options["on_demand"] and self._arm_on_demand(w):
@@ -2943,7 +2965,7 @@ class Arbiter:
             self.loop.remove_reader(fd)
         w.on_demand_fds = []
 
-    async def stop_watchers(self, watchers=None):
+    async def stop_watchers(self, watchers=None) -> None:
         """Stop in reverse priority order; watchers of equal priority stop together."""
         ws = self.iter_watchers(reverse=True) if watchers is None else \
             sorted(watchers, key=lambda w: w.priority)
@@ -2958,7 +2980,7 @@ class Arbiter:
                     await w.stop()
             await asyncio.gather(*(stop_one(w) for w in group))
 
-    async def stop(self):
+    async def stop(self) -> None:
         """Stop every watcher, close sockets and channels; run() then returns.
 
         Called by the ``quit`` command's own handler, it returns once the
@@ -3006,7 +3028,7 @@ class Arbiter:
         except Exception:
             _log().exception("unexpected error")
 
-    async def reload(self, graceful=True, sequential=False):
+    async def reload(self, graceful=True, sequential=False) -> None:
         """Reload every running watcher (stopped ones stay stopped: Circus bug 5)."""
         async with self._lock:
             for w in self.iter_watchers():
@@ -3030,7 +3052,7 @@ class Arbiter:
         self.emit("watcher.%s.add" % w.topic_name, {"time": time.time()})
         return w
 
-    def rm_watcher(self, w: Watcher, nostop=False):
+    def rm_watcher(self, w: Watcher, nostop=False) -> object:
         """Detach a watcher; returns a coroutine that stops it (nothing with nostop)."""
         self.watchers.remove(w)
         self.emit("watcher.%s.remove" % w.topic_name, {"time": time.time()})
@@ -3085,7 +3107,7 @@ class Arbiter:
                 "changed": sorted(w.name for w, _ in changed + resized),
                 "removed": sorted(w.name for w in removed)}
 
-    async def reload_config(self, new: CircusConfig | None = None):
+    async def reload_config(self, new: CircusConfig | None = None) -> None:
         """Re-read the file; apply only what changed. A broken file changes nothing."""
         new = new or self._load_new_config()
         old = self.config
@@ -3131,7 +3153,7 @@ class Arbiter:
         finally:
             a.options["numprocesses"] = na
 
-    async def restart(self):
+    async def restart(self) -> None:
         """Full restart in this process: stop all, re-read the config, rebind, start.
 
         If the file is now broken, the old config is started again (nothing lost).
@@ -4129,7 +4151,8 @@ class Client:
     def __exit__(self, *exc):
         self.close()
 
-    def close(self):
+    def close(self) -> None:
+        """Close the socket and its context."""
         self.sock.close(0)
         self.ctx.term()
 
@@ -4158,7 +4181,7 @@ class Client:
         self.send({"command": command, "properties": props, "msg_type": "cast"})
 
     def subscribe(self, topics=("watcher.",), timeout: float | None = None,
-                  pubsub_endpoint: str | None = None):
+                  pubsub_endpoint: str | None = None) -> object:
         """Yield ``(topic, payload)`` events; the daemon is asked for its pub/sub endpoint.
 
         ``timeout``: stop after that many seconds without an event (None: never).
@@ -4172,7 +4195,7 @@ class Client:
                          timeout)
 
 
-def subscribe(endpoint: str = DEFAULT_PUBSUB, topics=(b"",), timeout=None, raw=False):
+def subscribe(endpoint: str = DEFAULT_PUBSUB, topics=(b"",), timeout=None, raw=False) -> object:
     """Yield ``(topic, payload)`` events from a pub/sub endpoint, forever or until timeout.
 
     With ``raw`` the two frames are yielded as they came (bytes, bytes).
