@@ -1595,6 +1595,39 @@ def test_readme_two_watchers_and_a_socket(tmp_path):
     assert "web answered 200 ; workers: 2" in r.stdout
 
 
+def test_all_is_the_documented_contract():
+    for name in circus.__all__:
+        obj = getattr(circus, name)
+        assert obj.__doc__ and obj.__doc__.strip(), name
+
+
+def test_e2e_arbiter_run_blocks_in_its_own_loop(shortdir):
+    code = textwrap.dedent("""\
+        import sys
+        sys.path.insert(0, %r)
+        import circus
+        arbiter = circus.get_arbiter([{"name": "w", "cmd": "sleep 120", "numprocesses": 2}],
+                                     controller="ipc://%s/ctl.sock", pubsub_endpoint=None)
+        sys.exit(arbiter.run())
+        """) % (str(HERE), shortdir)
+    proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    try:
+        def pids():
+            try:
+                with circus.Client("ipc://%s/ctl.sock" % shortdir, 0.5) as c:
+                    return c.call("list", name="w").get("pids")
+            except circus.CallError:
+                return None
+        started = wait_for(lambda: (lambda p: p if p and len(p) == 2 else None)(pids()), what="2 processes")
+        os.kill(proc.pid, signal.SIGTERM)           # run() handles TERM: stops everything, returns 0
+        assert proc.wait(TIMEOUT) == 0
+        assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+                       for p in started)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 def test_import_has_no_side_effects():
     code = ("import logging, signal, sys; sys.path.insert(0, %r); import circus;"
             "print(logging.getLogger('circus').handlers, signal.getsignal(signal.SIGTERM) is signal.SIG_DFL,"
