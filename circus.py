@@ -340,7 +340,7 @@ class IniFile:
             if raw[0] in " \t" and key is not None:
                 # continuation line: joined to the previous value with a newline
                 value, where = section[key]
-                section[key] = (value + "\n" + _strip_inline_comment(stripped), where)
+                section[key] = (value + "\n" + _strip_inline_comment(stripped, "#;" if sv else ";"), where)
                 continue
             m = self._SECTION.match(stripped)
             if m:
@@ -574,6 +574,7 @@ class WatcherConfig:
         self.free: dict = {}
         self.added = False              # created by the `add` command
         self.group = None               # Supervisor group name ([program:x] / [group:x])
+        self.forward_output = True      # no stream: pass output on to the daemon's stdout/stderr
         for k, v in (options or {}).items():
             self.set(k, v)
 
@@ -1076,6 +1077,11 @@ def load_supervisor_sections(ini: IniFile, cfg: CircusConfig, environ, seen: dic
                         names, host, childlogdir, value, conv, seen)
 
 
+def socket_somaxconn() -> int:
+    import socket
+    return getattr(socket, "SOMAXCONN", 128)
+
+
 def _sv_program(ini, cfg, section, pname, gname, gprio, fcgi, sv_env, names, host, childlogdir,
                 value, conv, seen):
     base = {"program_name": pname, "group_name": gname, "host_node_name": host}
@@ -1103,7 +1109,7 @@ def _sv_program(ini, cfg, section, pname, gname, gprio, fcgi, sv_env, names, hos
         "priority": -(gprio if gprio is not None and gname != pname else prio),
         "autostart": conv(section, "autostart", get("autostart", "true"), to_bool),
         "startsecs": startsecs,
-        "max_retry": startretries + 1,
+        "max_retry": max(startretries + 1, 1),
         "autorestart": conv(section, "autorestart", get("autorestart", "unexpected"), parse_autorestart),
         "exitcodes": conv(section, "exitcodes", get("exitcodes", "0"), parse_exitcodes),
         "stop_signal": conv(section, "stopsignal", get("stopsignal", "TERM"), to_signum),
@@ -1127,7 +1133,8 @@ def _sv_program(ini, cfg, section, pname, gname, gprio, fcgi, sv_env, names, hos
             raise ConfigError("%s: fcgi-program needs socket = tcp://HOST:PORT or unix:///PATH"
                               % ini.where(section))
         sockname = "fcgi-" + pname.lower()
-        opts = {"backlog": conv(section, "socket_backlog", get("socket_backlog", "1024"), to_int)}
+        opts = {"backlog": conv(section, "socket_backlog", get("socket_backlog", str(socket_somaxconn())), to_int),
+                "blocking": True}       # as Supervisor hands it over: a blocking socket
         if sock.startswith("unix://"):
             path = sock[7:]
             if not os.path.isabs(path):
@@ -1142,30 +1149,30 @@ def _sv_program(ini, cfg, section, pname, gname, gprio, fcgi, sv_env, names, hos
                               % (ini.where(section, "socket"), sock))
         if sockname not in {s.name for s in cfg.sockets}:
             cfg.sockets.append(SocketConfig(sockname, **opts))
-        common.update(stdin_socket=sockname, use_sockets=True)
+        common.update(stdin_socket=sockname)
     for i in range(numprocs):
         num = start + i
         per = dict(base, process_num=num, numprocs=numprocs)
         env_text = value(section, "environment", per)
         prog_env = parse_sv_environment(env_text, ini.where(section, "environment")) if env_text else {}
-        per_cmd = dict(per)
-        per_cmd.update({"ENV_" + k: v for k, v in prog_env.items()})
+        per.update({"ENV_" + k: v for k, v in prog_env.items()})     # as Supervisor: for command,
         procname = value(section, "process_name", per, "%(program_name)s") if "process_name" in items \
-            else pname
+            else pname                                              # directory, logfiles, process_name
         wname = procname if gname == procname else "%s:%s" % (gname, procname)
         if wname.lower() in seen:
             raise ConfigError("%s: process %r is defined twice" % (ini.where(section), wname))
         seen[wname.lower()] = wname
         wc = WatcherConfig(wname, common)
-        wc.set("cmd", value(section, "command", per_cmd))
+        wc.set("cmd", value(section, "command", per))
         directory = value(section, "directory", per)
         if directory:
             wc.set("working_dir", os.path.expanduser(directory))
-        env = dict(sv_env)
+        env = dict(SUPERVISOR_ENABLED="1", SUPERVISOR_PROCESS_NAME=procname, SUPERVISOR_GROUP_NAME=gname)
+        env.update(sv_env)
         env.update(prog_env)
-        env.update(SUPERVISOR_ENABLED="1", SUPERVISOR_PROCESS_NAME=procname, SUPERVISOR_GROUP_NAME=gname)
         wc.env = env
         wc.group = gname
+        wc.forward_output = False       # no logfile means discarded (kept for `ctl tail` only)
         for which in ("stdout", "stderr"):
             if which == "stderr" and common["redirect_stderr"]:
                 continue
@@ -1179,7 +1186,7 @@ def _sv_program(ini, cfg, section, pname, gname, gprio, fcgi, sv_env, names, hos
                                     % ini.where(section, which + "_logfile"))
                 continue
             if logfile.upper() == "AUTO":
-                logfile = os.path.join(childlogdir, "%s-%s---supervisor.log" % (procname, which))
+                logfile = os.path.join(childlogdir, "%s-%s---supervisor.log" % (wname.replace(":", "_"), which))
             else:
                 logfile = os.path.abspath(os.path.expanduser(logfile))
                 if not os.path.isdir(os.path.dirname(logfile)):
@@ -1189,6 +1196,8 @@ def _sv_program(ini, cfg, section, pname, gname, gprio, fcgi, sv_env, names, hos
             wc.set(which + "_stream.filename", logfile)
             wc.set(which + "_stream.max_bytes", conv(section, which + "_logfile_maxbytes", size, parse_byte_size))
             wc.set(which + "_stream.backup_count", conv(section, which + "_logfile_backups", backups, to_int))
+            if getattr(wc, which + "_stream")["backup_count"] == 0:
+                wc.set(which + "_stream.truncate", True)     # Supervisor empties a full log with no backups
         cfg.watchers.append(wc.check())
 
 
@@ -1372,7 +1381,7 @@ class FileStream:
     would reach max_bytes; without backup_count the file just grows.
     """
 
-    def __init__(self, filename=None, max_bytes=0, backup_count=0, time_format=None, **_):
+    def __init__(self, filename=None, max_bytes=0, backup_count=0, time_format=None, truncate=False, **_):
         if not filename:
             import tempfile
             fd, filename = tempfile.mkstemp(prefix="circus-", suffix=".log")
@@ -1380,6 +1389,7 @@ class FileStream:
         self.filename = os.path.abspath(str(filename))
         self.max_bytes = to_int(max_bytes or 0)
         self.backup_count = to_int(backup_count or 0)
+        self.truncate = to_bool(truncate)       # full and no backups: start over (Supervisor)
         self._prefix = _Prefixer(time_format) if time_format else None
         self._fd = -1
         self._size = 0
@@ -1422,6 +1432,9 @@ class FileStream:
             self.open()
         _write_all(self._fd, chunk)
         self._size += len(chunk)
+        if self.truncate and not self.backup_count and 0 < self.max_bytes <= self._size:
+            os.ftruncate(self._fd, 0)       # Supervisor: full with no backups, start over
+            self._size = 0
 
 
 class WatchedFileStream(FileStream):
@@ -2426,7 +2439,7 @@ class Watcher:
         stream = self.stdout_stream if name == "stdout" else self.stderr_stream
         if stream is not None:
             stream(chunk)
-        elif not self.conf.options["close_child_" + name]:
+        elif self.conf.forward_output and not self.conf.options["close_child_" + name]:
             try:    # what an inherited stdout/stderr would have shown
                 _write_all(1 if name == "stdout" else 2, chunk["data"])
             except OSError:
@@ -2439,6 +2452,7 @@ class Watcher:
         if p.alive and p.state == ProcState.STARTING:
             p.state = ProcState.RUNNING
             self.failures = 0
+            self.sv_state, self.sv_since = p.state, time.time()
             self.emit("state", process_pid=p.pid, state=p.state)
 
     def _on_exit(self, p: Process):
@@ -2519,6 +2533,7 @@ class Watcher:
             sig = signal.SIGKILL if sig == signal.SIGKILL else None
         if sig is None:
             return
+        self.emit("state", process_pid=p.pid, state=ProcState.STOPPING)
         await p.stop(sig, o["graceful_timeout"], o["stop_children"],
                      on_kill=lambda proc: self.emit("kill", process_pid=proc.pid),
                      group=o["stopasgroup"])
@@ -2557,8 +2572,9 @@ class Watcher:
             self._open_streams()
         except (OSError, ValueError) as e:
             self.status = STOPPED
-            raise CommandError("watcher %s: cannot open its output stream: %s" % (self.name, e),
-                               E_OS_ERROR) from None
+            self.last_error = "cannot open its output stream: %s" % (e,)
+            self.sv_state, self.sv_since = ProcState.FATAL, time.time()
+            raise CommandError("watcher %s: %s" % (self.name, self.last_error), E_OS_ERROR) from None
         await self.spawn_missing()
         if self.status != STARTING:
             return {"started": list(self.processes), "kept": []}
@@ -2591,7 +2607,7 @@ class Watcher:
         self._close_streams()
         self.status = STOPPED
         self.sv_state, self.sv_since = final_state, time.time()
-        self.emit("stop")
+        self.emit("stop", state=final_state)
         self.call_hook("after_stop")
         _log().info("watcher %s stopped", self.name)
 
@@ -2935,7 +2951,10 @@ class Arbiter:
                 if names is None and w.conf.options["on_demand"] and self._arm_on_demand(w):
                     continue
                 async with w.lock:
-                    await w.start()
+                    try:
+                        await w.start()
+                    except CircusError as e:    # one broken watcher never stops the others
+                        _log().error("%s", e)
                 if self.warmup_delay:
                     await asyncio.sleep(self.warmup_delay)
 
@@ -3469,6 +3488,8 @@ def _fmt_status(reply):
 def cmd_status(arb, props):
     """Status of every watcher, or of one; --long: every process, as supervisorctl shows it."""
     long = _prop(props, "long", bool, False)
+    if long and str(props.get("name", "")).lower() == "all":
+        props = {}
     if props.get("name"):
         found = _match(arb, props) if long else [_watcher(arb, props)]
         if long:
@@ -3491,7 +3512,8 @@ def process_rows(w) -> list:
     """One row per process (or one for the watcher when none runs), Supervisor's way."""
     now = time.time()
     rows = []
-    procs = sorted(w.processes.values(), key=lambda p: p.wid)
+    procs = sorted(list(w.processes.values()) + [p for p in w.retiring.values() if p.alive],
+                   key=lambda p: p.wid)
     for p in procs:
         name = w.name if w.numprocesses <= 1 and len(procs) == 1 else "%s:%d" % (w.name, p.wid)
         desc = "pid %d, uptime %s" % (p.pid, _uptime(now - p.started)) if p.state == ProcState.RUNNING else ""
@@ -3831,16 +3853,19 @@ def _fmt_update(reply):
     return "\n".join(sorted(lines)) or "No config updates to processes"
 
 
-@command("update", "", _fmt_update)
+@command("update", "[--waiting]", _fmt_update)
 def cmd_update(arb, props):
-    """Apply the config file's changes (supervisorctl update = reloadconfig)."""
+    """Apply the config file's changes (supervisorctl update = reloadconfig, with a report)."""
     new = arb._load_new_config()
     diff = arb.config_diff(new)
 
     async def run():
         await arb.reload_config(new)
         return diff
-    return _Await(run())
+    if props.get("waiting"):
+        return _Await(run())
+    arb.loop.create_task(arb._guarded(run()))     # the report now; stops may take stopwaitsecs
+    return diff
 
 
 @command("quit", "[--waiting]")
@@ -4594,6 +4619,11 @@ def drop_privileges(user):
     uid, gid, groups = resolve_user(user, None)
     if uid == os.geteuid():
         return
+    import importlib    # the interpreter may live where the new user cannot read: import now
+    for mod in ("shlex", "subprocess", "heapq", "random", "glob", "fnmatch", "tempfile", "resource",
+                "grp", "pwd", "traceback", "platform", "queue", "threading", "collections", "psutil",
+                "logging.handlers", "logging.config", "urllib.parse", "json", "socket", "struct"):
+        importlib.import_module(mod)
     try:
         if groups is not None:
             os.setgroups(groups)

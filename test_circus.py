@@ -3771,8 +3771,8 @@ def test_e2e_sv_group_and_fcgi_program(daemon, shortdir):
     server = pathlib.Path(shortdir) / "fcgi.py"
     server.write_text(textwrap.dedent("""\
         import os, socket
-        s = socket.socket(fileno=0)          # Supervisor hands the socket over as stdin
-        s.setblocking(True)
+        s = socket.socket(fileno=0)          # Supervisor hands it over as stdin, blocking
+        assert s.getblocking()
         while True:
             c, _ = s.accept()
             c.sendall(b"%d" % os.getpid())
@@ -3925,3 +3925,55 @@ def test_e2e_user_streams_lossless_failing_and_slow(daemon, shortdir):
     assert spawn["time"] - t0 < 0.5
     assert d.call("status")["statuses"]["slow"] == "active"
     ev.close()
+
+
+
+def test_e2e_sv_review_fixes(daemon, shortdir):
+    root = pathlib.Path(shortdir)
+    d = daemon("""
+        [program:badlog]
+        command = sleep 120
+        stdout_logfile = %s
+        [program:quiet]
+        command = sh -c 'echo should-not-reach-the-daemon-stdout; exec sleep 120'
+        stdout_logfile = NONE
+        startsecs = 0
+        [program:envdir]
+        command = sh -c 'pwd; exec sleep 120'
+        environment = SUB=sub
+        directory = %s/%%(ENV_SUB)s
+        stdout_logfile = %s/%%(ENV_SUB)s.log
+        startsecs = 0
+        [program:small]
+        command = sh -c 'i=0; while [ $i -lt 200 ]; do echo 0123456789; i=$((i+1)); done; exec sleep 120'
+        stdout_logfile = %s/small.log
+        stdout_logfile_maxbytes = 1KB
+        stdout_logfile_backups = 0
+        startsecs = 0
+        [program:slowstop]
+        command = sh -c 'trap "" TERM; while true; do sleep 0.1; done'
+        stopwaitsecs = 3
+        startsecs = 0
+        """ % (root, root, root, root), start=False)
+    (root / "sub").mkdir()
+    d.start()
+    rows = wait_for(lambda: (lambda r: r if r["quiet"]["state"] == "RUNNING" and
+                             r["envdir"]["state"] == "RUNNING" else None)(sv_rows(d)), what="running")
+    # a log file that cannot be opened fails that program only, with the reason shown
+    assert rows["badlog"]["state"] == "FATAL" and "output stream" in rows["badlog"]["description"]
+    # per-process keys see the program's own environment names
+    wait_for(lambda: (root / "sub.log").exists() and (root / "sub.log").read_text(), what="envdir output")
+    assert (root / "sub.log").read_text() == "%s\n" % os.path.realpath(root / "sub")
+    # with no backups a full log starts over, as in Supervisor
+    wait_for(lambda: d.ctl("tail", "-3000", "small").stdout.count("0123") == 200, what="small output")
+    assert (root / "small.log").stat().st_size <= 1024
+    # NONE: output kept for tail, not written to the daemon's stdout
+    assert "should-not-reach" in d.ctl("tail", "quiet").stdout
+    assert "should-not-reach" not in d.log.read_text()
+    # a process being stopped shows STOPPING
+    import threading
+    stopper = threading.Thread(target=lambda: d.call("stop", name="slowstop", waiting=True))
+    stopper.start()
+    wait_for(lambda: sv_rows(d)["slowstop"]["state"] == "STOPPING", what="STOPPING")
+    stopper.join(TIMEOUT)
+    assert sv_rows(d)["slowstop"]["state"] == "STOPPED"
