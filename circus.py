@@ -463,6 +463,12 @@ WATCHER_OPTIONS = {
     "killasgroup": (to_bool, False),
     "redirect_stderr": (to_bool, False),
     "umask": (lambda v: None if v is None else (v if isinstance(v, int) else parse_octal(v)), None),
+    # resource watchdog (see Watchdog)
+    "max_rss": (lambda v: None if v in (None, "") else parse_mem_limit(v), None),
+    "max_cpu": (lambda v: None if v in (None, "") else to_float(v), None),
+    "watchdog_interval": (to_float, 5.0),
+    "watchdog_grace": (to_int, 3),
+    "watchdog_signal": (lambda v: None if v in (None, "") else to_signum(v), None),
 }
 
 #: The options `options`/`get` show, as circusd 0.19 does (plus free-form keys).
@@ -662,6 +668,7 @@ class CircusConfig:
         self.logoutput = None
         self.loggerconfig = None
         self.fqdn_prefix = None
+        self.metrics_endpoint = None    # HOST:PORT serving Prometheus /metrics
         self.minfds = None              # [supervisord] minfds: raise RLIMIT_NOFILE to it
         self.directory = None           # [supervisord] directory: chdir at start
         self.user = None                # [supervisord] user: drop privileges at start
@@ -683,6 +690,7 @@ _CIRCUS_KEYS = {
     "httpd": to_bool, "httpd_host": str, "httpd_port": to_int, "debug": to_bool,
     "debug_gc": to_bool, "pidfile": str, "loglevel": str, "logoutput": str,
     "loggerconfig": str, "fqdn_prefix": str, "include": str, "include_dir": str,
+    "metrics_endpoint": str,
     # Documented by Circus but not read by it; accepted for the same files.
     "statsd_close_outputs": to_bool, "httpd_close_outputs": to_bool, "stream_backend": str,
 }
@@ -2109,6 +2117,55 @@ def _backoff(failures: int) -> float:
     return 0.0 if failures <= 1 else min(0.1 * 2 ** (failures - 2), 5.0)
 
 
+class Flapping:
+    """Stops a watcher whose processes die too often, and retries later.
+
+    Circus's flapping plugin, built in: ``attempts`` deaths within ``window``
+    seconds stop the watcher (a ``flapping`` event; status BACKOFF) and it is
+    started again after ``retry_in`` seconds; after ``max_retry`` such tries
+    (-1: never) it stays stopped (FATAL). A stop or start by a user always
+    wins: a retry never undoes it (Circus #965, #809).
+    """
+
+    KEYS = {"attempts": to_int, "window": to_float, "retry_in": to_float, "max_retry": to_int,
+            "active": to_bool}
+
+    def __init__(self, attempts=2, window=1.0, retry_in=7.0, max_retry=5):
+        import collections
+        self.attempts, self.window = max(1, attempts), window
+        self.retry_in, self.max_retry = retry_in, max_retry
+        self.deaths = collections.deque(maxlen=self.attempts)
+        self.tries = 0
+
+    @classmethod
+    def from_settings(cls, plugin: dict | None, free: dict):
+        """Settings from a [plugin:...] Flapping section and the watcher's flapping.* keys."""
+        conf = {}
+        for source in (plugin or {}), {k[9:]: v for k, v in free.items() if k.startswith("flapping.")}:
+            for key, value in source.items():
+                if key in cls.KEYS:
+                    try:
+                        conf[key] = cls.KEYS[key](value)
+                    except ValueError as e:
+                        raise ValueError("flapping.%s: %s" % (key, e)) from None
+        if plugin is None and not conf or not conf.pop("active", True):
+            return None
+        return cls(**conf)
+
+    def record(self, now: float) -> bool:
+        """A process died; True when that makes the watcher flap."""
+        self.deaths.append(now)
+        if len(self.deaths) == self.attempts and now - self.deaths[0] <= self.window:
+            self.deaths.clear()
+            self.tries += 1
+            return True
+        return False
+
+    def reset(self):
+        self.deaths.clear()
+        self.tries = 0
+
+
 class Watcher:
     """Keeps ``numprocesses`` copies of one command alive.
 
@@ -2154,6 +2211,10 @@ class Watcher:
         self.on_demand_fds = []         # sockets armed to start it (on_demand)
         self.tails = {"stdout": RingBuffer(), "stderr": RingBuffer()}   # for `ctl tail`
         self.on_output_event = None     # callable(watcher, chunk): `ctl tail -f` followers
+        self.flapping = None            # a Flapping, when configured
+        self.restarts = 0               # processes replaced after they died
+        self._user_gen = 0              # bumped by every start/stop not made by flapping
+        self._flap_timer = None
         self.sv_state = ProcState.STOPPED   # shown when no process runs (EXITED, FATAL...)
         self.sv_since = None            # when sv_state was entered
         self._timers: dict = {}         # pid -> max_age timer
@@ -2478,6 +2539,10 @@ class Watcher:
             return
         _log().info("watcher %s: pid %d exited (%s)", self.name, p.pid, describe_exit(p.returncode))
         self.sv_state, self.sv_since = p.state, now
+        self.restarts += 1
+        if self.flapping is not None and self.flapping.record(now):
+            self._flap()
+            return
         if o["startsecs"] is not None:
             self._supervisor_exit(p, early, now)
             return
@@ -2492,6 +2557,42 @@ class Watcher:
         else:
             self.failures = 0
             self._schedule_respawn(0)
+
+    def _flap(self):
+        f = self.flapping
+        gen = self._user_gen
+        if f.max_retry != -1 and f.tries > f.max_retry:
+            self.last_error = "flapping: stopped for good after %d tries" % (f.tries - 1)
+            _log().error("watcher %s: %s; `ctl start %s` to try again", self.name, self.last_error, self.name)
+            self.emit("flapping", tries=f.tries - 1, retry_in=None)
+            asyncio.get_event_loop().create_task(self.stop(ProcState.FATAL, by_flapping=True))
+            return
+        self.last_error = "flapping: %d deaths within %g s; retry in %g s (try %d of %s)" % (
+            f.attempts, f.window, f.retry_in, f.tries, "unlimited" if f.max_retry == -1 else f.max_retry)
+        _log().warning("watcher %s: %s", self.name, self.last_error)
+        self.emit("flapping", tries=f.tries, retry_in=f.retry_in)
+
+        async def stop_then_retry():
+            await self.stop(ProcState.BACKOFF, by_flapping=True)
+            if gen != self._user_gen:       # a user acted meanwhile: leave it as they said
+                return
+            loop = asyncio.get_event_loop()
+
+            def retry():
+                self._flap_timer = None
+                if gen == self._user_gen and self.status == STOPPED:
+                    loop.create_task(_locked(self, lambda: self.start(by_flapping=True)))
+            self._flap_timer = loop.call_later(f.retry_in, retry)
+        asyncio.get_event_loop().create_task(stop_then_retry())
+
+    def _user_action(self, by_flapping):
+        if not by_flapping:
+            self._user_gen += 1
+            if self._flap_timer is not None:
+                self._flap_timer.cancel()
+                self._flap_timer = None
+            if self.flapping is not None:
+                self.flapping.reset()
 
     def _supervisor_exit(self, p, early, now):
         """Supervisor's rules: an exit inside startsecs is a failed start (BACKOFF,
@@ -2555,8 +2656,9 @@ class Watcher:
                 except Exception:
                     _log().exception("closing %s of %s", which, self.name)
 
-    async def start(self) -> dict:
+    async def start(self, by_flapping=False) -> dict:
         """Start (or top up) the processes; returns {"started": [pids], "kept": [pids]}."""
+        self._user_action(by_flapping)
         kept = list(self.processes)
         if self.status in (STARTING, ACTIVE):
             await self.spawn_missing()
@@ -2586,12 +2688,13 @@ class Watcher:
         _log().info("watcher %s started (%d processes)", self.name, len(self.processes))
         return {"started": list(self.processes), "kept": []}
 
-    async def stop(self, final_state=ProcState.STOPPED) -> None:
+    async def stop(self, final_state=ProcState.STOPPED, by_flapping=False) -> None:
         """Stop every process (stop_signal, then SIGKILL after graceful_timeout).
 
         ``final_state`` is what `status --long` shows afterwards (STOPPED, or
-        EXITED / FATAL when the watcher ended by itself).
+        EXITED / FATAL / BACKOFF when the watcher ended by itself).
         """
+        self._user_action(by_flapping)
         if self.status == STOPPED:
             return
         if self._respawn_handle is not None:
@@ -2810,6 +2913,11 @@ class Arbiter:
         self.config = config
         self.search_dirs = (os.path.dirname(config.path),) if config and config.path else ()
         self.listeners: list = []
+        self.flapping_plugin = None     # [plugin:x] use = ...Flapping settings: defaults for all
+        self.plugin_runners: list = []
+        self.watchdogs: dict = {}       # watcher -> Watchdog (watchers with max_rss / max_cpu)
+        self.statsd = False             # publish the stats channel on stats_endpoint
+        self.metrics_endpoint = None
         self.log_ring = RingBuffer()    # the daemon's recent log, for `ctl maintail`
         self.loop_thread = None
         self._log_handler = None
@@ -2832,9 +2940,33 @@ class Arbiter:
                   multicast_endpoint=cfg.multicast_endpoint or None,
                   stats_endpoint=cfg.stats_endpoint, endpoint_owner=cfg.endpoint_owner,
                   config=cfg, umask=cfg.umask, sockets=cfg.sockets)
+        arb.statsd, arb.metrics_endpoint = cfg.statsd, cfg.metrics_endpoint
+        for name, conf in cfg.plugins:      # flapping defaults apply to every watcher
+            if CIRCUS_PLUGINS.get(conf.get("use")) == "flapping":
+                arb.flapping_plugin = {k: v for k, v in conf.items() if k != "use"}
         for wc in cfg.watchers:
             arb._attach(arb._make_watcher(wc))
+        configure_plugins(arb, cfg)
         return arb
+
+    def add_plugin(self, name: str, plugin: "Plugin") -> None:
+        """Run ``plugin`` in this arbiter: it gets every event (from start on)."""
+        plugin.name = name
+        runner = _PluginRunner(plugin, self)
+        self.plugin_runners.append(runner)
+        self.listeners.append(runner)
+        if self.loop is not None:
+            runner.start()
+
+    def _watch_resources(self, w):
+        o = w.conf.options
+        old = self.watchdogs.pop(w, None)
+        if old is not None:
+            old.stop()
+        if (o["max_rss"] is not None or o["max_cpu"] is not None) and w in self.watchers:
+            dog = self.watchdogs[w] = Watchdog(w)
+            if self.loop is not None:
+                dog.start(self.loop)
 
     def _make_watcher(self, spec) -> Watcher:
         if isinstance(spec, WatcherConfig):
@@ -2849,9 +2981,11 @@ class Arbiter:
         w.on_output_event = self._publish_output
         w.sockets = self.sockets
         w.arbiter = self
+        w.flapping = Flapping.from_settings(self.flapping_plugin, w.conf.free)
         self.watchers.append(w)
         if self.loop is not None:
             w.lock = asyncio.Lock()
+        self._watch_resources(w)
 
     # -- lookups ---------------------------------------------------------------
     def get_watcher(self, name) -> Watcher:
@@ -2914,6 +3048,10 @@ class Arbiter:
             os.umask(self.umask)
         self._bind_sockets(self._socket_confs)
         await self._start_channels()
+        for runner in self.plugin_runners:
+            runner.start()
+        for dog in self.watchdogs.values():
+            dog.start(self.loop)
         if self.config is not None and self.config.user:
             drop_privileges(self.config.user)       # after binding, as supervisord does
         if handle_signals:
@@ -2941,7 +3079,8 @@ class Arbiter:
             _log().info("socket %s bound: %s", s.name, s.info())
 
     async def _start_channels(self):
-        if self.endpoint or self.pubsub_endpoint or self.multicast_endpoint:
+        if self.endpoint or self.pubsub_endpoint or self.multicast_endpoint or self.statsd \
+                or self.metrics_endpoint:
             self.channels = await start_channels(self)
 
     async def start_watchers(self, names=None) -> None:
@@ -3014,6 +3153,10 @@ class Arbiter:
             await finish
 
     async def _finish(self):
+        for runner in self.plugin_runners:
+            runner.stop()
+        for dog in self.watchdogs.values():
+            dog.stop()
         if self._log_handler is not None:
             _log().removeHandler(self._log_handler)
             self._log_handler = None
@@ -3074,6 +3217,7 @@ class Arbiter:
     def rm_watcher(self, w: Watcher, nostop=False) -> object:
         """Detach a watcher; returns a coroutine that stops it (nothing with nostop)."""
         self.watchers.remove(w)
+        self._watch_resources(w)
         self.emit("watcher.%s.remove" % w.topic_name, {"time": time.time()})
         if nostop:
             for p in list(w.processes.values()):
@@ -3207,6 +3351,501 @@ def get_arbiter(watchers, controller=DEFAULT_ENDPOINT, pubsub_endpoint=DEFAULT_P
     socks = [s if isinstance(s, SocketConfig) else SocketConfig(**s) for s in sockets]
     return Arbiter(watchers, controller, pubsub_endpoint, sockets=socks,
                    check_delay=check_delay, warmup_delay=warmup_delay, **kw)
+
+
+# ---------------------------------------------------------------------------
+# 9b. Monitoring: resource watchdog, plugins, stats channel, /metrics
+# ---------------------------------------------------------------------------
+# Each part runs only when configured, and the samplers only while someone
+# looks: an idle daemon still never wakes up.
+
+_PS_CACHE: dict = {}      # pid -> psutil.Process, so cpu_percent measures since last time
+
+
+def _children_map() -> dict:
+    """ppid -> [pid] for the whole machine, read once per stats request
+    (psutil's children() rescans every process each time: O(N^2) for N)."""
+    kids: dict = {}
+    for proc in _psutil.process_iter(["ppid"]):
+        kids.setdefault(proc.info["ppid"], []).append(proc.pid)
+    return kids
+
+
+def process_stats(pid: int, kids_of=None) -> dict:
+    """psutil figures for one pid, in Circus's record format (+ its children's)."""
+    p = _PS_CACHE.get(pid)
+    try:
+        if p is None:
+            p = _PS_CACHE[pid] = _psutil.Process(pid)
+        with p.oneshot():
+            info = {"pid": pid}
+            try:
+                mem = p.memory_info()
+                info["mem_info1"], info["mem_info2"] = human_size(mem.rss), human_size(mem.vms)
+            except _psutil.AccessDenied:
+                info["mem_info1"] = info["mem_info2"] = "N/A"
+            for key, fn in (("cpu", lambda: p.cpu_percent(None)),
+                            ("mem", lambda: round(p.memory_percent(), 3)),
+                            ("ctime", lambda: human_cputime(sum(p.cpu_times()[:2]))),
+                            ("username", p.username), ("nice", p.nice),
+                            ("create_time", p.create_time)):
+                try:
+                    info[key] = fn()
+                except (_psutil.AccessDenied, KeyError):
+                    info[key] = "N/A"
+            try:
+                argv = p.cmdline()
+                info["cmdline"] = os.path.basename(argv[0].split()[0]) if argv else "N/A"
+            except (_psutil.AccessDenied, IndexError):
+                info["cmdline"] = "N/A"
+            info["age"] = time.time() - info["create_time"] if isinstance(info["create_time"], float) else "N/A"
+        info["children"] = [process_stats(c) for c in (kids_of or {}).get(pid, ())]
+        return info
+    except _psutil.NoSuchProcess:
+        _PS_CACHE.pop(pid, None)
+        return "No such process (stopped?)"
+
+
+def parse_mem_limit(value) -> int:
+    """``200M``, ``1.5G``, ``512K``, ``1048576`` (bytes) or ``25%`` of the machine's memory."""
+    text = str(value).strip().upper()
+    m = re.match(r"^(\d+(?:\.\d+)?)\s*(%|B|K|KB|M|MB|G|GB|T|TB)?$", text)
+    if not m:
+        raise ValueError("%r is not a memory size (e.g. 200M, 1G, 25%%)" % (value,))
+    num, unit = float(m.group(1)), (m.group(2) or "B").rstrip("B") or "B"
+    if unit == "%":
+        return int(_psutil.virtual_memory().total * num / 100)
+    return int(num * {"B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[unit])
+
+
+def _sample(pids) -> dict:
+    """pid -> (rss bytes, cpu %) for live pids (run in a worker thread)."""
+    out = {}
+    for pid in pids:
+        p = _PS_CACHE.get(pid)
+        try:
+            if p is None:
+                p = _PS_CACHE[pid] = _psutil.Process(pid)
+            out[pid] = (p.memory_info().rss, p.cpu_percent(None))
+        except _psutil.Error:
+            _PS_CACHE.pop(pid, None)
+    return out
+
+
+class Watchdog:
+    """Resource limits of one watcher: ``max_rss`` and ``max_cpu`` (percent of a core).
+
+    Checked every ``watchdog_interval`` seconds while the watcher is active;
+    a process over a limit for ``watchdog_grace`` checks in a row gets a
+    ``watchdog`` event and is restarted (stopped gracefully, then respawned),
+    or sent ``watchdog_signal`` instead when that is set.
+    """
+
+    def __init__(self, watcher):
+        o = watcher.conf.options
+        self.watcher = watcher
+        self.max_rss = o["max_rss"]
+        self.max_cpu = o["max_cpu"]
+        self.interval = max(0.1, o["watchdog_interval"])
+        self.grace = max(1, o["watchdog_grace"])
+        self.signal = o["watchdog_signal"]
+        self.strikes: dict = {}
+        self._handle = None
+        self._loop = None
+
+    def start(self, loop):
+        self._loop = loop
+        if self._handle is None:
+            self._handle = loop.call_later(self.interval, self._tick)
+
+    def stop(self):
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _tick(self):
+        self._handle = None
+        w = self.watcher
+        if w.status != ACTIVE or not w.processes:
+            self.strikes.clear()
+            self._handle = self._loop.call_later(self.interval, self._tick)
+            return
+        fut = self._loop.run_in_executor(None, _sample, list(w.processes))
+        fut.add_done_callback(self._judge)
+
+    def _judge(self, fut):
+        w = self.watcher
+        samples = fut.result() if not fut.exception() else {}
+        for pid in [p for p in self.strikes if p not in samples]:
+            del self.strikes[pid]
+        for pid, (rss, cpu) in samples.items():
+            over = []
+            if self.max_rss is not None and rss > self.max_rss:
+                over.append(("rss", rss, self.max_rss))
+            if self.max_cpu is not None and cpu > self.max_cpu:
+                over.append(("cpu", cpu, self.max_cpu))
+            if not over:
+                self.strikes.pop(pid, None)
+                continue
+            self.strikes[pid] = self.strikes.get(pid, 0) + 1
+            if self.strikes[pid] < self.grace or pid not in w.processes:
+                continue
+            del self.strikes[pid]
+            what, value, limit = over[0]
+            action = "signal %s" % signame(self.signal) if self.signal else "restart"
+            _log().warning("watcher %s: pid %d over its %s limit (%s > %s) %d times: %s", w.name, pid,
+                           what, value, limit, self.grace, action)
+            w.emit("watchdog", process_pid=pid, limit=what, value=value, max=limit, action=action)
+            if self.signal:
+                w.processes[pid].send_signal(self.signal)
+            else:
+                self._loop.create_task(w.kill(pid=pid))
+        if self._loop is not None and not self._loop.is_closed():
+            self._handle = self._loop.call_later(self.interval, self._tick)
+
+
+class Plugin:
+    """Base class for plugins: ``[plugin:NAME] use = package.module.MyPlugin``.
+
+    A plugin runs in the daemon, in a thread of its own (it may block), and
+    sees every event. Override what you need::
+
+        class Alert(circus.Plugin):
+            def handle_event(self, topic, payload):
+                if topic.endswith(".flapping"):
+                    self.call("stop", name=topic.split(".")[1])
+
+    The section's other keys are in ``self.options`` (strings) and
+    ``self.name`` is NAME. ``call()`` runs a control command and returns its
+    reply; ``cast()`` sends one without waiting.
+    """
+
+    def __init__(self, **options):
+        self.options = options
+        self.name = None
+        self._arbiter = None
+
+    def handle_init(self) -> None:
+        """Called once, in the plugin's thread, before the first event."""
+
+    def handle_event(self, topic: str, payload: dict) -> None:
+        """Called for every event (``watcher.NAME.EVENT``), in order."""
+
+    def handle_stop(self) -> None:
+        """Called once when the daemon stops."""
+
+    def call(self, command: str, **props) -> dict:
+        body = json.dumps({"command": command, "properties": props}).encode()
+        fut = asyncio.run_coroutine_threadsafe(dispatch(self._arbiter, body), self._arbiter.loop)
+        return fut.result(60)
+
+    def cast(self, command: str, **props) -> None:
+        body = json.dumps({"command": command, "properties": props, "msg_type": "cast"}).encode()
+        asyncio.run_coroutine_threadsafe(dispatch(self._arbiter, body), self._arbiter.loop)
+
+
+class _PluginRunner:
+    """Feeds one plugin its events through a queue, in its own thread."""
+
+    def __init__(self, plugin: Plugin, arbiter):
+        import queue
+        import threading
+        plugin._arbiter = arbiter
+        self.plugin = plugin
+        self.queue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name="plugin " + str(plugin.name), daemon=True)
+
+    def start(self):
+        self.thread.start()
+
+    def __call__(self, topic, payload):
+        self.queue.put((topic, payload))
+
+    def _guard(self, what, *args):
+        try:
+            getattr(self.plugin, what)(*args)
+        except Exception as e:
+            _log().error("plugin %s: %s failed: %s: %s", self.plugin.name, what, type(e).__name__, e)
+
+    def _run(self):
+        self._guard("handle_init")
+        while True:
+            item = self.queue.get()
+            if item is None:
+                break
+            self._guard("handle_event", *item)
+        self._guard("handle_stop")
+
+    def stop(self):
+        self.queue.put(None)
+
+
+class StatsdEmitter(Plugin):
+    """Counts every event on a statsd server (UDP): ``circus.APP.watcher.NAME.EVENT:1|c``.
+
+    Options (Circus's): host (localhost), port (8125), sample_rate (1.0),
+    application_name (app).
+    """
+
+    def handle_init(self):
+        import random
+        import socket
+        self.addr = (self.options.get("host", "localhost"), to_int(self.options.get("port", 8125)))
+        self.rate = to_float(self.options.get("sample_rate", 1.0))
+        self.prefix = "circus.%s." % self.options.get("application_name", "app")
+        self.random = random.random
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+
+    def handle_event(self, topic, payload):
+        if self.rate < 1 and self.random() > self.rate:
+            return
+        line = "%s%s:1|c%s" % (self.prefix, topic, "" if self.rate >= 1 else "|@%s" % self.rate)
+        try:
+            self.sock.sendto(line.encode(), self.addr)
+        except OSError:
+            pass
+
+    def handle_stop(self):
+        self.sock.close()
+
+
+#: Circus's own plugins: built in here, or why not.
+CIRCUS_PLUGINS = {
+    "circus.plugins.flapping.Flapping": "flapping",
+    "circus.plugins.resource_watcher.ResourceWatcher": "watchdog",
+    "circus.plugins.statsd.StatsdEmitter": StatsdEmitter,
+}
+UNSUPPORTED_PLUGINS = {
+    "circus.plugins.watchdog.WatchDog": "UDP heartbeats are not supported; use max_rss / max_cpu, "
+                                        "or a plugin of yours",
+    "circus.plugins.statsd.FullStats": "use the stats channel (stats_endpoint) or /metrics instead",
+    "circus.plugins.command_reloader.CommandReloader": "not supported; `ctl reload NAME` after a deploy",
+    "circus.plugins.http_observer.HttpObserver": "not supported (it is broken in Circus 0.19 too)",
+    "circus.plugins.redis_observer.RedisObserver": "not supported",
+}
+
+
+def configure_plugins(arb, cfg: CircusConfig) -> None:
+    """Map [plugin:NAME] sections onto built-ins, user plugins, or one warning each."""
+    for name, conf in cfg.plugins:
+        conf = dict(conf)
+        use = conf.pop("use", None)
+        where = "[plugin:%s]" % name
+        if not use:
+            _log().warning("%s: no 'use = package.module.Class': ignored", where)
+            continue
+        builtin = CIRCUS_PLUGINS.get(use)
+        if builtin == "flapping":
+            arb.flapping_plugin = conf
+        elif builtin == "watchdog":
+            target = conf.get("watcher") or conf.get("service")
+            try:
+                w = arb.get_watcher(target)
+            except MessageError:
+                raise ConfigError("%s: watcher %r (the 'watcher' key) does not exist" % (where, target)) from None
+            opts = {"max_rss": conf.get("max_mem"), "max_cpu": conf.get("max_cpu"),
+                    "watchdog_interval": conf.get("loop_rate"),
+                    "watchdog_grace": to_int(conf["max_count"]) + 1 if "max_count" in conf else None}
+            for key in ("min_cpu", "min_mem", "health_threshold", "process_children", "child_signal"):
+                if key in conf:
+                    _log().warning("%s: %s is not supported by the built-in watchdog; ignored", where, key)
+            try:
+                w.conf.set("max_rss", opts["max_rss"] if opts["max_rss"] is not None else "90%")
+                w.conf.set("max_cpu", opts["max_cpu"] if opts["max_cpu"] is not None else 90)
+                w.conf.set("watchdog_interval", opts["watchdog_interval"] or 60)
+                w.conf.set("watchdog_grace", opts["watchdog_grace"] or 4)
+            except ValueError as e:
+                raise ConfigError("%s: %s" % (where, e)) from None
+        elif builtin is not None:
+            arb.add_plugin(name, builtin(**conf))
+        elif use in UNSUPPORTED_PLUGINS:
+            _log().warning("%s (use = %s): %s; ignored", where, use, UNSUPPORTED_PLUGINS[use])
+        else:
+            try:
+                cls = import_dotted(use, arb.search_dirs)
+            except ImportError as e:
+                raise ConfigError("%s: use = %s cannot be imported: %s" % (where, use, e)) from None
+            if not (isinstance(cls, type) and issubclass(cls, Plugin)):
+                raise ConfigError("%s: %s is not a subclass of circus.Plugin (see the README)" % (where, use))
+            arb.add_plugin(name, cls(**conf))
+
+
+def _stats_records(watchers) -> list:
+    """(topic, payload) pairs of the stats channel, Circus's format (worker thread)."""
+    kids_of = _children_map()
+    now = time.time()
+    out = []
+    for name, procs in watchers:
+        pids, cpus, mems, ages = [], [], [], []
+        for pid, started in procs:
+            info = process_stats(pid, kids_of)
+            if not isinstance(info, dict):
+                continue
+            info.update(subtopic=pid, name=None, age=now - started)
+            out.append(("stat.%s.%d" % (name, pid), info))
+            pids.append(pid)
+            if isinstance(info.get("cpu"), (int, float)):
+                cpus.append(info["cpu"])
+            if isinstance(info.get("mem"), (int, float)):
+                mems.append(info["mem"])
+            ages.append(info["age"])
+        out.append(("stat.%s" % name, {"pid": pids, "cpu": sum(cpus) / len(cpus) if cpus else "N/A",
+                                       "mem": sum(mems), "age": max(ages) if ages else 0}))
+    me = process_stats(os.getpid(), kids_of)
+    if isinstance(me, dict):
+        me.update(subtopic=os.getpid(), name="circusd")
+        out.append(("stat.circus.%d" % os.getpid(), me))
+        out.append(("stat.circus", {"pid": [os.getpid()], "cpu": me.get("cpu"), "mem": me.get("mem"),
+                                    "age": me.get("age")}))
+    return out
+
+
+class StatsChannel:
+    """The stats channel (``stats_endpoint``), as circusd-stats publishes it.
+
+    Every second ``stat.<watcher>.<pid>``, ``stat.<watcher>`` and
+    ``stat.circus`` records, but only while somebody is subscribed (XPUB):
+    no subscriber, no sampling.
+    """
+
+    def __init__(self, arbiter, endpoint, ctx):
+        import zmq
+        self.arbiter = arbiter
+        self.sock = ctx.socket(zmq.XPUB)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        _bind(self.sock, endpoint, "stats endpoint")
+        self.subscribers = 0
+        self._task = asyncio.get_event_loop().create_task(self._hear())
+        self._pub = None
+
+    async def _hear(self):
+        while self.sock is not None:
+            try:
+                msg = await self.sock.recv()
+            except Exception:
+                return
+            if msg[:1] == b"\x01":
+                self.subscribers += 1
+                if self._pub is None or self._pub.done():
+                    self._pub = asyncio.get_event_loop().create_task(self._publish())
+            elif msg[:1] == b"\x00":
+                self.subscribers = max(0, self.subscribers - 1)
+
+    async def _publish(self):
+        loop = asyncio.get_event_loop()
+        while self.subscribers > 0 and self.sock is not None:
+            watchers = [(w.topic_name, [(pid, p.started) for pid, p in w.processes.items()])
+                        for w in self.arbiter.watchers]
+            records = await loop.run_in_executor(None, _stats_records, watchers)
+            for topic, payload in records:
+                if self.sock is None:
+                    return
+                try:
+                    self.sock.send_multipart([topic.encode(), json.dumps(payload).encode()])
+                except Exception:
+                    return
+            await asyncio.sleep(1.0)
+
+    def owns(self, task):
+        return False
+
+    async def close(self):
+        if self.sock is not None:
+            sock, self.sock = self.sock, None
+            self._task.cancel()
+            if self._pub is not None:
+                self._pub.cancel()
+            sock.close(linger=0)
+
+
+def _metric_line(name, labels, value):
+    lab = ",".join('%s="%s"' % (k, str(v).replace("\\", "\\\\").replace('"', '\\"')) for k, v in labels.items())
+    return "%s{%s} %s" % (name, lab, value) if lab else "%s %s" % (name, value)
+
+
+def metrics_text(arbiter) -> str:
+    """Prometheus text format (0.0.4) for every watcher and process (worker thread)."""
+    lines = []
+
+    def family(name, kind, helptext, rows):
+        lines.append("# HELP %s %s" % (name, helptext))
+        lines.append("# TYPE %s %s" % (name, kind))
+        lines.extend(_metric_line(name, labels, value) for labels, value in rows)
+    ws = list(arbiter.watchers)
+    family("circus_watcher_active", "gauge", "1 while the watcher is active",
+           [({"watcher": w.name}, int(w.status == ACTIVE)) for w in ws])
+    family("circus_watcher_processes", "gauge", "running processes",
+           [({"watcher": w.name}, len(w.processes)) for w in ws])
+    family("circus_watcher_numprocesses", "gauge", "processes wanted",
+           [({"watcher": w.name}, w.numprocesses) for w in ws])
+    family("circus_watcher_restarts_total", "counter", "processes that died and were replaced",
+           [({"watcher": w.name}, w.restarts) for w in ws])
+    family("circus_watcher_flapping", "gauge", "1 while stopped for flapping",
+           [({"watcher": w.name}, int(bool(w.last_error and w.last_error.startswith("flapping")
+                                               and w.status == STOPPED))) for w in ws])
+    procs = [(w, pid, p) for w in ws for pid, p in list(w.processes.items())]
+    samples = _sample([pid for _, pid, _ in procs] + [os.getpid()])
+    rows_rss, rows_cpu, rows_age = [], [], []
+    now = time.time()
+    for w, pid, p in procs:
+        if pid in samples:
+            labels = {"watcher": w.name, "pid": pid, "wid": p.wid}
+            rows_rss.append((labels, samples[pid][0]))
+            rows_cpu.append((labels, samples[pid][1]))
+            rows_age.append((labels, round(now - p.started, 3)))
+    family("circus_process_rss_bytes", "gauge", "resident memory", rows_rss)
+    family("circus_process_cpu_percent", "gauge", "CPU since the previous scrape", rows_cpu)
+    family("circus_process_age_seconds", "gauge", "seconds since spawn", rows_age)
+    me = samples.get(os.getpid(), (0, 0))
+    family("circus_daemon_rss_bytes", "gauge", "the daemon's resident memory", [({}, me[0])])
+    return "\n".join(lines) + "\n"
+
+
+class MetricsServer:
+    """``GET /metrics`` over HTTP (stdlib asyncio): ``[circus] metrics_endpoint = HOST:PORT``."""
+
+    def __init__(self, arbiter, endpoint):
+        self.arbiter = arbiter
+        host, _, port = endpoint.rpartition(":")
+        self.host, self.port = (host or "127.0.0.1").strip("[]"), to_int(port)
+        self.server = None
+
+    async def start(self):
+        try:
+            self.server = await asyncio.start_server(self._serve, self.host, self.port)
+        except OSError as e:
+            raise CircusError("metrics endpoint %s:%s: cannot bind: %s" % (self.host, self.port, e.strerror)) from None
+        self.port = self.server.sockets[0].getsockname()[1]
+        if self.host not in ("127.0.0.1", "::1", "localhost"):
+            _log().warning("metrics on %s:%s can be read by anyone who reaches that address",
+                           self.host, self.port)
+
+    async def _serve(self, reader, writer):
+        try:
+            request = await asyncio.wait_for(reader.readline(), 10)
+            while (await asyncio.wait_for(reader.readline(), 10)) not in (b"\r\n", b"\n", b""):
+                pass
+            parts = request.decode("latin-1").split()
+            if len(parts) >= 2 and parts[0] == "GET" and parts[1].split("?")[0] == "/metrics":
+                body = (await asyncio.get_running_loop().run_in_executor(
+                    None, metrics_text, self.arbiter)).encode()
+                head = "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n"
+            else:
+                body, head = b"not found: try /metrics\n", "HTTP/1.0 404 Not Found\r\nContent-Type: text/plain\r\n"
+            writer.write(head.encode() + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
+            await writer.drain()
+        except (asyncio.TimeoutError, ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    def owns(self, task):
+        return False
+
+    async def close(self):
+        if self.server is not None:
+            self.server.close()
+            self.server = None
 
 
 # ---------------------------------------------------------------------------
@@ -3470,7 +4109,11 @@ def cmd_set(arb, props):
             raise MessageError("%s: %s" % (key, e)) from None
         if key in ("priority", "use_sockets", "on_demand", "autostart"):
             raise MessageError("%r cannot be changed at run time; edit the config and reloadconfig" % key)
-    return _none(_locked(w, lambda: w.set_options(options)))
+    async def run():
+        await _locked(w, lambda: w.set_options(options))
+        w.flapping = Flapping.from_settings(arb.flapping_plugin, w.conf.free)
+        arb._watch_resources(w)
+    return _none(run())
 
 
 # -- read-only ---------------------------------------------------------------------
@@ -3518,7 +4161,7 @@ def process_rows(w) -> list:
         name = w.name if w.numprocesses <= 1 and len(procs) == 1 else "%s:%d" % (w.name, p.wid)
         desc = "pid %d, uptime %s" % (p.pid, _uptime(now - p.started)) if p.state == ProcState.RUNNING else ""
         rows.append({"name": name, "watcher": w.name, "state": p.state, "pid": p.pid,
-                     "uptime": now - p.started, "description": desc})
+                     "uptime": now - p.started, "description": desc, "restarts": w.restarts})
     if not procs:
         state = w.sv_state
         if state in (ProcState.BACKOFF, ProcState.FATAL):
@@ -3528,7 +4171,7 @@ def process_rows(w) -> list:
         else:
             desc = ""
         rows.append({"name": w.name, "watcher": w.name, "state": state, "pid": None,
-                     "uptime": None, "description": desc})
+                     "uptime": None, "description": desc, "restarts": w.restarts})
     return rows
 
 
@@ -3610,6 +4253,9 @@ def cmd_globaloptions(arb, props):
     opts = {"endpoint": arb.endpoint, "stats_endpoint": arb.stats_endpoint,
             "pubsub_endpoint": arb.pubsub_endpoint, "check_delay": arb.check_delay,
             "multicast_endpoint": arb.multicast_endpoint or ""}
+    if arb.metrics_endpoint:        # only when configured: Circus clients see Circus's keys
+        ms = [c for c in arb.channels if isinstance(c, MetricsServer)]
+        opts["metrics_endpoint"] = "%s:%s" % (ms[0].host, ms[0].port) if ms else arb.metrics_endpoint
     key = props.get("option")
     if key:
         if key not in opts:
@@ -3661,53 +4307,6 @@ def _fmt_stats(reply):
         return "\n".join(["%s:" % reply["name"]] +
                          ["%s: %s" % (pid, _info_line(i)) for pid, i in reply.get("info", {}).items()])
     return "%s: %s\n" % (reply.get("process"), _info_line(reply.get("info")))
-
-
-_PS_CACHE: dict = {}      # pid -> psutil.Process, so cpu_percent measures since last time
-
-
-def _children_map() -> dict:
-    """ppid -> [pid] for the whole machine, read once per stats request
-    (psutil's children() rescans every process each time: O(N^2) for N)."""
-    kids: dict = {}
-    for proc in _psutil.process_iter(["ppid"]):
-        kids.setdefault(proc.info["ppid"], []).append(proc.pid)
-    return kids
-
-
-def process_stats(pid: int, kids_of=None) -> dict:
-    """psutil figures for one pid, in Circus's record format (+ its children's)."""
-    p = _PS_CACHE.get(pid)
-    try:
-        if p is None:
-            p = _PS_CACHE[pid] = _psutil.Process(pid)
-        with p.oneshot():
-            info = {"pid": pid}
-            try:
-                mem = p.memory_info()
-                info["mem_info1"], info["mem_info2"] = human_size(mem.rss), human_size(mem.vms)
-            except _psutil.AccessDenied:
-                info["mem_info1"] = info["mem_info2"] = "N/A"
-            for key, fn in (("cpu", lambda: p.cpu_percent(None)),
-                            ("mem", lambda: round(p.memory_percent(), 3)),
-                            ("ctime", lambda: human_cputime(sum(p.cpu_times()[:2]))),
-                            ("username", p.username), ("nice", p.nice),
-                            ("create_time", p.create_time)):
-                try:
-                    info[key] = fn()
-                except (_psutil.AccessDenied, KeyError):
-                    info[key] = "N/A"
-            try:
-                argv = p.cmdline()
-                info["cmdline"] = os.path.basename(argv[0].split()[0]) if argv else "N/A"
-            except (_psutil.AccessDenied, IndexError):
-                info["cmdline"] = "N/A"
-            info["age"] = time.time() - info["create_time"] if isinstance(info["create_time"], float) else "N/A"
-        info["children"] = [process_stats(c) for c in (kids_of or {}).get(pid, ())]
-        return info
-    except _psutil.NoSuchProcess:
-        _PS_CACHE.pop(pid, None)
-        return "No such process (stopped?)"
 
 
 class _Await:
@@ -3866,6 +4465,12 @@ def cmd_update(arb, props):
         return _Await(run())
     arb.loop.create_task(arb._guarded(run()))     # the report now; stops may take stopwaitsecs
     return diff
+
+
+@command("top", "[--sort=cpu] [--interval=1]")
+def cmd_top(arb, props):
+    """A live view of every process: CPU, memory, age, restarts (keys: c m n s to sort, q to quit)."""
+    raise MessageError("top is shown by ctl itself: python circus.py ctl top")
 
 
 @command("quit", "[--waiting]")
@@ -4134,6 +4739,12 @@ async def start_channels(arbiter) -> list:
             mc = MulticastChannel(arbiter, arbiter.multicast_endpoint)
             await mc.start()
             channels.append(mc)
+        if arbiter.statsd and arbiter.stats_endpoint:
+            channels.append(StatsChannel(arbiter, arbiter.stats_endpoint, ctx))
+        if arbiter.metrics_endpoint:
+            metrics = MetricsServer(arbiter, arbiter.metrics_endpoint)
+            await metrics.start()
+            channels.append(metrics)
     except BaseException:
         for ch in channels:
             await ch.close()
@@ -4447,6 +5058,8 @@ def ctl_main(argv) -> int:
         return 0
     if name in ("tail", "maintail"):
         return _ctl_tail(name, args, endpoint or DEFAULT_ENDPOINT, timeout)
+    if name == "top":
+        return _ctl_top(args, endpoint or DEFAULT_ENDPOINT, timeout)
     try:
         request = build_request(name, args)
     except UsageError as e:
@@ -4529,6 +5142,87 @@ def _ctl_tail(name, args, endpoint, timeout) -> int:
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def _top_frame(client, sort) -> str:
+    rows = client.call("status", long=True).get("processes", [])
+    infos = client.call("stats").get("infos", {})
+    table = []
+    for r in rows:
+        info = (infos.get(r["watcher"]) or {}).get(str(r["pid"])) if r["pid"] else None
+        info = info if isinstance(info, dict) else {}
+        cpu = info.get("cpu") if isinstance(info.get("cpu"), (int, float)) else 0.0
+        mem = info.get("mem") if isinstance(info.get("mem"), (int, float)) else 0.0
+        table.append((r["name"], r["pid"] or "-", r["state"], cpu, mem, info.get("mem_info1", "-"),
+                      _uptime(r["uptime"]) if r["uptime"] is not None else "-", r.get("restarts", 0)))
+    key = {"cpu": lambda t: -t[3], "mem": lambda t: -t[4], "name": lambda t: t[0],
+           "state": lambda t: (t[2], t[0])}.get(sort, lambda t: -t[3])
+    table.sort(key=key)
+    lines = ["circus.py top: %d processes, sorted by %s  (c cpu, m memory, n name, s state, q quit)"
+             % (len(table), sort), "",
+             "%-32s %8s %-9s %6s %6s %9s %12s %8s" % ("NAME", "PID", "STATE", "CPU%", "MEM%", "RSS",
+                                                        "AGE", "RESTARTS")]
+    for t in table:
+        lines.append("%-32s %8s %-9s %6.1f %6.2f %9s %12s %8d" % t)
+    return "\n".join(lines)
+
+
+def _ctl_top(args, endpoint, timeout) -> int:
+    """``top [--sort=cpu|mem|name|state] [--interval=S]``: refreshes in place until q or Ctrl-C."""
+    import select
+    sort, interval = "cpu", 1.0
+    for a in args:
+        key, _, val = a.partition("=")
+        if key == "--sort" and val in ("cpu", "mem", "name", "state"):
+            sort = val
+        elif key == "--interval":
+            try:
+                interval = max(0.1, float(val))
+            except ValueError:
+                sys.stderr.write("error: --interval takes seconds\n")
+                return 2
+        else:
+            sys.stderr.write("usage: python circus.py ctl top [--sort=cpu|mem|name|state] [--interval=S]\n")
+            return 2
+    out = sys.stdout
+    stdin = sys.stdin
+    tty_state = None
+    if stdin.isatty():
+        import termios
+        import tty
+        tty_state = termios.tcgetattr(stdin.fileno())
+        tty.setcbreak(stdin.fileno())
+    out.write("\033[?25l")              # hide the cursor while drawing
+    try:
+        with Client(endpoint, timeout) as client:
+            while True:
+                frame = _top_frame(client, sort)
+                out.write("\033[H\033[2J" + frame.replace("\n", "\r\n") + "\r\n")
+                out.flush()
+                deadline = time.monotonic() + interval
+                while True:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    if not select.select([stdin], [], [], left)[0]:
+                        break
+                    ch = os.read(stdin.fileno(), 1).decode("latin-1").lower()
+                    if ch in ("q", "\x03", ""):
+                        return 0
+                    if ch in "cmns":
+                        sort = {"c": "cpu", "m": "mem", "n": "name", "s": "state"}[ch]
+                        break
+    except KeyboardInterrupt:
+        return 0
+    except CallError as e:
+        sys.stderr.write("%s\nIs the daemon running on %s?\n" % (e, endpoint))
+        return 1
+    finally:
+        out.write("\033[?25h")
+        out.flush()
+        if tty_state is not None:
+            import termios
+            termios.tcsetattr(stdin.fileno(), termios.TCSADRAIN, tty_state)
 
 
 def _shell(endpoint, timeout) -> int:
@@ -4703,12 +5397,6 @@ def daemon_main(argv) -> int:
             pidfile.check()
         for w in cfg.warnings:
             _log().warning("%s", w)
-        for name, conf in cfg.plugins:
-            _log().warning("[plugin:%s] (use = %s) is not run by this version of circus.py; "
-                           "it was ignored", name, conf.get("use"))
-        if cfg.statsd:
-            _log().warning("statsd / stats_endpoint: the stats publisher is not part of this "
-                           "version; the stats and dstats commands work")
         if cfg.httpd:
             _log().warning("httpd = true: the web dashboard is not part of this version; ignored")
         arbiter = Arbiter.from_config(cfg)
@@ -4780,4 +5468,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    # plugins, hooks and stream classes that `import circus` get this very module
+    sys.modules.setdefault("circus", sys.modules[__name__])
     sys.exit(main())

@@ -3977,3 +3977,241 @@ def test_e2e_sv_review_fixes(daemon, shortdir):
     wait_for(lambda: sv_rows(d)["slowstop"]["state"] == "STOPPING", what="STOPPING")
     stopper.join(TIMEOUT)
     assert sv_rows(d)["slowstop"]["state"] == "STOPPED"
+
+
+# ===========================================================================
+# End-to-end: monitoring (flapping, watchdog, hooks, plugins, stats, metrics, top)
+# ===========================================================================
+
+def test_e2e_flapping_retries_then_gives_up_and_never_undoes_a_stop(daemon, shortdir):
+    root = pathlib.Path(shortdir)
+    d = daemon("""
+        [plugin:flapping]
+        use = circus.plugins.flapping.Flapping
+        attempts = 2
+        window = 5
+        max_retry = 1
+        [watcher:flappy]
+        cmd = sh -c 'echo x >> %s/flappy.count; sleep 1.2; exit 1'
+        flapping.retry_in = 1
+        [watcher:stopped_by_me]
+        cmd = sh -c 'sleep 1.2; exit 1'
+        flapping.retry_in = 0.5
+        [watcher:sentinel]
+        cmd = sh -c 'sleep 1.2; exit 1'
+        flapping.retry_in = 2.5
+        [watcher:steady]
+        cmd = sleep 120
+        """ % root)
+    ev = subscribe_ready(d)
+    # first flap: stopped, shown, retried after retry_in
+    _, first = ev.wait(lambda t, p: t == "watcher.flappy.flapping", timeout=20, what="flappy flapping")
+    assert first["tries"] == 1 and first["retry_in"] == 1
+    row = wait_for(lambda: (lambda r: r if r["state"] == "BACKOFF" else None)(sv_rows(d)["flappy"]),
+                   what="flappy shown as flapping")
+    assert row["description"].startswith("flapping: 2 deaths within 5 s; retry in 1 s (try 1 of 1)")
+    # second flap: max_retry reached, stopped for good
+    _, last = ev.wait(lambda t, p: t == "watcher.flappy.flapping" and p["retry_in"] is None, timeout=30,
+                      what="flappy giving up")
+    wait_for(lambda: sv_rows(d)["flappy"]["state"] == "FATAL", what="FATAL")
+    assert (root / "flappy.count").read_text().count("x") == 4          # 2 attempts x 2 tries
+    # a user's stop is never undone by a pending retry
+    ev.wait(lambda t, p: t == "watcher.stopped_by_me.flapping", timeout=20, what="stopped_by_me flapping")
+    assert d.call("stop", name="stopped_by_me", waiting=True)["status"] == "ok"
+    mark = len(ev.got)
+    ev.wait(lambda t, p: t == "watcher.sentinel.flapping", timeout=20, what="sentinel flapping")
+    ev.wait(lambda t, p: t == "watcher.sentinel.start", timeout=20, what="sentinel retried (later than ours)")
+    assert not [t for t, _ in ev.got[mark:] if t.startswith("watcher.stopped_by_me.spawn")]
+    assert d.call("status", name="stopped_by_me")["status"] == "stopped"
+    assert d.call("status", name="steady")["status"] == "active"
+    ev.close()
+
+
+def test_e2e_watchdog_restarts_a_process_over_its_memory_limit(daemon):
+    d = daemon("""
+        [watcher:hog]
+        cmd = %s -c "x = bytearray(80 << 20); import time; time.sleep(120)"
+        max_rss = 40M
+        watchdog_interval = 0.2
+        watchdog_grace = 2
+        [watcher:lean]
+        cmd = sleep 120
+        max_rss = 40M
+        watchdog_interval = 0.2
+        """ % sys.executable)
+    ev = subscribe_ready(d)
+    (pid,) = d.pids("hog")
+    _, dog = ev.wait(lambda t, p: t == "watcher.hog.watchdog", timeout=20, what="watchdog event")
+    assert dog["process_pid"] == pid and dog["limit"] == "rss" and dog["value"] > 40 << 20
+    assert dog["action"] == "restart"
+    wait_for(lambda: d.pids("hog") and d.pids("hog")[0] != pid, what="hog restarted")
+    assert not [t for t, _ in ev.got if t == "watcher.lean.watchdog"]
+    ev.close()
+
+
+HOOKS_PY = """\
+def deny(watcher, arbiter, hook_name, **kw):
+    return False
+
+
+def boom(watcher, arbiter, hook_name, **kw):
+    raise RuntimeError("boom on purpose")
+
+
+def stats(watcher, arbiter, hook_name, pid, stats, **kw):
+    stats["extra"] = "from the hook"
+    return True
+"""
+
+PLUGIN_PY = """\
+import json
+import circus
+
+
+class Recorder(circus.Plugin):
+    def handle_init(self):
+        self.out = open(self.options["path"], "a")
+        self.out.write("init %d\\n" % self.call("numwatchers")["numwatchers"])
+        self.out.flush()
+
+    def handle_event(self, topic, payload):
+        self.out.write(topic + "\\n")
+        self.out.flush()
+        if topic == "watcher.target.reap":
+            self.cast("incr", name="target")
+"""
+
+
+def test_e2e_hooks_and_user_plugin(daemon, shortdir):
+    root = pathlib.Path(shortdir)
+    (root / "myhooks.py").write_text(HOOKS_PY)
+    (root / "myplugins.py").write_text(PLUGIN_PY)
+    d = daemon("""
+        [watcher:vetoed]
+        cmd = sleep 120
+        hooks.before_start = myhooks.deny
+        [watcher:exploding]
+        cmd = sleep 120
+        hooks.after_spawn = myhooks.boom
+        [watcher:target]
+        cmd = sleep 120
+        hooks.extended_stats = myhooks.stats
+        [plugin:recorder]
+        use = myplugins.Recorder
+        path = %s/plugin.log
+        """ % root)
+    assert d.call("status", name="vetoed")["status"] == "stopped"          # the hook said no
+    wait_for(lambda: d.call("status", name="exploding")["status"] == "stopped", what="exploding stopped")
+    log = d.log.read_text()
+    assert "hook after_spawn (myhooks.boom) of watcher exploding failed: boom on purpose" in log
+    assert d.call("status", name="target")["status"] == "active"             # the daemon went on
+    (pid,) = d.pids("target")
+    info = d.call("stats", name="target", process=pid, extended=True)["info"]
+    assert info["extra"] == "from the hook"
+    # the plugin: loaded from the config's folder, sees events, sends commands
+    plog = root / "plugin.log"
+    wait_for(lambda: plog.exists() and "init 3" in plog.read_text(), what="plugin init")
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: len(d.pids("target")) == 2, what="the plugin's incr after a reap")
+    assert "watcher.target.reap" in plog.read_text()
+
+
+def test_e2e_stats_fields_channel_metrics_statsd(daemon, shortdir):
+    root = pathlib.Path(shortdir)
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", 0))
+    udp.settimeout(TIMEOUT)
+    try:
+        d = daemon("""
+            stats_endpoint = ipc://%s/stats.sock
+            metrics_endpoint = 127.0.0.1:0
+            [watcher:w]
+            cmd = sleep 120
+            numprocesses = 2
+            [plugin:statsd]
+            use = circus.plugins.statsd.StatsdEmitter
+            host = 127.0.0.1
+            port = %d
+            application_name = demo
+            """ % (root, udp.getsockname()[1]))     # (the first keys continue [circus])
+        pids = d.pids("w")
+        # stats fields against psutil
+        info = d.call("stats", name="w")["info"][str(pids[0])]
+        p = psutil.Process(pids[0])
+        assert info["pid"] == pids[0] and info["cmdline"] == "sleep" and info["username"] == p.username()
+        assert abs(info["create_time"] - p.create_time()) < 0.01 and info["nice"] == p.nice()
+        assert re.fullmatch(r"\d+(\.\d\d[KMG])?B?", info["mem_info1"]) and isinstance(info["cpu"], float)
+        # the stats channel, Circus's topics, only while subscribed
+        import zmq
+        ctx = zmq.Context()
+        sub = ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.SUBSCRIBE, b"stat.")
+        sub.connect("ipc://%s/stats.sock" % root)
+        seen = {}
+        try:
+            def got_all():
+                if sub.poll(200):
+                    topic, body = sub.recv_multipart()
+                    seen[topic.decode()] = json.loads(body)
+                return all(k in seen for k in ["stat.w.%d" % pids[0], "stat.w", "stat.circus"])
+            wait_for(got_all, what="stats records")
+        finally:
+            sub.close(0)
+            ctx.term()
+        assert seen["stat.w.%d" % pids[0]]["pid"] == pids[0] and sorted(seen["stat.w"]["pid"]) == sorted(pids)
+        assert seen["stat.circus"]["pid"] == [d.proc.pid]
+        # /metrics, parsed
+        endpoint = d.call("globaloptions")["options"]["metrics_endpoint"]
+        import urllib.request
+        text = urllib.request.urlopen("http://%s/metrics" % endpoint, timeout=TIMEOUT).read().decode()
+        metrics = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                metrics[name] = float(value)
+        assert metrics['circus_watcher_processes{watcher="w"}'] == 2
+        assert metrics['circus_watcher_active{watcher="w"}'] == 1
+        assert metrics['circus_process_rss_bytes{watcher="w",pid="%d",wid="1"}' % pids[0]] > 0
+        # the statsd plugin counted the spawns
+        lines = set()
+
+        def counted():
+            lines.add(udp.recv(1000).decode())      # bounded by the socket timeout
+            return "circus.demo.watcher.w.spawn:1|c" in lines
+        wait_for(counted, what="statsd counters")
+    finally:
+        udp.close()
+
+
+def test_e2e_ctl_top_in_a_terminal(daemon):
+    import pty
+    d = daemon("[watcher:busy]\ncmd = sleep 120\nnumprocesses = 2\n[watcher:idle]\ncmd = sleep 121\n")
+    pid, fd = pty.fork()
+    if pid == 0:        # the child: ctl top on a real terminal
+        os.execv(sys.executable, [sys.executable, str(CIRCUS_PY), "ctl", "--endpoint", d.endpoint, "top",
+                                  "--interval=0.2"])
+    try:
+        import select
+        screen = []
+
+        def frames(n):
+            if select.select([fd], [], [], 0.2)[0]:
+                try:
+                    screen.append(os.read(fd, 65536).decode("utf-8", "replace"))
+                except OSError:
+                    pass
+            return "".join(screen).count("circus.py top:") >= n
+        wait_for(lambda: frames(2), what="two frames of top")
+        text = "".join(screen)
+        assert "\x1b[H\x1b[2J" in text and "busy:1" in text and "idle" in text and "RESTARTS" in text
+        os.write(fd, b"m")
+        wait_for(lambda: frames(3) and "sorted by mem" in "".join(screen), what="sorting by memory")
+        os.write(fd, b"q")
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    finally:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(fd)
