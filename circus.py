@@ -5040,6 +5040,10 @@ def ctl_main(argv) -> int:
     if not args:
         return _shell(endpoint, timeout)
     name = args.pop(0).lower()
+    for flag in ("--json", "--prettify"):       # also accepted after the command (ctl stats --json)
+        while flag in args:
+            args.remove(flag)
+            as_json, pretty = as_json or flag == "--json", pretty or flag == "--prettify"
     if name not in COMMANDS:
         err.write("error: unknown command %r (see: python circus.py ctl help)\n" % name)
         return 2

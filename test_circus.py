@@ -4136,7 +4136,7 @@ def test_e2e_stats_fields_channel_metrics_statsd(daemon, shortdir):
             """ % (root, udp.getsockname()[1]))     # (the first keys continue [circus])
         pids = d.pids("w")
         # stats fields against psutil
-        info = d.call("stats", name="w")["info"][str(pids[0])]
+        info = json.loads(d.ctl("stats", "w", "--json").stdout)["info"][str(pids[0])]
         p = psutil.Process(pids[0])
         assert info["pid"] == pids[0] and info["cmdline"] == "sleep" and info["username"] == p.username()
         assert abs(info["create_time"] - p.create_time()) < 0.01 and info["nice"] == p.nice()
