@@ -4215,3 +4215,21 @@ def test_e2e_ctl_top_in_a_terminal(daemon):
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
         os.close(fd)
+
+
+def test_e2e_interop_real_circus_stats_client_reads_our_stats_channel(daemon, real_bin, shortdir):
+    d = daemon("stats_endpoint = ipc://%s/stats.sock\n[watcher:w]\ncmd = sleep 120\nnumprocesses = 2\n"
+               % shortdir)
+    pids = d.pids("w")
+    code = textwrap.dedent("""\
+        from circus.stats.client import StatsClient
+        seen = set()
+        for watcher, subtopic, stat in StatsClient(endpoint="ipc://%s/stats.sock"):
+            seen.add((watcher, subtopic))
+            print(watcher, subtopic, stat.get("pid"), flush=True)
+            if {("w", "%d"), ("w", "%d"), ("w", None), ("circus", None)} <= seen:
+                break
+        """) % (shortdir, pids[0], pids[1])
+    r = subprocess.run([str(real_bin / "python"), "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "w %d %d" % (pids[0], pids[0]) in r.stdout
