@@ -4230,6 +4230,7 @@ def test_e2e_interop_real_circus_stats_client_reads_our_stats_channel(daemon, re
             if {("w", "%d"), ("w", "%d"), ("w", None), ("circus", None)} <= seen:
                 break
         """) % (shortdir, pids[0], pids[1])
-    r = subprocess.run([str(real_bin / "python"), "-c", code], capture_output=True, text=True, timeout=60)
+    r = subprocess.run([str(real_bin / "python"), "-c", code], capture_output=True, text=True, timeout=60,
+                       cwd=shortdir)        # (not next to our circus.py, which would shadow theirs)
     assert r.returncode == 0, r.stderr
     assert "w %d %d" % (pids[0], pids[0]) in r.stdout
