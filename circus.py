@@ -3700,64 +3700,6 @@ def _stats_records(watchers) -> list:
     return out
 
 
-class StatsChannel:
-    """The stats channel (``stats_endpoint``), as circusd-stats publishes it.
-
-    Every second ``stat.<watcher>.<pid>``, ``stat.<watcher>`` and
-    ``stat.circus`` records, but only while somebody is subscribed (XPUB):
-    no subscriber, no sampling.
-    """
-
-    def __init__(self, arbiter, endpoint, ctx):
-        import zmq
-        self.arbiter = arbiter
-        self.sock = ctx.socket(zmq.XPUB)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        _bind(self.sock, endpoint, "stats endpoint")
-        self.subscribers = 0
-        self._task = asyncio.get_event_loop().create_task(self._hear())
-        self._pub = None
-
-    async def _hear(self):
-        while self.sock is not None:
-            try:
-                msg = await self.sock.recv()
-            except Exception:
-                return
-            if msg[:1] == b"\x01":
-                self.subscribers += 1
-                if self._pub is None or self._pub.done():
-                    self._pub = asyncio.get_event_loop().create_task(self._publish())
-            elif msg[:1] == b"\x00":
-                self.subscribers = max(0, self.subscribers - 1)
-
-    async def _publish(self):
-        loop = asyncio.get_event_loop()
-        while self.subscribers > 0 and self.sock is not None:
-            watchers = [(w.topic_name, [(pid, p.started) for pid, p in w.processes.items()])
-                        for w in self.arbiter.watchers]
-            records = await loop.run_in_executor(None, _stats_records, watchers)
-            for topic, payload in records:
-                if self.sock is None:
-                    return
-                try:
-                    self.sock.send_multipart([topic.encode(), json.dumps(payload).encode()])
-                except Exception:
-                    return
-            await asyncio.sleep(1.0)
-
-    def owns(self, task):
-        return False
-
-    async def close(self):
-        if self.sock is not None:
-            sock, self.sock = self.sock, None
-            self._task.cancel()
-            if self._pub is not None:
-                self._pub.cancel()
-            sock.close(linger=0)
-
-
 def _metric_line(name, labels, value):
     lab = ",".join('%s="%s"' % (k, str(v).replace("\\", "\\\\").replace('"', '\\"')) for k, v in labels.items())
     return "%s{%s} %s" % (name, lab, value) if lab else "%s %s" % (name, value)
@@ -4631,20 +4573,15 @@ async def dispatch(arbiter, body: bytes):
     return None if cast else reply
 
 
-class PubChannel:
-    """XPUB socket: each event as two frames, ``watcher.NAME.EVENT`` + JSON.
+class _XPubChannel:
+    """An XPUB socket (a PUB that hears subscriptions): knows who listens to what."""
 
-    XPUB (a PUB that hears subscriptions) lets the daemon publish process
-    output (``output.NAME.stdout``) and its log (``log``) only while someone
-    follows them (`ctl tail -f`, `ctl maintail -f`): no cost otherwise.
-    """
-
-    def __init__(self, endpoint, ctx):
+    def __init__(self, endpoint, ctx, what):
         import zmq
         self.endpoint = endpoint
         self.sock = ctx.socket(zmq.XPUB)
         self.sock.setsockopt(zmq.LINGER, 0)
-        _bind(self.sock, endpoint, "pubsub endpoint")
+        _bind(self.sock, endpoint, what)
         self._noblock = zmq.NOBLOCK
         self._again = zmq.Again
         self.prefixes: set = set()      # topics someone subscribed to
@@ -4658,18 +4595,19 @@ class PubChannel:
                 return
             if msg[:1] == b"\x01":
                 self.prefixes.add(msg[1:])
+                self.subscribed()
             elif msg[:1] == b"\x00":
                 self.prefixes.discard(msg[1:])
 
-    def wants(self, topic: bytes) -> bool:
-        return any(topic.startswith(p) for p in self.prefixes)
+    def subscribed(self):
+        """Called after each new subscription."""
 
-    def __call__(self, topic, payload):
+    def send(self, topic: str, payload) -> None:
         if self.sock is None:
             return
         try:
             self.sock.send_multipart([topic.encode(), json.dumps(payload).encode()], self._noblock)
-        except self._again:     # a slow subscriber drops events, never blocks us
+        except self._again:     # a slow subscriber drops messages, never blocks us
             pass
 
     def owns(self, task):
@@ -4680,6 +4618,56 @@ class PubChannel:
             sock, self.sock = self.sock, None
             self._task.cancel()
             sock.close(linger=100)
+
+
+class PubChannel(_XPubChannel):
+    """The event channel: each event as two frames, ``watcher.NAME.EVENT`` + JSON.
+
+    Hearing subscriptions lets the daemon publish process output
+    (``output.NAME.stdout``) and its log (``log``) only while someone
+    follows them (`ctl tail -f`, `ctl maintail -f`): no cost otherwise.
+    """
+
+    def __init__(self, endpoint, ctx):
+        super().__init__(endpoint, ctx, "pubsub endpoint")
+
+    def wants(self, topic: bytes) -> bool:
+        return any(topic.startswith(p) for p in self.prefixes)
+
+    __call__ = _XPubChannel.send
+
+
+class StatsChannel(_XPubChannel):
+    """The stats channel (``stats_endpoint``), as circusd-stats publishes it.
+
+    Every second ``stat.<watcher>.<pid>``, ``stat.<watcher>`` and
+    ``stat.circus`` records, but only while somebody is subscribed: no
+    subscriber, no sampling.
+    """
+
+    def __init__(self, arbiter, endpoint, ctx):
+        super().__init__(endpoint, ctx, "stats endpoint")
+        self.arbiter = arbiter
+        self._pub = None
+
+    def subscribed(self):
+        if self._pub is None or self._pub.done():
+            self._pub = asyncio.get_event_loop().create_task(self._publish())
+
+    async def _publish(self):
+        loop = asyncio.get_event_loop()
+        while self.prefixes and self.sock is not None:
+            watchers = [(w.topic_name, [(pid, p.started) for pid, p in w.processes.items()])
+                        for w in self.arbiter.watchers]
+            records = await loop.run_in_executor(None, _stats_records, watchers)
+            for topic, payload in records:
+                self.send(topic, payload)
+            await asyncio.sleep(1.0)
+
+    async def close(self):
+        if self._pub is not None:
+            self._pub.cancel()
+        await super().close()
 
 
 class MulticastChannel:
