@@ -1551,10 +1551,11 @@ class ThreadedStream:
     MAX_PENDING = 16 << 20
     MAX_FAILURES = 5
 
-    def __init__(self, stream, label: str):
+    def __init__(self, factory, label: str):
         import queue
         import threading
-        self.stream = stream
+        self.factory = factory          # builds the user's object, in the stream's own thread
+        self.stream = None
         self.label = label
         self.dropped = 0                # bytes dropped because the stream fell behind
         self._queue = queue.SimpleQueue()
@@ -1580,6 +1581,12 @@ class ThreadedStream:
         self._queue.put(chunk)
 
     def _run(self):
+        try:
+            self.stream = self.factory()
+        except (Exception, SystemExit) as e:
+            _log().error("stream %s could not be built: %s: %s; its output is dropped",
+                         self.label, type(e).__name__, e)
+            self._disabled = _ALL
         while True:
             chunk = self._queue.get()
             if chunk is None:
@@ -1592,7 +1599,7 @@ class ThreadedStream:
             try:
                 self.stream(chunk)
                 self._failures.pop(pid, None)
-            except Exception as e:
+            except (Exception, SystemExit) as e:
                 count = self._failures[pid] = self._failures.get(pid, 0) + 1
                 _log().error("stream %s failed on output of pid %s: %s: %s", self.label, pid,
                              type(e).__name__, e)
@@ -1604,15 +1611,25 @@ class ThreadedStream:
         if close is not None:
             try:
                 close()
-            except Exception as e:
+            except (Exception, SystemExit) as e:
                 _log().error("stream %s failed to close: %s", self.label, e)
 
     def close(self) -> None:
         """Let it finish what is queued, then close it (without waiting here)."""
         self._queue.put(None)
+        for thread in [t for t in _CLOSING_STREAMS if not t.is_alive()]:
+            _CLOSING_STREAMS.discard(thread)
         _CLOSING_STREAMS.add(self._thread)
 
 
+class _Everything:
+    """A set that holds every pid (a stream that could not be built takes none)."""
+
+    def __contains__(self, item):
+        return True
+
+
+_ALL = _Everything()
 _CLOSING_STREAMS: set = set()
 
 
@@ -1645,11 +1662,7 @@ def build_stream(conf: dict, search_dirs=()):
             cls = import_dotted(cls_name, search_dirs)
         except ImportError as e:
             raise ValueError("stream class %r cannot be imported: %s" % (cls_name, e)) from None
-        try:
-            return ThreadedStream(cls(**conf), cls_name)
-        except Exception as e:
-            raise ValueError("stream class %s(%s) failed: %s: %s" % (
-                cls_name, ", ".join("%s=%r" % kv for kv in conf.items()), type(e).__name__, e)) from None
+        return ThreadedStream(lambda: cls(**conf), cls_name)
     return cls(**conf)
 
 
@@ -2298,7 +2311,7 @@ class Watcher:
         try:
             func = self._load_hook(path)
             result = func(watcher=self, arbiter=self.arbiter, hook_name=name, **kw)
-        except Exception as e:
+        except (Exception, SystemExit) as e:    # a hook never ends the daemon
             _log().error("hook %s (%s) of watcher %s failed: %s", name, path, self.name, e)
             self.emit("hook_failure", name=name, error=str(e))
             return ignore_failure or name in _IGNORED_HOOK_FAILURES
@@ -2491,7 +2504,7 @@ class Watcher:
         _log().error("watcher %s: stopped (FATAL): %s. Fix it, then `ctl start %s`.",
                      self.name, why, self.name)
         if self.status in (STARTING, ACTIVE):
-            asyncio.get_event_loop().create_task(self.stop(ProcState.FATAL))
+            self._stop_soon(ProcState.FATAL)
 
     # -- process events ---------------------------------------------------------
     def _on_output(self, chunk: dict):
@@ -2548,7 +2561,7 @@ class Watcher:
             return
         if not o["respawn"]:
             if not self.processes:
-                asyncio.get_event_loop().create_task(self.stop())
+                self._stop_soon(ProcState.EXITED)
             return
         if now - p.started < MIN_UPTIME and _is_crash(p.returncode):
             self.last_error = "pid %d exited %.2f s after spawning (%s)" % (
@@ -2565,25 +2578,47 @@ class Watcher:
             self.last_error = "flapping: stopped for good after %d tries" % (f.tries - 1)
             _log().error("watcher %s: %s; `ctl start %s` to try again", self.name, self.last_error, self.name)
             self.emit("flapping", tries=f.tries - 1, retry_in=None)
-            asyncio.get_event_loop().create_task(self.stop(ProcState.FATAL, by_flapping=True))
+            self._stop_soon(ProcState.FATAL, by_flapping=True)
             return
         self.last_error = "flapping: %d deaths within %g s; retry in %g s (try %d of %s)" % (
             f.attempts, f.window, f.retry_in, f.tries, "unlimited" if f.max_retry == -1 else f.max_retry)
         _log().warning("watcher %s: %s", self.name, self.last_error)
         self.emit("flapping", tries=f.tries, retry_in=f.retry_in)
 
-        async def stop_then_retry():
-            await self.stop(ProcState.BACKOFF, by_flapping=True)
-            if gen != self._user_gen:       # a user acted meanwhile: leave it as they said
-                return
-            loop = asyncio.get_event_loop()
+        def retry():
+            self._flap_timer = None
 
-            def retry():
-                self._flap_timer = None
-                if gen == self._user_gen and self.status == STOPPED:
-                    loop.create_task(_locked(self, lambda: self.start(by_flapping=True)))
-            self._flap_timer = loop.call_later(f.retry_in, retry)
-        asyncio.get_event_loop().create_task(stop_then_retry())
+            async def start_again():
+                if gen == self._user_gen and self.status == STOPPED:    # checked under the lock
+                    await self.start(by_flapping=True)
+            asyncio.get_event_loop().create_task(self.arbiter_guard(_locked(self, start_again)))
+
+        def arm():      # after the flapping stop, unless a user acted meanwhile
+            if gen == self._user_gen:
+                self._flap_timer = asyncio.get_event_loop().call_later(f.retry_in, retry)
+        self._stop_soon(ProcState.BACKOFF, by_flapping=True, then=arm)
+
+    def _stop_soon(self, final_state, by_flapping=False, then=None):
+        """Stop from inside (give up, flapping, exited): queued behind the commands
+        on this watcher, and dropped if a user started or stopped it meanwhile."""
+        gen = self._user_gen
+
+        async def run():
+            if gen != self._user_gen:
+                return
+            await self.stop(final_state, by_flapping=by_flapping)
+            if then is not None:
+                then()
+        asyncio.get_event_loop().create_task(self.arbiter_guard(_locked(self, run)))
+
+    async def arbiter_guard(self, coro):
+        """Await ``coro``, logging (never raising) what goes wrong: for background tasks."""
+        try:
+            return await coro
+        except CircusError as e:
+            _log().error("watcher %s: %s", self.name, e)
+        except Exception:
+            _log().exception("watcher %s: unexpected error", self.name)
 
     def _user_action(self, by_flapping):
         if not by_flapping:
@@ -2610,7 +2645,7 @@ class Watcher:
             # dies at once is restarted about once a second, never in a busy loop
             self._schedule_respawn(max(0.0, MIN_UPTIME - (now - p.started)))
         elif not self.processes:
-            asyncio.get_event_loop().create_task(self.stop(ProcState.EXITED))
+            self._stop_soon(ProcState.EXITED)
 
     def _expire(self, p):
         """max_age reached: a new process first, then the old one stops gracefully."""
@@ -2646,9 +2681,13 @@ class Watcher:
             if getattr(self, which) is None and getattr(self.conf, which):
                 setattr(self, which, build_stream(getattr(self.conf, which), self.search_dirs))
 
-    def _close_streams(self):
+    def _close_streams(self, final=False):
+        """Close the streams; a user's ThreadedStream lives on across restarts until ``final``
+        (so an old one still draining never writes beside a new one)."""
         for which in ("stdout_stream", "stderr_stream"):
             stream = getattr(self, which)
+            if isinstance(stream, ThreadedStream) and not final:
+                continue
             setattr(self, which, None)
             if stream is not None and hasattr(stream, "close"):
                 try:
@@ -2696,6 +2735,8 @@ class Watcher:
         """
         self._user_action(by_flapping)
         if self.status == STOPPED:
+            if not by_flapping and self.sv_state == ProcState.BACKOFF:
+                self.sv_state, self.sv_since, self.last_error = ProcState.STOPPED, time.time(), None
             return
         if self._respawn_handle is not None:
             self._respawn_handle.cancel()
@@ -2879,6 +2920,8 @@ class _RingLogHandler:
 
 async def _locked(w, coro_fn):
     """Run ``coro_fn()`` holding the watcher's lock (commands on one watcher queue)."""
+    if w.lock is None:
+        w.lock = asyncio.Lock()
     async with w.lock:
         return await coro_fn()
 
@@ -2916,6 +2959,8 @@ class Arbiter:
         self.flapping_plugin = None     # [plugin:x] use = ...Flapping settings: defaults for all
         self.plugin_runners: list = []
         self.watchdogs: dict = {}       # watcher -> Watchdog (watchers with max_rss / max_cpu)
+        self.plugin_limits: dict = {}   # watcher name -> limits from a ResourceWatcher section
+        self.metrics_cache: dict = {}   # psutil objects of /metrics scrapes
         self.statsd = False             # publish the stats channel on stats_endpoint
         self.metrics_endpoint = None
         self.log_ring = RingBuffer()    # the daemon's recent log, for `ctl maintail`
@@ -2941,9 +2986,7 @@ class Arbiter:
                   stats_endpoint=cfg.stats_endpoint, endpoint_owner=cfg.endpoint_owner,
                   config=cfg, umask=cfg.umask, sockets=cfg.sockets)
         arb.statsd, arb.metrics_endpoint = cfg.statsd, cfg.metrics_endpoint
-        for name, conf in cfg.plugins:      # flapping defaults apply to every watcher
-            if CIRCUS_PLUGINS.get(conf.get("use")) == "flapping":
-                arb.flapping_plugin = {k: v for k, v in conf.items() if k != "use"}
+        arb.flapping_plugin, arb.plugin_limits = flapping_defaults(cfg), plugin_limits(cfg)
         for wc in cfg.watchers:
             arb._attach(arb._make_watcher(wc))
         configure_plugins(arb, cfg)
@@ -2959,14 +3002,20 @@ class Arbiter:
             runner.start()
 
     def _watch_resources(self, w):
-        o = w.conf.options
+        """(Re)create the watchdog of ``w``; none once it is removed or has no limits."""
         old = self.watchdogs.pop(w, None)
         if old is not None:
             old.stop()
+        o = dict(w.conf.options)
+        o.update(self.plugin_limits.get(w.name.lower(), {}))
         if (o["max_rss"] is not None or o["max_cpu"] is not None) and w in self.watchers:
-            dog = self.watchdogs[w] = Watchdog(w)
+            dog = self.watchdogs[w] = Watchdog(w, o)
             if self.loop is not None:
                 dog.start(self.loop)
+
+    def _prune_watchdogs(self):
+        for w in [w for w in self.watchdogs if w not in self.watchers]:
+            self.watchdogs.pop(w).stop()
 
     def _make_watcher(self, spec) -> Watcher:
         if isinstance(spec, WatcherConfig):
@@ -2981,7 +3030,8 @@ class Arbiter:
         w.on_output_event = self._publish_output
         w.sockets = self.sockets
         w.arbiter = self
-        w.flapping = Flapping.from_settings(self.flapping_plugin, w.conf.free)
+        w.flapping = Flapping.from_settings(self.flapping_plugin, w.conf.free) \
+            if w.conf.options["check_flapping"] else None
         self.watchers.append(w)
         if self.loop is not None:
             w.lock = asyncio.Lock()
@@ -3153,6 +3203,8 @@ class Arbiter:
             await finish
 
     async def _finish(self):
+        for w in self.watchers:
+            w._close_streams(final=True)
         for runner in self.plugin_runners:
             runner.stop()
         for dog in self.watchdogs.values():
@@ -3218,13 +3270,18 @@ class Arbiter:
         """Detach a watcher; returns a coroutine that stops it (nothing with nostop)."""
         self.watchers.remove(w)
         self._watch_resources(w)
+        w._user_action(False)           # no flapping retry for a removed watcher
         self.emit("watcher.%s.remove" % w.topic_name, {"time": time.time()})
         if nostop:
             for p in list(w.processes.values()):
                 p.on_exit = None        # left running, no longer ours to respawn
-            w._close_streams()
+            w._close_streams(final=True)
             return _none(asyncio.sleep(0))
-        return _none(_locked(w, w.stop))
+
+        async def stop_and_close():
+            await w.stop()
+            w._close_streams(final=True)
+        return _none(_locked(w, stop_and_close))
 
     # -- config reload -------------------------------------------------------------
     def _load_new_config(self) -> CircusConfig:
@@ -3273,6 +3330,10 @@ class Arbiter:
     async def reload_config(self, new: CircusConfig | None = None) -> None:
         """Re-read the file; apply only what changed. A broken file changes nothing."""
         new = new or self._load_new_config()
+        try:
+            new_plugin_settings = flapping_defaults(new), plugin_limits(new)
+        except ConfigError as e:
+            raise CommandError("config not reloaded, nothing changed: %s" % e, E_MESSAGE_ERROR) from None
         old = self.config
         for w in new.warnings:
             _log().warning("%s", w)
@@ -3285,10 +3346,15 @@ class Arbiter:
                                        "daemon start (a restart keeps the old one)", k)
             changed_socks, added_socks, removed, changed, resized, _ = self._plan(new)
             old_w = {w.name.lower(): w for w in self.watchers}
+            self.flapping_plugin, self.plugin_limits = new_plugin_settings
             for w in removed + [w for w, _ in changed]:
                 self.watchers.remove(w)
                 self.emit("watcher.%s.remove" % w.topic_name, {"time": time.time()})
             await self.stop_watchers(removed + [w for w, _ in changed])
+            for w in removed + [w for w, _ in changed]:
+                w._user_action(False)       # no flapping retry for what is gone
+                w._close_streams(final=True)
+            self._prune_watchdogs()
             for n in changed_socks:
                 s = self.sockets.pop(n, None)
                 if s is not None:
@@ -3333,7 +3399,15 @@ class Arbiter:
                     s.close()
                 self.sockets.clear()
                 self.config = new
+                for w in self.watchers:
+                    w._user_action(False)
+                    w._close_streams(final=True)
                 self.watchers = []
+                self._prune_watchdogs()
+                try:
+                    self.flapping_plugin, self.plugin_limits = flapping_defaults(new), plugin_limits(new)
+                except ConfigError as e:
+                    _log().error("%s", e)
                 for wc in new.watchers:
                     self._attach(self._make_watcher(wc))
                 self._bind_sockets(new.sockets)
@@ -3371,12 +3445,16 @@ def _children_map() -> dict:
     return kids
 
 
-def process_stats(pid: int, kids_of=None) -> dict:
-    """psutil figures for one pid, in Circus's record format (+ its children's)."""
-    p = _PS_CACHE.get(pid)
+def process_stats(pid: int, kids_of=None, cache=None) -> dict:
+    """psutil figures for one pid, in Circus's record format (+ its children's).
+
+    ``cache``: the caller's psutil objects (cpu% since the caller last looked).
+    """
+    cache = _PS_CACHE if cache is None else cache
+    p = cache.get(pid)
     try:
         if p is None:
-            p = _PS_CACHE[pid] = _psutil.Process(pid)
+            p = cache[pid] = _psutil.Process(pid)
         with p.oneshot():
             info = {"pid": pid}
             try:
@@ -3399,10 +3477,10 @@ def process_stats(pid: int, kids_of=None) -> dict:
             except (_psutil.AccessDenied, IndexError):
                 info["cmdline"] = "N/A"
             info["age"] = time.time() - info["create_time"] if isinstance(info["create_time"], float) else "N/A"
-        info["children"] = [process_stats(c) for c in (kids_of or {}).get(pid, ())]
+        info["children"] = [process_stats(c, None, cache) for c in (kids_of or {}).get(pid, ())]
         return info
     except _psutil.NoSuchProcess:
-        _PS_CACHE.pop(pid, None)
+        cache.pop(pid, None)
         return "No such process (stopped?)"
 
 
@@ -3418,17 +3496,23 @@ def parse_mem_limit(value) -> int:
     return int(num * {"B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[unit])
 
 
-def _sample(pids) -> dict:
-    """pid -> (rss bytes, cpu %) for live pids (run in a worker thread)."""
+def _sample(pids, cache: dict) -> dict:
+    """pid -> (rss bytes, cpu %) for live pids (run in a worker thread).
+
+    ``cache`` holds one consumer's psutil objects (cpu% is "since this
+    consumer last looked"); it is pruned to the pids sampled.
+    """
     out = {}
     for pid in pids:
-        p = _PS_CACHE.get(pid)
+        p = cache.get(pid)
         try:
             if p is None:
-                p = _PS_CACHE[pid] = _psutil.Process(pid)
+                p = cache[pid] = _psutil.Process(pid)
             out[pid] = (p.memory_info().rss, p.cpu_percent(None))
         except _psutil.Error:
-            _PS_CACHE.pop(pid, None)
+            pass
+    for pid in [p for p in cache if p not in out]:
+        del cache[pid]
     return out
 
 
@@ -3441,9 +3525,11 @@ class Watchdog:
     or sent ``watchdog_signal`` instead when that is set.
     """
 
-    def __init__(self, watcher):
-        o = watcher.conf.options
+    def __init__(self, watcher, options=None):
+        o = options or watcher.conf.options
         self.watcher = watcher
+        self.cache: dict = {}           # its own psutil objects: cpu% since its own last look
+        self.stopped = False
         self.max_rss = o["max_rss"]
         self.max_cpu = o["max_cpu"]
         self.interval = max(0.1, o["watchdog_interval"])
@@ -3459,6 +3545,7 @@ class Watchdog:
             self._handle = loop.call_later(self.interval, self._tick)
 
     def stop(self):
+        self.stopped = True
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
@@ -3466,15 +3553,19 @@ class Watchdog:
     def _tick(self):
         self._handle = None
         w = self.watcher
+        if self.stopped:
+            return
         if w.status != ACTIVE or not w.processes:
             self.strikes.clear()
             self._handle = self._loop.call_later(self.interval, self._tick)
             return
-        fut = self._loop.run_in_executor(None, _sample, list(w.processes))
+        fut = self._loop.run_in_executor(None, _sample, list(w.processes), self.cache)
         fut.add_done_callback(self._judge)
 
     def _judge(self, fut):
         w = self.watcher
+        if self.stopped:
+            return
         samples = fut.result() if not fut.exception() else {}
         for pid in [p for p in self.strikes if p not in samples]:
             del self.strikes[pid]
@@ -3498,8 +3589,14 @@ class Watchdog:
             w.emit("watchdog", process_pid=pid, limit=what, value=value, max=limit, action=action)
             if self.signal:
                 w.processes[pid].send_signal(self.signal)
-            else:
-                self._loop.create_task(w.kill(pid=pid))
+            else:       # the usual stop (hooks, stopasgroup, graceful_timeout), then a respawn
+                proc = w.processes[pid]
+
+                async def restart(proc=proc):
+                    if proc.pid in w.processes:
+                        await w._stop_process(proc)
+                        await w.manage()
+                self._loop.create_task(w.arbiter_guard(_locked(w, restart)))
         if self._loop is not None and not self._loop.is_closed():
             self._handle = self._loop.call_later(self.interval, self._tick)
 
@@ -3545,30 +3642,46 @@ class Plugin:
 
 
 class _PluginRunner:
-    """Feeds one plugin its events through a queue, in its own thread."""
+    """Feeds one plugin its events through a bounded queue, in its own thread."""
+
+    MAX_QUEUED = 10000
 
     def __init__(self, plugin: Plugin, arbiter):
         import queue
         import threading
         plugin._arbiter = arbiter
         self.plugin = plugin
-        self.queue = queue.SimpleQueue()
+        self.queue = queue.Queue(self.MAX_QUEUED)
+        self.dropped = 0
+        self.dead = False
         self.thread = threading.Thread(target=self._run, name="plugin " + str(plugin.name), daemon=True)
 
     def start(self):
         self.thread.start()
 
     def __call__(self, topic, payload):
-        self.queue.put((topic, payload))
+        if self.dead:
+            return
+        try:       # its own copy: a plugin that changes the dict changes nothing else
+            self.queue.put_nowait((topic, json.loads(json.dumps(payload))))
+        except __import__("queue").Full:
+            if not self.dropped:
+                _log().warning("plugin %s is too slow: events dropped", self.plugin.name)
+            self.dropped += 1
 
-    def _guard(self, what, *args):
+    def _guard(self, what, *args) -> bool:
         try:
             getattr(self.plugin, what)(*args)
-        except Exception as e:
+            return True
+        except (Exception, SystemExit) as e:
             _log().error("plugin %s: %s failed: %s: %s", self.plugin.name, what, type(e).__name__, e)
+            return False
 
     def _run(self):
-        self._guard("handle_init")
+        if not self._guard("handle_init"):
+            self.dead = True
+            _log().error("plugin %s disabled", self.plugin.name)
+            return
         while True:
             item = self.queue.get()
             if item is None:
@@ -3577,7 +3690,10 @@ class _PluginRunner:
         self._guard("handle_stop")
 
     def stop(self):
-        self.queue.put(None)
+        """Ask it to finish (handle_stop); the daemon waits for it, bounded, at exit."""
+        if not self.dead and self.thread.is_alive():
+            self.queue.put(None)
+            _CLOSING_STREAMS.add(self.thread)
 
 
 class StatsdEmitter(Plugin):
@@ -3625,6 +3741,46 @@ UNSUPPORTED_PLUGINS = {
 }
 
 
+def plugin_limits(cfg: CircusConfig) -> dict:
+    """ResourceWatcher sections -> {watcher name (lower case): watchdog option overrides}.
+
+    Circus's ``max_mem`` and ``max_cpu`` are percentages (a bare number);
+    a size with a unit (``200M``) is taken as bytes.
+    """
+    limits = {}
+    for name, conf in cfg.plugins:
+        if CIRCUS_PLUGINS.get(conf.get("use")) != "watchdog":
+            continue
+        where = "[plugin:%s]" % name
+        target = conf.get("watcher") or conf.get("service")
+        if not target or target.lower() not in {w.name.lower() for w in cfg.watchers}:
+            raise ConfigError("%s: watcher %r (the 'watcher' key) does not exist" % (where, target))
+        mem = str(conf.get("max_mem", "90")).strip()
+        opts = {"max_rss": mem + "%" if re.match(r"^\d+(\.\d+)?$", mem) else mem,
+                "max_cpu": conf.get("max_cpu", 90),
+                "watchdog_interval": conf.get("loop_rate", 60),
+                "watchdog_grace": to_int(conf.get("max_count", 3)) + 1}
+        for key in ("min_cpu", "min_mem", "health_threshold", "process_children", "child_signal"):
+            if key in conf:
+                _log().warning("%s: %s is not supported by the built-in watchdog; ignored", where, key)
+        try:
+            probe = WatcherConfig(target)
+            for key, value in opts.items():
+                probe.set(key, value)
+        except ValueError as e:
+            raise ConfigError("%s: %s" % (where, e)) from None
+        limits[target.lower()] = {k: probe.options[k] for k in opts}
+    return limits
+
+
+def flapping_defaults(cfg: CircusConfig):
+    """The [plugin:...] Flapping section's keys (defaults for every watcher), or None."""
+    for name, conf in cfg.plugins:
+        if CIRCUS_PLUGINS.get(conf.get("use")) == "flapping":
+            return {k: v for k, v in conf.items() if k != "use"}
+    return None
+
+
 def configure_plugins(arb, cfg: CircusConfig) -> None:
     """Map [plugin:NAME] sections onto built-ins, user plugins, or one warning each."""
     for name, conf in cfg.plugins:
@@ -3638,24 +3794,7 @@ def configure_plugins(arb, cfg: CircusConfig) -> None:
         if builtin == "flapping":
             arb.flapping_plugin = conf
         elif builtin == "watchdog":
-            target = conf.get("watcher") or conf.get("service")
-            try:
-                w = arb.get_watcher(target)
-            except MessageError:
-                raise ConfigError("%s: watcher %r (the 'watcher' key) does not exist" % (where, target)) from None
-            opts = {"max_rss": conf.get("max_mem"), "max_cpu": conf.get("max_cpu"),
-                    "watchdog_interval": conf.get("loop_rate"),
-                    "watchdog_grace": to_int(conf["max_count"]) + 1 if "max_count" in conf else None}
-            for key in ("min_cpu", "min_mem", "health_threshold", "process_children", "child_signal"):
-                if key in conf:
-                    _log().warning("%s: %s is not supported by the built-in watchdog; ignored", where, key)
-            try:
-                w.conf.set("max_rss", opts["max_rss"] if opts["max_rss"] is not None else "90%")
-                w.conf.set("max_cpu", opts["max_cpu"] if opts["max_cpu"] is not None else 90)
-                w.conf.set("watchdog_interval", opts["watchdog_interval"] or 60)
-                w.conf.set("watchdog_grace", opts["watchdog_grace"] or 4)
-            except ValueError as e:
-                raise ConfigError("%s: %s" % (where, e)) from None
+            continue            # see plugin_limits(): kept apart, re-read with the config
         elif builtin is not None:
             arb.add_plugin(name, builtin(**conf))
         elif use in UNSUPPORTED_PLUGINS:
@@ -3667,18 +3806,23 @@ def configure_plugins(arb, cfg: CircusConfig) -> None:
                 raise ConfigError("%s: use = %s cannot be imported: %s" % (where, use, e)) from None
             if not (isinstance(cls, type) and issubclass(cls, Plugin)):
                 raise ConfigError("%s: %s is not a subclass of circus.Plugin (see the README)" % (where, use))
-            arb.add_plugin(name, cls(**conf))
+            try:
+                plugin = cls(**conf)
+            except Exception as e:
+                raise ConfigError("%s: %s(%s) failed: %s: %s" % (where, use, ", ".join(conf), type(e).__name__, e)) from None
+            arb.add_plugin(name, plugin)
 
 
-def _stats_records(watchers) -> list:
+def _stats_records(watchers, cache: dict) -> list:
     """(topic, payload) pairs of the stats channel, Circus's format (worker thread)."""
     kids_of = _children_map()
+    seen = set(cache)
     now = time.time()
     out = []
     for name, procs in watchers:
         pids, cpus, mems, ages = [], [], [], []
         for pid, started in procs:
-            info = process_stats(pid, kids_of)
+            info = process_stats(pid, kids_of, cache)
             if not isinstance(info, dict):
                 continue
             info.update(subtopic=pid, name=None, age=now - started)
@@ -3691,7 +3835,10 @@ def _stats_records(watchers) -> list:
             ages.append(info["age"])
         out.append(("stat.%s" % name, {"pid": pids, "cpu": sum(cpus) / len(cpus) if cpus else "N/A",
                                        "mem": sum(mems), "age": max(ages) if ages else 0}))
-    me = process_stats(os.getpid(), kids_of)
+    me = process_stats(os.getpid(), None, cache)
+    live = {pid for _, procs in watchers for pid, _ in procs} | {os.getpid()}
+    for pid in seen - live:         # forget processes that are gone (children are re-read)
+        cache.pop(pid, None)
     if isinstance(me, dict):
         me.update(subtopic=os.getpid(), name="circusd")
         out.append(("stat.circus.%d" % os.getpid(), me))
@@ -3726,7 +3873,7 @@ def metrics_text(arbiter) -> str:
            [({"watcher": w.name}, int(bool(w.last_error and w.last_error.startswith("flapping")
                                                and w.status == STOPPED))) for w in ws])
     procs = [(w, pid, p) for w in ws for pid, p in list(w.processes.items())]
-    samples = _sample([pid for _, pid, _ in procs] + [os.getpid()])
+    samples = _sample([pid for _, pid, _ in procs] + [os.getpid()], arbiter.metrics_cache)
     rows_rss, rows_cpu, rows_age = [], [], []
     now = time.time()
     for w, pid, p in procs:
@@ -3776,8 +3923,8 @@ class MetricsServer:
                 body, head = b"not found: try /metrics\n", "HTTP/1.0 404 Not Found\r\nContent-Type: text/plain\r\n"
             writer.write(head.encode() + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
             await writer.drain()
-        except (asyncio.TimeoutError, ConnectionError, OSError):
-            pass
+        except (asyncio.TimeoutError, ConnectionError, OSError, ValueError):
+            pass        # a slow, broken or oversized request: just close it
         finally:
             writer.close()
 
@@ -4648,6 +4795,7 @@ class StatsChannel(_XPubChannel):
     def __init__(self, arbiter, endpoint, ctx):
         super().__init__(endpoint, ctx, "stats endpoint")
         self.arbiter = arbiter
+        self.cache: dict = {}
         self._pub = None
 
     def subscribed(self):
@@ -4659,7 +4807,7 @@ class StatsChannel(_XPubChannel):
         while self.prefixes and self.sock is not None:
             watchers = [(w.topic_name, [(pid, p.started) for pid, p in w.processes.items()])
                         for w in self.arbiter.watchers]
-            records = await loop.run_in_executor(None, _stats_records, watchers)
+            records = await loop.run_in_executor(None, _stats_records, watchers, self.cache)
             for topic, payload in records:
                 self.send(topic, payload)
             await asyncio.sleep(1.0)
@@ -4814,9 +4962,16 @@ class Client:
             reply = self.call("globaloptions", option="pubsub_endpoint")
             if reply.get("status") != "ok":
                 raise CallError("cannot find the pub/sub endpoint: %s" % reply.get("reason"))
-            pubsub_endpoint = reply["options"]["pubsub_endpoint"]
+            pubsub_endpoint = _reachable(reply["options"]["pubsub_endpoint"], self.endpoint)
         return subscribe(pubsub_endpoint, [t.encode() if isinstance(t, str) else t for t in topics],
                          timeout)
+
+
+def _reachable(endpoint: str, via: str) -> str:
+    """A bind address (``tcp://*:5556``) made connectable: the host we reached control on."""
+    host = re.match(r"^tcp://([^:/]+|\[[^\]]+\]):", via)
+    return re.sub(r"^tcp://(\*|0\.0\.0\.0|\[::\])(?=:)",
+                  "tcp://" + (host.group(1) if host else "127.0.0.1"), endpoint)
 
 
 def subscribe(endpoint: str = DEFAULT_PUBSUB, topics=(b"",), timeout=None, raw=False) -> object:
@@ -5115,7 +5270,7 @@ def _ctl_tail(name, args, endpoint, timeout) -> int:
                     return 3
                 topic = "log" if name == "maintail" else "output.%s.%s" % (
                     props["name"].lower().replace(" ", "_"), props["stream"])
-                sub = subscribe(pubsub["options"]["pubsub_endpoint"], [topic.encode()])
+                sub = subscribe(_reachable(pubsub["options"]["pubsub_endpoint"], endpoint), [topic.encode()])
             reply = client.call(name, **props)
     except CallError as e:
         err.write("%s\nIs the daemon running on %s?\n" % (e, endpoint))
@@ -5179,6 +5334,11 @@ def _ctl_top(args, endpoint, timeout) -> int:
     out = sys.stdout
     stdin = sys.stdin
     tty_state = None
+
+    def leave(signum, frame):       # TERM/HUP: restore the terminal on the way out
+        raise KeyboardInterrupt
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, leave)
     if stdin.isatty():
         import termios
         import tty

@@ -4234,3 +4234,52 @@ def test_e2e_interop_real_circus_stats_client_reads_our_stats_channel(daemon, re
                        cwd=shortdir)        # (not next to our circus.py, which would shadow theirs)
     assert r.returncode == 0, r.stderr
     assert "w %d %d" % (pids[0], pids[0]) in r.stdout
+
+
+def test_reachable_pubsub_address():
+    assert circus._reachable("tcp://*:5556", "tcp://10.1.2.3:5555") == "tcp://10.1.2.3:5556"
+    assert circus._reachable("tcp://0.0.0.0:5556", "ipc:///x") == "tcp://127.0.0.1:5556"
+    assert circus._reachable("ipc:///tmp/p.sock", "tcp://h:1") == "ipc:///tmp/p.sock"
+
+
+def test_e2e_flapping_stop_and_a_user_start_are_serialised(daemon, shortdir):
+    root = pathlib.Path(shortdir)
+    (root / "crash").write_text("")
+    d = daemon("""
+        [watcher:flap]
+        cmd = sh -c 'if [ $(circus.wid) = 1 ] && [ -e %s/crash ]; then sleep 1.2; exit 1; fi; trap "" TERM; while true; do sleep 0.1; done'
+        numprocesses = 2
+        graceful_timeout = 3
+        flapping.attempts = 2
+        flapping.window = 10
+        flapping.retry_in = 30
+        """ % root)
+    ev = subscribe_ready(d)
+    ev.wait(lambda t, p: t == "watcher.flap.flapping", timeout=20, what="flapping")
+    (root / "crash").unlink()
+    # the flapping stop takes graceful_timeout; this start waits its turn, then wins
+    assert d.call("start", name="flap", waiting=True, timeout=30)["status"] == "ok"
+    assert d.call("status", name="flap")["status"] == "active"
+    pids = wait_for(lambda: (lambda p: p if len(p) == 2 else None)(d.pids("flap")), what="2 processes")
+    assert all(psutil.pid_exists(p) for p in pids)
+    assert d.call("stop", name="flap", waiting=True, timeout=30)["status"] == "ok"
+    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids)
+    ev.close()
+
+
+def test_e2e_circus_resource_watcher_plugin_maps_to_the_watchdog(daemon):
+    d = daemon("""
+        [watcher:hog]
+        cmd = %s -c "x = bytearray(80 << 20); import time; time.sleep(120)"
+        [plugin:rw]
+        use = circus.plugins.resource_watcher.ResourceWatcher
+        watcher = hog
+        max_mem = 0.1
+        loop_rate = 0.2
+        max_count = 1
+        """ % sys.executable)
+    if psutil.virtual_memory().total * 0.001 > 70 << 20:
+        pytest.skip("0.1% of this machine's memory is more than the test allocates")
+    (pid,) = d.pids("hog")
+    wait_for(lambda: d.pids("hog") and d.pids("hog")[0] != pid, what="hog restarted by the watchdog")
+    assert d.ctl("reread").stdout == "No config updates to processes\n"     # the config is untouched
