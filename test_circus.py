@@ -4283,3 +4283,40 @@ def test_e2e_circus_resource_watcher_plugin_maps_to_the_watchdog(daemon):
     (pid,) = d.pids("hog")
     wait_for(lambda: d.pids("hog") and d.pids("hog")[0] != pid, what="hog restarted by the watchdog")
     assert d.ctl("reread").stdout == "No config updates to processes\n"     # the config is untouched
+
+
+def test_e2e_so_reuseport_socket_per_process(daemon, shortdir):
+    server = pathlib.Path(shortdir) / "rp.py"
+    server.write_text(textwrap.dedent("""\
+        import os, socket, sys
+        s = socket.socket(fileno=int(sys.argv[1]))
+        s.setblocking(True)
+        while True:
+            c, _ = s.accept()
+            c.sendall(b"%d" % os.getpid())
+            c.close()
+        """))
+    port = free_ports(1)[0]
+    d = daemon("""
+        [socket:rp]
+        host = 127.0.0.1
+        port = %d
+        so_reuseport = true
+        [watcher:rp]
+        cmd = %s %s $(circus.sockets.rp)
+        numprocesses = 2
+        """ % (port, sys.executable, server))
+    pids = d.pids("rp")
+    inodes = set()
+    for pid in pids:        # each worker listens on a socket of its own, on the same port
+        conns = [c for c in psutil.Process(pid).net_connections("tcp") if c.status == psutil.CONN_LISTEN]
+        assert [c.laddr.port for c in conns] == [port]
+        inodes.add(tuple(sorted(os.readlink("/proc/%d/fd/%d" % (pid, c.fd)) for c in conns)))
+    assert len(inodes) == 2
+    answers = set()
+
+    def ask():
+        with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as c:
+            answers.add(int(c.recv(20)))
+        return answers == set(pids)
+    wait_for(ask, what="both workers to answer")
