@@ -669,6 +669,7 @@ class CircusConfig:
         self.loggerconfig = None
         self.fqdn_prefix = None
         self.metrics_endpoint = None    # HOST:PORT serving Prometheus /metrics
+        self.max_processes = 10000      # add/incr/set may not ask for more per watcher
         self.minfds = None              # [supervisord] minfds: raise RLIMIT_NOFILE to it
         self.directory = None           # [supervisord] directory: chdir at start
         self.user = None                # [supervisord] user: drop privileges at start
@@ -690,7 +691,7 @@ _CIRCUS_KEYS = {
     "httpd": to_bool, "httpd_host": str, "httpd_port": to_int, "debug": to_bool,
     "debug_gc": to_bool, "pidfile": str, "loglevel": str, "logoutput": str,
     "loggerconfig": str, "fqdn_prefix": str, "include": str, "include_dir": str,
-    "metrics_endpoint": str,
+    "metrics_endpoint": str, "max_processes": to_int,
     # Documented by Circus but not read by it; accepted for the same files.
     "statsd_close_outputs": to_bool, "httpd_close_outputs": to_bool, "stream_backend": str,
 }
@@ -1398,6 +1399,8 @@ class FileStream:
         self.max_bytes = to_int(max_bytes or 0)
         self.backup_count = to_int(backup_count or 0)
         self.truncate = to_bool(truncate)       # full and no backups: start over (Supervisor)
+        self.dropped = 0                # bytes lost to a full disk, in all
+        self.dropping = False
         self._prefix = _Prefixer(time_format) if time_format else None
         self._fd = -1
         self._size = 0
@@ -1438,8 +1441,23 @@ class FileStream:
         self._before_write(len(chunk))
         if self._fd < 0:
             self.open()
-        _write_all(self._fd, chunk)
-        self._size += len(chunk)
+        view, written = memoryview(chunk), 0
+        try:
+            while written < len(chunk):
+                written += os.write(self._fd, view[written:])
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)):
+                raise
+            # disk full (or a file size limit): count what is lost, go on, resume when it fits
+            if not self.dropping:
+                _log().warning("%s: %s: dropping output until there is room", self.filename, e.strerror)
+            self.dropping = True
+            self.dropped += len(chunk) - written
+        else:
+            if self.dropping:
+                _log().warning("%s: writing again; %d bytes were dropped", self.filename, self.dropped)
+            self.dropping = False
+        self._size += written
         if self.truncate and not self.backup_count and 0 < self.max_bytes <= self._size:
             os.ftruncate(self._fd, 0)       # Supervisor: full with no backups, start over
             self._size = 0
@@ -2223,6 +2241,7 @@ class Watcher:
         self._respawn_handle = None
         self.on_demand_fds = []         # sockets armed to start it (on_demand)
         self.tails = {"stdout": RingBuffer(), "stderr": RingBuffer()}   # for `ctl tail`
+        self._dropped: dict = {}        # stream -> bytes its stream lost (disk full), last seen
         self.on_output_event = None     # callable(watcher, chunk): `ctl tail -f` followers
         self.flapping = None            # a Flapping, when configured
         self.restarts = 0               # processes replaced after they died
@@ -2513,6 +2532,10 @@ class Watcher:
         stream = self.stdout_stream if name == "stdout" else self.stderr_stream
         if stream is not None:
             stream(chunk)
+            dropped = getattr(stream, "dropped", 0)
+            if dropped != self._dropped.get(name, 0):
+                self._dropped[name] = dropped
+                self.emit("output_dropped", stream=name, bytes=dropped)
         elif self.conf.forward_output and not self.conf.options["close_child_" + name]:
             try:    # what an inherited stdout/stderr would have shown
                 _write_all(1 if name == "stdout" else 2, chunk["data"])
@@ -2961,6 +2984,7 @@ class Arbiter:
         self.watchdogs: dict = {}       # watcher -> Watchdog (watchers with max_rss / max_cpu)
         self.plugin_limits: dict = {}   # watcher name -> limits from a ResourceWatcher section
         self.metrics_cache: dict = {}   # psutil objects of /metrics scrapes
+        self.max_processes = 10000      # per watcher, for add/incr/set over the control channel
         self.statsd = False             # publish the stats channel on stats_endpoint
         self.metrics_endpoint = None
         self.log_ring = RingBuffer()    # the daemon's recent log, for `ctl maintail`
@@ -2986,6 +3010,7 @@ class Arbiter:
                   stats_endpoint=cfg.stats_endpoint, endpoint_owner=cfg.endpoint_owner,
                   config=cfg, umask=cfg.umask, sockets=cfg.sockets)
         arb.statsd, arb.metrics_endpoint = cfg.statsd, cfg.metrics_endpoint
+        arb.max_processes = cfg.max_processes
         arb.flapping_plugin, arb.plugin_limits = flapping_defaults(cfg), plugin_limits(cfg)
         for wc in cfg.watchers:
             arb._attach(arb._make_watcher(wc))
@@ -3076,13 +3101,36 @@ class Arbiter:
 
     # -- lifecycle ---------------------------------------------------------------
     def run(self) -> int:
-        """Block until quit; returns the exit code (0)."""
+        """Block until quit; returns the exit code (0).
+
+        Under systemd (``Type=notify``: $NOTIFY_SOCKET) it reports READY=1
+        once started and STOPPING=1 on quit; the variable is not passed on.
+        """
+        self._notify_socket = os.environ.pop("NOTIFY_SOCKET", None)
         return asyncio.run(self._serve())
 
     async def _serve(self):
         await self.start(handle_signals=True)
+        self.sd_notify("READY=1\nMAINPID=%d" % os.getpid())
         await self._done
         return 0
+
+    _notify_socket = None
+
+    def sd_notify(self, message: str) -> None:
+        """Send one sd_notify(3) message, if the daemon was started with $NOTIFY_SOCKET."""
+        path = self._notify_socket
+        if not path:
+            return
+        import socket
+        if path.startswith("@"):
+            path = "\0" + path[1:]         # the abstract namespace
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+                s.connect(path)
+                s.send(message.encode())
+        except OSError as e:
+            _log().warning("NOTIFY_SOCKET %s: %s", self._notify_socket, e)
 
     async def start(self, handle_signals=False) -> None:
         """Bind sockets and channels, then start the watchers in priority order."""
@@ -3110,6 +3158,8 @@ class Arbiter:
             self.loop.add_signal_handler(signal.SIGHUP, self._on_hup)
             if hasattr(signal, "SIGWINCH"):
                 signal.signal(signal.SIGWINCH, signal.SIG_IGN)
+            if hasattr(signal, "SIGXFSZ"):      # a file size limit: EFBIG, not death
+                signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         self.started_at = time.time()
         await self.start_watchers()
         _log().info("arbiter ready: %d watchers, control on %s", len(self.watchers), self.endpoint)
@@ -3195,6 +3245,7 @@ class Arbiter:
         watchers are down, so the handler can still send its reply; the
         channels close right after.
         """
+        self.sd_notify("STOPPING=1")
         async with self._lock:
             await self.stop_watchers()
         finish = self.loop.create_task(self._finish())
@@ -4100,6 +4151,10 @@ def _resize(arb, props, sign):
     if w.conf.options["singleton"]:
         return {"numprocesses": w.numprocesses, "singleton": True}
 
+    limit = arb.max_processes
+    if sign > 0 and limit is not None and w.numprocesses + nb > limit:
+        raise MessageError("numprocesses %d is above max_processes (%d)" % (w.numprocesses + nb, limit))
+
     async def run():
         n = await _locked(w, lambda: w.set_numprocesses(w.numprocesses + sign * nb))
         return {"numprocesses": n}
@@ -4164,6 +4219,18 @@ def cmd_add(arb, props):
     rl = {k[7:]: v for k, v in options.items() if k.startswith("rlimit_")}
     if rl:
         opts["rlimits"] = rl
+    if arb.endpoint_owner is not None:
+        # Circus's rule: whoever owns the endpoint may only add watchers running as itself
+        try:
+            owner = resolve_user(arb.endpoint_owner, None)[0]
+            wanted = resolve_user(opts.get("uid"), None)[0] if opts.get("uid") is not None else None
+        except ValueError:
+            owner, wanted = -1, None
+        if wanted is None or wanted != owner:
+            raise MessageError("uid does not match endpoint_owner")
+    limit = arb.max_processes
+    if limit is not None and _prop(opts, "numprocesses", int, 1) > limit:
+        raise MessageError("numprocesses %s is above max_processes (%d)" % (opts["numprocesses"], limit))
     opts.setdefault("warmup_delay", 0.0)
     w = arb.add_watcher(name, cmd, args, opts)
     w.conf.added = True
@@ -4198,6 +4265,8 @@ def cmd_set(arb, props):
             raise MessageError("%s: %s" % (key, e)) from None
         if key in ("priority", "use_sockets", "on_demand", "autostart"):
             raise MessageError("%r cannot be changed at run time; edit the config and reloadconfig" % key)
+        if key == "numprocesses" and arb.max_processes is not None and to_int(options[key]) > arb.max_processes:
+            raise MessageError("numprocesses %s is above max_processes (%d)" % (options[key], arb.max_processes))
     async def run():
         await _locked(w, lambda: w.set_options(options))
         w.flapping = Flapping.from_settings(arb.flapping_plugin, w.conf.free)
@@ -4617,6 +4686,14 @@ class ControlChannel:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.MAXMSGSIZE, self.MAX_REQUEST)
         _bind(self.sock, self.endpoint, "control endpoint")
+        owner = self.arbiter.endpoint_owner
+        if owner is not None and self.endpoint.startswith("ipc://"):
+            uid, gid, _ = resolve_user(owner, None)
+            try:        # the owner, and only the owner (and root), may connect
+                os.chown(self.endpoint[6:], uid, gid)
+                os.chmod(self.endpoint[6:], 0o600)
+            except OSError as e:
+                _log().warning("endpoint_owner: cannot give %s to %s: %s", self.endpoint, owner, e.strerror)
         self._task = asyncio.get_running_loop().create_task(self._serve())
 
     def owns(self, task) -> bool:

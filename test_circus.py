@@ -1658,12 +1658,12 @@ class Daemon:
         self.proc = None
         self.seen = set()           # (pid, create_time) of every process we saw under it
 
-    def start(self, wait=True):
+    def start(self, wait=True, env=None, preexec_fn=None):
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, str(CIRCUS_PY), "daemon", self.conf.name] + self.extra_args,
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, cwd=str(self.root))
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                preexec_fn=preexec_fn, start_new_session=True, cwd=str(self.root))
         if wait:
             wait_for(self.ready, what="daemon to answer (log: %s)" % self.log)
         return self
@@ -4320,3 +4320,152 @@ def test_e2e_so_reuseport_socket_per_process(daemon, shortdir):
             answers.add(int(c.recv(20)))
         return answers == set(pids)
     wait_for(ask, what="both workers to answer")
+
+
+
+# ===========================================================================
+# End-to-end: hostile input, full disks, floods, systemd, limits
+# ===========================================================================
+
+def test_e2e_fuzzed_control_input(daemon):
+    import random
+    d = daemon("[watcher:w]\ncmd = sleep 120\n")
+    rss_before = psutil.Process(d.proc.pid).memory_info().rss
+    rng = random.Random(1234)
+    values = [None, True, 0, -1, 2 ** 70, 1.5, "", "w", "x" * 5000, [], [1, "a"], {}, {"a": {"b": []}}]
+    names = list(circus.COMMANDS) + ["bogus", "", "LIST", "__init__", "../x"]
+    keys = ["name", "nb", "pid", "signum", "keys", "options", "cmd", "args", "waiting", "match",
+            "graceful", "process", "extended", "start", "nostop", "option", "stream", "bytes", "long"]
+    import zmq
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(d.endpoint)
+    sent = 0
+    replies = []
+    try:
+        for i in range(3000):
+            kind = rng.random()
+            if kind < 0.15:
+                frames = [bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 64)))]
+            elif kind < 0.2:
+                frames = [b'{"command": "list"}', b"extra frame"]
+            elif kind < 0.25:
+                frames = [json.dumps(rng.choice(values)).encode()]
+            else:
+                props = {rng.choice(keys): rng.choice(values) for _ in range(rng.randint(0, 4))}
+                if rng.random() < 0.3:
+                    props = rng.choice(values)
+                name = rng.choice(names)
+                if name in ("quit", "rm", "stop", "kill", "signal", "restart", "reload", "reloadconfig",
+                            "set", "decr", "update"):
+                    name = "status"     # keep the daemon and its watcher; everything else is fair game
+                msg = {"command": name, "properties": props, "id": i}
+                if rng.random() < 0.1:
+                    msg["msg_type"] = "cast"
+                frames = [json.dumps(msg).encode()]
+            s.send_multipart(frames)
+            sent += 1
+            if sent % 100 == 0:             # drain: ZeroMQ queues only 1000 messages per peer
+                while s.poll(300):
+                    replies.append(json.loads(s.recv()))
+        big = ctx.socket(zmq.DEALER)        # over the request size limit: that peer is dropped
+        big.setsockopt(zmq.LINGER, 0)
+        big.connect(d.endpoint)
+        big.send(b"\x00" * (2 << 20))
+        assert not big.poll(500)
+        big.close(0)
+        while s.poll(2000):
+            replies.append(json.loads(s.recv()))
+        for reply in replies:
+            assert reply["status"] in ("ok", "error", "active", "stopped", "starting", "stopping"), reply
+        assert len(replies) > 2000
+    finally:
+        s.close(0)
+        ctx.term()
+    assert d.proc.poll() is None
+    assert d.call("status")["status"] == "ok"
+    rss_after = psutil.Process(d.proc.pid).memory_info().rss
+    assert rss_after - rss_before < 20 << 20, (rss_before, rss_after)
+    # whatever add created is still a well-behaved daemon state: quit stops it all
+    assert d.call("quit", waiting=True)["status"] == "ok"
+    assert d.proc.wait(TIMEOUT) == 0
+
+
+def test_e2e_full_disk_drops_counts_and_resumes(daemon, shortdir):
+    import resource
+    out = pathlib.Path(shortdir) / "big.log"
+    d = daemon("""
+        [watcher:writer]
+        cmd = sh -c 'while true; do head -c 65536 /dev/zero | tr "\\\\0" x; echo; sleep 0.02; done'
+        stdout_stream.class = FileStream
+        stdout_stream.filename = %s
+        """ % out, start=False)
+    limit = 512 << 10
+    d.start(preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    ev = subscribe_ready(d)
+    _, dropped = ev.wait(lambda t, p: t == "watcher.writer.output_dropped", what="output_dropped event")
+    assert dropped["bytes"] > 0 and dropped["stream"] == "stdout"
+    assert out.stat().st_size <= limit
+    t0 = time.monotonic()
+    assert d.call("status")["status"] == "ok" and time.monotonic() - t0 < 1   # still answering
+    wait_for(lambda: "dropping output until there is room" in d.log.read_text(), what="the log line")
+    os.truncate(out, 0)                      # room again
+    wait_for(lambda: "writing again" in d.log.read_text(), what="writing to resume")
+    assert out.stat().st_size > 0
+    ev.close()
+
+
+def test_e2e_control_answers_during_an_output_flood(daemon):
+    d = daemon("""
+        [watcher:flood]
+        cmd = %s -c "import os; b = b'y' * 65535 + b'\\\\n'\\nwhile True: os.write(1, b)"
+        stdout_stream.class = FileStream
+        stdout_stream.filename = /dev/null
+        """ % sys.executable)
+    wait_for(lambda: d.pids("flood"), what="the flood")
+    times = []
+    with circus.Client(d.endpoint, TIMEOUT) as c:
+        for _ in range(20):
+            t0 = time.monotonic()
+            assert c.call("status")["status"] == "ok"
+            times.append(time.monotonic() - t0)
+    times.sort()
+    assert times[len(times) // 2] < 0.1, times
+
+
+def test_e2e_systemd_notify(daemon, shortdir):
+    path = pathlib.Path(shortdir) / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(TIMEOUT)
+    try:
+        d = daemon("[watcher:w]\ncmd = sleep 120\ncopy_env = true\n", start=False)
+        d.start(env=dict(os.environ, NOTIFY_SOCKET=str(path)))
+        assert sock.recv(1000).decode() == "READY=1\nMAINPID=%d" % d.proc.pid
+        (pid,) = d.pids("w")
+        assert "NOTIFY_SOCKET" not in psutil.Process(pid).environ()     # not passed on
+        d.call("quit")
+        assert sock.recv(1000) == b"STOPPING=1"
+        assert d.proc.wait(TIMEOUT) == 0
+    finally:
+        sock.close()
+
+
+def test_e2e_endpoint_owner_and_process_limits(daemon):
+    import pwd
+    if os.geteuid() != 0:
+        pytest.skip("endpoint_owner needs root")
+    try:
+        nobody = pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("no user nobody")
+    d = daemon("endpoint_owner = nobody\nmax_processes = 5\n[watcher:w]\ncmd = sleep 120\n")
+    assert os.stat(d.endpoint[6:]).st_uid == nobody.pw_uid
+    r = d.call("add", name="mine", cmd="sleep 1")
+    assert r["status"] == "error" and r["reason"] == "uid does not match endpoint_owner"
+    assert d.call("add", name="mine", cmd="sleep 1", options={"uid": "nobody"})["status"] == "ok"
+    r = d.call("incr", name="w", nb=10)
+    assert r["errno"] == 3 and "max_processes (5)" in r["reason"]
+    assert d.call("set", name="w", options={"numprocesses": 6})["errno"] == 3
+    assert d.call("incr", name="w", nb=4, waiting=True)["numprocesses"] == 5
