@@ -17,8 +17,8 @@ or from Python::
     arbiter.run()
 
 Public API (``__all__``): Process, Watcher, Arbiter, get_arbiter, Client,
-subscribe, load_config, CircusError, ConfigError, CommandError, MessageError,
-and the stream classes.
+subscribe, load_config, default_endpoint, Plugin, CircusError, ConfigError,
+CommandError, MessageError, and the stream classes.
 
 Sections, in order (each uses only those above it):
  1. Header and lazy imports        8. Watcher
@@ -46,6 +46,7 @@ CIRCUS_COMPAT = "0.19.0"
 
 __all__ = [
     "Process", "Watcher", "Arbiter", "get_arbiter", "Client", "subscribe", "load_config",
+    "default_endpoint", "Plugin",
     "CircusError", "ConfigError", "CommandError", "MessageError",
     "StdoutStream", "FancyStdoutStream", "FileStream", "WatchedFileStream",
     "TimedRotatingFileStream", "QueueStream",
@@ -273,6 +274,32 @@ def parse_octal(value) -> int:
         return int(text, 8)
     except ValueError:
         raise ValueError("%r is not an octal mode (e.g. 022)" % (value,)) from None
+
+
+def private_dir() -> str:
+    """Where the default ipc endpoints live: $XDG_RUNTIME_DIR/circus, /run/circus for
+    root, else /tmp/circus-<uid>. Only its owner may enter it (see ensure_private_dir)."""
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    if base and os.path.isdir(base):
+        return os.path.join(base, "circus")
+    if os.geteuid() == 0 and os.path.isdir("/run"):
+        return "/run/circus"
+    return "/tmp/circus-%d" % os.geteuid()
+
+
+def default_endpoint(kind: str) -> str:
+    """``ipc://<private dir>/<kind>.sock`` for kind control, pubsub or stats."""
+    return "ipc://%s/%s.sock" % (private_dir(), kind)
+
+
+def ensure_private_dir(path: str) -> None:
+    """Create ``path`` 0700, or check an existing one is ours and 0700 (never trust another's)."""
+    import stat
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise CircusError("%s must be a folder of yours with mode 0700 (it holds the control "
+                          "socket): fix its owner and mode, or remove it" % path)
 
 
 def import_dotted(path: str, extra_dirs=()):
@@ -649,9 +676,11 @@ class CircusConfig:
 
     def __init__(self, path=None):
         self.path = path
-        self.endpoint = DEFAULT_ENDPOINT
-        self.pubsub_endpoint = DEFAULT_PUBSUB
-        self.stats_endpoint = DEFAULT_STATS
+        # no endpoint in the file: ipc sockets in a private folder (Circus: TCP 5555-5557)
+        self.endpoint = default_endpoint("control")
+        self.pubsub_endpoint = default_endpoint("pubsub")
+        self.stats_endpoint = default_endpoint("stats")
+        self.allow_insecure_endpoint = False
         self.multicast_endpoint = None      # Circus: on by default; here only when set
         self.endpoint_owner = None
         self.statsd = False
@@ -691,7 +720,7 @@ _CIRCUS_KEYS = {
     "httpd": to_bool, "httpd_host": str, "httpd_port": to_int, "debug": to_bool,
     "debug_gc": to_bool, "pidfile": str, "loglevel": str, "logoutput": str,
     "loggerconfig": str, "fqdn_prefix": str, "include": str, "include_dir": str,
-    "metrics_endpoint": str, "max_processes": to_int,
+    "metrics_endpoint": str, "max_processes": to_int, "allow_insecure_endpoint": to_bool,
     # Documented by Circus but not read by it; accepted for the same files.
     "statsd_close_outputs": to_bool, "httpd_close_outputs": to_bool, "stream_backend": str,
 }
@@ -2985,6 +3014,7 @@ class Arbiter:
         self.plugin_limits: dict = {}   # watcher name -> limits from a ResourceWatcher section
         self.metrics_cache: dict = {}   # psutil objects of /metrics scrapes
         self.max_processes = 10000      # per watcher, for add/incr/set over the control channel
+        self.allow_insecure_endpoint = False    # a TCP endpoint off this host, with no auth
         self.statsd = False             # publish the stats channel on stats_endpoint
         self.metrics_endpoint = None
         self.log_ring = RingBuffer()    # the daemon's recent log, for `ctl maintail`
@@ -3010,6 +3040,7 @@ class Arbiter:
                   stats_endpoint=cfg.stats_endpoint, endpoint_owner=cfg.endpoint_owner,
                   config=cfg, umask=cfg.umask, sockets=cfg.sockets)
         arb.statsd, arb.metrics_endpoint = cfg.statsd, cfg.metrics_endpoint
+        arb.allow_insecure_endpoint = cfg.allow_insecure_endpoint
         arb.max_processes = cfg.max_processes
         arb.flapping_plugin, arb.plugin_limits = flapping_defaults(cfg), plugin_limits(cfg)
         for wc in cfg.watchers:
@@ -4653,14 +4684,58 @@ def cmd_help(arb, props):
 # 11. ZeroMQ channels (control, pub/sub, multicast discovery)
 # ---------------------------------------------------------------------------
 
+def _ipc_in_use(path: str) -> bool:
+    """Does a live process listen on this ipc path? (ZeroMQ would silently take it over.)"""
+    import socket
+    if not os.path.exists(path):
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(path)
+            return True
+        except OSError:
+            return False        # a stale file from a daemon that died: ours to replace
+
+
 def _bind(sock, endpoint, what):
     import zmq
+    path = endpoint[6:] if endpoint.startswith("ipc://") else None
     try:
+        if path:
+            if os.path.dirname(path) == private_dir():
+                ensure_private_dir(os.path.dirname(path))
+            if _ipc_in_use(path):
+                raise CircusError("%s %s: a daemon is already running there (stop it, or give "
+                                  "this one another endpoint)" % (what, endpoint))
         sock.bind(endpoint)
+        if path:
+            os.chmod(path, 0o600)
     except zmq.ZMQError as e:
         sock.close(0)
         hint = " (is another daemon running on it?)" if e.errno == errno.EADDRINUSE else ""
         raise CircusError("%s %s: cannot bind: %s%s" % (what, endpoint, e.strerror, hint)) from None
+    except BaseException:
+        sock.close(0)
+        raise
+
+
+def check_endpoint(endpoint: str, what: str, allow_insecure=False) -> None:
+    """TCP control is open to every local user: say so; off this host, refuse (no auth yet)."""
+    m = re.match(r"^tcp://(\[[^\]]*\]|[^:/]*):", endpoint or "")
+    if not m:
+        return
+    host = m.group(1).strip("[]")
+    if host in ("127.0.0.1", "localhost", "::1") or host.startswith("127."):
+        _log().warning("%s %s: any local user can connect to it (ipc:// in a private folder is "
+                       "safer: leave the endpoint out of [circus])", what, endpoint)
+    elif not allow_insecure:
+        raise CircusError("%s %s is reachable from other hosts and has no authentication: use "
+                          "127.0.0.1 or ipc://, or set allow_insecure_endpoint = true in [circus] "
+                          "if you really mean it (anyone who reaches it can run any command)"
+                          % (what, endpoint))
+    else:
+        _log().warning("%s %s: open to the network without authentication "
+                       "(allow_insecure_endpoint = true)", what, endpoint)
 
 
 class ControlChannel:
@@ -4937,6 +5012,9 @@ class MulticastChannel:
 
 async def start_channels(arbiter) -> list:
     import zmq.asyncio
+    for what, ep in (("control endpoint", arbiter.endpoint), ("pubsub endpoint", arbiter.pubsub_endpoint),
+                     ("stats endpoint", arbiter.stats_endpoint if arbiter.statsd else None)):
+        check_endpoint(ep, what, arbiter.allow_insecure_endpoint)
     ctx = zmq.asyncio.Context()
     channels = []
     try:
@@ -5203,7 +5281,8 @@ def _ctl_usage() -> str:
     for name in sorted(COMMANDS):
         lines.append("  %-14s %s" % (name, COMMANDS[name].help.splitlines()[0]))
     lines.append("")
-    lines.append("endpoint: --endpoint, else $CIRCUSCTL_ENDPOINT, else %s" % DEFAULT_ENDPOINT)
+    lines.append("endpoint: --endpoint, else $CIRCUSCTL_ENDPOINT, else %s if it exists, else %s"
+                 % (default_endpoint("control"), DEFAULT_ENDPOINT))
     return "\n".join(lines)
 
 
@@ -5217,6 +5296,15 @@ def _listen(endpoint, topics, out):
     for topic, body in subscribe(endpoint, [t.encode() for t in topics] or [b""], raw=True):
         out.write("%r: %r\n" % (topic, body))      # circusctl prints the bytes reprs
         out.flush()
+
+
+def _default_ctl_endpoint(kind="control") -> str:
+    """Where a daemon started with no endpoint listens (our private ipc socket), else
+    Circus's TCP default (a real circusd)."""
+    ipc = default_endpoint(kind)
+    if os.path.exists(ipc[6:]):
+        return ipc
+    return DEFAULT_ENDPOINT if kind == "control" else DEFAULT_PUBSUB
 
 
 def ctl_main(argv) -> int:
@@ -5276,25 +5364,26 @@ def ctl_main(argv) -> int:
         return 0
     if name == "listen":
         try:
-            _listen(endpoint or DEFAULT_PUBSUB, args, out)
+            _listen(endpoint or _default_ctl_endpoint("pubsub"), args, out)
         except KeyboardInterrupt:
             pass
         return 0
     if name in ("tail", "maintail"):
-        return _ctl_tail(name, args, endpoint or DEFAULT_ENDPOINT, timeout)
+        return _ctl_tail(name, args, endpoint or _default_ctl_endpoint(), timeout)
     if name == "top":
-        return _ctl_top(args, endpoint or DEFAULT_ENDPOINT, timeout)
+        return _ctl_top(args, endpoint or _default_ctl_endpoint(), timeout)
     try:
         request = build_request(name, args)
     except UsageError as e:
         err.write("%s\n" % e)
         return e.code
     try:
-        with Client(endpoint or DEFAULT_ENDPOINT, timeout) as client:
+        endpoint = endpoint or _default_ctl_endpoint()
+        with Client(endpoint, timeout) as client:
             reply = client.send(request)
     except CallError as e:
         err.write("%s\nIs the daemon running on %s? (set --endpoint or $CIRCUSCTL_ENDPOINT)\n"
-                  % (e, endpoint or DEFAULT_ENDPOINT))
+                  % (e, endpoint))
         return 1
     except Exception as e:          # e.g. a malformed endpoint
         err.write("error: %s\n" % e)
@@ -5459,7 +5548,7 @@ def _shell(endpoint, timeout) -> int:
     import shlex
     out = sys.stdout
     out.write("circus.py %s ctl shell, talking to %s. 'help' lists commands; Ctrl-D leaves.\n"
-              % (__version__, endpoint or DEFAULT_ENDPOINT))
+              % (__version__, endpoint or _default_ctl_endpoint()))
     base = (["--endpoint", endpoint] if endpoint else []) + ["--timeout", str(timeout)]
     ctl_main(base + ["status"])
     while True:

@@ -151,7 +151,9 @@ def test_defaults_and_types(tmp_path):
         rlimit_core =
         hooks.before_start = json.dumps, true
         """))
-    assert cfg.endpoint == "tcp://127.0.0.1:5555" and cfg.pubsub_endpoint == "tcp://127.0.0.1:5556"
+    # no endpoint in the file: private ipc sockets, not Circus's open TCP ports
+    assert cfg.endpoint == "ipc://%s/control.sock" % circus.private_dir()
+    assert cfg.pubsub_endpoint == "ipc://%s/pubsub.sock" % circus.private_dir()
     assert cfg.check_delay == 2.5 and cfg.warmup_delay == 0.5 and cfg.umask == 0o22
     o = cfg.watchers[0].options
     assert o["numprocesses"] == 1 and o["max_retry"] == 5 and o["respawn"] is True
@@ -2966,9 +2968,11 @@ def test_e2e_interop_real_ctl_readonly_commands(env, real_ctl):
     assert ctl(ep, "get", "beta", "bogus").triple() == (3, "", "error: 'bogus' option not found\n")
     assert ctl(ep, "get", "nope", "cmd").triple() == (3, "", "error: program nope not found\n")
 
+    # (stats_endpoint: our default is a private ipc socket, Circus's tcp://127.0.0.1:5557)
     assert ctl(ep, "globaloptions").triple() == (0, (
-        "endpoint: %s\nstats_endpoint: tcp://127.0.0.1:5557\npubsub_endpoint: %s\n"
-        "check_delay: 1.0\nmulticast_endpoint: \n") % (env.endpoint, env.pubsub), "")
+        "endpoint: %s\nstats_endpoint: %s\npubsub_endpoint: %s\n"
+        "check_delay: 1.0\nmulticast_endpoint: \n") % (env.endpoint, circus.default_endpoint("stats"),
+                                                       env.pubsub), "")
     assert ctl(ep, "globaloptions", "check_delay").triple() == (0, "check_delay: 1.0\n", "")
     assert ctl(ep, "globaloptions", "bogus").triple() == (3, "", "'bogus' not an existing option\n")
 
@@ -3459,6 +3463,8 @@ def test_e2e_interop_raw_zmq_reply_matches_real(raw_replies, request_name):
                                                            "options": {"flapping.window": "5"}}
         return
     real = _without_dunder_name(real)
+    if request_name == "globaloptions":         # our default stats endpoint is private (ipc)
+        real["options"]["stats_endpoint"] = circus.default_endpoint("stats")
     assert set(ours) == set(real), "fields differ: ours %r, real %r" % (sorted(ours), sorted(real))
     assert _normalize_reply(ours, our_id, our_raw) == _normalize_reply(real, real_id, real_raw)
 
@@ -4469,3 +4475,49 @@ def test_e2e_endpoint_owner_and_process_limits(daemon):
     assert r["errno"] == 3 and "max_processes (5)" in r["reason"]
     assert d.call("set", name="w", options={"numprocesses": 6})["errno"] == 3
     assert d.call("incr", name="w", nb=4, waiting=True)["numprocesses"] == 5
+
+
+
+def test_e2e_private_default_endpoints_and_insecure_ones(shortdir):
+    root = pathlib.Path(shortdir)
+    env = dict(os.environ, XDG_RUNTIME_DIR=str(root))
+    env.pop("CIRCUSCTL_ENDPOINT", None)
+    conf = root / "plain.ini"
+    conf.write_text("[watcher:w]\ncmd = sleep 120\n")
+    procs = []
+
+    def run_daemon(path):
+        p = subprocess.Popen([sys.executable, str(CIRCUS_PY), "daemon", str(path)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)
+        procs.append(p)
+        return p
+    try:
+        first = run_daemon(conf)
+        ctl = lambda *a: subprocess.run([sys.executable, str(CIRCUS_PY), "ctl"] + list(a), env=env,  # noqa
+                                        capture_output=True, text=True, timeout=60)
+        wait_for(lambda: ctl("--timeout", "0.5", "status").stdout == "w: active\n",
+                 what="ctl to find the daemon with no flags")
+        sock = root / "circus" / "control.sock"
+        assert oct((root / "circus").stat().st_mode & 0o777) == oct(0o700)
+        assert oct(sock.stat().st_mode & 0o777) == oct(0o600)
+        # a second daemon on the same default refuses, with one line; the first goes on
+        second = run_daemon(conf)
+        out, _ = second.communicate(timeout=60)
+        assert second.returncode == 1 and "already running" in out and "Traceback" not in out
+        assert ctl("status").stdout == "w: active\n"
+        # TCP off this host without authentication: refused at start, saying how to fix it
+        bad = root / "public.ini"
+        bad.write_text("[circus]\nendpoint = tcp://0.0.0.0:0\npubsub_endpoint = ipc://%s/p2.sock\n"
+                       "[watcher:w]\ncmd = sleep 120\n" % root)
+        third = run_daemon(bad)
+        out, _ = third.communicate(timeout=60)
+        assert third.returncode == 1 and "allow_insecure_endpoint = true" in out
+    finally:
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(TIMEOUT)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
