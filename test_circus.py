@@ -1685,7 +1685,7 @@ class Daemon:
     def raw(self, body, timeout=TIMEOUT):
         """Send raw bytes from a DEALER; returns the parsed reply or None on timeout."""
         import zmq
-        ctx = zmq.Context()
+        ctx = zmq.Context.instance()
         s = ctx.socket(zmq.DEALER)
         s.setsockopt(zmq.LINGER, 0)
         s.connect(self.endpoint)
@@ -1696,7 +1696,6 @@ class Daemon:
             return json.loads(s.recv())
         finally:
             s.close(0)
-            ctx.term()
 
     def ctl(self, *args, timeout=60):
         return subprocess.run([sys.executable, str(CIRCUS_PY), "ctl", "--endpoint", self.endpoint] +
@@ -1758,11 +1757,15 @@ class Daemon:
 
 
 class Events:
-    """A SUB socket on the daemon's pub/sub endpoint."""
+    """A SUB socket on the daemon's pub/sub endpoint.
+
+    Tests share one ZeroMQ context that is never terminated: a socket that a
+    failing test leaves open cannot then hang the session in Context.term.
+    """
 
     def __init__(self, endpoint, topics=(b"",)):
         import zmq
-        self.ctx = zmq.Context()
+        self.ctx = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.SUB)
         self.sock.setsockopt(zmq.LINGER, 0)
         for t in topics:
@@ -1787,7 +1790,6 @@ class Events:
 
     def close(self):
         self.sock.close(0)
-        self.ctx.term()
 
 
 @pytest.fixture
@@ -2122,7 +2124,7 @@ def test_e2e_malformed_input_gets_errors_and_daemon_stays_up(daemon):
 def test_e2e_req_socket_is_answered(daemon):
     import zmq
     d = daemon("[watcher:w]\ncmd = sleep 120\n")
-    ctx = zmq.Context()
+    ctx = zmq.Context.instance()
     s = ctx.socket(zmq.REQ)
     s.setsockopt(zmq.LINGER, 0)
     s.connect(d.endpoint)
@@ -2130,7 +2132,6 @@ def test_e2e_req_socket_is_answered(daemon):
     assert s.poll(TIMEOUT * 1000)
     assert json.loads(s.recv())["numwatchers"] == 1
     s.close(0)
-    ctx.term()
 
 
 def test_e2e_commands_are_queued_not_refused(daemon):
@@ -4149,7 +4150,7 @@ def test_e2e_stats_fields_channel_metrics_statsd(daemon, shortdir):
         assert re.fullmatch(r"\d+(\.\d\d[KMG])?B?", info["mem_info1"]) and isinstance(info["cpu"], float)
         # the stats channel, Circus's topics, only while subscribed
         import zmq
-        ctx = zmq.Context()
+        ctx = zmq.Context.instance()
         sub = ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.SUBSCRIBE, b"stat.")
@@ -4164,7 +4165,6 @@ def test_e2e_stats_fields_channel_metrics_statsd(daemon, shortdir):
             wait_for(got_all, what="stats records")
         finally:
             sub.close(0)
-            ctx.term()
         assert seen["stat.w.%d" % pids[0]]["pid"] == pids[0] and sorted(seen["stat.w"]["pid"]) == sorted(pids)
         assert seen["stat.circus"]["pid"] == [d.proc.pid]
         # /metrics, parsed
@@ -4343,7 +4343,7 @@ def test_e2e_fuzzed_control_input(daemon):
     keys = ["name", "nb", "pid", "signum", "keys", "options", "cmd", "args", "waiting", "match",
             "graceful", "process", "extended", "start", "nostop", "option", "stream", "bytes", "long"]
     import zmq
-    ctx = zmq.Context()
+    ctx = zmq.Context.instance()
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
     s.connect(d.endpoint)
@@ -4388,7 +4388,6 @@ def test_e2e_fuzzed_control_input(daemon):
         assert len(replies) > 2000
     finally:
         s.close(0)
-        ctx.term()
     assert d.proc.poll() is None
     assert d.call("status")["status"] == "ok"
     rss_after = psutil.Process(d.proc.pid).memory_info().rss
