@@ -1883,7 +1883,7 @@ def test_e2e_quick_external_kills_are_not_a_crash_loop(daemon):
     for _ in range(6):
         (pid,) = wait_for(lambda: d.pids("w"), what="a process")
         os.kill(pid, signal.SIGKILL)
-        wait_for(lambda: d.pids("w") and d.pids("w")[0] != pid, what="respawn after kill")
+        wait_for(lambda: (lambda p: bool(p) and p[0] != pid)(d.pids("w")), what="respawn after kill")
     assert d.call("status", name="w")["status"] == "active"
 
 
@@ -2223,7 +2223,7 @@ def test_e2e_sighup_reloads_running_watchers_only(daemon):
         """)
     old = d.pids("run")
     os.kill(d.proc.pid, signal.SIGHUP)
-    wait_for(lambda: d.pids("run") and d.pids("run") != old, what="reload on SIGHUP")
+    wait_for(lambda: (lambda p: bool(p) and p != old)(d.pids("run")), what="reload on SIGHUP")
     assert d.call("status", name="idle")["status"] == "stopped"
 
 
@@ -2329,7 +2329,7 @@ def test_e2e_on_demand_stdin_socket_and_max_age(daemon, shortdir):
         assert c.recv(10) == b"up"          # the connection started the watcher
     assert d.call("status", name="lazy")["status"] == "active"
     first = d.pids("old")
-    wait_for(lambda: d.pids("old") and d.pids("old") != first, what="max_age replacement")
+    wait_for(lambda: (lambda p: bool(p) and p != first)(d.pids("old")), what="max_age replacement")
 
 
 def test_e2e_uid_gid_rlimits_working_dir(daemon, shortdir):
@@ -4051,7 +4051,7 @@ def test_e2e_watchdog_restarts_a_process_over_its_memory_limit(daemon):
     pid = dog["process_pid"]        # (it may already be the second hog: it restarts every ~0.4 s)
     assert dog["limit"] == "rss" and dog["value"] > 40 << 20 and dog["action"] == "restart"
     ev.wait(lambda t, p: t == "watcher.hog.reap" and p["process_pid"] == pid, what="that hog stopped")
-    wait_for(lambda: d.pids("hog") and d.pids("hog")[0] != pid, what="hog restarted")
+    wait_for(lambda: (lambda p: bool(p) and p[0] != pid)(d.pids("hog")), what="hog restarted")
     assert not [t for t, _ in ev.got if t == "watcher.lean.watchdog"]
     ev.close()
 
@@ -4287,7 +4287,7 @@ def test_e2e_circus_resource_watcher_plugin_maps_to_the_watchdog(daemon):
     if psutil.virtual_memory().total * 0.001 > 70 << 20:
         pytest.skip("0.1% of this machine's memory is more than the test allocates")
     (pid,) = d.pids("hog")
-    wait_for(lambda: d.pids("hog") and d.pids("hog")[0] != pid, what="hog restarted by the watchdog")
+    wait_for(lambda: (lambda p: bool(p) and p[0] != pid)(d.pids("hog")), what="hog restarted by the watchdog")
     assert d.ctl("reread").stdout == "No config updates to processes\n"     # the config is untouched
 
 
