@@ -4193,10 +4193,11 @@ def test_e2e_stats_fields_channel_metrics_statsd(daemon, shortdir):
 def test_e2e_ctl_top_in_a_terminal(daemon):
     import pty
     d = daemon("[watcher:busy]\ncmd = sleep 120\nnumprocesses = 2\n[watcher:idle]\ncmd = sleep 121\n")
-    pid, fd = pty.fork()
-    if pid == 0:        # the child: ctl top on a real terminal
-        os.execv(sys.executable, [sys.executable, str(CIRCUS_PY), "ctl", "--endpoint", d.endpoint, "top",
-                                  "--interval=0.2"])
+    fd, tty_end = pty.openpty()         # a real terminal, without forking this threaded process
+    top = subprocess.Popen([sys.executable, str(CIRCUS_PY), "ctl", "--endpoint", d.endpoint, "top",
+                            "--interval=0.2"], stdin=tty_end, stdout=tty_end, stderr=tty_end,
+                           start_new_session=True)
+    os.close(tty_end)
     try:
         import select
         screen = []
@@ -4214,12 +4215,11 @@ def test_e2e_ctl_top_in_a_terminal(daemon):
         os.write(fd, b"m")
         wait_for(lambda: frames(3) and "sorted by mem" in "".join(screen), what="sorting by memory")
         os.write(fd, b"q")
-        _, status = os.waitpid(pid, 0)
-        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        assert top.wait(TIMEOUT) == 0
     finally:
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(top.pid, signal.SIGKILL)
+        top.wait(TIMEOUT)
         os.close(fd)
 
 
