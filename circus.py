@@ -88,8 +88,8 @@ def _log():
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 DEFAULT_PUBSUB = "tcp://127.0.0.1:5556"
-DEFAULT_STATS = "tcp://127.0.0.1:5557"
-DEFAULT_MULTICAST = "udp://237.219.251.97:12027"
+# (Circus's stats and multicast defaults, tcp://127.0.0.1:5557 and
+# udp://237.219.251.97:12027, are not ours: private ipc, and no discovery.)
 
 # Watcher states as Circus reports them in `status`.
 STOPPED, STARTING, ACTIVE, STOPPING = "stopped", "starting", "active", "stopping"
@@ -2169,7 +2169,6 @@ MIN_UPTIME = 1.0
 #: Hooks whose exceptions never abort anything (Circus's rule).
 _IGNORED_HOOK_FAILURES = {"before_stop", "after_stop", "before_signal", "after_signal",
                           "extended_stats", "before_reap", "after_reap"}
-INHERIT = "inherit"
 
 
 #: Signals that mean the program crashed by itself. A quick death by any other
@@ -2974,7 +2973,7 @@ class _RingLogHandler:
 
     def _publish(self, line):
         self.arbiter.log_ring.append(line.encode("utf-8", "replace"))
-        self.arbiter.publish_followed("log", {"data": line, "time": time.time()})
+        self.arbiter.publish_followed("log", lambda: {"data": line, "time": time.time()})
 
     def __getattr__(self, name):        # the rest of the Handler interface: no-ops
         return lambda *a, **k: None
@@ -3033,7 +3032,6 @@ class Arbiter:
         self.sockets: dict = {}
         self.watchers: list = []
         self.channels: list = []
-        self.started_at = None
         self.loop = None
         self._lock = None           # serialises arbiter-wide operations
         self._done = None
@@ -3117,20 +3115,25 @@ class Arbiter:
         ws = sorted(self.watchers, key=lambda w: -w.priority)
         return list(reversed(ws)) if reverse else ws
 
-    def publish_followed(self, topic: str, payload: dict) -> None:
-        """Send to listeners that follow ``topic`` (output, log): only if someone does."""
-        raw = None
-        for listener in self.listeners:
-            wants = getattr(listener, "wants", None)
-            if wants is not None:
-                raw = raw or topic.encode()
-                if wants(raw):
-                    listener(topic, payload)
+    def publish_followed(self, topic: str, make_payload) -> None:
+        """Send to listeners that follow ``topic`` (output, log), only if someone does.
+
+        ``make_payload()`` builds the payload: it is not even called (no decoding
+        of output) while nobody follows, which is the usual case on this hot path.
+        """
+        followers = [l for l in self.listeners if getattr(l, "prefixes", None)]
+        if not followers:
+            return
+        raw, payload = topic.encode(), None
+        for listener in followers:
+            if listener.wants(raw):
+                payload = payload or make_payload()
+                listener(topic, payload)
 
     def _publish_output(self, w, chunk):
         self.publish_followed("output.%s.%s" % (w.topic_name, chunk["name"]),
-                              {"data": chunk["data"].decode("utf-8", "replace"), "pid": chunk["pid"],
-                               "time": time.time()})
+                              lambda: {"data": chunk["data"].decode("utf-8", "replace"),
+                                       "pid": chunk["pid"], "time": time.time()})
 
     def emit(self, topic, payload) -> None:
         """Hand an event to every listener (the pub/sub channel is one)."""
@@ -3201,7 +3204,6 @@ class Arbiter:
                 signal.signal(signal.SIGWINCH, signal.SIG_IGN)
             if hasattr(signal, "SIGXFSZ"):      # a file size limit: EFBIG, not death
                 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        self.started_at = time.time()
         await self.start_watchers()
         _log().info("arbiter ready: %d watchers, control on %s", len(self.watchers), self.endpoint)
 
