@@ -46,7 +46,7 @@ CIRCUS_COMPAT = "0.19.0"
 
 __all__ = [
     "Process", "Watcher", "Arbiter", "get_arbiter", "Client", "subscribe", "load_config",
-    "default_endpoint", "Plugin",
+    "default_endpoint", "client_keys", "Plugin",
     "CircusError", "ConfigError", "CommandError", "MessageError",
     "StdoutStream", "FancyStdoutStream", "FileStream", "WatchedFileStream",
     "TimedRotatingFileStream", "QueueStream",
@@ -441,6 +441,25 @@ def _str_or_none(value):
     return None if value is None else str(value)
 
 
+def _ready_mode(value):
+    text = str(value).strip().lower()
+    if text in ("notify", "listen"):
+        return text
+    try:
+        delay = float(text)
+    except ValueError:
+        raise ValueError("ready: %r is not notify, listen or a number of seconds" % (value,)) from None
+    if delay < 0:
+        raise ValueError("ready: a delay cannot be negative")
+    return delay
+
+
+def _death_signal(value) -> int:
+    if str(value).strip().lower() in ("none", "off", "false", "no", "0", ""):
+        return 0
+    return to_signum(value)
+
+
 def _args(value):
     if value is None or isinstance(value, list):
         return value
@@ -482,6 +501,12 @@ WATCHER_OPTIONS = {
     "virtualenv_py_ver": (_str_or_none, None),
     "stdin_socket": (_str_or_none, None),
     "check_flapping": (to_bool, True),
+    # signal for the processes if the daemon dies (Linux): default stop_signal, "none" opts out
+    "parent_death_signal": (lambda v: None if v is None else _death_signal(v), None),
+    # readiness: "notify" (sd_notify READY=1), "listen" (a listening socket of its own) or
+    # seconds; a graceful reload waits for it before stopping the old processes
+    "ready": (lambda v: None if v in (None, "") else _ready_mode(v), None),
+    "ready_timeout": (to_float, 60.0),
     # Supervisor semantics (set by [program:x]; usable in [watcher:x] too)
     "startsecs": (lambda v: None if v is None else to_float(v), None),
     "autorestart": (lambda v: None if v is None else parse_autorestart(v), None),
@@ -681,6 +706,8 @@ class CircusConfig:
         self.pubsub_endpoint = default_endpoint("pubsub")
         self.stats_endpoint = default_endpoint("stats")
         self.allow_insecure_endpoint = False
+        self.curve_secret_key = None        # CurveZMQ: the daemon's key pair file (.key_secret)
+        self.curve_authorized_keys = None   # and the clients' public keys (a folder of .key files)
         self.multicast_endpoint = None      # Circus: on by default; here only when set
         self.endpoint_owner = None
         self.statsd = False
@@ -721,6 +748,7 @@ _CIRCUS_KEYS = {
     "debug_gc": to_bool, "pidfile": str, "loglevel": str, "logoutput": str,
     "loggerconfig": str, "fqdn_prefix": str, "include": str, "include_dir": str,
     "metrics_endpoint": str, "max_processes": to_int, "allow_insecure_endpoint": to_bool,
+    "curve_secret_key": str, "curve_authorized_keys": str,
     # Documented by Circus but not read by it; accepted for the same files.
     "statsd_close_outputs": to_bool, "httpd_close_outputs": to_bool, "stream_backend": str,
 }
@@ -752,6 +780,25 @@ def _read_with_includes(path: str, environ) -> IniFile:
             if os.path.abspath(f) != os.path.abspath(path):
                 ini.read(f)
     return ini
+
+
+def _check_curve_conf(cfg, ini) -> None:
+    """Both CurveZMQ keys or neither; paths are relative to the config file; keys must load."""
+    base = os.path.dirname(cfg.path or ".")
+    for key in ("curve_secret_key", "curve_authorized_keys"):
+        if getattr(cfg, key):
+            setattr(cfg, key, os.path.join(base, os.path.expanduser(getattr(cfg, key))))
+    if bool(cfg.curve_secret_key) != bool(cfg.curve_authorized_keys):
+        have, need = (("curve_secret_key", "curve_authorized_keys") if cfg.curve_secret_key
+                      else ("curve_authorized_keys", "curve_secret_key"))
+        raise ConfigError("%s: %s needs %s too (the folder of client .key files; see "
+                          "`python circus.py ctl keygen`)" % (ini.where("circus", have), have, need))
+    if cfg.curve_secret_key:
+        try:
+            load_curve_key(cfg.curve_secret_key, secret=True)
+            authorized_keys(cfg.curve_authorized_keys)
+        except CircusError as e:
+            raise ConfigError("%s: %s" % (ini.where("circus"), e)) from None
 
 
 def load_config(path: str, environ=None) -> CircusConfig:
@@ -797,6 +844,7 @@ def load_config(path: str, environ=None) -> CircusConfig:
         setattr(cfg, key, conv("circus", key, expand(value), _CIRCUS_KEYS[key]))
     if "stats_endpoint" in ini.items("circus"):
         cfg.statsd = True
+    _check_curve_conf(cfg, ini)
 
     # sockets, watchers and plugins, sorted by name as Circus does
     import fnmatch
@@ -1821,6 +1869,84 @@ def _child_watcher(loop) -> ChildWatcher:
     return cw
 
 
+class NotifyListener:
+    """The sd_notify socket processes report ``READY=1`` on (watcher option ``ready = notify``).
+
+    One abstract-namespace datagram socket per loop (reachable whatever uid
+    a process runs as); the kernel stamps each message with the sender's pid
+    (SO_PASSCRED), so a process can only vouch for itself or its children.
+    """
+
+    def __init__(self, loop):
+        import socket
+        self._socket = socket
+        self.loop = loop
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        name = "circus.py-notify-%d-%s" % (os.getpid(), os.urandom(6).hex())
+        self.sock.bind("\0" + name)
+        self.sock.setblocking(False)
+        self.address = "@" + name           # NOTIFY_SOCKET's spelling of an abstract socket
+        self.waiting: dict = {}             # pid -> callback()
+        loop.add_reader(self.sock.fileno(), self._read)
+
+    def _read(self):
+        import struct
+        sk = self._socket
+        while True:
+            try:
+                data, anc, _, _ = self.sock.recvmsg(4096, sk.CMSG_SPACE(12))
+            except OSError:         # drained (BlockingIOError) or closed
+                return
+            pids = [struct.unpack("3i", c[:12])[0] for lvl, typ, c in anc
+                    if lvl == sk.SOL_SOCKET and typ == sk.SCM_CREDENTIALS and len(c) >= 12]
+            if pids and b"READY=1" in data.split(b"\n"):
+                callback = self._owner(pids[0])
+                if callback is not None:
+                    callback()
+
+    def _owner(self, pid):
+        """The callback of ``pid`` or of its nearest waiting ancestor (a shell's child)."""
+        for _ in range(8):
+            if pid in self.waiting:
+                return self.waiting.pop(pid)
+            try:
+                pid = _psutil.Process(pid).ppid()
+            except _psutil.Error:
+                return None
+            if pid <= 1:
+                return None
+        return None
+
+
+_NOTIFY_LISTENERS = weakref.WeakKeyDictionary()     # loop -> NotifyListener
+
+
+def _notify_listener(loop) -> NotifyListener:
+    nl = _NOTIFY_LISTENERS.get(loop)
+    if nl is None:
+        nl = _NOTIFY_LISTENERS[loop] = NotifyListener(loop)
+    return nl
+
+
+def _addr_key(addr):
+    """(host, port) of an inet address (psutil's and getsockname()'s agree), else the path."""
+    return tuple(addr[:2]) if isinstance(addr, tuple) else addr
+
+
+def _listening(pid: int, inherited: set) -> bool:
+    """Does the process (or a child) listen on a socket of its own (not one of ours)?"""
+    try:
+        proc = _psutil.Process(pid)
+        for p in [proc] + proc.children(recursive=True):
+            for c in p.net_connections(kind="all") if hasattr(p, "net_connections") else p.connections("all"):
+                if c.status == _psutil.CONN_LISTEN and c.laddr and _addr_key(c.laddr) not in inherited:
+                    return True
+    except _psutil.Error:
+        pass
+    return False
+
+
 def _rlimit_setter(rlimits: dict):
     """A preexec function setting resource limits (only used when asked for)."""
     import resource
@@ -1844,6 +1970,59 @@ def _rlimit_setter(rlimits: dict):
     return set_limits
 
 
+_SETPRIV: list = []
+
+
+def _setpriv() -> str | None:
+    """util-linux's setpriv, if it can set a parent-death signal: an exec costs the daemon
+    far less than a Python preexec_fn, which makes subprocess fork instead of vfork."""
+    if not _SETPRIV:
+        import shutil
+        path = shutil.which("setpriv", path="/usr/bin:/bin:/usr/sbin:/sbin")
+        if path:
+            try:
+                ok = subprocess.run([path, "--pdeathsig", "TERM", "--", "true"], timeout=10,
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL).returncode == 0
+            except (OSError, subprocess.SubprocessError):
+                ok = False
+            path = path if ok else None
+        _SETPRIV.append(path)
+    return _SETPRIV[0]
+
+
+def _check_executable(name: str, cwd, env) -> None:
+    """Raise what exec would (ENOENT, EACCES) for a command behind the setpriv wrapper."""
+    if "/" in name:
+        candidates = [os.path.join(cwd or os.getcwd(), name)]
+    else:
+        candidates = [os.path.join(d or ".", name) for d in os.get_exec_path(env)]
+    denied = False
+    for path in candidates:
+        if os.path.isfile(path):
+            if os.access(path, os.X_OK):
+                return
+            denied = True
+    if denied:
+        raise PermissionError(errno.EACCES, "Permission denied", name)
+    raise FileNotFoundError(errno.ENOENT, "No such file or directory", name)
+
+
+def _death_signal_setter(signum: int, then=None):
+    """A preexec function: die with ``signum`` when the daemon dies (PR_SET_PDEATHSIG)."""
+    import ctypes
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def setter():
+        prctl(1, signum, 0, 0, 0)       # 1: PR_SET_PDEATHSIG
+        if os.getppid() != parent:      # the daemon died before that took hold
+            os.kill(os.getpid(), signum)
+        if then is not None:
+            then()
+    return setter
+
+
 class Process:
     """One child process: spawn, watch its output and exit, signal, stop.
 
@@ -1863,7 +2042,7 @@ class Process:
                  shell_args=None, uid=None, gid=None, env=None, rlimits=None,
                  executable=None, pass_fds=(), stdout=None, stderr=None,
                  close_child_stdin=True, stdin=None, on_output=None, on_exit=None, loop=None,
-                 watcher_name="", umask=None):
+                 watcher_name="", umask=None, death_signal=0):
         self.wid = wid
         self.cmd = cmd
         self.args = args
@@ -1879,6 +2058,7 @@ class Process:
         self.close_child_stdin = close_child_stdin
         self.stdin = stdin              # an fd for the child's stdin (stdin_socket)
         self.umask = umask
+        self.death_signal = death_signal    # sent to it if the daemon dies (Linux), 0: none
         self.on_output = on_output      # callable({"data", "pid", "name"}), like a stream
         self.on_exit = on_exit          # callable(process)
         self.loop = loop
@@ -1889,6 +2069,8 @@ class Process:
         self.state = ProcState.STOPPED
         self.stopping = False           # True once we asked it to stop
         self.promote = None             # timer moving STARTING -> RUNNING (startsecs)
+        self.ready = None               # future: True once ready (watcher option `ready`)
+        self.unready = None             # gives up waiting for it (set with ready)
         self._popen = None
         self._pipes: dict = {}          # read end fd -> "stdout" / "stderr"
         self._exited = None             # future resolved on exit
@@ -1943,6 +2125,16 @@ class Process:
                 kw["group"] = gid
         if self.rlimits:
             kw["preexec_fn"] = _rlimit_setter(self.rlimits)
+        if self.death_signal and sys.platform.startswith("linux"):
+            wrapper = None if (self.executable or self.rlimits) else _setpriv()
+            if wrapper:
+                name = signal.Signals(self.death_signal).name[3:]
+                if kw.pop("shell", False):
+                    argv = ["/bin/sh", "-c", argv]
+                _check_executable(argv[0], self.working_dir, self.env)    # fail here, as Popen would
+                argv = [wrapper, "--pdeathsig", name, "--"] + argv
+            else:
+                kw["preexec_fn"] = _death_signal_setter(self.death_signal, kw.get("preexec_fn"))
         if self.umask is not None:
             kw["umask"] = self.umask
         # Our own pipes, as raw fds: Popen's file objects would cost memory per process
@@ -2181,6 +2373,10 @@ def _is_crash(code: int) -> bool:
     return code >= 0 or -code in _CRASH_SIGNALS
 
 
+#: errnos of a spawn that failed for want of fds, processes or memory
+_RESOURCE_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM)
+
+
 def _backoff(failures: int) -> float:
     """Delay before retry n: 0 for the first, then 0.1 s doubling up to 5 s."""
     return 0.0 if failures <= 1 else min(0.1 * 2 ** (failures - 2), 5.0)
@@ -2274,6 +2470,7 @@ class Watcher:
         self.stdout_stream = None
         self.stderr_stream = None
         self.failures = 0               # consecutive failed starts (max_retry)
+        self.starved = 0                # consecutive spawns the system had no room for
         self.last_error = None          # text of the last spawn failure or crash
         self.lock = None                # asyncio.Lock, serialises commands on this watcher
         self._respawn_handle = None
@@ -2394,6 +2591,8 @@ class Watcher:
                 site = os.path.join(venv, "lib", "python" + ver, "site-packages")
                 env["PYTHONPATH"] = os.pathsep.join(p for p in (site, env.get("PYTHONPATH")) if p)
                 env["VIRTUAL_ENV"] = venv
+            if o["ready"] == "notify":
+                env["NOTIFY_SOCKET"] = _notify_listener(asyncio.get_event_loop()).address
             self._env_cache = env
         return self._env_cache
 
@@ -2445,6 +2644,11 @@ class Watcher:
                 fds[name] = sock.fileno()
         return fds, fresh
 
+    def _death_signal(self) -> int:
+        """What the processes get if the daemon dies: parent_death_signal, else stop_signal."""
+        sig = self.conf.options["parent_death_signal"]
+        return self.conf.options["stop_signal"] if sig is None else sig
+
     def _stdin_fd(self):
         name = self.conf.options["stdin_socket"]
         if not name:
@@ -2488,21 +2692,28 @@ class Watcher:
                         pass_fds=fds.values(), stdout=piped["stdout"], stderr=piped["stderr"],
                         close_child_stdin=o["close_child_stdin"], stdin=self._stdin_fd(),
                         on_output=self._on_output, on_exit=self._on_exit, watcher_name=self.name,
-                        umask=o["umask"])
+                        umask=o["umask"], death_signal=self._death_signal())
             p.spawn()
         except (OSError, ValueError, subprocess.SubprocessError) as e:
             self._release_wid(wid)
             self.last_error = "spawn failed: %s" % (e,)
             _log().error("watcher %s: cannot spawn %r: %s", self.name, o["cmd"], e)
-            self._failed_start()
+            if isinstance(e, OSError) and e.errno in _RESOURCE_ERRNOS:
+                self._short_of_resources()
+            else:
+                self._failed_start()
+            self.emit("spawn_failed", error=self.last_error, failures=self.failures, time=time.time())
             return None
         finally:
             for s in fresh:
                 s.close()
         self.processes[p.pid] = p
+        self.starved = 0
         _log().debug("watcher %s: spawned pid %d (wid %d)", self.name, p.pid, wid)
         startsecs = o["startsecs"]
-        if startsecs:       # Supervisor: RUNNING only once it has stayed up startsecs
+        if o["ready"] is not None:
+            self._watch_readiness(p)
+        elif startsecs:     # Supervisor: RUNNING only once it has stayed up startsecs
             p.state = ProcState.STARTING
             p.promote = asyncio.get_event_loop().call_later(startsecs, self._promote, p)
         self.emit("spawn", process_pid=p.pid, time=p.started, state=p.state)
@@ -2547,6 +2758,15 @@ class Watcher:
         linear = self.conf.options["startsecs"] is not None
         self._schedule_respawn(float(self.failures) if linear else _backoff(self.failures))
 
+    def _short_of_resources(self):
+        """EMFILE, EAGAIN from fork...: the host's trouble, not the program's. Keep what
+        runs, retry with a growing delay (at most 5 s), never count it against max_retry."""
+        self.starved += 1
+        delay = min(0.25 * 2 ** (self.starved - 1), 5.0)
+        self.last_error += "; out of system resources, retrying in %g s" % delay
+        self.sv_state, self.sv_since = ProcState.BACKOFF, time.time()
+        self._schedule_respawn(delay)
+
     def _schedule_respawn(self, delay):
         if self._respawn_handle is not None:
             return
@@ -2590,6 +2810,70 @@ class Watcher:
             self.sv_state, self.sv_since = p.state, time.time()
             self.emit("state", process_pid=p.pid, state=p.state)
 
+    def _watch_readiness(self, p: Process):
+        """STARTING until the ``ready`` condition holds (RUNNING), or ready_timeout passes."""
+        o = self.conf.options
+        loop = asyncio.get_event_loop()
+        how = o["ready"]
+        p.state = ProcState.STARTING
+        p.ready = loop.create_future()
+        handles = []
+
+        def done(ok):
+            if p.ready.done():
+                return
+            p.ready.set_result(ok)
+            for h in handles:
+                h.cancel()
+            if how == "notify":
+                _notify_listener(loop).waiting.pop(p.pid, None)
+            if ok and p.alive:
+                p.state = ProcState.RUNNING
+                self.failures = 0
+                self.sv_state, self.sv_since = p.state, time.time()
+                self.emit("state", process_pid=p.pid, state=p.state)
+            elif p.alive:
+                _log().warning("watcher %s: pid %d not ready after %g s (ready = %s)",
+                               self.name, p.pid, o["ready_timeout"], how)
+        p.unready = lambda: done(False)
+        handles.append(loop.call_later(o["ready_timeout"], done, False))
+        if how == "notify":
+            _notify_listener(loop).waiting[p.pid] = lambda: done(True)
+        elif how == "listen":
+            inherited = set()
+            for sock in self.sockets.values():
+                try:
+                    inherited.add(_addr_key(sock.sock.getsockname()))
+                except (OSError, AttributeError):   # not bound
+                    pass
+
+            async def poll():
+                while p.alive and not p.ready.done():
+                    if await loop.run_in_executor(None, _listening, p.pid, inherited):
+                        return done(True)
+                    await asyncio.sleep(0.05)
+            handles.append(loop.create_task(poll()))
+        else:
+            handles.append(loop.call_later(how, done, True))
+
+    async def wait_ready(self, procs) -> list:
+        """Wait for the readiness of ``procs``; returns those that did not make it."""
+        futures = [p.ready for p in procs if p.ready is not None]
+        if futures:
+            await asyncio.gather(*futures)
+        return [p for p in procs if p.ready is not None and not p.ready.result() or not p.alive]
+
+    async def _replace_when_ready(self, new):
+        """Zero-downtime or nothing: when a new process is not ready, the new ones stop
+        and the old ones (still running) stay."""
+        failed = await self.wait_ready(new)
+        if failed:
+            await asyncio.gather(*(self._stop_process(p) for p in new))
+            raise CommandError("reload of %s aborted: %d of %d new processes not ready within %g s "
+                               "(ready = %s); the old ones keep running"
+                               % (self.name, len(failed), len(new), self.conf.options["ready_timeout"],
+                                  self.conf.options["ready"]), E_COMMAND_ERROR)
+
     def _on_exit(self, p: Process):
         counted = self.processes.pop(p.pid, None) is not None
         self.retiring.pop(p.pid, None)
@@ -2601,6 +2885,8 @@ class Watcher:
         if early:
             p.promote.cancel()
             p.promote = None
+        if p.ready is not None and not p.ready.done():
+            p.unready()
         now = time.time()
         o = self.conf.options
         if not p.stopping:
@@ -2840,16 +3126,21 @@ class Watcher:
         started = []
         if sequential:
             for p in old:
-                await self._stop_process(p)
+                if self.conf.options["ready"] is None:
+                    await self._stop_process(p)
                 new = self.spawn_process()
                 if new is not None:
                     started.append(new.pid)
+                    await self._replace_when_ready([new])
+                await self._stop_process(p)
                 if self.conf.options["warmup_delay"]:
                     await asyncio.sleep(self.conf.options["warmup_delay"])
         else:
             before = set(self.processes)
             await self.spawn_missing(force=self.numprocesses)
-            started = [pid for pid in self.processes if pid not in before]
+            new = [p for pid, p in self.processes.items() if pid not in before]
+            started = [p.pid for p in new]
+            await self._replace_when_ready(new)
             await asyncio.gather(*(self._stop_process(p) for p in old))
         self.emit("reload")
         return {"stopped": [p.pid for p in old], "started": started, "kept": []}
@@ -3024,6 +3315,8 @@ class Arbiter:
         self.metrics_cache: dict = {}   # psutil objects of /metrics scrapes
         self.max_processes = 10000      # per watcher, for add/incr/set over the control channel
         self.allow_insecure_endpoint = False    # a TCP endpoint off this host, with no auth
+        self.curve_secret_key = None    # CurveZMQ on every channel when set (see CurveServer)
+        self.curve_authorized_keys = None
         self.statsd = False             # publish the stats channel on stats_endpoint
         self.metrics_endpoint = None
         self.log_ring = RingBuffer()    # the daemon's recent log, for `ctl maintail`
@@ -3049,6 +3342,7 @@ class Arbiter:
                   config=cfg, umask=cfg.umask, sockets=cfg.sockets)
         arb.statsd, arb.metrics_endpoint = cfg.statsd, cfg.metrics_endpoint
         arb.allow_insecure_endpoint = cfg.allow_insecure_endpoint
+        arb.curve_secret_key, arb.curve_authorized_keys = cfg.curve_secret_key, cfg.curve_authorized_keys
         arb.max_processes = cfg.max_processes
         arb.flapping_plugin, arb.plugin_limits = flapping_defaults(cfg), plugin_limits(cfg)
         for wc in cfg.watchers:
@@ -3434,7 +3728,7 @@ class Arbiter:
         async with self._lock:
             if new.globals_key() != old.globals_key():
                 self.check_delay, self.warmup_delay = new.check_delay, new.warmup_delay
-                for k in ("endpoint", "pubsub_endpoint", "multicast_endpoint"):
+                for k in ("endpoint", "pubsub_endpoint", "multicast_endpoint", "curve_secret_key"):
                     if getattr(new, k) != getattr(old, k):
                         _log().warning("reloadconfig: %s changed; it takes effect at the next "
                                        "daemon start (a restart keeps the old one)", k)
@@ -4363,6 +4657,13 @@ def process_rows(w) -> list:
         desc = "pid %d, uptime %s" % (p.pid, _uptime(now - p.started)) if p.state == ProcState.RUNNING else ""
         rows.append({"name": name, "watcher": w.name, "state": p.state, "pid": p.pid,
                      "uptime": now - p.started, "description": desc, "restarts": w.restarts})
+    missing = w.numprocesses - len(w.processes)
+    if procs and missing > 0 and w.sv_state == ProcState.BACKOFF and w.status == ACTIVE:
+        used = {p.wid for p in procs}       # the processes a failing spawn still owes
+        wids = [i for i in range(1, w.numprocesses + len(used) + 1) if i not in used][:missing]
+        rows += [{"name": "%s:%d" % (w.name, i), "watcher": w.name, "state": w.sv_state, "pid": None,
+                  "uptime": None, "description": w.last_error or "", "restarts": w.restarts}
+                 for i in wids]
     if not procs:
         state = w.sv_state
         if state in (ProcState.BACKOFF, ProcState.FATAL):
@@ -4709,10 +5010,12 @@ def _ipc_in_use(path: str) -> bool:
             return False        # a stale file from a daemon that died: ours to replace
 
 
-def _bind(sock, endpoint, what):
+def _bind(sock, endpoint, what, curve=None):
     import zmq
     path = endpoint[6:] if endpoint.startswith("ipc://") else None
     try:
+        if curve is not None:
+            curve.secure(sock, what.split()[0])
         if path:
             if os.path.dirname(path) == private_dir():
                 ensure_private_dir(os.path.dirname(path))
@@ -4731,23 +5034,131 @@ def _bind(sock, endpoint, what):
         raise
 
 
-def check_endpoint(endpoint: str, what: str, allow_insecure=False) -> None:
-    """TCP control is open to every local user: say so; off this host, refuse (no auth yet)."""
+def check_endpoint(endpoint: str, what: str, allow_insecure=False, curve=False) -> None:
+    """Without CurveZMQ, TCP control is open to every local user: say so; off this host, refuse."""
     m = re.match(r"^tcp://(\[[^\]]*\]|[^:/]*):", endpoint or "")
-    if not m:
+    if not m or curve:
         return
     host = m.group(1).strip("[]")
     if host in ("127.0.0.1", "localhost", "::1") or host.startswith("127."):
         _log().warning("%s %s: any local user can connect to it (ipc:// in a private folder is "
-                       "safer: leave the endpoint out of [circus])", what, endpoint)
+                       "safer: leave the endpoint out of [circus], or enable curve_secret_key)",
+                       what, endpoint)
     elif not allow_insecure:
-        raise CircusError("%s %s is reachable from other hosts and has no authentication: use "
-                          "127.0.0.1 or ipc://, or set allow_insecure_endpoint = true in [circus] "
-                          "if you really mean it (anyone who reaches it can run any command)"
-                          % (what, endpoint))
+        raise CircusError("%s %s is reachable from other hosts and has no authentication: enable "
+                          "CurveZMQ (curve_secret_key and curve_authorized_keys in [circus], keys "
+                          "from `python circus.py ctl keygen`), or use 127.0.0.1 or ipc://, or set "
+                          "allow_insecure_endpoint = true if you really mean it (anyone who "
+                          "reaches it can run any command)" % (what, endpoint))
     else:
         _log().warning("%s %s: open to the network without authentication "
                        "(allow_insecure_endpoint = true)", what, endpoint)
+
+
+# -- CurveZMQ: key files and the daemon's authenticator ------------------------
+
+def load_curve_key(path: str, secret=False) -> tuple:
+    """(public, secret) z85 keys from a key file written by `ctl keygen` (zmq.auth's format)."""
+    import zmq.auth
+    try:
+        public, secret_key = zmq.auth.load_certificate(path)
+    except (OSError, ValueError) as e:
+        raise CircusError("cannot read CurveZMQ key %s: %s (create one with `python circus.py "
+                          "ctl keygen`)" % (path, getattr(e, "strerror", None) or e)) from None
+    if secret and not secret_key:
+        raise CircusError("%s holds no secret key: give the .key_secret file, not the public "
+                          ".key" % path)
+    return public, secret_key
+
+
+def authorized_keys(location: str) -> set:
+    """The public keys (z85) of a folder of .key files, or of one key file."""
+    if not os.path.isdir(location):
+        return {load_curve_key(location)[0]}
+    import glob
+    return {load_curve_key(f)[0] for f in sorted(glob.glob(os.path.join(location, "*.key")))}
+
+
+class CurveServer:
+    """CurveZMQ for every channel: one key pair, a ZAP handler that admits listed clients.
+
+    The client list is re-read when its folder changes, so adding or
+    removing a client's .key file takes effect without a restart. A refused
+    client gets no answer (the handshake fails); each unknown key is logged
+    once.
+    """
+
+    MAX_REMEMBERED = 1024       # unknown keys logged so far: bounded against key-spraying
+
+    def __init__(self, secret_key_file, location, ctx):
+        import zmq
+        self.public, self.secret = load_curve_key(secret_key_file, secret=True)
+        self.location = location
+        self._stamp, self._keys = None, set()
+        self._refused: set = set()
+        self.sock = ctx.socket(zmq.REP)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind("inproc://zeromq.zap.01")     # libzmq asks this address (ZAP, RFC 27)
+        self._task = asyncio.get_running_loop().create_task(self._serve())
+
+    def secure(self, sock, domain: str) -> None:
+        """Make ``sock`` a CURVE server (call before bind)."""
+        sock.curve_server = True
+        sock.curve_publickey = self.public
+        sock.curve_secretkey = self.secret
+        sock.zap_domain = domain.encode()
+
+    def allowed(self) -> set:
+        try:
+            stamp = os.stat(self.location).st_mtime_ns
+        except OSError:
+            stamp = None
+        if stamp != self._stamp:
+            try:
+                self._keys = authorized_keys(self.location)
+            except CircusError as e:    # keep the last good list
+                _log().warning("curve_authorized_keys: %s", e)
+            self._stamp = stamp
+        return self._keys
+
+    def decide(self, frames) -> tuple:
+        """A ZAP request -> (status code, text, user id)."""
+        from zmq.utils import z85
+        if len(frames) < 7 or frames[0] != b"1.0":
+            return b"500", b"bad ZAP request", b""
+        domain, address, mechanism = frames[2], frames[3], frames[5]
+        key = z85.encode(frames[6]) if mechanism == b"CURVE" and len(frames[6]) == 32 else None
+        if key is not None and key in self.allowed():
+            return b"200", b"OK", key
+        who = key or mechanism
+        if who not in self._refused and len(self._refused) < self.MAX_REMEMBERED:
+            self._refused.add(who)
+            _log().warning("%s channel: refused %s from %s (not in curve_authorized_keys; add its "
+                           ".key file there to let it in)", domain.decode(errors="replace"),
+                           "CURVE key %s" % key.decode() if key else "a client without a CURVE key",
+                           address.decode(errors="replace") or "a local socket")
+        return b"400", b"unknown key", b""
+
+    async def _serve(self):
+        while True:
+            try:
+                frames = await self.sock.recv_multipart()
+            except Exception:       # closed
+                return
+            try:
+                code, text, user = self.decide(frames)
+            except Exception:   # a bug of ours must deny, not end authentication
+                _log().exception("CurveZMQ: refused a client after an internal error")
+                code, text, user = b"500", b"internal error", b""
+            req_id = frames[1] if len(frames) > 1 else b""
+            await self.sock.send_multipart([b"1.0", req_id, code, text, user, b""])
+
+    def owns(self, task):
+        return False
+
+    async def close(self):
+        self._task.cancel()
+        self.sock.close(0)
 
 
 class ControlChannel:
@@ -4759,10 +5170,11 @@ class ControlChannel:
 
     MAX_REQUEST = 1 << 20
 
-    def __init__(self, arbiter, endpoint, ctx):
+    def __init__(self, arbiter, endpoint, ctx, curve=None):
         self.arbiter = arbiter
         self.endpoint = endpoint
         self.ctx = ctx
+        self.curve = curve
         self.sock = None
         self._task = None
         self._inflight: set = set()
@@ -4772,7 +5184,7 @@ class ControlChannel:
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.MAXMSGSIZE, self.MAX_REQUEST)
-        _bind(self.sock, self.endpoint, "control endpoint")
+        _bind(self.sock, self.endpoint, "control endpoint", self.curve)
         owner = self.arbiter.endpoint_owner
         if owner is not None and self.endpoint.startswith("ipc://"):
             uid, gid, _ = resolve_user(owner, None)
@@ -4887,12 +5299,12 @@ async def dispatch(arbiter, body: bytes):
 class _XPubChannel:
     """An XPUB socket (a PUB that hears subscriptions): knows who listens to what."""
 
-    def __init__(self, endpoint, ctx, what):
+    def __init__(self, endpoint, ctx, what, curve=None):
         import zmq
         self.endpoint = endpoint
         self.sock = ctx.socket(zmq.XPUB)
         self.sock.setsockopt(zmq.LINGER, 0)
-        _bind(self.sock, endpoint, what)
+        _bind(self.sock, endpoint, what, curve)
         self._noblock = zmq.NOBLOCK
         self._again = zmq.Again
         self.prefixes: set = set()      # topics someone subscribed to
@@ -4939,8 +5351,8 @@ class PubChannel(_XPubChannel):
     follows them (`ctl tail -f`, `ctl maintail -f`): no cost otherwise.
     """
 
-    def __init__(self, endpoint, ctx):
-        super().__init__(endpoint, ctx, "pubsub endpoint")
+    def __init__(self, endpoint, ctx, curve=None):
+        super().__init__(endpoint, ctx, "pubsub endpoint", curve)
 
     def wants(self, topic: bytes) -> bool:
         return any(topic.startswith(p) for p in self.prefixes)
@@ -4956,8 +5368,8 @@ class StatsChannel(_XPubChannel):
     subscriber, no sampling.
     """
 
-    def __init__(self, arbiter, endpoint, ctx):
-        super().__init__(endpoint, ctx, "stats endpoint")
+    def __init__(self, arbiter, endpoint, ctx, curve=None):
+        super().__init__(endpoint, ctx, "stats endpoint", curve)
         self.arbiter = arbiter
         self.cache: dict = {}
         self._pub = None
@@ -5026,16 +5438,20 @@ async def start_channels(arbiter) -> list:
     import zmq.asyncio
     for what, ep in (("control endpoint", arbiter.endpoint), ("pubsub endpoint", arbiter.pubsub_endpoint),
                      ("stats endpoint", arbiter.stats_endpoint if arbiter.statsd else None)):
-        check_endpoint(ep, what, arbiter.allow_insecure_endpoint)
+        check_endpoint(ep, what, arbiter.allow_insecure_endpoint, bool(arbiter.curve_secret_key))
     ctx = zmq.asyncio.Context()
     channels = []
     try:
+        curve = None
+        if arbiter.curve_secret_key:
+            curve = CurveServer(arbiter.curve_secret_key, arbiter.curve_authorized_keys, ctx)
+            channels.append(curve)
         if arbiter.pubsub_endpoint:
-            pub = PubChannel(arbiter.pubsub_endpoint, ctx)
+            pub = PubChannel(arbiter.pubsub_endpoint, ctx, curve)
             arbiter.listeners.append(pub)
             channels.append(pub)
         if arbiter.endpoint:
-            ctl = ControlChannel(arbiter, arbiter.endpoint, ctx)
+            ctl = ControlChannel(arbiter, arbiter.endpoint, ctx, curve)
             await ctl.start()
             channels.append(ctl)
         if arbiter.multicast_endpoint:
@@ -5043,7 +5459,7 @@ async def start_channels(arbiter) -> list:
             await mc.start()
             channels.append(mc)
         if arbiter.statsd and arbiter.stats_endpoint:
-            channels.append(StatsChannel(arbiter, arbiter.stats_endpoint, ctx))
+            channels.append(StatsChannel(arbiter, arbiter.stats_endpoint, ctx, curve))
         if arbiter.metrics_endpoint:
             metrics = MetricsServer(arbiter, arbiter.metrics_endpoint)
             await metrics.start()
@@ -5073,15 +5489,17 @@ class Client:
             c.cast("incr", name="web")          # fire and forget
     """
 
-    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, timeout: float = 5.0):
+    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, timeout: float = 5.0, curve=None):
         import zmq
         self._zmq = zmq
         self.endpoint = endpoint
         self.timeout = timeout
+        self.curve = curve
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, os.urandom(16).hex().encode())
         self.sock.setsockopt(zmq.LINGER, 0)
+        _curve_client(self.sock, curve)
         self.sock.connect(endpoint)
 
     def __enter__(self):
@@ -5124,6 +5542,7 @@ class Client:
         """Yield ``(topic, payload)`` events; the daemon is asked for its pub/sub endpoint.
 
         ``timeout``: stop after that many seconds without an event (None: never).
+        The client's CurveZMQ keys are used for the subscription too.
         """
         if pubsub_endpoint is None:
             reply = self.call("globaloptions", option="pubsub_endpoint")
@@ -5131,7 +5550,53 @@ class Client:
                 raise CallError("cannot find the pub/sub endpoint: %s" % reply.get("reason"))
             pubsub_endpoint = _reachable(reply["options"]["pubsub_endpoint"], self.endpoint)
         return subscribe(pubsub_endpoint, [t.encode() if isinstance(t, str) else t for t in topics],
-                         timeout)
+                         timeout, curve=self.curve)
+
+
+def key_dir() -> str:
+    """Where `ctl keygen` writes and ctl looks for keys: ~/.config/circus."""
+    return os.path.join(os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config"), "circus")
+
+
+def client_keys(key: str | None = None, server_key: str | None = None):
+    """The (public, secret, server public) keys a client authenticates with, or None.
+
+    Each file comes from the argument, else $CIRCUSCTL_KEY / $CIRCUSCTL_SERVER_KEY,
+    else ``client.key_secret`` / ``server.key`` in key_dir() when both exist.
+    """
+    key = key or os.environ.get("CIRCUSCTL_KEY")
+    server_key = server_key or os.environ.get("CIRCUSCTL_SERVER_KEY")
+    if not key and not server_key:
+        key, server_key = (os.path.join(key_dir(), f) for f in ("client.key_secret", "server.key"))
+        if not (os.path.exists(key) and os.path.exists(server_key)):
+            return None
+    if not key or not server_key:
+        raise CircusError("CurveZMQ needs both the client's secret key (--key, $CIRCUSCTL_KEY) and "
+                          "the daemon's public key (--server-key, $CIRCUSCTL_SERVER_KEY)")
+    public, secret = load_curve_key(key, secret=True)
+    return public, secret, load_curve_key(server_key)[0]
+
+
+def _curve_client(sock, curve) -> None:
+    if curve:
+        sock.curve_publickey, sock.curve_secretkey, sock.curve_serverkey = curve
+
+
+def keygen(directory: str, name: str) -> tuple:
+    """Write NAME.key (public) and NAME.key_secret (0600) into ``directory``; never overwrite."""
+    import zmq.auth
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    paths = tuple(os.path.join(directory, name + ext) for ext in (".key", ".key_secret"))
+    for p in paths:
+        if os.path.exists(p):
+            raise CircusError("%s already exists: remove it first, or pick another name" % p)
+    old = os.umask(0o077)       # the secret file is never readable by others, even briefly
+    try:
+        zmq.auth.create_certificates(directory, name)
+    finally:
+        os.umask(old)
+    os.chmod(paths[0], 0o644)
+    return paths
 
 
 def _reachable(endpoint: str, via: str) -> str:
@@ -5141,15 +5606,18 @@ def _reachable(endpoint: str, via: str) -> str:
                   "tcp://" + (host.group(1) if host else "127.0.0.1"), endpoint)
 
 
-def subscribe(endpoint: str = DEFAULT_PUBSUB, topics=(b"",), timeout=None, raw=False) -> object:
+def subscribe(endpoint: str = DEFAULT_PUBSUB, topics=(b"",), timeout=None, raw=False,
+              curve=None) -> object:
     """Yield ``(topic, payload)`` events from a pub/sub endpoint, forever or until timeout.
 
-    With ``raw`` the two frames are yielded as they came (bytes, bytes).
+    With ``raw`` the two frames are yielded as they came (bytes, bytes);
+    ``curve`` is a ``client_keys()`` triple for a daemon with CurveZMQ on.
     """
     import zmq
     ctx = zmq.Context()
     sock = ctx.socket(zmq.SUB)
     sock.setsockopt(zmq.LINGER, 0)
+    _curve_client(sock, curve)
     for t in topics:
         sock.setsockopt(zmq.SUBSCRIBE, t if isinstance(t, bytes) else t.encode())
     sock.connect(endpoint)
@@ -5289,12 +5757,16 @@ def build_request(name: str, words: list) -> dict:
 
 def _ctl_usage() -> str:
     lines = ["usage: python circus.py ctl [--endpoint E] [--timeout S] [--json] [--prettify] "
-             "COMMAND [ARGS]", "", "commands:"]
+             "[--key F --server-key F] COMMAND [ARGS]", "", "commands:"]
     for name in sorted(COMMANDS):
         lines.append("  %-14s %s" % (name, COMMANDS[name].help.splitlines()[0]))
+    lines.append("  %-14s %s" % ("keygen", "Write a CurveZMQ key pair: keygen [DIR] [NAME] (no daemon "
+                                           "needed)"))
     lines.append("")
     lines.append("endpoint: --endpoint, else $CIRCUSCTL_ENDPOINT, else %s if it exists, else %s"
                  % (default_endpoint("control"), DEFAULT_ENDPOINT))
+    lines.append("CurveZMQ: --key (client.key_secret) and --server-key (the daemon's .key), else "
+                 "$CIRCUSCTL_KEY and $CIRCUSCTL_SERVER_KEY, else both files in %s" % key_dir())
     return "\n".join(lines)
 
 
@@ -5304,8 +5776,8 @@ def _command_help(name) -> str:
     return "usage: python circus.py ctl %s %s\n\n%s" % (name, words, cmd.help)
 
 
-def _listen(endpoint, topics, out):
-    for topic, body in subscribe(endpoint, [t.encode() for t in topics] or [b""], raw=True):
+def _listen(endpoint, topics, out, curve):
+    for topic, body in subscribe(endpoint, [t.encode() for t in topics] or [b""], raw=True, curve=curve):
         out.write("%r: %r\n" % (topic, body))      # circusctl prints the bytes reprs
         out.flush()
 
@@ -5324,17 +5796,20 @@ def ctl_main(argv) -> int:
     out, err = sys.stdout, sys.stderr
     endpoint = os.environ.get("CIRCUSCTL_ENDPOINT") or None
     timeout, as_json, pretty = 5.0, False, False
+    keys = {}
     args = list(argv)
     while args and args[0].startswith("-"):
         opt = args.pop(0)
         key, eq, val = opt.partition("=")
-        if key in ("--endpoint", "--timeout") and not eq:
+        if key in ("--endpoint", "--timeout", "--key", "--server-key") and not eq:
             if not args:
                 err.write("error: %s needs a value\n" % key)
                 return 2
             val = args.pop(0)
         if key == "--endpoint":
             endpoint = val
+        elif key in ("--key", "--server-key"):
+            keys[key] = val
         elif key == "--timeout":
             try:
                 timeout = float(val)
@@ -5357,8 +5832,15 @@ def ctl_main(argv) -> int:
         else:
             err.write("error: unknown option %s (see: python circus.py ctl --help)\n" % opt)
             return 2
+    if args and args[0] == "keygen":
+        return _ctl_keygen(args[1:])
+    try:
+        curve = client_keys(keys.get("--key"), keys.get("--server-key"))
+    except CircusError as e:
+        err.write("error: %s\n" % e)
+        return 2
     if not args:
-        return _shell(endpoint, timeout)
+        return _shell(endpoint, timeout, [w for k, v in keys.items() for w in (k, v)])
     name = args.pop(0).lower()
     for flag in ("--json", "--prettify"):       # also accepted after the command (ctl stats --json)
         while flag in args:
@@ -5376,14 +5858,14 @@ def ctl_main(argv) -> int:
         return 0
     if name == "listen":
         try:
-            _listen(endpoint or _default_ctl_endpoint("pubsub"), args, out)
+            _listen(endpoint or _default_ctl_endpoint("pubsub"), args, out, curve)
         except KeyboardInterrupt:
             pass
         return 0
     if name in ("tail", "maintail"):
-        return _ctl_tail(name, args, endpoint or _default_ctl_endpoint(), timeout)
+        return _ctl_tail(name, args, endpoint or _default_ctl_endpoint(), timeout, curve)
     if name == "top":
-        return _ctl_top(args, endpoint or _default_ctl_endpoint(), timeout)
+        return _ctl_top(args, endpoint or _default_ctl_endpoint(), timeout, curve)
     try:
         request = build_request(name, args)
     except UsageError as e:
@@ -5391,11 +5873,11 @@ def ctl_main(argv) -> int:
         return e.code
     try:
         endpoint = endpoint or _default_ctl_endpoint()
-        with Client(endpoint, timeout) as client:
+        with Client(endpoint, timeout, curve) as client:
             reply = client.send(request)
     except CallError as e:
-        err.write("%s\nIs the daemon running on %s? (set --endpoint or $CIRCUSCTL_ENDPOINT)\n"
-                  % (e, endpoint))
+        err.write("%s\nIs the daemon running on %s? (set --endpoint or $CIRCUSCTL_ENDPOINT)%s\n"
+                  % (e, endpoint, _curve_hint(curve)))
         return 1
     except Exception as e:          # e.g. a malformed endpoint
         err.write("error: %s\n" % e)
@@ -5416,7 +5898,35 @@ def ctl_main(argv) -> int:
     return 0
 
 
-def _ctl_tail(name, args, endpoint, timeout) -> int:
+def _curve_hint(curve) -> str:
+    """A timeout with CurveZMQ on is most often a key the daemon does not know."""
+    if not curve:
+        return ""
+    return ("\nCurveZMQ is on (client key %s): is this key's .key file in the daemon's "
+            "curve_authorized_keys, and is --server-key the daemon's public key?" % curve[0].decode())
+
+
+def _ctl_keygen(args) -> int:
+    """``keygen [DIR] [NAME]``: a key pair for a daemon or a client (default: the client's)."""
+    if len(args) > 2 or any(a.startswith("-") for a in args):
+        sys.stderr.write("usage: python circus.py ctl keygen [DIR] [NAME]   (default: %s client)\n"
+                         % key_dir())
+        return 2
+    directory = args[0] if args else key_dir()
+    name = args[1] if len(args) > 1 else "client"
+    if not re.match(r"^[A-Za-z0-9_.-]+$", name) or name.startswith("."):
+        sys.stderr.write("error: key name %r: use letters, digits, '_', '-' and '.'\n" % name)
+        return 2
+    try:
+        public, secret = keygen(directory, name)
+    except (CircusError, OSError) as e:
+        sys.stderr.write("error: %s\n" % e)
+        return 1
+    sys.stdout.write("public key: %s\nsecret key: %s (mode 0600: keep it private)\n" % (public, secret))
+    return 0
+
+
+def _ctl_tail(name, args, endpoint, timeout, curve=None) -> int:
     """``tail [-f] [-BYTES] NAME [stdout|stderr]`` and ``maintail [-f] [-BYTES]``."""
     out, err = sys.stdout, sys.stderr
     follow, nbytes, words = False, 1600, []
@@ -5439,7 +5949,7 @@ def _ctl_tail(name, args, endpoint, timeout) -> int:
         props["name"] = words[0]
         props["stream"] = words[1] if len(words) > 1 else "stdout"
     try:
-        with Client(endpoint, timeout) as client:
+        with Client(endpoint, timeout, curve) as client:
             sub = None
             if follow:
                 pubsub = client.call("globaloptions", option="pubsub_endpoint")
@@ -5448,10 +5958,11 @@ def _ctl_tail(name, args, endpoint, timeout) -> int:
                     return 3
                 topic = "log" if name == "maintail" else "output.%s.%s" % (
                     props["name"].lower().replace(" ", "_"), props["stream"])
-                sub = subscribe(_reachable(pubsub["options"]["pubsub_endpoint"], endpoint), [topic.encode()])
+                sub = subscribe(_reachable(pubsub["options"]["pubsub_endpoint"], endpoint), [topic.encode()],
+                                curve=curve)
             reply = client.call(name, **props)
     except CallError as e:
-        err.write("%s\nIs the daemon running on %s?\n" % (e, endpoint))
+        err.write("%s\nIs the daemon running on %s?%s\n" % (e, endpoint, _curve_hint(curve)))
         return 1
     if reply.get("status") == "error":
         err.write("error: %s\n" % reply.get("reason"))
@@ -5492,7 +6003,7 @@ def _top_frame(client, sort) -> str:
     return "\n".join(lines)
 
 
-def _ctl_top(args, endpoint, timeout) -> int:
+def _ctl_top(args, endpoint, timeout, curve=None) -> int:
     """``top [--sort=cpu|mem|name|state] [--interval=S]``: refreshes in place until q or Ctrl-C."""
     import select
     sort, interval = "cpu", 1.0
@@ -5524,7 +6035,7 @@ def _ctl_top(args, endpoint, timeout) -> int:
         tty.setcbreak(stdin.fileno())
     out.write("\033[?25l")              # hide the cursor while drawing
     try:
-        with Client(endpoint, timeout) as client:
+        with Client(endpoint, timeout, curve) as client:
             while True:
                 frame = _top_frame(client, sort)
                 out.write("\033[H\033[2J" + frame.replace("\n", "\r\n") + "\r\n")
@@ -5555,13 +6066,13 @@ def _ctl_top(args, endpoint, timeout) -> int:
             termios.tcsetattr(stdin.fileno(), termios.TCSADRAIN, tty_state)
 
 
-def _shell(endpoint, timeout) -> int:
+def _shell(endpoint, timeout, key_args=()) -> int:
     """No command: a small interactive shell (EOF or 'quit-shell' leaves)."""
     import shlex
     out = sys.stdout
     out.write("circus.py %s ctl shell, talking to %s. 'help' lists commands; Ctrl-D leaves.\n"
               % (__version__, endpoint or _default_ctl_endpoint()))
-    base = (["--endpoint", endpoint] if endpoint else []) + ["--timeout", str(timeout)]
+    base = (["--endpoint", endpoint] if endpoint else []) + ["--timeout", str(timeout)] + list(key_args)
     ctl_main(base + ["status"])
     while True:
         try:

@@ -8,6 +8,7 @@ whatever they started by process group. Every wait is bounded and waits
 for a condition.
 """
 import contextlib
+import errno
 import fcntl
 import getpass
 import json
@@ -1657,6 +1658,7 @@ class Daemon:
             self.conf.write_text(head + textwrap.dedent(body))
         self.log = self.root / "daemon.log"
         self.extra_args = list(extra_args)
+        self.curve = None           # client keys (circus.client_keys) for a CurveZMQ daemon
         self.proc = None
         self.seen = set()           # (pid, create_time) of every process we saw under it
 
@@ -1679,7 +1681,7 @@ class Daemon:
             return False
 
     def call(self, command, timeout=TIMEOUT, **props):
-        with circus.Client(self.endpoint, timeout) as c:
+        with circus.Client(self.endpoint, timeout, self.curve) as c:
             return c.call(command, **props)
 
     def raw(self, body, timeout=TIMEOUT):
@@ -1763,11 +1765,12 @@ class Events:
     failing test leaves open cannot then hang the session in Context.term.
     """
 
-    def __init__(self, endpoint, topics=(b"",)):
+    def __init__(self, endpoint, topics=(b"",), curve=None):
         import zmq
         self.ctx = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.SUB)
         self.sock.setsockopt(zmq.LINGER, 0)
+        circus._curve_client(self.sock, curve)
         for t in topics:
             self.sock.setsockopt(zmq.SUBSCRIBE, t)
         self.sock.connect(endpoint)
@@ -1814,7 +1817,7 @@ def daemon(shortdir):
 
 def subscribe_ready(d, topics=(b"",)):
     """A subscriber that is known to receive events (ZeroMQ's slow-joiner problem)."""
-    ev = Events(d.pubsub, topics)
+    ev = Events(d.pubsub, topics, d.curve)
     d.call("add", name="probe-sub", cmd="true")
     try:
         ev.wait(lambda t, p: t == "watcher.probe-sub.add", timeout=0.5)
@@ -4391,6 +4394,7 @@ def test_e2e_fuzzed_control_input(daemon):
     assert d.proc.poll() is None
     assert d.call("status")["status"] == "ok"
     rss_after = psutil.Process(d.proc.pid).memory_info().rss
+    print("fuzz: %d messages, %d replies, RSS %+d KiB" % (sent, len(replies), (rss_after - rss_before) >> 10))
     assert rss_after - rss_before < 20 << 20, (rss_before, rss_after)
     # whatever add created is still a well-behaved daemon state: quit stops it all
     assert d.call("quit", waiting=True)["status"] == "ok"
@@ -4436,6 +4440,7 @@ def test_e2e_control_answers_during_an_output_flood(daemon):
             assert c.call("status")["status"] == "ok"
             times.append(time.monotonic() - t0)
     times.sort()
+    print("status during an output flood: median %.1f ms, max %.1f ms" % (times[10] * 1000, times[-1] * 1000))
     assert times[len(times) // 2] < 0.1, times
 
 
@@ -4520,3 +4525,426 @@ def test_e2e_private_default_endpoints_and_insecure_ones(shortdir):
                 p.wait(TIMEOUT)
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.pid, signal.SIGKILL)
+
+
+def test_keygen_and_key_errors(tmp_path, capsys):
+    assert circus.main(["ctl", "keygen", str(tmp_path), "srv"]) == 0
+    pub, sec = tmp_path / "srv.key", tmp_path / "srv.key_secret"
+    assert oct(sec.stat().st_mode & 0o777) == oct(0o600) and oct(pub.stat().st_mode & 0o777) == oct(0o644)
+    assert circus.main(["ctl", "keygen", str(tmp_path), "srv"]) == 1      # never overwrites
+    assert "already exists" in capsys.readouterr().err
+    assert circus.main(["ctl", "keygen", str(tmp_path), "../x"]) == 2
+    public, secret = circus.load_curve_key(str(sec), secret=True)
+    assert len(public) == len(secret) == 40 and circus.authorized_keys(str(tmp_path)) == {public}
+    with pytest.raises(circus.CircusError, match="no secret key"):
+        circus.load_curve_key(str(pub), secret=True)
+    conf = tmp_path / "c.ini"
+    conf.write_text("[circus]\ncurve_secret_key = srv.key_secret\n")
+    with pytest.raises(circus.ConfigError, match="needs curve_authorized_keys too"):
+        circus.load_config(str(conf))
+    conf.write_text("[circus]\ncurve_secret_key = nope.key_secret\ncurve_authorized_keys = .\n")
+    with pytest.raises(circus.ConfigError, match="cannot read CurveZMQ key .*nope.key_secret"):
+        circus.load_config(str(conf))
+    conf.write_text("[circus]\ncurve_secret_key = srv.key_secret\ncurve_authorized_keys = .\n")
+    assert circus.load_config(str(conf)).curve_secret_key == str(sec)
+    circus.check_endpoint("tcp://0.0.0.0:5555", "control endpoint", curve=True)    # auth: allowed
+    with pytest.raises(circus.CircusError, match="enable CurveZMQ"):
+        circus.check_endpoint("tcp://0.0.0.0:5555", "control endpoint")
+
+
+def test_e2e_curve_auth_on_every_channel(daemon, shortdir):
+    root = pathlib.Path(shortdir)
+    keys = root / "keys"
+    env = dict(os.environ, XDG_CONFIG_HOME=str(root / "cfg"))
+    for k in ("CIRCUSCTL_KEY", "CIRCUSCTL_SERVER_KEY"):
+        env.pop(k, None)
+
+    def ctl(*args, **extra):
+        return subprocess.run([sys.executable, str(CIRCUS_PY), "ctl", "--endpoint", d.endpoint, "--timeout",
+                               "1"] + list(args), env=dict(env, **extra), capture_output=True, text=True,
+                              timeout=60)
+    for where, name in (("keys", "server"), ("keys/clients", "alice"), ("keys", "mallory")):
+        r = subprocess.run([sys.executable, str(CIRCUS_PY), "ctl", "keygen", str(root / where), name],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+    alice, server = str(keys / "clients" / "alice.key_secret"), str(keys / "server.key")
+    mallory = str(keys / "mallory.key_secret")
+    d = daemon("curve_secret_key = keys/server.key_secret\ncurve_authorized_keys = keys/clients\n"
+               "[watcher:w]\ncmd = sleep 120\n", start=False)
+    d.curve = circus.client_keys(alice, server)
+    d.start()
+    # the key from a flag, from the environment, from the default path
+    assert ctl("--key", alice, "--server-key", server, "status").stdout == "w: active\n"
+    assert ctl("status", CIRCUSCTL_KEY=alice, CIRCUSCTL_SERVER_KEY=server).stdout == "w: active\n"
+    (root / "cfg" / "circus").mkdir(parents=True)
+    shutil.copy(alice, root / "cfg" / "circus" / "client.key_secret")
+    shutil.copy(server, root / "cfg" / "circus" / "server.key")
+    assert ctl("status").stdout == "w: active\n"
+    shutil.rmtree(root / "cfg")
+    # no key, or an unknown one: no answer at all; each unknown key logged once
+    assert d.raw(b'{"command": "status", "id": "x"}', timeout=1) is None
+    r = ctl("status")
+    assert r.returncode == 1 and "Timed out" in r.stderr
+    for _ in range(2):
+        r = ctl("--key", mallory, "--server-key", server, "status")
+        assert r.returncode == 1 and "curve_authorized_keys" in r.stderr and r.stdout == ""
+    wait_for(lambda: "refused CURVE key" in d.log.read_text(), what="the refusal in the log")
+    mkey = circus.load_curve_key(mallory)[0].decode()
+    assert d.log.read_text().count("refused CURVE key %s" % mkey) == 1
+    # events go to authorised subscribers only
+    plain = Events(d.pubsub)
+    ev = subscribe_ready(d)
+    d.call("add", name="x", cmd="sleep 1")
+    ev.wait(lambda t, p: t == "watcher.x.add")
+    assert not plain.sock.poll(300), "an unauthenticated subscriber got events"
+    plain.close()
+    ev.close()
+    # a client's key dropped into the folder is let in without a restart
+    shutil.copy(keys / "mallory.key", keys / "clients" / "mallory.key")
+    wait_for(lambda: ctl("--key", mallory, "--server-key", server, "status").returncode == 0,
+             what="the new key to be accepted")
+    assert d.children() and d.proc.poll() is None
+
+
+def test_e2e_daemon_death_takes_its_processes_and_restart_is_clean(daemon, shortdir):
+    if not sys.platform.startswith("linux"):
+        pytest.skip("parent-death signals are Linux only")
+    pidfile = pathlib.Path(shortdir) / "circus.pid"
+    d = daemon("""
+        pidfile = %s
+        [watcher:plain]
+        cmd = sleep 120
+        [watcher:shelled]
+        cmd = exec sleep 121
+        shell = true
+        [watcher:limited]
+        cmd = sleep 122
+        rlimit_nofile = 512
+        [watcher:keeper]
+        cmd = sleep 123
+        parent_death_signal = none
+        """ % pidfile)
+    names = ("plain", "shelled", "limited", "keeper")
+    wait_for(lambda: all(d.pids(n) for n in names), what="every watcher's process")
+    pids = {n: d.pids(n)[0] for n in names}
+    wait_for(lambda: all(psutil.Process(p).name() == "sleep" for p in pids.values()),
+             what="the processes to exec their command")
+    os.kill(d.proc.pid, signal.SIGKILL)
+    d.proc.wait(TIMEOUT)
+    wait_for(lambda: not any(alive(pids[n]) for n in ("plain", "shelled", "limited")),
+             what="the processes to follow the daemon")
+    keeper = psutil.Process(pids["keeper"])
+    try:
+        assert keeper.is_running() and keeper.status() != psutil.STATUS_ZOMBIE   # opted out
+    finally:
+        keeper.kill()
+        wait_for(lambda: not alive(keeper.pid), what="the opted-out process to die")
+    # a new daemon over the stale pidfile and ipc sockets starts and works
+    assert pidfile.exists() and pathlib.Path(d.endpoint[6:]).exists()
+    d.start()
+    assert pidfile.read_text().strip() == str(d.proc.pid)
+    wait_for(lambda: len([n for n in names if d.pids(n)]) == 4, what="a clean restart")
+
+
+def test_library_fork_failure_backs_off_and_keeps_what_runs(monkeypatch):
+    import asyncio
+    real_popen, calls, events = subprocess.Popen, [], []
+
+    def flaky_popen(*a, **kw):     # the 3rd to 6th forks fail as with RLIMIT_NPROC
+        calls.append(time.monotonic())
+        if 3 <= len(calls) <= 6:
+            raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+        return real_popen(*a, **kw)
+    circus._setpriv()           # its one-off probe is not a spawn
+    monkeypatch.setattr(circus.subprocess, "Popen", flaky_popen)
+
+    async def run():
+        w = circus.Watcher("w", "sleep 30", numprocesses=4, max_retry=1,
+                           on_event=lambda t, p: events.append((t, p)))
+        w.lock = asyncio.Lock()
+        await w.start()
+        running = len(w.processes)
+        rows = circus.process_rows(w)
+        for _ in range(1000):
+            await asyncio.sleep(0.01)
+            if len(w.processes) == 4:
+                break
+        done = len(w.processes), w.status, circus.process_rows(w)
+        await w.stop()
+        return running, rows, done
+    running, rows, (count, status, after) = asyncio.run(run())
+    assert running == 2 and status == "active" and count == 4     # max_retry = 1 did not stop it
+    backoff = [r for r in rows if r["state"] == "BACKOFF"]
+    assert len(backoff) == 2 and "Resource temporarily unavailable" in backoff[0]["description"]
+    assert all(r["state"] == "RUNNING" for r in after)
+    failed = [p for t, p in events if t == "watcher.w.spawn_failed"]
+    assert len(failed) == 4 and "retrying in" in failed[0]["error"]
+    gaps = [b - a for a, b in zip(calls[2:], calls[3:7])]
+    assert all(g >= 0.2 for g in gaps), gaps            # growing delays, no busy loop
+
+
+def test_e2e_spawn_failures_are_visible_and_contained(daemon, shortdir):
+    import resource
+    script = pathlib.Path(shortdir) / "noexec.sh"
+    script.write_text("#!/bin/sh\nsleep 100\n")
+    script.chmod(0o644)
+    d = daemon("""
+        [watcher:missing]
+        cmd = /nonexistent/program
+        max_retry = -1
+        [watcher:denied]
+        cmd = %s
+        max_retry = 3
+        [watcher:many]
+        cmd = sleep 120
+        numprocesses = 60
+        autostart = false
+        [watcher:fine]
+        cmd = sleep 120
+        """ % script, start=False)
+    d.start(preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (100, 100)))
+    ev = subscribe_ready(d, (b"watcher.missing.spawn_failed", b"watcher.probe-sub."))
+    _, failed = ev.wait(lambda t, p: t == "watcher.missing.spawn_failed", timeout=15,
+                        what="a spawn_failed event")
+    assert "No such file" in failed["error"]
+    ev.close()
+    denied = lambda: d.call("status", long=True, name="denied")["processes"][0]  # noqa: E731
+    wait_for(lambda: denied()["state"] == "FATAL", what="denied to give up")
+    assert "Permission denied" in denied()["description"]
+    assert d.call("status", name="fine")["status"] == "active"
+    # out of fds: what runs keeps running, the rest shows BACKOFF with the reason, ctl still answers
+    assert d.call("start", name="many")["status"] == "ok"
+    rows = d.call("status", long=True, name="many")["processes"]
+    running = [r for r in rows if r["state"] == "RUNNING"]
+    assert 5 < len(running) < 60 and d.call("status", name="many")["status"] == "active"
+    assert any(r["state"] == "BACKOFF" and "Too many open files" in r["description"] for r in rows)
+    cpu = psutil.Process(d.proc.pid).cpu_times()
+    t0 = time.monotonic()
+    wait_for(lambda: time.monotonic() - t0 > 2, what="two seconds")
+    used = sum(psutil.Process(d.proc.pid).cpu_times()[:2]) - sum(cpu[:2])
+    assert used < 0.5, "the daemon is busy-looping on failed spawns: %.2f s CPU in 2 s" % used
+    # room again: the watcher catches up by itself
+    assert d.call("decr", name="many", nb=60 - len(running) + 5, waiting=True)["status"] == "ok"
+    wait_for(lambda: all(r["state"] == "RUNNING" for r in d.call("status", long=True, name="many")["processes"]),
+             timeout=15, what="many to recover")
+
+
+# A prefork HTTP worker on an inherited socket: boots slowly, says READY=1 over
+# NOTIFY_SOCKET, and on SIGTERM stops accepting but finishes the request in hand.
+HTTP_WORKER = r'''
+import os, select, signal, socket, sys, time
+sock = socket.socket(fileno=int(sys.argv[1]))
+sock.setblocking(False)
+stopping = []
+signal.signal(signal.SIGTERM, lambda *a: stopping.append(1))
+time.sleep(float(sys.argv[2]))                 # "booting"
+if sys.argv[3] == "notify":
+    addr = os.environ["NOTIFY_SOCKET"]
+    n = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    n.sendto(b"STATUS=up\nREADY=1", "\0" + addr[1:] if addr.startswith("@") else addr)
+body = b"pid %d\n" % os.getpid()
+while not stopping:
+    if not select.select([sock], [], [], 0.05)[0]:
+        continue
+    try:
+        conn, _ = sock.accept()
+    except BlockingIOError:
+        continue                               # a sibling took it
+    conn.setblocking(True)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    conn.close()
+'''
+
+
+def _http_load(port, stop, results):
+    while not stop.is_set():
+        t0 = time.monotonic()
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+                c.sendall(b"GET / HTTP/1.0\r\n\r\n")
+                data = b""
+                while True:
+                    chunk = c.recv(4096)
+                    if not chunk:
+                        break
+                    data += chunk
+            results.append(("ok" if data.startswith(b"HTTP/1.0 200") else "bad: %r" % data[:60],
+                            time.monotonic() - t0))
+        except OSError as e:
+            results.append(("error: %s" % e, time.monotonic() - t0))
+
+
+@pytest.mark.parametrize("ready", ["notify", "delay"])
+def test_e2e_zero_downtime_reload_under_load(daemon, shortdir, ready):
+    """Every request answered, and none waits for a booting generation (1 s boot)."""
+    import threading
+    worker = pathlib.Path(shortdir) / "worker.py"
+    worker.write_text(HTTP_WORKER)
+    (port,) = free_ports(1)
+    mode, option = ("notify", "notify") if ready == "notify" else ("none", "1.3")
+    d = daemon("""
+        [socket:web]
+        host = 127.0.0.1
+        port = %d
+        [watcher:web]
+        cmd = %s %s $(circus.sockets.web) 1.0 %s
+        use_sockets = true
+        numprocesses = 3
+        ready = %s
+        ready_timeout = 20
+        graceful_timeout = 10
+        """ % (port, sys.executable, worker, mode, option))
+    first = set(d.pids("web"))
+    wait_for(lambda: all(r["state"] == "RUNNING" for r in d.call("status", long=True, name="web")["processes"]),
+             what="the first generation to be ready")
+    stop, results = threading.Event(), []
+    clients = [threading.Thread(target=_http_load, args=(port, stop, results)) for _ in range(2)]
+    for t in clients:
+        t.start()
+    try:
+        seen = set(first)
+        for _ in range(3):
+            r = d.call("reload", name="web", graceful=True, waiting=True, timeout=60)
+            assert r["status"] == "ok", r
+            pids = set(d.pids("web"))
+            assert len(pids) == 3 and not pids & seen
+            seen |= pids
+        wait_for(lambda: len(results) >= 2000, timeout=60, what="2000 requests")
+    finally:
+        stop.set()
+        for t in clients:
+            t.join(30)
+    failures = [r for r, _ in results if r != "ok"]
+    assert not failures, "%d of %d requests failed: %s" % (len(failures), len(results), failures[:5])
+    slowest = max(t for _, t in results)
+    print("zero-downtime reload (%s): %d requests over 3 reloads, %d failed, slowest %.0f ms"
+          % (ready, len(results), len(failures), slowest * 1000))
+    assert slowest < 0.7, "a request waited %.2f s: served by a generation still booting" % slowest
+
+
+def test_e2e_reload_aborts_when_the_new_generation_is_not_ready(daemon, shortdir):
+    d = daemon("""
+        [watcher:silent]
+        cmd = sleep 120
+        numprocesses = 2
+        ready = notify
+        ready_timeout = 0.5
+        """)
+    old = sorted(d.pids("silent"))
+    r = d.call("reload", name="silent", graceful=True, waiting=True)
+    assert r["status"] == "error" and "not ready within 0.5 s" in r["reason"], r
+    assert sorted(d.pids("silent")) == old            # the old generation kept serving
+    wait_for(lambda: len(d.children()) == 2, what="the unready processes to be stopped")
+
+
+def test_e2e_ready_listen_and_notify_states(daemon, shortdir):
+    d = daemon("""
+        [socket:inherited]
+        host = 127.0.0.1
+        port = 0
+        [watcher:binder]
+        cmd = %s -c "import socket, time; time.sleep(0.8); s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(); time.sleep(120)"
+        use_sockets = true
+        ready = listen
+        [watcher:mute]
+        cmd = sleep 120
+        ready = notify
+        """ % sys.executable)
+    state = lambda n: d.call("status", long=True, name=n)["processes"][0]["state"]  # noqa: E731
+    assert state("binder") == "STARTING"          # the socket it inherits does not count
+    wait_for(lambda: state("binder") == "RUNNING", what="binder to listen")
+    assert state("mute") == "STARTING"            # never said READY=1
+    env = psutil.Process(d.pids("mute")[0]).environ()
+    assert env["NOTIFY_SOCKET"].startswith("@circus.py-notify-")
+
+
+def test_e2e_kill_storm_leaves_nothing_behind(daemon):
+    """1000 SIGKILLs over 30 s: each one replaced, no zombie, fds and memory back."""
+    import random
+    n = 20
+    d = daemon("[watcher:storm]\ncmd = sleep 600\nnumprocesses = %d\n" % n)
+    daemon_proc = psutil.Process(d.proc.pid)
+    rng = random.Random(1157)
+
+    def live():
+        out = []
+        for c in daemon_proc.children():
+            with contextlib.suppress(psutil.Error):
+                if c.status() != psutil.STATUS_ZOMBIE:
+                    out.append(c.pid)
+        return out
+
+    def storm(kills, seconds):
+        t0 = time.monotonic()
+        for i in range(kills):
+            victims = live()
+            if victims:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(rng.choice(victims), signal.SIGKILL)
+            pause = t0 + (i + 1) * seconds / kills - time.monotonic()
+            if pause > 0:
+                time.sleep(pause)       # the storm's pace, not a wait for a result
+        wait_for(lambda: len(live()) == n and len(daemon_proc.children()) == n, timeout=TIMEOUT,
+                 what=lambda: "%d live processes and no zombie (children: %r)" % (n, daemon_proc.children()))
+
+    storm(100, 2)                       # warm up caches and allocator pools
+    fds0, rss0 = daemon_proc.num_fds(), daemon_proc.memory_info().rss
+    restarts0 = d.call("status", long=True, name="storm")["processes"][0]["restarts"]
+    storm(1000, 30)
+    d.track()
+    restarts = d.call("status", long=True, name="storm")["processes"][0]["restarts"]
+    assert restarts - restarts0 >= 990, "only %d of 1000 kills were seen and replaced" % (restarts - restarts0)
+    wait_for(lambda: daemon_proc.num_fds() == fds0, what=lambda: "fds back to %d (now %d)" % (fds0, daemon_proc.num_fds()))
+    grown = daemon_proc.memory_info().rss - rss0
+    print("kill storm: %d kills replaced; fds %d -> %d; RSS %+d KiB" % (
+        restarts - restarts0, fds0, daemon_proc.num_fds(), grown >> 10))
+    assert grown < 2 << 20, "the daemon grew by %d KiB over 1000 respawns" % (grown >> 10)
+    assert d.call("status", name="storm")["status"] == "active"
+
+
+def test_e2e_readme_systemd_unit(shortdir):
+    """The README's unit: systemd accepts it, and run as systemd runs it, it works."""
+    import configparser
+    import shlex
+    root = pathlib.Path(shortdir)
+    conf = root / "circus.ini"
+    conf.write_text("[circus]\nendpoint = ipc://%s/ctl.sock\npubsub_endpoint = ipc://%s/pub.sock\n"
+                    "[watcher:w]\ncmd = sleep 120\n" % (root, root))
+    unit = readme_files()["circus.service"].replace("/usr/bin/python3", sys.executable).replace(
+        "/opt/circus/circus.py", str(CIRCUS_PY)).replace("/etc/circus/circus.ini", str(conf))
+    path = root / "circus-test.service"
+    path.write_text(unit)
+    if shutil.which("systemd-analyze"):
+        r = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and path.name not in r.stderr, r.stderr
+    ini = configparser.ConfigParser(interpolation=None)
+    ini.optionxform = str
+    ini.read_string(unit)
+    svc = ini["Service"]
+    assert svc["Type"] == "notify" and svc["KillMode"] == "mixed"
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(root / "notify.sock"))
+    notify.settimeout(TIMEOUT)
+    d = Daemon(root, name="circus.ini")
+    try:
+        d.proc = subprocess.Popen(shlex.split(svc["ExecStart"]), start_new_session=True,
+                                  env=dict(os.environ, NOTIFY_SOCKET=str(root / "notify.sock")),
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        assert notify.recv(1000).decode() == "READY=1\nMAINPID=%d" % d.proc.pid
+        (first,) = d.pids("w")
+        reload = [w.replace("$MAINPID", str(d.proc.pid)) for w in shlex.split(svc["ExecReload"])]
+        assert subprocess.run(reload, timeout=60).returncode == 0
+        wait_for(lambda: d.pids("w") and d.pids("w") != [first], what="ExecReload to reload the watcher")
+        d.track()
+        os.kill(d.proc.pid, signal.SIGTERM)                 # KillMode=mixed: the main process only
+        assert notify.recv(1000) == b"STOPPING=1"
+        assert d.proc.wait(TIMEOUT) == 0 and not d.children()
+    finally:
+        notify.close()
+        d.stop()
