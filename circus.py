@@ -443,6 +443,9 @@ def _str_or_none(value):
 
 def _ready_mode(value):
     text = str(value).strip().lower()
+    if text == "notify" and not sys.platform.startswith("linux"):
+        raise ValueError("ready = notify needs Linux (it reads the sender's pid from the socket); "
+                         "use listen or a delay")
     if text in ("notify", "listen"):
         return text
     try:
@@ -682,6 +685,9 @@ class WatcherConfig:
                              % o["numprocesses"])
         if o["numprocesses"] < 0:
             raise ValueError("numprocesses must be >= 0")
+        if isinstance(o["ready"], float) and o["ready"] >= o["ready_timeout"]:
+            raise ValueError("ready = %g can never happen within ready_timeout = %g: raise "
+                             "ready_timeout" % (o["ready"], o["ready_timeout"]))
         for which in ("stdout_stream", "stderr_stream"):
             conf = getattr(self, which)
             if conf and "class" not in conf and "filename" not in conf:
@@ -1893,11 +1899,13 @@ class NotifyListener:
     def _read(self):
         import struct
         sk = self._socket
-        while True:
+        for _ in range(64):         # then the loop's other work: a flood can't starve it
             try:
                 data, anc, _, _ = self.sock.recvmsg(4096, sk.CMSG_SPACE(12))
             except OSError:         # drained (BlockingIOError) or closed
                 return
+            if not self.waiting:
+                continue
             pids = [struct.unpack("3i", c[:12])[0] for lvl, typ, c in anc
                     if lvl == sk.SOL_SOCKET and typ == sk.SCM_CREDENTIALS and len(c) >= 12]
             if pids and b"READY=1" in data.split(b"\n"):
@@ -1905,9 +1913,13 @@ class NotifyListener:
                 if callback is not None:
                     callback()
 
+    def close(self):
+        self.loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+
     def _owner(self, pid):
         """The callback of ``pid`` or of its nearest waiting ancestor (a shell's child)."""
-        for _ in range(8):
+        for _ in range(4):
             if pid in self.waiting:
                 return self.waiting.pop(pid)
             try:
@@ -1930,8 +1942,8 @@ def _notify_listener(loop) -> NotifyListener:
 
 
 def _addr_key(addr):
-    """(host, port) of an inet address (psutil's and getsockname()'s agree), else the path."""
-    return tuple(addr[:2]) if isinstance(addr, tuple) else addr
+    """The port of an inet address (psutil's or getsockname()'s), else the unix path."""
+    return ("port", addr[1]) if isinstance(addr, tuple) else addr
 
 
 def _listening(pid: int, inherited: set) -> bool:
@@ -1989,6 +2001,14 @@ def _setpriv() -> str | None:
             path = path if ok else None
         _SETPRIV.append(path)
     return _SETPRIV[0]
+
+
+def _setpriv_signal(signum: int) -> str:
+    """setpriv's spelling: TERM, RTMIN+3 (it takes no numbers)."""
+    try:
+        return signal.Signals(signum).name[3:]
+    except ValueError:          # a real-time signal has no name of its own
+        return "RTMIN+%d" % (signum - signal.SIGRTMIN)
 
 
 def _check_executable(name: str, cwd, env) -> None:
@@ -2128,7 +2148,7 @@ class Process:
         if self.death_signal and sys.platform.startswith("linux"):
             wrapper = None if (self.executable or self.rlimits) else _setpriv()
             if wrapper:
-                name = signal.Signals(self.death_signal).name[3:]
+                name = _setpriv_signal(self.death_signal)
                 if kw.pop("shell", False):
                     argv = ["/bin/sh", "-c", argv]
                 _check_executable(argv[0], self.working_dir, self.env)    # fail here, as Popen would
@@ -2140,11 +2160,11 @@ class Process:
         # Our own pipes, as raw fds: Popen's file objects would cost memory per process
         # (8 KiB buffers, 16 MiB at 1000 processes) for reads we do with os.read anyway.
         pipes = {}
-        for name in ("stdout", "stderr"):
-            if kw[name] == subprocess.PIPE:
-                pipes[name] = os.pipe()
-                kw[name] = pipes[name][1]
         try:
+            for name in ("stdout", "stderr"):
+                if kw[name] == subprocess.PIPE:
+                    pipes[name] = os.pipe()
+                    kw[name] = pipes[name][1]
             self._popen = popen = subprocess.Popen(argv, **kw)
         finally:
             for name, (r, w) in pipes.items():
@@ -2379,7 +2399,7 @@ _RESOURCE_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM)
 
 def _backoff(failures: int) -> float:
     """Delay before retry n: 0 for the first, then 0.1 s doubling up to 5 s."""
-    return 0.0 if failures <= 1 else min(0.1 * 2 ** (failures - 2), 5.0)
+    return 0.0 if failures <= 1 else min(0.1 * 2 ** min(failures - 2, 10), 5.0)
 
 
 class Flapping:
@@ -2708,7 +2728,9 @@ class Watcher:
             for s in fresh:
                 s.close()
         self.processes[p.pid] = p
-        self.starved = 0
+        if self.starved:        # room again: the BACKOFF rows and their reason go
+            self.starved, self.last_error = 0, None
+            self.sv_state, self.sv_since = ProcState.RUNNING, time.time()
         _log().debug("watcher %s: spawned pid %d (wid %d)", self.name, p.pid, wid)
         startsecs = o["startsecs"]
         if o["ready"] is not None:
@@ -2762,7 +2784,7 @@ class Watcher:
         """EMFILE, EAGAIN from fork...: the host's trouble, not the program's. Keep what
         runs, retry with a growing delay (at most 5 s), never count it against max_retry."""
         self.starved += 1
-        delay = min(0.25 * 2 ** (self.starved - 1), 5.0)
+        delay = min(0.25 * 2 ** min(self.starved - 1, 10), 5.0)
         self.last_error += "; out of system resources, retrying in %g s" % delay
         self.sv_state, self.sv_since = ProcState.BACKOFF, time.time()
         self._schedule_respawn(delay)
@@ -2811,68 +2833,85 @@ class Watcher:
             self.emit("state", process_pid=p.pid, state=p.state)
 
     def _watch_readiness(self, p: Process):
-        """STARTING until the ``ready`` condition holds (RUNNING), or ready_timeout passes."""
+        """STARTING until the ``ready`` condition holds, then RUNNING. After ready_timeout
+        a reload stops waiting for it (p.ready is False), but a late READY still counts."""
         o = self.conf.options
         loop = asyncio.get_event_loop()
         how = o["ready"]
         p.state = ProcState.STARTING
         p.ready = loop.create_future()
-        handles = []
+        watching = []           # the timer or poll task looking for readiness
 
-        def done(ok):
-            if p.ready.done():
-                return
-            p.ready.set_result(ok)
-            for h in handles:
+        def stop_watching():
+            for h in watching:
                 h.cancel()
+            timeout.cancel()
             if how == "notify":
                 _notify_listener(loop).waiting.pop(p.pid, None)
-            if ok and p.alive:
+
+        def ready():
+            stop_watching()
+            if not p.ready.done():
+                p.ready.set_result(True)
+            if p.alive and p.state == ProcState.STARTING:
                 p.state = ProcState.RUNNING
                 self.failures = 0
                 self.sv_state, self.sv_since = p.state, time.time()
                 self.emit("state", process_pid=p.pid, state=p.state)
-            elif p.alive:
+
+        def late():
+            if not p.ready.done():
+                p.ready.set_result(False)
                 _log().warning("watcher %s: pid %d not ready after %g s (ready = %s)",
                                self.name, p.pid, o["ready_timeout"], how)
-        p.unready = lambda: done(False)
-        handles.append(loop.call_later(o["ready_timeout"], done, False))
+
+        def gone():             # exited: nothing to wait for any more
+            stop_watching()
+            if not p.ready.done():
+                p.ready.set_result(False)
+        p.unready = gone
+        timeout = loop.call_later(o["ready_timeout"], late)
         if how == "notify":
-            _notify_listener(loop).waiting[p.pid] = lambda: done(True)
+            _notify_listener(loop).waiting[p.pid] = ready
         elif how == "listen":
             inherited = set()
-            for sock in self.sockets.values():
-                try:
-                    inherited.add(_addr_key(sock.sock.getsockname()))
-                except (OSError, AttributeError):   # not bound
-                    pass
+            for sock in self.sockets.values():     # ours, so_reuseport ones included
+                inherited.add(sock.path if sock.path else ("port", sock.port))
 
             async def poll():
-                while p.alive and not p.ready.done():
+                while p.alive and p.state == ProcState.STARTING:
                     if await loop.run_in_executor(None, _listening, p.pid, inherited):
-                        return done(True)
+                        return ready()
                     await asyncio.sleep(0.05)
-            handles.append(loop.create_task(poll()))
+            watching.append(loop.create_task(poll()))
         else:
-            handles.append(loop.call_later(how, done, True))
+            watching.append(loop.call_later(how, ready))
 
     async def wait_ready(self, procs) -> list:
         """Wait for the readiness of ``procs``; returns those that did not make it."""
         futures = [p.ready for p in procs if p.ready is not None]
-        if futures:
-            await asyncio.gather(*futures)
+        if futures:     # asyncio.wait: a cancelled caller must not cancel the futures
+            await asyncio.wait(futures)
         return [p for p in procs if p.ready is not None and not p.ready.result() or not p.alive]
 
-    async def _replace_when_ready(self, new):
-        """Zero-downtime or nothing: when a new process is not ready, the new ones stop
-        and the old ones (still running) stay."""
+    async def _replace_when_ready(self, new, expected):
+        """Zero-downtime or nothing: unless ``expected`` new processes all got ready, the
+        new ones stop and the old ones (still running) stay, topped up if one died."""
         failed = await self.wait_ready(new)
-        if failed:
-            await asyncio.gather(*(self._stop_process(p) for p in new))
-            raise CommandError("reload of %s aborted: %d of %d new processes not ready within %g s "
-                               "(ready = %s); the old ones keep running"
-                               % (self.name, len(failed), len(new), self.conf.options["ready_timeout"],
-                                  self.conf.options["ready"]), E_COMMAND_ERROR)
+        if not failed and len(new) >= expected:
+            return
+        self._user_action(False)        # cancel a give-up or flapping stop queued meanwhile
+        await asyncio.gather(*(self._stop_process(p) for p in new))
+        self.failures, self.sv_state, self.sv_since = 0, ProcState.RUNNING, time.time()
+        await self.spawn_missing()
+        what = ("%d of %d new processes not ready within %g s (ready = %s)"
+                % (len(failed) + expected - len(new), expected, self.conf.options["ready_timeout"],
+                   self.conf.options["ready"]))
+        if len(new) < expected:
+            what = "%d of %d new processes could not be spawned (%s)" % (
+                expected - len(new), expected, self.last_error)
+        raise CommandError("reload of %s aborted: %s; the old ones keep running" % (self.name, what),
+                           E_COMMAND_ERROR)
 
     def _on_exit(self, p: Process):
         counted = self.processes.pop(p.pid, None) is not None
@@ -2885,7 +2924,8 @@ class Watcher:
         if early:
             p.promote.cancel()
             p.promote = None
-        if p.ready is not None and not p.ready.done():
+        if p.unready is not None:           # died before it was ready: as early
+            early = early or p.state == ProcState.STARTING
             p.unready()
         now = time.time()
         o = self.conf.options
@@ -3131,7 +3171,8 @@ class Watcher:
                 new = self.spawn_process()
                 if new is not None:
                     started.append(new.pid)
-                    await self._replace_when_ready([new])
+                if self.conf.options["ready"] is not None:
+                    await self._replace_when_ready([new] if new is not None else [], 1)
                 await self._stop_process(p)
                 if self.conf.options["warmup_delay"]:
                     await asyncio.sleep(self.conf.options["warmup_delay"])
@@ -3140,7 +3181,7 @@ class Watcher:
             await self.spawn_missing(force=self.numprocesses)
             new = [p for pid, p in self.processes.items() if pid not in before]
             started = [p.pid for p in new]
-            await self._replace_when_ready(new)
+            await self._replace_when_ready(new, self.numprocesses)
             await asyncio.gather(*(self._stop_process(p) for p in old))
         self.emit("reload")
         return {"stopped": [p.pid for p in old], "started": started, "kept": []}
@@ -3606,6 +3647,9 @@ class Arbiter:
         for s in self.sockets.values():
             s.close()
         self.sockets.clear()
+        nl = _NOTIFY_LISTENERS.pop(self.loop, None)
+        if nl is not None:
+            nl.close()
         cw = _CHILD_WATCHERS.pop(self.loop, None)
         if cw is not None:
             cw.close()
@@ -3632,14 +3676,20 @@ class Arbiter:
 
     async def reload(self, graceful=True, sequential=False) -> None:
         """Reload every running watcher (stopped ones stay stopped: Circus bug 5)."""
+        errors = []
         async with self._lock:
             for w in self.iter_watchers():
                 if w.status == STOPPED:
                     continue
                 async with w.lock:
-                    await w.reload(graceful=graceful, sequential=sequential)
+                    try:
+                        await w.reload(graceful=graceful, sequential=sequential)
+                    except CommandError as e:   # one aborted reload does not stop the others
+                        errors.append(str(e))
                 if self.warmup_delay:
                     await asyncio.sleep(self.warmup_delay)
+        if errors:
+            raise CommandError("; ".join(errors), E_COMMAND_ERROR)
 
     # -- watchers at runtime -----------------------------------------------------
     def add_watcher(self, name, cmd, args=None, options=None) -> Watcher:
@@ -5071,12 +5121,32 @@ def load_curve_key(path: str, secret=False) -> tuple:
     return public, secret_key
 
 
-def authorized_keys(location: str) -> set:
-    """The public keys (z85) of a folder of .key files, or of one key file."""
-    if not os.path.isdir(location):
-        return {load_curve_key(location)[0]}
-    import glob
-    return {load_curve_key(f)[0] for f in sorted(glob.glob(os.path.join(location, "*.key")))}
+def _key_files(location: str) -> list:
+    if os.path.isdir(location):
+        return sorted(e.path for e in os.scandir(location) if e.name.endswith(".key") and e.is_file())
+    return [location] if os.path.exists(location) else []
+
+
+def authorized_keys(location: str, problems=None) -> set:
+    """The public keys (z85) of a folder of .key files, or of one key file.
+
+    With a ``problems`` list, unreadable files are skipped and described
+    there; without it the first one raises CircusError.
+    """
+    if not os.path.exists(location):
+        if problems is None:
+            raise CircusError("curve_authorized_keys %s does not exist" % location)
+        problems.append("%s does not exist: no client is let in" % location)
+        return set()
+    keys = set()
+    for path in _key_files(location):
+        try:
+            keys.add(load_curve_key(path)[0])
+        except CircusError as e:
+            if problems is None:
+                raise
+            problems.append(str(e))
+    return keys
 
 
 class CurveServer:
@@ -5093,9 +5163,13 @@ class CurveServer:
     def __init__(self, secret_key_file, location, ctx):
         import zmq
         self.public, self.secret = load_curve_key(secret_key_file, secret=True)
+        if os.stat(secret_key_file).st_mode & 0o077:
+            _log().warning("curve_secret_key %s is readable by other users: anyone who reads it "
+                           "can pose as this daemon (chmod 600 it)", secret_key_file)
         self.location = location
         self._stamp, self._keys = None, set()
         self._refused: set = set()
+        self.allowed()          # read now, before any privilege drop
         self.sock = ctx.socket(zmq.REP)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.bind("inproc://zeromq.zap.01")     # libzmq asks this address (ZAP, RFC 27)
@@ -5109,15 +5183,19 @@ class CurveServer:
         sock.zap_domain = domain.encode()
 
     def allowed(self) -> set:
+        """The listed keys, re-read whenever a key file appears, goes or changes."""
+        stamp = []
         try:
-            stamp = os.stat(self.location).st_mtime_ns
+            for path in _key_files(self.location):
+                st = os.stat(path)
+                stamp.append((path, st.st_mtime_ns, st.st_size))
         except OSError:
-            stamp = None
-        if stamp != self._stamp:
-            try:
-                self._keys = authorized_keys(self.location)
-            except CircusError as e:    # keep the last good list
-                _log().warning("curve_authorized_keys: %s", e)
+            stamp = None        # changing under our feet: read it all again next time
+        if stamp is None or stamp != self._stamp:
+            problems: list = []
+            self._keys = authorized_keys(self.location, problems)
+            for p in problems:
+                _log().warning("curve_authorized_keys: %s (skipped)", p)
             self._stamp = stamp
         return self._keys
 
@@ -5127,16 +5205,16 @@ class CurveServer:
         if len(frames) < 7 or frames[0] != b"1.0":
             return b"500", b"bad ZAP request", b""
         domain, address, mechanism = frames[2], frames[3], frames[5]
-        key = z85.encode(frames[6]) if mechanism == b"CURVE" and len(frames[6]) == 32 else None
-        if key is not None and key in self.allowed():
+        if mechanism != b"CURVE" or len(frames[6]) != 32:
+            return b"400", b"CURVE only", b""
+        key = z85.encode(frames[6])
+        if key in self.allowed():
             return b"200", b"OK", key
-        who = key or mechanism
-        if who not in self._refused and len(self._refused) < self.MAX_REMEMBERED:
-            self._refused.add(who)
-            _log().warning("%s channel: refused %s from %s (not in curve_authorized_keys; add its "
-                           ".key file there to let it in)", domain.decode(errors="replace"),
-                           "CURVE key %s" % key.decode() if key else "a client without a CURVE key",
-                           address.decode(errors="replace") or "a local socket")
+        if key not in self._refused and len(self._refused) < self.MAX_REMEMBERED:
+            self._refused.add(key)
+            _log().warning("%s channel: refused CURVE key %s from %s (not in curve_authorized_keys; "
+                           "add its .key file there to let it in)", domain.decode(errors="replace"),
+                           key.decode(), address.decode(errors="replace") or "a local socket")
         return b"400", b"unknown key", b""
 
     async def _serve(self):
@@ -5231,12 +5309,12 @@ class ControlChannel:
             _log().debug("control reply not sent: %s", e)
 
     async def close(self):
+        if self._task is not None:      # no new requests; those in flight may finish
+            self._task.cancel()
         me = asyncio.current_task()
         pending = [t for t in self._inflight if t is not me]
         if pending:
             await asyncio.wait(pending, timeout=2.0)
-        if self._task is not None:
-            self._task.cancel()
         if self.sock is not None:
             self.sock.close(linger=100)
             self.sock = None
@@ -5445,7 +5523,6 @@ async def start_channels(arbiter) -> list:
         curve = None
         if arbiter.curve_secret_key:
             curve = CurveServer(arbiter.curve_secret_key, arbiter.curve_authorized_keys, ctx)
-            channels.append(curve)
         if arbiter.pubsub_endpoint:
             pub = PubChannel(arbiter.pubsub_endpoint, ctx, curve)
             arbiter.listeners.append(pub)
@@ -5467,7 +5544,11 @@ async def start_channels(arbiter) -> list:
     except BaseException:
         for ch in channels:
             await ch.close()
+        if curve is not None:
+            await curve.close()
         raise
+    if curve is not None:   # closed last: a CURVE socket with no ZAP handler admits any key
+        channels.append(curve)
     return channels
 
 
@@ -5583,19 +5664,29 @@ def _curve_client(sock, curve) -> None:
 
 
 def keygen(directory: str, name: str) -> tuple:
-    """Write NAME.key (public) and NAME.key_secret (0600) into ``directory``; never overwrite."""
-    import zmq.auth
+    """Write NAME.key (public) and NAME.key_secret (0600) into ``directory``, in the
+    format of zmq.auth's certificates; never over an existing file or through a symlink."""
+    import zmq
     os.makedirs(directory, mode=0o700, exist_ok=True)
+    public, secret = (k.decode() for k in zmq.curve_keypair())
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
     paths = tuple(os.path.join(directory, name + ext) for ext in (".key", ".key_secret"))
     for p in paths:
-        if os.path.exists(p):
+        if os.path.lexists(p):
             raise CircusError("%s already exists: remove it first, or pick another name" % p)
-    old = os.umask(0o077)       # the secret file is never readable by others, even briefly
-    try:
-        zmq.auth.create_certificates(directory, name)
-    finally:
-        os.umask(old)
-    os.chmod(paths[0], 0o644)
+    bodies = (
+        (paths[0], 0o644, "#   ZeroMQ CURVE Public Certificate, by circus.py ctl keygen, %s\n"
+                          "#   Give this one to the other side.\n\nmetadata\ncurve\n"
+                          "    public-key = \"%s\"\n" % (stamp, public)),
+        (paths[1], 0o600, "#   ZeroMQ CURVE **Secret** Certificate, by circus.py ctl keygen, %s\n"
+                          "#   Keep it private: never copy it or make it readable by others.\n\n"
+                          "metadata\ncurve\n    public-key = \"%s\"\n    secret-key = \"%s\"\n"
+                          % (stamp, public, secret)))
+    for path, mode, text in bodies:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(path, mode)        # whatever the umask
     return paths
 
 

@@ -176,6 +176,8 @@ def test_defaults_and_types(tmp_path):
     ("no section = 1\n", "outside any section"),
     ("[watcher:a]\nthis line is garbage\n", "cannot parse"),
     ("[circus]\ncheck_delay = soon\n", "[circus] check_delay"),
+    ("[watcher:a]\ncmd = x\nready = 90\n", "ready = 90 can never happen within ready_timeout = 60"),
+    ("[watcher:a]\ncmd = x\nready = soon\n", "'soon' is not notify, listen or a number of seconds"),
 ])
 def test_config_errors_are_one_clear_line(tmp_path, body, needle):
     conf = write(tmp_path / "c.ini", body)
@@ -4599,10 +4601,17 @@ def test_e2e_curve_auth_on_every_channel(daemon, shortdir):
     assert not plain.sock.poll(300), "an unauthenticated subscriber got events"
     plain.close()
     ev.close()
-    # a client's key dropped into the folder is let in without a restart
+    # a client's key dropped into the folder is let in without a restart, and removing it
+    # locks it out again, even with a broken file lying beside it
     shutil.copy(keys / "mallory.key", keys / "clients" / "mallory.key")
     wait_for(lambda: ctl("--key", mallory, "--server-key", server, "status").returncode == 0,
              what="the new key to be accepted")
+    (keys / "clients" / "broken.key").write_text("")
+    (keys / "clients" / "mallory.key").unlink()
+    wait_for(lambda: ctl("--key", mallory, "--server-key", server, "status").returncode == 1,
+             what="the removed key to be refused")
+    assert ctl("--key", alice, "--server-key", server, "status").returncode == 0
+    assert "broken.key" in d.log.read_text()
     assert d.children() and d.proc.poll() is None
 
 
@@ -4841,6 +4850,21 @@ def test_e2e_reload_aborts_when_the_new_generation_is_not_ready(daemon, shortdir
     assert r["status"] == "error" and "not ready within 0.5 s" in r["reason"], r
     assert sorted(d.pids("silent")) == old            # the old generation kept serving
     wait_for(lambda: len(d.children()) == 2, what="the unready processes to be stopped")
+
+
+def test_e2e_reload_keeps_the_old_generation_when_the_new_cannot_spawn(daemon, shortdir):
+    script = pathlib.Path(shortdir) / "server.sh"
+    script.write_text("#!/bin/sh\nexec sleep 120\n")
+    script.chmod(0o755)
+    d = daemon("[watcher:srv]\ncmd = %s\nnumprocesses = 2\nready = 0.1\n" % script)
+    wait_for(lambda: len(d.pids("srv")) == 2, what="two servers")
+    old = sorted(d.pids("srv"))
+    script.chmod(0o644)         # a broken deploy: the new generation cannot start
+    r = d.call("reload", name="srv", graceful=True, waiting=True)
+    assert r["status"] == "error" and "could not be spawned" in r["reason"] and "Permission denied" in r["reason"], r
+    assert sorted(d.pids("srv")) == old and d.call("status", name="srv")["status"] == "active"
+    assert circus._setpriv_signal(signal.SIGRTMIN + 2) == "RTMIN+2"
+    assert circus._setpriv_signal(signal.SIGTERM) == "TERM"
 
 
 def test_e2e_ready_listen_and_notify_states(daemon, shortdir):
