@@ -302,6 +302,19 @@ def ensure_private_dir(path: str) -> None:
                           "socket): fix its owner and mode, or remove it" % path)
 
 
+def release_free_memory() -> None:
+    """Give the C heap's free pages back to the system (glibc only). Compiling this
+    6,000-line script as ``__main__`` leaves about 13 MB free but mapped; a long-lived
+    daemon should not carry that."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):      # not glibc (musl...): nothing to trim with
+        pass
+
+
 def import_dotted(path: str, extra_dirs=()):
     """Import ``pkg.mod.Name``; ``extra_dirs`` are tried first (the config's folder)."""
     import importlib
@@ -2043,6 +2056,17 @@ def _death_signal_setter(signum: int, then=None):
     return setter
 
 
+def _widen_pipe(fd: int) -> None:
+    """Grow a pipe to 1 MiB (Linux F_SETPIPE_SZ). Only for pipes seen full: the kernel
+    counts a user's pipe capacity, so widening every pipe would shrink new ones."""
+    if sys.platform.startswith("linux"):
+        import fcntl
+        try:
+            fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
+        except OSError:         # over the per-user limit: keep 64 KiB
+            pass
+
+
 class Process:
     """One child process: spawn, watch its output and exit, signal, stop.
 
@@ -2093,6 +2117,7 @@ class Process:
         self.unready = None             # gives up waiting for it (set with ready)
         self._popen = None
         self._pipes: dict = {}          # read end fd -> "stdout" / "stderr"
+        self._big: set = set()          # pipes already widened
         self._exited = None             # future resolved on exit
 
     def __repr__(self):
@@ -2197,6 +2222,9 @@ class Process:
             del self._pipes[fd]
             os.close(fd)
             return
+        if len(data) == 65536 and fd not in self._big:
+            _widen_pipe(fd)     # a full default pipe: a heavy writer, fewer wake-ups for it
+            self._big.add(fd)
         try:
             self.on_output({"data": data, "pid": self.pid, "name": name})
         except Exception:       # a broken stream never breaks the process
@@ -3491,6 +3519,7 @@ class Arbiter:
     async def _serve(self):
         await self.start(handle_signals=True)
         self.sd_notify("READY=1\nMAINPID=%d" % os.getpid())
+        release_free_memory()
         await self._done
         return 0
 
@@ -6226,9 +6255,19 @@ class Pidfile:
 
 
 def _raise_nofile(minfds=None):
-    """Each process costs the daemon up to 3 fds: lift the soft limit to the hard one."""
+    """Each process costs the daemon up to 3 fds: lift the soft limit to the hard one
+    (root: the hard one too, to the kernel's nr_open)."""
     import resource
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if os.geteuid() == 0 and hard != resource.RLIM_INFINITY:
+        try:
+            with open("/proc/sys/fs/nr_open") as f:
+                top = min(int(f.read()), 1 << 20)
+            if top > hard:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, top))
+                hard = top
+        except (OSError, ValueError):
+            pass
     want = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
     if minfds and hard != resource.RLIM_INFINITY and minfds > hard:
         raise CircusError("[supervisord] minfds = %d is above the hard limit of open files (%d): "
@@ -6238,6 +6277,19 @@ def _raise_nofile(minfds=None):
             resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
         except (ValueError, OSError):
             pass
+
+
+def _check_fd_budget(cfg) -> None:
+    """One clear line when the config asks for more processes than the fd limit allows
+    (each costs the daemon up to 3 fds); what fits still runs, the rest shows BACKOFF."""
+    import resource
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    wanted = sum(w.options["numprocesses"] for w in cfg.watchers if w.options["autostart"])
+    need = 3 * wanted + 64
+    if soft != resource.RLIM_INFINITY and need > soft:
+        _log().error("%d processes need about %d open files but the limit is %d: about %d of them "
+                     "can start; raise it (ulimit -n, LimitNOFILE= in the unit, [supervisord] "
+                     "minfds) or run as root", wanted, need, soft, max(0, (soft - 64) // 3))
 
 
 def drop_privileges(user):
@@ -6340,6 +6392,7 @@ def daemon_main(argv) -> int:
     except CircusError as e:
         err.write("error: %s\n" % e)
         return 1
+    _check_fd_budget(cfg)
     if args.daemon:
         daemonize()
     if cfg.directory:
@@ -6399,7 +6452,46 @@ def main(argv=None) -> int:
     return 2
 
 
+def _bytecode_is_fresh(pyc: str, src: str) -> bool:
+    """Does ``pyc`` hold the code of ``src`` as it is now (importlib's header check)?"""
+    import importlib.util
+    try:
+        with open(pyc, "rb") as f:
+            head = f.read(16)
+        st = os.stat(src)
+    except OSError:
+        return False
+    return (len(head) == 16 and head[:4] == importlib.util.MAGIC_NUMBER and head[4:8] == b"\0" * 4
+            and int.from_bytes(head[8:12], "little") == int(st.st_mtime) & 0xFFFFFFFF
+            and int.from_bytes(head[12:16], "little") == st.st_size & 0xFFFFFFFF)
+
+
+def _lean_restart(argv) -> None:
+    """``python circus.py daemon``: Python compiled this whole file for __main__, and the
+    compiler's memory (~15 MB) stays with the process for good. A long-lived daemon
+    re-executes itself (same pid) from bytecode cached in its private folder."""
+    if not __file__.endswith(".py") or not argv or not (
+            argv[0] == "daemon" or argv[0].endswith((".ini", ".conf", ".cfg"))):
+        return
+    import hashlib
+    import py_compile
+    src = os.path.abspath(__file__)
+    cache = os.path.join(private_dir(), "bytecode")
+    pyc = os.path.join(cache, "circus-%s.%s.pyc" % (hashlib.sha1(src.encode()).hexdigest()[:12],
+                                                    sys.implementation.cache_tag))
+    try:
+        ensure_private_dir(private_dir())       # ours and 0700: nobody else can plant code
+        os.makedirs(cache, mode=0o700, exist_ok=True)
+        if not _bytecode_is_fresh(pyc, src):
+            py_compile.compile(src, cfile=pyc, doraise=True)
+    except Exception:       # read-only, odd permissions...: run as we are
+        return
+    flags = subprocess._args_from_interpreter_flags()
+    os.execv(sys.executable, [sys.executable] + flags + [pyc] + list(argv))
+
+
 if __name__ == "__main__":
+    _lean_restart(sys.argv[1:])
     # plugins, hooks and stream classes that `import circus` get this very module
     sys.modules.setdefault("circus", sys.modules[__name__])
     sys.exit(main())

@@ -4972,3 +4972,32 @@ def test_e2e_readme_systemd_unit(shortdir):
     finally:
         notify.close()
         d.stop()
+
+
+def test_fd_budget_is_one_clear_line(tmp_path, caplog):
+    import resource
+    conf = write(tmp_path / "c.ini", "[watcher:many]\ncmd = sleep 1\nnumprocesses = 5000\n")
+    cfg = circus.load_config(conf)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+    try:
+        with caplog.at_level("ERROR", logger="circus"):
+            circus._check_fd_budget(cfg)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert "5000 processes need about 15064 open files but the limit is 1024" in line and "ulimit -n" in line
+
+
+def test_e2e_daemon_runs_from_private_bytecode(daemon, shortdir):
+    """`python circus.py daemon` re-executes from a cached .pyc: the compiler's memory
+    does not stay with a long-lived daemon, and the cache is private."""
+    env = dict(os.environ, XDG_RUNTIME_DIR=shortdir)
+    d = daemon("[watcher:w]\ncmd = sleep 120\n", start=False)
+    d.start(env=env)
+    cache = pathlib.Path(shortdir) / "circus" / "bytecode"
+    (pyc,) = cache.glob("circus-*.pyc")
+    assert oct(cache.parent.stat().st_mode & 0o777) == oct(0o700)
+    assert str(pyc) in psutil.Process(d.proc.pid).cmdline()          # same pid, new image
+    assert d.call("status", name="w")["status"] == "active"
+    assert circus._bytecode_is_fresh(str(pyc), str(CIRCUS_PY))
