@@ -302,19 +302,6 @@ def ensure_private_dir(path: str) -> None:
                           "socket): fix its owner and mode, or remove it" % path)
 
 
-def release_free_memory() -> None:
-    """Give the C heap's free pages back to the system (glibc only). Compiling this
-    6,000-line script as ``__main__`` leaves about 13 MB free but mapped; a long-lived
-    daemon should not carry that."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):      # not glibc (musl...): nothing to trim with
-        pass
-
-
 def import_dotted(path: str, extra_dirs=()):
     """Import ``pkg.mod.Name``; ``extra_dirs`` are tried first (the config's folder)."""
     import importlib
@@ -2082,6 +2069,13 @@ class Process:
     (missing file, permission) raise OSError from :meth:`spawn`.
     """
 
+    # slots: a daemon holds thousands of these (a dict per instance costs ~1.3 KB more)
+    __slots__ = ("wid", "cmd", "args", "working_dir", "shell", "shell_args", "uid", "gid", "env",
+                 "rlimits", "executable", "pass_fds", "stdout", "stderr", "close_child_stdin",
+                 "stdin", "umask", "death_signal", "on_output", "on_exit", "loop", "watcher_name",
+                 "pid", "started", "returncode", "state", "stopping", "promote", "ready",
+                 "unready", "_pipes", "_big", "_exited")
+
     def __init__(self, wid: int, cmd: str, args=None, *, working_dir=None, shell=False,
                  shell_args=None, uid=None, gid=None, env=None, rlimits=None,
                  executable=None, pass_fds=(), stdout=None, stderr=None,
@@ -2115,9 +2109,8 @@ class Process:
         self.promote = None             # timer moving STARTING -> RUNNING (startsecs)
         self.ready = None               # future: True once ready (watcher option `ready`)
         self.unready = None             # gives up waiting for it (set with ready)
-        self._popen = None
         self._pipes: dict = {}          # read end fd -> "stdout" / "stderr"
-        self._big: set = set()          # pipes already widened
+        self._big = ()                  # pipes already widened
         self._exited = None             # future resolved on exit
 
     def __repr__(self):
@@ -2184,19 +2177,23 @@ class Process:
             kw["umask"] = self.umask
         # Our own pipes, as raw fds: Popen's file objects would cost memory per process
         # (8 KiB buffers, 16 MiB at 1000 processes) for reads we do with os.read anyway.
-        pipes = {}
+        pipes, popen = {}, None
         try:
             for name in ("stdout", "stderr"):
                 if kw[name] == subprocess.PIPE:
                     pipes[name] = os.pipe()
                     kw[name] = pipes[name][1]
-            self._popen = popen = subprocess.Popen(argv, **kw)
+            popen = subprocess.Popen(argv, **kw)
         finally:
             for name, (r, w) in pipes.items():
                 os.close(w)
-                if self._popen is None:
+                if popen is None:
                     os.close(r)
         self.pid = popen.pid
+        # The Popen object is dropped (memory per process). Marked done first, or its
+        # __del__ would list it for subprocess's own waitpid() and steal our exit status.
+        popen.returncode = 0
+        del popen
         self.started = time.time()
         self.state = ProcState.RUNNING
         self._exited = loop.create_future()
@@ -2224,7 +2221,7 @@ class Process:
             return
         if len(data) == 65536 and fd not in self._big:
             _widen_pipe(fd)     # a full default pipe: a heavy writer, fewer wake-ups for it
-            self._big.add(fd)
+            self._big += (fd,)
         try:
             self.on_output({"data": data, "pid": self.pid, "name": name})
         except Exception:       # a broken stream never breaks the process
@@ -2252,8 +2249,6 @@ class Process:
 
     def _reaped(self, pid, status):
         self.returncode = exit_code_of(status)
-        if self._popen is not None:
-            self._popen.returncode = self.returncode   # Popen must never wait() for it again
         self.state = ProcState.STOPPED if self.stopping else ProcState.EXITED
         self.drain()
         if self._exited is not None and not self._exited.done():
@@ -3519,7 +3514,6 @@ class Arbiter:
     async def _serve(self):
         await self.start(handle_signals=True)
         self.sd_notify("READY=1\nMAINPID=%d" % os.getpid())
-        release_free_memory()
         await self._done
         return 0
 
