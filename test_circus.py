@@ -5001,3 +5001,35 @@ def test_e2e_daemon_runs_from_private_bytecode(daemon, shortdir):
     assert str(pyc) in psutil.Process(d.proc.pid).cmdline()          # same pid, new image
     assert d.call("status", name="w")["status"] == "active"
     assert circus._bytecode_is_fresh(str(pyc), str(CIRCUS_PY))
+
+
+def test_e2e_control_answers_while_1000_processes_respawn(daemon):
+    """Issue 6's control-under-load check: `list` round trips while 1000 killed
+    processes are being replaced (median <= 5 ms)."""
+    n = 1000
+    d = daemon("[watcher:many]\ncmd = sleep 600\nnumprocesses = %d\n" % n)
+    wait_for(lambda: len(d.pids("many")) == n, timeout=60, what="1000 processes")
+    pids = d.pids("many")
+    ctx = zmq.Context.instance()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(d.endpoint)
+    rtts = []
+    try:
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        t_end = time.monotonic() + 2.0
+        while time.monotonic() < t_end:
+            t0 = time.perf_counter()
+            s.send(b'{"command": "list", "properties": {}, "id": "x"}')
+            assert s.poll(TIMEOUT * 1000), "no answer under load"
+            s.recv()
+            rtts.append((time.perf_counter() - t0) * 1000)
+    finally:
+        s.close(0)
+    rtts.sort()
+    median = rtts[len(rtts) // 2]
+    print("list under a 1000-process respawn wave: median %.2f ms, p95 %.2f ms, max %.1f ms, %d requests"
+          % (median, rtts[int(len(rtts) * 0.95)], rtts[-1], len(rtts)))
+    assert median <= 5, rtts[::max(1, len(rtts) // 20)]
+    wait_for(lambda: len(set(d.pids("many")) - set(pids)) == n, timeout=60, what="every process replaced")
