@@ -1817,6 +1817,8 @@ class ChildWatcher:
         self.loop = loop
         self._cbs: dict = {}
         self._sigchld = False
+        self._exited: list = []         # pids whose pidfd turned readable, reaped in 5 ms turns
+        self._draining = False
 
     def add(self, pid: int, callback) -> None:
         """Call ``callback(pid, wait_status)`` once ``pid`` has exited (it is reaped)."""
@@ -1827,7 +1829,7 @@ class ChildWatcher:
                 fd = None
             if fd is not None:
                 self._cbs[pid] = (callback, fd)
-                self.loop.add_reader(fd, self._ready, pid)
+                self.loop.add_reader(fd, self._exit_seen, pid, fd)
                 return
         self._cbs[pid] = (callback, None)
         if not self._sigchld:
@@ -1835,16 +1837,36 @@ class ChildWatcher:
             self._sigchld = True
         self._ready(pid)            # it may have exited before the handler existed
 
+    def _exit_seen(self, pid, fd):
+        """A pidfd turned readable. A wave of deaths is reaped in turns of 5 ms, so the
+        control channel answers between them (waitpid can be slow when thousands exit)."""
+        self.loop.remove_reader(fd)
+        self._exited.append(pid)
+        if not self._draining:
+            self._draining = True
+            self.loop.call_soon(self._drain)
+
+    def _drain(self):
+        until = time.monotonic() + 0.005
+        while self._exited and time.monotonic() < until:
+            self._ready(self._exited.pop(0))
+        if self._exited:
+            self.loop.call_soon(self._drain)
+        else:
+            self._draining = False
+
     def _ready(self, pid):
         try:
             wpid, status = os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:   # reaped elsewhere: the status is lost
             wpid, status = pid, 0
         if wpid == 0:
+            fd = self._cbs.get(pid, (None, None))[1]
+            if fd is not None:      # not quite gone yet: watch its pidfd again
+                self.loop.add_reader(fd, self._exit_seen, pid, fd)
             return
         callback, fd = self._cbs.pop(pid, (None, None))
         if fd is not None:
-            self.loop.remove_reader(fd)
             os.close(fd)
         if callback is not None:
             callback(pid, status)
@@ -1860,6 +1882,7 @@ class ChildWatcher:
                 self.loop.remove_reader(fd)
                 os.close(fd)
         self._cbs.clear()
+        self._exited.clear()
         if self._sigchld:
             self.loop.remove_signal_handler(signal.SIGCHLD)
             self._sigchld = False
@@ -2514,6 +2537,7 @@ class Watcher:
         self.stderr_stream = None
         self.failures = 0               # consecutive failed starts (max_retry)
         self.starved = 0                # consecutive spawns the system had no room for
+        self._topping_up = False        # a spawn_missing() is running
         self.last_error = None          # text of the last spawn failure or crash
         self.lock = None                # asyncio.Lock, serialises commands on this watcher
         self._respawn_handle = None
@@ -2775,21 +2799,31 @@ class Watcher:
         return p
 
     async def spawn_missing(self, force=0) -> None:
-        """Top up to numprocesses (plus ``force`` extra), yielding to the loop in batches."""
+        """Top up to numprocesses (plus ``force`` extra), yielding to the loop every 5 ms.
+
+        One top-up at a time: a wave of deaths must not start a spawning task
+        per death, whose turns would then add up between two loop iterations.
+        """
+        if self._topping_up and not force:
+            return              # the one running will get there
         o = self.conf.options
-        n = 0
-        while self.status in (STARTING, ACTIVE) and (force > 0 or len(self.processes) < self.numprocesses):
-            if self._respawn_handle is not None and not force:
-                return          # a backoff is pending: it will top up
-            p = self.spawn_process()
-            if p is None:
-                return
-            force -= 1
-            n += 1
-            if o["warmup_delay"]:
-                await asyncio.sleep(o["warmup_delay"])
-            elif n % 64 == 0:
-                await asyncio.sleep(0)      # keep the control channel answering
+        self._topping_up = True
+        try:
+            pause = time.monotonic() + 0.005
+            while self.status in (STARTING, ACTIVE) and (force > 0 or len(self.processes) < self.numprocesses):
+                if self._respawn_handle is not None and not force:
+                    return          # a backoff is pending: it will top up
+                p = self.spawn_process()
+                if p is None:
+                    return
+                force -= 1
+                if o["warmup_delay"]:
+                    await asyncio.sleep(o["warmup_delay"])
+                elif time.monotonic() > pause:
+                    await asyncio.sleep(0)      # keep the control channel answering
+                    pause = time.monotonic() + 0.005
+        finally:
+            self._topping_up = False
 
     def _failed_start(self):
         self.failures += 1
