@@ -1848,12 +1848,14 @@ class ChildWatcher:
 
     def _drain(self):
         until = time.monotonic() + 0.005
-        while self._exited and time.monotonic() < until:
-            self._ready(self._exited.pop(0))
-        if self._exited:
-            self.loop.call_soon(self._drain)
-        else:
-            self._draining = False
+        try:
+            while self._exited and time.monotonic() < until:
+                self._ready(self._exited.pop(0))
+        finally:        # a callback that raised must not stop the reaping of the others
+            if self._exited:
+                self.loop.call_soon(self._drain)
+            else:
+                self._draining = False
 
     def _ready(self, pid):
         try:
