@@ -2445,9 +2445,14 @@ def _is_crash(code: int) -> bool:
 _RESOURCE_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM)
 
 
+def _doubling(first: float, n: int) -> float:
+    """``first`` doubled n times, at most 5 s (n is capped: no float overflow)."""
+    return min(first * 2 ** min(n, 10), 5.0)
+
+
 def _backoff(failures: int) -> float:
     """Delay before retry n: 0 for the first, then 0.1 s doubling up to 5 s."""
-    return 0.0 if failures <= 1 else min(0.1 * 2 ** min(failures - 2, 10), 5.0)
+    return 0.0 if failures <= 1 else _doubling(0.1, failures - 2)
 
 
 class Flapping:
@@ -2806,10 +2811,12 @@ class Watcher:
         One top-up at a time: a wave of deaths must not start a spawning task
         per death, whose turns would then add up between two loop iterations.
         """
-        if self._topping_up and not force:
-            return              # the one running will get there
+        topping_up = not force      # a reload's extra generation runs beside a top-up
+        if topping_up:
+            if self._topping_up:
+                return          # the one running will get there
+            self._topping_up = True
         o = self.conf.options
-        self._topping_up = True
         try:
             pause = time.monotonic() + 0.005
             while self.status in (STARTING, ACTIVE) and (force > 0 or len(self.processes) < self.numprocesses):
@@ -2825,7 +2832,8 @@ class Watcher:
                     await asyncio.sleep(0)      # keep the control channel answering
                     pause = time.monotonic() + 0.005
         finally:
-            self._topping_up = False
+            if topping_up:
+                self._topping_up = False
 
     def _failed_start(self):
         self.failures += 1
@@ -2843,7 +2851,7 @@ class Watcher:
         """EMFILE, EAGAIN from fork...: the host's trouble, not the program's. Keep what
         runs, retry with a growing delay (at most 5 s), never count it against max_retry."""
         self.starved += 1
-        delay = min(0.25 * 2 ** min(self.starved - 1, 10), 5.0)
+        delay = _doubling(0.25, self.starved - 1)
         self.last_error += "; out of system resources, retrying in %g s" % delay
         self.sv_state, self.sv_since = ProcState.BACKOFF, time.time()
         self._schedule_respawn(delay)
@@ -2884,6 +2892,7 @@ class Watcher:
             self.on_output_event(self, chunk)
 
     def _promote(self, p):
+        """STARTING -> RUNNING: startsecs passed, or the process became ready."""
         p.promote = None
         if p.alive and p.state == ProcState.STARTING:
             p.state = ProcState.RUNNING
@@ -2912,11 +2921,7 @@ class Watcher:
             stop_watching()
             if not p.ready.done():
                 p.ready.set_result(True)
-            if p.alive and p.state == ProcState.STARTING:
-                p.state = ProcState.RUNNING
-                self.failures = 0
-                self.sv_state, self.sv_since = p.state, time.time()
-                self.emit("state", process_pid=p.pid, state=p.state)
+            self._promote(p)
 
         def late():
             if not p.ready.done():
