@@ -20,14 +20,14 @@ Public API (``__all__``): Process, Watcher, Arbiter, get_arbiter, Client,
 subscribe, load_config, default_endpoint, Plugin, CircusError, ConfigError,
 CommandError, MessageError, and the stream classes.
 
-Sections, in order (each uses only those above it):
+Sections, in order:
  1. Header and lazy imports        8. Watcher
- 2. Constants, states, errors      9. Arbiter
+ 2. Constants, states, errors      9. Arbiter (9b: monitoring)
  3. Pure helpers                  10. Command table
  4. Config                        11. ZeroMQ channels (control, pub/sub)
  5. Sockets                       12. Client and ctl
- 6. Streams and logging           13. CLI (daemon, ctl, argv dispatch)
- 7. Process
+ 6. Streams and logging           13. HTTP: /metrics and the web dashboard
+ 7. Process                       14. CLI (daemon, ctl, web, argv dispatch)
 """
 from __future__ import annotations
 
@@ -274,6 +274,18 @@ def parse_octal(value) -> int:
         return int(text, 8)
     except ValueError:
         raise ValueError("%r is not an octal mode (e.g. 022)" % (value,)) from None
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost: an address only this machine reaches."""
+    import ipaddress
+    host = (host or "").strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def private_dir() -> str:
@@ -721,8 +733,9 @@ class CircusConfig:
         self.warmup_delay = 0
         self.umask = None
         self.httpd = False
-        self.httpd_host = "localhost"
+        self.httpd_host = "127.0.0.1"
         self.httpd_port = 8080
+        self.httpd_token = None         # needed for a dashboard off loopback
         self.debug = False
         self.debug_gc = False
         self.pidfile = None
@@ -750,7 +763,7 @@ _CIRCUS_KEYS = {
     "endpoint": str, "pubsub_endpoint": str, "stats_endpoint": str,
     "multicast_endpoint": str, "endpoint_owner": str, "statsd": to_bool,
     "check_delay": to_float, "warmup_delay": _number, "umask": parse_octal,
-    "httpd": to_bool, "httpd_host": str, "httpd_port": to_int, "debug": to_bool,
+    "httpd": to_bool, "httpd_host": str, "httpd_port": to_int, "httpd_token": str, "debug": to_bool,
     "debug_gc": to_bool, "pidfile": str, "loglevel": str, "logoutput": str,
     "loggerconfig": str, "fqdn_prefix": str, "include": str, "include_dir": str,
     "metrics_endpoint": str, "max_processes": to_int, "allow_insecure_endpoint": to_bool,
@@ -807,6 +820,18 @@ def _check_curve_conf(cfg, ini) -> None:
             raise ConfigError("%s: %s" % (ini.where("circus"), e)) from None
 
 
+def _check_httpd_conf(cfg, ini) -> None:
+    """The dashboard stays on loopback unless a token guards it."""
+    if cfg.httpd_token is not None and len(cfg.httpd_token) < 16:
+        raise ConfigError("%s: httpd_token is too short: use 16 characters or more, e.g. from "
+                          "python -c 'import secrets; print(secrets.token_urlsafe())'"
+                          % ini.where("circus", "httpd_token"))
+    if cfg.httpd and not cfg.httpd_token and not is_loopback(cfg.httpd_host):
+        raise ConfigError("%s: the dashboard on %s would be open to other hosts: set httpd_token "
+                          "(16+ characters) or use httpd_host = 127.0.0.1"
+                          % (ini.where("circus", "httpd_host"), cfg.httpd_host))
+
+
 def load_config(path: str, environ=None) -> CircusConfig:
     """Read and validate a Circus INI file (with its includes).
 
@@ -851,6 +876,7 @@ def load_config(path: str, environ=None) -> CircusConfig:
     if "stats_endpoint" in ini.items("circus"):
         cfg.statsd = True
     _check_curve_conf(cfg, ini)
+    _check_httpd_conf(cfg, ini)
 
     # sockets, watchers and plugins, sorted by name as Circus does
     import fnmatch
@@ -1053,7 +1079,8 @@ _SV_PER_SECTION = {"priority", "autostart", "autorestart", "startsecs", "startre
                    "stderr_events_enabled"}
 _SV_IGNORED = {
     "unix_http_server": "circus.py is controlled over ZeroMQ ([circus] endpoint), not XML-RPC",
-    "inet_http_server": "circus.py is controlled over ZeroMQ ([circus] endpoint), not XML-RPC",
+    "inet_http_server": "circus.py is controlled over ZeroMQ ([circus] endpoint), not XML-RPC; "
+                        "its web page is [circus] httpd = true",
     "supervisorctl": "use `python circus.py ctl` (see README, Coming from Supervisor)",
     "rpcinterface:": "there is no XML-RPC interface",
     "ctlplugin:": "supervisorctl plugins do not apply to ctl",
@@ -3424,6 +3451,9 @@ class Arbiter:
         self.curve_authorized_keys = None
         self.statsd = False             # publish the stats channel on stats_endpoint
         self.metrics_endpoint = None
+        self.httpd = None               # (host, port, token): the web dashboard
+        self.snapshot_cache: dict = {}  # psutil objects of `snapshot` (the dashboard's CPU %)
+        self.started = None             # epoch time of start()
         self.log_ring = RingBuffer()    # the daemon's recent log, for `ctl maintail`
         self.loop_thread = None
         self._log_handler = None
@@ -3446,6 +3476,7 @@ class Arbiter:
                   stats_endpoint=cfg.stats_endpoint, endpoint_owner=cfg.endpoint_owner,
                   config=cfg, umask=cfg.umask, sockets=cfg.sockets)
         arb.statsd, arb.metrics_endpoint = cfg.statsd, cfg.metrics_endpoint
+        arb.httpd = (cfg.httpd_host, cfg.httpd_port, cfg.httpd_token) if cfg.httpd else None
         arb.allow_insecure_endpoint = cfg.allow_insecure_endpoint
         arb.curve_secret_key, arb.curve_authorized_keys = cfg.curve_secret_key, cfg.curve_authorized_keys
         arb.max_processes = cfg.max_processes
@@ -3579,6 +3610,7 @@ class Arbiter:
         """Bind sockets and channels, then start the watchers in priority order."""
         self.loop = asyncio.get_running_loop()
         self.loop_thread = __import__("threading").get_ident()
+        self.started = time.time()
         self._lock = asyncio.Lock()
         self._log_handler = _RingLogHandler(self)
         _log().addHandler(self._log_handler)
@@ -3622,7 +3654,7 @@ class Arbiter:
 
     async def _start_channels(self):
         if self.endpoint or self.pubsub_endpoint or self.multicast_endpoint or self.statsd \
-                or self.metrics_endpoint:
+                or self.metrics_endpoint or self.httpd:
             self.channels = await start_channels(self)
 
     async def start_watchers(self, names=None) -> None:
@@ -4349,94 +4381,85 @@ def _stats_records(watchers, cache: dict) -> list:
     return out
 
 
+def snapshot_skeleton(arbiter) -> dict:
+    """Watchers and processes as they are now (on the loop: cheap, no psutil)."""
+    ws = []
+    for w in arbiter.watchers:
+        procs = sorted(list(w.processes.values()) + [p for p in w.retiring.values() if p.alive],
+                       key=lambda p: (p.wid, p.started))
+        ws.append({"name": w.name, "status": w.status, "numprocesses": w.numprocesses, "restarts": w.restarts,
+                   "flapping": bool(w.last_error and w.last_error.startswith("flapping")
+                                    and w.status == STOPPED),
+                   "last_error": w.last_error or None,
+                   "processes": [{"wid": p.wid, "pid": p.pid, "state": p.state, "started": p.started}
+                                 for p in procs]})
+    return {"time": time.time(), "watchers": ws,
+            "daemon": {"pid": os.getpid(), "version": __version__, "started": arbiter.started}}
+
+
+def add_usage(snap: dict, cache: dict) -> dict:
+    """Fill in CPU % and RSS (worker thread): per process, summed per watcher."""
+    me = snap["daemon"]["pid"]
+    samples = _sample([p["pid"] for w in snap["watchers"] for p in w["processes"]] + [me], cache)
+    for w in snap["watchers"]:
+        for p in w["processes"]:
+            p["rss"], p["cpu"] = samples.get(p["pid"], (None, None))
+        known = [p for p in w["processes"] if p["rss"] is not None]
+        w["rss"] = sum(p["rss"] for p in known)
+        w["cpu"] = round(sum(p["cpu"] for p in known), 1)
+    snap["daemon"]["rss"], snap["daemon"]["cpu"] = samples.get(me, (None, None))
+    return snap
+
+
+_USAGE_LOCKS: dict = {}     # id(cache) -> Lock: one psutil cache, one reader at a time
+
+
+def _usage_off_loop(snap, cache):
+    import threading
+    lock = _USAGE_LOCKS.setdefault(id(cache), threading.Lock())     # (made on the loop thread)
+
+    def fill():
+        with lock:
+            return add_usage(snap, cache)
+    return asyncio.get_running_loop().run_in_executor(None, fill)
+
+
 def _metric_line(name, labels, value):
     lab = ",".join('%s="%s"' % (k, str(v).replace("\\", "\\\\").replace('"', '\\"')) for k, v in labels.items())
     return "%s{%s} %s" % (name, lab, value) if lab else "%s %s" % (name, value)
 
 
-def metrics_text(arbiter) -> str:
-    """Prometheus text format (0.0.4) for every watcher and process (worker thread)."""
+def metrics_text(snap: dict) -> str:
+    """Prometheus text format (0.0.4) of a snapshot with usage."""
     lines = []
 
     def family(name, kind, helptext, rows):
         lines.append("# HELP %s %s" % (name, helptext))
         lines.append("# TYPE %s %s" % (name, kind))
         lines.extend(_metric_line(name, labels, value) for labels, value in rows)
-    ws = list(arbiter.watchers)
+    ws = snap["watchers"]
     family("circus_watcher_active", "gauge", "1 while the watcher is active",
-           [({"watcher": w.name}, int(w.status == ACTIVE)) for w in ws])
+           [({"watcher": w["name"]}, int(w["status"] == ACTIVE)) for w in ws])
     family("circus_watcher_processes", "gauge", "running processes",
-           [({"watcher": w.name}, len(w.processes)) for w in ws])
+           [({"watcher": w["name"]}, sum(p["state"] != ProcState.STOPPING for p in w["processes"]))
+            for w in ws])
     family("circus_watcher_numprocesses", "gauge", "processes wanted",
-           [({"watcher": w.name}, w.numprocesses) for w in ws])
+           [({"watcher": w["name"]}, w["numprocesses"]) for w in ws])
     family("circus_watcher_restarts_total", "counter", "processes that died and were replaced",
-           [({"watcher": w.name}, w.restarts) for w in ws])
+           [({"watcher": w["name"]}, w["restarts"]) for w in ws])
     family("circus_watcher_flapping", "gauge", "1 while stopped for flapping",
-           [({"watcher": w.name}, int(bool(w.last_error and w.last_error.startswith("flapping")
-                                               and w.status == STOPPED))) for w in ws])
-    procs = [(w, pid, p) for w in ws for pid, p in list(w.processes.items())]
-    samples = _sample([pid for _, pid, _ in procs] + [os.getpid()], arbiter.metrics_cache)
-    rows_rss, rows_cpu, rows_age = [], [], []
-    now = time.time()
-    for w, pid, p in procs:
-        if pid in samples:
-            labels = {"watcher": w.name, "pid": pid, "wid": p.wid}
-            rows_rss.append((labels, samples[pid][0]))
-            rows_cpu.append((labels, samples[pid][1]))
-            rows_age.append((labels, round(now - p.started, 3)))
-    family("circus_process_rss_bytes", "gauge", "resident memory", rows_rss)
-    family("circus_process_cpu_percent", "gauge", "CPU since the previous scrape", rows_cpu)
-    family("circus_process_age_seconds", "gauge", "seconds since spawn", rows_age)
-    me = samples.get(os.getpid(), (0, 0))
-    family("circus_daemon_rss_bytes", "gauge", "the daemon's resident memory", [({}, me[0])])
+           [({"watcher": w["name"]}, int(w["flapping"])) for w in ws])
+    procs = [({"watcher": w["name"], "pid": p["pid"], "wid": p["wid"]}, p)
+             for w in ws for p in w["processes"] if p["rss"] is not None]
+    family("circus_process_rss_bytes", "gauge", "resident memory", [(lab, p["rss"]) for lab, p in procs])
+    family("circus_process_cpu_percent", "gauge", "CPU since the previous scrape",
+           [(lab, p["cpu"]) for lab, p in procs])
+    family("circus_process_age_seconds", "gauge", "seconds since spawn",
+           [(lab, round(snap["time"] - p["started"], 3)) for lab, p in procs])
+    family("circus_daemon_rss_bytes", "gauge", "the daemon's resident memory",
+           [({}, snap["daemon"]["rss"] or 0)])
     return "\n".join(lines) + "\n"
 
-
-class MetricsServer:
-    """``GET /metrics`` over HTTP (stdlib asyncio): ``[circus] metrics_endpoint = HOST:PORT``."""
-
-    def __init__(self, arbiter, endpoint):
-        self.arbiter = arbiter
-        host, _, port = endpoint.rpartition(":")
-        self.host, self.port = (host or "127.0.0.1").strip("[]"), to_int(port)
-        self.server = None
-
-    async def start(self):
-        try:
-            self.server = await asyncio.start_server(self._serve, self.host, self.port)
-        except OSError as e:
-            raise CircusError("metrics endpoint %s:%s: cannot bind: %s" % (self.host, self.port, e.strerror)) from None
-        self.port = self.server.sockets[0].getsockname()[1]
-        if self.host not in ("127.0.0.1", "::1", "localhost"):
-            _log().warning("metrics on %s:%s can be read by anyone who reaches that address",
-                           self.host, self.port)
-
-    async def _serve(self, reader, writer):
-        try:
-            request = await asyncio.wait_for(reader.readline(), 10)
-            while (await asyncio.wait_for(reader.readline(), 10)) not in (b"\r\n", b"\n", b""):
-                pass
-            parts = request.decode("latin-1").split()
-            if len(parts) >= 2 and parts[0] == "GET" and parts[1].split("?")[0] == "/metrics":
-                body = (await asyncio.get_running_loop().run_in_executor(
-                    None, metrics_text, self.arbiter)).encode()
-                head = "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n"
-            else:
-                body, head = b"not found: try /metrics\n", "HTTP/1.0 404 Not Found\r\nContent-Type: text/plain\r\n"
-            writer.write(head.encode() + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
-            await writer.drain()
-        except (asyncio.TimeoutError, ConnectionError, OSError, ValueError):
-            pass        # a slow, broken or oversized request: just close it
-        finally:
-            writer.close()
-
-    def owns(self, task):
-        return False
-
-    async def close(self):
-        if self.server is not None:
-            self.server.close()
-            self.server = None
 
 
 # ---------------------------------------------------------------------------
@@ -5008,6 +5031,12 @@ def cmd_dstats(arb, props):
     return {"info": info}
 
 
+@command("snapshot", "", lambda reply: json.dumps({k: reply[k] for k in ("daemon", "watchers")}, indent=2))
+def cmd_snapshot(arb, props):
+    """Every watcher and process with its state, CPU and memory, in one reply (the dashboard's)."""
+    return _Await(_usage_off_loop(snapshot_skeleton(arb), arb.snapshot_cache))
+
+
 def _fmt_pids(reply):
     if "pids" in reply:
         return "\n".join(str(p) for p in reply["pids"])
@@ -5154,7 +5183,7 @@ def check_endpoint(endpoint: str, what: str, allow_insecure=False, curve=False) 
     if not m or curve:
         return
     host = m.group(1).strip("[]")
-    if host in ("127.0.0.1", "localhost", "::1") or host.startswith("127."):
+    if is_loopback(host):
         _log().warning("%s %s: any local user can connect to it (ipc:// in a private folder is "
                        "safer: leave the endpoint out of [circus], or enable curve_secret_key)",
                        what, endpoint)
@@ -5574,46 +5603,6 @@ class MulticastChannel:
         if self.transport is not None:
             self.transport.close()
             self.transport = None
-
-
-async def start_channels(arbiter) -> list:
-    import zmq.asyncio
-    for what, ep in (("control endpoint", arbiter.endpoint), ("pubsub endpoint", arbiter.pubsub_endpoint),
-                     ("stats endpoint", arbiter.stats_endpoint if arbiter.statsd else None)):
-        check_endpoint(ep, what, arbiter.allow_insecure_endpoint, bool(arbiter.curve_secret_key))
-    ctx = zmq.asyncio.Context()
-    channels = []
-    try:
-        curve = None
-        if arbiter.curve_secret_key:
-            curve = CurveServer(arbiter.curve_secret_key, arbiter.curve_authorized_keys, ctx)
-        if arbiter.pubsub_endpoint:
-            pub = PubChannel(arbiter.pubsub_endpoint, ctx, curve)
-            arbiter.listeners.append(pub)
-            channels.append(pub)
-        if arbiter.endpoint:
-            ctl = ControlChannel(arbiter, arbiter.endpoint, ctx, curve)
-            await ctl.start()
-            channels.append(ctl)
-        if arbiter.multicast_endpoint:
-            mc = MulticastChannel(arbiter, arbiter.multicast_endpoint)
-            await mc.start()
-            channels.append(mc)
-        if arbiter.statsd and arbiter.stats_endpoint:
-            channels.append(StatsChannel(arbiter, arbiter.stats_endpoint, ctx, curve))
-        if arbiter.metrics_endpoint:
-            metrics = MetricsServer(arbiter, arbiter.metrics_endpoint)
-            await metrics.start()
-            channels.append(metrics)
-    except BaseException:
-        for ch in channels:
-            await ch.close()
-        if curve is not None:
-            await curve.close()
-        raise
-    if curve is not None:   # closed last: a CURVE socket with no ZAP handler admits any key
-        channels.append(curve)
-    return channels
 
 
 # ---------------------------------------------------------------------------
@@ -6245,7 +6234,983 @@ def _shell(endpoint, timeout, key_args=()) -> int:
 
 
 # ---------------------------------------------------------------------------
-# 13. CLI: daemon, ctl, argv dispatch
+# 13. HTTP: /metrics and the web dashboard
+# ---------------------------------------------------------------------------
+# One small HTTP/1.1 server on asyncio streams (one request per connection)
+# serves /metrics (``metrics_endpoint``) and the dashboard (``httpd = true``,
+# or `python circus.py web` beside a running daemon). The dashboard reads and
+# acts through a hub: in the daemon, the command table itself; in `web`, a
+# ZeroMQ client of the daemon (ours, or a real circusd).
+
+class HttpRequest:
+    __slots__ = ("method", "path", "query", "headers", "body")
+
+    def __init__(self, method, path, query, headers, body):
+        self.method, self.path, self.query, self.headers, self.body = method, path, query, headers, body
+
+
+async def read_request(reader, max_body: int) -> HttpRequest:
+    """Parse one request; ValueError for anything malformed or too big."""
+    from urllib.parse import parse_qsl, unquote, urlsplit
+    parts = (await reader.readline()).decode("latin-1").split()
+    if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+        raise ValueError("bad request line")
+    headers = {}
+    for _ in range(100):
+        line = await reader.readline()
+        if line in (b"\r\n", b"\n", b""):
+            break
+        key, sep, value = line.decode("latin-1").partition(":")
+        if not sep:
+            raise ValueError("bad header")
+        headers[key.strip().lower()] = value.strip()
+    else:
+        raise ValueError("too many headers")
+    size = int(headers.get("content-length") or 0)
+    if not 0 <= size <= max_body:
+        raise ValueError("body too large")
+    body = await reader.readexactly(size) if size else b""
+    url = urlsplit(parts[1])
+    return HttpRequest(parts[0].upper(), unquote(url.path), dict(parse_qsl(url.query)), headers, body)
+
+
+_HTTP_HEADERS = ("X-Content-Type-Options: nosniff", "Referrer-Policy: no-referrer",
+                 "X-Frame-Options: DENY", "Cache-Control: no-store")
+
+
+def http_head(status: int, ctype: str, length=None, extra=()) -> bytes:
+    from http import HTTPStatus
+    lines = ["HTTP/1.1 %d %s" % (status, HTTPStatus(status).phrase), "Content-Type: " + ctype,
+             "Connection: close"] + list(_HTTP_HEADERS) + list(extra)
+    if length is not None:
+        lines.append("Content-Length: %d" % length)
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+class HttpServer:
+    """Accepts connections and hands each parsed request to ``handle``."""
+
+    MAX_BODY = 1 << 20
+    what = "http endpoint"
+
+    def __init__(self, host, port):
+        self.host, self.port = (host or "127.0.0.1").strip("[]"), to_int(port)
+        self.server = None
+        self._tasks: set = set()        # requests being answered (a quit among them)
+        self._streams: set = set()      # open event streams: cancelled at close
+
+    async def start(self):
+        try:
+            self.server = await asyncio.start_server(self._serve, self.host, self.port)
+        except OSError as e:
+            raise CircusError("%s %s:%s: cannot bind: %s" % (self.what, self.host, self.port,
+                                                              e.strerror or e)) from None
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    @property
+    def address(self) -> str:
+        return "%s:%s" % ("[%s]" % self.host if ":" in self.host else self.host, self.port)
+
+    async def _serve(self, reader, writer):
+        me = asyncio.current_task()
+        self._tasks.add(me)
+        try:
+            try:
+                req = await asyncio.wait_for(read_request(reader, self.MAX_BODY), 10)
+            except (asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError):
+                await self.send(writer, 400, "bad request\n")
+                return
+            await self.handle(req, reader, writer)
+        except (ConnectionError, OSError, asyncio.TimeoutError):
+            pass        # the client went away
+        except Exception:       # a bug of ours: log it, answer, stay up
+            _log().exception("%s: request failed", self.what)
+            try:
+                await self.send(writer, 500, "internal error (see the daemon's log)\n")
+            except Exception:
+                pass
+        finally:
+            self._tasks.discard(me)
+            self._streams.discard(me)
+            writer.close()
+
+    async def send(self, writer, status, body, ctype="text/plain; charset=utf-8", extra=()):
+        if isinstance(body, str):
+            body = body.encode()
+        writer.write(http_head(status, ctype, len(body), extra) + body)
+        await writer.drain()
+
+    async def send_json(self, writer, status, obj, extra=()):
+        await self.send(writer, status, json.dumps(obj), "application/json", extra)
+
+    async def handle(self, req, reader, writer):
+        raise NotImplementedError
+
+    def owns(self, task) -> bool:
+        return task in self._tasks
+
+    async def close(self):
+        if self.server is None:
+            return
+        self.server.close()
+        self.server = None
+        me = asyncio.current_task()
+        for t in list(self._streams):
+            t.cancel()
+        pending = [t for t in self._tasks if t is not me]
+        if pending:
+            await asyncio.wait(pending, timeout=2.0)
+
+
+_METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+async def arbiter_metrics(arbiter) -> str:
+    return metrics_text(await _usage_off_loop(snapshot_skeleton(arbiter), arbiter.metrics_cache))
+
+
+class MetricsServer(HttpServer):
+    """``GET /metrics`` only: ``[circus] metrics_endpoint = HOST:PORT``."""
+
+    what = "metrics endpoint"
+
+    def __init__(self, arbiter, endpoint):
+        host, _, port = endpoint.rpartition(":")
+        super().__init__(host, port)
+        self.arbiter = arbiter
+
+    async def start(self):
+        await super().start()
+        if not is_loopback(self.host):
+            _log().warning("metrics on %s can be read by anyone who reaches that address", self.address)
+
+    async def handle(self, req, reader, writer):
+        if req.method == "GET" and req.path == "/metrics":
+            await self.send(writer, 200, await arbiter_metrics(self.arbiter), _METRICS_TYPE)
+        else:
+            await self.send(writer, 404, "not found: try /metrics\n")
+
+
+# -- hubs: how the dashboard reaches a daemon ----------------------------------------
+
+class LocalHub:
+    """Inside the daemon: commands go straight to the command table, events
+    come as an arbiter listener (output only for the topics followed)."""
+
+    def __init__(self, arbiter):
+        self.arbiter = arbiter
+        self.on_event = None            # callable(topic, payload), set by the WebServer
+        self.prefixes: set = set()      # output topics someone follows (as PubChannel's)
+        self._counts: dict = {}
+
+    async def start(self):
+        self.arbiter.listeners.append(self)
+
+    async def call(self, command: str, **props) -> dict:
+        body = json.dumps({"command": command, "properties": props, "id": os.urandom(8).hex()})
+        return await dispatch(self.arbiter, body.encode())
+
+    def wants(self, topic: bytes) -> bool:
+        return topic in self.prefixes
+
+    def __call__(self, topic, payload):
+        if self.on_event is not None:
+            self.on_event(topic, payload)
+
+    def follow(self, topic: str, on: bool) -> None:
+        """Count followers of an output topic; it is published while one is left."""
+        n = self._counts.get(topic, 0) + (1 if on else -1)
+        self._counts[topic] = max(n, 0)
+        (self.prefixes.add if n > 0 else self.prefixes.discard)(topic.encode())
+
+    async def close(self):
+        if self in self.arbiter.listeners:
+            self.arbiter.listeners.remove(self)
+
+
+class RemoteHub(LocalHub):
+    """`python circus.py web`: a ZeroMQ client of a running daemon (ours or circusd)."""
+
+    def __init__(self, endpoint: str, timeout: float = 5.0, curve=None):
+        super().__init__(None)
+        self.endpoint, self.timeout, self.curve = endpoint, timeout, curve
+        self.ctx = self.sock = self.sub = None
+        self._waiting: dict = {}
+        self._tasks: list = []
+
+    async def start(self):
+        import zmq
+        import zmq.asyncio
+        self.ctx = zmq.asyncio.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        _curve_client(self.sock, self.curve)
+        self.sock.connect(self.endpoint)
+        self._tasks.append(asyncio.get_running_loop().create_task(self._replies()))
+        reply = await self.call("globaloptions", option="pubsub_endpoint")
+        if reply.get("status") != "ok":
+            raise CircusError("%s: %s" % (self.endpoint, reply.get("reason")))
+        self.sub = self.ctx.socket(zmq.SUB)
+        self.sub.setsockopt(zmq.LINGER, 0)
+        _curve_client(self.sub, self.curve)
+        self.sub.connect(_reachable(reply["options"]["pubsub_endpoint"], self.endpoint))
+        self.sub.setsockopt(zmq.SUBSCRIBE, b"watcher.")
+        self._tasks.append(asyncio.get_running_loop().create_task(self._events()))
+
+    async def _replies(self):
+        while True:
+            try:
+                reply = json.loads(await self.sock.recv())
+            except ValueError:
+                continue
+            fut = self._waiting.pop(reply.get("id"), None) if isinstance(reply, dict) else None
+            if fut is not None and not fut.done():
+                fut.set_result(reply)
+
+    async def _events(self):
+        while True:
+            frames = await self.sub.recv_multipart()
+            try:
+                self(frames[0].decode(), json.loads(frames[1]))
+            except (IndexError, ValueError):
+                continue
+
+    async def call(self, command: str, **props) -> dict:
+        msg_id = os.urandom(16).hex()
+        fut = self._waiting[msg_id] = asyncio.get_running_loop().create_future()
+        await self.sock.send(json.dumps({"command": command, "properties": props, "id": msg_id}).encode())
+        timeout = self.timeout + (60 if props.get("waiting") else 0)
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            return _error_reply("no answer from %s in %g s%s" % (self.endpoint, timeout, _curve_hint(self.curve)),
+                                E_NOT_SPECIFIED, msg_id)
+        finally:
+            self._waiting.pop(msg_id, None)
+
+    def follow(self, topic: str, on: bool) -> None:
+        import zmq
+        n = self._counts.get(topic, 0) + (1 if on else -1)
+        self._counts[topic] = max(n, 0)
+        if (on and n == 1) or (not on and n == 0):
+            self.sub.setsockopt(zmq.SUBSCRIBE if on else zmq.UNSUBSCRIBE, topic.encode())
+
+    async def close(self):
+        for t in self._tasks:
+            t.cancel()
+        for s in (self.sock, self.sub):
+            if s is not None:
+                s.close(0)
+        if self.ctx is not None:
+            self.ctx.term()
+
+
+def _circus_snapshot(status: dict, stats: dict) -> dict:
+    """A snapshot from standard Circus replies (a real circusd has no `snapshot`)."""
+    now, ws = time.time(), []
+    for name, st in sorted((status.get("statuses") or {}).items()):
+        procs = []
+        for pid, info in sorted(((stats.get("infos") or {}).get(name) or {}).items()):
+            if not isinstance(info, dict):
+                continue
+            try:
+                rss = parse_mem_limit(info.get("mem_info1"))
+            except (ValueError, TypeError):
+                rss = None
+            age = info.get("age") if isinstance(info.get("age"), (int, float)) else 0
+            cpu = info.get("cpu") if isinstance(info.get("cpu"), (int, float)) else None
+            procs.append({"wid": len(procs) + 1, "pid": int(pid), "state": ProcState.RUNNING,
+                          "started": now - age, "cpu": cpu, "rss": rss})
+        ws.append({"name": name, "status": st, "numprocesses": len(procs), "restarts": None, "flapping": False, "last_error": None,
+                   "processes": procs, "cpu": round(sum(p["cpu"] or 0 for p in procs), 1),
+                   "rss": sum(p["rss"] or 0 for p in procs)})
+    return {"time": now, "watchers": ws, "daemon": {"pid": None, "version": "circusd", "started": None,
+                                                      "rss": None, "cpu": None}}
+
+
+async def take_snapshot(hub) -> dict:
+    reply = await hub.call("snapshot")
+    if reply.get("status") == "error" and reply.get("errno") == E_UNKNOWN_COMMAND:
+        status, stats = await hub.call("status"), await hub.call("stats")
+        for r in (status, stats):
+            if r.get("status") != "ok":
+                return r
+        reply = dict(_circus_snapshot(status, stats), status="ok")
+    return reply
+
+
+# -- the dashboard server ----------------------------------------------------------------
+
+# Commands a GET may run: they change nothing. Everything else needs a POST.
+_READ_ONLY = {"status", "list", "stats", "snapshot", "options", "get", "listsockets", "numprocesses",
+              "numwatchers", "dstats", "pid", "tail", "maintail", "globaloptions", "reread"}
+
+
+def _sse(event: str, data) -> bytes:
+    return b"event: %s\ndata: %s\n\n" % (event.encode(), json.dumps(data).encode())
+
+
+class _Follower:
+    """One browser's event stream: a bounded queue; too slow, and it is dropped."""
+
+    def __init__(self):
+        self.queue = asyncio.Queue(256)
+
+    def push(self, item: bytes) -> None:
+        try:
+            self.queue.put_nowait(item)
+        except asyncio.QueueFull:       # it reconnects and starts from a fresh snapshot
+            while not self.queue.empty():
+                self.queue.get_nowait()
+            self.queue.put_nowait(None)
+
+
+class WebServer(HttpServer):
+    """The dashboard: one page, Server-Sent Events, and /api/COMMAND for scripts.
+
+    Loopback only unless ``token`` is set; then every request needs it
+    (``Authorization: Bearer TOKEN``, or the password of basic auth).
+    A POST also needs the page's CSRF token in ``X-CSRF-Token`` (not with a
+    Bearer token, which a browser never sends on its own); no GET changes
+    anything. Without a token, the Host header must name this machine, so a
+    DNS-rebinding page cannot reach us either.
+    """
+
+    what = "httpd"
+    REFRESH = 1.0       # seconds between snapshots while a browser watches
+
+    def __init__(self, hub, host="127.0.0.1", port=8080, token=None, metrics=None):
+        super().__init__(host, port)
+        if not is_loopback(self.host) and not token:
+            raise CircusError("httpd_host %s is reachable from other hosts: set httpd_token in "
+                              "[circus] (16+ characters) so that only those who know it get in, or "
+                              "use httpd_host = 127.0.0.1" % self.host)
+        import secrets
+        self.hub, self.token, self.metrics = hub, token, metrics
+        self.csrf = secrets.token_urlsafe(24)
+        self.watchers: set = set()      # _Followers of /events
+        self.tails: dict = {}           # output topic -> set of _Followers
+        self.last = None                # the latest snapshot, sent first to a new browser
+        self._ticker = None
+        self._kick = None
+
+    async def start(self):
+        await super().start()
+        self._kick = asyncio.Event()
+        self.hub.on_event = self._on_event
+        await self.hub.start()
+        _log().info("dashboard on http://%s/%s", self.address, "" if self.token else " (loopback, no token)")
+
+    # -- events in, pushed out ----------------------------------------------------
+    def _on_event(self, topic, payload):
+        if topic.startswith("output."):
+            for f in self.tails.get(topic, ()):
+                f.push(_sse("output", {"stream": topic.rsplit(".", 1)[1], "pid": payload.get("pid"),
+                                       "data": payload.get("data", "")}))
+        elif self.watchers:
+            item = _sse("circus", {"topic": topic, "payload": payload})
+            for f in self.watchers:
+                f.push(item)
+            self._kick.set()        # show the change now, not at the next tick
+
+    async def _tick(self):
+        """Snapshots for the browsers watching: none watching, no work."""
+        while self.watchers:
+            self._kick.clear()
+            try:
+                snap = await take_snapshot(self.hub)
+            except Exception as e:      # a bug or a broken hub: say so, keep going
+                _log().exception("dashboard snapshot failed")
+                snap = {"status": "error", "reason": str(e)}
+            if snap.get("status") == "ok":
+                self.last = _sse("snapshot", snap)
+            item = self.last if snap.get("status") == "ok" else _sse("problem", snap.get("reason"))
+            for f in self.watchers:
+                f.push(item)
+            try:
+                await asyncio.wait_for(self._kick.wait(), self.REFRESH)
+                await asyncio.sleep(0.05)       # a burst of events, one snapshot
+            except asyncio.TimeoutError:
+                pass
+        self.last = None        # the next browser gets a fresh one, not this old one
+
+    async def _stream(self, reader, writer, follower, first=()):
+        self._streams.add(asyncio.current_task())
+        writer.write(http_head(200, "text/event-stream; charset=utf-8", None, ("X-Accel-Buffering: no",)))
+        writer.write(b"retry: 1000\n\n" + b"".join(first))
+        await writer.drain()
+        gone = asyncio.ensure_future(reader.read(1))       # the browser closed the page
+        try:
+            while True:
+                item = asyncio.ensure_future(follower.queue.get())
+                await asyncio.wait((item, gone), timeout=15, return_when=asyncio.FIRST_COMPLETED)
+                if gone.done() or (item.done() and item.result() is None):
+                    item.cancel()
+                    return
+                if not item.done():
+                    item.cancel()
+                writer.write(item.result() if item.done() else b": still here\n\n")
+                await asyncio.wait_for(writer.drain(), 30)
+        finally:
+            gone.cancel()
+
+    async def _events(self, reader, writer):
+        follower = _Follower()
+        self.watchers.add(follower)
+        if self._ticker is None or self._ticker.done():
+            self._ticker = asyncio.get_running_loop().create_task(self._tick())
+        else:
+            self._kick.set()
+        try:
+            await self._stream(reader, writer, follower, [self.last] if self.last else [])
+        finally:
+            self.watchers.discard(follower)
+
+    async def _tail(self, req, reader, writer):
+        name = req.query.get("name", "")
+        reply = await self.hub.call("tail", name=name, bytes=8000)
+        if reply.get("status") != "ok" and reply.get("errno") != E_UNKNOWN_COMMAND:
+            await self.send_json(writer, 404, reply)
+            return
+        follower = _Follower()
+        topics = ["output.%s.%s" % (name.lower().replace(" ", "_"), s) for s in ("stdout", "stderr")]
+        for t in topics:
+            self.tails.setdefault(t, set()).add(follower)
+            self.hub.follow(t, True)
+        try:
+            first = [_sse("output", {"stream": "stdout", "pid": None, "data": reply.get("data", "")})]
+            await self._stream(reader, writer, follower, first)
+        finally:
+            for t in topics:
+                self.tails[t].discard(follower)
+                self.hub.follow(t, False)
+
+    # -- requests -------------------------------------------------------------------------
+    def _authorized(self, req) -> bool:
+        if not self.token:
+            return True
+        import base64
+        import hmac
+        scheme, _, cred = req.headers.get("authorization", "").partition(" ")
+        given = cred.strip()
+        if scheme.lower() == "basic":
+            try:
+                given = base64.b64decode(given).decode("utf-8").partition(":")[2]
+            except ValueError:
+                return False
+        elif scheme.lower() != "bearer":
+            return False
+        return hmac.compare_digest(given.encode(), self.token.encode())
+
+    def _same_site(self, req) -> bool:
+        host = req.headers.get("host", "")
+        if host.startswith("["):                # [::1]:8080
+            name = host[1:].partition("]")[0]
+        else:                                   # 127.0.0.1:8080, localhost
+            name = host.rpartition(":")[0] if host.count(":") == 1 else host
+        if not self.token and not (is_loopback(name) or name == self.host):
+            return False        # a page of another site that resolves to 127.0.0.1
+        origin = req.headers.get("origin")
+        return origin is None or origin in ("http://" + host, "https://" + host)
+
+    def _csrf_ok(self, req) -> bool:
+        import hmac
+        if self.token and req.headers.get("authorization", "").lower().startswith("bearer "):
+            return True
+        return hmac.compare_digest(req.headers.get("x-csrf-token", "").encode(), self.csrf.encode())
+
+    async def handle(self, req, reader, writer):
+        if not self._authorized(req):
+            await self.send(writer, 401, "this dashboard needs its token (httpd_token)\n",
+                            extra=('WWW-Authenticate: Basic realm="circus.py", charset="UTF-8"',))
+            return
+        if not self._same_site(req):
+            await self.send(writer, 403, "refused: the Host or Origin header is not this dashboard's\n")
+            return
+        path = req.path
+        if path.startswith("/api/"):
+            await self._api(req, writer, path[5:].lower())
+        elif req.method not in ("GET", "HEAD"):
+            await self.send(writer, 405, "only GET here; actions are POST /api/COMMAND\n", extra=("Allow: GET",))
+        elif path in _DASHBOARD_FILES:
+            ctype, text = _DASHBOARD_FILES[path]
+            extra = ()
+            if path == "/":
+                text = text.replace("{{csrf}}", self.csrf).replace("{{version}}", __version__)
+                extra = (_DASHBOARD_CSP,)
+            await self.send(writer, 200, text, ctype, extra)
+        elif path == "/events":
+            await self._events(reader, writer)
+        elif path == "/tail":
+            await self._tail(req, reader, writer)
+        elif path == "/metrics" and self.metrics is not None:
+            try:
+                await self.send(writer, 200, await self.metrics(), _METRICS_TYPE)
+            except CircusError as e:
+                await self.send(writer, 503, "%s\n" % e)
+        else:
+            await self.send(writer, 404, "not found\n")
+
+    async def _api(self, req, writer, name):
+        if name not in COMMANDS or name in ("help", "listen"):
+            await self.send_json(writer, 404, _error_reply("unknown command: %r" % name, E_UNKNOWN_COMMAND, None))
+            return
+        if req.method == "GET" and name not in _READ_ONLY:
+            await self.send_json(writer, 405, _error_reply("%s changes things: use POST (with the X-CSRF-Token "
+                                                           "header)" % name, E_MESSAGE_ERROR, None),
+                                 extra=("Allow: POST",))
+            return
+        if req.method == "GET":
+            props = dict(req.query)
+        elif req.method == "POST":
+            if not self._csrf_ok(req):
+                await self.send_json(writer, 403, _error_reply(
+                    "missing or wrong X-CSRF-Token header (the page has it; scripts can use "
+                    "httpd_token as a Bearer token)", E_MESSAGE_ERROR, None))
+                return
+            try:
+                props = json.loads(req.body.decode("utf-8") or "{}")
+            except (UnicodeDecodeError, ValueError):
+                props = None
+            if not isinstance(props, dict):
+                await self.send_json(writer, 400, _error_reply("the body must be a JSON object of properties",
+                                                               E_INVALID_JSON, None))
+                return
+        else:
+            await self.send_json(writer, 405, _error_reply("use GET or POST", E_MESSAGE_ERROR, None),
+                                 extra=("Allow: GET, POST",))
+            return
+        reply = await (take_snapshot(self.hub) if name == "snapshot" else self.hub.call(name, **props))
+        code = 200 if reply.get("status") == "ok" else 404 if reply.get("errno") == E_UNKNOWN_COMMAND else 400
+        await self.send_json(writer, code, reply)
+
+    async def close(self):
+        if self._ticker is not None:
+            self._ticker.cancel()
+        await super().close()
+        await self.hub.close()
+
+
+# -- the page: HTML, CSS and JS, served as three files (a CSP with no inline code) --------
+
+_DASHBOARD_HTML = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="csrf-token" content="{{csrf}}">
+<title>circus.py dashboard</title>
+<link rel="icon" href="data:,">
+<link rel="stylesheet" href="dashboard.css">
+</head>
+<body>
+<header>
+  <h1>circus.py</h1>
+  <span id="daemon" class="muted"></span>
+  <span id="conn" class="conn down">connecting</span>
+</header>
+<main>
+  <div id="result" role="status" aria-live="polite"></div>
+  <table id="watchers">
+    <thead><tr><th>watcher</th><th>state</th><th>processes · pid</th><th>CPU</th><th>memory</th>
+      <th>restarts · uptime</th><th title="CPU (blue) and memory (orange), last minute">history</th><th>actions</th></tr></thead>
+  </table>
+  <p id="empty" class="muted" hidden>No watchers.</p>
+  <section id="tailbox" hidden>
+    <h2>output of <span id="tailname"></span> <button id="tailclose" type="button">close</button></h2>
+    <pre id="tail"></pre>
+  </section>
+  <section>
+    <h2>events</h2>
+    <ol id="events"></ol>
+  </section>
+</main>
+<footer class="muted">circus.py {{version}}: live over Server-Sent Events; actions are POST /api/COMMAND</footer>
+<script src="dashboard.js"></script>
+</body>
+</html>
+"""
+
+_DASHBOARD_CSS = """
+:root { --bg: #fff; --fg: #1d2330; --muted: #6b7280; --line: #e5e7eb; --row: #f8fafc;
+  --ok: #15803d; --warn: #b45309; --bad: #b91c1c; --cpu: #2563eb; --mem: #ea580c; }
+@media (prefers-color-scheme: dark) { :root { --bg: #111418; --fg: #e5e7eb; --muted: #9ca3af;
+  --line: #2a2f37; --row: #171b21; --ok: #4ade80; --warn: #fbbf24; --bad: #f87171; } }
+* { box-sizing: border-box; }
+body { margin: 0; font: 14px/1.4 system-ui, sans-serif; background: var(--bg); color: var(--fg); }
+header { display: flex; gap: 1em; align-items: baseline; padding: .6em 1em; border-bottom: 1px solid var(--line); }
+h1 { font-size: 1.2em; margin: 0; } h2 { font-size: 1em; margin: 1.2em 0 .4em; }
+main { padding: 0 1em 1em; } footer { padding: .5em 1em; font-size: .85em; }
+.muted { color: var(--muted); }
+.conn { margin-left: auto; font-size: .85em; } .conn.up { color: var(--ok); } .conn.down { color: var(--bad); }
+#result { min-height: 1.6em; margin: .5em 0; font-family: ui-monospace, monospace; }
+#result.ok { color: var(--ok); } #result.error { color: var(--bad); } #result.pending { color: var(--muted); }
+table { border-collapse: collapse; width: 100%; }
+th { text-align: left; font-weight: 600; color: var(--muted); border-bottom: 1px solid var(--line); padding: .3em .5em; }
+td { padding: .25em .5em; border-bottom: 1px solid var(--line); vertical-align: middle; white-space: nowrap; }
+tbody tr.watcher td { background: var(--row); font-weight: 600; }
+tr.process td { font-size: .92em; } tr.process td:first-child { padding-left: 1.6em; font-weight: normal; }
+.state { font-weight: 600; text-transform: lowercase; }
+.state.active, .state.running { color: var(--ok); }
+.state.starting, .state.stopping, .state.backoff { color: var(--warn); }
+.state.stopped, .state.exited, .state.fatal, .state.flapping { color: var(--bad); }
+.num { text-align: right; font-variant-numeric: tabular-nums; }
+.error { color: var(--bad); font-weight: normal; white-space: normal; }
+button, select { font: inherit; font-size: .85em; padding: .1em .5em; margin: 0 .1em; border: 1px solid var(--line);
+  border-radius: 4px; background: var(--bg); color: var(--fg); cursor: pointer; }
+button:hover { border-color: var(--cpu); } button:disabled { opacity: .5; cursor: wait; }
+svg.spark { width: 120px; height: 24px; display: block; }
+svg.spark polyline { fill: none; stroke-width: 1.5; }
+svg.spark .cpu { stroke: var(--cpu); } svg.spark .mem { stroke: var(--mem); }
+#tail { max-height: 24em; overflow: auto; background: var(--row); border: 1px solid var(--line);
+  padding: .5em; margin: 0; white-space: pre-wrap; word-break: break-all; }
+#tail .stderr { color: var(--bad); }
+#events { list-style: none; padding: 0; margin: 0; font-family: ui-monospace, monospace; font-size: .85em;
+  max-height: 16em; overflow: auto; }
+#events li { padding: .1em 0; border-bottom: 1px dotted var(--line); }
+"""
+
+_DASHBOARD_JS = r"""
+"use strict";
+// Everything that comes from the daemon is put on the page as text (textContent), never as HTML.
+const csrf = document.querySelector('meta[name="csrf-token"]').content;
+const table = document.getElementById("watchers");
+const SIGNALS = ["HUP", "TERM", "INT", "QUIT", "USR1", "USR2", "KILL"];
+const HISTORY = 60;
+const watchers = new Map();     // name -> {body, cells, cpu: [], rss: [], procs: Map(pid -> row)}
+let tail = null;                // the EventSource of the output being followed
+
+function el(tag, props, ...kids) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(props || {})) {
+    if (k === "text") e.textContent = v;
+    else if (k === "dataset") Object.assign(e.dataset, v);
+    else if (k.startsWith("on")) e.addEventListener(k.slice(2), v);
+    else e.setAttribute(k, v);
+  }
+  for (const kid of kids) e.append(kid);
+  return e;
+}
+
+function bytes(n) {
+  if (n === null || n === undefined) return "–";
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+  return (i ? n.toFixed(1) : String(n)) + " " + units[i];
+}
+const percent = x => (x === null || x === undefined) ? "–" : x.toFixed(1) + " %";
+function age(seconds) {
+  if (!(seconds >= 0)) return "";
+  const s = Math.floor(seconds), d = Math.floor(s / 86400), h = Math.floor(s % 86400 / 3600),
+        m = Math.floor(s % 3600 / 60);
+  return d ? d + "d " + h + "h" : h ? h + "h " + m + "m" : m ? m + "m " + s % 60 + "s" : s + "s";
+}
+function setState(cell, text) {
+  cell.textContent = text;
+  cell.className = "state " + String(text).toLowerCase();
+}
+
+function show(text, kind) {
+  const r = document.getElementById("result");
+  r.textContent = text;
+  r.className = kind;
+}
+
+async function act(command, props, label, button) {
+  show(label + " …", "pending");
+  if (button) button.disabled = true;
+  try {
+    const response = await fetch("api/" + command, {
+      method: "POST", credentials: "same-origin",
+      headers: {"Content-Type": "application/json", "X-CSRF-Token": csrf},
+      body: JSON.stringify(props)});
+    const reply = await response.json().catch(() => ({status: "error", reason: response.status + " " + response.statusText}));
+    if (reply.status === "ok") {
+      const n = reply.numprocesses !== undefined ? " (" + reply.numprocesses + " processes)" : "";
+      show(label + ": ok" + n, "ok");
+    } else {
+      show(label + ": " + (reply.reason || "error"), "error");
+    }
+  } catch (e) {
+    show(label + ": " + e, "error");
+  } finally {
+    if (button) button.disabled = false;
+  }
+}
+
+function sparkline(values, cls, max) {
+  const ns = "http://www.w3.org/2000/svg";
+  const line = document.createElementNS(ns, "polyline");
+  line.setAttribute("class", cls);
+  const top = Math.max(max, 1e-9);
+  const step = 120 / (HISTORY - 1), first = HISTORY - values.length;     // newest on the right
+  line.setAttribute("points", values.map((v, i) =>
+    ((first + i) * step).toFixed(1) + "," + (23 - 22 * (v || 0) / top).toFixed(1)).join(" "));
+  return line;
+}
+
+function drawHistory(w) {
+  const ns = "http://www.w3.org/2000/svg";
+  const svg = document.createElementNS(ns, "svg");
+  svg.setAttribute("class", "spark");
+  svg.setAttribute("viewBox", "0 0 120 24");
+  svg.append(sparkline(w.cpu, "cpu", Math.max(...w.cpu, 5)), sparkline(w.rss, "mem", 1.25 * Math.max(...w.rss)));
+  const title = document.createElementNS(ns, "title");
+  title.textContent = "CPU now " + percent(w.cpu[w.cpu.length - 1]) + ", memory now " + bytes(w.rss[w.rss.length - 1]);
+  svg.append(title);
+  w.cells.history.replaceChildren(svg);
+}
+
+function addWatcher(name) {
+  const cells = {name: el("td", {text: name}), state: el("td", {class: "state"}), count: el("td", {class: "num"}),
+                 cpu: el("td", {class: "num"}), rss: el("td", {class: "num"}), restarts: el("td", {class: "num"}),
+                 history: el("td"), actions: el("td")};
+  const signal = el("select", {"aria-label": "signal", dataset: {role: "signal"}},
+                    ...SIGNALS.map(s => el("option", {value: s, text: s})));
+  const button = (action, label, props, title) => el("button", {type: "button", text: label, title: title || action,
+    dataset: {action: action}, onclick: ev => act(action, Object.assign({name: name}, props), action + " " + name, ev.target)});
+  cells.actions.append(
+    button("start", "start", {waiting: true}), button("stop", "stop", {waiting: true}),
+    button("restart", "restart", {waiting: true}), button("reload", "reload", {waiting: true}),
+    button("incr", "+1", {waiting: true}, "one more process"), button("decr", "−1", {waiting: true}, "one process less"),
+    signal,
+    el("button", {type: "button", text: "send", title: "send the signal to every process", dataset: {action: "signal"},
+      onclick: ev => act("signal", {name: name, signum: signal.value}, "signal " + signal.value + " to " + name, ev.target)}),
+    el("button", {type: "button", text: "tail", title: "follow the output", dataset: {action: "tail"},
+      onclick: () => follow(name)}));
+  const head = el("tr", {class: "watcher"}, cells.name, cells.state, cells.count, cells.cpu, cells.rss,
+                  cells.restarts, cells.history, cells.actions);
+  const error = el("td", {colspan: "8", class: "error"});
+  const errorRow = el("tr", {class: "problem", hidden: ""}, error);
+  const body = el("tbody", {dataset: {watcher: name}}, head, errorRow);
+  table.append(body);
+  const w = {body, cells, signal, error, errorRow, cpu: [], rss: [], procs: new Map()};
+  watchers.set(name, w);
+  return w;
+}
+
+function processRow(w, name, p) {
+  const cells = {name: el("td"), state: el("td", {class: "state"}), pid: el("td", {class: "num pid"}),
+                 cpu: el("td", {class: "num"}), rss: el("td", {class: "num"}), uptime: el("td", {class: "num"}),
+                 actions: el("td")};
+  cells.actions.append(el("button", {type: "button", text: "signal", title: "send the signal selected above to this process",
+    dataset: {action: "signal-pid"},
+    onclick: ev => act("signal", {name: name, pid: p.pid, signum: w.signal.value},
+                       "signal " + w.signal.value + " to pid " + p.pid, ev.target)}));
+  const row = el("tr", {class: "process", dataset: {pid: String(p.pid)}}, cells.name, cells.state, cells.pid,
+                 cells.cpu, cells.rss, cells.uptime, el("td"), cells.actions);
+  row.cells_ = cells;
+  return row;
+}
+
+function render(snap) {
+  const d = snap.daemon;
+  document.getElementById("daemon").textContent =
+    (d.pid ? "daemon pid " + d.pid + ", " + bytes(d.rss) + ", up " + age(snap.time - d.started) : "a circusd") +
+    ", " + snap.watchers.length + " watchers";
+  const seen = new Set();
+  for (const s of snap.watchers) {
+    seen.add(s.name);
+    const w = watchers.get(s.name) || addWatcher(s.name);
+    setState(w.cells.state, s.flapping ? "flapping" : s.status);
+    const running = s.processes.filter(p => p.state !== "STOPPING").length;
+    w.cells.count.textContent = running + " / " + s.numprocesses;
+    w.cells.cpu.textContent = percent(s.cpu);
+    w.cells.rss.textContent = bytes(s.rss);
+    w.cells.restarts.textContent = s.restarts === null ? "–" : String(s.restarts);
+    w.cpu.push(s.cpu || 0); w.rss.push(s.rss || 0);
+    if (w.cpu.length > HISTORY) { w.cpu.shift(); w.rss.shift(); }
+    drawHistory(w);
+    w.error.textContent = s.last_error || "";
+    w.errorRow.hidden = !s.last_error;
+    const pids = new Set();
+    let after = w.errorRow;
+    for (const p of s.processes) {
+      pids.add(p.pid);
+      let row = w.procs.get(p.pid);
+      if (!row) { row = processRow(w, s.name, p); w.procs.set(p.pid, row); }
+      if (after.nextSibling !== row) after.after(row);
+      after = row;
+      const c = row.cells_;
+      c.name.textContent = s.name + ":" + p.wid;
+      setState(c.state, p.state);
+      c.pid.textContent = "pid " + p.pid;
+      c.cpu.textContent = percent(p.cpu);
+      c.rss.textContent = bytes(p.rss);
+      c.uptime.textContent = age(snap.time - p.started);
+    }
+    for (const [pid, row] of w.procs) if (!pids.has(pid)) { row.remove(); w.procs.delete(pid); }
+  }
+  for (const [name, w] of watchers) if (!seen.has(name)) { w.body.remove(); watchers.delete(name); }
+  document.getElementById("empty").hidden = snap.watchers.length > 0;
+}
+
+function addEvent(e) {
+  const list = document.getElementById("events");
+  const time = new Date((e.payload.time || Date.now() / 1000) * 1000).toLocaleTimeString();
+  const rest = Object.entries(e.payload).filter(([k]) => k !== "time").map(([k, v]) => k + "=" + JSON.stringify(v)).join(" ");
+  list.prepend(el("li", {text: time + "  " + e.topic + "  " + rest}));
+  while (list.children.length > 100) list.lastChild.remove();
+}
+
+function follow(name) {
+  if (tail) tail.close();
+  const box = document.getElementById("tailbox"), pre = document.getElementById("tail");
+  document.getElementById("tailname").textContent = name;
+  pre.replaceChildren();
+  box.hidden = false;
+  tail = new EventSource("tail?name=" + encodeURIComponent(name));
+  tail.addEventListener("output", ev => {
+    const chunk = JSON.parse(ev.data);
+    const stick = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
+    pre.append(chunk.stream === "stderr" ? el("span", {class: "stderr", text: chunk.data}) : chunk.data);
+    while (pre.textContent.length > 65536 && pre.firstChild) pre.firstChild.remove();
+    if (stick) pre.scrollTop = pre.scrollHeight;
+  });
+  tail.onerror = () => { if (tail.readyState === EventSource.CLOSED) show("tail " + name + ": not available", "error"); };
+}
+
+document.getElementById("tailclose").addEventListener("click", () => {
+  if (tail) tail.close();
+  tail = null;
+  document.getElementById("tailbox").hidden = true;
+});
+
+function connect() {
+  const conn = document.getElementById("conn");
+  const events = new EventSource("events");
+  events.addEventListener("snapshot", ev => { conn.textContent = "live"; conn.className = "conn up"; render(JSON.parse(ev.data)); });
+  events.addEventListener("circus", ev => addEvent(JSON.parse(ev.data)));
+  events.addEventListener("problem", ev => { conn.textContent = "daemon: " + JSON.parse(ev.data); conn.className = "conn down"; });
+  events.onopen = () => { conn.textContent = "live"; conn.className = "conn up"; };
+  events.onerror = () => { conn.textContent = "reconnecting"; conn.className = "conn down"; };
+}
+connect();
+"""
+
+_DASHBOARD_FILES = {
+    "/": ("text/html; charset=utf-8", _DASHBOARD_HTML),
+    "/dashboard.css": ("text/css; charset=utf-8", _DASHBOARD_CSS),
+    "/dashboard.js": ("text/javascript; charset=utf-8", _DASHBOARD_JS),
+}
+_DASHBOARD_CSP = ("Content-Security-Policy: default-src 'none'; script-src 'self'; style-src 'self'; "
+                  "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
+                  "frame-ancestors 'none'")
+
+
+def web_main(argv) -> int:
+    """``web``: the dashboard for a daemon that runs already (ours or a real circusd)."""
+    import argparse
+    p = argparse.ArgumentParser(prog="python circus.py web",
+                                description="Serve the web dashboard of a running daemon.")
+    p.add_argument("--endpoint", help="the daemon's control endpoint (default: as ctl finds it)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks one)")
+    p.add_argument("--token-file", help="a file holding the token (else $CIRCUS_HTTPD_TOKEN); "
+                                        "needed off loopback")
+    p.add_argument("--timeout", type=float, default=5.0)
+    p.add_argument("--key", help="CurveZMQ client secret key file (as ctl)")
+    p.add_argument("--server-key", help="CurveZMQ server public key file (as ctl)")
+    args = p.parse_args(argv)
+    err = sys.stderr
+    token = os.environ.get("CIRCUS_HTTPD_TOKEN") or None
+    try:
+        if args.token_file:
+            with open(args.token_file) as f:
+                token = f.read().strip()
+        if token is not None and len(token) < 16:
+            raise CircusError("the token is too short: use 16 characters or more, e.g. from "
+                              "python -c 'import secrets; print(secrets.token_urlsafe())'")
+        curve = client_keys(args.key, args.server_key)
+    except (OSError, CircusError) as e:
+        err.write("error: %s\n" % (e if isinstance(e, CircusError) else "%s: %s" % (args.token_file, e.strerror)))
+        return 2
+    endpoint = args.endpoint or os.environ.get("CIRCUSCTL_ENDPOINT") or _default_ctl_endpoint()
+    setup_logging("info", "-")
+
+    async def serve():
+        hub = RemoteHub(endpoint, args.timeout, curve)
+        try:
+            web = WebServer(hub, args.host, args.port, token, metrics=lambda: _remote_metrics(hub))
+            await web.start()
+        except BaseException:
+            await hub.close()
+            raise
+        sys.stdout.write("dashboard for %s on http://%s/\n" % (endpoint, web.address))
+        sys.stdout.flush()
+        stop = asyncio.get_running_loop().create_future()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            asyncio.get_running_loop().add_signal_handler(sig, lambda: stop.done() or stop.set_result(0))
+        try:
+            await stop
+        finally:
+            await web.close()
+    try:
+        asyncio.run(serve())
+    except CircusError as e:
+        err.write("error: %s\nIs the daemon running on %s? (set --endpoint)\n" % (e, endpoint))
+        return 1
+    return 0
+
+
+async def _remote_metrics(hub) -> str:
+    snap = await take_snapshot(hub)
+    if snap.get("status") != "ok":
+        raise CircusError("the daemon did not answer: %s" % snap.get("reason"))
+    return metrics_text(snap)
+
+
+
+
+async def start_channels(arbiter) -> list:
+    """The ZeroMQ channels, then the HTTP ones; all closed again if one fails."""
+    import zmq.asyncio
+    for what, ep in (("control endpoint", arbiter.endpoint), ("pubsub endpoint", arbiter.pubsub_endpoint),
+                     ("stats endpoint", arbiter.stats_endpoint if arbiter.statsd else None)):
+        check_endpoint(ep, what, arbiter.allow_insecure_endpoint, bool(arbiter.curve_secret_key))
+    ctx = zmq.asyncio.Context()
+    channels = []
+    try:
+        curve = None
+        if arbiter.curve_secret_key:
+            curve = CurveServer(arbiter.curve_secret_key, arbiter.curve_authorized_keys, ctx)
+        if arbiter.pubsub_endpoint:
+            pub = PubChannel(arbiter.pubsub_endpoint, ctx, curve)
+            arbiter.listeners.append(pub)
+            channels.append(pub)
+        if arbiter.endpoint:
+            ctl = ControlChannel(arbiter, arbiter.endpoint, ctx, curve)
+            await ctl.start()
+            channels.append(ctl)
+        if arbiter.multicast_endpoint:
+            mc = MulticastChannel(arbiter, arbiter.multicast_endpoint)
+            await mc.start()
+            channels.append(mc)
+        if arbiter.statsd and arbiter.stats_endpoint:
+            channels.append(StatsChannel(arbiter, arbiter.stats_endpoint, ctx, curve))
+        if arbiter.metrics_endpoint:
+            metrics = MetricsServer(arbiter, arbiter.metrics_endpoint)
+            await metrics.start()
+            channels.append(metrics)
+        if arbiter.httpd:
+            host, port, token = arbiter.httpd
+            web = WebServer(LocalHub(arbiter), host, port, token, metrics=lambda: arbiter_metrics(arbiter))
+            await web.start()
+            channels.append(web)
+    except BaseException:
+        for ch in channels:
+            await ch.close()
+        if curve is not None:
+            await curve.close()
+        raise
+    if curve is not None:   # closed last: a CURVE socket with no ZAP handler admits any key
+        channels.append(curve)
+    return channels
+
+
+# ---------------------------------------------------------------------------
+# 14. CLI: daemon, ctl, web, argv dispatch
 # ---------------------------------------------------------------------------
 
 class Pidfile:
@@ -6416,8 +7381,6 @@ def daemon_main(argv) -> int:
             pidfile.check()
         for w in cfg.warnings:
             _log().warning("%s", w)
-        if cfg.httpd:
-            _log().warning("httpd = true: the web dashboard is not part of this version; ignored")
         arbiter = Arbiter.from_config(cfg)
     except (CircusError, OSError, ValueError) as e:
         err.write("error: %s\n" % e)
@@ -6458,6 +7421,7 @@ def daemon_main(argv) -> int:
 _MAIN_USAGE = """\
 usage: python circus.py daemon CONFIG [--daemon] [--pidfile F] [--log-level L] [--log-output F]
        python circus.py ctl [--endpoint E] [--timeout S] [--json] COMMAND [ARGS]
+       python circus.py web [--endpoint E] [--host H] [--port P] [--token-file F]
        python circus.py --version
 
 circus.py %s: a process and socket manager, compatible with Circus %s.
@@ -6481,9 +7445,11 @@ def main(argv=None) -> int:
             return 130
     if mode == "daemon":
         return daemon_main(rest)
+    if mode == "web":
+        return web_main(rest)
     if os.path.isfile(mode) and mode.endswith((".ini", ".conf", ".cfg")):
         return daemon_main(argv)            # `python circus.py circus.ini`, as circusd
-    sys.stderr.write("error: unknown mode %r: use 'daemon' or 'ctl' (python circus.py --help)\n" % mode)
+    sys.stderr.write("error: unknown mode %r: use 'daemon', 'ctl' or 'web' (python circus.py --help)\n" % mode)
     return 2
 
 

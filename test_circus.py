@@ -2443,6 +2443,16 @@ CTL_TIMEOUT = 5  # seconds, passed as --timeout (circusctl wants an integer)
 # generic helpers
 # --------------------------------------------------------------------------
 
+def recv_all(sock) -> bytes:
+    """Everything until the peer closes (bounded by the socket's timeout)."""
+    chunks = []
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
 def free_ports(n):
     """n distinct free TCP ports on 127.0.0.1 (held open together, then freed)."""
     socks = []
@@ -4777,12 +4787,7 @@ def _http_load(port, stop, results):
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
                 c.sendall(b"GET / HTTP/1.0\r\n\r\n")
-                data = b""
-                while True:
-                    chunk = c.recv(4096)
-                    if not chunk:
-                        break
-                    data += chunk
+                data = recv_all(c)
             results.append(("ok" if data.startswith(b"HTTP/1.0 200") else "bad: %r" % data[:60],
                             time.monotonic() - t0))
         except OSError as e:
@@ -5035,3 +5040,437 @@ def test_e2e_control_answers_while_1000_processes_respawn(daemon):
     # 10-25 ms there (measured median 30 ms, was 2 s before reaping in turns)
     assert median <= (5 if sys.version_info >= (3, 10) else 50), rtts[::max(1, len(rtts) // 20)]
     wait_for(lambda: len(set(d.pids("many")) - set(pids)) == n, timeout=60, what="every process replaced")
+
+
+# --------------------------------------------------------------------------
+# the web dashboard: config, HTTP API and its guards, `web`, a real browser
+# --------------------------------------------------------------------------
+
+def test_httpd_config(tmp_path):
+    cfg = circus.load_config(write(tmp_path / "c.ini", "[circus]\nhttpd = true\n"))
+    assert (cfg.httpd, cfg.httpd_host, cfg.httpd_port, cfg.httpd_token) == (True, "127.0.0.1", 8080, None)
+    arb = circus.Arbiter.from_config(cfg)
+    assert arb.httpd == ("127.0.0.1", 8080, None)
+    with pytest.raises(circus.ConfigError, match=r"c\.ini:3 \[circus\] httpd_host: the dashboard on "
+                                                 r"0\.0\.0\.0 would be open to other hosts: set httpd_token"):
+        circus.load_config(write(tmp_path / "c.ini", "[circus]\nhttpd = true\nhttpd_host = 0.0.0.0\n"))
+    with pytest.raises(circus.ConfigError, match=r"c\.ini:2 \[circus\] httpd_token: .*too short"):
+        circus.load_config(write(tmp_path / "c.ini", "[circus]\nhttpd_token = short\n"))
+    cfg = circus.load_config(write(tmp_path / "c.ini", "[circus]\nhttpd = 1\nhttpd_host = ::\n"
+                                                       "httpd_token = $(circus.env.TOK)\n"),
+                             environ={"TOK": "x" * 20})
+    assert cfg.httpd_token == "x" * 20 and cfg.httpd_host == "::"
+    # a library user gets the same refusal
+    with pytest.raises(circus.CircusError, match="httpd_host 0.0.0.0 is reachable from other hosts"):
+        circus.WebServer(None, "0.0.0.0", 0)
+    assert [circus.is_loopback(h) for h in ("127.0.0.2", "::1", "[::1]", "localhost", "10.0.0.1", "x")] == \
+        [True, True, True, True, False, False]
+
+
+def test_example_config_loads(tmp_path):
+    cfg = circus.load_config(str(HERE / "circus.ini.example"))
+    assert sorted(w.name for w in cfg.watchers) == ["ticker", "web"] and [s.name for s in cfg.sockets] == ["web"]
+    assert (cfg.httpd, cfg.httpd_host, cfg.httpd_port) == (True, "127.0.0.1", 8081)
+
+
+def test_snapshot_from_circus_replies():
+    """`web` in front of a real circusd builds its rows from `status` and `stats`."""
+    snap = circus._circus_snapshot(
+        {"statuses": {"web": "active", "idle": "stopped"}},
+        {"infos": {"web": {"11": {"cpu": 1.5, "mem_info1": "10M", "age": 3.0},
+                           "12": "No such process (stopped?)"}, "idle": {}}})
+    idle, web = snap["watchers"]
+    assert (idle["name"], idle["status"], idle["processes"]) == ("idle", "stopped", [])
+    assert web["processes"][0]["pid"] == 11 and web["processes"][0]["rss"] == 10 << 20
+    assert web["cpu"] == 1.5 and web["numprocesses"] == 1 and web["restarts"] is None
+    text = circus.metrics_text(snap)
+    assert 'circus_process_rss_bytes{watcher="web",pid="11",wid="1"} 10485760' in text
+
+
+def http(port, method, path, body=None, headers=None, raw=None, timeout=TIMEOUT):
+    """(status, headers, body) of one request to 127.0.0.1:port; ``raw``: bytes sent as they are."""
+    import http.client
+    if raw is not None:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+            s.sendall(raw)
+            data = recv_all(s)
+        head, _, rest = data.partition(b"\r\n\r\n")
+        return int(head.split()[1]), {}, rest
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        if isinstance(body, (dict, list)):
+            body = json.dumps(body)
+        c.request(method, path, body=body, headers=headers or {})
+        r = c.getresponse()
+        return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
+    finally:
+        c.close()
+
+
+class SseReader:
+    """Reads Server-Sent Events from a raw socket: ``next(event)`` -> parsed data."""
+
+    def __init__(self, port, path, headers=""):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+        self.sock.sendall(("GET %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n%s\r\n" % (path, port, headers)).encode())
+        self.buf = b""
+        head = self._until(b"\r\n\r\n")
+        self.status = int(head.split()[1])
+
+    def _until(self, sep):
+        while sep not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise AssertionError("event stream closed")
+            self.buf += chunk
+        item, _, self.buf = self.buf.partition(sep)
+        return item
+
+    def next(self, event, pred=lambda data: True, timeout=TIMEOUT):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.sock.settimeout(max(0.05, deadline - time.monotonic()))
+            block = self._until(b"\n\n").decode()
+            fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line
+                          and not line.startswith(":"))
+            if fields.get("event") == event:
+                data = json.loads(fields["data"])
+                if pred(data):
+                    return data
+        raise AssertionError("no %s event" % event)
+
+    def close(self):
+        self.sock.close()
+
+
+def _page_csrf(port, headers=None):
+    status, _, body = http(port, "GET", "/", headers=headers)
+    assert status == 200
+    return re.search(r'name="csrf-token" content="([^"]+)"', body.decode()).group(1)
+
+
+def test_e2e_dashboard_http_api_and_its_guards(daemon):
+    port, = free_ports(1)
+    d = daemon("""
+        httpd = true
+        httpd_port = %d
+        [watcher:a]
+        cmd = sleep 120
+        numprocesses = 2
+        [watcher:b]
+        cmd = sleep 121
+        """ % port)
+    status, head, body = http(port, "GET", "/")
+    assert status == 200 and "default-src 'none'" in head["content-security-policy"]
+    assert head["x-frame-options"] == "DENY" and head["x-content-type-options"] == "nosniff"
+    csrf = _page_csrf(port)
+    for path in ("/dashboard.js", "/dashboard.css"):
+        assert http(port, "GET", path)[0] == 200
+    # read-only commands by GET, the snapshot with real pids and memory
+    status, _, body = http(port, "GET", "/api/snapshot")
+    snap = json.loads(body)
+    a = [w for w in snap["watchers"] if w["name"] == "a"][0]
+    assert status == 200 and sorted(p["pid"] for p in a["processes"]) == sorted(d.pids("a"))
+    assert all(p["rss"] > 0 for p in a["processes"]) and snap["daemon"]["pid"] == d.proc.pid
+    assert json.loads(http(port, "GET", "/api/status?name=a")[2])["status"] == "active"
+    assert json.loads(http(port, "GET", "/api/list")[2])["watchers"] == ["a", "b"]
+    assert 'circus_watcher_processes{watcher="a"} 2' in http(port, "GET", "/metrics")[2].decode()
+    # the event stream: a snapshot at once, then events
+    sse = SseReader(port, "/events")
+    try:
+        assert sse.status == 200
+        assert {w["name"] for w in sse.next("snapshot")["watchers"]} == {"a", "b"}
+        # nothing changes state by GET, nor without the page's token, nor from another site
+        refused = [
+            http(port, "GET", "/api/stop?name=a"),
+            http(port, "POST", "/api/stop", {"name": "a"}),
+            http(port, "POST", "/api/stop", {"name": "a"}, {"X-CSRF-Token": "nope"}),
+            http(port, "POST", "/api/stop", {"name": "a"}, {"X-CSRF-Token": csrf,
+                                                            "Origin": "http://evil.example"}),
+            http(port, "POST", "/api/stop", {"name": "a"}, {"X-CSRF-Token": csrf, "Host": "evil.example"}),
+            http(port, "GET", "/api/status", headers={"Host": "rebound.example:%d" % port}),
+        ]
+        assert [r[0] for r in refused] == [405, 403, 403, 403, 403, 403], refused
+        assert "use POST" in json.loads(refused[0][2])["reason"]
+        assert "X-CSRF-Token" in json.loads(refused[1][2])["reason"]
+        assert d.call("status", name="a")["status"] == "active"
+        # bad input: one clear answer each, the daemon stays up
+        assert http(port, "POST", "/api/incr", "not json", {"X-CSRF-Token": csrf})[0] == 400
+        assert json.loads(http(port, "GET", "/api/nosuch")[2])["reason"] == "unknown command: 'nosuch'"
+        assert http(port, "GET", "/nosuch")[0] == 404
+        assert http(port, "", "", raw=b"garbage\r\n\r\n")[0] == 400
+        assert http(port, "", "", raw=b"POST /api/stop HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n")[0] == 400
+        assert json.loads(http(port, "POST", "/api/stop", {"name": "nosuch"},
+                               {"X-CSRF-Token": csrf})[2])["reason"] == "program nosuch not found"
+        # the page's token, same origin: it happens, and the browser hears it
+        status, _, body = http(port, "POST", "/api/stop", {"name": "a", "waiting": True},
+                               {"X-CSRF-Token": csrf, "Origin": "http://127.0.0.1:%d" % port})
+        assert status == 200 and json.loads(body)["status"] == "ok", body
+        assert d.call("status", name="a")["status"] == "stopped"
+        sse.next("circus", lambda e: e["topic"] == "watcher.a.stop")
+        sse.next("snapshot", lambda s: [w["status"] for w in s["watchers"] if w["name"] == "a"] == ["stopped"])
+        status, _, body = http(port, "POST", "/api/incr", {"name": "b", "nb": 2, "waiting": True},
+                               {"X-CSRF-Token": csrf})
+        assert json.loads(body)["numprocesses"] == 3
+        wait_for(lambda: len(d.pids("b")) == 3, what="incr over HTTP")
+    finally:
+        sse.close()
+    # nobody watching any more: no snapshots, the daemon's loop sleeps
+    me = psutil.Process(d.proc.pid)
+    time.sleep(1.2)     # the last tick (1 s) ends; then we measure an interval, not wait for an event
+    wakes, cpu = me.num_ctx_switches().voluntary, sum(me.cpu_times()[:2])
+    time.sleep(2.0)
+    assert me.num_ctx_switches().voluntary - wakes < 4 and sum(me.cpu_times()[:2]) - cpu < 0.05
+
+
+def test_e2e_dashboard_token(daemon):
+    import base64
+    port, = free_ports(1)
+    token = "s3cret-token-of-the-dashboard"
+    d = daemon("httpd = true\nhttpd_port = %d\nhttpd_token = %s\n[watcher:a]\ncmd = sleep 120\n" % (port, token))
+    status, head, _ = http(port, "GET", "/")
+    assert status == 401 and head["www-authenticate"].startswith("Basic ")
+    assert http(port, "GET", "/api/status", headers={"Authorization": "Bearer wrong-token-123456"})[0] == 401
+    basic = {"Authorization": "Basic " + base64.b64encode(b"anyone:" + token.encode()).decode()}
+    csrf = _page_csrf(port, basic)
+    assert http(port, "GET", "/metrics", headers=basic)[0] == 200
+    # a browser's basic auth still needs the page's token to act; a script's Bearer token does not
+    assert http(port, "POST", "/api/stop", {"name": "a"}, basic)[0] == 403
+    assert http(port, "POST", "/api/stop", {"name": "a", "waiting": True},
+                dict(basic, **{"X-CSRF-Token": csrf}))[0] == 200
+    status, _, body = http(port, "POST", "/api/start", {"name": "a", "waiting": True},
+                           {"Authorization": "Bearer " + token})
+    assert status == 200 and d.call("status", name="a")["status"] == "active"
+    # with a token, any Host name is fine (a proxy's, a DNS name): the token is the guard
+    assert http(port, "GET", "/api/list", headers=dict(basic, Host="circus.example.com"))[0] == 200
+
+
+def _start_web(args, cwd):
+    log = pathlib.Path(cwd) / "web.log"
+    with open(log, "ab") as err:
+        proc = subprocess.Popen([sys.executable, str(CIRCUS_PY), "web"] + args, stdout=subprocess.PIPE,
+                                stderr=err, stdin=subprocess.DEVNULL, cwd=str(cwd),
+                                start_new_session=True, text=True)
+    first = proc.stdout.readline()      # the line, or EOF if it dies
+    if not first.startswith("dashboard for "):
+        _stop_web(proc)
+        raise AssertionError("web did not start: %s%s" % (first, log.read_text()))
+    port = int(first.rsplit(":", 1)[1].strip(" /\n"))
+    return proc, port
+
+
+def _stop_web(proc):
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(TIMEOUT)
+    except ProcessLookupError:
+        pass
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_e2e_web_attaches_to_a_running_daemon(daemon, shortdir):
+    d = daemon("[watcher:a]\ncmd = sleep 120\nnumprocesses = 2\n")
+    bad = subprocess.run([sys.executable, str(CIRCUS_PY), "web", "--host", "0.0.0.0", "--endpoint", d.endpoint],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "httpd_host 0.0.0.0 is reachable from other hosts" in bad.stderr, bad
+    proc, port = _start_web(["--endpoint", d.endpoint, "--port", "0"], shortdir)
+    try:
+        snap = json.loads(http(port, "GET", "/api/snapshot")[2])
+        assert sorted(p["pid"] for p in snap["watchers"][0]["processes"]) == sorted(d.pids("a"))
+        sse = SseReader(port, "/events")
+        try:
+            sse.next("snapshot")
+            csrf = _page_csrf(port)
+            assert http(port, "POST", "/api/stop", {"name": "a"})[0] == 403
+            status, _, body = http(port, "POST", "/api/stop", {"name": "a", "waiting": True}, {"X-CSRF-Token": csrf})
+            assert status == 200, body
+            sse.next("circus", lambda e: e["topic"] == "watcher.a.stop")
+        finally:
+            sse.close()
+        assert d.call("status", name="a")["status"] == "stopped"
+        assert 'circus_watcher_active{watcher="a"} 0' in http(port, "GET", "/metrics")[2].decode()
+        # the daemon goes away: the dashboard says so and stays up
+        d.stop()
+        status, _, body = http(port, "GET", "/api/status", timeout=30)
+        assert status == 400 and "no answer from" in json.loads(body)["reason"]
+    finally:
+        _stop_web(proc)
+
+
+def test_e2e_web_in_front_of_a_real_circusd(env, tmp_path):
+    d = env.launch("real")
+    proc, port = _start_web(["--endpoint", env.endpoint, "--port", "0"], tmp_path)
+    try:
+        snap = json.loads(http(port, "GET", "/api/snapshot", timeout=30)[2])
+        assert snap["status"] == "ok", snap
+        rows = {w["name"]: sorted(p["pid"] for p in w["processes"]) for w in snap["watchers"]}
+        ours = json.loads(subprocess.run([sys.executable, str(CIRCUS_PY), "ctl", "--endpoint", env.endpoint,
+                                          "--json", "stats"], capture_output=True, text=True, timeout=60).stdout)
+        assert rows == {w: sorted(int(p) for p in infos) for w, infos in ours["infos"].items()}
+        assert any(rows.values())
+    finally:
+        _stop_web(proc)
+        env.stop(d)
+
+
+ARTIFACTS = pathlib.Path(os.environ.get("CIRCUS_TEST_ARTIFACTS") or HERE / "test-artifacts")
+
+
+@pytest.fixture
+def browser(tmp_path):
+    """Headless Chromium driven by selenium; skipped, saying why, where it is not installed."""
+    chromium = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")
+                     if shutil.which(n)), None)
+    driver_bin = shutil.which("chromedriver")
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        pytest.skip("browser tests need selenium: python -m pip install selenium")
+    if not chromium or not driver_bin:
+        pytest.skip("browser tests need Chromium and its driver: apt-get install chromium chromium-driver")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1280,860", "--user-data-dir=%s" % (tmp_path / "chromium")):
+        opts.add_argument(arg)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    drv = webdriver.Chrome(service=Service(driver_bin), options=opts)
+    service_pid = drv.service.process.pid
+    family = [service_pid] + [p.pid for p in psutil.Process(service_pid).children(recursive=True)]
+    try:
+        yield drv
+    finally:
+        drv.quit()
+        for pid in family:      # nothing of the browser may outlive the test
+            with contextlib.suppress(psutil.Error):
+                psutil.Process(pid).kill()
+
+
+def test_e2e_browser_dashboard(daemon, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+    port, evil_port = free_ports(2)
+    d = daemon("""
+        httpd = true
+        httpd_port = %d
+        [watcher:web]
+        cmd = python3 -u -c "import itertools, time; [(print('<b>line</b> <img src=x onerror=alert(1)>', i), time.sleep(0.2)) for i in itertools.count()]"
+        numprocesses = 2
+        [watcher:other]
+        cmd = sleep 120
+        """ % port)
+    css = browser.find_elements
+
+    # reads run in the page in one go: rows come and go under a live page
+    def text(selector):
+        return browser.execute_script("const e = document.querySelector(arguments[0]);"
+                                      "return e ? e.innerText : null", selector)
+
+    def shown_pids(name):
+        return sorted(browser.execute_script(
+            "return Array.from(document.querySelectorAll(arguments[0]), r => +r.dataset.pid)",
+            'tbody[data-watcher="%s"] tr.process' % name))
+
+    def click(name, action):
+        css(By.CSS_SELECTOR, 'tbody[data-watcher="%s"] button[data-action="%s"]' % (name, action))[0].click()
+
+    def result_is(expected):
+        wait_for(lambda: text("#result") == expected, what="the result line to say %r (it says %r)"
+                 % (expected, text("#result")))
+
+    browser.get("http://127.0.0.1:%d/" % port)
+    wait_for(lambda: text("#conn") == "live", what="the page to go live")
+    wait_for(lambda: shown_pids("web") == sorted(d.pids("web")) and shown_pids("other") == sorted(d.pids("other")),
+             what="the watchers and their pids on the page")
+    assert text('tbody[data-watcher="web"] tr.watcher td.state') == "active"
+    browser.execute_script("window.notReloaded = true")     # gone if the page ever reloads
+    # stop: the state changes on the page by itself
+    click("other", "stop")
+    result_is("stop other: ok")
+    wait_for(lambda: text('tbody[data-watcher="other"] tr.watcher td.state') == "stopped", what="stopped on the page")
+    assert d.call("status", name="other")["status"] == "stopped" and shown_pids("other") == []
+    # a process killed from outside: its replacement shows up live
+    victim = d.pids("web")[0]
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: victim not in shown_pids("web") and shown_pids("web") == sorted(d.pids("web"))
+             and len(shown_pids("web")) == 2, what="the new pid on the page")
+    # +1 / -1, a signal to the watcher, restart, reload, start
+    click("web", "incr")
+    result_is("incr web: ok (3 processes)")
+    wait_for(lambda: len(shown_pids("web")) == 3, what="3 rows")
+    click("web", "decr")
+    result_is("decr web: ok (2 processes)")
+    wait_for(lambda: len(shown_pids("web")) == 2, what="2 rows")
+    before = set(d.pids("web"))
+    Select(css(By.CSS_SELECTOR, 'tbody[data-watcher="web"] select')[0]).select_by_value("KILL")
+    click("web", "signal")
+    result_is("signal KILL to web: ok")
+    wait_for(lambda: not before & set(shown_pids("web")) and len(shown_pids("web")) == 2,
+             what="both processes replaced after KILL")
+    for action in ("restart", "reload"):
+        before = set(d.pids("web"))
+        click("web", action)
+        result_is("%s web: ok" % action)
+        wait_for(lambda: not before & set(d.pids("web")), what="new processes after %s" % action)
+    click("other", "start")
+    result_is("start other: ok")
+    wait_for(lambda: text('tbody[data-watcher="other"] tr.watcher td.state') == "active", what="active again")
+    # an error is shown as one: a watcher removed behind the page's back
+    d.call("add", name="gone", cmd="sleep 60", start=True)
+    wait_for(lambda: css(By.CSS_SELECTOR, 'tbody[data-watcher="gone"]'), what="an added watcher to appear")
+    browser.execute_script("window.goneStop = document.querySelector(arguments[0])",
+                           'tbody[data-watcher="gone"] button[data-action="stop"]')
+    d.call("rm", name="gone", waiting=True)
+    browser.execute_script("window.goneStop.click()")      # its row may be gone already: its handler is not
+    result_is("stop gone: program gone not found")
+    wait_for(lambda: not css(By.CSS_SELECTOR, 'tbody[data-watcher="gone"]'), what="a removed watcher to go")
+    # the tail: markup in the output is text, never HTML
+    click("web", "tail")
+    wait_for(lambda: (text("#tail") or "").count("<b>line</b>") >= 3, what="the output followed")
+    n = text("#tail").count("\n")
+    wait_for(lambda: text("#tail").count("\n") > n + 2, what="new output to arrive live")
+    assert browser.execute_script("return document.querySelectorAll('#tail b, #tail img').length") == 0
+    assert browser.execute_script("return window.notReloaded") is True
+    wait_for(lambda: css(By.CSS_SELECTOR, "#events li"), what="the event list")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    browser.save_screenshot(str(ARTIFACTS / "dashboard.png"))
+    print("screenshot: %s" % (ARTIFACTS / "dashboard.png"))
+    problems = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"    # the 400 is the "gone" one
+                and "/api/stop - Failed to load resource: the server responded with a status of 400" not in e["message"]]
+    assert not problems, problems
+    # another site's page posts to the dashboard (a plain form, then fetch): refused
+    page = ("<form id=f method=post action='http://127.0.0.1:%d/api/stop' enctype='text/plain'>"
+            "<input name='{\"name\": \"web\", \"x\": \"' value='\"}'></form>"
+            "<script>fetch('http://127.0.0.1:%d/api/stop', {method: 'POST', mode: 'no-cors',"
+            " body: JSON.stringify({name: 'web'})}).finally(() => document.getElementById('f').submit());"
+            "</script>" % (port, port))
+    import http.server
+    import threading
+
+    class Evil(http.server.BaseHTTPRequestHandler):
+        timeout = 5     # Chromium opens spare connections that send nothing
+
+        def do_GET(self):
+            body = page.encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+    evil = http.server.ThreadingHTTPServer(("127.0.0.1", evil_port), Evil)
+    evil.daemon_threads = True
+    threading.Thread(target=evil.serve_forever, daemon=True).start()
+    try:
+        browser.get("http://127.0.0.1:%d/" % evil_port)
+        wait_for(lambda: "refused" in browser.page_source, what=lambda: "the refusal: %s" % browser.page_source)
+    finally:
+        evil.shutdown()
+        evil.server_close()
+    assert d.call("status", name="web")["status"] == "active"
