@@ -6243,14 +6243,17 @@ def _shell(endpoint, timeout, key_args=()) -> int:
 # ZeroMQ client of the daemon (ours, or a real circusd).
 
 class HttpRequest:
-    __slots__ = ("method", "path", "query", "headers", "body")
+    __slots__ = ("method", "path", "query", "headers")
 
-    def __init__(self, method, path, query, headers, body):
-        self.method, self.path, self.query, self.headers, self.body = method, path, query, headers, body
+    def __init__(self, method, path, query, headers):
+        self.method, self.path, self.query, self.headers = method, path, query, headers
 
 
-async def read_request(reader, max_body: int) -> HttpRequest:
-    """Parse one request; ValueError for anything malformed or too big."""
+async def read_head(reader) -> HttpRequest:
+    """The request line and headers; ValueError for anything malformed.
+
+    The body is read later (``read_body``), only once the request is allowed.
+    """
     from urllib.parse import parse_qsl, unquote, urlsplit
     parts = (await reader.readline()).decode("latin-1").split()
     if len(parts) != 3 or not parts[2].startswith("HTTP/"):
@@ -6266,12 +6269,19 @@ async def read_request(reader, max_body: int) -> HttpRequest:
         headers[key.strip().lower()] = value.strip()
     else:
         raise ValueError("too many headers")
-    size = int(headers.get("content-length") or 0)
-    if not 0 <= size <= max_body:
-        raise ValueError("body too large")
-    body = await reader.readexactly(size) if size else b""
     url = urlsplit(parts[1])
-    return HttpRequest(parts[0].upper(), unquote(url.path), dict(parse_qsl(url.query)), headers, body)
+    return HttpRequest(parts[0].upper(), unquote(url.path), dict(parse_qsl(url.query)), headers)
+
+
+async def read_body(reader, req, max_body: int) -> bytes:
+    """The body of ``req`` (Content-Length only); ValueError when too big."""
+    try:
+        size = int(req.headers.get("content-length") or 0)
+    except ValueError:
+        raise ValueError("bad Content-Length") from None
+    if not 0 <= size <= max_body:
+        raise ValueError("the body is over %d bytes" % max_body)
+    return await asyncio.wait_for(reader.readexactly(size), 10) if size else b""
 
 
 _HTTP_HEADERS = ("X-Content-Type-Options: nosniff", "Referrer-Policy: no-referrer",
@@ -6288,9 +6298,14 @@ def http_head(status: int, ctype: str, length=None, extra=()) -> bytes:
 
 
 class HttpServer:
-    """Accepts connections and hands each parsed request to ``handle``."""
+    """Accepts connections and hands each parsed request to ``handle``.
 
-    MAX_BODY = 1 << 20
+    Bounded everywhere, since anyone who reaches the port can connect: at
+    most MAX_CONNECTIONS at once (then 503), 10 s to send the headers, 30 s
+    for a reply to be taken, bodies only with Content-Length.
+    """
+
+    MAX_CONNECTIONS = 128
     what = "http endpoint"
 
     def __init__(self, host, port):
@@ -6315,10 +6330,16 @@ class HttpServer:
         me = asyncio.current_task()
         self._tasks.add(me)
         try:
+            if len(self._tasks) > self.MAX_CONNECTIONS:
+                await self.send(writer, 503, "too many connections\n")
+                return
             try:
-                req = await asyncio.wait_for(read_request(reader, self.MAX_BODY), 10)
+                req = await asyncio.wait_for(read_head(reader), 10)
             except (asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError):
                 await self.send(writer, 400, "bad request\n")
+                return
+            if "transfer-encoding" in req.headers:
+                await self.send(writer, 501, "send the body with a Content-Length\n")
                 return
             await self.handle(req, reader, writer)
         except (ConnectionError, OSError, asyncio.TimeoutError):
@@ -6338,7 +6359,7 @@ class HttpServer:
         if isinstance(body, str):
             body = body.encode()
         writer.write(http_head(status, ctype, len(body), extra) + body)
-        await writer.drain()
+        await asyncio.wait_for(writer.drain(), 30)
 
     async def send_json(self, writer, status, obj, extra=()):
         await self.send(writer, status, json.dumps(obj), "application/json", extra)
@@ -6406,8 +6427,8 @@ class LocalHub:
     async def start(self):
         self.arbiter.listeners.append(self)
 
-    async def call(self, command: str, **props) -> dict:
-        body = json.dumps({"command": command, "properties": props, "id": os.urandom(8).hex()})
+    async def call(self, command: str, props=None) -> dict:
+        body = json.dumps({"command": command, "properties": props or {}, "id": os.urandom(8).hex()})
         return await dispatch(self.arbiter, body.encode())
 
     def wants(self, topic: bytes) -> bool:
@@ -6417,11 +6438,12 @@ class LocalHub:
         if self.on_event is not None:
             self.on_event(topic, payload)
 
-    def follow(self, topic: str, on: bool) -> None:
-        """Count followers of an output topic; it is published while one is left."""
-        n = self._counts.get(topic, 0) + (1 if on else -1)
-        self._counts[topic] = max(n, 0)
+    def follow(self, topic: str, on: bool) -> bool:
+        """Count followers of an output topic; True when the count leaves or reaches 0."""
+        n = max(self._counts.get(topic, 0) + (1 if on else -1), 0)
+        self._counts[topic] = n
         (self.prefixes.add if n > 0 else self.prefixes.discard)(topic.encode())
+        return n == (1 if on else 0)
 
     async def close(self):
         if self in self.arbiter.listeners:
@@ -6429,78 +6451,110 @@ class LocalHub:
 
 
 class RemoteHub(LocalHub):
-    """`python circus.py web`: a ZeroMQ client of a running daemon (ours or circusd)."""
+    """`python circus.py web`: a ZeroMQ client of a running daemon (ours or circusd).
+
+    Requests are never queued for a daemon that is away (ZMQ_IMMEDIATE), and a
+    request with no answer gets a new socket (the "lazy pirate" pattern), so a
+    click made while the daemon was down can't be run when it comes back.
+    """
 
     def __init__(self, endpoint: str, timeout: float = 5.0, curve=None):
         super().__init__(None)
         self.endpoint, self.timeout, self.curve = endpoint, timeout, curve
         self.ctx = self.sock = self.sub = None
         self._waiting: dict = {}
-        self._tasks: list = []
+        self._replies_task = self._events_task = None
+
+    def _connect(self):
+        import zmq
+        if self._replies_task is not None:
+            self._replies_task.cancel()
+        if self.sock is not None:
+            self.sock.close(0)
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.IMMEDIATE, 1)
+        _curve_client(self.sock, self.curve)
+        self.sock.connect(self.endpoint)
+        self._replies_task = asyncio.get_running_loop().create_task(self._replies(self.sock))
 
     async def start(self):
         import zmq
         import zmq.asyncio
         self.ctx = zmq.asyncio.Context()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        _curve_client(self.sock, self.curve)
-        self.sock.connect(self.endpoint)
-        self._tasks.append(asyncio.get_running_loop().create_task(self._replies()))
-        reply = await self.call("globaloptions", option="pubsub_endpoint")
+        self._connect()
+        reply = await self.call("globaloptions", {"option": "pubsub_endpoint"})
         if reply.get("status") != "ok":
-            raise CircusError("%s: %s" % (self.endpoint, reply.get("reason")))
+            raise CallError("%s: %s" % (self.endpoint, reply.get("reason")))
         self.sub = self.ctx.socket(zmq.SUB)
         self.sub.setsockopt(zmq.LINGER, 0)
         _curve_client(self.sub, self.curve)
         self.sub.connect(_reachable(reply["options"]["pubsub_endpoint"], self.endpoint))
         self.sub.setsockopt(zmq.SUBSCRIBE, b"watcher.")
-        self._tasks.append(asyncio.get_running_loop().create_task(self._events()))
+        self._events_task = asyncio.get_running_loop().create_task(self._events())
 
-    async def _replies(self):
+    async def _replies(self, sock):
         while True:
             try:
-                reply = json.loads(await self.sock.recv())
-            except ValueError:
-                continue
-            fut = self._waiting.pop(reply.get("id"), None) if isinstance(reply, dict) else None
-            if fut is not None and not fut.done():
-                fut.set_result(reply)
+                reply = json.loads(await sock.recv())
+                fut = self._waiting.pop(reply.get("id"), None)
+                if fut is not None and not fut.done():
+                    fut.set_result(reply)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:      # garbage from the peer, or a closed socket
+                if sock.closed:
+                    return
+                _log().debug("web: bad reply ignored: %s", e)
 
     async def _events(self):
         while True:
-            frames = await self.sub.recv_multipart()
             try:
-                self(frames[0].decode(), json.loads(frames[1]))
-            except (IndexError, ValueError):
-                continue
+                topic, payload = await self.sub.recv_multipart()
+                payload = json.loads(payload)
+                if isinstance(payload, dict):
+                    self(topic.decode(), payload)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                if self.sub.closed:
+                    return
+                _log().debug("web: bad event ignored: %s", e)
 
-    async def call(self, command: str, **props) -> dict:
+    async def call(self, command: str, props=None) -> dict:
+        import zmq
+        props = props or {}
         msg_id = os.urandom(16).hex()
-        fut = self._waiting[msg_id] = asyncio.get_running_loop().create_future()
-        await self.sock.send(json.dumps({"command": command, "properties": props, "id": msg_id}).encode())
         timeout = self.timeout + (60 if props.get("waiting") else 0)
+        fut = self._waiting[msg_id] = asyncio.get_running_loop().create_future()
         try:
+            body = json.dumps({"command": command, "properties": props, "id": msg_id}).encode()
+            if not await self.sock.poll(self.timeout * 1000, zmq.POLLOUT):
+                return _error_reply("cannot reach %s%s" % (self.endpoint, _curve_hint(self.curve)),
+                                    E_NOT_SPECIFIED, msg_id)
+            self.sock.send(body, zmq.NOBLOCK)
             return await asyncio.wait_for(fut, timeout)
-        except asyncio.TimeoutError:
+        except (asyncio.TimeoutError, zmq.Again):
+            self._connect()
             return _error_reply("no answer from %s in %g s%s" % (self.endpoint, timeout, _curve_hint(self.curve)),
                                 E_NOT_SPECIFIED, msg_id)
         finally:
             self._waiting.pop(msg_id, None)
 
-    def follow(self, topic: str, on: bool) -> None:
+    def follow(self, topic: str, on: bool) -> bool:
         import zmq
-        n = self._counts.get(topic, 0) + (1 if on else -1)
-        self._counts[topic] = max(n, 0)
-        if (on and n == 1) or (not on and n == 0):
+        changed = super().follow(topic, on)
+        if changed:
             self.sub.setsockopt(zmq.SUBSCRIBE if on else zmq.UNSUBSCRIBE, topic.encode())
+        return changed
 
     async def close(self):
-        for t in self._tasks:
-            t.cancel()
-        for s in (self.sock, self.sub):
-            if s is not None:
-                s.close(0)
+        for t in (self._replies_task, self._events_task):
+            if t is not None:
+                t.cancel()
+        for sock in (self.sock, self.sub):
+            if sock is not None:
+                sock.close(0)
         if self.ctx is not None:
             self.ctx.term()
 
@@ -6551,33 +6605,48 @@ def _sse(event: str, data) -> bytes:
 
 
 class _Follower:
-    """One browser's event stream: a bounded queue; too slow, and it is dropped."""
+    """One browser's event stream: bounded in items and bytes; too slow, and it is
+    dropped (the browser reconnects and starts again from a fresh snapshot)."""
+
+    MAX_BYTES = 4 << 20
 
     def __init__(self):
         self.queue = asyncio.Queue(256)
+        self.bytes = 0
 
     def push(self, item: bytes) -> None:
-        try:
-            self.queue.put_nowait(item)
-        except asyncio.QueueFull:       # it reconnects and starts from a fresh snapshot
-            while not self.queue.empty():
-                self.queue.get_nowait()
-            self.queue.put_nowait(None)
+        if item is not None and self.bytes + len(item) <= self.MAX_BYTES:
+            try:
+                self.queue.put_nowait(item)
+                self.bytes += len(item)
+                return
+            except asyncio.QueueFull:
+                pass
+        while not self.queue.empty():
+            self.queue.get_nowait()
+        self.queue.put_nowait(None)     # the end of this stream
+
+    def took(self, item: bytes) -> None:
+        self.bytes -= len(item)
 
 
 class WebServer(HttpServer):
     """The dashboard: one page, Server-Sent Events, and /api/COMMAND for scripts.
 
-    Loopback only unless ``token`` is set; then every request needs it
-    (``Authorization: Bearer TOKEN``, or the password of basic auth).
-    A POST also needs the page's CSRF token in ``X-CSRF-Token`` (not with a
-    Bearer token, which a browser never sends on its own); no GET changes
-    anything. Without a token, the Host header must name this machine, so a
-    DNS-rebinding page cannot reach us either.
+    Every request needs the token: ``httpd_token``, or one made at start and
+    written 0600 in the private folder. A browser logs in once with
+    ``/?token=...`` (then an HttpOnly, SameSite=Strict cookie) or gives it as
+    the basic-auth password; scripts send ``Authorization: Bearer TOKEN``. A
+    POST also needs the page's CSRF token in ``X-CSRF-Token`` (not with a
+    Bearer token, which a browser never adds by itself); no GET changes
+    anything; a request a browser marks as cross-site is refused.
     """
 
     what = "httpd"
     REFRESH = 1.0       # seconds between snapshots while a browser watches
+    QUICKEST = 0.3      # and at least this much between two, whatever happens
+    MAX_STREAMS = 32
+    MAX_BODY = 64 << 10
 
     def __init__(self, hub, host="127.0.0.1", port=8080, token=None, metrics=None):
         super().__init__(host, port)
@@ -6586,7 +6655,10 @@ class WebServer(HttpServer):
                               "[circus] (16+ characters) so that only those who know it get in, or "
                               "use httpd_host = 127.0.0.1" % self.host)
         import secrets
-        self.hub, self.token, self.metrics = hub, token, metrics
+        self.hub, self.metrics = hub, metrics
+        self.token = token or secrets.token_urlsafe(24)
+        self.made_token = token is None
+        self.token_file = None          # where start() writes a token it made
         self.csrf = secrets.token_urlsafe(24)
         self.watchers: set = set()      # _Followers of /events
         self.tails: dict = {}           # output topic -> set of _Followers
@@ -6594,29 +6666,62 @@ class WebServer(HttpServer):
         self._ticker = None
         self._kick = None
 
+    @property
+    def cookie(self) -> str:
+        return "circuspy-%d" % self.port
+
+    @property
+    def login_url(self) -> str:
+        return "http://%s/?token=%s" % (self.address, self.token)
+
     async def start(self):
-        await super().start()
         self._kick = asyncio.Event()
         self.hub.on_event = self._on_event
-        await self.hub.start()
-        _log().info("dashboard on http://%s/%s", self.address, "" if self.token else " (loopback, no token)")
+        try:
+            await self.hub.start()
+            await super().start()
+            if self.made_token:
+                self.token_file = self._write_token()
+        except BaseException:
+            if self.server is not None:
+                self.server.close()
+            await self.hub.close()
+            raise
+        _log().info("dashboard on http://%s/ (token: %s)", self.address,
+                    self.token_file or "httpd_token")
+
+    def _write_token(self) -> str:
+        folder = private_dir()
+        ensure_private_dir(folder)
+        path = os.path.join(folder, "httpd-%d.token" % self.port)
+        fd = os.open(path + ".new", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(self.token + "\n")
+        os.replace(path + ".new", path)
+        return path
 
     # -- events in, pushed out ----------------------------------------------------
     def _on_event(self, topic, payload):
         if topic.startswith("output."):
-            for f in self.tails.get(topic, ()):
-                f.push(_sse("output", {"stream": topic.rsplit(".", 1)[1], "pid": payload.get("pid"),
-                                       "data": payload.get("data", "")}))
+            followers = self.tails.get(topic)
+            if followers:
+                data = payload.get("data", "")      # the page keeps 64 KiB: no more per chunk
+                item = _sse("output", {"stream": topic.rsplit(".", 1)[1], "pid": payload.get("pid"),
+                                       "data": data[-65536:]})
+                for f in followers:
+                    f.push(item)
         elif self.watchers:
             item = _sse("circus", {"topic": topic, "payload": payload})
             for f in self.watchers:
                 f.push(item)
-            self._kick.set()        # show the change now, not at the next tick
+            self._kick.set()        # show the change soon, not at the next tick
 
     async def _tick(self):
         """Snapshots for the browsers watching: none watching, no work."""
+        loop = asyncio.get_running_loop()
         while self.watchers:
             self._kick.clear()
+            began = loop.time()
             try:
                 snap = await take_snapshot(self.hub)
             except Exception as e:      # a bug or a broken hub: say so, keep going
@@ -6629,7 +6734,7 @@ class WebServer(HttpServer):
                 f.push(item)
             try:
                 await asyncio.wait_for(self._kick.wait(), self.REFRESH)
-                await asyncio.sleep(0.05)       # a burst of events, one snapshot
+                await asyncio.sleep(max(0.0, began + self.QUICKEST - loop.time()))  # a storm: 3 a second
             except asyncio.TimeoutError:
                 pass
         self.last = None        # the next browser gets a fresh one, not this old one
@@ -6638,21 +6743,25 @@ class WebServer(HttpServer):
         self._streams.add(asyncio.current_task())
         writer.write(http_head(200, "text/event-stream; charset=utf-8", None, ("X-Accel-Buffering: no",)))
         writer.write(b"retry: 1000\n\n" + b"".join(first))
-        await writer.drain()
+        await asyncio.wait_for(writer.drain(), 30)
         gone = asyncio.ensure_future(reader.read(1))       # the browser closed the page
+        item = None
         try:
             while True:
                 item = asyncio.ensure_future(follower.queue.get())
                 await asyncio.wait((item, gone), timeout=15, return_when=asyncio.FIRST_COMPLETED)
                 if gone.done() or (item.done() and item.result() is None):
-                    item.cancel()
                     return
-                if not item.done():
-                    item.cancel()
-                writer.write(item.result() if item.done() else b": still here\n\n")
+                if item.done():
+                    follower.took(item.result())
+                    writer.write(item.result())
+                else:
+                    writer.write(b": still here\n\n")     # finds half-open connections
                 await asyncio.wait_for(writer.drain(), 30)
         finally:
             gone.cancel()
+            if item is not None:
+                item.cancel()
 
     async def _events(self, reader, writer):
         follower = _Follower()
@@ -6668,68 +6777,74 @@ class WebServer(HttpServer):
 
     async def _tail(self, req, reader, writer):
         name = req.query.get("name", "")
-        reply = await self.hub.call("tail", name=name, bytes=8000)
-        if reply.get("status") != "ok" and reply.get("errno") != E_UNKNOWN_COMMAND:
+        reply = await self.hub.call("tail", {"name": name, "bytes": 8000})
+        if reply.get("errno") == E_UNKNOWN_COMMAND:      # a real circusd: no output to follow
+            history = {"data": "", "note": "this daemon does not keep output (tail is circus.py's)"}
+        elif reply.get("status") != "ok":
             await self.send_json(writer, 404, reply)
             return
+        else:
+            history = {"data": reply.get("data", "")}
         follower = _Follower()
         topics = ["output.%s.%s" % (name.lower().replace(" ", "_"), s) for s in ("stdout", "stderr")]
         for t in topics:
             self.tails.setdefault(t, set()).add(follower)
             self.hub.follow(t, True)
         try:
-            first = [_sse("output", {"stream": "stdout", "pid": None, "data": reply.get("data", "")})]
-            await self._stream(reader, writer, follower, first)
+            await self._stream(reader, writer, follower, [_sse("history", history)])
         finally:
             for t in topics:
                 self.tails[t].discard(follower)
+                if not self.tails[t]:
+                    del self.tails[t]
                 self.hub.follow(t, False)
 
     # -- requests -------------------------------------------------------------------------
-    def _authorized(self, req) -> bool:
-        if not self.token:
-            return True
+    def _given_token(self, req):
+        """The token a request carries: basic auth, Bearer, the login cookie or ?token=."""
         import base64
-        import hmac
         scheme, _, cred = req.headers.get("authorization", "").partition(" ")
-        given = cred.strip()
+        if scheme.lower() == "bearer":
+            return cred.strip()
         if scheme.lower() == "basic":
             try:
-                given = base64.b64decode(given).decode("utf-8").partition(":")[2]
+                return base64.b64decode(cred.strip()).decode("utf-8").partition(":")[2]
             except ValueError:
-                return False
-        elif scheme.lower() != "bearer":
-            return False
-        return hmac.compare_digest(given.encode(), self.token.encode())
+                return None
+        for part in req.headers.get("cookie", "").split(";"):
+            key, _, value = part.strip().partition("=")
+            if key == self.cookie:
+                return value
+        return req.query.get("token")
 
-    def _same_site(self, req) -> bool:
-        host = req.headers.get("host", "")
-        if host.startswith("["):                # [::1]:8080
-            name = host[1:].partition("]")[0]
-        else:                                   # 127.0.0.1:8080, localhost
-            name = host.rpartition(":")[0] if host.count(":") == 1 else host
-        if not self.token and not (is_loopback(name) or name == self.host):
-            return False        # a page of another site that resolves to 127.0.0.1
-        origin = req.headers.get("origin")
-        return origin is None or origin in ("http://" + host, "https://" + host)
+    def _authorized(self, req) -> bool:
+        import hmac
+        given = self._given_token(req)
+        return given is not None and hmac.compare_digest(given.encode(), self.token.encode())
 
     def _csrf_ok(self, req) -> bool:
         import hmac
-        if self.token and req.headers.get("authorization", "").lower().startswith("bearer "):
+        if req.headers.get("authorization", "").lower().startswith("bearer "):
             return True
         return hmac.compare_digest(req.headers.get("x-csrf-token", "").encode(), self.csrf.encode())
 
     async def handle(self, req, reader, writer):
+        if req.headers.get("sec-fetch-site") in ("cross-site", "same-site"):
+            await self.send(writer, 403, "refused: a request from another site\n")
+            return
         if not self._authorized(req):
-            await self.send(writer, 401, "this dashboard needs its token (httpd_token)\n",
+            await self.send(writer, 401, "this dashboard needs its token: open the address with "
+                            "?token=... or give the token as the password (httpd_token, or the file "
+                            "the daemon's log names)\n",
                             extra=('WWW-Authenticate: Basic realm="circus.py", charset="UTF-8"',))
             return
-        if not self._same_site(req):
-            await self.send(writer, 403, "refused: the Host or Origin header is not this dashboard's\n")
-            return
         path = req.path
-        if path.startswith("/api/"):
-            await self._api(req, writer, path[5:].lower())
+        if "token" in req.query and req.method == "GET":    # log in: the cookie, then the clean address
+            await self.send(writer, 303, "", extra=(
+                "Location: %s" % (path if re.fullmatch(r"/[\w./-]*", path) else "/"),
+                "Set-Cookie: %s=%s; HttpOnly; SameSite=Strict; Path=/" % (self.cookie, self.token)))
+        elif path.startswith("/api/"):
+            await self._api(req, reader, writer, path[5:].lower())
         elif req.method not in ("GET", "HEAD"):
             await self.send(writer, 405, "only GET here; actions are POST /api/COMMAND\n", extra=("Allow: GET",))
         elif path in _DASHBOARD_FILES:
@@ -6739,10 +6854,13 @@ class WebServer(HttpServer):
                 text = text.replace("{{csrf}}", self.csrf).replace("{{version}}", __version__)
                 extra = (_DASHBOARD_CSP,)
             await self.send(writer, 200, text, ctype, extra)
-        elif path == "/events":
-            await self._events(reader, writer)
-        elif path == "/tail":
-            await self._tail(req, reader, writer)
+        elif path in ("/events", "/tail"):
+            if len(self._streams) >= self.MAX_STREAMS:
+                await self.send(writer, 503, "too many open event streams\n")
+            elif path == "/events":
+                await self._events(reader, writer)
+            else:
+                await self._tail(req, reader, writer)
         elif path == "/metrics" and self.metrics is not None:
             try:
                 await self.send(writer, 200, await self.metrics(), _METRICS_TYPE)
@@ -6751,36 +6869,30 @@ class WebServer(HttpServer):
         else:
             await self.send(writer, 404, "not found\n")
 
-    async def _api(self, req, writer, name):
+    async def _api(self, req, reader, writer, name):
+        def refuse(status, reason, errno_=E_MESSAGE_ERROR, extra=()):
+            return self.send_json(writer, status, _error_reply(reason, errno_, None), extra)
         if name not in COMMANDS or name in ("help", "listen"):
-            await self.send_json(writer, 404, _error_reply("unknown command: %r" % name, E_UNKNOWN_COMMAND, None))
-            return
-        if req.method == "GET" and name not in _READ_ONLY:
-            await self.send_json(writer, 405, _error_reply("%s changes things: use POST (with the X-CSRF-Token "
-                                                           "header)" % name, E_MESSAGE_ERROR, None),
-                                 extra=("Allow: POST",))
-            return
+            return await refuse(404, "unknown command: %r" % name, E_UNKNOWN_COMMAND)
         if req.method == "GET":
+            if name not in _READ_ONLY:
+                return await refuse(405, "%s changes things: use POST (with the X-CSRF-Token header)" % name,
+                                    extra=("Allow: POST",))
             props = dict(req.query)
         elif req.method == "POST":
             if not self._csrf_ok(req):
-                await self.send_json(writer, 403, _error_reply(
-                    "missing or wrong X-CSRF-Token header (the page has it; scripts can use "
-                    "httpd_token as a Bearer token)", E_MESSAGE_ERROR, None))
-                return
+                return await refuse(403, "missing or wrong X-CSRF-Token header (the page has it; scripts "
+                                         "can send the token as Authorization: Bearer)")
             try:
-                props = json.loads(req.body.decode("utf-8") or "{}")
+                props = json.loads((await read_body(reader, req, self.MAX_BODY)).decode("utf-8"))
             except (UnicodeDecodeError, ValueError):
                 props = None
-            if not isinstance(props, dict):
-                await self.send_json(writer, 400, _error_reply("the body must be a JSON object of properties",
-                                                               E_INVALID_JSON, None))
-                return
+            if not isinstance(props, dict):     # not even empty: `{}` is asked for, never assumed
+                return await refuse(400, "the body must be a JSON object of properties ({} for none)",
+                                    E_INVALID_JSON)
         else:
-            await self.send_json(writer, 405, _error_reply("use GET or POST", E_MESSAGE_ERROR, None),
-                                 extra=("Allow: GET, POST",))
-            return
-        reply = await (take_snapshot(self.hub) if name == "snapshot" else self.hub.call(name, **props))
+            return await refuse(405, "use GET or POST", extra=("Allow: GET, POST",))
+        reply = await (take_snapshot(self.hub) if name == "snapshot" else self.hub.call(name, props))
         code = 200 if reply.get("status") == "ok" else 404 if reply.get("errno") == E_UNKNOWN_COMMAND else 400
         await self.send_json(writer, code, reply)
 
@@ -6789,6 +6901,11 @@ class WebServer(HttpServer):
             self._ticker.cancel()
         await super().close()
         await self.hub.close()
+        if self.token_file:
+            try:
+                os.unlink(self.token_file)
+            except OSError:
+                pass
 
 
 # -- the page: HTML, CSS and JS, served as three files (a CSP with no inline code) --------
@@ -7061,6 +7178,12 @@ function follow(name) {
   pre.replaceChildren();
   box.hidden = false;
   tail = new EventSource("tail?name=" + encodeURIComponent(name));
+  tail.addEventListener("history", ev => {     // first, and again after a reconnection
+    const h = JSON.parse(ev.data);
+    pre.replaceChildren(h.data);
+    if (h.note) pre.append(el("span", {class: "muted", text: h.note}));
+    pre.scrollTop = pre.scrollHeight;
+  });
   tail.addEventListener("output", ev => {
     const chunk = JSON.parse(ev.data);
     const stick = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
@@ -7131,13 +7254,11 @@ def web_main(argv) -> int:
 
     async def serve():
         hub = RemoteHub(endpoint, args.timeout, curve)
-        try:
-            web = WebServer(hub, args.host, args.port, token, metrics=lambda: _remote_metrics(hub))
-            await web.start()
-        except BaseException:
-            await hub.close()
-            raise
-        sys.stdout.write("dashboard for %s on http://%s/\n" % (endpoint, web.address))
+        web = WebServer(hub, args.host, args.port, token, metrics=lambda: _remote_metrics(hub))
+        await web.start()       # (closes the hub if it fails)
+        # the user's own terminal: the address to open, with the token if we made it
+        sys.stdout.write("dashboard for %s on %s\n" % (
+            endpoint, web.login_url if web.made_token else "http://%s/" % web.address))
         sys.stdout.flush()
         stop = asyncio.get_running_loop().create_future()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -7148,8 +7269,11 @@ def web_main(argv) -> int:
             await web.close()
     try:
         asyncio.run(serve())
-    except CircusError as e:
+    except CallError as e:
         err.write("error: %s\nIs the daemon running on %s? (set --endpoint)\n" % (e, endpoint))
+        return 1
+    except CircusError as e:
+        err.write("error: %s\n" % e)
         return 1
     return 0
 
@@ -7159,8 +7283,6 @@ async def _remote_metrics(hub) -> str:
     if snap.get("status") != "ok":
         raise CircusError("the daemon did not answer: %s" % snap.get("reason"))
     return metrics_text(snap)
-
-
 
 
 async def start_channels(arbiter) -> list:

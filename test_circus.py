@@ -5070,6 +5070,10 @@ def test_httpd_config(tmp_path):
 def test_example_config_loads(tmp_path):
     cfg = circus.load_config(str(HERE / "circus.ini.example"))
     assert sorted(w.name for w in cfg.watchers) == ["ticker", "web"] and [s.name for s in cfg.sockets] == ["web"]
+    assert not cfg.httpd
+    text = (HERE / "circus.ini.example").read_text()     # its commented dashboard lines work
+    lines = re.findall(r"^# (\[circus\]|httpd.*)$", text, re.M)
+    cfg = circus.load_config(write(tmp_path / "c.ini", "\n".join(lines) + "\n"))
     assert (cfg.httpd, cfg.httpd_host, cfg.httpd_port) == (True, "127.0.0.1", 8081)
 
 
@@ -5145,8 +5149,24 @@ class SseReader:
 
 def _page_csrf(port, headers=None):
     status, _, body = http(port, "GET", "/", headers=headers)
-    assert status == 200
+    assert status == 200, body
     return re.search(r'name="csrf-token" content="([^"]+)"', body.decode()).group(1)
+
+
+def _made_token(d, port):
+    """The token a daemon made for its dashboard: the file its log names (0600)."""
+    path = wait_for(lambda: re.search(r"dashboard on http://127\.0\.0\.1:%d/ \(token: (\S+)\)" % port,
+                                      d.log.read_text()), what="the dashboard's log line").group(1)
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    return path, pathlib.Path(path).read_text().strip()
+
+
+def quiet_for(pid, seconds):
+    """True when the process's main thread did not wake up for ``seconds``."""
+    p = psutil.Process(pid)
+    before = p.num_ctx_switches().voluntary
+    time.sleep(seconds)     # an interval is what is measured here
+    return p.num_ctx_switches().voluntary - before <= 1
 
 
 def test_e2e_dashboard_http_api_and_its_guards(daemon):
@@ -5160,76 +5180,100 @@ def test_e2e_dashboard_http_api_and_its_guards(daemon):
         [watcher:b]
         cmd = sleep 121
         """ % port)
-    status, head, body = http(port, "GET", "/")
+    token_file, token = _made_token(d, port)
+    # no token, no entry
+    for path in ("/", "/api/status", "/events", "/metrics", "/dashboard.js"):
+        status, head, _ = http(port, "GET", path)
+        assert status == 401 and head["www-authenticate"].startswith("Basic "), path
+    assert http(port, "GET", "/", headers={"Cookie": "circuspy-%d=%s" % (port, "x" * 32)})[0] == 401
+    # logging in with ?token= sets the cookie and sends the browser to the clean address
+    status, head, _ = http(port, "GET", "/?token=" + token)
+    assert status == 303 and head["location"] == "/"
+    cookie = head["set-cookie"].split(";")[0]
+    assert "HttpOnly" in head["set-cookie"] and "SameSite=Strict" in head["set-cookie"]
+    assert http(port, "GET", "/%0d%0aX-Evil:%201?token=" + token)[1]["location"] == "/"   # no header injection
+    auth = {"Cookie": cookie}
+    status, head, _ = http(port, "GET", "/", headers=auth)
     assert status == 200 and "default-src 'none'" in head["content-security-policy"]
     assert head["x-frame-options"] == "DENY" and head["x-content-type-options"] == "nosniff"
-    csrf = _page_csrf(port)
+    csrf = _page_csrf(port, auth)
     for path in ("/dashboard.js", "/dashboard.css"):
-        assert http(port, "GET", path)[0] == 200
+        assert http(port, "GET", path, headers=auth)[0] == 200
     # read-only commands by GET, the snapshot with real pids and memory
-    status, _, body = http(port, "GET", "/api/snapshot")
+    status, _, body = http(port, "GET", "/api/snapshot", headers=auth)
     snap = json.loads(body)
     a = [w for w in snap["watchers"] if w["name"] == "a"][0]
     assert status == 200 and sorted(p["pid"] for p in a["processes"]) == sorted(d.pids("a"))
     assert all(p["rss"] > 0 for p in a["processes"]) and snap["daemon"]["pid"] == d.proc.pid
-    assert json.loads(http(port, "GET", "/api/status?name=a")[2])["status"] == "active"
-    assert json.loads(http(port, "GET", "/api/list")[2])["watchers"] == ["a", "b"]
-    assert 'circus_watcher_processes{watcher="a"} 2' in http(port, "GET", "/metrics")[2].decode()
+    assert json.loads(http(port, "GET", "/api/status?name=a", headers=auth)[2])["status"] == "active"
+    assert json.loads(http(port, "GET", "/api/list", headers=auth)[2])["watchers"] == ["a", "b"]
+    assert 'circus_watcher_processes{watcher="a"} 2' in http(port, "GET", "/metrics", headers=auth)[2].decode()
     # the event stream: a snapshot at once, then events
-    sse = SseReader(port, "/events")
+    sse = SseReader(port, "/events", "Cookie: %s\r\n" % cookie)
     try:
         assert sse.status == 200
         assert {w["name"] for w in sse.next("snapshot")["watchers"]} == {"a", "b"}
         # nothing changes state by GET, nor without the page's token, nor from another site
+        post = dict(auth, **{"X-CSRF-Token": csrf})
         refused = [
-            http(port, "GET", "/api/stop?name=a"),
-            http(port, "POST", "/api/stop", {"name": "a"}),
-            http(port, "POST", "/api/stop", {"name": "a"}, {"X-CSRF-Token": "nope"}),
-            http(port, "POST", "/api/stop", {"name": "a"}, {"X-CSRF-Token": csrf,
-                                                            "Origin": "http://evil.example"}),
-            http(port, "POST", "/api/stop", {"name": "a"}, {"X-CSRF-Token": csrf, "Host": "evil.example"}),
-            http(port, "GET", "/api/status", headers={"Host": "rebound.example:%d" % port}),
+            http(port, "GET", "/api/stop?name=a", headers=auth),
+            http(port, "POST", "/api/stop", {"name": "a"}, auth),
+            http(port, "POST", "/api/stop", {"name": "a"}, dict(auth, **{"X-CSRF-Token": "nope"})),
+            http(port, "POST", "/api/stop", {"name": "a"}, dict(post, **{"Sec-Fetch-Site": "cross-site"})),
+            http(port, "GET", "/api/status", headers=dict(auth, **{"Sec-Fetch-Site": "same-site"})),
         ]
-        assert [r[0] for r in refused] == [405, 403, 403, 403, 403, 403], refused
+        assert [r[0] for r in refused] == [405, 403, 403, 403, 403], refused
         assert "use POST" in json.loads(refused[0][2])["reason"]
         assert "X-CSRF-Token" in json.loads(refused[1][2])["reason"]
         assert d.call("status", name="a")["status"] == "active"
-        # bad input: one clear answer each, the daemon stays up
-        assert http(port, "POST", "/api/incr", "not json", {"X-CSRF-Token": csrf})[0] == 400
-        assert json.loads(http(port, "GET", "/api/nosuch")[2])["reason"] == "unknown command: 'nosuch'"
-        assert http(port, "GET", "/nosuch")[0] == 404
+        # bad input: one clear answer each, the daemon stays up; a nameless stop is never assumed
+        assert http(port, "POST", "/api/incr", "not json", post)[0] == 400
+        status, _, body = http(port, "POST", "/api/stop", "", post)
+        assert status == 400 and "({} for none)" in json.loads(body)["reason"]
+        chunked = ("POST /api/stop HTTP/1.1\r\nHost: x\r\nCookie: %s\r\nX-CSRF-Token: %s\r\n"
+                   "Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n" % (cookie, csrf)).encode()
+        assert http(port, "", "", raw=chunked)[0] == 501
+        assert http(port, "POST", "/api/status", "x" * (100 << 10), post)[0] == 400
+        assert json.loads(http(port, "POST", "/api/status", {"command": 1}, post)[2])["status"] == "ok"
+        assert json.loads(http(port, "GET", "/api/nosuch", headers=auth)[2])["reason"] == "unknown command: 'nosuch'"
+        assert http(port, "GET", "/nosuch", headers=auth)[0] == 404
         assert http(port, "", "", raw=b"garbage\r\n\r\n")[0] == 400
-        assert http(port, "", "", raw=b"POST /api/stop HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n")[0] == 400
-        assert json.loads(http(port, "POST", "/api/stop", {"name": "nosuch"},
-                               {"X-CSRF-Token": csrf})[2])["reason"] == "program nosuch not found"
-        # the page's token, same origin: it happens, and the browser hears it
-        status, _, body = http(port, "POST", "/api/stop", {"name": "a", "waiting": True},
-                               {"X-CSRF-Token": csrf, "Origin": "http://127.0.0.1:%d" % port})
+        assert json.loads(http(port, "POST", "/api/stop", {"name": "nosuch"}, post)[2])["reason"] == \
+            "program nosuch not found"
+        assert d.call("status")["statuses"] == {"a": "active", "b": "active"}
+        # the page's token: it happens, and the browser hears it
+        status, _, body = http(port, "POST", "/api/stop", {"name": "a", "waiting": True}, post)
         assert status == 200 and json.loads(body)["status"] == "ok", body
         assert d.call("status", name="a")["status"] == "stopped"
         sse.next("circus", lambda e: e["topic"] == "watcher.a.stop")
         sse.next("snapshot", lambda s: [w["status"] for w in s["watchers"] if w["name"] == "a"] == ["stopped"])
-        status, _, body = http(port, "POST", "/api/incr", {"name": "b", "nb": 2, "waiting": True},
-                               {"X-CSRF-Token": csrf})
+        status, _, body = http(port, "POST", "/api/incr", {"name": "b", "nb": 2, "waiting": True}, post)
         assert json.loads(body)["numprocesses"] == 3
         wait_for(lambda: len(d.pids("b")) == 3, what="incr over HTTP")
+        # event streams are capped; the one open counts
+        extra = [SseReader(port, "/events", "Cookie: %s\r\n" % cookie) for _ in range(32)]
+        try:
+            assert [r.status for r in extra].count(503) == 1
+        finally:
+            for r in extra:
+                r.close()
     finally:
         sse.close()
-    # nobody watching any more: no snapshots, the daemon's loop sleeps
-    me = psutil.Process(d.proc.pid)
-    time.sleep(1.2)     # the last tick (1 s) ends; then we measure an interval, not wait for an event
-    wakes, cpu = me.num_ctx_switches().voluntary, sum(me.cpu_times()[:2])
-    time.sleep(2.0)
-    assert me.num_ctx_switches().voluntary - wakes < 4 and sum(me.cpu_times()[:2]) - cpu < 0.05
+    # nobody watching any more: no snapshots, the daemon's loop sleeps (the ticker ends within 1 s)
+    wait_for(lambda: quiet_for(d.proc.pid, 1.5), what="the daemon to stop waking up")
+    d.call("quit", waiting=True)
+    wait_for(lambda: d.proc.poll() is not None, what="the daemon to exit")
+    assert not os.path.exists(token_file)
 
 
-def test_e2e_dashboard_token(daemon):
+def test_e2e_dashboard_with_a_configured_token(daemon):
     import base64
     port, = free_ports(1)
     token = "s3cret-token-of-the-dashboard"
     d = daemon("httpd = true\nhttpd_port = %d\nhttpd_token = %s\n[watcher:a]\ncmd = sleep 120\n" % (port, token))
-    status, head, _ = http(port, "GET", "/")
-    assert status == 401 and head["www-authenticate"].startswith("Basic ")
+    wait_for(lambda: "dashboard on http://127.0.0.1:%d/ (token: httpd_token)" % port in d.log.read_text(),
+             what="the log line")
+    assert http(port, "GET", "/")[0] == 401
     assert http(port, "GET", "/api/status", headers={"Authorization": "Bearer wrong-token-123456"})[0] == 401
     basic = {"Authorization": "Basic " + base64.b64encode(b"anyone:" + token.encode()).decode()}
     csrf = _page_csrf(port, basic)
@@ -5241,22 +5285,24 @@ def test_e2e_dashboard_token(daemon):
     status, _, body = http(port, "POST", "/api/start", {"name": "a", "waiting": True},
                            {"Authorization": "Bearer " + token})
     assert status == 200 and d.call("status", name="a")["status"] == "active"
-    # with a token, any Host name is fine (a proxy's, a DNS name): the token is the guard
+    # any Host name is fine (a proxy's, a DNS name): the token is the guard
     assert http(port, "GET", "/api/list", headers=dict(basic, Host="circus.example.com"))[0] == 200
 
 
 def _start_web(args, cwd):
+    import select
     log = pathlib.Path(cwd) / "web.log"
     with open(log, "ab") as err:
         proc = subprocess.Popen([sys.executable, str(CIRCUS_PY), "web"] + args, stdout=subprocess.PIPE,
                                 stderr=err, stdin=subprocess.DEVNULL, cwd=str(cwd),
                                 start_new_session=True, text=True)
-    first = proc.stdout.readline()      # the line, or EOF if it dies
-    if not first.startswith("dashboard for "):
+    ready, _, _ = select.select([proc.stdout], [], [], TIMEOUT)
+    first = proc.stdout.readline() if ready else ""      # the line, or EOF if it dies
+    m = re.match(r"dashboard for \S+ on http://127\.0\.0\.1:(\d+)/\?token=(\S+)$", first)
+    if not m:
         _stop_web(proc)
-        raise AssertionError("web did not start: %s%s" % (first, log.read_text()))
-    port = int(first.rsplit(":", 1)[1].strip(" /\n"))
-    return proc, port
+        raise AssertionError("web did not start: %r %s" % (first, log.read_text()))
+    return proc, int(m.group(1)), {"Authorization": "Bearer " + m.group(2)}
 
 
 def _stop_web(proc):
@@ -5276,35 +5322,43 @@ def test_e2e_web_attaches_to_a_running_daemon(daemon, shortdir):
     bad = subprocess.run([sys.executable, str(CIRCUS_PY), "web", "--host", "0.0.0.0", "--endpoint", d.endpoint],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "httpd_host 0.0.0.0 is reachable from other hosts" in bad.stderr, bad
-    proc, port = _start_web(["--endpoint", d.endpoint, "--port", "0"], shortdir)
+    assert "Is the daemon running" not in bad.stderr
+    proc, port, auth = _start_web(["--endpoint", d.endpoint, "--port", "0", "--timeout", "2"], shortdir)
     try:
-        snap = json.loads(http(port, "GET", "/api/snapshot")[2])
+        assert http(port, "GET", "/api/status")[0] == 401
+        snap = json.loads(http(port, "GET", "/api/snapshot", headers=auth)[2])
         assert sorted(p["pid"] for p in snap["watchers"][0]["processes"]) == sorted(d.pids("a"))
-        sse = SseReader(port, "/events")
+        sse = SseReader(port, "/events", "Authorization: %s\r\n" % auth["Authorization"])
         try:
             sse.next("snapshot")
-            csrf = _page_csrf(port)
-            assert http(port, "POST", "/api/stop", {"name": "a"})[0] == 403
-            status, _, body = http(port, "POST", "/api/stop", {"name": "a", "waiting": True}, {"X-CSRF-Token": csrf})
+            status, _, body = http(port, "POST", "/api/stop", {"name": "a", "waiting": True}, auth)
             assert status == 200, body
             sse.next("circus", lambda e: e["topic"] == "watcher.a.stop")
         finally:
             sse.close()
         assert d.call("status", name="a")["status"] == "stopped"
-        assert 'circus_watcher_active{watcher="a"} 0' in http(port, "GET", "/metrics")[2].decode()
-        # the daemon goes away: the dashboard says so and stays up
+        assert 'circus_watcher_active{watcher="a"} 0' in http(port, "GET", "/metrics", headers=auth)[2].decode()
+        # the daemon goes away: the dashboard says so and stays up; a click made meanwhile
+        # is not run when the daemon comes back
         d.stop()
-        status, _, body = http(port, "GET", "/api/status", timeout=30)
-        assert status == 400 and "no answer from" in json.loads(body)["reason"]
+        status, _, body = http(port, "POST", "/api/stop", {"name": "a"}, auth, timeout=30)
+        assert status == 400 and ("no answer from" in json.loads(body)["reason"]
+                                  or "cannot reach" in json.loads(body)["reason"]), body
+        d.start()
+        wait_for(lambda: http(port, "GET", "/api/status", headers=auth, timeout=30)[0] == 200,
+                 what="web to reach the new daemon")
+        assert d.call("status", name="a")["status"] == "active"     # the stop was not replayed
+        assert json.loads(http(port, "POST", "/api/stop", {"name": "a", "waiting": True}, auth)[2])["status"] == "ok"
+        assert d.call("status", name="a")["status"] == "stopped"
     finally:
         _stop_web(proc)
 
 
 def test_e2e_web_in_front_of_a_real_circusd(env, tmp_path):
     d = env.launch("real")
-    proc, port = _start_web(["--endpoint", env.endpoint, "--port", "0"], tmp_path)
+    proc, port, auth = _start_web(["--endpoint", env.endpoint, "--port", "0"], tmp_path)
     try:
-        snap = json.loads(http(port, "GET", "/api/snapshot", timeout=30)[2])
+        snap = json.loads(http(port, "GET", "/api/snapshot", headers=auth, timeout=30)[2])
         assert snap["status"] == "ok", snap
         rows = {w["name"]: sorted(p["pid"] for p in w["processes"]) for w in snap["watchers"]}
         ours = json.loads(subprocess.run([sys.executable, str(CIRCUS_PY), "ctl", "--endpoint", env.endpoint,
@@ -5339,15 +5393,18 @@ def browser(tmp_path):
         opts.add_argument(arg)
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     drv = webdriver.Chrome(service=Service(driver_bin), options=opts)
-    service_pid = drv.service.process.pid
-    family = [service_pid] + [p.pid for p in psutil.Process(service_pid).children(recursive=True)]
+    driver_proc = psutil.Process(drv.service.process.pid)
     try:
         yield drv
     finally:
-        drv.quit()
-        for pid in family:      # nothing of the browser may outlive the test
+        family = [driver_proc]
+        with contextlib.suppress(psutil.Error):
+            family += driver_proc.children(recursive=True)
+        with contextlib.suppress(Exception):
+            drv.quit()
+        for p in family:        # nothing of the browser may outlive the test (kill() checks pid reuse)
             with contextlib.suppress(psutil.Error):
-                psutil.Process(pid).kill()
+                p.kill()
 
 
 def test_e2e_browser_dashboard(daemon, browser):
@@ -5382,8 +5439,12 @@ def test_e2e_browser_dashboard(daemon, browser):
         wait_for(lambda: text("#result") == expected, what="the result line to say %r (it says %r)"
                  % (expected, text("#result")))
 
+    _, token = _made_token(d, port)
     browser.get("http://127.0.0.1:%d/" % port)
+    assert text("#conn") is None        # no token, no page (the browser asks for a password)
+    browser.get("http://127.0.0.1:%d/?token=%s" % (port, token))
     wait_for(lambda: text("#conn") == "live", what="the page to go live")
+    assert browser.current_url == "http://127.0.0.1:%d/" % port     # the token is not left in the address
     wait_for(lambda: shown_pids("web") == sorted(d.pids("web")) and shown_pids("other") == sorted(d.pids("other")),
              what="the watchers and their pids on the page")
     assert text('tbody[data-watcher="web"] tr.watcher td.state') == "active"
@@ -5439,8 +5500,10 @@ def test_e2e_browser_dashboard(daemon, browser):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     browser.save_screenshot(str(ARTIFACTS / "dashboard.png"))
     print("screenshot: %s" % (ARTIFACTS / "dashboard.png"))
-    problems = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"    # the 400 is the "gone" one
-                and "/api/stop - Failed to load resource: the server responded with a status of 400" not in e["message"]]
+    expected = ("/api/stop - Failed to load resource: the server responded with a status of 400",  # "gone"
+                "status of 401")                                                        # before the token
+    problems = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"
+                and not any(x in e["message"] for x in expected)]
     assert not problems, problems
     # another site's page posts to the dashboard (a plain form, then fetch): refused
     page = ("<form id=f method=post action='http://127.0.0.1:%d/api/stop' enctype='text/plain'>"
