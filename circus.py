@@ -2571,6 +2571,7 @@ class Watcher:
         self.stderr_stream = None
         self.failures = 0               # consecutive failed starts (max_retry)
         self.starved = 0                # consecutive spawns the system had no room for
+        self._said_fds_short = False
         self._topping_up = False        # a spawn_missing() is running
         self.last_error = None          # text of the last spawn failure or crash
         self.lock = None                # asyncio.Lock, serialises commands on this watcher
@@ -2745,6 +2746,24 @@ class Watcher:
                 fds[name] = sock.fileno()
         return fds, fresh
 
+    def _fds_short(self) -> bool:
+        """Would every process wanted, with two pipes and a pidfd each, pass the fd limit?
+
+        Then output with no stream goes straight to the daemon's stdout/stderr
+        (as under Circus) instead of through a pipe: 1 fd per process, not 3,
+        and `ctl tail` misses it. Said once per watcher.
+        """
+        limit = fd_limit()
+        ws = self.arbiter.watchers if self.arbiter is not None else [self]
+        short = limit is not None and 3 * sum(w.numprocesses for w in ws) + 64 > limit
+        if short and not self._said_fds_short:
+            self._said_fds_short = True
+            _log().warning("watcher %s: not enough file descriptors (limit %d) to capture every "
+                           "process's output: what has no stream goes straight to the daemon's "
+                           "stdout/stderr, and `tail` misses it; raise the limit to capture it",
+                           self.name, limit)
+        return short
+
     def _death_signal(self) -> int:
         """What the processes get if the daemon dies: parent_death_signal, else stop_signal."""
         sig = self.conf.options["parent_death_signal"]
@@ -2780,11 +2799,15 @@ class Watcher:
             # Output is always piped (for `ctl tail`), except to /dev/null when asked;
             # without a stream it is passed on to the daemon's own stdout/stderr.
             piped = {}
+            lean = self._fds_short()
             for which in ("stdout", "stderr"):
                 if which == "stderr" and o["redirect_stderr"]:
                     piped[which] = subprocess.STDOUT
                 elif o["close_child_" + which] and getattr(self, which + "_stream") is None:
                     piped[which] = subprocess.DEVNULL
+                elif lean and getattr(self, which + "_stream") is None:     # no pipe: no fd
+                    piped[which] = (1 if which == "stdout" else 2) if self.conf.forward_output \
+                        else subprocess.DEVNULL
                 else:
                     piped[which] = subprocess.PIPE
             p = Process(wid, cmd, args, working_dir=o["working_dir"], shell=o["shell"],
@@ -7376,6 +7399,18 @@ class Pidfile:
             pass
 
 
+_NOFILE: list = []     # [soft RLIMIT_NOFILE], read once (None: unlimited)
+
+
+def fd_limit():
+    """The soft limit of open files (None when unlimited), as _raise_nofile left it."""
+    if not _NOFILE:
+        import resource
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        _NOFILE.append(None if soft == resource.RLIM_INFINITY else soft)
+    return _NOFILE[0]
+
+
 def _raise_nofile(minfds=None):
     """Each process costs the daemon up to 3 fds: lift the soft limit to the hard one
     (root: the hard one too, to the kernel's nr_open)."""
@@ -7399,19 +7434,34 @@ def _raise_nofile(minfds=None):
             resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
         except (ValueError, OSError):
             pass
+    _NOFILE.clear()
 
 
 def _check_fd_budget(cfg) -> None:
-    """One clear line when the config asks for more processes than the fd limit allows
-    (each costs the daemon up to 3 fds); what fits still runs, the rest shows BACKOFF."""
-    import resource
-    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    wanted = sum(w.options["numprocesses"] for w in cfg.watchers if w.options["autostart"])
-    need = 3 * wanted + 64
-    if soft != resource.RLIM_INFINITY and need > soft:
-        _log().error("%d processes need about %d open files but the limit is %d: about %d of them "
-                     "can start; raise it (ulimit -n, LimitNOFILE= in the unit, [supervisord] "
-                     "minfds) or run as root", wanted, need, soft, max(0, (soft - 64) // 3))
+    """One clear line when the config's processes don't fit the fd limit.
+
+    Each costs the daemon a pidfd and a pipe per captured stream: 3 fds. When
+    that is too many, output with no stream is not captured (1 fd each; see
+    Watcher._fds_short); if even that is too many, what fits runs and the
+    rest shows BACKOFF.
+    """
+    _NOFILE.clear()         # read it afresh
+    soft = fd_limit()
+    ws = [w for w in cfg.watchers if w.options["autostart"]]
+    wanted = sum(w.options["numprocesses"] for w in ws)
+    full = 3 * wanted + 64
+    if soft is None or full <= soft:
+        return
+    least = 64 + sum(w.options["numprocesses"] * (1 + bool(w.stdout_stream) + bool(w.stderr_stream))
+                     for w in ws)
+    how = "raise it (ulimit -n, LimitNOFILE= in the unit, [supervisord] minfds) or run as root"
+    if least <= soft:
+        _log().warning("%d processes need about %d open files to capture their output but the limit "
+                       "is %d: output with no stream goes straight to the daemon's stdout/stderr "
+                       "instead (`tail` misses it); %s", wanted, full, soft, how)
+    else:
+        _log().error("%d processes need at least %d open files but the limit is %d: about %d of them "
+                     "can start; %s", wanted, least, soft, max(0, (soft - 64) * wanted // (least - 64)), how)
 
 
 def drop_privileges(user):

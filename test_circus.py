@@ -4718,6 +4718,10 @@ def test_e2e_spawn_failures_are_visible_and_contained(daemon, shortdir):
         cmd = sleep 120
         numprocesses = 60
         autostart = false
+        stdout_stream.class = FileStream
+        stdout_stream.filename = many.log
+        stderr_stream.class = FileStream
+        stderr_stream.filename = many.log
         [watcher:fine]
         cmd = sleep 120
         """ % script, start=False)
@@ -4746,6 +4750,24 @@ def test_e2e_spawn_failures_are_visible_and_contained(daemon, shortdir):
     assert d.call("decr", name="many", nb=60 - len(running) + 5, waiting=True)["status"] == "ok"
     wait_for(lambda: all(r["state"] == "RUNNING" for r in d.call("status", long=True, name="many")["processes"]),
              timeout=15, what="many to recover")
+
+
+def test_e2e_short_of_fds_output_goes_straight_through(daemon):
+    """More processes than 3 fds each allow: those with no stream skip the pipes
+    (1 fd each, as under Circus) and all run; their output still reaches the log."""
+    import resource
+    d = daemon("""
+        [watcher:lots]
+        cmd = sh -c 'echo "hello from $$"; exec sleep 120'
+        numprocesses = 150
+        """, start=False)
+    d.start(preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (300, 300)))
+    wait_for(lambda: len(d.pids("lots")) == 150, what="150 processes with 300 fds")
+    pids = d.pids("lots")
+    wait_for(lambda: all("hello from %d" % p in d.log.read_text() for p in pids[-3:]), what="their output")
+    text = d.log.read_text()
+    assert text.count("not enough file descriptors (limit 300) to capture") == 1
+    assert len(os.listdir("/proc/%d/fd" % d.proc.pid)) < 300
 
 
 # A prefork HTTP worker on an inherited socket: boots slowly, says READY=1 over
@@ -4991,7 +5013,19 @@ def test_fd_budget_is_one_clear_line(tmp_path, caplog):
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     (line,) = [r.getMessage() for r in caplog.records]
-    assert "5000 processes need about 15064 open files but the limit is 1024" in line and "ulimit -n" in line
+    assert "5000 processes need at least 5064 open files but the limit is 1024: about 960 of them " \
+        "can start" in line and "ulimit -n" in line
+    # enough for one fd per process: a warning that output with no stream is not captured
+    resource.setrlimit(resource.RLIMIT_NOFILE, (8000, hard))
+    caplog.clear()
+    try:
+        with caplog.at_level("WARNING", logger="circus"):
+            circus._check_fd_budget(cfg)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        circus._NOFILE.clear()
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert "need about 15064 open files to capture their output but the limit is 8000" in line
 
 
 def test_e2e_daemon_runs_from_private_bytecode(daemon, shortdir):
