@@ -6779,6 +6779,7 @@ class WebServer(HttpServer):
                     follower.took(item.result())
                     writer.write(item.result())
                 else:
+                    item.cancel()       # (nothing taken: a pending get loses no item)
                     writer.write(b": still here\n\n")     # finds half-open connections
                 await asyncio.wait_for(writer.drain(), 30)
         finally:

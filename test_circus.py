@@ -5571,3 +5571,15 @@ def test_e2e_browser_dashboard(daemon, browser):
         evil.shutdown()
         evil.server_close()
     assert d.call("status", name="web")["status"] == "active"
+
+
+def test_e2e_python_dash_m_runs_the_same_cli(daemon):
+    """`python -m circus` (bytecode cached by Python) is the same CLI as `python circus.py`."""
+    d = daemon("[watcher:a]\ncmd = sleep 120\n")
+    env = dict(os.environ, PYTHONPATH=str(HERE))
+    out = subprocess.run([sys.executable, "-m", "circus", "--version"], capture_output=True, text=True,
+                         env=env, cwd="/", timeout=60)
+    assert out.returncode == 0 and out.stdout.startswith("circus.py %s" % circus.__version__)
+    out = subprocess.run([sys.executable, "-m", "circus", "ctl", "--endpoint", d.endpoint, "status"],
+                         capture_output=True, text=True, env=env, cwd="/", timeout=60)
+    assert (out.returncode, out.stdout) == (0, "a: active\n"), out
