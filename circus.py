@@ -735,7 +735,7 @@ class CircusConfig:
         self.httpd = False
         self.httpd_host = "127.0.0.1"
         self.httpd_port = 8080
-        self.httpd_token = None         # needed for a dashboard off loopback
+        self.httpd_token = None         # None: the dashboard makes one at start (loopback only)
         self.debug = False
         self.debug_gc = False
         self.pidfile = None

@@ -5070,9 +5070,11 @@ def test_e2e_control_answers_while_1000_processes_respawn(daemon):
     median = rtts[len(rtts) // 2]
     print("list under a 1000-process respawn wave: median %.2f ms, p95 %.2f ms, max %.1f ms, %d requests"
           % (median, rtts[int(len(rtts) * 0.95)], rtts[-1], len(rtts)))
-    # Python 3.9's subprocess forks (no vfork): under this wave one spawn holds the loop
-    # 10-25 ms there (measured median 30 ms, was 2 s before reaping in turns)
-    assert median <= (5 if sys.version_info >= (3, 10) else 50), rtts[::max(1, len(rtts) // 20)]
+    # Python 3.9's subprocess forks (no vfork) and closes the child's fds one by one: under
+    # this wave one spawn holds the loop 10-25 ms there. Measured medians: 27-34 ms when run
+    # alone, 54-58 ms late in a full suite run (the same with older code); it was 2 s before
+    # reaping in turns, which is what this bound is there to catch on 3.9.
+    assert median <= (5 if sys.version_info >= (3, 10) else 100), rtts[::max(1, len(rtts) // 20)]
     wait_for(lambda: len(set(d.pids("many")) - set(pids)) == n, timeout=60, what="every process replaced")
 
 
