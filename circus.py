@@ -288,6 +288,13 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def check_token(token) -> None:
+    """A dashboard token must be long enough to resist guessing: ValueError if not."""
+    if token is not None and len(token) < 16:
+        raise ValueError("httpd_token is too short: use 16 characters or more, e.g. from "
+                         "python -c 'import secrets; print(secrets.token_urlsafe())'")
+
+
 def private_dir() -> str:
     """Where the default ipc endpoints live: $XDG_RUNTIME_DIR/circus, /run/circus for
     root, else /tmp/circus-<uid>. Only its owner may enter it (see ensure_private_dir)."""
@@ -822,10 +829,10 @@ def _check_curve_conf(cfg, ini) -> None:
 
 def _check_httpd_conf(cfg, ini) -> None:
     """The dashboard stays on loopback unless a token guards it."""
-    if cfg.httpd_token is not None and len(cfg.httpd_token) < 16:
-        raise ConfigError("%s: httpd_token is too short: use 16 characters or more, e.g. from "
-                          "python -c 'import secrets; print(secrets.token_urlsafe())'"
-                          % ini.where("circus", "httpd_token"))
+    try:
+        check_token(cfg.httpd_token)
+    except ValueError as e:
+        raise ConfigError("%s: %s" % (ini.where("circus", "httpd_token"), e)) from None
     if cfg.httpd and not cfg.httpd_token and not is_loopback(cfg.httpd_host):
         raise ConfigError("%s: the dashboard on %s would be open to other hosts: set httpd_token "
                           "(16+ characters) or use httpd_host = 127.0.0.1"
@@ -4434,15 +4441,16 @@ def add_usage(snap: dict, cache: dict) -> dict:
     return snap
 
 
-_USAGE_LOCKS: dict = {}     # id(cache) -> Lock: one psutil cache, one reader at a time
+_USAGE_LOCK: list = []     # [threading.Lock]: a psutil cache is read by one thread at a time
 
 
 def _usage_off_loop(snap, cache):
-    import threading
-    lock = _USAGE_LOCKS.setdefault(id(cache), threading.Lock())     # (made on the loop thread)
+    if not _USAGE_LOCK:         # (made on the loop thread, so only once)
+        import threading
+        _USAGE_LOCK.append(threading.Lock())
 
     def fill():
-        with lock:
+        with _USAGE_LOCK[0]:
             return add_usage(snap, cache)
     return asyncio.get_running_loop().run_in_executor(None, fill)
 
@@ -7266,12 +7274,13 @@ def web_main(argv) -> int:
         if args.token_file:
             with open(args.token_file) as f:
                 token = f.read().strip()
-        if token is not None and len(token) < 16:
-            raise CircusError("the token is too short: use 16 characters or more, e.g. from "
-                              "python -c 'import secrets; print(secrets.token_urlsafe())'")
+        check_token(token)
         curve = client_keys(args.key, args.server_key)
-    except (OSError, CircusError) as e:
-        err.write("error: %s\n" % (e if isinstance(e, CircusError) else "%s: %s" % (args.token_file, e.strerror)))
+    except OSError as e:
+        err.write("error: %s: %s\n" % (args.token_file, e.strerror))
+        return 2
+    except (ValueError, CircusError) as e:
+        err.write("error: %s\n" % e)
         return 2
     endpoint = args.endpoint or os.environ.get("CIRCUSCTL_ENDPOINT") or _default_ctl_endpoint()
     setup_logging("info", "-")
