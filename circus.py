@@ -604,6 +604,37 @@ def parse_hook(value):
     return parts[0], to_bool(parts[1]) if len(parts) == 2 else False
 
 
+def venv_site_packages(venv, py_ver=None):
+    """A virtualenv's site-packages folder for ``py_ver`` (default: ours), or None."""
+    ver = py_ver or "%d.%d" % sys.version_info[:2]
+    for impl in ("python", "pypy"):
+        site = os.path.join(venv, "lib", impl + ver, "site-packages")
+        if os.path.isdir(site):
+            return site
+    return None
+
+
+def _pth_paths(site) -> list:
+    """The existing folders the .pth files of a site-packages name (editable installs)."""
+    out = []
+    try:
+        names = sorted(n for n in os.listdir(site) if n.endswith(".pth"))
+    except OSError:
+        return out
+    for name in names:
+        try:
+            with open(os.path.join(site, name), encoding="utf-8", errors="replace") as f:
+                lines = f.read().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            if line.strip() and not line.startswith(("#", "import")):
+                path = os.path.abspath(os.path.join(site, line.rstrip()))
+                if os.path.exists(path):
+                    out.append(path)
+    return out
+
+
 class SocketConfig:
     """One ``[socket:NAME]`` section, typed."""
 
@@ -699,6 +730,10 @@ class WatcherConfig:
         o = self.options
         if o["virtualenv"] and not os.path.isdir(o["virtualenv"]):
             raise ValueError("virtualenv %r does not exist" % o["virtualenv"])
+        if o["virtualenv"] and not venv_site_packages(o["virtualenv"], o["virtualenv_py_ver"]):
+            raise ValueError("virtualenv %r has no lib/python%s/site-packages (set virtualenv_py_ver "
+                             "to its Python version)" % (o["virtualenv"], o["virtualenv_py_ver"]
+                                                         or "%d.%d" % sys.version_info[:2]))
         if o["singleton"] and o["numprocesses"] > 1:
             raise ValueError("singleton = true allows numprocesses 0 or 1, not %d"
                              % o["numprocesses"])
@@ -783,7 +818,36 @@ _SOCKET_KEYS = ("host", "port", "family", "type", "proto", "backlog", "path", "u
                 "replace", "so_reuseport", "blocking", "interface")
 
 
-def _read_with_includes(path: str, environ) -> IniFile:
+def _unknown_key(where, known, what="unknown key, ignored", hint_only=False):
+    """The warning for a key nothing reads, naming the closest known key (a likely typo).
+    hint_only: None unless some known key is close."""
+    import difflib
+    close = difflib.get_close_matches(where.key, list(known), n=1, cutoff=0.8 if hint_only else 0.75)
+    if hint_only and not close:
+        return None
+    return "%s: %s%s" % (where, what, " (did you mean %s?)" % close[0] if close else "")
+
+
+def _watcher_key_names() -> list:
+    """Every key a watcher section can hold, the families by their usual members (for hints)."""
+    streams = ("class", "filename", "max_bytes", "backup_count", "time_format")
+    return (list(WATCHER_OPTIONS) + ["env"] + ["hooks." + h for h in HOOK_NAMES]
+            + ["rlimit_" + r for r in RLIMITS] + ["flapping." + k for k in Flapping.KEYS]
+            + [w + "." + k for w in ("stdout_stream", "stderr_stream") for k in streams])
+
+
+def _free_key_warnings(ini, section, wc) -> list:
+    """Free-form keys nothing reads: not flapping.*, not used as $(circus.KEY) in the section.
+    Circus keeps them (hooks and plugins may read them); so do we, with a word."""
+    text = " ".join(str(v) for v in ini.items(section).values()).lower()
+    return [_unknown_key(ini.where(section, key), _watcher_key_names(),
+                         "unknown key, kept as a free-form option for hooks and plugins")
+            for key in wc.free
+            if not (key.startswith("flapping.") and key[9:] in Flapping.KEYS)
+            and "circus.%s" % key.lower() not in text]
+
+
+def _read_with_includes(path: str, environ, warnings: list) -> IniFile:
     import glob
     ini = IniFile()
     ini.read(path)
@@ -801,7 +865,7 @@ def _read_with_includes(path: str, environ) -> IniFile:
         full = pat if os.path.isabs(pat) else os.path.join(base, pat)
         found = sorted(glob.glob(full))
         if not found:
-            _log().warning("%s: include %r matches no file", path, pat)
+            warnings.append("%s: include %r matches no file" % (path, pat))
         for f in found:
             if os.path.abspath(f) != os.path.abspath(path):
                 ini.read(f)
@@ -845,23 +909,21 @@ def load_config(path: str, environ=None) -> CircusConfig:
     Raises ConfigError with one line naming file, section, key and the fix.
     """
     environ = dict(os.environ if environ is None else environ)
-    ini = _read_with_includes(path, environ)
     cfg = CircusConfig(os.path.abspath(path))
+    ini = _read_with_includes(path, environ, cfg.warnings)
     names = list(ini.sections)
 
-    # [env] and [env:PATTERNS]: $NAME refs come from the daemon's environment.
-    env_sections = []
-    for name in names:
-        if name == "env" or name.startswith("env:"):
-            values = {k: expand_env_refs(v, environ) for k, v in ini.items(name).items()}
-            pats = [] if name == "env" else [p.strip() for p in name[4:].split(",") if p.strip()]
-            env_sections.append((pats, values))
-    global_env = {}
-    for pats, values in env_sections:
-        if not pats:
-            global_env.update(values)
+    # [env] and [env:PATTERNS]: $NAME and $(circus.env.X) come from the daemon's environment
+    # ([env:...] also sees [env]; circusd leaves $(circus.env.X) literal there: a difference)
     table = {"env." + k.lower(): v for k, v in environ.items()}
+
+    def env_values(name):
+        return {k: replace_circus_vars(expand_env_refs(v, environ), table)
+                for k, v in ini.items(name).items()}
+    global_env = env_values("env")
     table.update({"env." + k.lower(): v for k, v in global_env.items()})
+    env_sections = [([p.strip() for p in name[4:].split(",") if p.strip()], env_values(name))
+                    for name in names if name.startswith("env:")]
 
     def expand(value, tbl=table):
         return replace_circus_vars(value, tbl) if isinstance(value, str) else value
@@ -875,7 +937,8 @@ def load_config(path: str, environ=None) -> CircusConfig:
     # [circus]
     for key, value in ini.items("circus").items():
         if key not in _CIRCUS_KEYS:
-            cfg.warnings.append("%s: unknown [circus] key, ignored" % ini.where("circus", key))
+            cfg.warnings.append(_unknown_key(ini.where("circus", key), _CIRCUS_KEYS,
+                                             "unknown [circus] key, ignored"))
             continue
         if key in ("include", "include_dir"):
             continue
@@ -891,10 +954,10 @@ def load_config(path: str, environ=None) -> CircusConfig:
         items = ini.items(name)
         if not items:
             continue
-        for key in items:
-            if key not in _SOCKET_KEYS:
-                raise ConfigError("%s: unknown socket option (known: %s)"
-                                  % (ini.where(name, key), ", ".join(_SOCKET_KEYS)))
+        for key in [k for k in items if k not in _SOCKET_KEYS]:     # circusd ignores them too
+            cfg.warnings.append(_unknown_key(ini.where(name, key), _SOCKET_KEYS,
+                                             "unknown socket key, ignored"))
+            del items[key]
         try:
             cfg.sockets.append(SocketConfig(name[7:], **{k: expand(v) for k, v in items.items()}))
         except (ValueError, TypeError) as e:
@@ -927,6 +990,7 @@ def load_config(path: str, environ=None) -> CircusConfig:
                 value = expand(value, wtable if "." in key or key not in WATCHER_OPTIONS else table)
             conv(name, key, value, lambda v, k=key: wc.set(k, v))
         wc.env = wenv
+        cfg.warnings += _free_key_warnings(ini, name, wc)
         if not wc.options["cmd"]:
             wc.options["cmd"] = ""
             cfg.warnings.append("%s: no 'cmd': this watcher cannot start until one is set"
@@ -939,7 +1003,9 @@ def load_config(path: str, environ=None) -> CircusConfig:
     for name in sorted(n for n in names if n.startswith("plugin:")):
         items = ini.items(name)
         if items:
-            cfg.plugins.append((name[7:], {k: expand(v) for k, v in items.items()}))
+            conf = {k: expand(v) for k, v in items.items()}
+            cfg.warnings += plugin_key_warnings(ini, name, conf)
+            cfg.plugins.append((name[7:], conf))
     if any(is_supervisor_section(n) for n in names):
         load_supervisor_sections(ini, cfg, environ, seen)
     for name in names:
@@ -1084,6 +1150,11 @@ _SV_PER_SECTION = {"priority", "autostart", "autorestart", "startsecs", "startre
                    "numprocs", "numprocs_start", "user", "umask", "serverurl",
                    "stdout_capture_maxbytes", "stderr_capture_maxbytes", "stdout_events_enabled",
                    "stderr_events_enabled"}
+_SV_SUPERVISORD_KEYS = ("environment", "logfile", "pidfile", "loglevel", "umask", "minfds",
+                        "directory", "user", "nodaemon", "logfile_maxbytes", "logfile_backups",
+                        "silent", "minprocs", "nocleanup", "childlogdir", "strip_ansi", "identifier")
+#: Other sections' keys, for unknown-key warnings.
+_SV_SECTION_KEYS = {"group:": ("programs", "priority"), "include": ("files",)}
 _SV_IGNORED = {
     "unix_http_server": "circus.py is controlled over ZeroMQ ([circus] endpoint), not XML-RPC",
     "inet_http_server": "circus.py is controlled over ZeroMQ ([circus] endpoint), not XML-RPC; "
@@ -1159,14 +1230,17 @@ def load_supervisor_sections(ini: IniFile, cfg: CircusConfig, environ, seen: dic
         if nodaemon:
             conv(sd, "nodaemon", nodaemon, to_bool)
         for key in ini.items(sd):
-            if key not in ("environment", "logfile", "pidfile", "loglevel", "umask", "minfds",
-                           "directory", "user", "nodaemon", "logfile_maxbytes", "logfile_backups",
-                           "silent", "minprocs", "nocleanup", "childlogdir", "strip_ansi", "identifier"):
-                cfg.warnings.append("%s: unknown [supervisord] key, ignored" % ini.where(sd, key))
+            if key not in _SV_SUPERVISORD_KEYS:
+                cfg.warnings.append(_unknown_key(ini.where(sd, key), _SV_SUPERVISORD_KEYS,
+                                                 "unknown [supervisord] key, ignored"))
     childlogdir = value("supervisord", "childlogdir", {}) if "supervisord" in ini.sections else None
     childlogdir = childlogdir or __import__("tempfile").gettempdir()
 
     for name in ini.sections:
+        known = _SV_SECTION_KEYS.get("group:" if name.startswith("group:") else name)
+        for key in ini.items(name) if known else ():
+            if key not in known:
+                cfg.warnings.append(_unknown_key(ini.where(name, key), known))
         for prefix, why in _SV_IGNORED.items():
             if name == prefix or (prefix.endswith(":") and name.startswith(prefix)) or \
                     (not prefix.endswith(":") and name.startswith(prefix)):
@@ -1197,7 +1271,8 @@ def load_supervisor_sections(ini: IniFile, cfg: CircusConfig, environ, seen: dic
                               % ini.where(name))
         for key in ini.items(name):
             if key not in _SV_PROGRAM_KEYS:
-                cfg.warnings.append("%s: unknown program key, ignored" % ini.where(name, key))
+                cfg.warnings.append(_unknown_key(ini.where(name, key), _SV_PROGRAM_KEYS,
+                                                 "unknown program key, ignored"))
         for gname in group_of.get(pname, [pname]):
             _sv_program(ini, cfg, name, pname, gname, group_prio.get(gname), fcgi, sv_env,
                         names, host, childlogdir, value, conv, seen)
@@ -1386,6 +1461,26 @@ class CircusSocket:
             s.close()
             raise
         return s
+
+    def check_address(self):
+        """What binding needs, checked without binding (for ``check``, which must work while
+        a daemon holds the address): the host resolves, the port fits, the folder exists."""
+        import socket
+        c = self.conf
+        try:
+            if isinstance(c.proto, str) and c.proto:
+                socket.getprotobyname(c.proto)
+            if c.family == "AF_UNIX":
+                folder = os.path.dirname(os.path.abspath(c.path))
+                if not os.path.isdir(folder):
+                    raise OSError("folder %s does not exist" % folder)
+            elif not 0 <= c.port <= 65535:
+                raise OSError("port %d is not in 0..65535" % c.port)
+            else:
+                socket.getaddrinfo(c.host, c.port, getattr(socket, c.family), getattr(socket, c.type))
+        except OSError as e:
+            raise CircusError("socket %s (%s): %s" % (
+                c.name, c.path or "%s:%s" % (c.host, c.port), e.strerror or e)) from None
 
     def bind_and_listen(self):
         if self.conf.so_reuseport:
@@ -2631,7 +2726,7 @@ class Watcher:
         o = self.conf.options
         out = {k: o[k] for k in VISIBLE_OPTIONS if k in o}
         out["working_dir"] = o["working_dir"] or os.getcwd()
-        out["env"] = dict(self.conf.env)
+        out["env"] = self.configured_env()      # circusd: the whole environment the processes get
         for which in ("stdout_stream", "stderr_stream"):
             conf = {k: v for k, v in getattr(self.conf, which).items() if k != "class"}
             # Circus shows null for a watcher added without streams, {} for a config one
@@ -2685,25 +2780,31 @@ class Watcher:
     def env(self) -> dict:
         """The environment its processes get (cached until options change)."""
         if self._env_cache is None:
-            o = self.conf.options
-            env = dict(os.environ) if o["copy_env"] else {}
-            env.update(self.conf.env)
-            if o["copy_path"]:
-                paths = [p for p in sys.path if p]
-                if env.get("PYTHONPATH"):
-                    paths.append(env["PYTHONPATH"])
-                env["PYTHONPATH"] = os.pathsep.join(paths)
-            venv = o["virtualenv"]
-            if venv:
-                ver = o["virtualenv_py_ver"] or "%d.%d" % sys.version_info[:2]
-                env["PATH"] = os.path.join(venv, "bin") + os.pathsep + env.get("PATH", os.defpath)
-                site = os.path.join(venv, "lib", "python" + ver, "site-packages")
-                env["PYTHONPATH"] = os.pathsep.join(p for p in (site, env.get("PYTHONPATH")) if p)
-                env["VIRTUAL_ENV"] = venv
-            if o["ready"] == "notify":
+            env = self.configured_env()
+            if self.conf.options["ready"] == "notify":
                 env["NOTIFY_SOCKET"] = _notify_listener(asyncio.get_event_loop()).address
             self._env_cache = env
         return self._env_cache
+
+    def configured_env(self) -> dict:
+        """The environment as circusd builds it: the daemon's (copy_env), its sys.path as
+        PYTHONPATH (copy_path), then the configured env, which wins; then the virtualenv's
+        bin/ before PATH and its site-packages after PYTHONPATH (no VIRTUAL_ENV)."""
+        o = self.conf.options
+        env = dict(os.environ) if o["copy_env"] else {}
+        if o["copy_path"]:
+            env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        env.update(self.conf.env)
+        if o["virtualenv"]:
+            venv = o["virtualenv"]
+            site = venv_site_packages(venv, o["virtualenv_py_ver"])
+            if os.path.isdir(os.path.join(venv, "bin")):
+                env["PATH"] = os.path.join(venv, "bin") + os.pathsep + env.get("PATH", os.defpath)
+            paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+            if site:
+                paths = _pth_paths(site) + paths + [site]
+            env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+        return env
 
     def _vars(self, wid, fds) -> dict:
         """The ``$(circus.X)`` table for one spawn (the static part is cached)."""
@@ -3450,8 +3551,9 @@ class Arbiter:
     """Many watchers and sockets, one event loop, the control and pub/sub channels.
 
     ``run()`` blocks in its own loop (with signal handlers: TERM/INT/QUIT
-    quit, HUP reloads); ``await start()`` / ``await stop()`` run it inside the
-    caller's loop. Events reach every callable in ``listeners`` as
+    quit, HUP reloads), and so does ``start()`` called outside a running loop
+    (Circus's library use); ``await start()`` / ``await stop()`` run it inside
+    the caller's loop. Events reach every callable in ``listeners`` as
     ``(topic, payload)``; the pub/sub channel is one of them.
     """
 
@@ -3614,7 +3716,8 @@ class Arbiter:
         return asyncio.run(self._serve())
 
     async def _serve(self):
-        await self.start(handle_signals=True)
+        import threading        # signal handlers can only be set from the main thread
+        await self._start(handle_signals=threading.current_thread() is threading.main_thread())
         self.sd_notify("READY=1\nMAINPID=%d" % os.getpid())
         await self._done
         return 0
@@ -3636,8 +3739,20 @@ class Arbiter:
         except OSError as e:
             _log().warning("NOTIFY_SOCKET %s: %s", self._notify_socket, e)
 
-    async def start(self, handle_signals=False) -> None:
-        """Bind sockets and channels, then start the watchers in priority order."""
+    def start(self, handle_signals=False):
+        """Bind sockets and channels, then start the watchers in priority order.
+
+        Inside a running loop: ``await arbiter.start()`` returns once started.
+        Outside one, as in Circus: runs the arbiter here until it is stopped (a
+        signal, the quit command, ``stop()`` from another thread or a callback).
+        """
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return self.run()
+        return self._start(handle_signals)
+
+    async def _start(self, handle_signals=False) -> None:
         self.loop = asyncio.get_running_loop()
         self.loop_thread = __import__("threading").get_ident()
         self.started = time.time()
@@ -3742,19 +3857,32 @@ class Arbiter:
                     await w.stop()
             await asyncio.gather(*(stop_one(w) for w in group))
 
-    async def stop(self) -> None:
+    def stop(self):
         """Stop every watcher, close sockets and channels; run() then returns.
 
-        Called by the ``quit`` command's own handler, it returns once the
-        watchers are down, so the handler can still send its reply; the
-        channels close right after.
+        In the arbiter's loop it returns a task (``await arbiter.stop()``, or
+        fire and forget from a callback). From another thread it waits until
+        the arbiter is down; once stopped (or never started) it does nothing.
         """
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is not None and running is self.loop:
+            return running.create_task(self._stop(asyncio.current_task()))
+        if self.loop is None or self.loop.is_closed() or self._done is None or self._done.done():
+            return None
+        return asyncio.run_coroutine_threadsafe(self._stop(None), self.loop).result()
+
+    async def _stop(self, caller) -> None:
+        # Called by the quit command's own handler (``caller``), it returns once the
+        # watchers are down, so the handler can still send its reply; the channels
+        # close right after.
         self.sd_notify("STOPPING=1")
         async with self._lock:
             await self.stop_watchers()
         finish = self.loop.create_task(self._finish())
-        me = asyncio.current_task()
-        if not any(ch.owns(me) for ch in self.channels):
+        if not any(ch.owns(caller) for ch in self.channels):
             await finish
 
     async def _finish(self):
@@ -3786,7 +3914,7 @@ class Arbiter:
 
     def _on_quit_signal(self, sig):
         _log().info("got %s: stopping", signame(sig))
-        self.loop.create_task(self.stop())
+        self.stop()      # a task of its own
 
     def _on_hup(self):
         _log().info("got SIGHUP: reloading")
@@ -4303,6 +4431,28 @@ UNSUPPORTED_PLUGINS = {
     "circus.plugins.http_observer.HttpObserver": "not supported (it is broken in Circus 0.19 too)",
     "circus.plugins.redis_observer.RedisObserver": "not supported",
 }
+
+
+#: Keys Circus's own plugins read (besides use and priority, which every plugin has).
+_PLUGIN_KEYS = {
+    "flapping": tuple(Flapping.KEYS),
+    "watchdog": ("watcher", "service", "max_mem", "max_cpu", "loop_rate", "max_count", "min_cpu",
+                 "min_mem", "health_threshold", "process_children", "child_signal"),
+    StatsdEmitter: ("host", "port", "sample_rate", "application_name"),
+}
+
+
+def plugin_key_warnings(ini, section, conf) -> list:
+    """A built-in plugin: any key it does not read. Your own plugin reads what it likes:
+    only near-misses of use/priority are worth a word."""
+    builtin = CIRCUS_PLUGINS.get(conf.get("use"))
+    if conf.get("use") in UNSUPPORTED_PLUGINS:
+        return []           # the whole section gets its own warning
+    known = ("use", "priority") + _PLUGIN_KEYS.get(builtin, ())
+    what = "unknown key, ignored" if builtin else "unknown key, passed to the plugin as it is"
+    out = [_unknown_key(ini.where(section, key), known, what, hint_only=builtin is None)
+           for key in conf if key not in known]
+    return [w for w in out if w]
 
 
 def plugin_limits(cfg: CircusConfig) -> dict:
@@ -7318,12 +7468,19 @@ async def _remote_metrics(hub) -> str:
     return metrics_text(snap)
 
 
+def check_endpoints(arbiter) -> None:
+    """The ZeroMQ endpoints' safety rules (check_endpoint), before anything binds."""
+    for what, ep in (("control endpoint", arbiter.endpoint), ("pubsub endpoint", arbiter.pubsub_endpoint),
+                     ("stats endpoint", arbiter.stats_endpoint if arbiter.statsd else None)):
+        if ep and not re.match(r"^(tcp://[^/]*:(\d+|\*)|ipc://.+|inproc://.+)$", ep):
+            raise CircusError("%s %r: use tcp://HOST:PORT or ipc://PATH" % (what, ep))
+        check_endpoint(ep, what, arbiter.allow_insecure_endpoint, bool(arbiter.curve_secret_key))
+
+
 async def start_channels(arbiter) -> list:
     """The ZeroMQ channels, then the HTTP ones; all closed again if one fails."""
     import zmq.asyncio
-    for what, ep in (("control endpoint", arbiter.endpoint), ("pubsub endpoint", arbiter.pubsub_endpoint),
-                     ("stats endpoint", arbiter.stats_endpoint if arbiter.statsd else None)):
-        check_endpoint(ep, what, arbiter.allow_insecure_endpoint, bool(arbiter.curve_secret_key))
+    check_endpoints(arbiter)
     ctx = zmq.asyncio.Context()
     channels = []
     try:
@@ -7600,8 +7757,53 @@ def daemon_main(argv) -> int:
             pidfile.remove()
 
 
+def check_main(argv) -> int:
+    """``check CONFIG``: load and check a config as the daemon would at start, binding and
+    starting nothing (so it works while that daemon runs), like ``nginx -t``. Every warning
+    and the error go to stderr; exit 0 (it would start) or 1."""
+    import argparse
+    import logging
+    p = argparse.ArgumentParser(prog="python circus.py check", description=(
+        "Load and check a config file as the daemon would, starting and binding nothing: "
+        "every warning and error, then exit 0 (it would start) or 1."))
+    p.add_argument("config", help="the config file (Circus INI or Supervisor)")
+    args = p.parse_args(argv)
+    said = []
+
+    class Collect(logging.Handler):     # what the daemon would log while it builds itself
+        def emit(self, record):
+            said.append(record.getMessage())
+    handler = Collect(logging.WARNING)
+    _log().addHandler(handler)
+    error = cfg = None
+    try:
+        cfg = load_config(args.config)
+        said[:0] = cfg.warnings
+        arb = Arbiter.from_config(cfg)      # hooks, stream classes, plugins, as at start
+        check_endpoints(arb)
+        for conf in cfg.sockets:
+            CircusSocket(conf).check_address()
+        if cfg.directory and not os.path.isdir(os.path.expanduser(cfg.directory)):
+            raise CircusError("[supervisord] directory %s does not exist" % cfg.directory)
+        _raise_nofile(cfg.minfds)
+        _check_fd_budget(cfg)
+    except (CircusError, OSError, ValueError) as e:
+        error = str(e)
+    finally:
+        _log().removeHandler(handler)
+    for line in said:
+        sys.stderr.write("warning: %s\n" % line)
+    if error:
+        sys.stderr.write("error: %s\n" % error)
+        return 1
+    sys.stdout.write("%s: ok (%d watchers, %d sockets, %d plugins; %d warnings)\n" % (
+        args.config, len(cfg.watchers), len(cfg.sockets), len(cfg.plugins), len(said)))
+    return 0
+
+
 _MAIN_USAGE = """\
 usage: python circus.py daemon CONFIG [--daemon] [--pidfile F] [--log-level L] [--log-output F]
+       python circus.py check CONFIG
        python circus.py ctl [--endpoint E] [--timeout S] [--json] COMMAND [ARGS]
        python circus.py web [--endpoint E] [--host H] [--port P] [--token-file F]
        python circus.py --version
@@ -7629,6 +7831,8 @@ def main(argv=None) -> int:
         return daemon_main(rest)
     if mode == "web":
         return web_main(rest)
+    if mode == "check":
+        return check_main(rest)
     if os.path.isfile(mode) and mode.endswith((".ini", ".conf", ".cfg")):
         return daemon_main(argv)            # `python circus.py circus.ini`, as circusd
     sys.stderr.write("error: unknown mode %r: use 'daemon', 'ctl' or 'web' (python circus.py --help)\n" % mode)
