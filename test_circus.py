@@ -172,7 +172,6 @@ def test_defaults_and_types(tmp_path):
     ("[watcher:a]\ncmd = x\nhooks.before_start = no.such.module.hook\n", None),
     ("[watcher:a]\ncmd = x\nstdout_stream.class = NoSuchStream\n", None),
     ("[socket:s]\nfamily = AF_BOGUS\n", "family"),
-    ("[socket:s]\nport = 80\nfoo = 1\n", "unknown socket option"),
     ("no section = 1\n", "outside any section"),
     ("[watcher:a]\nthis line is garbage\n", "cannot parse"),
     ("[circus]\ncheck_delay = soon\n", "[circus] check_delay"),
@@ -203,6 +202,121 @@ def test_config_warnings_load_like_circus(tmp_path, body, needle):
     assert any(needle in w for w in cfg.warnings)
 
 
+def make_venv(root, ver="3.3"):
+    """A virtualenv's layout: bin/, site-packages with a .pth naming an editable folder."""
+    site = root / "venv" / "lib" / ("python" + ver) / "site-packages"
+    site.mkdir(parents=True)
+    (root / "venv" / "bin").mkdir()
+    (root / "editable").mkdir()
+    (site / "dev.pth").write_text("# comment\nimport os\n../../../../editable\n../../../../missing\n")
+    return root / "venv", site
+
+
+def test_env_of_copy_env_copy_path_and_virtualenv_as_circusd(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    monkeypatch.setenv("FROM_DAEMON", "yes")
+    venv, site = make_venv(tmp_path)
+    w = circus.Watcher("w", "sleep 1", copy_env=True, copy_path=True, virtualenv=str(venv),
+                       virtualenv_py_ver="3.3", env={"PYTHONPATH": "/opt/pp", "X": "1"})
+    env = w.options()["env"]
+    assert env["FROM_DAEMON"] == "yes" and env["X"] == "1"     # the whole inherited environment
+    # the .pth folders, the configured PYTHONPATH (it beats copy_path), then the venv's site-packages
+    assert env["PYTHONPATH"] == os.pathsep.join([str(tmp_path / "editable"), "/opt/pp", str(site)])
+    assert env["PATH"] == "%s:/usr/bin:/bin" % (venv / "bin")
+    assert "VIRTUAL_ENV" not in env
+    assert w.env() == env                       # what the processes get
+    w = circus.Watcher("w", "x", copy_env=True, copy_path=True, env={"PYTHONPATH": "/opt/pp"})
+    assert w.env()["PYTHONPATH"] == "/opt/pp"
+    w = circus.Watcher("w", "x", copy_env=True, copy_path=True)
+    assert w.env()["PYTHONPATH"] == os.pathsep.join(p for p in sys.path if p)
+    with pytest.raises(ValueError, match="has no lib/python3.99/site-packages"):
+        circus.Watcher("w", "x", copy_env=True, virtualenv=str(venv), virtualenv_py_ver="3.99")
+
+
+def test_unknown_keys_warn_with_file_line_and_a_hint(tmp_path):
+    conf = write(tmp_path / "c.ini", """\
+        [circus]
+        endpont = ipc:///tmp/x.sock
+        [watcher:app]
+        cmd = serve --port $(circus.myport)
+        numprocess = 2
+        myport = 80
+        flapping.atempts = 3
+        flapping.window = 2
+        stdout_streams.class = StdoutStream
+        stdout_stream.class = StdoutStream
+        hooks.before_start = json.dumps
+        rlimit_nofile = 100
+        [socket:web]
+        port = 8080
+        hots = 127.0.0.1
+        [plugin:flap]
+        use = circus.plugins.flapping.Flapping
+        max_retri = 3
+        [plugin:mine]
+        use = my.own.Plugin
+        prority = 3
+        whatever_it_reads = 1
+        [env]
+        ANY_NAME = 1
+        """)
+    cfg = circus.load_config(conf)
+    kept = "unknown key, kept as a free-form option for hooks and plugins"
+    assert sorted(cfg.warnings) == sorted([
+        "%s:2 [circus] endpont: unknown [circus] key, ignored (did you mean endpoint?)" % conf,
+        "%s:5 [watcher:app] numprocess: %s (did you mean numprocesses?)" % (conf, kept),
+        "%s:7 [watcher:app] flapping.atempts: %s (did you mean flapping.attempts?)" % (conf, kept),
+        "%s:9 [watcher:app] stdout_streams.class: %s (did you mean stdout_stream.class?)" % (conf, kept),
+        "%s:15 [socket:web] hots: unknown socket key, ignored (did you mean host?)" % conf,
+        "%s:18 [plugin:flap] max_retri: unknown key, ignored (did you mean max_retry?)" % conf,
+        "%s:21 [plugin:mine] prority: unknown key, passed to the plugin as it is (did you mean "
+        "priority?)" % conf])
+    (w,) = cfg.watchers
+    assert w.options["numprocesses"] == 1 and w.free["numprocess"] == "2"   # kept, as Circus does
+    assert w.free["myport"] == "80"     # read at spawn as $(circus.myport): no warning
+    (sock,) = cfg.sockets                               # circusd ignores the key and starts: so do we
+    assert (sock.name, sock.host, sock.port) == ("web", "localhost", 8080)
+
+
+def test_sv_unknown_keys_warn_with_a_hint(tmp_path):
+    conf = write(tmp_path / "s.conf", """\
+        [supervisord]
+        logfle = /tmp/x.log
+        [program:a]
+        command = sleep 1
+        autorestrt = true
+        [group:g]
+        programs = a
+        priorty = 3
+        [include]
+        file = *.conf
+        """)
+    assert sorted(circus.load_config(conf).warnings) == sorted([
+        "%s:2 [supervisord] logfle: unknown [supervisord] key, ignored (did you mean logfile?)" % conf,
+        "%s:5 [program:a] autorestrt: unknown program key, ignored (did you mean autorestart?)" % conf,
+        "%s:8 [group:g] priorty: unknown key, ignored (did you mean priority?)" % conf,
+        "%s:10 [include] file: unknown key, ignored (did you mean files?)" % conf])
+
+
+def test_no_unknown_key_warnings_for_what_circus_and_supervisor_read(monkeypatch):
+    """Every config of both corpora: keys Circus or Supervisor really read are never 'unknown'."""
+    root = HERE.parent / "shared" / "corpus"
+    if not root.is_dir():
+        pytest.skip("corpus folder not found")
+    for k, v in ENV.items():
+        monkeypatch.setenv(k, v)
+    files = sorted(root.glob("circus/examples/*.ini")) + sorted(root.glob("circus/tests/config/**/*.ini")) \
+        + sorted(root.glob("supervisor/**/*.conf"))
+    assert len(files) > 80
+    for f in files:
+        monkeypatch.chdir(f.parent)
+        try:
+            cfg = circus.load_config(str(f))
+        except circus.ConfigError:
+            continue            # the corpus's deliberately broken files (test_corpus_config)
+        assert not [w for w in cfg.warnings if "unknown" in w], f
+
+
 def test_missing_file():
     with pytest.raises(circus.ConfigError, match="cannot read config file"):
         circus.load_config("/nonexistent/circus.ini")
@@ -230,6 +344,22 @@ def test_env_sections_and_expansion(tmp_path, monkeypatch):
     assert web.options["cmd"] == "serve 9000"       # watcher env wins for string options
     assert web.stdout_stream["filename"] == "/var/log/web.log"
     assert "__name__" not in web.env and "__name__" not in web.free   # Circus leaks it; we don't
+
+
+def test_circus_env_refs_in_env_sections(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", "/home/me")
+    cfg = circus.load_config(write(tmp_path / "c.ini", """\
+        [watcher:web]
+        cmd = serve
+        [env]
+        GLOBAL_HOME = $(circus.env.HOME)
+        [env:web]
+        CACHE = $(circus.env.GLOBAL_HOME)/cache
+        LOGS = ((circus.env.HOME))/logs
+        """))
+    # circusd expands [env] from its environment; in [env:NAME] it leaves the text literal, we expand
+    assert cfg.watchers[0].env == {"GLOBAL_HOME": "/home/me", "CACHE": "/home/me/cache",
+                                   "LOGS": "/home/me/logs"}
 
 
 def test_include_and_include_dir(tmp_path):
@@ -3483,6 +3613,43 @@ def test_e2e_interop_raw_zmq_reply_matches_real(raw_replies, request_name):
         real["options"]["stats_endpoint"] = circus.default_endpoint("stats")
     assert set(ours) == set(real), "fields differ: ours %r, real %r" % (sorted(ours), sorted(real))
     assert _normalize_reply(ours, our_id, our_raw) == _normalize_reply(real, real_id, real_raw)
+
+
+def test_e2e_interop_env_reply_matches_real(real_bin, shortdir):
+    """copy_env + copy_path + virtualenv + [env:w] PYTHONPATH: `get w env` as real circusd answers."""
+    root = pathlib.Path(shortdir)
+    venv, _ = make_venv(root)
+    daemons, envs = [], {}
+    try:
+        for kind in ("real", "ours"):
+            ep = "ipc://%s/%s.sock" % (shortdir, kind)
+            conf = root / ("%s.ini" % kind)
+            conf.write_text(textwrap.dedent("""\
+                [circus]
+                endpoint = %s
+                pubsub_endpoint = ipc://%s/%s-pub.sock
+                multicast_endpoint =
+                [watcher:w]
+                cmd = sleep 120
+                copy_env = true
+                copy_path = true
+                virtualenv = %s
+                virtualenv_py_ver = 3.3
+                [env:w]
+                PYTHONPATH = /opt/pp
+                """) % (ep, shortdir, kind, venv))
+            d = IopDaemon(kind, daemon_argv(kind, real_bin, conf), root, ep, root / (kind + ".log"))
+            daemons.append(d)
+            wait_ready(d.start(), {"w": 1})
+            reply = zmq_request(ep, {"command": "get", "properties": {"name": "w", "keys": ["env"]},
+                                     "id": "env"}, timeout=5)
+            envs[kind] = _without_dunder_name(reply)["options"]["env"]
+            d.stop()
+    finally:
+        shutdown_and_check(daemons, shortdir)
+    assert "VIRTUAL_ENV" not in envs["real"] and envs["real"]["PYTHONPATH"].startswith(
+        "%s/editable:/opt/pp:" % shortdir)
+    assert envs["ours"] == envs["real"]
 
 
 def _without_dunder_name(reply):
