@@ -1763,6 +1763,69 @@ def test_e2e_arbiter_run_blocks_in_its_own_loop(shortdir):
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+LIBRARY_SCRIPT = """\
+import sys, threading, time
+sys.path.insert(0, %r)
+import circus
+arbiter = circus.get_arbiter([{"name": "w", "cmd": "sleep 120", "numprocesses": 2}],
+                             controller=%r, pubsub_endpoint=None)
+mode = sys.argv[1]
+
+
+def stop_when_running():       # from another thread, or as a callback on the arbiter's loop
+    deadline = time.monotonic() + 30
+    while len(arbiter.get_watcher("w").processes) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    print("pids", *sorted(arbiter.get_watcher("w").processes), flush=True)
+    if mode == "thread":
+        arbiter.stop()
+    else:
+        arbiter.loop.call_soon_threadsafe(arbiter.stop)
+if mode != "quit":
+    threading.Thread(target=stop_when_running, daemon=True).start()
+try:
+    arbiter.start()             # Circus's documented library use: blocks until stopped
+finally:
+    arbiter.stop()
+print("start returned", flush=True)
+"""
+
+
+@pytest.mark.parametrize("mode", ["quit", "thread", "callback"])
+def test_e2e_library_start_runs_until_stopped(shortdir, mode):
+    ep = "ipc://%s/ctl.sock" % shortdir
+    script = pathlib.Path(shortdir) / "lib.py"
+    script.write_text(LIBRARY_SCRIPT % (str(HERE), ep))
+    proc = subprocess.Popen([sys.executable, str(script), mode], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        def kids():
+            try:
+                return [p.pid for p in psutil.Process(proc.pid).children() if p.name() == "sleep"]
+            except psutil.Error:
+                return []
+        if mode == "quit":
+            started = wait_for(lambda: (lambda k: k if len(k) == 2 else None)(kids()),
+                               what=lambda: "2 processes (script %s)" % proc.poll())
+            with circus.Client(ep, TIMEOUT) as c:
+                assert c.call("status", name="w")["status"] == "active"
+                assert c.call("quit")["status"] == "ok"
+        out, err = proc.communicate(timeout=TIMEOUT)
+        assert proc.returncode == 0, err
+        assert out.endswith("start returned\n") and "never awaited" not in err, (out, err)
+        if mode != "quit":      # the script saw its 2 processes, then stopped the arbiter
+            started = [int(p) for p in out.split("\n")[0].split()[1:]]
+            assert len(started) == 2, out
+        wait_for(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+                                 for p in started), what="the watcher's processes to be stopped")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        for pid in kids() if proc.poll() is None else []:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
 def test_import_has_no_side_effects():
     code = ("import logging, signal, sys; sys.path.insert(0, %r); import circus;"
             "print(logging.getLogger('circus').handlers, signal.getsignal(signal.SIGTERM) is signal.SIG_DFL,"
@@ -5740,6 +5803,73 @@ def test_e2e_browser_dashboard(daemon, browser):
         evil.shutdown()
         evil.server_close()
     assert d.call("status", name="web")["status"] == "active"
+
+
+def run_check(conf, cwd=None):
+    return subprocess.run([sys.executable, str(CIRCUS_PY), "check", str(conf)], capture_output=True,
+                          text=True, timeout=60, cwd=cwd)
+
+
+def test_check_command_prints_every_warning_and_exits_0(tmp_path):
+    write(tmp_path / "extra.ini", "[watcher:b]\ncmd = sleep 1\nrespwn = 1\n")
+    conf = write(tmp_path / "c.ini", """\
+        [circus]
+        include = extra.ini missing-*.ini
+        [watcher:a]
+        cmd = sleep $(circus.env.NAP)
+        numprocess = 2
+        [env]
+        NAP = 5
+        [socket:web]
+        host = 127.0.0.1
+        port = 0
+        """)
+    r = run_check(conf)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "%s: ok (2 watchers, 1 sockets, 0 plugins; 3 warnings)\n" % conf
+    assert r.stderr.splitlines() == [
+        "warning: %s: include 'missing-*.ini' matches no file" % conf,
+        "warning: %s:5 [watcher:a] numprocess: unknown key, kept as a free-form option for hooks and "
+        "plugins (did you mean numprocesses?)" % conf,
+        "warning: %s:3 [watcher:b] respwn: unknown key, kept as a free-form option for hooks and "
+        "plugins (did you mean respawn?)" % (tmp_path / "extra.ini")]
+
+
+@pytest.mark.parametrize("body,needle", [
+    ("[watcher:a]\ncmd = x\nnumprocesses = two\n", "c.ini:3 [watcher:a] numprocesses: 'two' is not an integer"),
+    ("[watcher:a]\ncmd = x\nhooks.before_start = no.such.module.hook\n", "cannot be imported"),
+    ("[plugin:p]\nuse = no.such.Plugin\n", "[plugin:p]: use = no.such.Plugin cannot be imported"),
+    ("[socket:web]\nhost = no-such-host.invalid\nport = 80\n", "socket web (no-such-host.invalid:80): "),
+    ("[socket:web]\nport = 70000\n", "port 70000 is not in 0..65535"),
+    ("[socket:u]\npath = /no/such/folder/u.sock\n", "socket u (/no/such/folder/u.sock): folder /no/such"),
+    ("[circus]\nendpoint = tcp://10.1.2.3:5555\n", "reachable from other hosts"),
+    ("[circus]\nendpoint = tcp://127.0.0.1\n", "control endpoint 'tcp://127.0.0.1': use tcp://HOST:PORT"),
+    ("[program:x]\ncommand = sleep 1\nstartsecs = soon\n", "[program:x] startsecs"),
+])
+def test_check_command_reports_the_error_and_exits_1(tmp_path, body, needle):
+    r = run_check(write(tmp_path / "c.ini", body))
+    assert r.returncode == 1 and r.stdout == ""
+    (line,) = [l for l in r.stderr.splitlines() if l.startswith("error: ")]
+    assert needle in line and r.stderr.endswith(line + "\n"), r.stderr
+
+
+def test_e2e_check_works_while_the_daemon_runs(daemon, shortdir):
+    (port,) = free_ports(1)
+    d = daemon("""
+        [socket:web]
+        host = 127.0.0.1
+        port = %d
+        [socket:local]
+        path = %s/web.sock
+        [watcher:w]
+        cmd = sleep 120
+        """ % (port, shortdir))
+    r = run_check(d.conf, cwd=shortdir)     # the same endpoints and sockets, in use: not bound again
+    assert (r.returncode, r.stderr) == (0, ""), r
+    assert r.stdout.endswith(": ok (1 watchers, 2 sockets, 0 plugins; 0 warnings)\n")
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT):
+        pass                                # the daemon's socket still listens
+    assert d.call("status", name="w")["status"] == "active"
 
 
 def test_e2e_python_dash_m_runs_the_same_cli(daemon):
