@@ -7757,12 +7757,24 @@ def daemon_main(argv) -> int:
             pidfile.remove()
 
 
+def _check_logging(cfg) -> None:
+    """What the daemon's logging setup would refuse, without opening the log file."""
+    if cfg.loglevel and not isinstance(getattr(logging, str(cfg.loglevel).upper(), None), int):
+        raise ConfigError("log level %r: use critical, error, warning, info or debug" % cfg.loglevel)
+    out = cfg.logoutput
+    if out and out not in ("-", "stderr", "stdout") and not out.startswith("syslog://"):
+        folder = os.path.dirname(os.path.abspath(out))
+        if not os.path.isdir(folder):
+            raise CircusError("logoutput %s: the folder %s does not exist" % (out, folder))
+    if cfg.loggerconfig and cfg.loggerconfig != "default" and not os.path.isfile(cfg.loggerconfig):
+        raise CircusError("loggerconfig %s: no such file" % cfg.loggerconfig)
+
+
 def check_main(argv) -> int:
     """``check CONFIG``: load and check a config as the daemon would at start, binding and
     starting nothing (so it works while that daemon runs), like ``nginx -t``. Every warning
     and the error go to stderr; exit 0 (it would start) or 1."""
     import argparse
-    import logging
     p = argparse.ArgumentParser(prog="python circus.py check", description=(
         "Load and check a config file as the daemon would, starting and binding nothing: "
         "every warning and error, then exit 0 (it would start) or 1."))
@@ -7781,6 +7793,7 @@ def check_main(argv) -> int:
         said[:0] = cfg.warnings
         arb = Arbiter.from_config(cfg)      # hooks, stream classes, plugins, as at start
         check_endpoints(arb)
+        _check_logging(cfg)
         for conf in cfg.sockets:
             CircusSocket(conf).check_address()
         if cfg.directory and not os.path.isdir(os.path.expanduser(cfg.directory)):

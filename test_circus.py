@@ -5845,6 +5845,7 @@ def test_check_command_prints_every_warning_and_exits_0(tmp_path):
     ("[circus]\nendpoint = tcp://10.1.2.3:5555\n", "reachable from other hosts"),
     ("[circus]\nendpoint = tcp://127.0.0.1\n", "control endpoint 'tcp://127.0.0.1': use tcp://HOST:PORT"),
     ("[program:x]\ncommand = sleep 1\nstartsecs = soon\n", "[program:x] startsecs"),
+    ("[circus]\nlogoutput = /no/such/dir/d.log\n", "logoutput /no/such/dir/d.log: the folder /no/such/dir"),
 ])
 def test_check_command_reports_the_error_and_exits_1(tmp_path, body, needle):
     r = run_check(write(tmp_path / "c.ini", body))
