@@ -3872,7 +3872,11 @@ class Arbiter:
             return running.create_task(self._stop(asyncio.current_task()))
         if self.loop is None or self.loop.is_closed() or self._done is None or self._done.done():
             return None
-        return asyncio.run_coroutine_threadsafe(self._stop(None), self.loop).result()
+        import concurrent.futures
+        try:
+            return asyncio.run_coroutine_threadsafe(self._stop(None), self.loop).result()
+        except (RuntimeError, concurrent.futures.CancelledError, asyncio.CancelledError):
+            return None         # it stopped meanwhile (a quit, a signal)
 
     async def _stop(self, caller) -> None:
         # Called by the quit command's own handler (``caller``), it returns once the
