@@ -3846,8 +3846,12 @@ class Arbiter:
     async def reload(self, graceful=True, sequential=False) -> None:
         """Reload every running watcher (stopped ones stay stopped: Circus bug 5)."""
         async with self._lock:
-            if not self.quitting:
-                await self._reload_watchers(graceful, sequential)
+            self._refuse_if_quitting("reload")
+            await self._reload_watchers(graceful, sequential)
+
+    def _refuse_if_quitting(self, what):
+        if self.quitting:       # queued before a quit (e.g. a SIGHUP storm): dropped
+            raise CommandError("%s dropped: the daemon is quitting" % what)
 
     async def _reload_watchers(self, graceful=True, sequential=False, skip=()) -> None:
         errors = []
@@ -3960,8 +3964,7 @@ class Arbiter:
         for w in new.warnings:
             _log().warning("%s", w)
         async with self._lock:
-            if self.quitting:           # queued before a quit: dropped
-                return
+            self._refuse_if_quitting("reloadconfig")
             if new.globals_key() != old.globals_key():
                 self.check_delay, self.warmup_delay = new.check_delay, new.warmup_delay
                 for k in ("endpoint", "pubsub_endpoint", "multicast_endpoint", "curve_secret_key"):
