@@ -658,6 +658,7 @@ class WatcherConfig:
         self.added = False              # created by the `add` command
         self.group = None               # Supervisor group name ([program:x] / [group:x])
         self.forward_output = True      # no stream: pass output on to the daemon's stdout/stderr
+        self.where = None               # "file:line [section]", for errors found after loading
         for k, v in (options or {}).items():
             self.set(k, v)
 
@@ -921,6 +922,7 @@ def load_config(path: str, environ=None) -> CircusConfig:
         wtable = dict(table)
         wtable.update({"env." + k.lower(): v for k, v in wenv.items()})
         wc = WatcherConfig(wname)
+        wc.where = str(ini.where(name))
         for key, value in items.items():
             if key.startswith(("hooks.", "rlimit_")) or key == "stop_signal":
                 pass                    # never expanded, as in Circus
@@ -3551,7 +3553,10 @@ class Arbiter:
     def _make_watcher(self, spec) -> Watcher:
         if isinstance(spec, WatcherConfig):
             import copy
-            w = Watcher(spec.name, config=copy.deepcopy(spec), search_dirs=self.search_dirs)
+            try:        # a hook or stream class that cannot be imported
+                w = Watcher(spec.name, config=copy.deepcopy(spec), search_dirs=self.search_dirs)
+            except ValueError as e:
+                raise ConfigError("%s: %s" % (spec.where or "watcher " + spec.name, e)) from None
             w.file_conf = spec
             return w
         spec = dict(spec)
@@ -3965,14 +3970,20 @@ class Arbiter:
             _log().warning("%s", w)
         async with self._lock:
             self._refuse_if_quitting("reloadconfig")
+            changed_socks, added_socks, removed, changed, resized, _ = self._plan(new)
+            old_w = {w.name.lower(): w for w in self.watchers}
+            renew = {w.name.lower() for w, _ in changed}
+            try:        # built before anything stops: a hook that cannot be imported changes nothing
+                fresh = [self._make_watcher(wc) for wc in new.watchers
+                         if wc.name.lower() not in old_w or wc.name.lower() in renew]
+            except ConfigError as e:
+                raise CommandError("config not reloaded, nothing changed: %s" % e, E_MESSAGE_ERROR) from None
             if new.globals_key() != old.globals_key():
                 self.check_delay, self.warmup_delay = new.check_delay, new.warmup_delay
                 for k in ("endpoint", "pubsub_endpoint", "multicast_endpoint", "curve_secret_key"):
                     if getattr(new, k) != getattr(old, k):
                         _log().warning("reloadconfig: %s changed; it takes effect at the next "
                                        "daemon start (a restart keeps the old one)", k)
-            changed_socks, added_socks, removed, changed, resized, _ = self._plan(new)
-            old_w = {w.name.lower(): w for w in self.watchers}
             self.flapping_plugin, self.plugin_limits = new_plugin_settings
             for w in removed + [w for w, _ in changed]:
                 self.watchers.remove(w)
@@ -3992,13 +4003,9 @@ class Arbiter:
                 w.file_conf = wc
                 async with w.lock:
                     await w.set_numprocesses(wc.options["numprocesses"])
-            fresh = []
-            for wc in new.watchers:
-                if wc.name.lower() not in old_w or any(w.name.lower() == wc.name.lower() for w, _ in changed):
-                    w = self._make_watcher(wc)
-                    self._attach(w)
-                    fresh.append(w)
-                    self.emit("watcher.%s.add" % w.topic_name, {"time": time.time()})
+            for w in fresh:
+                self._attach(w)
+                self.emit("watcher.%s.add" % w.topic_name, {"time": time.time()})
             await self.start_watchers([w for w in fresh if w.conf.options["autostart"]])
             if reload_rest:
                 await self._reload_watchers(skip=fresh)

@@ -194,9 +194,9 @@ def test_defaults_and_types(tmp_path):
 ])
 def test_config_errors_are_one_clear_line(tmp_path, body, needle):
     conf = write(tmp_path / "c.ini", body)
-    if needle is None:      # import errors are reported when the arbiter is built
+    if needle is None:      # import errors are reported when the arbiter is built, with file:line
         cfg = circus.load_config(conf)
-        with pytest.raises(ValueError, match="cannot be imported"):
+        with pytest.raises(circus.ConfigError, match=r"c\.ini:1 \[watcher:a\]: .* cannot be imported"):
             circus.Arbiter.from_config(cfg)
         return
     with pytest.raises(circus.ConfigError) as e:
@@ -2335,14 +2335,21 @@ def test_e2e_reloadconfig_of_a_broken_file_fails_without_waiting(daemon):
     assert d.pids("w") == pids
 
 
-def test_e2e_reloadconfig_never_removes_a_watcher_for_a_malformed_header(daemon):
+def test_e2e_reloadconfig_never_removes_a_watcher_for_a_file_with_errors(daemon):
     # issue 14 #4: `[watcher:keep` (no bracket) was a key, and reloadconfig removed the watcher
     d = daemon("[watcher:base]\ncmd = sleep 120\n[watcher:keep]\ncmd = sleep 121\n")
     keep = d.pids("keep")
-    d.conf.write_text(d.conf.read_text().replace("[watcher:keep]", "[watcher:keep"))
+    good = d.conf.read_text()
+    d.conf.write_text(good.replace("[watcher:keep]", "[watcher:keep"))
     r = d.call("reloadconfig", waiting=True)
     assert r["status"] == "error" and "c.ini:6: malformed section header" in r["reason"], r
     assert d.pids("keep") == keep and d.ctl("list").stdout == "base,keep\n"
+    # an error found only when the watcher is built (a hook that cannot be imported): same
+    d.conf.write_text(good + "hooks.before_start = nosuch_mod_f.fn\n")
+    r = d.call("reloadconfig", waiting=True)
+    assert r["status"] == "error" and "c.ini:6 [watcher:keep]: hook 'nosuch_mod_f.fn'" in r["reason"], r
+    assert d.pids("keep") == keep and d.ctl("list").stdout == "base,keep\n"
+    assert "Traceback" not in d.log.read_text()
 
 def test_e2e_quit_leaves_nothing(daemon):
     d = daemon("[watcher:w]\ncmd = sleep 120\nnumprocesses = 5\n")
