@@ -388,7 +388,10 @@ class IniFile:
                 value, where = section[key]
                 section[key] = (value + "\n" + _strip_inline_comment(stripped, "#;" if sv else ";"), where)
                 continue
-            m = self._SECTION.match(stripped)
+            m = self._SECTION.match(_strip_inline_comment(stripped, "#;"))
+            if stripped[0] == "[" and not m:    # not a key: `[watcher:x` once read as `[watcher` = `x`
+                raise ConfigError("%s:%d: malformed section header %r (expected [name], closed by ']')"
+                                  % (path, lineno, stripped))
             if m:
                 name = m.group("name").strip()
                 section = self.sections.setdefault(name, {})
@@ -686,6 +689,7 @@ class WatcherConfig:
         self.added = False              # created by the `add` command
         self.group = None               # Supervisor group name ([program:x] / [group:x])
         self.forward_output = True      # no stream: pass output on to the daemon's stdout/stderr
+        self.where = None               # "file:line [section]", for errors found after loading
         for k, v in (options or {}).items():
             self.set(k, v)
 
@@ -981,6 +985,7 @@ def load_config(path: str, environ=None) -> CircusConfig:
         wtable = dict(table)
         wtable.update({"env." + k.lower(): v for k, v in wenv.items()})
         wc = WatcherConfig(wname)
+        wc.where = str(ini.where(name))
         for key, value in items.items():
             if key.startswith(("hooks.", "rlimit_")) or key == "stop_signal":
                 pass                    # never expanded, as in Circus
@@ -2647,6 +2652,10 @@ class Watcher:
     ``on_event(topic, payload)`` as ``("watcher.web.spawn", {...})``.
     """
 
+    # The WatcherConfig as the config file last gave it, kept apart from ``conf``
+    # (which incr/set change): reloadconfig applies only what the file changed.
+    file_conf: WatcherConfig | None = None
+
     def __init__(self, name: str, cmd: str | None = None, args=None, *, config: WatcherConfig | None = None,
                  on_event=None, sockets: dict | None = None, arbiter=None, search_dirs=(),
                  **options):
@@ -3645,7 +3654,13 @@ class Arbiter:
 
     def _make_watcher(self, spec) -> Watcher:
         if isinstance(spec, WatcherConfig):
-            return Watcher(spec.name, config=spec, search_dirs=self.search_dirs)
+            import copy
+            try:        # a hook or stream class that cannot be imported
+                w = Watcher(spec.name, config=copy.deepcopy(spec), search_dirs=self.search_dirs)
+            except ValueError as e:
+                raise ConfigError("%s: %s" % (spec.where or "watcher " + spec.name, e)) from None
+            w.file_conf = spec
+            return w
         spec = dict(spec)
         name = spec.pop("name")
         return Watcher(name, spec.pop("cmd", None), spec.pop("args", None),
@@ -3756,6 +3771,7 @@ class Arbiter:
         self.loop = asyncio.get_running_loop()
         self.loop_thread = __import__("threading").get_ident()
         self.started = time.time()
+        self.quitting = False
         self._lock = asyncio.Lock()
         self._log_handler = _RingLogHandler(self)
         _log().addHandler(self._log_handler)
@@ -3883,6 +3899,7 @@ class Arbiter:
         # watchers are down, so the handler can still send its reply; the channels
         # close right after.
         self.sd_notify("STOPPING=1")
+        self.quitting = True
         async with self._lock:
             await self.stop_watchers()
         finish = self.loop.create_task(self._finish())
@@ -3920,9 +3937,40 @@ class Arbiter:
         _log().info("got %s: stopping", signame(sig))
         self.stop()      # a task of its own
 
+    quitting = False        # set by stop(): reloads still queued give way to the quit
+    _hup_task = None        # the SIGHUP reload under way
+    _hup_again = False      # SIGHUPs came meanwhile: one more pass, however many came
+
     def _on_hup(self):
-        _log().info("got SIGHUP: reloading")
-        self.loop.create_task(self._guarded(self.reload()))
+        if self.quitting:
+            return
+        if self._hup_task is not None and not self._hup_task.done():
+            _log().info("got SIGHUP: merged into the reload under way (one more pass follows it)")
+            self._hup_again = True
+            return
+        _log().info("got SIGHUP: reloading the config, then the watchers it did not change")
+        self._hup_task = self.loop.create_task(self._hup_reloads())
+
+    async def _hup_reloads(self):
+        """SIGHUP = reloadconfig, then a graceful reload of the watchers it did not start afresh.
+
+        A broken file changes nothing (one error line). Under systemd each pass
+        is framed by RELOADING=1 (with MONOTONIC_USEC, for Type=notify-reload)
+        and READY=1.
+        """
+        again = True
+        while again and not self.quitting:
+            self._hup_again = False
+            self.sd_notify("RELOADING=1\nMONOTONIC_USEC=%d" % (time.monotonic_ns() // 1000))
+            try:
+                if self.config is not None and self.config.path:
+                    await self._guarded(self.reload_config(reload_rest=True))
+                else:
+                    await self._guarded(self.reload())
+            finally:
+                if not self.quitting:
+                    self.sd_notify("READY=1")
+            again = self._hup_again
 
     async def _guarded(self, coro):
         try:
@@ -3934,18 +3982,28 @@ class Arbiter:
 
     async def reload(self, graceful=True, sequential=False) -> None:
         """Reload every running watcher (stopped ones stay stopped: Circus bug 5)."""
-        errors = []
         async with self._lock:
-            for w in self.iter_watchers():
-                if w.status == STOPPED:
-                    continue
-                async with w.lock:
-                    try:
-                        await w.reload(graceful=graceful, sequential=sequential)
-                    except CommandError as e:   # one aborted reload does not stop the others
-                        errors.append(str(e))
-                if self.warmup_delay:
-                    await asyncio.sleep(self.warmup_delay)
+            self._refuse_if_quitting("reload")
+            await self._reload_watchers(graceful, sequential)
+
+    def _refuse_if_quitting(self, what):
+        if self.quitting:       # queued before a quit (e.g. a SIGHUP storm): dropped
+            raise CommandError("%s dropped: the daemon is quitting" % what)
+
+    async def _reload_watchers(self, graceful=True, sequential=False, skip=()) -> None:
+        errors = []
+        for w in self.iter_watchers():
+            if self.quitting:
+                break
+            if w.status == STOPPED or w in skip:
+                continue
+            async with w.lock:
+                try:
+                    await w.reload(graceful=graceful, sequential=sequential)
+                except CommandError as e:   # one aborted reload does not stop the others
+                    errors.append(str(e))
+            if self.warmup_delay:
+                await asyncio.sleep(self.warmup_delay)
         if errors:
             raise CommandError("; ".join(errors), E_COMMAND_ERROR)
 
@@ -3984,7 +4042,9 @@ class Arbiter:
         if not self.config or not self.config.path:
             raise CommandError("no config file to reload: this arbiter was built in Python")
         try:
-            return load_config(self.config.path)
+            new = load_config(self.config.path)
+            plugin_limits(new)      # a ResourceWatcher section is checked too, before any reply
+            return new
         except ConfigError as e:
             raise CommandError("config not reloaded, nothing changed: %s" % e, E_MESSAGE_ERROR) from None
 
@@ -4009,9 +4069,10 @@ class Arbiter:
             w = old_w.get(n)
             if w is None:
                 continue
-            if any(uses(w, s) for s in changed_socks) or self._differs_beyond_numprocesses(w.conf, wc):
+            was = w.file_conf or w.conf     # what the file said, not what incr/set made of it
+            if any(uses(w, s) for s in changed_socks) or self._differs_beyond_numprocesses(was, wc):
                 changed.append((w, wc))
-            elif w.conf.options["numprocesses"] != wc.options["numprocesses"]:
+            elif was.options["numprocesses"] != wc.options["numprocesses"]:
                 resized.append((w, wc))
         added = [wc for n, wc in new_w.items() if n not in old_w]
         return changed_socks, added_socks, removed, changed, resized, added
@@ -4023,8 +4084,14 @@ class Arbiter:
                 "changed": sorted(w.name for w, _ in changed + resized),
                 "removed": sorted(w.name for w in removed)}
 
-    async def reload_config(self, new: CircusConfig | None = None) -> None:
-        """Re-read the file; apply only what changed. A broken file changes nothing."""
+    async def reload_config(self, new: CircusConfig | None = None, reload_rest=False) -> None:
+        """Re-read the file; apply only what changed. A broken file changes nothing.
+
+        What changed is what the file says now against what it said when last
+        loaded: a runtime incr/set on a watcher the file did not change stays.
+        ``reload_rest`` (SIGHUP): then a graceful reload of every running
+        watcher this did not start afresh.
+        """
         new = new or self._load_new_config()
         try:
             new_plugin_settings = flapping_defaults(new), plugin_limits(new)
@@ -4034,14 +4101,21 @@ class Arbiter:
         for w in new.warnings:
             _log().warning("%s", w)
         async with self._lock:
+            self._refuse_if_quitting("reloadconfig")
+            changed_socks, added_socks, removed, changed, resized, _ = self._plan(new)
+            old_w = {w.name.lower(): w for w in self.watchers}
+            renew = {w.name.lower() for w, _ in changed}
+            try:        # built before anything stops: a hook that cannot be imported changes nothing
+                fresh = [self._make_watcher(wc) for wc in new.watchers
+                         if wc.name.lower() not in old_w or wc.name.lower() in renew]
+            except ConfigError as e:
+                raise CommandError("config not reloaded, nothing changed: %s" % e, E_MESSAGE_ERROR) from None
             if new.globals_key() != old.globals_key():
                 self.check_delay, self.warmup_delay = new.check_delay, new.warmup_delay
                 for k in ("endpoint", "pubsub_endpoint", "multicast_endpoint", "curve_secret_key"):
                     if getattr(new, k) != getattr(old, k):
                         _log().warning("reloadconfig: %s changed; it takes effect at the next "
                                        "daemon start (a restart keeps the old one)", k)
-            changed_socks, added_socks, removed, changed, resized, _ = self._plan(new)
-            old_w = {w.name.lower(): w for w in self.watchers}
             self.flapping_plugin, self.plugin_limits = new_plugin_settings
             for w in removed + [w for w, _ in changed]:
                 self.watchers.remove(w)
@@ -4058,16 +4132,15 @@ class Arbiter:
             self._bind_sockets(added_socks)
             self.config = new
             for w, wc in resized:
+                w.file_conf = wc
                 async with w.lock:
                     await w.set_numprocesses(wc.options["numprocesses"])
-            fresh = []
-            for wc in new.watchers:
-                if wc.name.lower() not in old_w or any(w.name.lower() == wc.name.lower() for w, _ in changed):
-                    w = self._make_watcher(wc)
-                    self._attach(w)
-                    fresh.append(w)
-                    self.emit("watcher.%s.add" % w.topic_name, {"time": time.time()})
+            for w in fresh:
+                self._attach(w)
+                self.emit("watcher.%s.add" % w.topic_name, {"time": time.time()})
             await self.start_watchers([w for w in fresh if w.conf.options["autostart"]])
+            if reload_rest:
+                await self._reload_watchers(skip=fresh)
 
     @staticmethod
     def _differs_beyond_numprocesses(a: WatcherConfig, b: WatcherConfig) -> bool:
@@ -4795,7 +4868,8 @@ def cmd_reload(arb, props):
 @command("reloadconfig", "[--waiting]")
 def cmd_reloadconfig(arb, props):
     """Re-read the config file and apply only what changed (a broken file changes nothing)."""
-    return _none(arb.reload_config())
+    new = arb._load_new_config()        # a broken file is the reply, with or without --waiting
+    return _none(arb.reload_config(new))
 
 
 def _fmt_numprocesses(reply):

@@ -138,6 +138,19 @@ def test_ini_dialect(tmp_path):
     assert w.free["CamelKey"] == "kept"
 
 
+@pytest.mark.parametrize("bad", ["[watcher:keep", "[watcher:keep] junk", "[]"])
+def test_malformed_section_header_is_an_error(tmp_path, bad):
+    # issue 14 #4: `[watcher:keep` lost its bracket and became a [circus] key `[watcher` = `keep`
+    conf = write(tmp_path / "c.ini", "[circus]\n%s\ncmd = sleep 1\n" % bad)
+    with pytest.raises(circus.ConfigError) as e:
+        circus.load_config(conf)
+    assert str(e.value) == "%s:2: malformed section header %r (expected [name], closed by ']')" % (conf, bad)
+
+
+def test_section_header_may_carry_a_comment(tmp_path):
+    cfg = circus.load_config(write(tmp_path / "c.ini", "[watcher:a] ; the web\ncmd = sleep 1\n"))
+    assert [w.name for w in cfg.watchers] == ["a"]
+
 def test_defaults_and_types(tmp_path):
     cfg = circus.load_config(write(tmp_path / "c.ini", """\
         [circus]
@@ -180,9 +193,9 @@ def test_defaults_and_types(tmp_path):
 ])
 def test_config_errors_are_one_clear_line(tmp_path, body, needle):
     conf = write(tmp_path / "c.ini", body)
-    if needle is None:      # import errors are reported when the arbiter is built
+    if needle is None:      # import errors are reported when the arbiter is built, with file:line
         cfg = circus.load_config(conf)
-        with pytest.raises(ValueError, match="cannot be imported"):
+        with pytest.raises(circus.ConfigError, match=r"c\.ini:1 \[watcher:a\]: .* cannot be imported"):
             circus.Arbiter.from_config(cfg)
         return
     with pytest.raises(circus.ConfigError) as e:
@@ -2424,6 +2437,112 @@ def test_e2e_sighup_reloads_running_watchers_only(daemon):
     wait_for(lambda: (lambda p: bool(p) and p != old)(d.pids("run")), what="reload on SIGHUP")
     assert d.call("status", name="idle")["status"] == "stopped"
 
+
+def test_e2e_sighup_rereads_the_config_and_tells_systemd(daemon, shortdir):
+    # issue 14 #1: SIGHUP = reloadconfig + graceful reload of the rest; a broken file changes nothing
+    path = pathlib.Path(shortdir) / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(TIMEOUT)
+
+    def hup():
+        os.kill(d.proc.pid, signal.SIGHUP)
+        reloading = sock.recv(1000).decode().split("\n")
+        assert reloading[0] == "RELOADING=1" and re.fullmatch(r"MONOTONIC_USEC=\d+", reloading[1])
+        assert sock.recv(1000) == b"READY=1"            # sent once the reload is done
+    try:
+        d = daemon("""
+            [watcher:grow]
+            cmd = sleep 120
+            [watcher:same]
+            cmd = sleep 121
+            """, start=False)
+        d.start(env=dict(os.environ, NOTIFY_SOCKET=str(path)))
+        assert sock.recv(1000).startswith(b"READY=1")
+        same = d.pids("same")
+        d.conf.write_text(d.conf.read_text().replace("sleep 120", "sleep 120\nnumprocesses = 3"))
+        hup()
+        assert len(d.pids("grow")) == 3
+        assert d.pids("same") and d.pids("same") != same       # unchanged by the file: reloaded
+        before = {n: d.pids(n) for n in ("grow", "same")}
+        lines = len(d.conf.read_text().splitlines())
+        d.conf.write_text(d.conf.read_text() + "[watcher:oops\ncmd = sleep 1\n")
+        hup()
+        assert {n: d.pids(n) for n in ("grow", "same")} == before
+        errors = [l for l in d.log.read_text().splitlines() if "malformed section header" in l]
+        assert len(errors) == 1 and "c.ini:%d:" % (lines + 1) in errors[0], errors
+    finally:
+        sock.close()
+
+
+def test_e2e_sighup_storm_merges_and_quit_does_not_wait_behind_it(daemon):
+    # issue 13 #12: 30 HUPs queued 30 full reloads, and SIGTERM waited behind all of them
+    d = daemon("""
+        [watcher:slow]
+        cmd = sh -c "trap '' TERM; exec sleep 600"
+        graceful_timeout = 2
+        """)
+    d.pids("slow")
+    for i in range(1, 31):      # one at a time, so the kernel cannot merge them for us
+        os.kill(d.proc.pid, signal.SIGHUP)
+        wait_for(lambda: d.log.read_text().count("got SIGHUP") >= i, what="SIGHUP %d logged" % i)
+    d.track()
+    t0 = time.monotonic()
+    os.kill(d.proc.pid, signal.SIGTERM)
+    d.proc.wait(TIMEOUT)        # each reload takes 2 s here: 30 queued would take a minute
+    print("SIGTERM after 30 SIGHUPs: exit in %.1f s" % (time.monotonic() - t0))
+    assert d.proc.returncode == 0
+
+    def alive(pid, ctime):
+        try:
+            p = psutil.Process(pid)
+            return p.create_time() == ctime and p.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+    assert not [pid for pid, ctime in d.seen if alive(pid, ctime)]
+
+
+def test_e2e_reloadconfig_keeps_runtime_changes_the_file_did_not_make(daemon):
+    # issue 14 #2: after incr, reloading an unchanged file went back to the file's count
+    d = daemon("[watcher:web]\ncmd = sleep 120\nnumprocesses = 2\n")
+    assert d.call("incr", name="web", waiting=True)["numprocesses"] == 3
+    pids = sorted(d.pids("web"))
+    assert d.call("reloadconfig", waiting=True)["status"] == "ok"
+    assert sorted(d.pids("web")) == pids
+    # what the file changes does apply, and becomes the new base
+    d.conf.write_text(d.conf.read_text().replace("numprocesses = 2", "numprocesses = 4"))
+    assert d.call("reloadconfig", waiting=True)["status"] == "ok"
+    assert len(d.pids("web")) == 4
+    assert d.call("incr", name="web", waiting=True)["numprocesses"] == 5
+    assert d.call("reloadconfig", waiting=True)["status"] == "ok"
+    assert len(d.pids("web")) == 5
+
+
+def test_e2e_reloadconfig_of_a_broken_file_fails_without_waiting(daemon):
+    # issue 14 #3: `ctl reloadconfig && echo deployed` said deployed for a broken file
+    d = daemon("[watcher:w]\ncmd = sleep 120\n")
+    pids = d.pids("w")
+    d.conf.write_text(d.conf.read_text() + "numprocesses = lots\n")
+    r = d.ctl("reloadconfig")
+    assert r.returncode != 0 and "c.ini:6 [watcher:w] numprocesses" in r.stdout + r.stderr, r
+    assert d.pids("w") == pids
+
+
+def test_e2e_reloadconfig_never_removes_a_watcher_for_a_file_with_errors(daemon):
+    # issue 14 #4: `[watcher:keep` (no bracket) was a key, and reloadconfig removed the watcher
+    d = daemon("[watcher:base]\ncmd = sleep 120\n[watcher:keep]\ncmd = sleep 121\n")
+    keep = d.pids("keep")
+    good = d.conf.read_text()
+    d.conf.write_text(good.replace("[watcher:keep]", "[watcher:keep"))
+    r = d.call("reloadconfig", waiting=True)
+    assert r["status"] == "error" and "c.ini:6: malformed section header" in r["reason"], r
+    assert d.pids("keep") == keep and d.ctl("list").stdout == "base,keep\n"
+    # an error found only when the watcher is built (a hook that cannot be imported): same
+    d.conf.write_text(good + "hooks.before_start = nosuch_mod_f.fn\n")
+    r = d.call("reloadconfig", waiting=True)
+    assert r["status"] == "error" and "c.ini:6 [watcher:keep]: hook 'nosuch_mod_f.fn'" in r["reason"], r
+    assert d.pids("keep") == keep and d.ctl("list").stdout == "base,keep\n"
+    assert "Traceback" not in d.log.read_text()
 
 def test_e2e_quit_leaves_nothing(daemon):
     d = daemon("[watcher:w]\ncmd = sleep 120\nnumprocesses = 5\n")
@@ -5221,6 +5340,9 @@ def test_e2e_readme_systemd_unit(shortdir):
         (first,) = d.pids("w")
         reload = [w.replace("$MAINPID", str(d.proc.pid)) for w in shlex.split(svc["ExecReload"])]
         assert subprocess.run(reload, timeout=60).returncode == 0
+        reloading = notify.recv(1000).decode().split("\n")     # the reload is framed for systemd
+        assert reloading[0] == "RELOADING=1" and reloading[1].startswith("MONOTONIC_USEC=")
+        assert notify.recv(1000) == b"READY=1"
         wait_for(lambda: d.pids("w") and d.pids("w") != [first], what="ExecReload to reload the watcher")
         d.track()
         os.kill(d.proc.pid, signal.SIGTERM)                 # KillMode=mixed: the main process only
