@@ -1196,13 +1196,14 @@ def test_corpus_config(rel, corpus_env):
 @needs_corpus
 def test_issue442_without_env_vars(monkeypatch):
     """statsd = $(circus.env.circus_statsd) with no such variable: Circus fails too
-    (ValueError: '$(circus.env.circus_statsd)' is not a boolean)."""
+    (ValueError: '$(circus.env.circus_statsd)' is not a boolean). The unexpanded
+    stats_endpoint on the line before is caught first: it is not an endpoint."""
     monkeypatch.delenv("circus_statsd", raising=False)
     monkeypatch.delenv("circus_stats_endpoint", raising=False)
     with pytest.raises(circus.ConfigError) as info:
         circus.load_config(str(CORPUS / "tests" / "config" / "issue442.ini"))
     msg = str(info.value)
-    assert "issue442.ini:6" in msg and "[circus] statsd" in msg and "not a boolean" in msg
+    assert "issue442.ini:5" in msg and "[circus] stats_endpoint" in msg and "not an endpoint" in msg
     assert "\n" not in msg
 
 
