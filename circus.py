@@ -715,7 +715,7 @@ def _socket_proto(value):
     import socket
     text = str(value).strip()
     if isinstance(value, int) or text.isdigit() or not text:
-        return ranged(to_int, 0, 255)(value or 0)
+        return ranged(to_int, 0, 255)(text or 0)
     try:
         socket.getprotobyname(text)
     except OSError:
@@ -915,7 +915,7 @@ def _logoutput(value) -> str:
         import logging.handlers as handlers
         try:
             u = urlparse(text)
-            u.port
+            u.port              # parsed on access: a bad port raises here, not at start
         except ValueError:
             raise ValueError("%r: bad syslog address (syslog://HOST:PORT?FACILITY)" % text) from None
         if (u.query or "user") not in handlers.SysLogHandler.facility_names:
