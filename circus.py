@@ -178,6 +178,24 @@ def to_float(value) -> float:
         raise ValueError("%r is not a number" % (value,)) from None
 
 
+def ranged(conv, lo=None, hi=None, span=None):
+    """``conv`` then a range check: a converter for the option tables, so a value
+    that would only fail later (a umask of 10**20, a port of 70000, nan seconds)
+    is refused where it is read. ``span`` words the range when numbers don't."""
+    import math
+
+    def check(value):
+        v = conv(value)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError("%r is not a finite number" % (value,))
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            text = span or ("%s to %s" % (lo, hi) if lo is not None and hi is not None
+                            else "%s or more" % lo if lo is not None else "%s or less" % hi)
+            raise ValueError("%s is out of range (use %s)" % (value, text))
+        return v
+    return check
+
+
 def to_signum(value) -> int:
     """A signal given as a number, a name with or without SIG in any case, or RTMIN+n."""
     if isinstance(value, bool):
@@ -463,6 +481,79 @@ def _str_or_none(value):
     return None if value is None else str(value)
 
 
+def _mode(value) -> int:
+    """A umask or file mode: an int as it is (JSON), text as octal (``022``)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    return parse_octal(value)
+
+
+# Range-checked converters for the tables below, the Supervisor keys and `set`.
+_count = ranged(to_int, 0)                      # numprocesses, max_age, backups...
+_seconds = ranged(to_float, 0)                  # timeouts and delays
+_delay = ranged(_number, 0)                     # warmup_delay: int stays int
+_port = ranged(to_int, 0, 65535)
+_umask = ranged(_mode, 0, 0o777, "000 to 777, octal")
+_priority = ranged(to_int, -(2 ** 31 - 1), 2 ** 31 - 1)
+_backlog = ranged(to_int, 0, 2 ** 31 - 1)
+_rlimit = ranged(to_int, -1, 2 ** 63 - 1, "-1 for unlimited, or 0 to 2**63-1")
+
+_SUN_PATH_MAX = 107     # bytes in a unix socket's path (sun_path, less its NUL)
+
+
+def zmq_endpoint(value) -> str:
+    """``ipc://PATH`` or ``tcp://HOST:PORT`` (empty: none), checked before anything binds."""
+    text = str(value).strip()
+    if not text:
+        return text
+    if text.startswith("ipc://"):
+        path = text[6:]
+        if not path or "\0" in path:
+            raise ValueError("%r has no socket path (ipc:///run/app/control.sock)" % text)
+        if path.startswith("@"):
+            raise ValueError("%r is an abstract socket, which has no file permissions: any "
+                             "local user could connect; use a path in a folder of yours" % text)
+        if len(os.fsencode(path)) > _SUN_PATH_MAX:
+            raise ValueError("%r: the path is longer than a unix socket allows (%d bytes)"
+                             % (text, _SUN_PATH_MAX))
+        return text
+    m = re.fullmatch(r"tcp://(\[[0-9A-Fa-f:.%\w]+\]|[^\s:/\[\]]+):(\*|\d+)", text)
+    if not m:
+        raise ValueError("%r is not an endpoint: use ipc://PATH or tcp://HOST:PORT" % text)
+    if m.group(2) != "*":
+        _port(m.group(2))
+    return text
+
+
+def host_port(value) -> str:
+    """``HOST:PORT`` of an HTTP endpoint (metrics_endpoint); HOST may be [IPv6]."""
+    text = str(value).strip()
+    m = re.fullmatch(r"(\[[0-9A-Fa-f:.%\w]+\]|[^\s:/\[\]]*):(\d+)", text)
+    if not m:
+        raise ValueError("%r is not HOST:PORT (e.g. 127.0.0.1:9131)" % text)
+    _port(m.group(2))
+    return text
+
+
+def udp_group(value) -> str:
+    """``udp://GROUP[:PORT]``, GROUP an IPv4 multicast address (multicast_endpoint)."""
+    import ipaddress
+    text = str(value).strip()
+    if not text:
+        return text
+    m = re.fullmatch(r"udp://([\d.]+)(?::(\d+))?", text)
+    try:
+        ok = m is not None and ipaddress.IPv4Address(m.group(1)).is_multicast
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError("%r: use udp://GROUP:PORT with a multicast GROUP (224.0.0.0 to "
+                         "239.255.255.255), e.g. udp://237.219.251.97:12027" % text)
+    if m.group(2):
+        _port(m.group(2))
+    return text
+
+
 def _ready_mode(value):
     text = str(value).strip().lower()
     if text == "notify" and not sys.platform.startswith("linux"):
@@ -474,9 +565,7 @@ def _ready_mode(value):
         delay = float(text)
     except ValueError:
         raise ValueError("ready: %r is not notify, listen or a number of seconds" % (value,)) from None
-    if delay < 0:
-        raise ValueError("ready: a delay cannot be negative")
-    return delay
+    return _seconds(delay)
 
 
 def _death_signal(value) -> int:
@@ -496,8 +585,8 @@ def _args(value):
 WATCHER_OPTIONS = {
     "cmd": (str, None),
     "args": (_args, ""),
-    "numprocesses": (to_int, 1),
-    "warmup_delay": (_number, 0),
+    "numprocesses": (_count, 1),
+    "warmup_delay": (_delay, 0),
     "executable": (_str_or_none, None),
     "working_dir": (_str_or_none, None),
     "shell": (to_bool, False),
@@ -507,9 +596,9 @@ WATCHER_OPTIONS = {
     "send_hup": (to_bool, False),
     "stop_signal": (to_signum, int(signal.SIGTERM)),
     "stop_children": (to_bool, False),
-    "max_retry": (to_int, 5),
-    "graceful_timeout": (to_float, 30.0),
-    "priority": (to_int, 0),
+    "max_retry": (ranged(to_int, -1), 5),     # -1: retry forever
+    "graceful_timeout": (_seconds, 30.0),
+    "priority": (_priority, 0),
     "singleton": (to_bool, False),
     "use_sockets": (to_bool, False),
     "copy_env": (to_bool, False),
@@ -517,8 +606,8 @@ WATCHER_OPTIONS = {
     "on_demand": (to_bool, False),
     "respawn": (to_bool, True),
     "autostart": (to_bool, True),
-    "max_age": (to_int, 0),
-    "max_age_variance": (to_int, 30),
+    "max_age": (_count, 0),
+    "max_age_variance": (_count, 30),
     "close_child_stdin": (to_bool, True),
     "close_child_stdout": (to_bool, False),
     "close_child_stderr": (to_bool, False),
@@ -531,20 +620,20 @@ WATCHER_OPTIONS = {
     # readiness: "notify" (sd_notify READY=1), "listen" (a listening socket of its own) or
     # seconds; a graceful reload waits for it before stopping the old processes
     "ready": (lambda v: None if v in (None, "") else _ready_mode(v), None),
-    "ready_timeout": (to_float, 60.0),
+    "ready_timeout": (_seconds, 60.0),
     # Supervisor semantics (set by [program:x]; usable in [watcher:x] too)
-    "startsecs": (lambda v: None if v is None else to_float(v), None),
+    "startsecs": (lambda v: None if v is None else _seconds(v), None),
     "autorestart": (lambda v: None if v is None else parse_autorestart(v), None),
     "exitcodes": (lambda v: v if isinstance(v, list) else parse_exitcodes(v), [0]),
     "stopasgroup": (to_bool, False),
     "killasgroup": (to_bool, False),
     "redirect_stderr": (to_bool, False),
-    "umask": (lambda v: None if v is None else (v if isinstance(v, int) else parse_octal(v)), None),
+    "umask": (lambda v: None if v is None else _umask(v), None),
     # resource watchdog (see Watchdog)
     "max_rss": (lambda v: None if v in (None, "") else parse_mem_limit(v), None),
-    "max_cpu": (lambda v: None if v in (None, "") else to_float(v), None),
-    "watchdog_interval": (to_float, 5.0),
-    "watchdog_grace": (to_int, 3),
+    "max_cpu": (lambda v: None if v in (None, "") else ranged(to_float, 0)(v), None),
+    "watchdog_interval": (_seconds, 5.0),
+    "watchdog_grace": (_count, 3),
     "watchdog_signal": (lambda v: None if v in (None, "") else to_signum(v), None),
 }
 
@@ -566,6 +655,20 @@ RLIMITS = ("as", "core", "cpu", "data", "fsize", "memlock", "msgqueue", "nice",
            "nofile", "nproc", "rss", "rtprio", "rttime", "sigpending", "stack")
 
 
+def _rotate_when(value) -> str:
+    text = str(value).strip()
+    if text.upper() not in ("S", "M", "H", "D", "MIDNIGHT") and not re.fullmatch(r"W[0-6]", text.upper()):
+        raise ValueError("rotate_when %r: use S, M, H, D, MIDNIGHT or W0-W6" % (value,))
+    return text
+
+
+_rotate_interval = ranged(to_int, 0, 2 ** 31 - 1)
+
+#: Checks for the built-in streams' options (stdout_stream.KEY); values are kept as given.
+_STREAM_CHECKS = {"max_bytes": _count, "backup_count": _count, "rotate_when": _rotate_when,
+                  "rotate_interval": _rotate_interval, "utc": to_bool, "truncate": to_bool}
+
+
 def convert_watcher_option(key: str, value):
     """Validate one watcher option; returns (kind, key, typed value).
 
@@ -580,6 +683,9 @@ def convert_watcher_option(key: str, value):
         return "opt", key, conv(value)
     for prefix in ("stdout_stream.", "stderr_stream."):
         if key.startswith(prefix):
+            check = _STREAM_CHECKS.get(key[len(prefix):])
+            if check is not None and value is not None:
+                check(value)
             return "stream", key, value
     if key.startswith("hooks."):
         name = key[6:]
@@ -592,7 +698,7 @@ def convert_watcher_option(key: str, value):
             raise ValueError("unknown resource limit %r (known: %s)" % (res, ", ".join(RLIMITS)))
         if value is None or str(value).strip() == "":
             return "rlimit", res, None
-        return "rlimit", res, to_int(value)
+        return "rlimit", res, _rlimit(value)
     return "free", key, value
 
 
@@ -638,36 +744,62 @@ def _pth_paths(site) -> list:
     return out
 
 
+def _socket_proto(value):
+    """A protocol number, or a name from /etc/protocols (``tcp``)."""
+    import socket
+    text = str(value).strip()
+    if isinstance(value, int) or text.isdigit() or not text:
+        return ranged(to_int, 0, 255)(text or 0)
+    try:
+        socket.getprotobyname(text)
+    except OSError:
+        raise ValueError("%r: use a protocol name (tcp, udp) or number" % (value,)) from None
+    return text
+
+
+def _socket_umask(value) -> int:
+    # Circus reads the socket umask as a *decimal* number; users write it
+    # either way, so a leading 0 means octal here (documented difference).
+    text = str(value).strip()
+    return _umask(text if text.startswith("0") else to_int(text))
+
+
+def _socket_path(value):
+    if value is not None and len(os.fsencode(str(value))) > _SUN_PATH_MAX:
+        raise ValueError("%r is longer than a unix socket path allows (%d bytes)" % (value, _SUN_PATH_MAX))
+    return value
+
+
 class SocketConfig:
     """One ``[socket:NAME]`` section, typed."""
 
     FAMILIES = ("AF_INET", "AF_INET6", "AF_UNIX")
     TYPES = ("SOCK_STREAM", "SOCK_DGRAM", "SOCK_RAW", "SOCK_RDM", "SOCK_SEQPACKET")
+    CHECKS = {"port": _port, "backlog": _backlog, "proto": _socket_proto, "umask": _socket_umask,
+              "path": _socket_path, "replace": to_bool, "so_reuseport": to_bool, "blocking": to_bool}
 
     def __init__(self, name, host="localhost", port=8080, family="AF_INET",
                  type="SOCK_STREAM", proto=0, backlog=2048, path=None, umask=8,
                  replace=False, so_reuseport=False, blocking=False, interface=None):
         self.name = name.lower()
         self.host = host
-        self.port = to_int(port)
         family = str(family).upper()
         if family not in self.FAMILIES:
             raise ValueError("family %r: use one of %s" % (family, ", ".join(self.FAMILIES)))
         type = str(type).upper()
         if type not in self.TYPES:
             raise ValueError("type %r: use one of %s" % (type, ", ".join(self.TYPES)))
-        self.path = path
-        self.family = "AF_UNIX" if path else family
+        given = dict(port=port, backlog=backlog, proto=proto, umask=umask, path=path,
+                     replace=replace, so_reuseport=so_reuseport, blocking=blocking)
+        for key, conv in self.CHECKS.items():
+            try:
+                setattr(self, key, conv(given[key]))
+            except ValueError as e:
+                err = ValueError("%s: %s" % (key, e))
+                err.key = key           # load_config points at that line
+                raise err from None
+        self.family = "AF_UNIX" if self.path else family
         self.type = type
-        self.proto = proto
-        self.backlog = to_int(backlog)
-        # Circus reads the socket umask as a *decimal* number; users write it
-        # either way, so a leading 0 means octal here (documented difference).
-        text = str(umask).strip()
-        self.umask = int(text, 8) if text.startswith("0") and text != "0" else to_int(text)
-        self.replace = to_bool(replace)
-        self.so_reuseport = to_bool(so_reuseport)
-        self.blocking = to_bool(blocking)
         self.interface = interface
 
     def key(self):
@@ -705,6 +837,8 @@ class WatcherConfig:
         if key in ("stdout_stream", "stderr_stream"):
             if not isinstance(value, dict):
                 raise ValueError("%s must be an object with a 'class' key" % key)
+            for k, v in value.items():
+                convert_watcher_option("%s.%s" % (key, k), v)
             setattr(self, key, {str(k): v for k, v in value.items()})
             return
         if key == "hooks":
@@ -805,14 +939,39 @@ class CircusConfig:
                           sort_keys=True, default=str)
 
 
+def _loglevel(value) -> str:
+    text = str(value).strip().lower()
+    if text not in ("critical", "error", "warning", "warn", "info", "debug"):
+        raise ValueError("%r: use critical, error, warning, info or debug" % (value,))
+    return text
+
+
+def _logoutput(value) -> str:
+    """``-``, ``stdout``, a file, or ``syslog://[HOST:PORT][/DEV]?FACILITY``."""
+    text = str(value).strip()
+    if text.startswith("syslog://"):
+        from urllib.parse import urlparse
+        import logging.handlers as handlers
+        try:
+            u = urlparse(text)
+            u.port              # parsed on access: a bad port raises here, not at start
+        except ValueError:
+            raise ValueError("%r: bad syslog address (syslog://HOST:PORT?FACILITY)" % text) from None
+        if (u.query or "user") not in handlers.SysLogHandler.facility_names:
+            raise ValueError("%r: unknown syslog facility %r (e.g. user, daemon, local0)"
+                             % (text, u.query))
+    return text
+
+
 _CIRCUS_KEYS = {
-    "endpoint": str, "pubsub_endpoint": str, "stats_endpoint": str,
-    "multicast_endpoint": str, "endpoint_owner": str, "statsd": to_bool,
-    "check_delay": to_float, "warmup_delay": _number, "umask": parse_octal,
-    "httpd": to_bool, "httpd_host": str, "httpd_port": to_int, "httpd_token": str, "debug": to_bool,
-    "debug_gc": to_bool, "pidfile": str, "loglevel": str, "logoutput": str,
+    "endpoint": zmq_endpoint, "pubsub_endpoint": zmq_endpoint, "stats_endpoint": zmq_endpoint,
+    "multicast_endpoint": udp_group, "endpoint_owner": str, "statsd": to_bool,
+    # check_delay is only reported (circusd takes -1, a corpus config has it): finite suffices
+    "check_delay": ranged(to_float), "warmup_delay": _delay, "umask": _umask,
+    "httpd": to_bool, "httpd_host": str, "httpd_port": _port, "httpd_token": str, "debug": to_bool,
+    "debug_gc": to_bool, "pidfile": str, "loglevel": _loglevel, "logoutput": _logoutput,
     "loggerconfig": str, "fqdn_prefix": str, "include": str, "include_dir": str,
-    "metrics_endpoint": str, "max_processes": to_int, "allow_insecure_endpoint": to_bool,
+    "metrics_endpoint": host_port, "max_processes": _count, "allow_insecure_endpoint": to_bool,
     "curve_secret_key": str, "curve_authorized_keys": str,
     # Documented by Circus but not read by it; accepted for the same files.
     "statsd_close_outputs": to_bool, "httpd_close_outputs": to_bool, "stream_backend": str,
@@ -907,6 +1066,12 @@ def _check_httpd_conf(cfg, ini) -> None:
                           % (ini.where("circus", "httpd_host"), cfg.httpd_host))
 
 
+def _check_max_processes(cfg, n, where) -> None:
+    if n > cfg.max_processes:
+        raise ConfigError("%s: %d processes is above max_processes (%d): lower it, or raise "
+                          "max_processes in [circus]" % (where, n, cfg.max_processes))
+
+
 def load_config(path: str, environ=None) -> CircusConfig:
     """Read and validate a Circus INI file (with its includes).
 
@@ -965,7 +1130,8 @@ def load_config(path: str, environ=None) -> CircusConfig:
         try:
             cfg.sockets.append(SocketConfig(name[7:], **{k: expand(v) for k, v in items.items()}))
         except (ValueError, TypeError) as e:
-            raise ConfigError("%s: %s" % (ini.where(name), e)) from None
+            w = ini.where(name, getattr(e, "key", None))
+            raise ConfigError("%s:%s [%s] %s" % (w.file, w.line, name, e)) from None
     seen = {}
     for name in sorted(n for n in names if n.startswith("watcher:")):
         items = ini.items(name)
@@ -1004,6 +1170,7 @@ def load_config(path: str, environ=None) -> CircusConfig:
             wc.check()
         except ValueError as e:
             raise ConfigError("%s: %s" % (ini.where(name), e)) from None
+        _check_max_processes(cfg, wc.options["numprocesses"], ini.where(name, "numprocesses"))
         cfg.watchers.append(wc)
     for name in sorted(n for n in names if n.startswith("plugin:")):
         items = ini.items(name)
@@ -1110,7 +1277,7 @@ def parse_sv_environment(text: str, where) -> dict:
 
 
 def parse_byte_size(value) -> int:
-    m = re.match(r"^\s*(\d+)\s*(KB|MB|GB)?\s*$", str(value), re.IGNORECASE)
+    m = re.fullmatch(r"\s*(\d+)\s*(KB|MB|GB)?\s*", str(value), re.IGNORECASE)
     if not m:
         raise ValueError("%r is not a size (use digits with an optional KB, MB or GB)" % (value,))
     return int(m.group(1)) * {None: 1, "KB": 1024, "MB": 1024 ** 2, "GB": 1024 ** 3}[
@@ -1220,10 +1387,10 @@ def load_supervisor_sections(ini: IniFile, cfg: CircusConfig, environ, seen: dic
             cfg.loglevel = _SV_LOGLEVELS[level.lower()]
         umask = value(sd, "umask", {})
         if umask and cfg.umask is None:
-            cfg.umask = conv(sd, "umask", umask, parse_octal)
+            cfg.umask = conv(sd, "umask", umask, _umask)
         minfds = value(sd, "minfds", {})
         if minfds:
-            cfg.minfds = conv(sd, "minfds", minfds, to_int)
+            cfg.minfds = conv(sd, "minfds", minfds, _count)
         directory = value(sd, "directory", {})
         if directory:
             cfg.directory = os.path.expanduser(directory)
@@ -1257,7 +1424,7 @@ def load_supervisor_sections(ini: IniFile, cfg: CircusConfig, environ, seen: dic
         if name.startswith("group:"):
             gname = name[6:].strip()
             prio = value(name, "priority", {"group_name": gname})
-            group_prio[gname] = conv(name, "priority", prio, to_int) if prio else 999
+            group_prio[gname] = conv(name, "priority", prio, _priority) if prio else 999
             for prog in (value(name, "programs", {"group_name": gname}) or "").split(","):
                 prog = prog.strip()
                 if not prog:
@@ -1295,21 +1462,22 @@ def _sv_program(ini, cfg, section, pname, gname, gprio, fcgi, sv_env, names, hos
     items = ini.items(section)
     if "command" not in items:
         raise ConfigError("%s: 'command' is required" % ini.where(section))
-    numprocs = conv(section, "numprocs", get("numprocs", "1"), to_int)
-    start = conv(section, "numprocs_start", get("numprocs_start", "0"), to_int)
+    numprocs = conv(section, "numprocs", get("numprocs", "1"), _count)
+    _check_max_processes(cfg, numprocs, ini.where(section, "numprocs"))
+    start = conv(section, "numprocs_start", get("numprocs_start", "0"), _count)
     template = items.get("process_name", "%(program_name)s")
     if numprocs > 1 and "%(process_num)" not in template:
         raise ConfigError("%s: numprocs = %d needs %%(process_num) in process_name, e.g. "
                           "process_name = %%(program_name)s_%%(process_num)02d"
                           % (ini.where(section, "process_name"), numprocs))
-    startsecs = conv(section, "startsecs", get("startsecs", "1"), to_int)
-    startretries = conv(section, "startretries", get("startretries", "3"), to_int)
+    startsecs = conv(section, "startsecs", get("startsecs", "1"), _count)
+    startretries = conv(section, "startretries", get("startretries", "3"), _count)
     stopasgroup = conv(section, "stopasgroup", get("stopasgroup", "false"), to_bool)
     killasgroup = conv(section, "killasgroup", get("killasgroup", str(stopasgroup)), to_bool)
     if stopasgroup and not killasgroup:
         raise ConfigError("%s: stopasgroup = true needs killasgroup = true (or leave it out)"
                           % ini.where(section, "killasgroup"))
-    prio = conv(section, "priority", get("priority", "999"), to_int)
+    prio = conv(section, "priority", get("priority", "999"), _priority)
     common = {
         # Supervisor starts the lowest priority first, Circus the highest: negate
         "priority": -(gprio if gprio is not None and gname != pname else prio),
@@ -1319,7 +1487,7 @@ def _sv_program(ini, cfg, section, pname, gname, gprio, fcgi, sv_env, names, hos
         "autorestart": conv(section, "autorestart", get("autorestart", "unexpected"), parse_autorestart),
         "exitcodes": conv(section, "exitcodes", get("exitcodes", "0"), parse_exitcodes),
         "stop_signal": conv(section, "stopsignal", get("stopsignal", "TERM"), to_signum),
-        "graceful_timeout": conv(section, "stopwaitsecs", get("stopwaitsecs", "10"), to_float),
+        "graceful_timeout": conv(section, "stopwaitsecs", get("stopwaitsecs", "10"), _seconds),
         "stopasgroup": stopasgroup, "killasgroup": killasgroup,
         "redirect_stderr": conv(section, "redirect_stderr", get("redirect_stderr", "false"), to_bool),
         "copy_env": True,       # Supervisor children inherit its environment
@@ -1331,7 +1499,7 @@ def _sv_program(ini, cfg, section, pname, gname, gprio, fcgi, sv_env, names, hos
         common["uid"] = user
     umask = get("umask")
     if umask:
-        common["umask"] = conv(section, "umask", umask, parse_octal)
+        common["umask"] = conv(section, "umask", umask, _umask)
     sockname = None
     if fcgi:
         sock = get("socket")
@@ -1339,22 +1507,22 @@ def _sv_program(ini, cfg, section, pname, gname, gprio, fcgi, sv_env, names, hos
             raise ConfigError("%s: fcgi-program needs socket = tcp://HOST:PORT or unix:///PATH"
                               % ini.where(section))
         sockname = "fcgi-" + pname.lower()
-        opts = {"backlog": conv(section, "socket_backlog", get("socket_backlog", str(socket_somaxconn())), to_int),
+        opts = {"backlog": conv(section, "socket_backlog", get("socket_backlog", str(socket_somaxconn())), _backlog),
                 "blocking": True}       # as Supervisor hands it over: a blocking socket
         if sock.startswith("unix://"):
             path = sock[7:]
             if not os.path.isabs(path):
                 raise ConfigError("%s: unix socket path must be absolute" % ini.where(section, "socket"))
-            mode = conv(section, "socket_mode", get("socket_mode", "0700"), parse_octal)
+            mode = conv(section, "socket_mode", get("socket_mode", "0700"), _umask)
             opts.update(path=path, umask=0o777 & ~mode, replace=True)
         elif sock.startswith("tcp://"):
             host_, _, port = sock[6:].rpartition(":")
-            opts.update(host=host_ or "0.0.0.0", port=conv(section, "socket", port, to_int))
+            opts.update(host=host_ or "0.0.0.0", port=conv(section, "socket", port, _port))
         else:
             raise ConfigError("%s: socket %r: use tcp://HOST:PORT or unix:///PATH"
                               % (ini.where(section, "socket"), sock))
         if sockname not in {s.name for s in cfg.sockets}:
-            cfg.sockets.append(SocketConfig(sockname, **opts))
+            cfg.sockets.append(conv(section, "socket", sockname, lambda n: SocketConfig(n, **opts)))
         common.update(stdin_socket=sockname)
     for i in range(numprocs):
         num = start + i
@@ -1401,7 +1569,7 @@ def _sv_program(ini, cfg, section, pname, gname, gprio, fcgi, sv_env, names, hos
             wc.set(which + "_stream.class", "FileStream")
             wc.set(which + "_stream.filename", logfile)
             wc.set(which + "_stream.max_bytes", conv(section, which + "_logfile_maxbytes", size, parse_byte_size))
-            wc.set(which + "_stream.backup_count", conv(section, which + "_logfile_backups", backups, to_int))
+            wc.set(which + "_stream.backup_count", conv(section, which + "_logfile_backups", backups, _count))
             if getattr(wc, which + "_stream")["backup_count"] == 0:
                 wc.set(which + "_stream.truncate", True)     # Supervisor empties a full log with no backups
         cfg.watchers.append(wc.check())
@@ -1613,8 +1781,8 @@ class FileStream:
             fd, filename = tempfile.mkstemp(prefix="circus-", suffix=".log")
             os.close(fd)
         self.filename = os.path.abspath(str(filename))
-        self.max_bytes = to_int(max_bytes or 0)
-        self.backup_count = to_int(backup_count or 0)
+        self.max_bytes = _count(max_bytes or 0)
+        self.backup_count = _count(backup_count or 0)
         self.truncate = to_bool(truncate)       # full and no backups: start over (Supervisor)
         self.dropped = 0                # bytes lost to a full disk, in all
         self.dropping = False
@@ -1712,11 +1880,8 @@ class TimedRotatingFileStream(FileStream):
 
     def __init__(self, filename=None, backup_count=0, time_format=None, rotate_when="H",
                  rotate_interval=1, utc=False, **_):
-        when = str(rotate_when).upper()
-        if when not in self._UNITS and not re.match(r"^W[0-6]$", when):
-            raise ValueError("rotate_when %r: use S, M, H, D, MIDNIGHT or W0-W6" % rotate_when)
-        self.when = when
-        self.interval = max(1, to_int(rotate_interval)) * self._UNITS.get(when, 86400 * 7)
+        self.when = when = _rotate_when(rotate_when).upper()
+        self.interval = max(1, _rotate_interval(rotate_interval)) * self._UNITS.get(when, 86400 * 7)
         self.utc = to_bool(utc) if not isinstance(utc, bool) else utc
         super().__init__(filename=filename, backup_count=backup_count, time_format=time_format)
         self._next = self._compute_next(time.time())
@@ -2599,8 +2764,8 @@ class Flapping:
     wins: a retry never undoes it (Circus #965, #809).
     """
 
-    KEYS = {"attempts": to_int, "window": to_float, "retry_in": to_float, "max_retry": to_int,
-            "active": to_bool}
+    KEYS = {"attempts": ranged(to_int, 1), "window": _seconds, "retry_in": _seconds,
+            "max_retry": ranged(to_int, -1), "active": to_bool}
 
     def __init__(self, attempts=2, window=1.0, retry_in=7.0, max_retry=5):
         import collections
@@ -4256,10 +4421,10 @@ def process_stats(pid: int, kids_of=None, cache=None) -> dict:
 def parse_mem_limit(value) -> int:
     """``200M``, ``1.5G``, ``512K``, ``1048576`` (bytes) or ``25%`` of the machine's memory."""
     text = str(value).strip().upper()
-    m = re.match(r"^(\d+(?:\.\d+)?)\s*(%|B|K|KB|M|MB|G|GB|T|TB)?$", text)
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(%|B|K|KB|M|MB|G|GB|T|TB)?", text)
     if not m:
         raise ValueError("%r is not a memory size (e.g. 200M, 1G, 25%%)" % (value,))
-    num, unit = float(m.group(1)), (m.group(2) or "B").rstrip("B") or "B"
+    num, unit = ranged(float)(m.group(1)), (m.group(2) or "B").rstrip("B") or "B"
     if unit == "%":
         return int(_psutil.virtual_memory().total * num / 100)
     return int(num * {"B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[unit])
@@ -4475,8 +4640,8 @@ class StatsdEmitter(Plugin):
     def handle_init(self):
         import random
         import socket
-        self.addr = (self.options.get("host", "localhost"), to_int(self.options.get("port", 8125)))
-        self.rate = to_float(self.options.get("sample_rate", 1.0))
+        self.addr = (self.options.get("host", "localhost"), _port(self.options.get("port", 8125)))
+        self.rate = ranged(to_float, 0, 1)(self.options.get("sample_rate", 1.0))
         self.prefix = "circus.%s." % self.options.get("application_name", "app")
         self.random = random.random
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -4547,14 +4712,14 @@ def plugin_limits(cfg: CircusConfig) -> dict:
         if not target or target.lower() not in {w.name.lower() for w in cfg.watchers}:
             raise ConfigError("%s: watcher %r (the 'watcher' key) does not exist" % (where, target))
         mem = str(conf.get("max_mem", "90")).strip()
-        opts = {"max_rss": mem + "%" if re.match(r"^\d+(\.\d+)?$", mem) else mem,
+        opts = {"max_rss": mem + "%" if re.fullmatch(r"\d+(\.\d+)?", mem) else mem,
                 "max_cpu": conf.get("max_cpu", 90),
-                "watchdog_interval": conf.get("loop_rate", 60),
-                "watchdog_grace": to_int(conf.get("max_count", 3)) + 1}
+                "watchdog_interval": conf.get("loop_rate", 60)}
         for key in ("min_cpu", "min_mem", "health_threshold", "process_children", "child_signal"):
             if key in conf:
                 _log().warning("%s: %s is not supported by the built-in watchdog; ignored", where, key)
         try:
+            opts["watchdog_grace"] = _count(conf.get("max_count", 3)) + 1
             probe = WatcherConfig(target)
             for key, value in opts.items():
                 probe.set(key, value)
@@ -4682,8 +4847,13 @@ def _usage_off_loop(snap, cache):
     return asyncio.get_running_loop().run_in_executor(None, fill)
 
 
+def _label_value(value) -> str:
+    """A label value as the exposition format escapes it: backslash, double quote, newline."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
 def _metric_line(name, labels, value):
-    lab = ",".join('%s="%s"' % (k, str(v).replace("\\", "\\\\").replace('"', '\\"')) for k, v in labels.items())
+    lab = ",".join('%s="%s"' % (k, _label_value(v)) for k, v in labels.items())
     return "%s{%s} %s" % (name, lab, value) if lab else "%s %s" % (name, value)
 
 
@@ -4776,6 +4946,26 @@ def _prop(props, key, kind=None, default=None, required=False):
 
 def _watcher(arb, props):
     return arb.get_watcher(_prop(props, "name", str, required=True))
+
+
+def _waiting(props) -> bool:
+    """Does the client wait for the work to finish (``waiting``), as circusctl sends it?"""
+    return props.get("waiting") is True or props.get("waiting") in ("true", "True", 1)
+
+
+#: What `add`/`set` take besides WATCHER_OPTIONS (retry_in: circusctl sends it, circusd keeps it).
+_OPTION_OBJECTS = ("env", "hooks", "rlimits", "stdout_stream", "stderr_stream", "retry_in")
+_OPTION_PREFIXES = ("stdout_stream.", "stderr_stream.", "hooks.", "rlimit_")
+
+
+def _check_option_name(key, w=None) -> None:
+    """An option nothing reads is refused, as circusd does (errno 3 ``unknown key``); a
+    free-form key is taken when the watcher has it already (from its config)."""
+    if key in WATCHER_OPTIONS or key in _OPTION_OBJECTS or key.startswith(_OPTION_PREFIXES):
+        return
+    if (key.startswith("flapping.") and key[9:] in Flapping.KEYS) or (w is not None and key in w.conf.free):
+        return
+    raise MessageError("unknown key %r" % key)
 
 
 def _match(arb, props):
@@ -4884,12 +5074,16 @@ def _resize(arb, props, sign):
     if w.conf.options["singleton"]:
         return {"numprocesses": w.numprocesses, "singleton": True}
 
-    limit = arb.max_processes
-    if sign > 0 and limit is not None and w.numprocesses + nb > limit:
-        raise MessageError("numprocesses %d is above max_processes (%d)" % (w.numprocesses + nb, limit))
+    def target():
+        # the result is checked, whatever the signs (`decr w -50` is an increase)
+        n = w.numprocesses + sign * nb
+        if arb.max_processes is not None and n > arb.max_processes:
+            raise MessageError("numprocesses %d is above max_processes (%d)" % (n, arb.max_processes))
+        return n
+    target()                # refused in the reply; checked again in turn (a queued incr)
 
     async def run():
-        n = await _locked(w, lambda: w.set_numprocesses(w.numprocesses + sign * nb))
+        n = await _locked(w, lambda: w.set_numprocesses(target()))
         return {"numprocesses": n}
     return run()
 
@@ -4937,7 +5131,7 @@ def cmd_add(arb, props):
     """Add a watcher running CMD (started with --start)."""
     name = _prop(props, "name", str, required=True)
     cmd = _prop(props, "cmd", str, required=True)
-    if not re.match(r"^[\w.@:+-][\w .@:+-]*$", name):
+    if not re.fullmatch(r"[\w.@:+-][\w .@:+-]*", name):     # fullmatch: `$` lets "x\n" in
         raise MessageError("invalid watcher name %r: use letters, digits and . _ - @ : +" % name)
     options = props.get("options") or {}
     if not isinstance(options, dict):
@@ -4946,6 +5140,7 @@ def cmd_add(arb, props):
     if args is not None and not isinstance(args, (str, list)):
         raise MessageError("'args' should be a string or a list")
     for key in options:
+        _check_option_name(key)
         if key in ("priority", "use_sockets", "on_demand", "autostart"):
             raise MessageError("%r cannot be set by add (Circus's rule); put it in the config file" % key)
     opts = {k: v for k, v in options.items() if not k.startswith("rlimit_")}
@@ -4965,14 +5160,26 @@ def cmd_add(arb, props):
     if limit is not None and _prop(opts, "numprocesses", int, 1) > limit:
         raise MessageError("numprocesses %s is above max_processes (%d)" % (opts["numprocesses"], limit))
     opts.setdefault("warmup_delay", 0.0)
-    w = arb.add_watcher(name, cmd, args, opts)
-    w.conf.added = True
-    if _prop(props, "start", bool, False):
-        async def run():
-            info = await _locked(w, w.start)
-            return {"started": info["started"], "kept": info["kept"]}
-        return run()
-    return {}
+    start = _prop(props, "start", bool, False)
+
+    async def start_it(w):
+        if w not in arb.watchers:       # a reloadconfig or rm took it first
+            raise CommandError("watcher %r was removed before it could start" % name)
+        return await w.start()
+
+    async def add():
+        # In turn with reloadconfig (the arbiter's lock), so the name is checked against
+        # what the reload made: never two watchers of one name. The reply waits for this.
+        async with arb._lock:
+            w = arb.add_watcher(name, cmd, args, opts)
+            w.conf.added = True
+            if start and _waiting(props):
+                info = await _locked(w, lambda: start_it(w))
+                return {"started": info["started"], "kept": info["kept"]}
+        if start:
+            arb.loop.create_task(arb._guarded(_locked(w, lambda: start_it(w))))
+        return {}
+    return _Await(add())
 
 
 @command("rm", "name [--nostop] [--waiting]")
@@ -4989,17 +5196,26 @@ def cmd_set(arb, props):
     options = props.get("options")
     if not isinstance(options, dict) or not options:
         raise MessageError("'options' property should be an object")
+    import copy
+    probe = copy.deepcopy(w.conf)       # the watcher as it would be: each value and their mix
     for key, value in options.items():
+        _check_option_name(key, w)
         if key == "env" and isinstance(value, str):
             options[key] = dict(kv.split("=", 1) for kv in value.split(",") if "=" in kv)
         try:
-            WatcherConfig(w.name).set(key, options[key])
+            probe.set(key, options[key])
         except ValueError as e:
             raise MessageError("%s: %s" % (key, e)) from None
         if key in ("priority", "use_sockets", "on_demand", "autostart"):
             raise MessageError("%r cannot be changed at run time; edit the config and reloadconfig" % key)
         if key == "numprocesses" and arb.max_processes is not None and to_int(options[key]) > arb.max_processes:
             raise MessageError("numprocesses %s is above max_processes (%d)" % (options[key], arb.max_processes))
+    try:
+        probe.check()
+        Flapping.from_settings(arb.flapping_plugin, probe.free)
+    except ValueError as e:
+        raise MessageError(str(e)) from None
+
     async def run():
         await _locked(w, lambda: w.set_options(options))
         w.flapping = Flapping.from_settings(arb.flapping_plugin, w.conf.free)
@@ -5438,6 +5654,10 @@ def _bind(sock, endpoint, what, curve=None):
 
 def check_endpoint(endpoint: str, what: str, allow_insecure=False, curve=False) -> None:
     """Without CurveZMQ, TCP control is open to every local user: say so; off this host, refuse."""
+    try:
+        zmq_endpoint(endpoint or "")        # the config checked it; Arbiter(...) users too
+    except ValueError as e:
+        raise CircusError("%s: %s" % (what, e)) from None
     m = re.match(r"^tcp://(\[[^\]]*\]|[^:/]*):", endpoint or "")
     if not m or curve:
         return
@@ -5704,7 +5924,7 @@ async def dispatch(arbiter, body: bytes):
         if isinstance(result, _Await):
             result = await result.awaitable
         elif asyncio.iscoroutine(result):
-            if props.get("waiting") is True or props.get("waiting") in ("true", "True", 1):
+            if _waiting(props):
                 result = await result
             else:
                 asyncio.get_running_loop().create_task(arbiter._guarded(result))
@@ -6317,7 +6537,7 @@ def _ctl_keygen(args) -> int:
         return 2
     directory = args[0] if args else key_dir()
     name = args[1] if len(args) > 1 else "client"
-    if not re.match(r"^[A-Za-z0-9_.-]+$", name) or name.startswith("."):
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name.startswith("."):
         sys.stderr.write("error: key name %r: use letters, digits, '_', '-' and '.'\n" % name)
         return 2
     try:
@@ -6336,7 +6556,7 @@ def _ctl_tail(name, args, endpoint, timeout, curve=None) -> int:
     for a in args:
         if a == "-f":
             follow = True
-        elif re.match(r"^-\d+$", a):
+        elif re.fullmatch(r"-\d+", a):
             nbytes = int(a[1:])
         elif a.startswith("-"):
             err.write("Error: bad argument %s\n" % a)

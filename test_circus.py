@@ -204,6 +204,111 @@ def test_config_errors_are_one_clear_line(tmp_path, body, needle):
     assert "\n" not in str(e.value)
 
 
+_LONG_PATH = "/tmp/" + "d" * 120 + ".sock"
+
+
+@pytest.mark.parametrize("body,line,needle", [
+    # watcher keys: numbers in range and finite, else the key's line, at load
+    ("[watcher:a]\ncmd = x\numask = 100000000000000000000\n", 3, "umask: 100000000000000000000 is out of range"),
+    ("[watcher:a]\ncmd = x\numask = 1000\n", 3, "use 000 to 777, octal"),
+    ("[watcher:a]\ncmd = x\nnumprocesses = -1\n", 3, "numprocesses: -1 is out of range (use 0 or more)"),
+    ("[watcher:a]\ncmd = x\nnumprocesses = 20000\n", 3, "above max_processes (10000)"),
+    ("[watcher:a]\ncmd = x\ngraceful_timeout = -1\n", 3, "graceful_timeout: -1"),
+    ("[watcher:a]\ncmd = x\ngraceful_timeout = nan\n", 3, "is not a finite number"),
+    ("[watcher:a]\ncmd = x\nready_timeout = inf\n", 3, "is not a finite number"),
+    ("[watcher:a]\ncmd = x\nwarmup_delay = -2\n", 3, "warmup_delay: -2"),
+    ("[watcher:a]\ncmd = x\nmax_retry = -2\n", 3, "max_retry: -2 is out of range (use -1 or more)"),
+    ("[watcher:a]\ncmd = x\npriority = 99999999999\n", 3, "priority: 99999999999 is out of range"),
+    ("[watcher:a]\ncmd = x\nmax_age = -1\n", 3, "max_age: -1"),
+    ("[watcher:a]\ncmd = x\nmax_age_variance = -1\n", 3, "max_age_variance: -1"),
+    ("[watcher:a]\ncmd = x\nstartsecs = -1\n", 3, "startsecs: -1"),
+    ("[watcher:a]\ncmd = x\nready = nan\n", 3, "is not a finite number"),
+    ("[watcher:a]\ncmd = x\nrlimit_nofile = 99999999999999999999999\n", 3, "-1 for unlimited"),
+    ("[watcher:a]\ncmd = x\nrlimit_core = -2\n", 3, "rlimit_core: -2"),
+    ("[watcher:a]\ncmd = x\nwatchdog_interval = nan\n", 3, "watchdog_interval"),
+    ("[watcher:a]\ncmd = x\nmax_rss = %s\n" % ("9" * 400), 3, "is not a finite number"),
+    ("[watcher:a]\ncmd = x\nmax_cpu = -5\n", 3, "max_cpu: -5"),
+    ("[watcher:a]\ncmd = x\nstdout_stream.max_bytes = -5\n", 3, "stdout_stream.max_bytes: -5"),
+    ("[watcher:a]\ncmd = x\nstderr_stream.backup_count = many\n", 3, "'many' is not an integer"),
+    ("[watcher:a]\ncmd = x\nstdout_stream.rotate_when = fortnight\n", 3, "rotate_when 'fortnight'"),
+    # [circus]: endpoints parseable, ports and the rest in range
+    ("[circus]\nendpoint = ipc://@x\n", 2, "abstract socket"),
+    ("[circus]\nendpoint = ipc://\n", 2, "has no socket path"),
+    ("[circus]\npubsub_endpoint = ipc://%s\n" % _LONG_PATH, 2, "longer than a unix socket allows"),
+    ("[circus]\nendpoint = tcp://127.0.0.1:70000\n", 2, "70000 is out of range (use 0 to 65535)"),
+    ("[circus]\nendpoint = tcp://127.0.0.1\n", 2, "use ipc://PATH or tcp://HOST:PORT"),
+    ("[circus]\nstats_endpoint = inproc://x\n", 2, "is not an endpoint"),
+    ("[circus]\nmulticast_endpoint = udp://10.0.0.1:12027\n", 2, "multicast GROUP"),
+    ("[circus]\nmulticast_endpoint = udp://237.1.1.1:99999\n", 2, "99999 is out of range"),
+    ("[circus]\nmetrics_endpoint = 127.0.0.1:99999\n", 2, "metrics_endpoint: 99999 is out of range"),
+    ("[circus]\nmetrics_endpoint = somewhere\n", 2, "is not HOST:PORT"),
+    ("[circus]\nhttpd_port = 65536\n", 2, "httpd_port: 65536"),
+    ("[circus]\numask = 1777\n", 2, "umask: 1777"),
+    ("[circus]\nmax_processes = -1\n", 2, "max_processes: -1"),
+    ("[circus]\nwarmup_delay = -1\n", 2, "warmup_delay: -1"),
+    ("[circus]\ncheck_delay = inf\n", 2, "is not a finite number"),
+    ("[circus]\nloglevel = loud\n", 2, "loglevel: 'loud': use critical, error"),
+    ("[circus]\nlogoutput = syslog://h:99999999\n", 2, "bad syslog address"),
+    ("[circus]\nlogoutput = syslog:///dev/log?nope\n", 2, "unknown syslog facility"),
+    # [socket:NAME]: the key's own line
+    ("[socket:s]\nhost = 127.0.0.1\nport = 70000\n", 3, "[socket:s] port: 70000 is out of range"),
+    ("[socket:s]\nport = 80\nbacklog = -1\n", 3, "backlog: -1"),
+    ("[socket:s]\npath = /tmp/s.sock\numask = 01000\n", 3, "umask: 01000 is out of range"),
+    ("[socket:s]\nport = 80\nproto = nosuchproto\n", 3, "proto: 'nosuchproto'"),
+    ("[socket:s]\npath = %s\n" % _LONG_PATH, 2, "longer than a unix socket path allows"),
+    # Supervisor's keys
+    ("[supervisord]\numask = 1777\n", 2, "umask: 1777"),
+    ("[supervisord]\nminfds = -1\n", 2, "minfds: -1"),
+    ("[program:p]\ncommand = x\numask = 1777\n", 3, "umask: 1777"),
+    ("[program:p]\ncommand = x\nnumprocs = -1\n", 3, "numprocs: -1"),
+    ("[program:p]\ncommand = x\nnumprocs = 20000\nprocess_name = p%(process_num)d\n", 3,
+     "above max_processes"),
+    ("[program:p]\ncommand = x\nstopwaitsecs = -1\n", 3, "stopwaitsecs: -1"),
+    ("[program:p]\ncommand = x\nstartretries = -1\n", 3, "startretries: -1"),
+    ("[program:p]\ncommand = x\npriority = 1%s\n" % ("0" * 20), 3, "priority"),
+    ("[program:p]\ncommand = x\nstdout_logfile_backups = -1\n", 3, "stdout_logfile_backups: -1"),
+    ("[fcgi-program:f]\ncommand = x\nsocket = tcp://127.0.0.1:70000\n", 3, "socket: 70000"),
+    ("[fcgi-program:f]\ncommand = x\nsocket = unix:///tmp/f.sock\nsocket_mode = 1777\n", 4,
+     "socket_mode: 1777"),
+    ("[fcgi-program:f]\ncommand = x\nsocket = unix://%s\n" % _LONG_PATH, 3, "longer than a unix"),
+])
+def test_out_of_range_values_are_config_errors_at_load(tmp_path, body, line, needle):
+    """Values that used to pass and fail later (a traceback, a watcher stuck starting,
+    a daemon that dies at bind) are one clear file:line error when the file is read."""
+    with pytest.raises(circus.ConfigError) as e:
+        circus.load_config(write(tmp_path / "c.ini", body))
+    msg = str(e.value)
+    assert msg.startswith("%s:%d " % (tmp_path / "c.ini", line)) and needle in msg, msg
+    assert "\n" not in msg
+
+
+@pytest.mark.parametrize("key,value", [
+    ("umask", 10 ** 20), ("numprocesses", -1), ("graceful_timeout", float("inf")), ("max_retry", -2),
+    ("rlimit_nofile", 10 ** 30), ("stdout_stream", {"class": "FileStream", "max_bytes": -1}),
+    ("priority", 2 ** 40), ("ready_timeout", float("nan")),
+])
+def test_out_of_range_values_are_refused_in_python_too(key, value):
+    # add/set and the library go through the same converters as the config
+    with pytest.raises(ValueError):
+        circus.Watcher("w", "sleep 1", **{key: value})
+
+
+def test_flapping_settings_are_range_checked():
+    with pytest.raises(ValueError, match="flapping.window: -1 is out of range"):
+        circus.Flapping.from_settings(None, {"flapping.window": "-1"})
+    with pytest.raises(ValueError, match="flapping.attempts"):
+        circus.Flapping.from_settings({"attempts": "0"}, {})
+
+
+def test_endpoint_syntax():
+    for good in ("", "ipc:///run/c.sock", "ipc://ctl.sock", "tcp://127.0.0.1:5555", "tcp://*:5555",
+                 "tcp://[::1]:5555", "tcp://localhost:0", "tcp://127.0.0.1:*"):
+        assert circus.zmq_endpoint(good) == good
+    for bad in ("ipc://@abstract", "tcp://:5555", "tcp://h:65536", "http://h:1", "tcp://h 1:5"):
+        with pytest.raises(ValueError):
+            circus.zmq_endpoint(bad)
+
+
 @pytest.mark.parametrize("body,needle", [
     ("[watcher:a]\nnumprocesses = 1\n", "no 'cmd'"),
     ("[watcher:a]\ncmd = x $(circus.sockets.nope)\n", "no [socket:nope] section"),
@@ -1339,13 +1444,14 @@ def test_corpus_config(rel, corpus_env):
 @needs_corpus
 def test_issue442_without_env_vars(monkeypatch):
     """statsd = $(circus.env.circus_statsd) with no such variable: Circus fails too
-    (ValueError: '$(circus.env.circus_statsd)' is not a boolean)."""
+    (ValueError: '$(circus.env.circus_statsd)' is not a boolean). The unexpanded
+    stats_endpoint on the line before is caught first: it is not an endpoint."""
     monkeypatch.delenv("circus_statsd", raising=False)
     monkeypatch.delenv("circus_stats_endpoint", raising=False)
     with pytest.raises(circus.ConfigError) as info:
         circus.load_config(str(CORPUS / "tests" / "config" / "issue442.ini"))
     msg = str(info.value)
-    assert "issue442.ini:6" in msg and "[circus] statsd" in msg and "not a boolean" in msg
+    assert "issue442.ini:5" in msg and "[circus] stats_endpoint" in msg and "not an endpoint" in msg
     assert "\n" not in msg
 
 
@@ -2392,6 +2498,94 @@ def test_e2e_add_set_rm_signal_kill(daemon, shortdir):
     assert d.ctl("list").stdout == "base\n"
     for p in before:
         assert not psutil.pid_exists(p) or psutil.Process(p).status() == psutil.STATUS_ZOMBIE
+
+
+def test_e2e_set_and_add_refuse_unknown_keys_and_values_out_of_range(daemon):
+    d = daemon("""
+        [watcher:w]
+        cmd = sleep 120
+        flapping.window = 3
+        myvar = 1
+        """)
+    (pid,) = d.pids("w")
+    for options, needle in [
+        ({"bogus": 1}, "unknown key 'bogus'"),      # circusd 0.19's reply, errno 3
+        ({"umask": 10 ** 20}, "umask: 100000000000000000000 is out of range"),
+        ({"umask": "1000"}, "use 000 to 777, octal"),
+        ({"graceful_timeout": -1}, "graceful_timeout: -1 is out of range"),
+        ({"numprocesses": -3}, "numprocesses: -3 is out of range"),
+        ({"stdout_stream.max_bytes": -1}, "stdout_stream.max_bytes: -1"),
+        ({"rlimit_nofile": 10 ** 30}, "rlimit_nofile"),
+        ({"ready": 90}, "ready = 90 can never happen within ready_timeout = 60"),
+        ({"flapping.window": -1}, "flapping.window: -1 is out of range"),
+        ({"cmd": "sleep 121", "bogus": 1}, "unknown key 'bogus'"),
+    ]:
+        r = d.call("set", name="w", options=options, waiting=True)
+        assert r["status"] == "error" and r["errno"] == 3 and needle in r["reason"], (options, r)
+    r = d.call("add", name="x", cmd="sleep 1", options={"bogus": 1})
+    assert r["errno"] == 3 and r["reason"] == "unknown key 'bogus'"
+    r = d.call("add", name="x\n", cmd="sleep 1")         # `$` let a trailing newline in
+    assert r["errno"] == 3 and "invalid watcher name" in r["reason"]
+    # nothing of a refused set was applied, the process was never touched
+    assert d.pids("w") == [pid]
+    opts = d.call("options", name="w")["options"]
+    assert opts["cmd"] == "sleep 120" and opts["graceful_timeout"] == 30
+    # what something reads is taken: options, flapping.*, the watcher's own free-form keys,
+    # retry_in (circusctl sends it)
+    for options in ({"umask": "022"}, {"flapping.attempts": 3}, {"myvar": "2"}, {"retry_in": 3}):
+        assert d.call("set", name="w", options=options, waiting=True)["status"] == "ok", options
+    assert d.call("status", name="w")["status"] == "active" and d.pids("w") == [pid]
+
+
+def test_e2e_decr_and_incr_check_the_resulting_count(daemon):
+    d = daemon("max_processes = 20\n[watcher:w]\ncmd = sleep 120\n")
+    r = d.call("decr", name="w", nb=-50, waiting=True)      # a negative decr is an increase
+    assert r["errno"] == 3 and "numprocesses 51 is above max_processes (20)" in r["reason"], r
+    assert d.call("incr", name="w", nb=20, waiting=True)["errno"] == 3
+    assert len(d.pids("w")) == 1 and d.call("numprocesses", name="w")["numprocesses"] == 1
+    assert d.call("decr", name="w", nb=-2, waiting=True)["numprocesses"] == 3
+    assert len(d.pids("w")) == 3
+    assert d.call("incr", name="w", nb=-10, waiting=True)["numprocesses"] == 0     # never below 0
+    assert d.call("set", name="w", options={"numprocesses": -1})["errno"] == 3
+    assert d.call("add", name="x", cmd="sleep 1", options={"numprocesses": -1})["errno"] == 3
+    assert d.call("numprocesses", name="w")["numprocesses"] == 0 and d.call("list")["watchers"] == ["w"]
+
+
+def test_e2e_add_racing_reloadconfig_never_makes_two_watchers_of_one_name(daemon, shortdir):
+    """reloadconfig adds the file's new watchers after awaiting the stop of changed ones;
+    an `add` of the same name in that window used to make a second watcher."""
+    body = """
+        [watcher:slow]
+        cmd = sh -c 'trap "touch %s/term-%d" TERM; while true; do sleep 0.05; done'
+        graceful_timeout = 1
+        [watcher:%s]
+        cmd = sleep 120
+        autostart = false
+        """
+    d = daemon(body % (shortdir, 0, "x0"))
+    head = d.conf.read_text().split("[watcher:slow]")[0]
+    ctx = zmq.Context.instance()
+    for i in range(1, 5):
+        name = "x%d" % i
+        d.pids("slow")
+        d.conf.write_text(head + textwrap.dedent(body % (shortdir, i, name)).lstrip())
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(d.endpoint)
+        try:
+            sock.send(json.dumps({"command": "reloadconfig", "properties": {"waiting": True},
+                                  "id": "r%d" % i}).encode())
+            # the old `slow` got TERM: the reload is now waiting for it to stop
+            wait_for(lambda: os.path.exists("%s/term-%d" % (shortdir, i - 1)), what="reload under way")
+            added = d.call("add", name=name, cmd="sleep 121")
+            assert added["status"] == "ok" or "already exist" in added["reason"], added
+            assert sock.poll(TIMEOUT * 1000), "no reply to reloadconfig"
+            assert json.loads(sock.recv())["status"] == "ok"
+        finally:
+            sock.close(0)
+        names = d.call("list")["watchers"]
+        assert len(names) == len(set(names)) and name in names, names
+        assert d.call("numwatchers")["numwatchers"] == len(names)
 
 
 def test_e2e_reloadconfig_changes_only_what_changed(daemon):
@@ -5477,6 +5671,20 @@ def test_snapshot_from_circus_replies():
     assert web["cpu"] == 1.5 and web["numprocesses"] == 1 and web["restarts"] is None
     text = circus.metrics_text(snap)
     assert 'circus_process_rss_bytes{watcher="web",pid="11",wid="1"} 10485760' in text
+
+
+def test_metric_label_values_are_escaped_per_the_exposition_format():
+    """One odd watcher name must not break the whole /metrics scrape."""
+    name = 'a"b\\c\nd'
+    snap = {"time": 10.0, "daemon": {"rss": 1},
+            "watchers": [{"name": name, "status": "active", "numprocesses": 1, "restarts": 0,
+                          "flapping": False, "processes": [{"pid": 5, "wid": 1, "rss": 7, "cpu": 0.0,
+                                                            "started": 9.0, "state": "RUNNING"}]}]}
+    text = circus.metrics_text(snap)
+    assert 'circus_watcher_active{watcher="a\\"b\\\\c\\nd"} 1' in text
+    sample = re.compile(r'[a-z_]+(\{([a-z_]+="([^"\\\n]|\\[\\"n])*",?)*\})? \S+')
+    for line in text.splitlines():
+        assert line.startswith("# ") or sample.fullmatch(line), line
 
 
 def http(port, method, path, body=None, headers=None, raw=None, timeout=TIMEOUT):
