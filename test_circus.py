@@ -6170,10 +6170,10 @@ def test_check_command_prints_every_warning_and_exits_0(tmp_path):
     ("[watcher:a]\ncmd = x\nhooks.before_start = no.such.module.hook\n", "cannot be imported"),
     ("[plugin:p]\nuse = no.such.Plugin\n", "[plugin:p]: use = no.such.Plugin cannot be imported"),
     ("[socket:web]\nhost = no-such-host.invalid\nport = 80\n", "socket web (no-such-host.invalid:80): "),
-    ("[socket:web]\nport = 70000\n", "port 70000 is not in 0..65535"),
+    ("[socket:web]\nport = 70000\n", "port: 70000 is out of range"),
     ("[socket:u]\npath = /no/such/folder/u.sock\n", "socket u (/no/such/folder/u.sock): folder /no/such"),
     ("[circus]\nendpoint = tcp://10.1.2.3:5555\n", "reachable from other hosts"),
-    ("[circus]\nendpoint = tcp://127.0.0.1\n", "control endpoint 'tcp://127.0.0.1': use tcp://HOST:PORT"),
+    ("[circus]\nendpoint = tcp://127.0.0.1\n", "c.ini:2 [circus] endpoint: 'tcp://127.0.0.1' is not an endpoint"),
     ("[program:x]\ncommand = sleep 1\nstartsecs = soon\n", "[program:x] startsecs"),
     ("[circus]\nlogoutput = /no/such/dir/d.log\n", "logoutput /no/such/dir/d.log: the folder /no/such/dir"),
 ])
