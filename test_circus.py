@@ -1432,6 +1432,145 @@ def test_timed_rotating_validation(tmp_path):
     assert len(list(tmp_path.glob("t.log.*"))) == 1
 
 
+def test_size_rotation_touches_only_its_own_names(tmp_path):
+    f = tmp_path / "out.log"
+    for name in ("out.log.err", "out.log.3", "out.log.old"):
+        (tmp_path / name).write_bytes(name.encode())
+    s = circus.FileStream(filename=str(f), max_bytes="10", backup_count="2")
+    for chunk in (b"123456\n", b"abcdef\n", b"ABCDEF\n", b"zzz\n"):
+        s({"data": chunk, "pid": 1, "name": "stdout"})
+    s.close()
+    assert (tmp_path / "out.log.2").read_bytes() == b"abcdef\n"
+    for name in ("out.log.err", "out.log.3", "out.log.old"):
+        assert (tmp_path / name).read_bytes() == name.encode()
+
+
+def test_timed_rotation_prunes_only_its_own_backups(tmp_path):
+    # backup_count = 1 and a sibling app.log.err: glob("app.log.*") took the sibling for the
+    # newest backup and deleted every real one
+    (tmp_path / "app.log.err").write_bytes(b"errors\n")
+    (tmp_path / "app.log.2001-01-01_00-00-00").write_bytes(b"old\n")
+    (tmp_path / "app.log.keep").write_bytes(b"keep\n")
+    s = circus.TimedRotatingFileStream(filename=str(tmp_path / "app.log"), rotate_when="S",
+                                       backup_count=1)
+    s({"data": b"first\n", "pid": 1, "name": "stdout"})
+    s._next = time.time()       # force a rollover (of the second now ending) on the next write
+    s({"data": b"second\n", "pid": 1, "name": "stdout"})
+    s.close()
+    names = sorted(p.name for p in tmp_path.iterdir())
+    backups = [n for n in names if re.fullmatch(r"app\.log\.\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d", n)]
+    assert len(backups) == 1 and backups[0] != "app.log.2001-01-01_00-00-00", names
+    assert (tmp_path / backups[0]).read_bytes() == b"first\n"
+    assert (tmp_path / "app.log.err").read_bytes() == b"errors\n"
+    assert (tmp_path / "app.log.keep").read_bytes() == b"keep\n"
+    assert (tmp_path / "app.log").read_bytes() == b"second\n"
+
+
+@pytest.fixture
+def hostile_folder(tmp_path):
+    """(folder owned by another uid, a root-only folder, its victim path) for symlink tests."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: the attack is root writing where a user points it")
+    logs, secret = tmp_path / "logs", tmp_path / "secret"
+    logs.mkdir()
+    secret.mkdir(mode=0o700)
+    os.chown(logs, 54321, 54321)        # no account needed: only the owner matters
+    return logs, secret, secret / "victim"
+
+
+def _plant(link, target, uid=54321):
+    os.symlink(str(target), str(link))
+    os.lchown(str(link), uid, uid)
+
+
+def test_log_streams_never_write_through_a_symlink(hostile_folder, caplog):
+    logs, secret, victim = hostile_folder
+    chunk = {"data": b"output\n", "pid": 1, "name": "stdout"}
+    # the log file itself planted as a symlink to a root-only file
+    _plant(logs / "app.log", victim)
+    for cls in (circus.FileStream, circus.WatchedFileStream, circus.TimedRotatingFileStream):
+        with pytest.raises(OSError, match="a symlink, which the daemon does not write through"):
+            cls(filename=str(logs / "app.log"))
+    # a folder on the way that the user made a symlink: not followed; root's own symlink is
+    _plant(logs / "sub", secret)
+    with pytest.raises(PermissionError, match="symlink owned by uid 54321"):
+        circus.FileStream(filename=str(logs / "sub" / "victim"))
+    assert "symlink owned by uid 54321" in circus.log_folder_error({"filename": str(logs / "sub" / "x")})
+    os.symlink(str(logs), str(secret / "rootlink"))
+    circus.FileStream(filename=str(secret / "rootlink" / "ok.log")).close()
+    assert (logs / "ok.log").is_file()
+    # a FIFO (would block the daemon) and a hard link to another file are refused too
+    os.mkfifo(str(logs / "fifo"))
+    with pytest.raises(OSError, match="not a regular file"):
+        circus.FileStream(filename=str(logs / "fifo"))
+    victim.write_bytes(b"root only\n")
+    os.link(str(victim), str(logs / "hard.log"))
+    with pytest.raises(OSError, match="hard link"):
+        circus.FileStream(filename=str(logs / "hard.log"))
+    assert victim.read_bytes() == b"root only\n"
+    victim.unlink()
+    # WatchedFileStream's re-open after the file was swapped for a symlink: one error line,
+    # output dropped, then back to writing once a real file is there again
+    w = logs / "w.log"
+    s = circus.WatchedFileStream(filename=str(w))
+    s(chunk)
+    w.rename(logs / "w.log.old")
+    _plant(w, victim)
+    with caplog.at_level("ERROR", logger="circus"):
+        s(chunk)
+        s(chunk)
+    assert not victim.exists() and s.dropped == 2 * len(chunk["data"])
+    assert [r.getMessage() for r in caplog.records if "dropping output" in r.getMessage()] == [
+        "log file %s: %s: a symlink, which the daemon does not write through: name the real file; "
+        "dropping output until it can be opened" % (w, w)]
+    w.unlink()
+    s(chunk)
+    s.close()
+    assert w.read_bytes() == b"output\n" and not victim.exists()
+    # size rotation onto a planted ".1" symlink renames over the link, never through it
+    victim.write_bytes(b"root only\n")
+    _plant(logs / "r.log.1", victim)
+    s = circus.FileStream(filename=str(logs / "r.log"), max_bytes=10, backup_count=1)
+    for _ in range(3):
+        s(chunk)
+    s.close()
+    assert victim.read_bytes() == b"root only\n" and not (logs / "r.log.1").is_symlink()
+    # the daemon's own log file (logoutput)
+    _plant(logs / "daemon.log", secret / "daemon.log")
+    with pytest.raises(OSError, match="a symlink"):
+        circus.setup_logging("info", str(logs / "daemon.log"))
+    assert not (secret / "daemon.log").exists()
+
+
+def test_pidfile_never_written_through_a_symlink(hostile_folder):
+    logs, secret, victim = hostile_folder
+    victim.write_bytes(b"root only\n")
+    os.chmod(victim, 0o600)
+    pidfile = logs / "circus.pid"
+    _plant(logs / "circus.pid.tmp", victim)     # open(tmp, "w") truncated it
+    circus.Pidfile(str(pidfile)).create()
+    assert victim.read_bytes() == b"root only\n" and victim.stat().st_mode & 0o777 == 0o600
+    assert pidfile.read_text() == "%d\n" % os.getpid() and not pidfile.is_symlink()
+    assert pidfile.stat().st_mode & 0o777 == 0o644
+    assert not os.path.lexists(str(logs / "circus.pid.tmp"))
+
+
+def test_log_file_folder_must_exist(tmp_path):
+    conf = write(tmp_path / "c.ini", "[watcher:a]\ncmd = x\nstdout_stream.class = FileStream\n"
+                                     "stdout_stream.filename = %s/nope/a.log\n" % tmp_path)
+    with pytest.raises(circus.ConfigError) as e:
+        circus.load_config(conf)
+    assert str(e.value) == "%s:4 [watcher:a] stdout_stream.filename: the folder of %s/nope/a.log " \
+        "does not exist (create it first)" % (conf, tmp_path)
+    assert not (tmp_path / "nope").exists()
+    # a stream given at run time (add / set) is checked the same way
+    with pytest.raises(ValueError, match="does not exist"):
+        circus.Watcher("w", "x", stderr_stream={"filename": str(tmp_path / "nope" / "b.log")})
+    with pytest.raises(OSError):        # a library user's FileStream creates no folder either
+        circus.FileStream(filename=str(tmp_path / "nope" / "c.log"))
+    assert not (tmp_path / "nope").exists()
+
+
 def test_build_stream_names():
     assert isinstance(circus.build_stream({"class": "circus.stream.StdoutStream"}), circus.StdoutStream)
     assert isinstance(circus.build_stream({"class": "QueueStream"}), circus.QueueStream)
