@@ -2502,6 +2502,123 @@ def test_e2e_uid_gid_rlimits_working_dir(daemon, shortdir):
     assert d.call("options", name="limited")["options"]["working_dir"] == shortdir
 
 
+@contextlib.contextmanager
+def throwaway_user_b():
+    """A user made for one test (useradd -M), removed after it."""
+    if os.geteuid() != 0 or not shutil.which("useradd"):
+        pytest.skip("needs root and useradd")
+    name = "cpyb%s" % uuid.uuid4().hex[:8]
+    subprocess.run(["useradd", "-M", "-s", "/bin/sh", name], check=True, capture_output=True, timeout=60)
+    try:
+        import pwd
+        yield pwd.getpwnam(name)
+    finally:
+        subprocess.run(["userdel", "-f", name], capture_output=True, timeout=60)   # -f: even if in use
+
+
+def test_e2e_log_symlinks_planted_by_the_watchers_user_are_not_followed(daemon, shortdir):
+    root = pathlib.Path(shortdir)
+    logs, secret = root / "logs", root / "secret"
+    logs.mkdir()
+    secret.mkdir(mode=0o700)
+    tick = "sh -c 'while :; do echo tick; sleep 0.1; done'"
+    with throwaway_user_b() as user:
+        os.chown(logs, user.pw_uid, user.pw_gid)
+        for name, victim in (("app.log", "victim"), ("sv.log", "victim-sv")):
+            os.symlink(str(secret / victim), str(logs / name))
+            os.lchown(str(logs / name), user.pw_uid, user.pw_gid)
+        d = daemon("""
+            [watcher:plain]
+            cmd = %(tick)s
+            uid = %(user)s
+            stdout_stream.class = FileStream
+            stdout_stream.filename = %(logs)s/app.log
+            [watcher:watched]
+            cmd = %(tick)s
+            uid = %(user)s
+            stdout_stream.class = WatchedFileStream
+            stdout_stream.filename = %(logs)s/w.log
+            [program:sv]
+            command = %(tick)s
+            user = %(user)s
+            stdout_logfile = %(logs)s/sv.log
+            """ % dict(tick=tick, user=user.pw_name, logs=logs))
+        try:
+            _check_planted_symlinks(d, logs, secret, user)
+        finally:
+            d.stop()        # before the user goes
+
+
+def _check_planted_symlinks(d, logs, secret, user):
+    wait_for(lambda: "tick" in (logs / "w.log").read_text() if (logs / "w.log").exists() else False,
+             what="the watched log to fill")
+    for name in ("app.log", "sv.log"):
+        assert "%s: a symlink, which the daemon does not write through" % (logs / name) \
+            in d.log.read_text()
+    # the user swaps the watched file for a symlink: the re-open does not follow it
+    os.symlink(str(secret / "victim-w"), str(logs / "w.tmp"))
+    os.lchown(str(logs / "w.tmp"), user.pw_uid, user.pw_gid)
+    os.replace(str(logs / "w.tmp"), str(logs / "w.log"))
+    wait_for(lambda: "dropping output until it can be opened" in d.log.read_text(),
+             what="the re-open to be refused")
+    os.unlink(str(logs / "w.log"))
+    wait_for(lambda: (logs / "w.log").is_file() and "tick" in (logs / "w.log").read_text(),
+             what="writing again to a real file")
+    assert d.call("numwatchers")["status"] == "ok"
+    assert sorted(p.name for p in secret.iterdir()) == []
+
+
+def _nofile(pid):
+    limits = pathlib.Path("/proc/%d/limits" % pid).read_text()
+    (row,) = [line.split()[3:5] for line in limits.splitlines() if line.startswith("Max open files")]
+    return row
+
+
+def test_e2e_children_get_the_daemons_original_nofile_limit(daemon, shortdir):
+    import resource
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    hard_text = "unlimited" if hard == resource.RLIM_INFINITY else str(hard)
+    body = """
+        [watcher:plain]
+        cmd = sleep 120
+        [watcher:nodeath]
+        cmd = sleep 120
+        parent_death_signal = off
+        [watcher:shell]
+        cmd = sleep 120 && true
+        shell = true
+        [watcher:exe]
+        cmd = renamed 120
+        executable = /bin/sleep
+        [watcher:own]
+        cmd = sleep 120
+        rlimit_nofile = 123
+        """
+    # started with a soft limit of 512 below its hard one: the daemon lifts its own
+    d = daemon(body, start=False)
+    d.start(preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (512, hard)))
+    assert int(_nofile(d.proc.pid)[0]) > 512
+    for name in ("plain", "nodeath", "shell", "exe"):
+        (pid,) = d.pids(name)
+        if name == "shell":
+            wait_for(lambda: psutil.Process(pid).name() != "prlimit", what="the shell to start")
+        assert _nofile(pid) == ["512", hard_text], name
+    (pid,) = d.pids("own")
+    assert _nofile(pid) == ["123", "123"]
+    # the shell's own view, as a program looping over its fds sees it
+    r = d.call("add", name="ask", cmd="sh -c 'ulimit -n > %s/n.txt; sleep 120'" % shortdir, start=True)
+    assert r["status"] == "ok", r
+    wait_for(lambda: (pathlib.Path(shortdir) / "n.txt").exists() and
+             (pathlib.Path(shortdir) / "n.txt").read_text().strip() == "512", what="ulimit -n of a child")
+    d.stop()
+    # [supervisord] minfds lifts what children get, as supervisord's children get it
+    (pathlib.Path(shortdir) / "c.ini").unlink()
+    d = daemon("[supervisord]\nminfds = 700\n" + textwrap.dedent(body), start=False)
+    d.start(preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (512, hard)))
+    (pid,) = d.pids("plain")
+    assert _nofile(pid) == ["700", hard_text]
+
+
 # ===========================================================================
 # Interop with the real Circus 0.19.0 tools
 #   a. real circusctl driving our daemon
