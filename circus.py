@@ -1510,19 +1510,26 @@ def os_error_text(e: OSError) -> str:
     return "%s: %s" % (e.filename, text) if e.filename else text
 
 
-def _open_folder(folder: str) -> int:
+def _open_folder(folder: str, at=None) -> int:
     """An O_PATH fd of ``folder``, walked one name at a time from /.
 
     A root daemon writes logs and its pidfile in folders that others may be
     able to write; a symlink planted there could send its writes to any file.
     So, as root, a symlink on the way is followed only when root owns it (one
     made by someone else is an error), and the final name is opened by the
-    caller relative to this fd, never through a symlink.
+    caller relative to this fd, never through a symlink. A relative ``folder`` is
+    walked from folder fd ``at`` if given.
     """
     import stat
+    if not hasattr(os, "O_PATH"):       # not Linux: the folder as named
+        return os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     flags = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
-    todo = [n for n in os.path.abspath(folder).split("/") if n][::-1]
-    fd, links, path = os.open("/", flags), 0, ""
+    if at is None or folder.startswith("/"):
+        folder, fd = os.path.abspath(folder), os.open("/", flags)
+    else:
+        fd = os.open(".", flags, dir_fd=at)
+    todo = [n for n in folder.split("/") if n][::-1]
+    links, path = 0, "" if folder.startswith("/") else "."
     try:
         while todo:
             name = todo.pop()
@@ -1546,6 +1553,7 @@ def _open_folder(folder: str) -> int:
             if st.st_uid != 0 and os.geteuid() == 0:
                 raise PermissionError(errno.EPERM, "a symlink owned by uid %d, which the daemon "
                                       "(root) does not follow: name the real folder" % st.st_uid, path)
+            path = "" if target.startswith("/") else os.path.dirname(path)
             if target.startswith("/"):
                 os.close(fd)
                 fd = os.open("/", flags)
@@ -1556,29 +1564,67 @@ def _open_folder(folder: str) -> int:
         raise
 
 
-def _open_in(dir_fd: int, name: str, flags: int, path: str, mode=0o644) -> int:
-    """Open ``name`` in ``dir_fd`` for writing: never through a symlink, never a FIFO or a
-    device (which could block the daemon), never a file with other hard links."""
-    import stat
+def _open_in(dir_fd: int, name: str, flags: int, path: str, mode=0o644, hops=0) -> int:
+    """Open ``name`` in folder ``dir_fd`` for writing. As root, never through a symlink
+    another user could have made (see _open_link). It must be a regular file with no
+    other hard link, a device, or a FIFO root owns (opened non-blocking: one that nobody
+    reads is an error, not a daemon stuck in open)."""
+    flags |= os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC
+    root = os.geteuid() == 0
     try:
-        fd = os.open(name, flags | os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                     mode, dir_fd=dir_fd)
+        fd = os.open(name, flags | (os.O_NOFOLLOW if root else 0), mode, dir_fd=dir_fd)
     except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise OSError(e.errno, "a symlink, which the daemon does not write through: "
-                                   "name the real file", path) from None
-        if e.errno == errno.ENXIO:      # a FIFO nobody reads (O_NONBLOCK)
-            raise OSError(e.errno, "not a regular file", path) from None
+        if e.errno == errno.ELOOP and root:
+            return _open_link(dir_fd, name, flags, path, mode, hops)
+        if e.errno == errno.ENXIO:
+            raise OSError(e.errno, "a FIFO that nobody reads", path) from None
         raise type(e)(e.errno, e.strerror, path) from None
+    return _writable(fd, path)
+
+
+def _writable(fd: int, path: str) -> int:
+    """``fd`` back in blocking mode, or closed and an error when it is no place for output."""
+    import stat
     st = os.fstat(fd)
-    why = "not a regular file" if not stat.S_ISREG(st.st_mode) else \
-        "a hard link to a file with %d names, which the daemon does not write to" % st.st_nlink \
-        if st.st_nlink > 1 else None
+    why = None
+    if stat.S_ISREG(st.st_mode):
+        if st.st_nlink > 1:
+            why = "a hard link to a file with %d names, which the daemon does not write to" % st.st_nlink
+    elif not (stat.S_ISCHR(st.st_mode) or (stat.S_ISFIFO(st.st_mode) and
+                                           (st.st_uid == 0 or os.geteuid() != 0))):
+        why = "not a regular file, a device or a FIFO root owns"
     if why:
         os.close(fd)
         raise OSError(errno.EPERM, why, path)
     os.set_blocking(fd, True)
     return fd
+
+
+def _open_link(dir_fd: int, name: str, flags: int, path: str, mode, hops) -> int:
+    """The file symlink ``name`` points to, for root: only a link root owns is followed
+    (``/dev/stdout``, an admin's link), its target walked the same safe way; /proc's own
+    links (``/proc/self/fd/1``) are left to the kernel."""
+    import stat
+    lfd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        st = os.fstat(lfd)
+        target = os.readlink("", dir_fd=lfd) if stat.S_ISLNK(st.st_mode) else None
+    finally:
+        os.close(lfd)
+    if target is None or st.st_uid != 0 or hops >= 8:
+        raise OSError(errno.ELOOP, "a symlink%s, which the daemon does not write through: name "
+                      "the real file" % (" owned by uid %d" % st.st_uid if st.st_uid else ""), path)
+    if os.fstat(dir_fd).st_dev == os.stat("/proc").st_dev:
+        try:
+            return _writable(os.open(name, flags, mode, dir_fd=dir_fd), path)
+        except OSError as e:
+            raise type(e)(e.errno, e.strerror, path) from None
+    full = os.path.join(os.path.dirname(path), target)
+    d = _open_folder(os.path.dirname(target) or ".", at=dir_fd)
+    try:
+        return _open_in(d, os.path.basename(target), flags, full, mode, hops + 1)
+    finally:
+        os.close(d)
 
 
 def open_log(path: str) -> int:

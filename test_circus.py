@@ -1489,7 +1489,7 @@ def test_log_streams_never_write_through_a_symlink(hostile_folder, caplog):
     # the log file itself planted as a symlink to a root-only file
     _plant(logs / "app.log", victim)
     for cls in (circus.FileStream, circus.WatchedFileStream, circus.TimedRotatingFileStream):
-        with pytest.raises(OSError, match="a symlink, which the daemon does not write through"):
+        with pytest.raises(OSError, match="a symlink owned by uid 54321, which the daemon does not write through"):
             cls(filename=str(logs / "app.log"))
     # a folder on the way that the user made a symlink: not followed; root's own symlink is
     _plant(logs / "sub", secret)
@@ -1499,10 +1499,25 @@ def test_log_streams_never_write_through_a_symlink(hostile_folder, caplog):
     os.symlink(str(logs), str(secret / "rootlink"))
     circus.FileStream(filename=str(secret / "rootlink" / "ok.log")).close()
     assert (logs / "ok.log").is_file()
-    # a FIFO (would block the daemon) and a hard link to another file are refused too
+    # a symlink root made is followed, its target walked the same way; /dev/null, /dev/stdout work
+    os.symlink("ok.log", str(logs / "root-made.log"))
+    circus.FileStream(filename=str(logs / "root-made.log")).close()
+    os.symlink(str(logs / "app.log"), str(logs / "to-planted.log"))
+    with pytest.raises(OSError, match="a symlink owned by uid 54321"):
+        circus.FileStream(filename=str(logs / "to-planted.log"))
+    for dev in ("/dev/null", "/dev/stdout"):
+        circus.FileStream(filename=dev).close()
+    # a FIFO the user made (would block the daemon) and a hard link to another file are refused
     os.mkfifo(str(logs / "fifo"))
-    with pytest.raises(OSError, match="not a regular file"):
+    os.chown(str(logs / "fifo"), 54321, 54321)
+    with pytest.raises(OSError, match="a FIFO that nobody reads"):
         circus.FileStream(filename=str(logs / "fifo"))
+    reader = os.open(str(logs / "fifo"), os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        with pytest.raises(OSError, match="not a regular file, a device or a FIFO root owns"):
+            circus.FileStream(filename=str(logs / "fifo"))
+    finally:
+        os.close(reader)
     victim.write_bytes(b"root only\n")
     os.link(str(victim), str(logs / "hard.log"))
     with pytest.raises(OSError, match="hard link"):
@@ -1521,7 +1536,7 @@ def test_log_streams_never_write_through_a_symlink(hostile_folder, caplog):
         s(chunk)
     assert not victim.exists() and s.dropped == 2 * len(chunk["data"])
     assert [r.getMessage() for r in caplog.records if "dropping output" in r.getMessage()] == [
-        "log file %s: %s: a symlink, which the daemon does not write through: name the real file; "
+        "log file %s: %s: a symlink owned by uid 54321, which the daemon does not write through: name the real file; "
         "dropping output until it can be opened" % (w, w)]
     w.unlink()
     s(chunk)
@@ -2553,8 +2568,8 @@ def _check_planted_symlinks(d, logs, secret, user):
     wait_for(lambda: "tick" in (logs / "w.log").read_text() if (logs / "w.log").exists() else False,
              what="the watched log to fill")
     for name in ("app.log", "sv.log"):
-        assert "%s: a symlink, which the daemon does not write through" % (logs / name) \
-            in d.log.read_text()
+        assert "%s: a symlink owned by uid %d, which the daemon does not write through" % (
+            logs / name, user.pw_uid) in d.log.read_text()
     # the user swaps the watched file for a symlink: the re-open does not follow it
     os.symlink(str(secret / "victim-w"), str(logs / "w.tmp"))
     os.lchown(str(logs / "w.tmp"), user.pw_uid, user.pw_gid)
