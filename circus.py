@@ -1950,8 +1950,9 @@ def log_folder_error(conf: dict) -> str | None:
     _open_folder). Only for our file streams: a user's class does what it wants."""
     name = str(conf.get("class") or "FileStream")
     short = name.rsplit(".", 1)[-1]
-    if not conf.get("filename") or short not in ("FileStream", "WatchedFileStream", "TimedRotating"
-                                                 "FileStream") or not name.startswith(("circus.", short)):
+    ours = short in ("FileStream", "WatchedFileStream", "TimedRotatingFileStream") and \
+        (name == short or name.startswith("circus."))
+    if not (ours and conf.get("filename")):
         return None
     filename = os.path.abspath(str(conf["filename"]))
     try:
@@ -2233,7 +2234,6 @@ def _rlimit_setter(rlimits: dict, nofile=None):
     return set_limits
 
 
-_SETPRIV: list = []
 _TOOLS: dict = {}
 
 
@@ -2258,9 +2258,7 @@ def _exec_tool(name: str, *probe) -> str | None:
 
 def _setpriv() -> str | None:
     """setpriv, if it can set a parent-death signal."""
-    if not _SETPRIV:
-        _SETPRIV.append(_exec_tool("setpriv", "--pdeathsig", "TERM"))
-    return _SETPRIV[0]
+    return _exec_tool("setpriv", "--pdeathsig", "TERM")
 
 
 def _prlimit() -> str | None:

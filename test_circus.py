@@ -2615,8 +2615,8 @@ def test_e2e_children_get_the_daemons_original_nofile_limit(daemon, shortdir):
     assert int(_nofile(d.proc.pid)[0]) > 512
     for name in ("plain", "nodeath", "shell", "exe"):
         (pid,) = d.pids(name)
-        if name == "shell":
-            wait_for(lambda: psutil.Process(pid).name() != "prlimit", what="the shell to start")
+        wait_for(lambda: psutil.Process(pid).name() not in ("setpriv", "prlimit"),
+                 what="%s past the tools in front of it" % name)
         assert _nofile(pid) == ["512", hard_text], name
     (pid,) = d.pids("own")
     assert _nofile(pid) == ["123", "123"]
@@ -2631,6 +2631,7 @@ def test_e2e_children_get_the_daemons_original_nofile_limit(daemon, shortdir):
     d = daemon("[supervisord]\nminfds = 700\n" + textwrap.dedent(body), start=False)
     d.start(preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (512, hard)))
     (pid,) = d.pids("plain")
+    wait_for(lambda: psutil.Process(pid).name() == "sleep", what="sleep to start")
     assert _nofile(pid) == ["700", hard_text]
 
 
