@@ -1171,6 +1171,10 @@ def load_config(path: str, environ=None) -> CircusConfig:
         except ValueError as e:
             raise ConfigError("%s: %s" % (ini.where(name), e)) from None
         _check_max_processes(cfg, wc.options["numprocesses"], ini.where(name, "numprocesses"))
+        for which in ("stdout_stream", "stderr_stream"):
+            why = log_folder_error(getattr(wc, which))
+            if why:
+                raise ConfigError("%s: %s" % (ini.where(name, which + ".filename"), why))
         cfg.watchers.append(wc)
     for name in sorted(n for n in names if n.startswith("plugin:")):
         items = ini.items(name)
@@ -1563,11 +1567,11 @@ def _sv_program(ini, cfg, section, pname, gname, gprio, fcgi, sv_env, names, hos
                 logfile = os.path.join(childlogdir, "%s-%s---supervisor.log" % (wname.replace(":", "_"), which))
             else:
                 logfile = os.path.abspath(os.path.expanduser(logfile))
-                if not os.path.isdir(os.path.dirname(logfile)):
-                    raise ConfigError("%s: the folder of %s does not exist"
-                                      % (ini.where(section, which + "_logfile"), logfile))
             wc.set(which + "_stream.class", "FileStream")
             wc.set(which + "_stream.filename", logfile)
+            why = log_folder_error(getattr(wc, which + "_stream"))
+            if why:
+                raise ConfigError("%s: %s" % (ini.where(section, which + "_logfile"), why))
             wc.set(which + "_stream.max_bytes", conv(section, which + "_logfile_maxbytes", size, parse_byte_size))
             wc.set(which + "_stream.backup_count", conv(section, which + "_logfile_backups", backups, _count))
             if getattr(wc, which + "_stream")["backup_count"] == 0:
@@ -1768,6 +1772,147 @@ class FancyStdoutStream(StdoutStream):
             pass
 
 
+def os_error_text(e: OSError) -> str:
+    """``/path: what went wrong`` without Python's ``[Errno N]``."""
+    text = e.strerror or str(e)
+    return "%s: %s" % (e.filename, text) if e.filename else text
+
+
+def _open_folder(folder: str, at=None) -> int:
+    """An O_PATH fd of ``folder``, walked one name at a time from /.
+
+    A root daemon writes logs and its pidfile in folders that others may be
+    able to write; a symlink planted there could send its writes to any file.
+    So, as root, a symlink on the way is followed only when root owns it (one
+    made by someone else is an error), and the final name is opened by the
+    caller relative to this fd, never through a symlink. A relative ``folder`` is
+    walked from folder fd ``at`` if given.
+    """
+    import stat
+    if not hasattr(os, "O_PATH"):       # not Linux: the folder as named
+        return os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    flags = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+    if at is None or folder.startswith("/"):
+        folder, fd = os.path.abspath(folder), os.open("/", flags)
+    else:
+        fd = os.open(".", flags, dir_fd=at)
+    todo = [n for n in folder.split("/") if n][::-1]
+    links, path = 0, "" if folder.startswith("/") else "."
+    try:
+        while todo:
+            name = todo.pop()
+            path = os.path.join(path or "/", name)
+            try:
+                nfd = os.open(name, flags, dir_fd=fd)
+            except OSError as e:
+                raise type(e)(e.errno, e.strerror, path) from None
+            st = os.fstat(nfd)
+            if stat.S_ISDIR(st.st_mode):
+                os.close(fd)
+                fd = nfd
+                continue
+            target = os.readlink("", dir_fd=nfd) if stat.S_ISLNK(st.st_mode) else None
+            os.close(nfd)
+            if target is None:
+                raise NotADirectoryError(errno.ENOTDIR, "not a folder", path)
+            links += 1
+            if links > 40:
+                raise OSError(errno.ELOOP, "too many symlinks", folder)
+            if st.st_uid != 0 and os.geteuid() == 0:
+                raise PermissionError(errno.EPERM, "a symlink owned by uid %d, which the daemon "
+                                      "(root) does not follow: name the real folder" % st.st_uid, path)
+            path = "" if target.startswith("/") else os.path.dirname(path)
+            if target.startswith("/"):
+                os.close(fd)
+                fd = os.open("/", flags)
+            todo.extend(reversed([n for n in target.split("/") if n]))
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _open_in(dir_fd: int, name: str, flags: int, path: str, mode=0o644, hops=0) -> int:
+    """Open ``name`` in folder ``dir_fd`` for writing. As root, never through a symlink
+    another user could have made (see _open_link). It must be a regular file with no
+    other hard link, a device, or a FIFO root owns (opened non-blocking: one that nobody
+    reads is an error, not a daemon stuck in open)."""
+    flags |= os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC
+    root = os.geteuid() == 0
+    try:
+        fd = os.open(name, flags | (os.O_NOFOLLOW if root else 0), mode, dir_fd=dir_fd)
+    except OSError as e:
+        if e.errno == errno.ELOOP and root:
+            return _open_link(dir_fd, name, flags, path, mode, hops)
+        if e.errno == errno.ENXIO:
+            raise OSError(e.errno, "a FIFO that nobody reads", path) from None
+        raise type(e)(e.errno, e.strerror, path) from None
+    return _writable(fd, path)
+
+
+def _writable(fd: int, path: str) -> int:
+    """``fd`` back in blocking mode, or closed and an error when it is no place for output."""
+    import stat
+    st = os.fstat(fd)
+    why = None
+    if stat.S_ISREG(st.st_mode):
+        if st.st_nlink > 1:
+            why = "a hard link to a file with %d names, which the daemon does not write to" % st.st_nlink
+    elif not (stat.S_ISCHR(st.st_mode) or (stat.S_ISFIFO(st.st_mode) and
+                                           (st.st_uid == 0 or os.geteuid() != 0))):
+        why = "not a regular file, a device or a FIFO root owns"
+    if why:
+        os.close(fd)
+        raise OSError(errno.EPERM, why, path)
+    os.set_blocking(fd, True)
+    return fd
+
+
+def _open_link(dir_fd: int, name: str, flags: int, path: str, mode, hops) -> int:
+    """The file symlink ``name`` points to, for root: only a link root owns is followed
+    (``/dev/stdout``, an admin's link), its target walked the same safe way; /proc's own
+    links (``/proc/self/fd/1``) are left to the kernel."""
+    import stat
+    lfd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        st = os.fstat(lfd)
+        target = os.readlink("", dir_fd=lfd) if stat.S_ISLNK(st.st_mode) else None
+    finally:
+        os.close(lfd)
+    if target is None or st.st_uid != 0 or hops >= 8:
+        raise OSError(errno.ELOOP, "a symlink%s, which the daemon does not write through: name "
+                      "the real file" % (" owned by uid %d" % st.st_uid if st.st_uid else ""), path)
+    if os.fstat(dir_fd).st_dev == os.stat("/proc").st_dev:
+        try:
+            return _writable(os.open(name, flags, mode, dir_fd=dir_fd), path)
+        except OSError as e:
+            raise type(e)(e.errno, e.strerror, path) from None
+    full = os.path.join(os.path.dirname(path), target)
+    d = _open_folder(os.path.dirname(target) or ".", at=dir_fd)
+    try:
+        return _open_in(d, os.path.basename(target), flags, full, mode, hops + 1)
+    finally:
+        os.close(d)
+
+
+def open_log(path: str) -> int:
+    """An append fd on the log file ``path`` (created 0644 if missing), opened safely
+    (see _open_folder and _open_in)."""
+    d = _open_folder(os.path.dirname(path))
+    try:
+        return _open_in(d, os.path.basename(path), os.O_APPEND | os.O_CREAT, path)
+    finally:
+        os.close(d)
+
+
+def _rename_in(dir_fd: int, src: str, dst: str) -> None:
+    """rename(2) inside one folder fd (it never follows a symlink); a missing ``src`` is fine."""
+    try:
+        os.replace(src, dst, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+
+
 class FileStream:
     """Appends to a file; with max_bytes and backup_count, rotates by size.
 
@@ -1792,11 +1937,8 @@ class FileStream:
         self.open()
 
     def open(self) -> None:
-        """Open (or create) the file for appending."""
-        d = os.path.dirname(self.filename)
-        if d and not os.path.isdir(d):
-            os.makedirs(d, exist_ok=True)
-        self._fd = os.open(self.filename, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        """Open (or create) the file for appending (its folder must exist)."""
+        self._fd = open_log(self.filename)
         self._size = os.fstat(self._fd).st_size
 
     def close(self) -> None:
@@ -1810,22 +1952,33 @@ class FileStream:
             self._rotate()
 
     def _rotate(self):
+        """``f.N-1 -> f.N ... f -> f.1``: only the names this rotation makes are touched."""
         self.close()
-        for i in range(self.backup_count - 1, 0, -1):
-            src = "%s.%d" % (self.filename, i)
-            if os.path.exists(src):
-                os.replace(src, "%s.%d" % (self.filename, i + 1))
-        if os.path.exists(self.filename):
-            os.replace(self.filename, self.filename + ".1")
+        d = _open_folder(os.path.dirname(self.filename))
+        try:
+            base = os.path.basename(self.filename)
+            for i in range(self.backup_count - 1, 0, -1):
+                _rename_in(d, "%s.%d" % (base, i), "%s.%d" % (base, i + 1))
+            _rename_in(d, base, base + ".1")
+        finally:
+            os.close(d)
         self.open()
 
     def __call__(self, data: dict) -> None:
         chunk = data["data"]
         if self._prefix:
             chunk = self._prefix(chunk, data.get("pid"))
-        self._before_write(len(chunk))
-        if self._fd < 0:
-            self.open()
+        try:
+            self._before_write(len(chunk))
+            if self._fd < 0:
+                self.open()
+        except OSError as e:    # the file cannot be (re)opened: say why once, drop until it can
+            if not self.dropping:
+                _log().error("log file %s: %s; dropping output until it can be opened",
+                             self.filename, os_error_text(e))
+            self.dropping = True
+            self.dropped += len(chunk)
+            return
         view, written = memoryview(chunk), 0
         try:
             while written < len(chunk):
@@ -1905,18 +2058,33 @@ class TimedRotatingFileStream(FileStream):
         t = time.gmtime(start) if self.utc else time.localtime(start)
         suffix = time.strftime(self._SUFFIX.get(self.when, self._SUFFIX["W"]), t)
         self.close()
-        if os.path.exists(self.filename):
-            os.replace(self.filename, self.filename + "." + suffix)
-        if self.backup_count > 0:
-            import glob
-            olds = sorted(glob.glob(glob.escape(self.filename) + ".*"))
-            for old in olds[:-self.backup_count]:
-                try:
-                    os.unlink(old)
-                except OSError:
-                    pass
-        self.open()
         self._next = self._compute_next(now)
+        d = _open_folder(os.path.dirname(self.filename))
+        try:
+            base = os.path.basename(self.filename)
+            _rename_in(d, base, base + "." + suffix)
+            if self.backup_count > 0:
+                for old in self.backups(d)[:-self.backup_count]:
+                    try:
+                        os.unlink(old, dir_fd=d)
+                    except OSError:
+                        pass
+        finally:
+            os.close(d)
+        self.open()
+
+    # what _before_write names backups, for any rotate_when: app.log.2024-05-01[_13[-05[-09]]]
+    _BACKUP = r"\.\d{4}-\d\d-\d\d(?:_\d\d(?:-\d\d(?:-\d\d)?)?)?\Z"
+
+    def backups(self, dir_fd: int) -> list:
+        """This file's backups, oldest first: only names rotation makes (``app.log.err``
+        beside it is not one)."""
+        pattern = re.compile(re.escape(os.path.basename(self.filename)) + self._BACKUP)
+        fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
+        try:
+            return sorted(n for n in os.listdir(fd) if pattern.match(n))
+        finally:
+            os.close(fd)
 
 
 class QueueStream:
@@ -2041,6 +2209,26 @@ def join_streams(timeout: float) -> None:
         _CLOSING_STREAMS.discard(thread)
 
 
+def log_folder_error(conf: dict) -> str | None:
+    """Why the log file of stream settings ``conf`` cannot be opened, or None. Its folder
+    must exist (the daemon, often root, creates none) and be reachable safely (see
+    _open_folder). Only for our file streams: a user's class does what it wants."""
+    name = str(conf.get("class") or "FileStream")
+    short = name.rsplit(".", 1)[-1]
+    ours = short in ("FileStream", "WatchedFileStream", "TimedRotatingFileStream") and \
+        (name == short or name.startswith("circus."))
+    if not (ours and conf.get("filename")):
+        return None
+    filename = os.path.abspath(str(conf["filename"]))
+    try:
+        os.close(_open_folder(os.path.dirname(filename)))
+    except FileNotFoundError:
+        return "the folder of %s does not exist (create it first)" % filename
+    except OSError as e:
+        return "the folder of %s cannot be used: %s" % (filename, os_error_text(e))
+    return None
+
+
 def build_stream(conf: dict, search_dirs=()):
     """A stream object from ``stdout_stream.*`` settings (class + kwargs).
 
@@ -2092,7 +2280,11 @@ def setup_logging(level="info", output="-"):
         handler = handlers.SysLogHandler(address=addr or "/dev/log", facility=facility)
         datefmt = "%b %d %H:%M:%S"
     else:
-        handler = handlers.WatchedFileHandler(output)
+        class SafeFileHandler(handlers.WatchedFileHandler):
+            def _open(self):        # as root: not through a symlink (see open_log)
+                return os.fdopen(open_log(self.baseFilename), "a", encoding=self.encoding,
+                                 errors=getattr(self, "errors", None))
+        handler = SafeFileHandler(output)
     handler.setFormatter(logging.Formatter(_LOG_FORMAT, datefmt))
     logger.addHandler(handler)
     logger.setLevel(lvl)
@@ -2283,22 +2475,23 @@ def _listening(pid: int, inherited: set) -> bool:
     return False
 
 
-def _rlimit_setter(rlimits: dict):
-    """A preexec function setting resource limits (only used when asked for)."""
+def _rlimit_setter(rlimits: dict, nofile=None):
+    """A preexec function setting resource limits (only used when asked for); ``nofile``:
+    the (soft, hard) open files limit to give back first (see child_nofile)."""
     import resource
-    pairs = []
+    pairs = [(resource.RLIMIT_NOFILE, nofile)] if nofile else []
     for name, value in rlimits.items():
         res = getattr(resource, "RLIMIT_" + name.upper(), None)
         if res is None:
             continue
         if value is None:
             value = resource.RLIM_INFINITY
-        pairs.append((res, value))
+        pairs.append((res, (value, value)))
 
     def set_limits():
         for res, value in pairs:
             try:
-                resource.setrlimit(res, (value, value))
+                resource.setrlimit(res, value)
             except (ValueError, OSError):
                 if res == resource.RLIMIT_NOFILE:   # "unlimited" means the hard limit
                     hard = resource.getrlimit(res)[1]
@@ -2306,25 +2499,40 @@ def _rlimit_setter(rlimits: dict):
     return set_limits
 
 
-_SETPRIV: list = []
+_TOOLS: dict = {}
 
 
-def _setpriv() -> str | None:
-    """util-linux's setpriv, if it can set a parent-death signal: an exec costs the daemon
-    far less than a Python preexec_fn, which makes subprocess fork instead of vfork."""
-    if not _SETPRIV:
+def _exec_tool(name: str, *probe) -> str | None:
+    """The path of util-linux's ``name`` if ``name *probe -- true`` works here (asked once).
+    Such a tool in front of the command costs the daemon far less than a Python
+    preexec_fn, which makes subprocess fork instead of vfork."""
+    if name not in _TOOLS:
         import shutil
-        path = shutil.which("setpriv", path="/usr/bin:/bin:/usr/sbin:/sbin")
+        path = shutil.which(name, path="/usr/bin:/bin:/usr/sbin:/sbin")
         if path:
             try:
-                ok = subprocess.run([path, "--pdeathsig", "TERM", "--", "true"], timeout=10,
+                ok = subprocess.run([path] + list(probe) + ["--", "true"], timeout=10,
                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                     stderr=subprocess.DEVNULL).returncode == 0
             except (OSError, subprocess.SubprocessError):
                 ok = False
             path = path if ok else None
-        _SETPRIV.append(path)
-    return _SETPRIV[0]
+        _TOOLS[name] = path
+    return _TOOLS[name]
+
+
+def _setpriv() -> str | None:
+    """setpriv, if it can set a parent-death signal."""
+    return _exec_tool("setpriv", "--pdeathsig", "TERM")
+
+
+def _prlimit() -> str | None:
+    """prlimit, if it can set the open files limit of what it runs."""
+    return _exec_tool("prlimit", "--nofile=%s:" % _rlim_text(fd_limit()))
+
+
+def _rlim_text(value) -> str:
+    return "unlimited" if value is None or value < 0 else str(value)
 
 
 def _setpriv_signal(signum: int) -> str:
@@ -2485,18 +2693,27 @@ class Process:
                     kw["extra_groups"] = groups
             if gid is not None and gid != os.getegid():
                 kw["group"] = gid
-        if self.rlimits:
-            kw["preexec_fn"] = _rlimit_setter(self.rlimits)
+        # Tools exec'd in front of the command (argv[0] must be the program for that) set
+        # what the child needs without a preexec_fn on the common path.
+        wrap = not (self.executable or self.rlimits)
+        chain = []
+        nofile = None if "nofile" in self.rlimits else child_nofile()
+        if nofile and wrap and _prlimit():
+            chain = [_prlimit(), "--nofile=%s:%s" % tuple(_rlim_text(v) for v in nofile), "--"]
+            nofile = None
+        if self.rlimits or nofile:
+            kw["preexec_fn"] = _rlimit_setter(self.rlimits, nofile)
         if self.death_signal and sys.platform.startswith("linux"):
-            wrapper = None if (self.executable or self.rlimits) else _setpriv()
+            wrapper = _setpriv() if wrap and "preexec_fn" not in kw else None
             if wrapper:
-                name = _setpriv_signal(self.death_signal)
-                if kw.pop("shell", False):
-                    argv = ["/bin/sh", "-c", argv]
-                _check_executable(argv[0], self.working_dir, self.env)    # fail here, as Popen would
-                argv = [wrapper, "--pdeathsig", name, "--"] + argv
+                chain = [wrapper, "--pdeathsig", _setpriv_signal(self.death_signal), "--"] + chain
             else:
                 kw["preexec_fn"] = _death_signal_setter(self.death_signal, kw.get("preexec_fn"))
+        if chain:
+            if kw.pop("shell", False):
+                argv = ["/bin/sh", "-c", argv]
+            _check_executable(argv[0], self.working_dir, self.env)    # fail here, as Popen would
+            argv = chain + argv
         if self.umask is not None:
             kw["umask"] = self.umask
         # Our own pipes, as raw fds: Popen's file objects would cost memory per process
@@ -2917,6 +3134,9 @@ class Watcher:
                     import_dotted(name, self.search_dirs)
                 except ImportError as e:
                     raise ValueError("stream class %r cannot be imported: %s" % (name, e)) from None
+            why = log_folder_error(conf)
+            if why:
+                raise ValueError(why)
 
     def _load_hook(self, path):
         try:
@@ -3496,7 +3716,8 @@ class Watcher:
             self._open_streams()
         except (OSError, ValueError) as e:
             self.status = STOPPED
-            self.last_error = "cannot open its output stream: %s" % (e,)
+            self.last_error = "cannot open its output stream: %s" % (os_error_text(e) if
+                                                                      isinstance(e, OSError) else e,)
             self.sv_state, self.sv_since = ProcState.FATAL, time.time()
             raise CommandError("watcher %s: %s" % (self.name, self.last_error), E_OS_ERROR) from None
         await self.spawn_missing()
@@ -7847,12 +8068,25 @@ class Pidfile:
                               % (self.path, pid, pid))
 
     def create(self):
+        """Write it whole under a temporary name, then rename: in the folder reached safely,
+        the temporary file made new (O_EXCL), never written through a symlink."""
         self.check()
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            f.write("%d\n" % os.getpid())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, self.path)
+        d = _open_folder(os.path.dirname(self.path))
+        try:
+            base = os.path.basename(self.path)
+            try:
+                os.unlink(base + ".tmp", dir_fd=d)     # a stale one (unlink never follows a link)
+            except FileNotFoundError:
+                pass
+            fd = _open_in(d, base + ".tmp", os.O_CREAT | os.O_EXCL, self.path + ".tmp")
+            try:
+                os.fchmod(fd, 0o644)
+                _write_all(fd, b"%d\n" % os.getpid())
+            finally:
+                os.close(fd)
+            os.replace(base + ".tmp", base, src_dir_fd=d, dst_dir_fd=d)
+        finally:
+            os.close(d)
 
     def remove(self):
         try:
@@ -7865,6 +8099,14 @@ class Pidfile:
 
 
 _NOFILE: list = []     # [soft RLIMIT_NOFILE], read once (None: unlimited)
+_CHILD_NOFILE: list = []    # [(soft, hard)] children get, once _raise_nofile changed ours
+
+
+def child_nofile():
+    """The open files limit (soft, hard) a child must be given back, or None: the
+    daemon's raised limit is for its own fds; children get the one it started with
+    (lifted to [supervisord] minfds, as supervisord's children get)."""
+    return _CHILD_NOFILE[0] if _CHILD_NOFILE else None
 
 
 def fd_limit():
@@ -7880,7 +8122,7 @@ def _raise_nofile(minfds=None):
     """Each process costs the daemon up to 3 fds: lift the soft limit to the hard one
     (root: the hard one too, to the kernel's nr_open)."""
     import resource
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    soft, hard = first = resource.getrlimit(resource.RLIMIT_NOFILE)
     if os.geteuid() == 0 and hard != resource.RLIM_INFINITY:
         try:
             with open("/proc/sys/fs/nr_open") as f:
@@ -7900,6 +8142,12 @@ def _raise_nofile(minfds=None):
         except (ValueError, OSError):
             pass
     _NOFILE.clear()
+    soft, hard = first
+    if minfds and soft != resource.RLIM_INFINITY and minfds > soft:
+        soft = minfds
+        if hard != resource.RLIM_INFINITY and minfds > hard:
+            hard = minfds
+    _CHILD_NOFILE[:] = [(soft, hard)] if (soft, hard) != resource.getrlimit(resource.RLIMIT_NOFILE) else []
 
 
 def _check_fd_budget(cfg) -> None:
@@ -8040,7 +8288,7 @@ def daemon_main(argv) -> int:
         try:
             pidfile.create()
         except (CircusError, OSError) as e:
-            err.write("error: %s\n" % e)
+            err.write("error: pidfile: %s\n" % (os_error_text(e) if isinstance(e, OSError) else e))
             return 1
     try:
         return arbiter.run()

@@ -1681,6 +1681,160 @@ def test_timed_rotating_validation(tmp_path):
     assert len(list(tmp_path.glob("t.log.*"))) == 1
 
 
+def test_size_rotation_touches_only_its_own_names(tmp_path):
+    f = tmp_path / "out.log"
+    for name in ("out.log.err", "out.log.3", "out.log.old"):
+        (tmp_path / name).write_bytes(name.encode())
+    s = circus.FileStream(filename=str(f), max_bytes="10", backup_count="2")
+    for chunk in (b"123456\n", b"abcdef\n", b"ABCDEF\n", b"zzz\n"):
+        s({"data": chunk, "pid": 1, "name": "stdout"})
+    s.close()
+    assert (tmp_path / "out.log.2").read_bytes() == b"abcdef\n"
+    for name in ("out.log.err", "out.log.3", "out.log.old"):
+        assert (tmp_path / name).read_bytes() == name.encode()
+
+
+def test_timed_rotation_prunes_only_its_own_backups(tmp_path):
+    # backup_count = 1 and a sibling app.log.err: glob("app.log.*") took the sibling for the
+    # newest backup and deleted every real one
+    (tmp_path / "app.log.err").write_bytes(b"errors\n")
+    (tmp_path / "app.log.2001-01-01_00-00-00").write_bytes(b"old\n")
+    (tmp_path / "app.log.keep").write_bytes(b"keep\n")
+    s = circus.TimedRotatingFileStream(filename=str(tmp_path / "app.log"), rotate_when="S",
+                                       backup_count=1)
+    s({"data": b"first\n", "pid": 1, "name": "stdout"})
+    s._next = time.time()       # force a rollover (of the second now ending) on the next write
+    s({"data": b"second\n", "pid": 1, "name": "stdout"})
+    s.close()
+    names = sorted(p.name for p in tmp_path.iterdir())
+    backups = [n for n in names if re.fullmatch(r"app\.log\.\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d", n)]
+    assert len(backups) == 1 and backups[0] != "app.log.2001-01-01_00-00-00", names
+    assert (tmp_path / backups[0]).read_bytes() == b"first\n"
+    assert (tmp_path / "app.log.err").read_bytes() == b"errors\n"
+    assert (tmp_path / "app.log.keep").read_bytes() == b"keep\n"
+    assert (tmp_path / "app.log").read_bytes() == b"second\n"
+
+
+@pytest.fixture
+def hostile_folder(tmp_path):
+    """(folder owned by another uid, a root-only folder, its victim path) for symlink tests."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: the attack is root writing where a user points it")
+    logs, secret = tmp_path / "logs", tmp_path / "secret"
+    logs.mkdir()
+    secret.mkdir(mode=0o700)
+    os.chown(logs, 54321, 54321)        # no account needed: only the owner matters
+    return logs, secret, secret / "victim"
+
+
+def _plant(link, target, uid=54321):
+    os.symlink(str(target), str(link))
+    os.lchown(str(link), uid, uid)
+
+
+def test_log_streams_never_write_through_a_symlink(hostile_folder, caplog):
+    logs, secret, victim = hostile_folder
+    chunk = {"data": b"output\n", "pid": 1, "name": "stdout"}
+    # the log file itself planted as a symlink to a root-only file
+    _plant(logs / "app.log", victim)
+    for cls in (circus.FileStream, circus.WatchedFileStream, circus.TimedRotatingFileStream):
+        with pytest.raises(OSError, match="a symlink owned by uid 54321, which the daemon does not write through"):
+            cls(filename=str(logs / "app.log"))
+    # a folder on the way that the user made a symlink: not followed; root's own symlink is
+    _plant(logs / "sub", secret)
+    with pytest.raises(PermissionError, match="symlink owned by uid 54321"):
+        circus.FileStream(filename=str(logs / "sub" / "victim"))
+    assert "symlink owned by uid 54321" in circus.log_folder_error({"filename": str(logs / "sub" / "x")})
+    os.symlink(str(logs), str(secret / "rootlink"))
+    circus.FileStream(filename=str(secret / "rootlink" / "ok.log")).close()
+    assert (logs / "ok.log").is_file()
+    # a symlink root made is followed, its target walked the same way; /dev/null, /dev/stdout work
+    os.symlink("ok.log", str(logs / "root-made.log"))
+    circus.FileStream(filename=str(logs / "root-made.log")).close()
+    os.symlink(str(logs / "app.log"), str(logs / "to-planted.log"))
+    with pytest.raises(OSError, match="a symlink owned by uid 54321"):
+        circus.FileStream(filename=str(logs / "to-planted.log"))
+    for dev in ("/dev/null", "/dev/stdout"):
+        circus.FileStream(filename=dev).close()
+    # a FIFO the user made (would block the daemon) and a hard link to another file are refused
+    os.mkfifo(str(logs / "fifo"))
+    os.chown(str(logs / "fifo"), 54321, 54321)
+    with pytest.raises(OSError, match="a FIFO that nobody reads"):
+        circus.FileStream(filename=str(logs / "fifo"))
+    reader = os.open(str(logs / "fifo"), os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        with pytest.raises(OSError, match="not a regular file, a device or a FIFO root owns"):
+            circus.FileStream(filename=str(logs / "fifo"))
+    finally:
+        os.close(reader)
+    victim.write_bytes(b"root only\n")
+    os.link(str(victim), str(logs / "hard.log"))
+    with pytest.raises(OSError, match="hard link"):
+        circus.FileStream(filename=str(logs / "hard.log"))
+    assert victim.read_bytes() == b"root only\n"
+    victim.unlink()
+    # WatchedFileStream's re-open after the file was swapped for a symlink: one error line,
+    # output dropped, then back to writing once a real file is there again
+    w = logs / "w.log"
+    s = circus.WatchedFileStream(filename=str(w))
+    s(chunk)
+    w.rename(logs / "w.log.old")
+    _plant(w, victim)
+    with caplog.at_level("ERROR", logger="circus"):
+        s(chunk)
+        s(chunk)
+    assert not victim.exists() and s.dropped == 2 * len(chunk["data"])
+    assert [r.getMessage() for r in caplog.records if "dropping output" in r.getMessage()] == [
+        "log file %s: %s: a symlink owned by uid 54321, which the daemon does not write through: name the real file; "
+        "dropping output until it can be opened" % (w, w)]
+    w.unlink()
+    s(chunk)
+    s.close()
+    assert w.read_bytes() == b"output\n" and not victim.exists()
+    # size rotation onto a planted ".1" symlink renames over the link, never through it
+    victim.write_bytes(b"root only\n")
+    _plant(logs / "r.log.1", victim)
+    s = circus.FileStream(filename=str(logs / "r.log"), max_bytes=10, backup_count=1)
+    for _ in range(3):
+        s(chunk)
+    s.close()
+    assert victim.read_bytes() == b"root only\n" and not (logs / "r.log.1").is_symlink()
+    # the daemon's own log file (logoutput)
+    _plant(logs / "daemon.log", secret / "daemon.log")
+    with pytest.raises(OSError, match="a symlink"):
+        circus.setup_logging("info", str(logs / "daemon.log"))
+    assert not (secret / "daemon.log").exists()
+
+
+def test_pidfile_never_written_through_a_symlink(hostile_folder):
+    logs, secret, victim = hostile_folder
+    victim.write_bytes(b"root only\n")
+    os.chmod(victim, 0o600)
+    pidfile = logs / "circus.pid"
+    _plant(logs / "circus.pid.tmp", victim)     # open(tmp, "w") truncated it
+    circus.Pidfile(str(pidfile)).create()
+    assert victim.read_bytes() == b"root only\n" and victim.stat().st_mode & 0o777 == 0o600
+    assert pidfile.read_text() == "%d\n" % os.getpid() and not pidfile.is_symlink()
+    assert pidfile.stat().st_mode & 0o777 == 0o644
+    assert not os.path.lexists(str(logs / "circus.pid.tmp"))
+
+
+def test_log_file_folder_must_exist(tmp_path):
+    conf = write(tmp_path / "c.ini", "[watcher:a]\ncmd = x\nstdout_stream.class = FileStream\n"
+                                     "stdout_stream.filename = %s/nope/a.log\n" % tmp_path)
+    with pytest.raises(circus.ConfigError) as e:
+        circus.load_config(conf)
+    assert str(e.value) == "%s:4 [watcher:a] stdout_stream.filename: the folder of %s/nope/a.log " \
+        "does not exist (create it first)" % (conf, tmp_path)
+    assert not (tmp_path / "nope").exists()
+    # a stream given at run time (add / set) is checked the same way
+    with pytest.raises(ValueError, match="does not exist"):
+        circus.Watcher("w", "x", stderr_stream={"filename": str(tmp_path / "nope" / "b.log")})
+    with pytest.raises(OSError):        # a library user's FileStream creates no folder either
+        circus.FileStream(filename=str(tmp_path / "nope" / "c.log"))
+    assert not (tmp_path / "nope").exists()
+
+
 def test_build_stream_names():
     assert isinstance(circus.build_stream({"class": "circus.stream.StdoutStream"}), circus.StdoutStream)
     assert isinstance(circus.build_stream({"class": "QueueStream"}), circus.QueueStream)
@@ -2867,6 +3021,124 @@ def test_e2e_uid_gid_rlimits_working_dir(daemon, shortdir):
     else:
         assert p.uids().real == user.pw_uid and p.gids().real == user.pw_gid
     assert d.call("options", name="limited")["options"]["working_dir"] == shortdir
+
+
+@contextlib.contextmanager
+def throwaway_user_b():
+    """A user made for one test (useradd -M), removed after it."""
+    if os.geteuid() != 0 or not shutil.which("useradd"):
+        pytest.skip("needs root and useradd")
+    name = "cpyb%s" % uuid.uuid4().hex[:8]
+    subprocess.run(["useradd", "-M", "-s", "/bin/sh", name], check=True, capture_output=True, timeout=60)
+    try:
+        import pwd
+        yield pwd.getpwnam(name)
+    finally:
+        subprocess.run(["userdel", "-f", name], capture_output=True, timeout=60)   # -f: even if in use
+
+
+def test_e2e_log_symlinks_planted_by_the_watchers_user_are_not_followed(daemon, shortdir):
+    root = pathlib.Path(shortdir)
+    logs, secret = root / "logs", root / "secret"
+    logs.mkdir()
+    secret.mkdir(mode=0o700)
+    tick = "sh -c 'while :; do echo tick; sleep 0.1; done'"
+    with throwaway_user_b() as user:
+        os.chown(logs, user.pw_uid, user.pw_gid)
+        for name, victim in (("app.log", "victim"), ("sv.log", "victim-sv")):
+            os.symlink(str(secret / victim), str(logs / name))
+            os.lchown(str(logs / name), user.pw_uid, user.pw_gid)
+        d = daemon("""
+            [watcher:plain]
+            cmd = %(tick)s
+            uid = %(user)s
+            stdout_stream.class = FileStream
+            stdout_stream.filename = %(logs)s/app.log
+            [watcher:watched]
+            cmd = %(tick)s
+            uid = %(user)s
+            stdout_stream.class = WatchedFileStream
+            stdout_stream.filename = %(logs)s/w.log
+            [program:sv]
+            command = %(tick)s
+            user = %(user)s
+            stdout_logfile = %(logs)s/sv.log
+            """ % dict(tick=tick, user=user.pw_name, logs=logs))
+        try:
+            _check_planted_symlinks(d, logs, secret, user)
+        finally:
+            d.stop()        # before the user goes
+
+
+def _check_planted_symlinks(d, logs, secret, user):
+    wait_for(lambda: "tick" in (logs / "w.log").read_text() if (logs / "w.log").exists() else False,
+             what="the watched log to fill")
+    for name in ("app.log", "sv.log"):
+        assert "%s: a symlink owned by uid %d, which the daemon does not write through" % (
+            logs / name, user.pw_uid) in d.log.read_text()
+    # the user swaps the watched file for a symlink: the re-open does not follow it
+    os.symlink(str(secret / "victim-w"), str(logs / "w.tmp"))
+    os.lchown(str(logs / "w.tmp"), user.pw_uid, user.pw_gid)
+    os.replace(str(logs / "w.tmp"), str(logs / "w.log"))
+    wait_for(lambda: "dropping output until it can be opened" in d.log.read_text(),
+             what="the re-open to be refused")
+    os.unlink(str(logs / "w.log"))
+    wait_for(lambda: (logs / "w.log").is_file() and "tick" in (logs / "w.log").read_text(),
+             what="writing again to a real file")
+    assert d.call("numwatchers")["status"] == "ok"
+    assert sorted(p.name for p in secret.iterdir()) == []
+
+
+def _nofile(pid):
+    limits = pathlib.Path("/proc/%d/limits" % pid).read_text()
+    (row,) = [line.split()[3:5] for line in limits.splitlines() if line.startswith("Max open files")]
+    return row
+
+
+def test_e2e_children_get_the_daemons_original_nofile_limit(daemon, shortdir):
+    import resource
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    hard_text = "unlimited" if hard == resource.RLIM_INFINITY else str(hard)
+    body = """
+        [watcher:plain]
+        cmd = sleep 120
+        [watcher:nodeath]
+        cmd = sleep 120
+        parent_death_signal = off
+        [watcher:shell]
+        cmd = sleep 120 && true
+        shell = true
+        [watcher:exe]
+        cmd = renamed 120
+        executable = /bin/sleep
+        [watcher:own]
+        cmd = sleep 120
+        rlimit_nofile = 123
+        """
+    # started with a soft limit of 512 below its hard one: the daemon lifts its own
+    d = daemon(body, start=False)
+    d.start(preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (512, hard)))
+    assert int(_nofile(d.proc.pid)[0]) > 512
+    for name in ("plain", "nodeath", "shell", "exe"):
+        (pid,) = d.pids(name)
+        wait_for(lambda: psutil.Process(pid).name() not in ("setpriv", "prlimit"),
+                 what="%s past the tools in front of it" % name)
+        assert _nofile(pid) == ["512", hard_text], name
+    (pid,) = d.pids("own")
+    assert _nofile(pid) == ["123", "123"]
+    # the shell's own view, as a program looping over its fds sees it
+    r = d.call("add", name="ask", cmd="sh -c 'ulimit -n > %s/n.txt; sleep 120'" % shortdir, start=True)
+    assert r["status"] == "ok", r
+    wait_for(lambda: (pathlib.Path(shortdir) / "n.txt").exists() and
+             (pathlib.Path(shortdir) / "n.txt").read_text().strip() == "512", what="ulimit -n of a child")
+    d.stop()
+    # [supervisord] minfds lifts what children get, as supervisord's children get it
+    (pathlib.Path(shortdir) / "c.ini").unlink()
+    d = daemon("[supervisord]\nminfds = 700\n" + textwrap.dedent(body), start=False)
+    d.start(preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (512, hard)))
+    (pid,) = d.pids("plain")
+    wait_for(lambda: psutil.Process(pid).name() == "sleep", what="sleep to start")
+    assert _nofile(pid) == ["700", hard_text]
 
 
 # ===========================================================================
