@@ -2897,8 +2897,10 @@ class Watcher:
         self.sv_state, self.sv_since = ProcState.BACKOFF, time.time()
         limit = self.conf.options["max_retry"]
         if limit >= 0 and self.failures >= max(limit, 1):
-            self._give_up("%d failed starts in a row (max_retry = %d); last: %s"
-                          % (self.failures, limit, self.last_error))
+            # speak the file's own key: a Supervisor program counts retries after the first start
+            key = "startretries = %d" % (limit - 1) if self.conf.group is not None else \
+                "max_retry = %d" % limit
+            self._give_up("%d failed starts in a row (%s); last: %s" % (self.failures, key, self.last_error))
             return
         # Supervisor's backoff grows 1, 2, 3 s; Circus watchers retry sooner
         linear = self.conf.options["startsecs"] is not None
@@ -7629,9 +7631,10 @@ def main(argv=None) -> int:
         return daemon_main(rest)
     if mode == "web":
         return web_main(rest)
-    if os.path.isfile(mode) and mode.endswith((".ini", ".conf", ".cfg")):
-        return daemon_main(argv)            # `python circus.py circus.ini`, as circusd
-    sys.stderr.write("error: unknown mode %r: use 'daemon', 'ctl' or 'web' (python circus.py --help)\n" % mode)
+    if os.path.isfile(mode):
+        return daemon_main(argv)            # `python circus.py FILE`, as `circusd FILE`
+    sys.stderr.write("error: no such file: %r (give a config file, or the mode daemon, ctl or web; "
+                     "see python circus.py --help)\n" % mode)
     return 2
 
 
@@ -7649,12 +7652,48 @@ def _bytecode_is_fresh(pyc: str, src: str) -> bool:
             and int.from_bytes(head[12:16], "little") == st.st_size & 0xFFFFFFFF)
 
 
+#: Follows the cached bytecode in a re-executed daemon's command line: the source's path,
+#: so `ps` and `pgrep -f circus.py` still show what runs (main never sees it).
+_SOURCE_ARG = "--source="
+
+
+def _prune_bytecode(cache: str, keep: str) -> None:
+    """Remove cached files older than a day that no running daemon uses (each checkout
+    and Python version leaves its own); only where /proc tells which are in use."""
+    now, old = time.time(), []
+    try:
+        for name in os.listdir(cache):
+            path = os.path.join(cache, name)
+            if path != keep and now - os.stat(path).st_mtime > 86400:
+                old.append(path)
+    except OSError:
+        return
+    if not old or not os.path.isdir("/proc/self"):
+        return
+    in_use = set()
+    for pid in os.listdir("/proc"):
+        try:
+            with open("/proc/%s/cmdline" % pid, "rb") as f:
+                in_use.update(os.fsdecode(a) for a in f.read().split(b"\0"))
+        except OSError:
+            pass
+    for path in old:
+        if path not in in_use:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+
 def _lean_restart(argv) -> None:
     """``python circus.py daemon``: Python compiled this whole file for __main__, and the
     compiler's memory (~15 MB) stays with the process for good. A long-lived daemon
     re-executes itself (same pid) from bytecode cached in its private folder."""
+    if __file__.endswith(".pyc") and argv and argv[0].startswith(_SOURCE_ARG):
+        del sys.argv[1]         # we are that re-executed daemon
+        return
     if not __file__.endswith(".py") or not argv or not (
-            argv[0] == "daemon" or argv[0].endswith((".ini", ".conf", ".cfg"))):
+            argv[0] == "daemon" or (argv[0] not in ("ctl", "web") and os.path.isfile(argv[0]))):
         return
     import hashlib
     import py_compile
@@ -7667,10 +7706,11 @@ def _lean_restart(argv) -> None:
         os.makedirs(cache, mode=0o700, exist_ok=True)
         if not _bytecode_is_fresh(pyc, src):
             py_compile.compile(src, cfile=pyc, doraise=True)
+        _prune_bytecode(cache, pyc)
     except Exception:       # read-only, odd permissions...: run as we are
         return
     flags = subprocess._args_from_interpreter_flags()
-    os.execv(sys.executable, [sys.executable] + flags + [pyc] + list(argv))
+    os.execv(sys.executable, [sys.executable] + flags + [pyc, _SOURCE_ARG + src] + list(argv))
 
 
 if __name__ == "__main__":

@@ -3559,6 +3559,9 @@ def test_e2e_sv_startsecs_startretries_fatal(daemon, shortdir):
     row = sv_rows(d)["crash"]
     assert row["description"] == "Exited too quickly (process log may have details)"
     assert "FATAL     Exited too quickly" in d.ctl("status", "--long", "crash").stdout
+    # the log line speaks the file's own key (issue 14, item 14)
+    line = wait_for(lambda: [l for l in d.log.read_text().splitlines() if "(FATAL)" in l], what="FATAL line")
+    assert "3 failed starts in a row (startretries = 2)" in line[0] and "max_retry" not in line[0], line
     # a manual start leaves FATAL and retries again
     d.call("start", name="crash")
     wait_for(lambda: count.read_text().count("x") >= 4, what="a new spawn after start")
@@ -5040,6 +5043,47 @@ def test_e2e_daemon_runs_from_private_bytecode(daemon, shortdir):
     assert str(pyc) in psutil.Process(d.proc.pid).cmdline()          # same pid, new image
     assert d.call("status", name="w")["status"] == "active"
     assert circus._bytecode_is_fresh(str(pyc), str(CIRCUS_PY))
+
+
+def test_e2e_daemon_cmdline_names_circus_py_and_config_old_bytecode_pruned(daemon, shortdir):
+    """ps/pgrep -f see circus.py and the config in the re-executed daemon's command line;
+    cached files older than a day go at start, unless a running daemon uses them."""
+    cache = pathlib.Path(shortdir) / "circus" / "bytecode"
+    cache.mkdir(parents=True, mode=0o700)
+    os.chmod(cache.parent, 0o700)
+    stale, used, fresh = (cache / n for n in ("circus-stale.pyc", "circus-used.pyc", "circus-new.pyc"))
+    day_ago = time.time() - 2 * 86400
+    for f in (stale, used, fresh):
+        f.write_bytes(b"x")
+    for f in (stale, used):
+        os.utime(f, (day_ago, day_ago))
+    user = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", str(used)],
+                            start_new_session=True)
+    try:
+        d = daemon("[watcher:w]\ncmd = sleep 120\n", start=False)
+        d.start(env=dict(os.environ, XDG_RUNTIME_DIR=shortdir))
+        cmdline = " ".join(psutil.Process(d.proc.pid).cmdline())
+        assert ".pyc" in cmdline and "circus.py daemon c.ini" in cmdline, cmdline
+        found = subprocess.run(["pgrep", "-f", "circus.py daemon c.ini"], capture_output=True, text=True)
+        assert str(d.proc.pid) in found.stdout.split()
+        assert not stale.exists() and used.exists() and fresh.exists()
+        assert d.call("status", name="w")["status"] == "active"     # main never saw the extra word
+    finally:
+        os.killpg(user.pid, signal.SIGKILL)
+        user.wait(TIMEOUT)
+
+
+def test_e2e_any_existing_file_is_a_config_a_missing_one_is_named(daemon, shortdir):
+    """`python circus.py FILE` runs any existing file as `circusd FILE` does."""
+    d = daemon("[watcher:w]\ncmd = sleep 120\n", start=False, name="circus.ini.example")
+    with open(d.log, "ab") as log:
+        d.proc = subprocess.Popen([sys.executable, str(CIRCUS_PY), d.conf.name], stdout=log,
+                                  stderr=subprocess.STDOUT, start_new_session=True, cwd=shortdir)
+    wait_for(d.ready, what="daemon from circus.ini.example")
+    assert d.call("status", name="w")["status"] == "active"
+    r = subprocess.run([sys.executable, str(CIRCUS_PY), "missing.ini"], capture_output=True, text=True,
+                       cwd=shortdir, timeout=60)
+    assert r.returncode == 2 and "no such file: 'missing.ini'" in r.stderr and "unknown mode" not in r.stderr
 
 
 def test_e2e_control_answers_while_1000_processes_respawn(daemon):
