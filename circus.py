@@ -2133,7 +2133,7 @@ class Process:
                  "rlimits", "executable", "pass_fds", "stdout", "stderr", "close_child_stdin",
                  "stdin", "umask", "death_signal", "on_output", "on_exit", "loop", "watcher_name",
                  "pid", "started", "returncode", "state", "stopping", "promote", "ready",
-                 "unready", "_pipes", "_big", "_exited")
+                 "unready", "signalled", "_pipes", "_big", "_exited")
 
     def __init__(self, wid: int, cmd: str, args=None, *, working_dir=None, shell=False,
                  shell_args=None, uid=None, gid=None, env=None, rlimits=None,
@@ -2165,6 +2165,7 @@ class Process:
         self.returncode = None          # Circus-style exit code once reaped
         self.state = ProcState.STOPPED
         self.stopping = False           # True once we asked it to stop
+        self.signalled = False          # the `signal` command hit it: its exit is no failed start
         self.promote = None             # timer moving STARTING -> RUNNING (startsecs)
         self.ready = None               # future: True once ready (watcher option `ready`)
         self.unready = None             # gives up waiting for it (set with ready)
@@ -3063,17 +3064,20 @@ class Watcher:
         _log().info("watcher %s: pid %d exited (%s)", self.name, p.pid, describe_exit(p.returncode))
         self.sv_state, self.sv_since = p.state, now
         self.restarts += 1
-        if self.flapping is not None and self.flapping.record(now):
+        # an exit the user caused with `signal` is neither a failed start nor flapping
+        if not p.signalled and self.flapping is not None and self.flapping.record(now):
             self._flap()
             return
         if o["startsecs"] is not None:
-            self._supervisor_exit(p, early, now)
+            self._supervisor_exit(p, early and not p.signalled, now)
             return
         if not o["respawn"]:
             if not self.processes:
                 self._stop_soon(ProcState.EXITED)
             return
-        if now - p.started < MIN_UPTIME and _is_crash(p.returncode):
+        if p.signalled:
+            self._schedule_respawn(0)
+        elif now - p.started < MIN_UPTIME and _is_crash(p.returncode):
             self.last_error = "pid %d exited %.2f s after spawning (%s)" % (
                 p.pid, now - p.started, describe_exit(p.returncode))
             self._failed_start()
@@ -3383,6 +3387,7 @@ class Watcher:
             elif children:
                 p.signal_children(signum)
             else:
+                p.signalled = True
                 p.send_signal(signum)
                 if recursive:
                     p.signal_children(signum, recursive=True)

@@ -2188,6 +2188,27 @@ def test_e2e_add_set_rm_signal_kill(daemon, shortdir):
         assert not psutil.pid_exists(p) or psutil.Process(p).status() == psutil.STATUS_ZOMBIE
 
 
+def test_e2e_exit_by_user_signal_is_no_failed_start(daemon):
+    """A process the `signal` command kills right after it started does not count toward
+    max_retry (Circus) nor startretries (Supervisor): it comes back."""
+    d = daemon("""
+        [watcher:w]
+        cmd = sleep 120
+        max_retry = 1
+        [program:p]
+        command = sleep 121
+        startsecs = 30
+        startretries = 0
+        """)
+    for name, sig in (("w", "SEGV"), ("p", "KILL")):      # SEGV: what a crash would send
+        for _ in range(2):
+            (victim,) = wait_for(lambda: d.pids(name), what="%s running" % name)
+            assert d.ctl("signal", name, sig).returncode == 0
+            wait_for(lambda: d.pids(name) and victim not in d.pids(name), what="%s respawned" % name)
+        assert d.call("status", name=name)["status"] == "active"
+    assert "failed start" not in d.log.read_text()
+
+
 def test_e2e_reloadconfig_changes_only_what_changed(daemon):
     d = daemon("""
         [watcher:keep]
