@@ -3269,6 +3269,20 @@ class Watcher:
         self.call_hook("after_stop")
         _log().info("watcher %s stopped", self.name)
 
+    async def until_running(self) -> None:
+        """supervisorctl's wait: until each STARTING process is RUNNING (startsecs);
+        CommandError if one exits first. Circus watchers (no startsecs) do not wait."""
+        startsecs = self.conf.options["startsecs"]
+        if startsecs is None:
+            return
+        starting = [p for p in self.processes.values() if p.state == ProcState.STARTING]
+        while any(p.alive and p.state == ProcState.STARTING for p in starting):
+            await asyncio.sleep(0.05)
+        for p in starting:
+            if not p.alive:
+                raise CommandError("%s: abnormal termination: pid %d %s within startsecs = %g"
+                                   % (self.name, p.pid, describe_exit(p.returncode), startsecs))
+
     async def restart(self) -> dict:
         """Stop, then start; returns stopped/started/kept pids."""
         stopped = list(self.processes)
@@ -4598,14 +4612,26 @@ def _one_or_many(arb, props, one, many, nameless):
 
 # -- watcher lifecycle -------------------------------------------------------------
 
+async def _until_running(props, ws) -> None:
+    """With --waiting, as supervisorctl: answer once the new processes are RUNNING."""
+    if _prop(props, "waiting", bool, False):
+        for w in ws:
+            await w.until_running()
+
+
 @command("start", "[name] [--waiting] [--match=glob]")
 def cmd_start(arb, props):
     """Start the arbiter or a watcher (even one with autostart = false)."""
     async def one(w):
         info = await _locked(w, w.start)
+        await _until_running(props, [w])
         return {"info": {"started": info["started"], "kept": info["kept"]}}
-    return _one_or_many(arb, props, one, lambda ws: _none(arb.start_watchers(ws)),
-                        lambda: _none(arb.start_watchers()))
+
+    async def many(ws):
+        await arb.start_watchers(ws)
+        await _until_running(props, ws)
+        return {}
+    return _one_or_many(arb, props, one, many, lambda: _none(arb.start_watchers()))
 
 
 @command("stop", "[name] [--waiting] [--match=glob]")
@@ -4622,11 +4648,14 @@ def cmd_stop(arb, props):
 def cmd_restart(arb, props):
     """Restart a watcher, or without a name the whole arbiter (re-reading the config)."""
     async def one(w):
-        return {"info": await _locked(w, w.restart)}
+        info = await _locked(w, w.restart)
+        await _until_running(props, [w])
+        return {"info": info}
 
     async def many(ws):
         await arb.stop_watchers(ws)
         await arb.start_watchers(ws)
+        await _until_running(props, ws)
         return {}
     return _one_or_many(arb, props, one, many, lambda: _none(arb.restart()))
 

@@ -3588,6 +3588,28 @@ def test_e2e_sv_startsecs_startretries_fatal(daemon, shortdir):
     wait_for(lambda: count.read_text().count("x") >= 4, what="a new spawn after start")
 
 
+def test_e2e_sv_restart_waiting_returns_once_running(daemon):
+    """`restart NAME --waiting` answers once the process is RUNNING (startsecs), as supervisorctl;
+    a start whose process dies within startsecs is an error."""
+    d = daemon("""
+        [program:slow]
+        command = sleep 120
+        startsecs = 2
+        [program:dies]
+        command = sh -c 'sleep 0.3; exit 1'
+        startsecs = 2
+        autostart = false
+        """)
+    wait_for(lambda: sv_rows(d)["slow"]["state"] == "RUNNING", what="slow RUNNING")
+    (old,) = d.pids("slow")
+    r = d.ctl("restart", "slow", "--waiting")
+    assert r.returncode == 0, r.stderr
+    row = sv_rows(d)["slow"]
+    assert row["state"] == "RUNNING" and row["pid"] != old, row
+    r = d.ctl("start", "dies", "--waiting")
+    assert r.returncode == 3 and "dies: abnormal termination" in r.stderr, (r.stdout, r.stderr)
+
+
 @pytest.mark.parametrize("mode,code,restarts", [
     ("unexpected", 0, False), ("unexpected", 3, True), ("true", 0, True), ("false", 3, False)])
 def test_e2e_sv_autorestart_and_exitcodes(daemon, shortdir, mode, code, restarts):
