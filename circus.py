@@ -654,6 +654,7 @@ class WatcherConfig:
         self.free: dict = {}
         self.added = False              # created by the `add` command
         self.group = None               # Supervisor group name ([program:x] / [group:x])
+        self.group_priority = None      # a [group:x]'s priority (Circus's sense): boot, shutdown
         self.forward_output = True      # no stream: pass output on to the daemon's stdout/stderr
         for k, v in (options or {}).items():
             self.set(k, v)
@@ -1173,7 +1174,8 @@ def load_supervisor_sections(ini: IniFile, cfg: CircusConfig, environ, seen: dic
                 cfg.warnings.append("%s: ignored: %s" % (ini.where(name), why))
 
     # [group:x] programs = a,b
-    group_of, group_prio = {}, {}
+    group_of, group_prio, rank = {}, {}, {}
+    pos = {name: i for i, name in enumerate(ini.sections)}
     for name in ini.sections:
         if name.startswith("group:"):
             gname = name[6:].strip()
@@ -1186,7 +1188,9 @@ def load_supervisor_sections(ini: IniFile, cfg: CircusConfig, environ, seen: dic
                 if "program:" + prog not in ini.sections and "fcgi-program:" + prog not in ini.sections:
                     raise ConfigError("%s: programs: no [program:%s] section" % (ini.where(name, "programs"), prog))
                 group_of.setdefault(prog, []).append(gname)
+                rank.setdefault((gname, prog), (pos[name], len(rank)))
 
+    jobs = []
     for name in ini.sections:
         fcgi = name.startswith("fcgi-program:")
         if not (name.startswith("program:") or fcgi):
@@ -1199,8 +1203,12 @@ def load_supervisor_sections(ini: IniFile, cfg: CircusConfig, environ, seen: dic
             if key not in _SV_PROGRAM_KEYS:
                 cfg.warnings.append("%s: unknown program key, ignored" % ini.where(name, key))
         for gname in group_of.get(pname, [pname]):
-            _sv_program(ini, cfg, name, pname, gname, group_prio.get(gname), fcgi, sv_env,
-                        names, host, childlogdir, value, conv, seen)
+            jobs.append(((gname, pname), name, fcgi))
+    # supervisord starts a group's members in the order of its programs=
+    jobs.sort(key=lambda job: rank.get(job[0], (pos[job[1]], 0)))
+    for (gname, pname), name, fcgi in jobs:
+        _sv_program(ini, cfg, name, pname, gname, group_prio.get(gname), fcgi, sv_env,
+                    names, host, childlogdir, value, conv, seen)
 
 
 def socket_somaxconn() -> int:
@@ -1232,7 +1240,7 @@ def _sv_program(ini, cfg, section, pname, gname, gprio, fcgi, sv_env, names, hos
     prio = conv(section, "priority", get("priority", "999"), to_int)
     common = {
         # Supervisor starts the lowest priority first, Circus the highest: negate
-        "priority": -(gprio if gprio is not None and gname != pname else prio),
+        "priority": -prio,
         "autostart": conv(section, "autostart", get("autostart", "true"), to_bool),
         "startsecs": startsecs,
         "max_retry": max(startretries + 1, 1),
@@ -1298,6 +1306,8 @@ def _sv_program(ini, cfg, section, pname, gname, gprio, fcgi, sv_env, names, hos
         env.update(prog_env)
         wc.env = env
         wc.group = gname
+        if gprio is not None and gname != pname:
+            wc.group_priority = -gprio
         wc.forward_output = False       # no logfile means discarded (kept for `ctl tail` only)
         for which in ("stdout", "stderr"):
             if which == "stderr" and common["redirect_stderr"]:
@@ -2623,6 +2633,13 @@ class Watcher:
         return self.conf.options["priority"]
 
     @property
+    def boot_priority(self) -> int:
+        """Order at boot and shutdown: a Supervisor [group:x] goes as a whole, by its own
+        priority (its members keep theirs for `start g:*` / `stop g:*`)."""
+        g = self.conf.group_priority
+        return self.priority if g is None else g
+
+    @property
     def topic_name(self) -> str:
         """Its name in event topics: lower case, spaces as underscores."""
         return self.name.lower().replace(" ", "_")
@@ -3593,7 +3610,7 @@ class Arbiter:
 
     def iter_watchers(self, reverse=False) -> list:
         """By priority, highest first (stable on config order); reverse for stopping."""
-        ws = sorted(self.watchers, key=lambda w: -w.priority)
+        ws = sorted(self.watchers, key=lambda w: -w.boot_priority)
         return list(reversed(ws)) if reverse else ws
 
     def publish_followed(self, topic: str, make_payload) -> None:
@@ -3710,8 +3727,10 @@ class Arbiter:
 
     async def start_watchers(self, names=None) -> None:
         """Start the autostart watchers (or those given) by priority."""
-        for w in self.iter_watchers():
-            if (names is None and w.conf.options["autostart"]) or (names is not None and w in names):
+        ws = self.iter_watchers() if names is None else \
+            sorted((w for w in self.watchers if w in names), key=lambda w: -w.priority)
+        for w in ws:
+            if names is not None or w.conf.options["autostart"]:
                 if names is None and w.conf.options["on_demand"] and self._arm_on_demand(w):
                     continue
                 async with w.lock:
@@ -3749,12 +3768,16 @@ class Arbiter:
         w.on_demand_fds = []
 
     async def stop_watchers(self, watchers=None) -> None:
-        """Stop in reverse priority order; watchers of equal priority stop together."""
-        ws = self.iter_watchers(reverse=True) if watchers is None else \
-            sorted(watchers, key=lambda w: w.priority)
+        """Stop in reverse priority order; watchers of equal priority stop together.
+        Supervisor's `stop g:*` / `stop all` go lowest priority first, as its start."""
+        if watchers is None:
+            ws, prio = self.iter_watchers(reverse=True), (lambda w: w.boot_priority)
+        else:
+            ws, prio = sorted(watchers, key=lambda w: -w.priority if w.conf.group else w.priority), \
+                (lambda w: w.priority)
         i = 0
         while i < len(ws):
-            group = [w for w in ws[i:] if w.priority == ws[i].priority]
+            group = [w for w in ws[i:] if prio(w) == prio(ws[i])]
             i += len(group)
 
             async def stop_one(w):

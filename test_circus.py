@@ -1336,7 +1336,7 @@ def test_sv_program_translation(tmp_path, monkeypatch):
                                "max_bytes": 1024, "backup_count": 2}
     assert w.stderr_stream == {}                        # redirect_stderr
     solo = cfg.watchers[3]
-    assert solo.options["priority"] == -50 and solo.stdout_stream == {}
+    assert (solo.options["priority"], solo.group_priority) == (-999, -50) and solo.stdout_stream == {}
     assert solo.stderr_stream["filename"].endswith("solo-stderr---supervisor.log")      # AUTO
     assert cfg.logoutput == str(tmp_path / "logs" / "sd.log")
     assert any("[unix_http_server]: ignored" in x for x in cfg.warnings)
@@ -3586,6 +3586,44 @@ def test_e2e_sv_startsecs_startretries_fatal(daemon, shortdir):
     # a manual start leaves FATAL and retries again
     d.call("start", name="crash")
     wait_for(lambda: count.read_text().count("x") >= 4, what="a new spawn after start")
+
+
+def test_e2e_sv_group_members_keep_their_priority(daemon):
+    """supervisord 4.3: at boot a [group:x] starts by its own priority, its members in the
+    order of programs=; `start g:*` / `stop g:*` go by the members' priorities, lowest first."""
+    d = daemon("""
+        [group:g]
+        programs = c,a,b
+        priority = 5
+        [program:a]
+        command = sleep 120
+        priority = 30
+        startsecs = 0
+        [program:b]
+        command = sleep 121
+        priority = 10
+        startsecs = 0
+        [program:c]
+        command = sleep 122
+        priority = 20
+        startsecs = 0
+        [program:solo]
+        command = sleep 123
+        priority = 1
+        startsecs = 0
+        """)
+
+    def order(what, after=0):
+        lines = d.log.read_text().splitlines()[after:]
+        return [m.group(1) for m in (re.search(r"watcher (\S+) %s" % what, l) for l in lines) if m]
+    wait_for(lambda: len(order("started")) == 4, what="4 started")
+    assert order("started") == ["solo", "g:c", "g:a", "g:b"]
+    assert d.ctl("get", "g:a", "priority").stdout == "priority: -30\n"      # Circus's sense
+    mark = len(d.log.read_text().splitlines())
+    assert d.ctl("stop", "g:*", "--waiting").returncode == 0
+    assert order("stopped", mark) == ["g:b", "g:c", "g:a"]
+    assert d.ctl("start", "g:*", "--waiting").returncode == 0
+    assert order("started", mark) == ["g:b", "g:c", "g:a"]
 
 
 def test_e2e_sv_restart_waiting_returns_once_running(daemon):
