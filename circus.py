@@ -5267,6 +5267,16 @@ def _bind(sock, endpoint, what, curve=None):
         raise
 
 
+def _unlink_ipc(endpoint) -> None:
+    """Remove a closed channel's ipc socket file: one left behind reads as a daemon
+    that died (libzmq's own removal may not run before the process exits)."""
+    if endpoint and endpoint.startswith("ipc://") and not endpoint.startswith("ipc://@"):
+        try:
+            os.unlink(endpoint[6:])
+        except OSError:
+            pass
+
+
 def check_endpoint(endpoint: str, what: str, allow_insecure=False, curve=False) -> None:
     """Without CurveZMQ, TCP control is open to every local user: say so; off this host, refuse."""
     m = re.match(r"^tcp://(\[[^\]]*\]|[^:/]*):", endpoint or "")
@@ -5501,6 +5511,7 @@ class ControlChannel:
         if self.sock is not None:
             self.sock.close(linger=100)
             self.sock = None
+            _unlink_ipc(self.endpoint)
 
 
 def _error_reply(reason, errno_, msg_id, tb=None):
@@ -5602,6 +5613,7 @@ class _XPubChannel:
             sock, self.sock = self.sock, None
             self._task.cancel()
             sock.close(linger=100)
+            _unlink_ipc(self.endpoint)
 
 
 class PubChannel(_XPubChannel):
@@ -5703,6 +5715,33 @@ class CallError(CircusError):
     """The daemon did not answer in time, or could not be reached."""
 
 
+class NoDaemonError(CallError):
+    """Nothing listens on an ipc endpoint: known at once, no timeout to wait for."""
+
+
+def _check_ipc_listener(endpoint: str) -> None:
+    """NoDaemonError when an ipc:// endpoint has no socket file or refuses connections
+    (a daemon that was killed); anything else is left to ZeroMQ."""
+    if not endpoint.startswith("ipc://"):
+        return
+    import socket
+    path = endpoint[6:]
+    why = None
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(1.0)
+        try:
+            s.connect("\0" + path[1:] if path.startswith("@") else path)
+        except FileNotFoundError:
+            why = "no socket file"
+        except ConnectionRefusedError:
+            why = "its socket file is left over: nothing listens on it"
+        except OSError:
+            pass
+    if why:
+        raise NoDaemonError("no daemon is running on %s (%s); start it, or point --endpoint or "
+                            "$CIRCUSCTL_ENDPOINT at a running one" % (endpoint, why))
+
+
 class Client:
     """Talks to a running daemon (ours or circusd) over its control endpoint.
 
@@ -5715,6 +5754,7 @@ class Client:
 
     def __init__(self, endpoint: str = DEFAULT_ENDPOINT, timeout: float = 5.0, curve=None):
         import zmq
+        _check_ipc_listener(endpoint)
         self._zmq = zmq
         self.endpoint = endpoint
         self.timeout = timeout
@@ -6016,6 +6056,22 @@ def _listen(endpoint, topics, out, curve):
         out.flush()
 
 
+def _pubsub_of(endpoint, timeout, curve) -> str:
+    """The pub/sub endpoint of the daemon controlled on ``endpoint``, as ``tail -f`` finds it.
+    One that does not answer as control is taken as a pub/sub endpoint itself (circusctl's
+    ``--endpoint`` for listen); NoDaemonError when nothing listens there at all."""
+    try:
+        with Client(endpoint, min(timeout, 2.0), curve) as client:
+            reply = client.call("globaloptions", option="pubsub_endpoint")
+    except NoDaemonError:
+        raise
+    except CallError:
+        return endpoint
+    if reply.get("status") != "ok" or not (reply.get("options") or {}).get("pubsub_endpoint"):
+        raise CircusError("cannot find the pub/sub endpoint: %s" % reply.get("reason", "none set"))
+    return _reachable(reply["options"]["pubsub_endpoint"], endpoint)
+
+
 def _default_ctl_endpoint(kind="control") -> str:
     """Where a daemon started with no endpoint listens (our private ipc socket), else
     Circus's TCP default (a real circusd)."""
@@ -6092,7 +6148,13 @@ def ctl_main(argv) -> int:
         return 0
     if name == "listen":
         try:
-            _listen(endpoint or _default_ctl_endpoint("pubsub"), args, out, curve)
+            pubsub = _pubsub_of(endpoint, timeout, curve) if endpoint else _default_ctl_endpoint("pubsub")
+            _listen(pubsub, args, out, curve)
+        except CallError as e:
+            return _ctl_unreachable(e, endpoint, curve)
+        except CircusError as e:
+            err.write("error: %s\n" % e)
+            return 3
         except KeyboardInterrupt:
             pass
         return 0
@@ -6110,9 +6172,7 @@ def ctl_main(argv) -> int:
         with Client(endpoint, timeout, curve) as client:
             reply = client.send(request)
     except CallError as e:
-        err.write("%s\nIs the daemon running on %s? (set --endpoint or $CIRCUSCTL_ENDPOINT)%s\n"
-                  % (e, endpoint, _curve_hint(curve)))
-        return 1
+        return _ctl_unreachable(e, endpoint, curve)
     except Exception as e:          # e.g. a malformed endpoint
         err.write("error: %s\n" % e)
         return 1
@@ -6130,6 +6190,16 @@ def ctl_main(argv) -> int:
                                 for r in reply.get("processes", ())):
         return 3        # as supervisorctl status: some process is not running
     return 0
+
+
+def _ctl_unreachable(e, endpoint, curve=None) -> int:
+    """No answer: exit 3 at once when no daemon runs there, else 1 after the timeout."""
+    if isinstance(e, NoDaemonError):
+        sys.stderr.write("error: %s\n" % e)
+        return 3
+    sys.stderr.write("%s\nIs the daemon running on %s? (set --endpoint or $CIRCUSCTL_ENDPOINT)%s\n"
+                     % (e, endpoint, _curve_hint(curve)))
+    return 1
 
 
 def _curve_hint(curve) -> str:
@@ -6196,8 +6266,7 @@ def _ctl_tail(name, args, endpoint, timeout, curve=None) -> int:
                                 curve=curve)
             reply = client.call(name, **props)
     except CallError as e:
-        err.write("%s\nIs the daemon running on %s?%s\n" % (e, endpoint, _curve_hint(curve)))
-        return 1
+        return _ctl_unreachable(e, endpoint, curve)
     if reply.get("status") == "error":
         err.write("error: %s\n" % reply.get("reason"))
         return 3
@@ -6290,8 +6359,7 @@ def _ctl_top(args, endpoint, timeout, curve=None) -> int:
     except KeyboardInterrupt:
         return 0
     except CallError as e:
-        sys.stderr.write("%s\nIs the daemon running on %s?\n" % (e, endpoint))
-        return 1
+        return _ctl_unreachable(e, endpoint, curve)
     finally:
         out.write("\033[?25h")
         out.flush()

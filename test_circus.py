@@ -1997,6 +1997,42 @@ def test_e2e_prefork_socket_shared_and_bound_across_restart(daemon, shortdir):
     assert set(d.pids("web")).isdisjoint(pids)
 
 
+def test_e2e_ctl_says_at_once_no_daemon_runs_on_ipc(daemon, shortdir):
+    """A missing ipc socket file, or one nothing listens on, is known at once (exit 3),
+    not after the timeout; the daemon removes its socket files at quit."""
+    root = pathlib.Path(shortdir)
+    stale = root / "stale.sock"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(stale))                  # bound, never listening: connections are refused
+    for path in (root / "none.sock", stale):
+        t0 = time.monotonic()
+        r = subprocess.run([sys.executable, str(CIRCUS_PY), "ctl", "--endpoint", "ipc://%s" % path,
+                            "--timeout", "60", "status"], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 3 and "no daemon is running on ipc://%s" % path in r.stderr, r.stderr
+        assert time.monotonic() - t0 < 30
+    d = daemon("[watcher:w]\ncmd = sleep 120\n")
+    assert d.call("quit", waiting=True)["status"] == "ok"
+    d.proc.wait(TIMEOUT)
+    assert not (root / "ctl.sock").exists() and not (root / "pub.sock").exists()
+    r = d.ctl("--timeout", "60", "status", timeout=120)
+    assert r.returncode == 3 and "no daemon is running" in r.stderr
+
+
+def test_e2e_ctl_listen_finds_pubsub_from_the_control_endpoint(daemon):
+    """`ctl --endpoint CONTROL listen` asks the daemon for its pub/sub endpoint, as tail -f."""
+    import select
+    d = daemon("[watcher:w]\ncmd = sleep 120\n")
+    listen = subprocess.Popen([sys.executable, str(CIRCUS_PY), "ctl", "--endpoint", d.endpoint, "listen"],
+                              stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        wait_for(lambda: d.call("incr", name="w", waiting=True) and
+                 select.select([listen.stdout], [], [], 0.2)[0], what="ctl listen to print an event")
+        assert listen.stdout.readline().startswith("b'watcher.w.")
+    finally:
+        os.killpg(listen.pid, signal.SIGKILL)
+        listen.wait(TIMEOUT)
+
+
 def test_e2e_unix_and_ipv6_sockets_fd_stable_and_listen(daemon, shortdir):
     path = pathlib.Path(shortdir) / "app.sock"
     has_v6 = socket.has_ipv6
