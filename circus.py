@@ -749,6 +749,7 @@ class CircusConfig:
         self.pidfile = None
         self.loglevel = None
         self.logoutput = None
+        self.log_echo = False           # [supervisord] logfile: also on stdout in the foreground
         self.loggerconfig = None
         self.fqdn_prefix = None
         self.metrics_endpoint = None    # HOST:PORT serving Prometheus /metrics
@@ -1134,6 +1135,7 @@ def load_supervisor_sections(ini: IniFile, cfg: CircusConfig, environ, seen: dic
         if logfile and cfg.logoutput is None:
             cfg.logoutput = "syslog:///dev/log?daemon" if logfile.lower() == "syslog" else \
                 os.path.abspath(os.path.expanduser(logfile))
+            cfg.log_echo = not conv(sd, "silent", value(sd, "silent", {}, "false"), to_bool)
         pidfile = value(sd, "pidfile", {})
         if pidfile and cfg.pidfile is None:
             cfg.pidfile = os.path.abspath(os.path.expanduser(pidfile))
@@ -1814,8 +1816,9 @@ def build_stream(conf: dict, search_dirs=()):
 _LOG_FORMAT = "%(asctime)s %(name)s[%(process)d] [%(levelname)s] %(message)s"
 
 
-def setup_logging(level="info", output="-"):
-    """Configure the "circus" logger (only the CLI calls this, never an import)."""
+def setup_logging(level="info", output="-", echo=False):
+    """Configure the "circus" logger (only the CLI calls this, never an import).
+    ``echo``: a file or syslog log is also written to stdout (supervisord in the foreground)."""
     import logging.handlers as handlers
     logger = logging.getLogger("circus")
     for h in list(logger.handlers):
@@ -1840,6 +1843,10 @@ def setup_logging(level="info", output="-"):
         handler = handlers.WatchedFileHandler(output)
     handler.setFormatter(logging.Formatter(_LOG_FORMAT, datefmt))
     logger.addHandler(handler)
+    if echo and output not in ("-", "stderr", "stdout"):
+        echoed = logging.StreamHandler(sys.stdout)
+        echoed.setFormatter(logging.Formatter(_LOG_FORMAT, "%Y-%m-%d %H:%M:%S"))
+        logger.addHandler(echoed)
     logger.setLevel(lvl)
     logger.propagate = False
     return logger
@@ -7683,7 +7690,8 @@ def daemon_main(argv) -> int:
         if loggerconfig and loggerconfig != "default":
             _logger_config(loggerconfig)
         else:
-            setup_logging(args.loglevel or cfg.loglevel or "info", args.logoutput or cfg.logoutput or "-")
+            setup_logging(args.loglevel or cfg.loglevel or "info", args.logoutput or cfg.logoutput or "-",
+                          echo=cfg.log_echo and not args.daemon)
         path = args.pidfile or cfg.pidfile
         if path:
             pidfile = Pidfile(path)

@@ -3662,6 +3662,25 @@ def test_e2e_sv_group_members_keep_their_priority(daemon):
     assert order("started", mark) == ["g:b", "g:c", "g:a"]
 
 
+@pytest.mark.parametrize("silent", [False, True])
+def test_e2e_sv_logfile_echoed_to_stdout_in_the_foreground(daemon, shortdir, silent):
+    """supervisord in the foreground writes its log to the logfile and to stdout (unless silent)."""
+    d = daemon("""
+        [supervisord]
+        logfile = %%(here)s/sd.log
+        silent = %s
+        [program:p]
+        command = sleep 120
+        startsecs = 0
+        """ % str(silent).lower())
+    logfile = pathlib.Path(shortdir) / "sd.log"
+    wait_for(lambda: "arbiter ready" in logfile.read_text(), what="the log file")
+    if silent:
+        assert "arbiter ready" not in d.log.read_text()
+    else:
+        wait_for(lambda: "arbiter ready" in d.log.read_text(), what="the log on stdout")
+
+
 def test_e2e_sv_restart_waiting_returns_once_running(daemon):
     """`restart NAME --waiting` answers once the process is RUNNING (startsecs), as supervisorctl;
     a start whose process dies within startsecs is an error."""
