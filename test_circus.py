@@ -2327,8 +2327,12 @@ def test_e2e_pidfile_and_detached_daemon(daemon, shortdir):
     pid = int(wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), what="pidfile"))
     real = psutil.Process(pid)
     try:
-        wait_for(lambda: d.call("numwatchers", timeout=0.5)["status"] == "ok"
-                 if real.is_running() else False, what="detached daemon")
+        def answers():      # until its socket exists, ctl says at once that no daemon runs
+            try:
+                return d.call("numwatchers", timeout=0.5)["status"] == "ok"
+            except circus.CallError:
+                return False
+        wait_for(lambda: real.is_running() and answers(), what="detached daemon")
         # a second daemon with the same pidfile refuses to start
         r = subprocess.run([sys.executable, str(CIRCUS_PY), "daemon", str(d.conf), "--pidfile", str(pidfile)],
                            capture_output=True, text=True, timeout=60)
