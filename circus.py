@@ -820,6 +820,7 @@ class WatcherConfig:
         self.free: dict = {}
         self.added = False              # created by the `add` command
         self.group = None               # Supervisor group name ([program:x] / [group:x])
+        self.group_priority = None      # a [group:x]'s priority (Circus's sense): boot, shutdown
         self.forward_output = True      # no stream: pass output on to the daemon's stdout/stderr
         self.where = None               # "file:line [section]", for errors found after loading
         for k, v in (options or {}).items():
@@ -921,6 +922,7 @@ class CircusConfig:
         self.pidfile = None
         self.loglevel = None
         self.logoutput = None
+        self.log_echo = False           # [supervisord] logfile: also on stdout in the foreground
         self.loggerconfig = None
         self.fqdn_prefix = None
         self.metrics_endpoint = None    # HOST:PORT serving Prometheus /metrics
@@ -1380,6 +1382,7 @@ def load_supervisor_sections(ini: IniFile, cfg: CircusConfig, environ, seen: dic
         if logfile and cfg.logoutput is None:
             cfg.logoutput = "syslog:///dev/log?daemon" if logfile.lower() == "syslog" else \
                 os.path.abspath(os.path.expanduser(logfile))
+            cfg.log_echo = not conv(sd, "silent", value(sd, "silent", {}, "false"), to_bool)
         pidfile = value(sd, "pidfile", {})
         if pidfile and cfg.pidfile is None:
             cfg.pidfile = os.path.abspath(os.path.expanduser(pidfile))
@@ -1423,7 +1426,8 @@ def load_supervisor_sections(ini: IniFile, cfg: CircusConfig, environ, seen: dic
                 cfg.warnings.append("%s: ignored: %s" % (ini.where(name), why))
 
     # [group:x] programs = a,b
-    group_of, group_prio = {}, {}
+    group_of, group_prio, rank = {}, {}, {}
+    pos = {name: i for i, name in enumerate(ini.sections)}
     for name in ini.sections:
         if name.startswith("group:"):
             gname = name[6:].strip()
@@ -1436,7 +1440,9 @@ def load_supervisor_sections(ini: IniFile, cfg: CircusConfig, environ, seen: dic
                 if "program:" + prog not in ini.sections and "fcgi-program:" + prog not in ini.sections:
                     raise ConfigError("%s: programs: no [program:%s] section" % (ini.where(name, "programs"), prog))
                 group_of.setdefault(prog, []).append(gname)
+                rank.setdefault((gname, prog), (pos[name], len(rank)))
 
+    jobs = []
     for name in ini.sections:
         fcgi = name.startswith("fcgi-program:")
         if not (name.startswith("program:") or fcgi):
@@ -1450,8 +1456,12 @@ def load_supervisor_sections(ini: IniFile, cfg: CircusConfig, environ, seen: dic
                 cfg.warnings.append(_unknown_key(ini.where(name, key), _SV_PROGRAM_KEYS,
                                                  "unknown program key, ignored"))
         for gname in group_of.get(pname, [pname]):
-            _sv_program(ini, cfg, name, pname, gname, group_prio.get(gname), fcgi, sv_env,
-                        names, host, childlogdir, value, conv, seen)
+            jobs.append(((gname, pname), name, fcgi))
+    # supervisord starts a group's members in the order of its programs=
+    jobs.sort(key=lambda job: rank.get(job[0], (pos[job[1]], 0)))
+    for (gname, pname), name, fcgi in jobs:
+        _sv_program(ini, cfg, name, pname, gname, group_prio.get(gname), fcgi, sv_env,
+                    names, host, childlogdir, value, conv, seen)
 
 
 def socket_somaxconn() -> int:
@@ -1484,7 +1494,7 @@ def _sv_program(ini, cfg, section, pname, gname, gprio, fcgi, sv_env, names, hos
     prio = conv(section, "priority", get("priority", "999"), _priority)
     common = {
         # Supervisor starts the lowest priority first, Circus the highest: negate
-        "priority": -(gprio if gprio is not None and gname != pname else prio),
+        "priority": -prio,
         "autostart": conv(section, "autostart", get("autostart", "true"), to_bool),
         "startsecs": startsecs,
         "max_retry": max(startretries + 1, 1),
@@ -1550,6 +1560,8 @@ def _sv_program(ini, cfg, section, pname, gname, gprio, fcgi, sv_env, names, hos
         env.update(prog_env)
         wc.env = env
         wc.group = gname
+        if gprio is not None and gname != pname:
+            wc.group_priority = -gprio
         wc.forward_output = False       # no logfile means discarded (kept for `ctl tail` only)
         for which in ("stdout", "stderr"):
             if which == "stderr" and common["redirect_stderr"]:
@@ -2257,8 +2269,9 @@ def build_stream(conf: dict, search_dirs=()):
 _LOG_FORMAT = "%(asctime)s %(name)s[%(process)d] [%(levelname)s] %(message)s"
 
 
-def setup_logging(level="info", output="-"):
-    """Configure the "circus" logger (only the CLI calls this, never an import)."""
+def setup_logging(level="info", output="-", echo=False):
+    """Configure the "circus" logger (only the CLI calls this, never an import).
+    ``echo``: a file or syslog log is also written to stdout (supervisord in the foreground)."""
     import logging.handlers as handlers
     logger = logging.getLogger("circus")
     for h in list(logger.handlers):
@@ -2287,6 +2300,10 @@ def setup_logging(level="info", output="-"):
         handler = SafeFileHandler(output)
     handler.setFormatter(logging.Formatter(_LOG_FORMAT, datefmt))
     logger.addHandler(handler)
+    if echo and output not in ("-", "stderr", "stdout"):
+        echoed = logging.StreamHandler(sys.stdout)
+        echoed.setFormatter(logging.Formatter(_LOG_FORMAT, "%Y-%m-%d %H:%M:%S"))
+        logger.addHandler(echoed)
     logger.setLevel(lvl)
     logger.propagate = False
     return logger
@@ -2606,7 +2623,7 @@ class Process:
                  "rlimits", "executable", "pass_fds", "stdout", "stderr", "close_child_stdin",
                  "stdin", "umask", "death_signal", "on_output", "on_exit", "loop", "watcher_name",
                  "pid", "started", "returncode", "state", "stopping", "promote", "ready",
-                 "unready", "_pipes", "_big", "_exited")
+                 "unready", "signalled", "_pipes", "_big", "_exited")
 
     def __init__(self, wid: int, cmd: str, args=None, *, working_dir=None, shell=False,
                  shell_args=None, uid=None, gid=None, env=None, rlimits=None,
@@ -2638,6 +2655,7 @@ class Process:
         self.returncode = None          # Circus-style exit code once reaped
         self.state = ProcState.STOPPED
         self.stopping = False           # True once we asked it to stop
+        self.signalled = False          # the `signal` command hit it: its exit is no failed start
         self.promote = None             # timer moving STARTING -> RUNNING (startsecs)
         self.ready = None               # future: True once ready (watcher option `ready`)
         self.unready = None             # gives up waiting for it (set with ready)
@@ -3108,6 +3126,13 @@ class Watcher:
         return self.conf.options["priority"]
 
     @property
+    def boot_priority(self) -> int:
+        """Order at boot and shutdown: a Supervisor [group:x] goes as a whole, by its own
+        priority (its members keep theirs for `start g:*` / `stop g:*`)."""
+        g = self.conf.group_priority
+        return self.priority if g is None else g
+
+    @property
     def topic_name(self) -> str:
         """Its name in event topics: lower case, spaces as underscores."""
         return self.name.lower().replace(" ", "_")
@@ -3392,8 +3417,10 @@ class Watcher:
         self.sv_state, self.sv_since = ProcState.BACKOFF, time.time()
         limit = self.conf.options["max_retry"]
         if limit >= 0 and self.failures >= max(limit, 1):
-            self._give_up("%d failed starts in a row (max_retry = %d); last: %s"
-                          % (self.failures, limit, self.last_error))
+            # speak the file's own key: a Supervisor program counts retries after the first start
+            key = "startretries = %d" % (limit - 1) if self.conf.group is not None else \
+                "max_retry = %d" % limit
+            self._give_up("%d failed starts in a row (%s); last: %s" % (self.failures, key, self.last_error))
             return
         # Supervisor's backoff grows 1, 2, 3 s; Circus watchers retry sooner
         linear = self.conf.options["startsecs"] is not None
@@ -3556,17 +3583,20 @@ class Watcher:
         _log().info("watcher %s: pid %d exited (%s)", self.name, p.pid, describe_exit(p.returncode))
         self.sv_state, self.sv_since = p.state, now
         self.restarts += 1
-        if self.flapping is not None and self.flapping.record(now):
+        # an exit the user caused with `signal` is neither a failed start nor flapping
+        if not p.signalled and self.flapping is not None and self.flapping.record(now):
             self._flap()
             return
         if o["startsecs"] is not None:
-            self._supervisor_exit(p, early, now)
+            self._supervisor_exit(p, early and not p.signalled, now)
             return
         if not o["respawn"]:
             if not self.processes:
                 self._stop_soon(ProcState.EXITED)
             return
-        if now - p.started < MIN_UPTIME and _is_crash(p.returncode):
+        if p.signalled:
+            self._schedule_respawn(0)
+        elif now - p.started < MIN_UPTIME and _is_crash(p.returncode):
             self.last_error = "pid %d exited %.2f s after spawning (%s)" % (
                 p.pid, now - p.started, describe_exit(p.returncode))
             self._failed_start()
@@ -3759,6 +3789,20 @@ class Watcher:
         self.call_hook("after_stop")
         _log().info("watcher %s stopped", self.name)
 
+    async def until_running(self) -> None:
+        """supervisorctl's wait: until each STARTING process is RUNNING (startsecs);
+        CommandError if one exits first. Circus watchers (no startsecs) do not wait."""
+        startsecs = self.conf.options["startsecs"]
+        if startsecs is None:
+            return
+        starting = [p for p in self.processes.values() if p.state == ProcState.STARTING]
+        while any(p.alive and p.state == ProcState.STARTING for p in starting):
+            await asyncio.sleep(0.05)
+        for p in starting:
+            if not p.alive:
+                raise CommandError("%s: abnormal termination: pid %d %s within startsecs = %g"
+                                   % (self.name, p.pid, describe_exit(p.returncode), startsecs))
+
     async def restart(self) -> dict:
         """Stop, then start; returns stopped/started/kept pids."""
         stopped = list(self.processes)
@@ -3877,6 +3921,7 @@ class Watcher:
             elif children:
                 p.signal_children(signum)
             else:
+                p.signalled = True
                 p.send_signal(signum)
                 if recursive:
                     p.signal_children(signum, recursive=True)
@@ -4075,7 +4120,7 @@ class Arbiter:
 
     def iter_watchers(self, reverse=False) -> list:
         """By priority, highest first (stable on config order); reverse for stopping."""
-        ws = sorted(self.watchers, key=lambda w: -w.priority)
+        ws = sorted(self.watchers, key=lambda w: -w.boot_priority)
         return list(reversed(ws)) if reverse else ws
 
     def publish_followed(self, topic: str, make_payload) -> None:
@@ -4206,8 +4251,10 @@ class Arbiter:
 
     async def start_watchers(self, names=None) -> None:
         """Start the autostart watchers (or those given) by priority."""
-        for w in self.iter_watchers():
-            if (names is None and w.conf.options["autostart"]) or (names is not None and w in names):
+        ws = self.iter_watchers() if names is None else \
+            sorted((w for w in self.watchers if w in names), key=lambda w: -w.priority)
+        for w in ws:
+            if names is not None or w.conf.options["autostart"]:
                 if names is None and w.conf.options["on_demand"] and self._arm_on_demand(w):
                     continue
                 async with w.lock:
@@ -4245,12 +4292,16 @@ class Arbiter:
         w.on_demand_fds = []
 
     async def stop_watchers(self, watchers=None) -> None:
-        """Stop in reverse priority order; watchers of equal priority stop together."""
-        ws = self.iter_watchers(reverse=True) if watchers is None else \
-            sorted(watchers, key=lambda w: w.priority)
+        """Stop in reverse priority order; watchers of equal priority stop together.
+        Supervisor's `stop g:*` / `stop all` go lowest priority first, as its start."""
+        if watchers is None:
+            ws, prio = self.iter_watchers(reverse=True), (lambda w: w.boot_priority)
+        else:
+            ws, prio = sorted(watchers, key=lambda w: -w.priority if w.conf.group else w.priority), \
+                (lambda w: w.priority)
         i = 0
         while i < len(ws):
-            group = [w for w in ws[i:] if w.priority == ws[i].priority]
+            group = [w for w in ws[i:] if prio(w) == prio(ws[i])]
             i += len(group)
 
             async def stop_one(w):
@@ -5229,14 +5280,26 @@ def _one_or_many(arb, props, one, many, nameless):
 
 # -- watcher lifecycle -------------------------------------------------------------
 
+async def _until_running(props, ws) -> None:
+    """With --waiting, as supervisorctl: answer once the new processes are RUNNING."""
+    if _prop(props, "waiting", bool, False):
+        for w in ws:
+            await w.until_running()
+
+
 @command("start", "[name] [--waiting] [--match=glob]")
 def cmd_start(arb, props):
     """Start the arbiter or a watcher (even one with autostart = false)."""
     async def one(w):
         info = await _locked(w, w.start)
+        await _until_running(props, [w])
         return {"info": {"started": info["started"], "kept": info["kept"]}}
-    return _one_or_many(arb, props, one, lambda ws: _none(arb.start_watchers(ws)),
-                        lambda: _none(arb.start_watchers()))
+
+    async def many(ws):
+        await arb.start_watchers(ws)
+        await _until_running(props, ws)
+        return {}
+    return _one_or_many(arb, props, one, many, lambda: _none(arb.start_watchers()))
 
 
 @command("stop", "[name] [--waiting] [--match=glob]")
@@ -5253,11 +5316,14 @@ def cmd_stop(arb, props):
 def cmd_restart(arb, props):
     """Restart a watcher, or without a name the whole arbiter (re-reading the config)."""
     async def one(w):
-        return {"info": await _locked(w, w.restart)}
+        info = await _locked(w, w.restart)
+        await _until_running(props, [w])
+        return {"info": info}
 
     async def many(ws):
         await arb.stop_watchers(ws)
         await arb.start_watchers(ws)
+        await _until_running(props, ws)
         return {}
     return _one_or_many(arb, props, one, many, lambda: _none(arb.restart()))
 
@@ -5873,6 +5939,16 @@ def _bind(sock, endpoint, what, curve=None):
         raise
 
 
+def _unlink_ipc(endpoint) -> None:
+    """Remove a closed channel's ipc socket file: one left behind reads as a daemon
+    that died (libzmq's own removal may not run before the process exits)."""
+    if endpoint and endpoint.startswith("ipc://") and not endpoint.startswith("ipc://@"):
+        try:
+            os.unlink(endpoint[6:])
+        except OSError:
+            pass
+
+
 def check_endpoint(endpoint: str, what: str, allow_insecure=False, curve=False) -> None:
     """Without CurveZMQ, TCP control is open to every local user: say so; off this host, refuse."""
     try:
@@ -6111,6 +6187,7 @@ class ControlChannel:
         if self.sock is not None:
             self.sock.close(linger=100)
             self.sock = None
+            _unlink_ipc(self.endpoint)
 
 
 def _error_reply(reason, errno_, msg_id, tb=None):
@@ -6212,6 +6289,7 @@ class _XPubChannel:
             sock, self.sock = self.sock, None
             self._task.cancel()
             sock.close(linger=100)
+            _unlink_ipc(self.endpoint)
 
 
 class PubChannel(_XPubChannel):
@@ -6313,6 +6391,33 @@ class CallError(CircusError):
     """The daemon did not answer in time, or could not be reached."""
 
 
+class NoDaemonError(CallError):
+    """Nothing listens on an ipc endpoint: known at once, no timeout to wait for."""
+
+
+def _check_ipc_listener(endpoint: str) -> None:
+    """NoDaemonError when an ipc:// endpoint has no socket file or refuses connections
+    (a daemon that was killed); anything else is left to ZeroMQ."""
+    if not endpoint.startswith("ipc://"):
+        return
+    import socket
+    path = endpoint[6:]
+    why = None
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(1.0)
+        try:
+            s.connect("\0" + path[1:] if path.startswith("@") else path)
+        except FileNotFoundError:
+            why = "no socket file"
+        except ConnectionRefusedError:
+            why = "its socket file is left over: nothing listens on it"
+        except OSError:
+            pass
+    if why:
+        raise NoDaemonError("no daemon is running on %s (%s); start it, or point --endpoint or "
+                            "$CIRCUSCTL_ENDPOINT at a running one" % (endpoint, why))
+
+
 class Client:
     """Talks to a running daemon (ours or circusd) over its control endpoint.
 
@@ -6325,6 +6430,7 @@ class Client:
 
     def __init__(self, endpoint: str = DEFAULT_ENDPOINT, timeout: float = 5.0, curve=None):
         import zmq
+        _check_ipc_listener(endpoint)
         self._zmq = zmq
         self.endpoint = endpoint
         self.timeout = timeout
@@ -6626,6 +6732,22 @@ def _listen(endpoint, topics, out, curve):
         out.flush()
 
 
+def _pubsub_of(endpoint, timeout, curve) -> str:
+    """The pub/sub endpoint of the daemon controlled on ``endpoint``, as ``tail -f`` finds it.
+    One that does not answer as control is taken as a pub/sub endpoint itself (circusctl's
+    ``--endpoint`` for listen); NoDaemonError when nothing listens there at all."""
+    try:
+        with Client(endpoint, min(timeout, 2.0), curve) as client:
+            reply = client.call("globaloptions", option="pubsub_endpoint")
+    except NoDaemonError:
+        raise
+    except CallError:
+        return endpoint
+    if reply.get("status") != "ok" or not (reply.get("options") or {}).get("pubsub_endpoint"):
+        raise CircusError("cannot find the pub/sub endpoint: %s" % reply.get("reason", "none set"))
+    return _reachable(reply["options"]["pubsub_endpoint"], endpoint)
+
+
 def _default_ctl_endpoint(kind="control") -> str:
     """Where a daemon started with no endpoint listens (our private ipc socket), else
     Circus's TCP default (a real circusd)."""
@@ -6702,7 +6824,13 @@ def ctl_main(argv) -> int:
         return 0
     if name == "listen":
         try:
-            _listen(endpoint or _default_ctl_endpoint("pubsub"), args, out, curve)
+            pubsub = _pubsub_of(endpoint, timeout, curve) if endpoint else _default_ctl_endpoint("pubsub")
+            _listen(pubsub, args, out, curve)
+        except CallError as e:
+            return _ctl_unreachable(e, endpoint, curve)
+        except CircusError as e:
+            err.write("error: %s\n" % e)
+            return 3
         except KeyboardInterrupt:
             pass
         return 0
@@ -6720,9 +6848,7 @@ def ctl_main(argv) -> int:
         with Client(endpoint, timeout, curve) as client:
             reply = client.send(request)
     except CallError as e:
-        err.write("%s\nIs the daemon running on %s? (set --endpoint or $CIRCUSCTL_ENDPOINT)%s\n"
-                  % (e, endpoint, _curve_hint(curve)))
-        return 1
+        return _ctl_unreachable(e, endpoint, curve)
     except Exception as e:          # e.g. a malformed endpoint
         err.write("error: %s\n" % e)
         return 1
@@ -6740,6 +6866,16 @@ def ctl_main(argv) -> int:
                                 for r in reply.get("processes", ())):
         return 3        # as supervisorctl status: some process is not running
     return 0
+
+
+def _ctl_unreachable(e, endpoint, curve=None) -> int:
+    """No answer: exit 3 at once when no daemon runs there, else 1 after the timeout."""
+    if isinstance(e, NoDaemonError):
+        sys.stderr.write("error: %s\n" % e)
+        return 3
+    sys.stderr.write("%s\nIs the daemon running on %s? (set --endpoint or $CIRCUSCTL_ENDPOINT)%s\n"
+                     % (e, endpoint, _curve_hint(curve)))
+    return 1
 
 
 def _curve_hint(curve) -> str:
@@ -6806,8 +6942,7 @@ def _ctl_tail(name, args, endpoint, timeout, curve=None) -> int:
                                 curve=curve)
             reply = client.call(name, **props)
     except CallError as e:
-        err.write("%s\nIs the daemon running on %s?%s\n" % (e, endpoint, _curve_hint(curve)))
-        return 1
+        return _ctl_unreachable(e, endpoint, curve)
     if reply.get("status") == "error":
         err.write("error: %s\n" % reply.get("reason"))
         return 3
@@ -6900,8 +7035,7 @@ def _ctl_top(args, endpoint, timeout, curve=None) -> int:
     except KeyboardInterrupt:
         return 0
     except CallError as e:
-        sys.stderr.write("%s\nIs the daemon running on %s?\n" % (e, endpoint))
-        return 1
+        return _ctl_unreachable(e, endpoint, curve)
     finally:
         out.write("\033[?25h")
         out.flush()
@@ -8259,7 +8393,8 @@ def daemon_main(argv) -> int:
         if loggerconfig and loggerconfig != "default":
             _logger_config(loggerconfig)
         else:
-            setup_logging(args.loglevel or cfg.loglevel or "info", args.logoutput or cfg.logoutput or "-")
+            setup_logging(args.loglevel or cfg.loglevel or "info", args.logoutput or cfg.logoutput or "-",
+                          echo=cfg.log_echo and not args.daemon)
         path = args.pidfile or cfg.pidfile
         if path:
             pidfile = Pidfile(path)
@@ -8392,9 +8527,10 @@ def main(argv=None) -> int:
         return web_main(rest)
     if mode == "check":
         return check_main(rest)
-    if os.path.isfile(mode) and mode.endswith((".ini", ".conf", ".cfg")):
-        return daemon_main(argv)            # `python circus.py circus.ini`, as circusd
-    sys.stderr.write("error: unknown mode %r: use 'daemon', 'ctl' or 'web' (python circus.py --help)\n" % mode)
+    if os.path.isfile(mode):
+        return daemon_main(argv)            # `python circus.py FILE`, as `circusd FILE`
+    sys.stderr.write("error: no such file: %r (give a config file, or the mode daemon, ctl, web or "
+                     "check; see python circus.py --help)\n" % mode)
     return 2
 
 
@@ -8412,12 +8548,48 @@ def _bytecode_is_fresh(pyc: str, src: str) -> bool:
             and int.from_bytes(head[12:16], "little") == st.st_size & 0xFFFFFFFF)
 
 
+#: Follows the cached bytecode in a re-executed daemon's command line: the source's path,
+#: so `ps` and `pgrep -f circus.py` still show what runs (main never sees it).
+_SOURCE_ARG = "--source="
+
+
+def _prune_bytecode(cache: str, keep: str) -> None:
+    """Remove cached files older than a day that no running daemon uses (each checkout
+    and Python version leaves its own); only where /proc tells which are in use."""
+    now, old = time.time(), []
+    try:
+        for name in os.listdir(cache):
+            path = os.path.join(cache, name)
+            if path != keep and now - os.stat(path).st_mtime > 86400:
+                old.append(path)
+    except OSError:
+        return
+    if not old or not os.path.isdir("/proc/self"):
+        return
+    in_use = set()
+    for pid in os.listdir("/proc"):
+        try:
+            with open("/proc/%s/cmdline" % pid, "rb") as f:
+                in_use.update(os.fsdecode(a) for a in f.read().split(b"\0"))
+        except OSError:
+            pass
+    for path in old:
+        if path not in in_use:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+
 def _lean_restart(argv) -> None:
     """``python circus.py daemon``: Python compiled this whole file for __main__, and the
     compiler's memory (~15 MB) stays with the process for good. A long-lived daemon
     re-executes itself (same pid) from bytecode cached in its private folder."""
+    if __file__.endswith(".pyc") and argv and argv[0].startswith(_SOURCE_ARG):
+        del sys.argv[1]         # we are that re-executed daemon
+        return
     if not __file__.endswith(".py") or not argv or not (
-            argv[0] == "daemon" or argv[0].endswith((".ini", ".conf", ".cfg"))):
+            argv[0] == "daemon" or (argv[0] not in ("ctl", "web") and os.path.isfile(argv[0]))):
         return
     import hashlib
     import py_compile
@@ -8430,10 +8602,11 @@ def _lean_restart(argv) -> None:
         os.makedirs(cache, mode=0o700, exist_ok=True)
         if not _bytecode_is_fresh(pyc, src):
             py_compile.compile(src, cfile=pyc, doraise=True)
+        _prune_bytecode(cache, pyc)
     except Exception:       # read-only, odd permissions...: run as we are
         return
     flags = subprocess._args_from_interpreter_flags()
-    os.execv(sys.executable, [sys.executable] + flags + [pyc] + list(argv))
+    os.execv(sys.executable, [sys.executable] + flags + [pyc, _SOURCE_ARG + src] + list(argv))
 
 
 if __name__ == "__main__":
