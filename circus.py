@@ -191,10 +191,14 @@ def to_signum(value) -> int:
         return to_signum(int(text))
     if not text.startswith("SIG"):
         text = "SIG" + text
-    m = re.match(r"^SIG(RTMIN|RTMAX)([+-]\d+)?$", text)
+    m = re.fullmatch(r"SIG(RTMIN|RTMAX)([+-]\d+)?", text)
     if m and hasattr(signal, "SIGRTMIN"):
         base = signal.SIGRTMIN if m.group(1) == "RTMIN" else signal.SIGRTMAX
-        return int(base) + int(m.group(2) or 0)
+        num = int(base) + int(m.group(2) or 0)
+        if signal.SIGRTMIN <= num <= signal.SIGRTMAX:   # else kill() fails with EINVAL
+            return num
+        raise ValueError("%r is not a real-time signal here: use RTMIN+0 to RTMIN+%d"
+                         % (value, signal.SIGRTMAX - signal.SIGRTMIN))
     num = getattr(signal, text, None)
     if isinstance(num, signal.Signals):
         return int(num)
@@ -2329,13 +2333,18 @@ class Process:
         except asyncio.TimeoutError:
             return None
 
-    def send_signal(self, sig: int) -> None:
-        """Signal the process itself (a race with its exit is harmless)."""
+    def send_signal(self, sig: int) -> bool:
+        """Signal the process itself (a race with its exit is harmless). False, and a log
+        line, when the kernel refuses (EPERM, EINVAL): a caller's stop must go on."""
         if self.alive:
             try:
                 os.kill(self.pid, sig)
             except ProcessLookupError:   # exited; the reap is on its way
                 pass
+            except OSError as e:
+                _log().error("cannot send %s to pid %d: %s", signame(sig), self.pid, e.strerror)
+                return False
+        return True
 
     def children(self, recursive=False) -> list:
         """Its child processes (psutil objects), or all descendants."""
@@ -2349,17 +2358,22 @@ class Process:
         for child in self.children(recursive):
             try:
                 child.send_signal(sig)
-            except _psutil.Error:
+            except (_psutil.Error, OSError):
                 pass
 
-    def signal_group(self, sig: int) -> None:
-        """Signal the whole process group (the leader was started in its own session)."""
+    def signal_group(self, sig: int) -> bool:
+        """Signal the whole process group (the leader was started in its own session);
+        False, and a log line, when the kernel refuses the signal itself (EINVAL)."""
         if self.pid is None:
-            return
+            return True
         try:
             os.killpg(self.pid, sig)
         except (ProcessLookupError, PermissionError):
             pass
+        except OSError as e:
+            _log().error("cannot send %s to process group %d: %s", signame(sig), self.pid, e.strerror)
+            return False
+        return True
 
     async def stop(self, sig=signal.SIGTERM, timeout=30.0, stop_children=False, on_kill=None,
                    group=False) -> int | None:
@@ -2373,19 +2387,17 @@ class Process:
             return self.returncode
         self.stopping = True
         self.state = ProcState.STOPPING
-        if group:
-            self.signal_group(sig)
-        else:
-            self.send_signal(sig)
+        sent = self.signal_group(sig) if group else self.send_signal(sig)
         if stop_children:
             self.signal_children(sig)
         if on_kill:
             on_kill(self)
-        code = await self.wait(timeout) if timeout and timeout > 0 else None
+        # a signal the kernel refused is not worth waiting for: SIGKILL at once
+        code = await self.wait(timeout) if sent and timeout and timeout > 0 else None
         if code is None and self.alive:
             descendants = self.children(recursive=True)
             self.signal_group(signal.SIGKILL)
-            self.send_signal(signal.SIGKILL)
+            killed = self.send_signal(signal.SIGKILL)
             for child in descendants:
                 try:
                     child.kill()
@@ -2393,7 +2405,7 @@ class Process:
                     pass
             if on_kill:
                 on_kill(self)
-            code = await self.wait()
+            code = await self.wait() if killed else None    # not ours to kill (EPERM): give up
         self.signal_group(sig)
         return code
 
@@ -3370,6 +3382,7 @@ class Watcher:
             if childpid is not None:
                 raise CommandError("childpid needs pid: the watcher process it is a child of")
             targets = list(self.processes.values())
+        refused = []
         for p in targets:
             if not self.call_hook("before_signal", pid=p.pid, signum=signum) and signum != signal.SIGKILL:
                 continue
@@ -3381,10 +3394,14 @@ class Watcher:
             elif children:
                 p.signal_children(signum)
             else:
-                p.send_signal(signum)
+                if not p.send_signal(signum):
+                    refused.append(p.pid)
                 if recursive:
                     p.signal_children(signum, recursive=True)
             self.call_hook("after_signal", pid=p.pid, signum=signum)
+        if refused:
+            raise CommandError("the kernel refused %s for pid %s (see the daemon's log)"
+                               % (signame(signum), ", ".join(map(str, refused))), E_OS_ERROR)
 
     async def kill(self, signum=None, pid=None, graceful_timeout=None) -> None:
         """The ``kill`` command: stop (then SIGKILL) processes; respawn refills them."""

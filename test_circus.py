@@ -69,12 +69,15 @@ def test_to_bool_rejects(bad):
 
 @pytest.mark.parametrize("text,num", [
     ("TERM", 15), ("sigterm", 15), ("SIGKILL", 9), ("9", 9), (15, 15), ("hup", 1),
-    ("RTMIN+1", int(signal.SIGRTMIN) + 1)])
+    ("RTMIN+1", int(signal.SIGRTMIN) + 1), ("rtmax", int(signal.SIGRTMAX)),
+    ("SIGRTMAX-2", int(signal.SIGRTMAX) - 2)])
 def test_to_signum(text, num):
     assert circus.to_signum(text) == num
 
 
-@pytest.mark.parametrize("bad", ["BOGUS", "SIGBOGUS", 0, 999, True])
+# issue 13 item 11: RTMIN+n past RTMAX made os.kill fail with EINVAL inside a stop
+@pytest.mark.parametrize("bad", ["BOGUS", "SIGBOGUS", 0, 999, True, "RTMIN+100", "RTMAX+1",
+                                 "RTMIN-1"])
 def test_to_signum_rejects(bad):
     with pytest.raises(ValueError):
         circus.to_signum(bad)
@@ -167,6 +170,7 @@ def test_defaults_and_types(tmp_path):
     ("[watcher:a]\ncmd = x\nnumprocesses = two\n", "c.ini:3 [watcher:a] numprocesses: 'two' is not an integer"),
     ("[watcher:a]\ncmd = x\nrespawn = maybe\n", "[watcher:a] respawn: 'maybe' is not a boolean"),
     ("[watcher:a]\ncmd = x\nstop_signal = SIGNOPE\n", "stop_signal"),
+    ("[watcher:a]\ncmd = x\nstop_signal = RTMIN+99\n", "stop_signal: 'RTMIN+99' is not a real-time signal"),
     ("[watcher:a]\ncmd = x\nsingleton = true\nnumprocesses = 2\n", "singleton"),
     ("[watcher:a]\ncmd = x\nrlimit_bogus = 1\n", "unknown resource limit"),
     ("[watcher:a]\ncmd = x\nhooks.before_start = no.such.module.hook\n", None),
@@ -1542,6 +1546,25 @@ def test_library_watcher_respawns_and_events():
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
 
+def test_library_a_refused_stop_signal_never_aborts_a_stop(caplog):
+    """Issue 13 item 11: a stop_signal the kernel refuses (EINVAL) gets a log line and an
+    immediate SIGKILL; the stop completes and no process is left hidden in `retiring`."""
+    import asyncio
+
+    async def run():
+        w = circus.Watcher("w", "sleep 30", numprocesses=2, graceful_timeout=30)
+        w.lock = asyncio.Lock()
+        await w.start()
+        pids = sorted(w.processes)
+        w.conf.options["stop_signal"] = 200      # past validation, as an old config could be
+        await asyncio.wait_for(w.stop(), TIMEOUT)
+        return w, pids
+    w, pids = asyncio.run(run())
+    assert w.status == "stopped" and not w.processes and not w.retiring
+    assert not any(alive(pid) for pid in pids)
+    assert "cannot send 200 to pid %d" % pids[0] in caplog.text
+
+
 def test_library_arbiter_in_callers_loop(tmp_path):
     import asyncio
     out = tmp_path / "o.log"
@@ -2186,6 +2209,23 @@ def test_e2e_add_set_rm_signal_kill(daemon, shortdir):
     assert d.ctl("list").stdout == "base\n"
     for p in before:
         assert not psutil.pid_exists(p) or psutil.Process(p).status() == psutil.STATUS_ZOMBIE
+
+
+def test_e2e_out_of_range_signals_are_refused_and_sigterm_still_quits(daemon):
+    """Issue 13 item 11: `set stop_signal RTMIN+100` used to be taken, then made every stop
+    fail (EINVAL), left the process hidden from `list`, and SIGTERM never ended the daemon."""
+    d = daemon("[watcher:w]\ncmd = sleep 120\nnumprocesses = 2\n")
+    pids = d.pids("w")
+    for name, props in (("set", {"name": "w", "options": {"stop_signal": "RTMIN+100"}}),
+                        ("signal", {"name": "w", "signum": "RTMIN+100"}),
+                        ("kill", {"name": "w", "signum": "RTMAX+1"})):
+        r = d.call(name, **props)
+        assert r["status"] == "error" and "not a real-time signal" in r["reason"], (name, r)
+    assert d.call("get", name="w", keys=["stop_signal"])["options"]["stop_signal"] == signal.SIGTERM
+    assert sorted(d.pids("w")) == sorted(pids)
+    os.kill(d.proc.pid, signal.SIGTERM)
+    assert d.proc.wait(TIMEOUT) == 0
+    assert not any(alive(p) for p in pids)
 
 
 def test_e2e_reloadconfig_changes_only_what_changed(daemon):
