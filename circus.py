@@ -4271,9 +4271,23 @@ class _PluginRunner:
         self._guard("handle_stop")
 
     def stop(self):
-        """Ask it to finish (handle_stop); the daemon waits for it, bounded, at exit."""
+        """Ask it to finish (handle_stop); the daemon waits for it, bounded, at exit.
+
+        Never blocks the loop: with its queue full, the oldest event makes room for the
+        end mark (only the loop puts, so there is room then).
+        """
+        import queue
         if not self.dead and self.thread.is_alive():
-            self.queue.put(None)
+            self.dead = True            # no event after the end mark
+            try:
+                self.queue.put_nowait(None)
+            except queue.Full:
+                try:
+                    self.queue.get_nowait()
+                    self.dropped += 1
+                except queue.Empty:
+                    pass
+                self.queue.put_nowait(None)
             _CLOSING_STREAMS.add(self.thread)
 
 

@@ -4178,6 +4178,37 @@ def test_e2e_hooks_and_user_plugin(daemon, shortdir):
     assert "watcher.target.reap" in plog.read_text()
 
 
+STUCK_PLUGIN_PY = """\
+import threading
+import circus
+
+
+class Stuck(circus.Plugin):
+    def handle_init(self):      # more events than its queue holds
+        arb = self._arbiter
+        for i in range(circus._PluginRunner.MAX_QUEUED + 100):
+            arb.loop.call_soon_threadsafe(arb.emit, "flood.%d" % i, {})
+
+    def handle_event(self, topic, payload):
+        threading.Event().wait()        # stuck for good
+"""
+
+
+def test_e2e_a_stuck_plugin_with_a_full_queue_does_not_hang_quit(daemon, shortdir):
+    """Issue 13 item 13: quit did a blocking put of its end mark into the plugin's full
+    queue, on the event loop: the daemon hung forever. Now the exit wait stays bounded."""
+    (pathlib.Path(shortdir) / "stuckplugin.py").write_text(STUCK_PLUGIN_PY)
+    d = daemon("[watcher:w]\ncmd = sleep 120\n[plugin:stuck]\nuse = stuckplugin.Stuck\n")
+    wait_for(lambda: "plugin stuck is too slow: events dropped" in d.log.read_text(),
+             what="the plugin's queue to fill up")
+    pids = d.pids("w")
+    t0 = time.monotonic()
+    assert d.call("quit")["status"] == "ok"
+    assert d.proc.wait(TIMEOUT) == 0
+    assert time.monotonic() - t0 < 12      # the documented 5 s wait for plugins, plus slack
+    assert not any(alive(p) for p in pids)
+
+
 def test_e2e_stats_fields_channel_metrics_statsd(daemon, shortdir):
     root = pathlib.Path(shortdir)
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
