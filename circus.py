@@ -2889,6 +2889,8 @@ class Watcher:
         try:
             pause = time.monotonic() + 0.005
             while self.status in (STARTING, ACTIVE) and (force > 0 or len(self.processes) < self.numprocesses):
+                if self.arbiter is not None and self.arbiter.stopping:
+                    return          # quitting: what runs is about to be stopped
                 if self._respawn_handle is not None and not force:
                     return          # a backoff is pending: it will top up
                 p = self.spawn_process()
@@ -3508,7 +3510,8 @@ class Arbiter:
         self.watchers: list = []
         self.channels: list = []
         self.loop = None
-        self._lock = None           # serialises arbiter-wide operations
+        self._lock = None           # serialises arbiter-wide operations (start-up included)
+        self.stopping = False       # quit has begun: nothing spawns any more
         self._done = None
         self._socket_confs = list(sockets)
         for w in watchers:
@@ -3682,7 +3685,10 @@ class Arbiter:
                 signal.signal(signal.SIGWINCH, signal.SIG_IGN)
             if hasattr(signal, "SIGXFSZ"):      # a file size limit: EFBIG, not death
                 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        await self.start_watchers()
+        # under the arbiter lock, as reload/reloadconfig/quit are: none of them acts on a
+        # half-started arbiter (read-only commands take no lock and answer meanwhile)
+        async with self._lock:
+            await self.start_watchers()
         _log().info("arbiter ready: %d watchers, control on %s", len(self.watchers), self.endpoint)
 
     def _bind_sockets(self, confs):
@@ -3707,6 +3713,8 @@ class Arbiter:
     async def start_watchers(self, names=None) -> None:
         """Start the autostart watchers (or those given) by priority."""
         for w in self.iter_watchers():
+            if self.stopping:           # a quit came in: it stops what did start
+                break
             if (names is None and w.conf.options["autostart"]) or (names is not None and w in names):
                 if names is None and w.conf.options["on_demand"] and self._arm_on_demand(w):
                     continue
@@ -3767,6 +3775,7 @@ class Arbiter:
         channels close right after.
         """
         self.sd_notify("STOPPING=1")
+        self.stopping = True        # a start-up or top-up in progress ends at its next spawn
         async with self._lock:
             await self.stop_watchers()
         finish = self.loop.create_task(self._finish())

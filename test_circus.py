@@ -2291,6 +2291,64 @@ def test_e2e_sigterm_quits(daemon):
     assert not any(psutil.pid_exists(p) for p in pids)
 
 
+def _marker():
+    """A sleep duration no other test uses: finds our processes even after the daemon is gone."""
+    return str(10 ** 7 + uuid.uuid4().int % 10 ** 6)
+
+
+def _spawning_config(marker, n, count=3):
+    # parent_death_signal = none: only the daemon's own stop may end them
+    return "".join("""
+        [watcher:w%d]
+        cmd = sleep %s
+        numprocesses = %d
+        warmup_delay = 0.01
+        parent_death_signal = none
+        """ % (i, marker, n) for i in range(count))
+
+
+def test_e2e_sigterm_during_start_up_leaves_nothing(daemon):
+    """Issue 13 item 9: SIGTERM while the watchers were still spawning stopped the ones
+    started so far, then start-up went on with the rest: exit 0 with processes left."""
+    marker = _marker()
+    d = daemon(_spawning_config(marker, 100), start=False)
+    try:
+        d.start(wait=False)
+        wait_for(lambda: len(procs_mentioning(marker)) >= 20, what="start-up to be under way")
+        assert len(procs_mentioning(marker)) < 300, "start-up ended before the test could interrupt it"
+        os.kill(d.proc.pid, signal.SIGTERM)
+        assert d.proc.wait(TIMEOUT) == 0
+        assert procs_mentioning(marker) == []
+    finally:
+        for p in procs_mentioning(marker):
+            p.kill()
+
+
+def test_e2e_reloadconfig_during_start_up_waits_for_it(daemon):
+    """Issue 13 item 9: reloadconfig while start-up ran replaced a watcher that start-up
+    then started anyway, from its stale list: processes running that no `list` showed."""
+    marker = _marker()
+    d = daemon(_spawning_config(marker, 60, 2), start=False)
+    try:
+        d.start(wait=False)
+        wait_for(lambda: procs_mentioning(marker), what="start-up to be under way")
+        wait_for(lambda: d.call("numwatchers", timeout=0.5)["status"] == "ok", what="control")
+        assert len(procs_mentioning(marker)) < 100, "start-up ended before the test could interrupt it"
+        d.conf.write_text(d.conf.read_text().replace("[watcher:w1]", "[watcher:w1]\nstop_signal = INT"))
+        assert d.call("status")["status"] == "ok"       # read-only: answered during start-up
+        assert d.call("reloadconfig", waiting=True)["status"] == "ok"
+        assert d.call("get", name="w1", keys=["stop_signal"])["options"]["stop_signal"] == signal.SIGINT
+
+        def listed():
+            return sorted(pid for w in ("w0", "w1") for pid in d.pids(w))
+        wait_for(lambda: len(listed()) == 120, what="every process listed")
+        assert sorted(p.pid for p in procs_mentioning(marker)) == listed()
+    finally:
+        d.stop()
+        for p in procs_mentioning(marker):
+            p.kill()
+
+
 def test_e2e_bad_config_exits_with_one_line(shortdir):
     conf = pathlib.Path(shortdir) / "bad.ini"
     conf.write_text("[watcher:w]\ncmd = sleep 1\nnumprocesses = lots\n")
