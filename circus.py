@@ -2291,24 +2291,24 @@ class Process:
             _log().exception("output handler of %s failed", self)
 
     def drain(self) -> None:
-        """Read what is left in the pipes (called on exit, so no line is lost)."""
-        for fd in list(self._pipes):
-            while fd in self._pipes:
+        """Read what is left in the pipes, then close them (called once it is reaped, so
+        no line of its own is lost). A grandchild that still holds a write end does not
+        keep our read end open: its later output is not this process's (it gets EPIPE)."""
+        for fd, name in list(self._pipes.items()):
+            for _ in range(4):      # what was written before the exit; a writer that goes on is cut off
                 try:
                     data = os.read(fd, 1 << 20)
-                except BlockingIOError:
-                    break           # a grandchild still holds it: keep reading later
-                except OSError:
-                    data = b""
+                except OSError:     # BlockingIOError: all read, the write end is held elsewhere
+                    break
                 if not data:
-                    self._pipes.pop(fd)
-                    self.loop.remove_reader(fd)
-                    os.close(fd)
                     break
                 try:
-                    self.on_output({"data": data, "pid": self.pid, "name": self._pipes[fd]})
+                    self.on_output({"data": data, "pid": self.pid, "name": name})
                 except Exception:
                     _log().exception("output handler of %s failed", self)
+            del self._pipes[fd]
+            self.loop.remove_reader(fd)
+            os.close(fd)
 
     def _reaped(self, pid, status):
         self.returncode = exit_code_of(status)
@@ -3066,6 +3066,8 @@ class Watcher:
         o = self.conf.options
         if not p.stopping:
             p.state = ProcState.BACKOFF if early else ProcState.EXITED
+            if o["stop_children"] or o["stopasgroup"] or o["killasgroup"]:
+                p.signal_group(o["stop_signal"])    # what it left running in its group
         self.call_hook("before_reap", process_pid=p.pid, time=now)
         self.emit("reap", process_pid=p.pid, time=now, exit_code=p.returncode, state=p.state)
         self.call_hook("after_reap", process_pid=p.pid, time=now, exit_code=p.returncode,

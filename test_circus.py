@@ -1968,6 +1968,39 @@ def test_e2e_graceful_timeout_then_sigkill_and_grandchildren(daemon, shortdir):
     ev.close()
 
 
+def test_e2e_grandchildren_of_an_exited_process_cost_no_fds_and_go_with_their_group(daemon):
+    """Issue 13 item 14: a process that exits by itself leaving a background child used to
+    leave that child unsignalled and its pipes open in the daemon (fds grew each respawn).
+    Now its group gets stop_signal (stop_children / stopasgroup) and the pipes are closed."""
+    markers = {name: _marker() for name in ("children", "group", "plain")}
+    d = daemon("".join("""
+        [watcher:%s]
+        cmd = sh -c 'sleep %s & sleep 1.1'
+        %s
+        """ % (name, markers[name], opt) for name, opt in (
+        ("children", "stop_children = true"), ("group", "stopasgroup = true"), ("plain", ""))))
+    daemon_proc = psutil.Process(d.proc.pid)
+
+    def restarts(name):
+        return d.call("status", name=name, long=True)["processes"][0]["restarts"]
+    try:
+        wait_for(lambda: all(restarts(n) >= 1 for n in markers), what="a first respawn")
+        fds0 = daemon_proc.num_fds()
+        wait_for(lambda: all(restarts(n) >= 6 for n in markers), timeout=30, what="5 more respawns")
+        # the plain watcher's orphans live on (Circus's default), but not at our expense
+        assert len(procs_mentioning(markers["plain"])) >= 5
+        wait_for(lambda: daemon_proc.num_fds() <= fds0 + 2,
+                 what=lambda: "fds to stay flat (%d, then %d)" % (fds0, daemon_proc.num_fds()))
+        wait_for(lambda: len(procs_mentioning(markers["children"]) + procs_mentioning(markers["group"])) <= 2,
+                 what="the orphans of stop_children / stopasgroup watchers to get stop_signal")
+        assert d.call("quit", waiting=True)["status"] == "ok"
+        assert d.proc.wait(TIMEOUT) == 0
+        assert procs_mentioning(markers["children"]) + procs_mentioning(markers["group"]) == []
+    finally:
+        for p in sum((procs_mentioning(m) for m in markers.values()), []):
+            p.kill()
+
+
 def test_e2e_prefork_socket_shared_and_bound_across_restart(daemon, shortdir):
     server = pathlib.Path(shortdir) / "srv.py"
     server.write_text(textwrap.dedent("""\
