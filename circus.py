@@ -1464,20 +1464,121 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[n:]
 
 
+class _Console:
+    """The daemon's own stdout or stderr, which the event loop must never wait for.
+
+    A regular file is written at once. Anything with a reader at the other end (a
+    pipe nobody drains, a paused terminal, a slow container log driver) is written
+    by a thread of its own: at most MAX_PENDING bytes wait for it; beyond that,
+    output is dropped, counted and said in one log line (watchers add an
+    ``output_dropped`` event). The fd is never made non-blocking: its file
+    description is shared with the terminal and with children that inherit it.
+    """
+
+    MAX_PENDING = 4 << 20
+
+    def __init__(self, fd: int):
+        import atexit
+        self.fd = fd
+        self.name = "stdout" if fd == 1 else "stderr" if fd == 2 else "fd %d" % fd
+        self.dropped = 0                # bytes dropped, in all
+        self.dropping = False
+        self._pid = None                # the process the state below belongs to (a fork resets it)
+        self._direct = False
+        atexit.register(self.flush, 1.0)
+
+    def _setup(self):
+        import collections
+        import stat
+        import threading
+        self._pid = os.getpid()
+        try:
+            self._direct = stat.S_ISREG(os.fstat(self.fd).st_mode)
+        except OSError:
+            self._direct = True         # closed: writes fail at once, nothing can block
+        self._chunks = collections.deque()
+        self._pending = 0
+        self._cond = threading.Condition()
+        if not self._direct:
+            threading.Thread(target=self._run, name="console " + self.name, daemon=True).start()
+
+    def write(self, data: bytes) -> bool:
+        """Write or queue ``data``, never blocking; False if it was dropped instead."""
+        if self._pid != os.getpid():
+            self._setup()
+        if self._direct:
+            try:
+                _write_all(self.fd, data)
+            except OSError:
+                pass
+            return True
+        with self._cond:
+            room = self._pending + len(data) <= self.MAX_PENDING
+            if room:
+                self._chunks.append(data)
+                self._pending += len(data)
+                self._cond.notify()
+            else:
+                self.dropped += len(data)
+        if room == self.dropping:       # said once per episode (outside the lock: it logs)
+            self.dropping = not room
+            if room:
+                _log().warning("the daemon's %s is read again; %d bytes were dropped in all",
+                               self.name, self.dropped)
+            else:
+                _log().warning("the daemon's %s is not being read: dropping what goes there "
+                               "(%d bytes wait already)", self.name, self.MAX_PENDING)
+        return room
+
+    def _run(self):
+        while True:
+            with self._cond:
+                while not self._chunks:
+                    self._cond.wait()
+                view = memoryview(b"".join(self._chunks))
+                self._chunks.clear()
+            while view:                 # what is written makes room at once, bit by bit
+                try:
+                    n = os.write(self.fd, view)
+                except OSError:         # closed or broken: nobody is there to read it
+                    n = len(view)
+                view = view[n:]
+                with self._cond:
+                    self._pending -= n
+                    self._cond.notify_all()
+
+    def flush(self, timeout: float) -> None:
+        """Wait up to ``timeout`` s for what is queued to be written (at exit, before a fork)."""
+        if self._pid != os.getpid() or self._direct:
+            return
+        with self._cond:
+            self._cond.wait_for(lambda: not self._pending, timeout)
+
+
+_CONSOLES: dict = {}     # fd -> _Console
+
+
+def _console(fd: int) -> _Console:
+    """The _Console of fd 1 or 2."""
+    con = _CONSOLES.get(fd)
+    if con is None:
+        con = _CONSOLES[fd] = _Console(fd)
+    return con
+
+
 class StdoutStream:
-    """Writes output to the daemon's own stdout."""
+    """Writes output to the daemon's own stdout (never blocking: see _Console)."""
 
     def __init__(self, time_format=None, **_):
         self._prefix = _Prefixer(time_format) if time_format else None
+        self.dropped = 0                # bytes dropped because stdout is not being read
 
     def __call__(self, data: dict) -> None:
         chunk = data["data"]
         if self._prefix:
             chunk = self._prefix(chunk, data.get("pid"))
-        try:
-            _write_all(sys.stdout.fileno(), chunk)
-        except (OSError, ValueError):
-            pass
+        if not _console(1).write(chunk):
+            self.dropped += len(chunk)
 
     def close(self):
         pass
@@ -1493,15 +1594,14 @@ class FancyStdoutStream(StdoutStream):
         code = self.COLORS.get(str(color).lower()) or random.choice(list(self.COLORS.values()))
         self._start = b"\033[0;3%d;40m" % code
         self._prefix = _Prefixer(time_format or "%Y-%m-%d %H:%M:%S")
+        self.dropped = 0
 
     def __call__(self, data: dict) -> None:
         lines = self._prefix(data["data"], data.get("pid")).splitlines(True)
         out = b"".join(self._start + line.rstrip(b"\n") + b"\033[0m" +
                        (b"\n" if line.endswith(b"\n") else b"") for line in lines)
-        try:
-            _write_all(sys.stdout.fileno(), out)
-        except (OSError, ValueError):
-            pass
+        if not _console(1).write(out):
+            self.dropped += len(out)
 
 
 class FileStream:
@@ -1808,6 +1908,17 @@ def build_stream(conf: dict, search_dirs=()):
 _LOG_FORMAT = "%(asctime)s %(name)s[%(process)d] [%(levelname)s] %(message)s"
 
 
+def _console_handler(fd: int):
+    """A logging handler for the daemon's stdout/stderr that never blocks (see _Console)."""
+    class ConsoleHandler(logging.Handler):
+        def emit(self, record):
+            try:
+                _console(fd).write((self.format(record) + "\n").encode("utf-8", "replace"))
+            except Exception:
+                self.handleError(record)
+    return ConsoleHandler()
+
+
 def setup_logging(level="info", output="-"):
     """Configure the "circus" logger (only the CLI calls this, never an import)."""
     import logging.handlers as handlers
@@ -1819,10 +1930,8 @@ def setup_logging(level="info", output="-"):
         raise ConfigError("log level %r: use critical, error, warning, info or debug" % level)
     output = output or "-"
     datefmt = "%Y-%m-%d %H:%M:%S"
-    if output in ("-", "stderr"):
-        handler = logging.StreamHandler(sys.stderr)
-    elif output == "stdout":
-        handler = logging.StreamHandler(sys.stdout)
+    if output in ("-", "stderr", "stdout"):
+        handler = _console_handler(1 if output == "stdout" else 2)
     elif output.startswith("syslog://"):
         from urllib.parse import urlparse
         u = urlparse(output)
@@ -2955,10 +3064,11 @@ class Watcher:
                 self._dropped[name] = dropped
                 self.emit("output_dropped", stream=name, bytes=dropped)
         elif self.conf.forward_output and not self.conf.options["close_child_" + name]:
-            try:    # what an inherited stdout/stderr would have shown
-                _write_all(1 if name == "stdout" else 2, chunk["data"])
-            except OSError:
-                pass
+            # what an inherited stdout/stderr would have shown, unless nobody reads it
+            if not _console(1 if name == "stdout" else 2).write(chunk["data"]):
+                key = "forwarded " + name
+                self._dropped[key] = self._dropped.get(key, 0) + len(chunk["data"])
+                self.emit("output_dropped", stream=name, bytes=self._dropped[key])
         if self.on_output_event is not None:
             self.on_output_event(self, chunk)
 
@@ -7538,6 +7648,8 @@ def drop_privileges(user):
 
 def daemonize():
     """Double fork, new session, stdio on /dev/null (the cwd is kept, as in Circus)."""
+    for con in _CONSOLES.values():      # the log lines said so far, before the parent goes
+        con.flush(1.0)
     if os.fork():
         os._exit(0)
     os.setsid()

@@ -18,6 +18,7 @@ import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -1436,6 +1437,33 @@ def test_timed_rotating_validation(tmp_path):
     assert len(list(tmp_path.glob("t.log.*"))) == 1
 
 
+def test_console_never_blocks_on_a_pipe_nobody_reads(caplog):
+    """Issue 13 item 10: the daemon's own stdout/stderr, when nobody reads it."""
+    r, w = os.pipe()
+    try:
+        con = circus._Console(w)
+        con.MAX_PENDING = 256 << 10
+        t0 = time.monotonic()
+        results = [con.write(b"x" * 4096) for _ in range(200)]     # 800 KiB: 64 KiB fit the pipe
+        assert time.monotonic() - t0 < 5
+        assert results[0] and not results[-1] and con.dropped >= 200 * 4096 - (256 << 10) - (1 << 20)
+        assert "the daemon's fd %d is not being read" % w in caplog.text
+        t0 = time.monotonic()
+        con.flush(0.2)                      # bounded, even though nothing drains
+        assert time.monotonic() - t0 < 5
+        os.set_blocking(r, False)
+
+        def read_then_write():
+            with contextlib.suppress(BlockingIOError):
+                os.read(r, 1 << 20)
+            return con.write(b"y")
+        wait_for(read_then_write, what="room again once the pipe is read")
+        assert "the daemon's fd %d is read again" % w in caplog.text
+    finally:
+        os.close(r)
+        os.close(w)
+
+
 def test_build_stream_names():
     assert isinstance(circus.build_stream({"class": "circus.stream.StdoutStream"}), circus.StdoutStream)
     assert isinstance(circus.build_stream({"class": "QueueStream"}), circus.QueueStream)
@@ -1687,11 +1715,11 @@ class Daemon:
         self.proc = None
         self.seen = set()           # (pid, create_time) of every process we saw under it
 
-    def start(self, wait=True, env=None, preexec_fn=None):
+    def start(self, wait=True, env=None, preexec_fn=None, stdout=None):
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, str(CIRCUS_PY), "daemon", self.conf.name] + self.extra_args,
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                stdout=log if stdout is None else stdout, stderr=log, stdin=subprocess.DEVNULL, env=env,
                 preexec_fn=preexec_fn, start_new_session=True, cwd=str(self.root))
         if wait:
             wait_for(self.ready, what="daemon to answer (log: %s)" % self.log)
@@ -4616,6 +4644,51 @@ def test_e2e_control_answers_during_an_output_flood(daemon):
     times.sort()
     print("status during an output flood: median %.1f ms, max %.1f ms" % (times[10] * 1000, times[-1] * 1000))
     assert times[len(times) // 2] < 0.1, times
+
+
+def test_e2e_a_stdout_nobody_reads_never_blocks_the_daemon(daemon, shortdir):
+    """Issue 13 item 10: output forwarded to the daemon's stdout was written blocking, from
+    the event loop: with a pipe nobody reads, control froze and killed children stayed
+    zombies. Now it is dropped and counted (an event and a log line) past a bound."""
+    writer = pathlib.Path(shortdir) / "writer.py"
+    writer.write_text("import os, sys, time\n"
+                      "while True:\n"
+                      "    os.write(1, sys.argv[1].encode() * 65535 + b'\\n')\n"
+                      "    time.sleep(0.005)\n")
+    d = daemon("""
+        [watcher:flood]
+        cmd = %s %s y
+        [watcher:plain]
+        cmd = sleep 120
+        [watcher:fancy]
+        cmd = %s %s z
+        stdout_stream.class = FancyStdoutStream
+        """ % (sys.executable, writer, sys.executable, writer), start=False)
+    r, w = os.pipe()            # the daemon's stdout: nobody ever reads it
+    try:
+        d.start(stdout=w, wait=False)
+        os.close(w)
+        wait_for(d.ready, what="daemon to answer (log: %s)" % d.log)
+        import termios
+        wait_for(lambda: struct.unpack("i", fcntl.ioctl(r, termios.FIONREAD, b"\0" * 4))[0] >= 65536,
+                 what="the daemon's stdout pipe to be full")
+        for _ in range(5):
+            t0 = time.monotonic()
+            assert d.call("status", timeout=5)["status"] == "ok"
+            assert time.monotonic() - t0 < 2
+        ev = subscribe_ready(d, (b"watcher.",))
+        ev.wait(lambda t, p: t == "watcher.flood.output_dropped", what="a dropped-output event")
+        ev.wait(lambda t, p: t == "watcher.fancy.output_dropped", what="a dropped-output event")
+        wait_for(lambda: "the daemon's stdout is not being read" in d.log.read_text(), what="the log line")
+        (victim,) = d.pids("plain")
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: not psutil.pid_exists(victim), what="the killed child to be reaped")
+        wait_for(lambda: len(d.pids("plain")) == 1, what="its replacement")
+        assert d.call("quit", waiting=True)["status"] == "ok"
+        assert d.proc.wait(TIMEOUT) == 0
+        ev.close()
+    finally:
+        os.close(r)
 
 
 def test_e2e_systemd_notify(daemon, shortdir):
