@@ -3868,7 +3868,7 @@ class Arbiter:
         """Stop in reverse priority order; watchers of equal priority stop together."""
         ws = self.iter_watchers(reverse=True) if watchers is None else \
             sorted(watchers, key=lambda w: w.priority)
-        i = 0
+        i, errors = 0, []
         while i < len(ws):
             group = [w for w in ws[i:] if w.priority == ws[i].priority]
             i += len(group)
@@ -3877,7 +3877,11 @@ class Arbiter:
                 self._disarm(w)
                 async with w.lock:
                     await w.stop()
-            await asyncio.gather(*(stop_one(w) for w in group))
+            # one watcher's failure neither stops the others nor the lower priorities
+            results = await asyncio.gather(*(stop_one(w) for w in group), return_exceptions=True)
+            errors += [e for e in results if isinstance(e, Exception)]
+        if errors:
+            raise errors[0]
 
     async def stop(self) -> None:
         """Stop every watcher, close sockets and channels; run() then returns.
@@ -3889,7 +3893,10 @@ class Arbiter:
         self.sd_notify("STOPPING=1")
         self.stopping = True        # a start-up or top-up in progress ends at its next spawn
         async with self._lock:
-            await self.stop_watchers()
+            try:
+                await self.stop_watchers()
+            except Exception:       # logged; the daemon still exits
+                _log().exception("while stopping the watchers")
         finish = self.loop.create_task(self._finish())
         me = asyncio.current_task()
         if not any(ch.owns(me) for ch in self.channels):
