@@ -3773,6 +3773,7 @@ class Arbiter:
         self.loop = asyncio.get_running_loop()
         self.loop_thread = __import__("threading").get_ident()
         self.started = time.time()
+        self.stopping = False
         self._lock = asyncio.Lock()
         self._log_handler = _RingLogHandler(self)
         _log().addHandler(self._log_handler)
