@@ -3177,7 +3177,7 @@ class Watcher:
         if not p.stopping:
             p.state = ProcState.BACKOFF if early else ProcState.EXITED
             if o["stop_children"] or o["stopasgroup"] or o["killasgroup"]:
-                p.signal_group(o["stop_signal"])    # what it left running in its group
+                p.signal_group(o["stop_signal"])    # what it left in its group (pid just reaped: not reused yet)
         self.call_hook("before_reap", process_pid=p.pid, time=now)
         self.emit("reap", process_pid=p.pid, time=now, exit_code=p.returncode, state=p.state)
         self.call_hook("after_reap", process_pid=p.pid, time=now, exit_code=p.returncode,
