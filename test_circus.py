@@ -1996,6 +1996,25 @@ def test_e2e_graceful_timeout_then_sigkill_and_grandchildren(daemon, shortdir):
     ev.close()
 
 
+def _marker():
+    """A sleep duration no other test uses: finds our processes even after the daemon is gone."""
+    return str(10 ** 7 + uuid.uuid4().int % 10 ** 6)
+
+
+def _kill_daemon_then_marked(d, *markers):
+    """Cleanup on any path: the daemon first (it would spawn more), then every process
+    carrying a marker (orphans are not its children any more), waiting until they are gone."""
+    if d.proc is not None and d.proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(d.proc.pid, signal.SIGKILL)
+        d.proc.wait(TIMEOUT)
+    left = sum((procs_mentioning(m) for m in markers), [])
+    for p in left:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(left, timeout=TIMEOUT)
+
+
 def test_e2e_grandchildren_of_an_exited_process_cost_no_fds_and_go_with_their_group(daemon):
     """Issue 13 item 14: a process that exits by itself leaving a background child used to
     leave that child unsignalled and its pipes open in the daemon (fds grew each respawn).
@@ -2025,8 +2044,7 @@ def test_e2e_grandchildren_of_an_exited_process_cost_no_fds_and_go_with_their_gr
         assert d.proc.wait(TIMEOUT) == 0
         assert procs_mentioning(markers["children"]) + procs_mentioning(markers["group"]) == []
     finally:
-        for p in sum((procs_mentioning(m) for m in markers.values()), []):
-            p.kill()
+        _kill_daemon_then_marked(d, *markers.values())
 
 
 def test_e2e_prefork_socket_shared_and_bound_across_restart(daemon, shortdir):
@@ -2352,11 +2370,6 @@ def test_e2e_sigterm_quits(daemon):
     assert not any(psutil.pid_exists(p) for p in pids)
 
 
-def _marker():
-    """A sleep duration no other test uses: finds our processes even after the daemon is gone."""
-    return str(10 ** 7 + uuid.uuid4().int % 10 ** 6)
-
-
 def _spawning_config(marker, n, count=3):
     # parent_death_signal = none: only the daemon's own stop may end them
     return "".join("""
@@ -2381,8 +2394,7 @@ def test_e2e_sigterm_during_start_up_leaves_nothing(daemon):
         assert d.proc.wait(TIMEOUT) == 0
         assert procs_mentioning(marker) == []
     finally:
-        for p in procs_mentioning(marker):
-            p.kill()
+        _kill_daemon_then_marked(d, marker)
 
 
 def test_e2e_reloadconfig_during_start_up_waits_for_it(daemon):
@@ -2405,9 +2417,7 @@ def test_e2e_reloadconfig_during_start_up_waits_for_it(daemon):
         wait_for(lambda: len(listed()) == 200, what="every process listed")
         assert sorted(p.pid for p in procs_mentioning(marker)) == listed()
     finally:
-        d.stop()
-        for p in procs_mentioning(marker):
-            p.kill()
+        _kill_daemon_then_marked(d, marker)
 
 
 def test_e2e_bad_config_exits_with_one_line(shortdir):
