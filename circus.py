@@ -209,10 +209,14 @@ def to_signum(value) -> int:
         return to_signum(int(text))
     if not text.startswith("SIG"):
         text = "SIG" + text
-    m = re.match(r"^SIG(RTMIN|RTMAX)([+-]\d+)?$", text)
+    m = re.fullmatch(r"SIG(RTMIN|RTMAX)([+-]\d+)?", text)
     if m and hasattr(signal, "SIGRTMIN"):
         base = signal.SIGRTMIN if m.group(1) == "RTMIN" else signal.SIGRTMAX
-        return int(base) + int(m.group(2) or 0)
+        num = int(base) + int(m.group(2) or 0)
+        if signal.SIGRTMIN <= num <= signal.SIGRTMAX:   # else kill() fails with EINVAL
+            return num
+        raise ValueError("%r is not a real-time signal here: use RTMIN+0 to RTMIN+%d"
+                         % (value, signal.SIGRTMAX - signal.SIGRTMIN))
     num = getattr(signal, text, None)
     if isinstance(num, signal.Signals):
         return int(num)
@@ -1744,20 +1748,121 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[n:]
 
 
+class _Console:
+    """The daemon's own stdout or stderr, which the event loop must never wait for.
+
+    A regular file is written at once. Anything with a reader at the other end (a
+    pipe nobody drains, a paused terminal, a slow container log driver) is written
+    by a thread of its own: at most MAX_PENDING bytes wait for it; beyond that,
+    output is dropped, counted and said in one log line (watchers add an
+    ``output_dropped`` event). The fd is never made non-blocking: its file
+    description is shared with the terminal and with children that inherit it.
+    """
+
+    MAX_PENDING = 4 << 20
+
+    def __init__(self, fd: int):
+        import atexit
+        self.fd = fd
+        self.name = "stdout" if fd == 1 else "stderr" if fd == 2 else "fd %d" % fd
+        self.dropped = 0                # bytes dropped, in all
+        self.dropping = False
+        self._pid = None                # the process the state below belongs to (a fork resets it)
+        self._direct = False
+        atexit.register(self.flush, 1.0)
+
+    def _setup(self):
+        import collections
+        import stat
+        import threading
+        self._pid = os.getpid()
+        try:
+            self._direct = stat.S_ISREG(os.fstat(self.fd).st_mode)
+        except OSError:
+            self._direct = True         # closed: writes fail at once, nothing can block
+        self._chunks = collections.deque()
+        self._pending = 0
+        self._cond = threading.Condition()
+        if not self._direct:
+            threading.Thread(target=self._run, name="console " + self.name, daemon=True).start()
+
+    def write(self, data: bytes) -> bool:
+        """Write or queue ``data``, never blocking; False if it was dropped instead."""
+        if self._pid != os.getpid():
+            self._setup()
+        if self._direct:
+            try:
+                _write_all(self.fd, data)
+            except OSError:
+                pass
+            return True
+        with self._cond:
+            room = self._pending + len(data) <= self.MAX_PENDING
+            if room:
+                self._chunks.append(data)
+                self._pending += len(data)
+                self._cond.notify()
+            else:
+                self.dropped += len(data)
+        if room == self.dropping:       # said once per episode (outside the lock: it logs)
+            self.dropping = not room
+            if room:
+                _log().warning("the daemon's %s is read again; %d bytes were dropped in all",
+                               self.name, self.dropped)
+            else:
+                _log().warning("the daemon's %s is not being read: dropping what goes there "
+                               "(%d bytes wait already)", self.name, self.MAX_PENDING)
+        return room
+
+    def _run(self):
+        while True:
+            with self._cond:
+                while not self._chunks:
+                    self._cond.wait()
+                view = memoryview(b"".join(self._chunks))
+                self._chunks.clear()
+            while view:                 # what is written makes room at once, bit by bit
+                try:
+                    n = os.write(self.fd, view)
+                except OSError:         # closed or broken: nobody is there to read it
+                    n = len(view)
+                view = view[n:]
+                with self._cond:
+                    self._pending -= n
+                    self._cond.notify_all()
+
+    def flush(self, timeout: float) -> None:
+        """Wait up to ``timeout`` s for what is queued to be written (at exit, before a fork)."""
+        if self._pid != os.getpid() or self._direct:
+            return
+        with self._cond:
+            self._cond.wait_for(lambda: not self._pending, timeout)
+
+
+_CONSOLES: dict = {}     # fd -> _Console
+
+
+def _console(fd: int) -> _Console:
+    """The _Console of fd 1 or 2."""
+    con = _CONSOLES.get(fd)
+    if con is None:
+        con = _CONSOLES[fd] = _Console(fd)
+    return con
+
+
 class StdoutStream:
-    """Writes output to the daemon's own stdout."""
+    """Writes output to the daemon's own stdout (never blocking: see _Console)."""
 
     def __init__(self, time_format=None, **_):
         self._prefix = _Prefixer(time_format) if time_format else None
+        self.dropped = 0                # bytes dropped because stdout is not being read
 
     def __call__(self, data: dict) -> None:
         chunk = data["data"]
         if self._prefix:
             chunk = self._prefix(chunk, data.get("pid"))
-        try:
-            _write_all(sys.stdout.fileno(), chunk)
-        except (OSError, ValueError):
-            pass
+        if not _console(1).write(chunk):
+            self.dropped += len(chunk)
 
     def close(self):
         pass
@@ -1773,15 +1878,14 @@ class FancyStdoutStream(StdoutStream):
         code = self.COLORS.get(str(color).lower()) or random.choice(list(self.COLORS.values()))
         self._start = b"\033[0;3%d;40m" % code
         self._prefix = _Prefixer(time_format or "%Y-%m-%d %H:%M:%S")
+        self.dropped = 0
 
     def __call__(self, data: dict) -> None:
         lines = self._prefix(data["data"], data.get("pid")).splitlines(True)
         out = b"".join(self._start + line.rstrip(b"\n") + b"\033[0m" +
                        (b"\n" if line.endswith(b"\n") else b"") for line in lines)
-        try:
-            _write_all(sys.stdout.fileno(), out)
-        except (OSError, ValueError):
-            pass
+        if not _console(1).write(out):
+            self.dropped += len(out)
 
 
 def os_error_text(e: OSError) -> str:
@@ -2269,6 +2373,17 @@ def build_stream(conf: dict, search_dirs=()):
 _LOG_FORMAT = "%(asctime)s %(name)s[%(process)d] [%(levelname)s] %(message)s"
 
 
+def _console_handler(fd: int):
+    """A logging handler for the daemon's stdout/stderr that never blocks (see _Console)."""
+    class ConsoleHandler(logging.Handler):
+        def emit(self, record):
+            try:
+                _console(fd).write((self.format(record) + "\n").encode("utf-8", "replace"))
+            except Exception:
+                self.handleError(record)
+    return ConsoleHandler()
+
+
 def setup_logging(level="info", output="-", echo=False):
     """Configure the "circus" logger (only the CLI calls this, never an import).
     ``echo``: a file or syslog log is also written to stdout (supervisord in the foreground)."""
@@ -2281,10 +2396,8 @@ def setup_logging(level="info", output="-", echo=False):
         raise ConfigError("log level %r: use critical, error, warning, info or debug" % level)
     output = output or "-"
     datefmt = "%Y-%m-%d %H:%M:%S"
-    if output in ("-", "stderr"):
-        handler = logging.StreamHandler(sys.stderr)
-    elif output == "stdout":
-        handler = logging.StreamHandler(sys.stdout)
+    if output in ("-", "stderr", "stdout"):
+        handler = _console_handler(1 if output == "stdout" else 2)
     elif output.startswith("syslog://"):
         from urllib.parse import urlparse
         u = urlparse(output)
@@ -2301,7 +2414,7 @@ def setup_logging(level="info", output="-", echo=False):
     handler.setFormatter(logging.Formatter(_LOG_FORMAT, datefmt))
     logger.addHandler(handler)
     if echo and output not in ("-", "stderr", "stdout"):
-        echoed = logging.StreamHandler(sys.stdout)
+        echoed = _console_handler(1)
         echoed.setFormatter(logging.Formatter(_LOG_FORMAT, "%Y-%m-%d %H:%M:%S"))
         logger.addHandler(echoed)
     logger.setLevel(lvl)
@@ -2787,24 +2900,24 @@ class Process:
             _log().exception("output handler of %s failed", self)
 
     def drain(self) -> None:
-        """Read what is left in the pipes (called on exit, so no line is lost)."""
-        for fd in list(self._pipes):
-            while fd in self._pipes:
+        """Read what is left in the pipes, then close them (called once it is reaped, so
+        no line of its own is lost). A grandchild that still holds a write end does not
+        keep our read end open: its later output is not this process's (it gets EPIPE)."""
+        for fd, name in list(self._pipes.items()):
+            for _ in range(4):      # what was written before the exit; a writer that goes on is cut off
                 try:
                     data = os.read(fd, 1 << 20)
-                except BlockingIOError:
-                    break           # a grandchild still holds it: keep reading later
-                except OSError:
-                    data = b""
+                except OSError:     # BlockingIOError: all read, the write end is held elsewhere
+                    break
                 if not data:
-                    self._pipes.pop(fd)
-                    self.loop.remove_reader(fd)
-                    os.close(fd)
                     break
                 try:
-                    self.on_output({"data": data, "pid": self.pid, "name": self._pipes[fd]})
+                    self.on_output({"data": data, "pid": self.pid, "name": name})
                 except Exception:
                     _log().exception("output handler of %s failed", self)
+            del self._pipes[fd]
+            self.loop.remove_reader(fd)
+            os.close(fd)
 
     def _reaped(self, pid, status):
         self.returncode = exit_code_of(status)
@@ -2829,13 +2942,18 @@ class Process:
         except asyncio.TimeoutError:
             return None
 
-    def send_signal(self, sig: int) -> None:
-        """Signal the process itself (a race with its exit is harmless)."""
+    def send_signal(self, sig: int) -> bool:
+        """Signal the process itself (a race with its exit is harmless). False, and a log
+        line, when the kernel refuses (EPERM, EINVAL): a caller's stop must go on."""
         if self.alive:
             try:
                 os.kill(self.pid, sig)
             except ProcessLookupError:   # exited; the reap is on its way
                 pass
+            except OSError as e:
+                _log().error("cannot send %s to pid %d: %s", signame(sig), self.pid, e.strerror)
+                return False
+        return True
 
     def children(self, recursive=False) -> list:
         """Its child processes (psutil objects), or all descendants."""
@@ -2849,17 +2967,22 @@ class Process:
         for child in self.children(recursive):
             try:
                 child.send_signal(sig)
-            except _psutil.Error:
+            except (_psutil.Error, OSError):
                 pass
 
-    def signal_group(self, sig: int) -> None:
-        """Signal the whole process group (the leader was started in its own session)."""
+    def signal_group(self, sig: int) -> bool:
+        """Signal the whole process group (the leader was started in its own session);
+        False, and a log line, when the kernel refuses the signal itself (EINVAL)."""
         if self.pid is None:
-            return
+            return True
         try:
             os.killpg(self.pid, sig)
         except (ProcessLookupError, PermissionError):
             pass
+        except OSError as e:
+            _log().error("cannot send %s to process group %d: %s", signame(sig), self.pid, e.strerror)
+            return False
+        return True
 
     async def stop(self, sig=signal.SIGTERM, timeout=30.0, stop_children=False, on_kill=None,
                    group=False) -> int | None:
@@ -2873,19 +2996,17 @@ class Process:
             return self.returncode
         self.stopping = True
         self.state = ProcState.STOPPING
-        if group:
-            self.signal_group(sig)
-        else:
-            self.send_signal(sig)
+        sent = self.signal_group(sig) if group else self.send_signal(sig)
         if stop_children:
             self.signal_children(sig)
         if on_kill:
             on_kill(self)
-        code = await self.wait(timeout) if timeout and timeout > 0 else None
+        # a signal the kernel refused is not worth waiting for: SIGKILL at once
+        code = await self.wait(timeout) if sent and timeout and timeout > 0 else None
         if code is None and self.alive:
             descendants = self.children(recursive=True)
             self.signal_group(signal.SIGKILL)
-            self.send_signal(signal.SIGKILL)
+            killed = self.send_signal(signal.SIGKILL)
             for child in descendants:
                 try:
                     child.kill()
@@ -2893,7 +3014,7 @@ class Process:
                     pass
             if on_kill:
                 on_kill(self)
-            code = await self.wait()
+            code = await self.wait() if killed else None    # not ours to kill (EPERM): give up
         self.signal_group(sig)
         return code
 
@@ -3397,6 +3518,8 @@ class Watcher:
         try:
             pause = time.monotonic() + 0.005
             while self.status in (STARTING, ACTIVE) and (force > 0 or len(self.processes) < self.numprocesses):
+                if self.arbiter is not None and self.arbiter.stopping:
+                    return          # quitting: what runs is about to be stopped
                 if self._respawn_handle is not None and not force:
                     return          # a backoff is pending: it will top up
                 p = self.spawn_process()
@@ -3463,10 +3586,11 @@ class Watcher:
                 self._dropped[name] = dropped
                 self.emit("output_dropped", stream=name, bytes=dropped)
         elif self.conf.forward_output and not self.conf.options["close_child_" + name]:
-            try:    # what an inherited stdout/stderr would have shown
-                _write_all(1 if name == "stdout" else 2, chunk["data"])
-            except OSError:
-                pass
+            # what an inherited stdout/stderr would have shown, unless nobody reads it
+            if not _console(1 if name == "stdout" else 2).write(chunk["data"]):
+                key = "forwarded " + name
+                self._dropped[key] = self._dropped.get(key, 0) + len(chunk["data"])
+                self.emit("output_dropped", stream=name, bytes=self._dropped[key])
         if self.on_output_event is not None:
             self.on_output_event(self, chunk)
 
@@ -3574,6 +3698,8 @@ class Watcher:
         o = self.conf.options
         if not p.stopping:
             p.state = ProcState.BACKOFF if early else ProcState.EXITED
+            if o["stop_children"] or o["stopasgroup"] or o["killasgroup"]:
+                p.signal_group(o["stop_signal"])    # what it left in its group (pid just reaped: not reused yet)
         self.call_hook("before_reap", process_pid=p.pid, time=now)
         self.emit("reap", process_pid=p.pid, time=now, exit_code=p.returncode, state=p.state)
         self.call_hook("after_reap", process_pid=p.pid, time=now, exit_code=p.returncode,
@@ -3910,6 +4036,7 @@ class Watcher:
             if childpid is not None:
                 raise CommandError("childpid needs pid: the watcher process it is a child of")
             targets = list(self.processes.values())
+        refused = []
         for p in targets:
             if not self.call_hook("before_signal", pid=p.pid, signum=signum) and signum != signal.SIGKILL:
                 continue
@@ -3922,10 +4049,14 @@ class Watcher:
                 p.signal_children(signum)
             else:
                 p.signalled = True
-                p.send_signal(signum)
+                if not p.send_signal(signum):
+                    refused.append(p.pid)
                 if recursive:
                     p.signal_children(signum, recursive=True)
             self.call_hook("after_signal", pid=p.pid, signum=signum)
+        if refused:
+            raise CommandError("the kernel refused %s for pid %s (see the daemon's log)"
+                               % (signame(signum), ", ".join(map(str, refused))), E_OS_ERROR)
 
     async def kill(self, signum=None, pid=None, graceful_timeout=None) -> None:
         """The ``kill`` command: stop (then SIGKILL) processes; respawn refills them."""
@@ -4033,7 +4164,8 @@ class Arbiter:
         self.watchers: list = []
         self.channels: list = []
         self.loop = None
-        self._lock = None           # serialises arbiter-wide operations
+        self._lock = None           # serialises arbiter-wide operations (start-up included)
+        self.stopping = False       # quit has begun: nothing spawns any more
         self._done = None
         self._socket_confs = list(sockets)
         for w in watchers:
@@ -4202,7 +4334,7 @@ class Arbiter:
         self.loop = asyncio.get_running_loop()
         self.loop_thread = __import__("threading").get_ident()
         self.started = time.time()
-        self.quitting = False
+        self.stopping = False
         self._lock = asyncio.Lock()
         self._log_handler = _RingLogHandler(self)
         _log().addHandler(self._log_handler)
@@ -4227,7 +4359,10 @@ class Arbiter:
                 signal.signal(signal.SIGWINCH, signal.SIG_IGN)
             if hasattr(signal, "SIGXFSZ"):      # a file size limit: EFBIG, not death
                 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        await self.start_watchers()
+        # under the arbiter lock, as reload/reloadconfig/quit are: none of them acts on a
+        # half-started arbiter (read-only commands take no lock and answer meanwhile)
+        async with self._lock:
+            await self.start_watchers()
         _log().info("arbiter ready: %d watchers, control on %s", len(self.watchers), self.endpoint)
 
     def _bind_sockets(self, confs):
@@ -4254,6 +4389,8 @@ class Arbiter:
         ws = self.iter_watchers() if names is None else \
             sorted((w for w in self.watchers if w in names), key=lambda w: -w.priority)
         for w in ws:
+            if self.stopping:           # a quit came in: it stops what did start
+                break
             if names is not None or w.conf.options["autostart"]:
                 if names is None and w.conf.options["on_demand"] and self._arm_on_demand(w):
                     continue
@@ -4299,7 +4436,7 @@ class Arbiter:
         else:
             ws, prio = sorted(watchers, key=lambda w: -w.priority if w.conf.group else w.priority), \
                 (lambda w: w.priority)
-        i = 0
+        i, errors = 0, []
         while i < len(ws):
             group = [w for w in ws[i:] if prio(w) == prio(ws[i])]
             i += len(group)
@@ -4308,7 +4445,11 @@ class Arbiter:
                 self._disarm(w)
                 async with w.lock:
                     await w.stop()
-            await asyncio.gather(*(stop_one(w) for w in group))
+            # one watcher's failure neither stops the others nor the lower priorities
+            results = await asyncio.gather(*(stop_one(w) for w in group), return_exceptions=True)
+            errors += [e for e in results if isinstance(e, Exception)]
+        if errors:
+            raise errors[0]
 
     def stop(self):
         """Stop every watcher, close sockets and channels; run() then returns.
@@ -4336,9 +4477,12 @@ class Arbiter:
         # watchers are down, so the handler can still send its reply; the channels
         # close right after.
         self.sd_notify("STOPPING=1")
-        self.quitting = True
+        self.stopping = True        # a start-up or top-up in progress ends at its next spawn
         async with self._lock:
-            await self.stop_watchers()
+            try:
+                await self.stop_watchers()
+            except Exception:       # logged; the daemon still exits
+                _log().exception("while stopping the watchers")
         finish = self.loop.create_task(self._finish())
         if not any(ch.owns(caller) for ch in self.channels):
             await finish
@@ -4374,12 +4518,11 @@ class Arbiter:
         _log().info("got %s: stopping", signame(sig))
         self.stop()      # a task of its own
 
-    quitting = False        # set by stop(): reloads still queued give way to the quit
     _hup_task = None        # the SIGHUP reload under way
     _hup_again = False      # SIGHUPs came meanwhile: one more pass, however many came
 
     def _on_hup(self):
-        if self.quitting:
+        if self.stopping:
             return
         if self._hup_task is not None and not self._hup_task.done():
             _log().info("got SIGHUP: merged into the reload under way (one more pass follows it)")
@@ -4396,7 +4539,7 @@ class Arbiter:
         and READY=1.
         """
         again = True
-        while again and not self.quitting:
+        while again and not self.stopping:
             self._hup_again = False
             self.sd_notify("RELOADING=1\nMONOTONIC_USEC=%d" % (time.monotonic_ns() // 1000))
             try:
@@ -4405,7 +4548,7 @@ class Arbiter:
                 else:
                     await self._guarded(self.reload())
             finally:
-                if not self.quitting:
+                if not self.stopping:
                     self.sd_notify("READY=1")
             again = self._hup_again
 
@@ -4424,13 +4567,13 @@ class Arbiter:
             await self._reload_watchers(graceful, sequential)
 
     def _refuse_if_quitting(self, what):
-        if self.quitting:       # queued before a quit (e.g. a SIGHUP storm): dropped
+        if self.stopping:       # queued before a quit (e.g. a SIGHUP storm): dropped
             raise CommandError("%s dropped: the daemon is quitting" % what)
 
     async def _reload_watchers(self, graceful=True, sequential=False, skip=()) -> None:
         errors = []
         for w in self.iter_watchers():
-            if self.quitting:
+            if self.stopping:
                 break
             if w.status == STOPPED or w in skip:
                 continue
@@ -4896,9 +5039,23 @@ class _PluginRunner:
         self._guard("handle_stop")
 
     def stop(self):
-        """Ask it to finish (handle_stop); the daemon waits for it, bounded, at exit."""
+        """Ask it to finish (handle_stop); the daemon waits for it, bounded, at exit.
+
+        Never blocks the loop: with its queue full, the oldest event makes room for the
+        end mark (only the loop puts, so there is room then).
+        """
+        import queue
         if not self.dead and self.thread.is_alive():
-            self.queue.put(None)
+            self.dead = True            # no event after the end mark
+            try:
+                self.queue.put_nowait(None)
+            except queue.Full:
+                try:
+                    self.queue.get_nowait()
+                    self.dropped += 1
+                except queue.Empty:
+                    pass
+                self.queue.put_nowait(None)
             _CLOSING_STREAMS.add(self.thread)
 
 
@@ -8333,6 +8490,8 @@ def drop_privileges(user):
 
 def daemonize():
     """Double fork, new session, stdio on /dev/null (the cwd is kept, as in Circus)."""
+    for con in _CONSOLES.values():      # the log lines said so far, before the parent goes
+        con.flush(1.0)
     if os.fork():
         os._exit(0)
     os.setsid()

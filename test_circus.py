@@ -18,6 +18,7 @@ import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -69,12 +70,15 @@ def test_to_bool_rejects(bad):
 
 @pytest.mark.parametrize("text,num", [
     ("TERM", 15), ("sigterm", 15), ("SIGKILL", 9), ("9", 9), (15, 15), ("hup", 1),
-    ("RTMIN+1", int(signal.SIGRTMIN) + 1)])
+    ("RTMIN+1", int(signal.SIGRTMIN) + 1), ("rtmax", int(signal.SIGRTMAX)),
+    ("SIGRTMAX-2", int(signal.SIGRTMAX) - 2)])
 def test_to_signum(text, num):
     assert circus.to_signum(text) == num
 
 
-@pytest.mark.parametrize("bad", ["BOGUS", "SIGBOGUS", 0, 999, True])
+# issue 13 item 11: RTMIN+n past RTMAX made os.kill fail with EINVAL inside a stop
+@pytest.mark.parametrize("bad", ["BOGUS", "SIGBOGUS", 0, 999, True, "RTMIN+100", "RTMAX+1",
+                                 "RTMIN-1"])
 def test_to_signum_rejects(bad):
     with pytest.raises(ValueError):
         circus.to_signum(bad)
@@ -180,6 +184,7 @@ def test_defaults_and_types(tmp_path):
     ("[watcher:a]\ncmd = x\nnumprocesses = two\n", "c.ini:3 [watcher:a] numprocesses: 'two' is not an integer"),
     ("[watcher:a]\ncmd = x\nrespawn = maybe\n", "[watcher:a] respawn: 'maybe' is not a boolean"),
     ("[watcher:a]\ncmd = x\nstop_signal = SIGNOPE\n", "stop_signal"),
+    ("[watcher:a]\ncmd = x\nstop_signal = RTMIN+99\n", "stop_signal: 'RTMIN+99' is not a real-time signal"),
     ("[watcher:a]\ncmd = x\nsingleton = true\nnumprocesses = 2\n", "singleton"),
     ("[watcher:a]\ncmd = x\nrlimit_bogus = 1\n", "unknown resource limit"),
     ("[watcher:a]\ncmd = x\nhooks.before_start = no.such.module.hook\n", None),
@@ -1835,6 +1840,33 @@ def test_log_file_folder_must_exist(tmp_path):
     assert not (tmp_path / "nope").exists()
 
 
+def test_console_never_blocks_on_a_pipe_nobody_reads(caplog):
+    """Issue 13 item 10: the daemon's own stdout/stderr, when nobody reads it."""
+    r, w = os.pipe()
+    try:
+        con = circus._Console(w)
+        con.MAX_PENDING = 256 << 10
+        t0 = time.monotonic()
+        results = [con.write(b"x" * 4096) for _ in range(200)]     # 800 KiB: 64 KiB fit the pipe
+        assert time.monotonic() - t0 < 5
+        assert results[0] and not results[-1] and con.dropped >= 200 * 4096 - (256 << 10) - (1 << 20)
+        assert "the daemon's fd %d is not being read" % w in caplog.text
+        t0 = time.monotonic()
+        con.flush(0.2)                      # bounded, even though nothing drains
+        assert time.monotonic() - t0 < 5
+        os.set_blocking(r, False)
+
+        def read_then_write():
+            with contextlib.suppress(BlockingIOError):
+                os.read(r, 1 << 20)
+            return con.write(b"y")
+        wait_for(read_then_write, what="room again once the pipe is read")
+        assert "the daemon's fd %d is read again" % w in caplog.text
+    finally:
+        os.close(r)
+        os.close(w)
+
+
 def test_build_stream_names():
     assert isinstance(circus.build_stream({"class": "circus.stream.StdoutStream"}), circus.StdoutStream)
     assert isinstance(circus.build_stream({"class": "QueueStream"}), circus.QueueStream)
@@ -1943,6 +1975,25 @@ def test_library_watcher_respawns_and_events():
     assert reap and reap[0]["exit_code"] == -9
     for pid in replaced:
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_library_a_refused_stop_signal_never_aborts_a_stop(caplog):
+    """Issue 13 item 11: a stop_signal the kernel refuses (EINVAL) gets a log line and an
+    immediate SIGKILL; the stop completes and no process is left hidden in `retiring`."""
+    import asyncio
+
+    async def run():
+        w = circus.Watcher("w", "sleep 30", numprocesses=2, graceful_timeout=30)
+        w.lock = asyncio.Lock()
+        await w.start()
+        pids = sorted(w.processes)
+        w.conf.options["stop_signal"] = 200      # past validation, as an old config could be
+        await asyncio.wait_for(w.stop(), TIMEOUT)
+        return w, pids
+    w, pids = asyncio.run(run())
+    assert w.status == "stopped" and not w.processes and not w.retiring
+    assert not any(alive(pid) for pid in pids)
+    assert "cannot send 200 to pid %d" % pids[0] in caplog.text
 
 
 def test_library_arbiter_in_callers_loop(tmp_path):
@@ -2130,11 +2181,11 @@ class Daemon:
         self.proc = None
         self.seen = set()           # (pid, create_time) of every process we saw under it
 
-    def start(self, wait=True, env=None, preexec_fn=None):
+    def start(self, wait=True, env=None, preexec_fn=None, stdout=None):
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, str(CIRCUS_PY), "daemon", self.conf.name] + self.extra_args,
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                stdout=log if stdout is None else stdout, stderr=log, stdin=subprocess.DEVNULL, env=env,
                 preexec_fn=preexec_fn, start_new_session=True, cwd=str(self.root))
         if wait:
             wait_for(self.ready, what="daemon to answer (log: %s)" % self.log)
@@ -2409,6 +2460,57 @@ def test_e2e_graceful_timeout_then_sigkill_and_grandchildren(daemon, shortdir):
     for g in grandkids:     # the wrapper's child does not outlive the stop
         wait_for(lambda: not g.is_running() or g.status() == psutil.STATUS_ZOMBIE, what="grandchild gone")
     ev.close()
+
+
+def _marker():
+    """A sleep duration no other test uses: finds our processes even after the daemon is gone."""
+    return str(10 ** 7 + uuid.uuid4().int % 10 ** 6)
+
+
+def _kill_daemon_then_marked(d, *markers):
+    """Cleanup on any path: the daemon first (it would spawn more), then every process
+    carrying a marker (orphans are not its children any more), waiting until they are gone."""
+    if d.proc is not None and d.proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(d.proc.pid, signal.SIGKILL)
+        d.proc.wait(TIMEOUT)
+    left = sum((procs_mentioning(m) for m in markers), [])
+    for p in left:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(left, timeout=TIMEOUT)
+
+
+def test_e2e_grandchildren_of_an_exited_process_cost_no_fds_and_go_with_their_group(daemon):
+    """Issue 13 item 14: a process that exits by itself leaving a background child used to
+    leave that child unsignalled and its pipes open in the daemon (fds grew each respawn).
+    Now its group gets stop_signal (stop_children / stopasgroup) and the pipes are closed."""
+    markers = {name: _marker() for name in ("children", "group", "plain")}
+    d = daemon("".join("""
+        [watcher:%s]
+        cmd = sh -c 'sleep %s & sleep 1.1'
+        %s
+        """ % (name, markers[name], opt) for name, opt in (
+        ("children", "stop_children = true"), ("group", "stopasgroup = true"), ("plain", ""))))
+    daemon_proc = psutil.Process(d.proc.pid)
+
+    def restarts(name):
+        return d.call("status", name=name, long=True)["processes"][0]["restarts"]
+    try:
+        wait_for(lambda: all(restarts(n) >= 1 for n in markers), what="a first respawn")
+        fds0 = daemon_proc.num_fds()
+        wait_for(lambda: all(restarts(n) >= 6 for n in markers), timeout=30, what="5 more respawns")
+        # the plain watcher's orphans live on (Circus's default), but not at our expense
+        assert len(procs_mentioning(markers["plain"])) >= 5
+        wait_for(lambda: daemon_proc.num_fds() <= fds0 + 2,
+                 what=lambda: "fds to stay flat (%d, then %d)" % (fds0, daemon_proc.num_fds()))
+        wait_for(lambda: len(procs_mentioning(markers["children"]) + procs_mentioning(markers["group"])) <= 2,
+                 what="the orphans of stop_children / stopasgroup watchers to get stop_signal")
+        assert d.call("quit", waiting=True)["status"] == "ok"
+        assert d.proc.wait(TIMEOUT) == 0
+        assert procs_mentioning(markers["children"]) + procs_mentioning(markers["group"]) == []
+    finally:
+        _kill_daemon_then_marked(d, *markers.values())
 
 
 def test_e2e_prefork_socket_shared_and_bound_across_restart(daemon, shortdir):
@@ -2799,6 +2901,23 @@ def test_e2e_exit_by_user_signal_is_no_failed_start(daemon):
     assert "failed start" not in d.log.read_text()
 
 
+def test_e2e_out_of_range_signals_are_refused_and_sigterm_still_quits(daemon):
+    """Issue 13 item 11: `set stop_signal RTMIN+100` used to be taken, then made every stop
+    fail (EINVAL), left the process hidden from `list`, and SIGTERM never ended the daemon."""
+    d = daemon("[watcher:w]\ncmd = sleep 120\nnumprocesses = 2\n")
+    pids = d.pids("w")
+    for name, props in (("set", {"name": "w", "options": {"stop_signal": "RTMIN+100"}}),
+                        ("signal", {"name": "w", "signum": "RTMIN+100"}),
+                        ("kill", {"name": "w", "signum": "RTMAX+1"})):
+        r = d.call(name, **props)
+        assert r["status"] == "error" and "not a real-time signal" in r["reason"], (name, r)
+    assert d.call("get", name="w", keys=["stop_signal"])["options"]["stop_signal"] == signal.SIGTERM
+    assert sorted(d.pids("w")) == sorted(pids)
+    os.kill(d.proc.pid, signal.SIGTERM)
+    assert d.proc.wait(TIMEOUT) == 0
+    assert not any(alive(p) for p in pids)
+
+
 def test_e2e_reloadconfig_changes_only_what_changed(daemon):
     d = daemon("""
         [watcher:keep]
@@ -2966,6 +3085,56 @@ def test_e2e_sigterm_quits(daemon):
     d.proc.wait(TIMEOUT)
     assert d.proc.returncode == 0
     assert not any(psutil.pid_exists(p) for p in pids)
+
+
+def _spawning_config(marker, n, count=3):
+    # parent_death_signal = none: only the daemon's own stop may end them
+    return "".join("""
+        [watcher:w%d]
+        cmd = sleep %s
+        numprocesses = %d
+        warmup_delay = 0.01
+        parent_death_signal = none
+        """ % (i, marker, n) for i in range(count))
+
+
+def test_e2e_sigterm_during_start_up_leaves_nothing(daemon):
+    """Issue 13 item 9: SIGTERM while the watchers were still spawning stopped the ones
+    started so far, then start-up went on with the rest: exit 0 with processes left."""
+    marker = _marker()
+    d = daemon(_spawning_config(marker, 100), start=False)
+    try:
+        d.start(wait=False)
+        wait_for(lambda: len(procs_mentioning(marker)) >= 20, what="start-up to be under way")
+        assert len(procs_mentioning(marker)) < 300, "start-up ended before the test could interrupt it"
+        os.kill(d.proc.pid, signal.SIGTERM)
+        assert d.proc.wait(TIMEOUT) == 0
+        assert procs_mentioning(marker) == []
+    finally:
+        _kill_daemon_then_marked(d, marker)
+
+
+def test_e2e_reloadconfig_during_start_up_waits_for_it(daemon):
+    """Issue 13 item 9: reloadconfig while start-up ran replaced a watcher that start-up
+    then started anyway, from its stale list: processes running that no `list` showed."""
+    marker = _marker()
+    d = daemon(_spawning_config(marker, 100, 2), start=False)
+    try:
+        d.start(wait=False)
+        wait_for(lambda: procs_mentioning(marker), what="start-up to be under way")
+        wait_for(lambda: d.call("numwatchers", timeout=0.5)["status"] == "ok", what="control")
+        assert len(procs_mentioning(marker)) < 200, "start-up ended before the test could interrupt it"
+        d.conf.write_text(d.conf.read_text().replace("[watcher:w1]", "[watcher:w1]\nstop_signal = INT"))
+        assert d.call("status")["status"] == "ok"       # read-only: answered during start-up
+        assert d.call("reloadconfig", waiting=True)["status"] == "ok"
+        assert d.call("get", name="w1", keys=["stop_signal"])["options"]["stop_signal"] == signal.SIGINT
+
+        def listed():
+            return sorted(pid for w in ("w0", "w1") for pid in d.pids(w))
+        wait_for(lambda: len(listed()) == 200, what="every process listed")
+        assert sorted(p.pid for p in procs_mentioning(marker)) == listed()
+    finally:
+        _kill_daemon_then_marked(d, marker)
 
 
 def test_e2e_bad_config_exits_with_one_line(shortdir):
@@ -5096,6 +5265,37 @@ def test_e2e_hooks_and_user_plugin(daemon, shortdir):
     assert "watcher.target.reap" in plog.read_text()
 
 
+STUCK_PLUGIN_PY = """\
+import threading
+import circus
+
+
+class Stuck(circus.Plugin):
+    def handle_init(self):      # more events than its queue holds
+        arb = self._arbiter
+        for i in range(circus._PluginRunner.MAX_QUEUED + 100):
+            arb.loop.call_soon_threadsafe(arb.emit, "flood.%d" % i, {})
+
+    def handle_event(self, topic, payload):
+        threading.Event().wait()        # stuck for good
+"""
+
+
+def test_e2e_a_stuck_plugin_with_a_full_queue_does_not_hang_quit(daemon, shortdir):
+    """Issue 13 item 13: quit did a blocking put of its end mark into the plugin's full
+    queue, on the event loop: the daemon hung forever. Now the exit wait stays bounded."""
+    (pathlib.Path(shortdir) / "stuckplugin.py").write_text(STUCK_PLUGIN_PY)
+    d = daemon("[watcher:w]\ncmd = sleep 120\n[plugin:stuck]\nuse = stuckplugin.Stuck\n")
+    wait_for(lambda: "plugin stuck is too slow: events dropped" in d.log.read_text(),
+             what="the plugin's queue to fill up")
+    pids = d.pids("w")
+    t0 = time.monotonic()
+    assert d.call("quit")["status"] == "ok"
+    assert d.proc.wait(TIMEOUT) == 0
+    assert time.monotonic() - t0 < 12      # the documented 5 s wait for plugins, plus slack
+    assert not any(alive(p) for p in pids)
+
+
 def test_e2e_stats_fields_channel_metrics_statsd(daemon, shortdir):
     root = pathlib.Path(shortdir)
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -5412,6 +5612,51 @@ def test_e2e_control_answers_during_an_output_flood(daemon):
     times.sort()
     print("status during an output flood: median %.1f ms, max %.1f ms" % (times[10] * 1000, times[-1] * 1000))
     assert times[len(times) // 2] < 0.1, times
+
+
+def test_e2e_a_stdout_nobody_reads_never_blocks_the_daemon(daemon, shortdir):
+    """Issue 13 item 10: output forwarded to the daemon's stdout was written blocking, from
+    the event loop: with a pipe nobody reads, control froze and killed children stayed
+    zombies. Now it is dropped and counted (an event and a log line) past a bound."""
+    writer = pathlib.Path(shortdir) / "writer.py"
+    writer.write_text("import os, sys, time\n"
+                      "while True:\n"
+                      "    os.write(1, sys.argv[1].encode() * 65535 + b'\\n')\n"
+                      "    time.sleep(0.005)\n")
+    d = daemon("""
+        [watcher:flood]
+        cmd = %s %s y
+        [watcher:plain]
+        cmd = sleep 120
+        [watcher:fancy]
+        cmd = %s %s z
+        stdout_stream.class = FancyStdoutStream
+        """ % (sys.executable, writer, sys.executable, writer), start=False)
+    r, w = os.pipe()            # the daemon's stdout: nobody ever reads it
+    try:
+        d.start(stdout=w, wait=False)
+        os.close(w)
+        wait_for(d.ready, what="daemon to answer (log: %s)" % d.log)
+        import termios
+        wait_for(lambda: struct.unpack("i", fcntl.ioctl(r, termios.FIONREAD, b"\0" * 4))[0] >= 65536,
+                 what="the daemon's stdout pipe to be full")
+        for _ in range(5):
+            t0 = time.monotonic()
+            assert d.call("status", timeout=5)["status"] == "ok"
+            assert time.monotonic() - t0 < 2
+        ev = subscribe_ready(d, (b"watcher.",))
+        ev.wait(lambda t, p: t == "watcher.flood.output_dropped", what="a dropped-output event")
+        ev.wait(lambda t, p: t == "watcher.fancy.output_dropped", what="a dropped-output event")
+        wait_for(lambda: "the daemon's stdout is not being read" in d.log.read_text(), what="the log line")
+        (victim,) = d.pids("plain")
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: not psutil.pid_exists(victim), what="the killed child to be reaped")
+        wait_for(lambda: len(d.pids("plain")) == 1, what="its replacement")
+        assert d.call("quit", waiting=True)["status"] == "ok"
+        assert d.proc.wait(TIMEOUT) == 0
+        ev.close()
+    finally:
+        os.close(r)
 
 
 def test_e2e_systemd_notify(daemon, shortdir):
