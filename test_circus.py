@@ -4494,6 +4494,144 @@ def test_e2e_endpoint_owner_and_process_limits(daemon):
 
 
 
+@pytest.fixture
+def other_user():
+    """A throwaway user (useradd -M), removed afterwards: its pwd entry."""
+    import pwd
+    if os.geteuid() != 0 or not shutil.which("useradd"):
+        pytest.skip("needs root and useradd")
+    name = "cpya%s" % os.urandom(4).hex()
+    subprocess.run(["useradd", "-M", "-s", "/usr/sbin/nologin", name], check=True,
+                   capture_output=True, timeout=60)
+    try:
+        yield pwd.getpwnam(name)
+    finally:
+        subprocess.run(["userdel", name], capture_output=True, timeout=60)
+
+
+def as_user(pw, fn):
+    """Run ``fn()`` in a forked child as user ``pw``; returns its JSON result."""
+    import select
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:        # pragma: no cover - the child
+        out = b"null"
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(pw.pw_gid)
+            os.setuid(pw.pw_uid)
+            out = json.dumps(fn()).encode()
+        except BaseException as e:
+            out = json.dumps({"exception": repr(e)}).encode()
+        finally:
+            os.write(w, out)
+            os._exit(0)
+    os.close(w)
+    chunks, deadline = [], time.monotonic() + TIMEOUT * 2
+    try:
+        while select.select([r], [], [], max(0, deadline - time.monotonic()))[0]:
+            chunk = os.read(r, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(r)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    return json.loads(b"".join(chunks) or b'{"exception": "timed out"}')
+
+
+def test_e2e_endpoint_owner_cannot_become_root(daemon, shortdir, other_user):
+    """Over ipc (SO_PEERCRED) the endpoint_owner manages its own watchers only."""
+    name, uid = other_user.pw_name, other_user.pw_uid
+    os.chmod(shortdir, 0o755)       # the owner must reach the socket; only root writes here
+    d = daemon("endpoint_owner = %s\n[watcher:w]\ncmd = sleep 120\n"
+               "[watcher:mine]\ncmd = sleep 120\nuid = %s\n" % (name, name))
+    sock = pathlib.Path(d.endpoint[6:])
+    assert sock.stat().st_uid == uid and oct(sock.stat().st_mode & 0o777) == oct(0o600)
+    mine = {"uid": name}
+    requests = [
+        # the four ways to root the review found
+        ("add", {"name": "x1", "cmd": "id", "options": dict(mine, **{"stdout_stream.class": "subprocess.Popen"})}),
+        ("set", {"name": "w", "options": {"cmd": "touch /root/owned"}}),
+        ("add", {"name": "x2", "cmd": "id", "options": dict(mine, **{"stdout_stream.filename": "/root/x"})}),
+        ("add", {"name": "x3", "cmd": "id", "options": dict(mine, gid=0)}),
+        # and their neighbours
+        ("add", {"name": "x4", "cmd": "id"}),
+        ("set", {"name": "mine", "options": {"working_dir": "/root"}}),
+        ("set", {"name": "mine", "options": {"hooks.before_spawn": "os.system"}}),
+        ("set", {"name": "mine", "options": {"copy_env": True}}),
+        ("set", {"name": "mine", "options": {"rlimit_nofile": 100000}}),
+        ("add", {"name": "x5", "cmd": "id", "options": dict(mine, executable="/bin/sh")}),
+        ("set", {"name": "mine", "options": {"uid": "root"}}),
+        ("signal", {"name": "w", "signum": 9}),
+        ("stop", {}),
+        ("stop", {"name": "*"}),
+        ("quit", {}),
+        ("reloadconfig", {}),
+        # what the owner may do
+        ("status", {}),
+        ("add", {"name": "ok", "cmd": "sleep 120", "options": dict(mine, numprocesses=2)}),
+        ("set", {"name": "mine", "options": {"numprocesses": 2, "uid": str(uid)}}),
+        ("incr", {"name": "ok"}),
+        ("stop", {"name": "mine", "waiting": True}),
+        ("rm", {"name": "ok"}),
+    ]
+
+    def client():
+        with circus.Client(d.endpoint, TIMEOUT) as c:
+            return [c.call(cmd, **props) for cmd, props in requests]
+    replies = as_user(other_user, client)
+    assert isinstance(replies, list), replies
+    refused = ["stdout_stream.class", "'w'", "stdout_stream.filename", "gid = 0", "needs uid",
+               "working_dir", "hooks.before_spawn", "copy_env", "rlimit_nofile", "executable",
+               "uid = root", "'w'", "one of its watchers", "'w'", "'quit'", "'reloadconfig'"]
+    for (cmd, _), reply, word in zip(requests, replies, refused):
+        assert reply["status"] == "error" and word in reply["reason"], (cmd, reply)
+        assert "refused:" in reply["reason"] and "Traceback" not in reply["reason"]
+    for (cmd, _), reply in zip(requests[len(refused):], replies[len(refused):]):
+        assert reply["status"] == "ok", (cmd, reply)
+    assert not os.path.exists("/root/owned") and not os.path.exists("/root/x")
+    assert d.call("get", name="w", keys=["cmd"])["options"]["cmd"] == "sleep 120"
+    assert [w for w in ("x1", "x2", "x3", "x4", "x5") if w in d.call("list")["watchers"]] == []
+    assert d.call("status", name="mine")["status"] == "stopped"
+    assert d.call("status", name="w")["status"] == "active"
+    # root (and the daemon's user) keep every right
+    assert d.call("set", name="w", options={"numprocesses": 2}, waiting=True)["status"] == "ok"
+
+def test_e2e_curve_owner_keys_get_endpoint_owner_rights_only(daemon, shortdir, other_user):
+    """On tcp, a CurveZMQ key listed in curve_owner_keys is the endpoint_owner's role."""
+    root = pathlib.Path(shortdir)
+    for where, name in (("keys", "server"), ("keys/admins", "admin"), ("keys/owners", "owner")):
+        r = subprocess.run([sys.executable, str(CIRCUS_PY), "ctl", "keygen", str(root / where), name],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+    (port,) = free_ports(1)
+    (root / "o.ini").write_text(
+        "[circus]\nendpoint = tcp://127.0.0.1:%d\npubsub_endpoint = ipc://%s/pub.sock\n"
+        "endpoint_owner = %s\ncurve_secret_key = keys/server.key_secret\n"
+        "curve_authorized_keys = keys/admins\ncurve_owner_keys = keys/owners\n"
+        "[watcher:w]\ncmd = sleep 120\n" % (port, root, other_user.pw_name))
+    d = daemon(None, start=False, name="o.ini")
+    d.endpoint = "tcp://127.0.0.1:%d" % port
+    server = str(root / "keys" / "server.key")
+    d.curve = circus.client_keys(str(root / "keys" / "admins" / "admin.key_secret"), server)
+    d.start()
+    owner = circus.client_keys(str(root / "keys" / "owners" / "owner.key_secret"), server)
+    with circus.Client(d.endpoint, TIMEOUT, owner) as c:
+        r = c.call("set", name="w", options={"cmd": "touch /root/owned"})
+        assert r["status"] == "error" and "refused:" in r["reason"] and "'w'" in r["reason"], r
+        r = c.call("add", name="x", cmd="id", options={"uid": other_user.pw_name,
+                                                       "stdout_stream.class": "subprocess.Popen"})
+        assert r["status"] == "error" and "stdout_stream.class" in r["reason"], r
+        assert c.call("quit")["status"] == "error"
+        assert c.call("add", name="x", cmd="sleep 120", options={"uid": other_user.pw_name})["status"] == "ok"
+        assert c.call("status")["status"] == "ok"
+    assert d.call("set", name="w", options={"numprocesses": 2})["status"] == "ok"      # an admin key
+    assert d.call("get", name="w", keys=["cmd"])["options"]["cmd"] == "sleep 120"
+
 def test_e2e_private_default_endpoints_and_insecure_ones(shortdir):
     root = pathlib.Path(shortdir)
     env = dict(os.environ, XDG_RUNTIME_DIR=str(root))
