@@ -5307,8 +5307,11 @@ def _ipc_in_use(path: str) -> bool:
             return False        # a stale file from a daemon that died: ours to replace
 
 
-def _ipc_folder(path: str, what: str, endpoint: str) -> int:
-    """Open an ipc socket's folder (an fd), refusing one where others could swap files."""
+def _ipc_folder(path: str, what: str, endpoint: str, sticky_ok=True) -> int:
+    """Open an ipc socket's folder (an fd), refusing one where others could swap files.
+
+    A sticky folder others can write (/tmp) is accepted with ``sticky_ok``: there
+    nobody can rename or remove a file of ours."""
     import stat
     folder = os.path.dirname(os.path.abspath(path))
     try:
@@ -5317,12 +5320,12 @@ def _ipc_folder(path: str, what: str, endpoint: str) -> int:
         raise CircusError("%s %s: cannot open its folder %s: %s" % (what, endpoint, folder,
                                                                    e.strerror)) from None
     st = os.fstat(fd)
-    if st.st_uid not in (0, os.geteuid()) or (st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX):
+    if st.st_uid not in (0, os.geteuid()) or (st.st_mode & 0o022 and not (sticky_ok and st.st_mode & stat.S_ISVTX)):
         os.close(fd)
         raise CircusError("%s %s: its folder %s is %s, so another user could replace the socket: "
                           "use a folder only root or the daemon's user can write (or leave the "
                           "endpoint out for a private one)" % (what, endpoint, folder,
-                          "writable by others (mode %03o)" % (st.st_mode & 0o777)
+                          "writable by others (mode %o)" % (st.st_mode & 0o7777)
                           if st.st_uid in (0, os.geteuid()) else "owned by uid %d" % st.st_uid))
     return fd
 
@@ -5352,7 +5355,8 @@ def _bind(sock, endpoint, what, curve=None, owner=None):
         if path:
             if os.path.dirname(path) == private_dir():
                 ensure_private_dir(os.path.dirname(path))
-            dir_fd = _ipc_folder(path, what, endpoint)
+            # a socket given to endpoint_owner in a shared folder: the owner could replace it
+            dir_fd = _ipc_folder(path, what, endpoint, sticky_ok=owner is None)
             if _ipc_in_use(path):
                 raise CircusError("%s %s: a daemon is already running there (stop it, or give "
                                   "this one another endpoint)" % (what, endpoint))
@@ -5863,8 +5867,8 @@ def check_ipc_server(endpoint: str) -> None:
             st = os.stat(os.path.basename(path), dir_fd=fd, follow_symlinks=False)
         except FileNotFoundError:
             if shared:
-                raise CircusError("endpoint %s: no socket there yet, and its folder is shared "
-                                  "with other users: start the daemon first" % endpoint) from None
+                raise CallError("endpoint %s: no socket there yet, and its folder is shared "
+                                "with other users: start the daemon first" % endpoint) from None
             return
         if st.st_uid not in (0, os.geteuid()) and (shared or os.geteuid() != 0) \
                 or not stat.S_ISSOCK(st.st_mode):

@@ -4677,6 +4677,109 @@ def test_e2e_private_default_endpoints_and_insecure_ones(shortdir):
                 os.killpg(p.pid, signal.SIGKILL)
 
 
+def test_e2e_ipc_endpoint_folder_others_could_write_is_refused(shortdir, other_user):
+    """The daemon never binds (then chowns) where another user could swap the socket."""
+    root = pathlib.Path(shortdir)
+    for sub, mode, owner, word in (("open", 0o777, 0, "writable by others (mode 777)"),
+                                   ("theirs", 0o755, other_user.pw_uid, "owned by uid %d" % other_user.pw_uid)):
+        folder = root / sub
+        folder.mkdir()
+        os.chown(folder, owner, -1)
+        os.chmod(folder, mode)
+        d = Daemon(folder, "endpoint_owner = %s\n[watcher:w]\ncmd = sleep 120\n" % other_user.pw_name)
+        d.start(wait=False)
+        try:
+            assert d.proc.wait(TIMEOUT) == 1
+        finally:
+            d.stop()
+        log = d.log.read_text()
+        assert word in log and "Traceback" not in log, log
+        assert not (folder / "ctl.sock").exists()
+    # a sticky shared folder (like /tmp) is fine without endpoint_owner: others cannot rename
+    # or remove the daemon's socket there (but the owner of a socket could)
+    shared = root / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)
+    d = Daemon(shared, "[watcher:w]\ncmd = sleep 120\n")
+    try:
+        d.start()
+        st = os.stat(d.endpoint[6:])
+        assert st.st_uid == 0 and oct(st.st_mode & 0o777) == oct(0o600)
+    finally:
+        d.stop()
+    d = Daemon(shared, "endpoint_owner = %s\n[watcher:w]\ncmd = sleep 120\n" % other_user.pw_name,
+               name="owned.ini")
+    d.start(wait=False)
+    try:
+        assert d.proc.wait(TIMEOUT) == 1
+    finally:
+        d.stop()
+    assert "writable by others (mode 1777)" in d.log.read_text()
+
+def test_endpoint_owner_chown_never_follows_a_link(tmp_path, other_user):
+    """The socket is given to endpoint_owner by folder fd, never through a symlink."""
+    target = tmp_path / "root-only"
+    target.write_text("secret")
+    os.chmod(target, 0o600)
+    (tmp_path / "c.sock").symlink_to(target)
+    fd = os.open(str(tmp_path), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        circus._give_socket(fd, "c.sock", other_user.pw_name, "ipc://%s/c.sock" % tmp_path)
+    finally:
+        os.close(fd)
+    assert target.stat().st_uid == 0 and os.lstat(tmp_path / "c.sock").st_uid == 0
+
+
+def test_private_dir_refuses_a_folder_not_ours_or_open(tmp_path, other_user):
+    """/tmp/circus-<uid> (no XDG_RUNTIME_DIR) is predictable: check what is there."""
+    for name, mode, owner in (("grp", 0o750, 0), ("theirs", 0o700, other_user.pw_uid)):
+        folder = tmp_path / name
+        folder.mkdir()
+        os.chmod(folder, mode)
+        os.chown(folder, owner, -1)
+        with pytest.raises(circus.CircusError, match="must be a folder of yours with mode 0700"):
+            circus.ensure_private_dir(str(folder))
+    (tmp_path / "link").symlink_to(tmp_path / "grp")
+    with pytest.raises(circus.CircusError, match="must be a folder of yours"):
+        circus.ensure_private_dir(str(tmp_path / "link"))
+    circus.ensure_private_dir(str(tmp_path / "new"))
+    assert oct((tmp_path / "new").stat().st_mode & 0o777) == oct(0o700)
+
+
+def test_ctl_never_sends_to_a_socket_another_user_planted(shortdir, other_user):
+    """Another user made the private folder (or a socket in a shared one): ctl sends nothing."""
+    root = pathlib.Path(shortdir)
+    env = dict(os.environ, XDG_RUNTIME_DIR=str(root))
+    env.pop("CIRCUSCTL_ENDPOINT", None)
+    planted = root / "circus"
+    planted.mkdir(mode=0o700)
+    os.chown(planted, other_user.pw_uid, other_user.pw_gid)
+    trap = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    shared = root / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)
+    try:
+        trap.bind(str(planted / "control.sock"))
+        os.chown(planted / "control.sock", other_user.pw_uid, other_user.pw_gid)
+        trap.listen(8)
+        trap.setblocking(False)
+        r = subprocess.run([sys.executable, str(CIRCUS_PY), "ctl", "--timeout", "1", "set", "w", "env",
+                            "DB_PASSWORD=x"], env=env, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1 and "owned by uid %d" % other_user.pw_uid in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
+        with pytest.raises(BlockingIOError):
+            trap.accept()           # nobody connected
+        # in a shared sticky folder: a socket of another user, or none yet, is refused
+        with pytest.raises(circus.CircusError, match="no socket there yet"):
+            circus.Client("ipc://%s/c.sock" % shared)
+        os.rename(planted / "control.sock", shared / "c.sock")
+        with pytest.raises(circus.CircusError, match="belongs to uid %d" % other_user.pw_uid):
+            circus.Client("ipc://%s/c.sock" % shared)
+        with pytest.raises(BlockingIOError):
+            trap.accept()
+    finally:
+        trap.close()
+
 def test_keygen_and_key_errors(tmp_path, capsys):
     assert circus.main(["ctl", "keygen", str(tmp_path), "srv"]) == 0
     pub, sec = tmp_path / "srv.key", tmp_path / "srv.key_secret"
