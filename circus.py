@@ -822,7 +822,8 @@ def _check_curve_conf(cfg, ini) -> None:
                           "`python circus.py ctl keygen`)" % (ini.where("circus", have), have, need))
     if cfg.curve_owner_keys and not (cfg.curve_secret_key and cfg.endpoint_owner):
         raise ConfigError("%s: curve_owner_keys needs curve_secret_key and endpoint_owner (its "
-                          "keys get endpoint_owner's rights)" % ini.where("circus", "curve_owner_keys"))
+                          "keys get endpoint_owner's rights)"
+                          % ini.where("circus", "curve_owner_keys"))
     if cfg.curve_secret_key:
         try:
             load_curve_key(cfg.curve_secret_key, secret=True)
@@ -5320,7 +5321,8 @@ def _ipc_folder(path: str, what: str, endpoint: str, sticky_ok=True) -> int:
         raise CircusError("%s %s: cannot open its folder %s: %s" % (what, endpoint, folder,
                                                                    e.strerror)) from None
     st = os.fstat(fd)
-    if st.st_uid not in (0, os.geteuid()) or (st.st_mode & 0o022 and not (sticky_ok and st.st_mode & stat.S_ISVTX)):
+    shared = st.st_mode & 0o022 and not (sticky_ok and st.st_mode & stat.S_ISVTX)
+    if st.st_uid not in (0, os.geteuid()) or shared:
         os.close(fd)
         raise CircusError("%s %s: its folder %s is %s, so another user could replace the socket: "
                           "use a folder only root or the daemon's user can write (or leave the "
@@ -5347,7 +5349,8 @@ def _give_socket(dir_fd: int, name: str, owner, endpoint: str) -> None:
 def _bind(sock, endpoint, what, curve=None, owner=None):
     """Bind a ZeroMQ socket; an ipc socket file is made 0600 (given to ``owner`` if set)."""
     import zmq
-    path = endpoint[6:] if endpoint.startswith("ipc://") and not endpoint.startswith("ipc://@") else None
+    abstract = endpoint.startswith("ipc://@")      # Linux's abstract namespace: no file
+    path = endpoint[6:] if endpoint.startswith("ipc://") and not abstract else None
     dir_fd = None
     try:
         if curve is not None:

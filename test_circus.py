@@ -4632,6 +4632,16 @@ def test_e2e_curve_owner_keys_get_endpoint_owner_rights_only(daemon, shortdir, o
     assert d.call("set", name="w", options={"numprocesses": 2})["status"] == "ok"      # an admin key
     assert d.call("get", name="w", keys=["cmd"])["options"]["cmd"] == "sleep 120"
 
+def test_curve_owner_keys_need_curve_and_endpoint_owner(tmp_path):
+    assert circus.main(["ctl", "keygen", str(tmp_path), "srv"]) == 0
+    conf = tmp_path / "c.ini"
+    conf.write_text("[circus]\ncurve_secret_key = srv.key_secret\ncurve_authorized_keys = .\n"
+                    "curve_owner_keys = .\n")
+    with pytest.raises(circus.ConfigError, match="curve_owner_keys needs curve_secret_key and endpoint_owner"):
+        circus.load_config(str(conf))
+    conf.write_text(conf.read_text() + "endpoint_owner = root\n")
+    assert circus.load_config(str(conf)).curve_owner_keys == os.path.join(str(tmp_path), ".")
+
 def test_e2e_private_default_endpoints_and_insecure_ones(shortdir):
     root = pathlib.Path(shortdir)
     env = dict(os.environ, XDG_RUNTIME_DIR=str(root))
