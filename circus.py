@@ -3913,7 +3913,8 @@ class Arbiter:
         async with self._lock:
             if new.globals_key() != old.globals_key():
                 self.check_delay, self.warmup_delay = new.check_delay, new.warmup_delay
-                for k in ("endpoint", "pubsub_endpoint", "multicast_endpoint", "curve_secret_key"):
+                for k in ("endpoint", "pubsub_endpoint", "multicast_endpoint", "curve_secret_key",
+                          "curve_owner_keys", "endpoint_owner"):
                     if getattr(new, k) != getattr(old, k):
                         _log().warning("reloadconfig: %s changed; it takes effect at the next "
                                        "daemon start (a restart keeps the old one)", k)
