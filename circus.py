@@ -6753,6 +6753,7 @@ class RemoteHub(LocalHub):
     async def start(self):
         import zmq
         import zmq.asyncio
+        check_ipc_server(self.endpoint)
         self.ctx = zmq.asyncio.Context()
         self._connect()
         reply = await self.call("globaloptions", {"option": "pubsub_endpoint"})

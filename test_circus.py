@@ -4758,6 +4758,7 @@ def test_private_dir_refuses_a_folder_not_ours_or_open(tmp_path, other_user):
 
 def test_ctl_never_sends_to_a_socket_another_user_planted(shortdir, other_user):
     """Another user made the private folder (or a socket in a shared one): ctl sends nothing."""
+    import asyncio
     root = pathlib.Path(shortdir)
     env = dict(os.environ, XDG_RUNTIME_DIR=str(root))
     env.pop("CIRCUSCTL_ENDPOINT", None)
@@ -4785,6 +4786,8 @@ def test_ctl_never_sends_to_a_socket_another_user_planted(shortdir, other_user):
         os.rename(planted / "control.sock", shared / "c.sock")
         with pytest.raises(circus.CircusError, match="belongs to uid %d" % other_user.pw_uid):
             circus.Client("ipc://%s/c.sock" % shared)
+        with pytest.raises(circus.CircusError, match="belongs to uid %d" % other_user.pw_uid):
+            asyncio.run(circus.RemoteHub("ipc://%s/c.sock" % shared).start())      # `web` too
         with pytest.raises(BlockingIOError):
             trap.accept()
     finally:
