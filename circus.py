@@ -4636,7 +4636,8 @@ def _check_owner_key(peer, key, value, current=None):
         if (uid if key == "uid" else gid) not in ((peer.uid,) if key == "uid" else peer.groups):
             raise peer.refuse("%s = %s is not yours" % (key, value))
         return
-    if key in OWNER_KEYS:
+    # a cmd naming $(circus.sockets.X) is handed that root-bound socket: the config's choice
+    if key in OWNER_KEYS and not (key in ("cmd", "args") and "sockets." in str(value).lower()):
         return
     if current is not None and key not in ("hooks", "rlimits", "stdout_stream", "stderr_stream"):
         probe = WatcherConfig(current.name)     # the same value the config gave is no change
@@ -4658,7 +4659,8 @@ def check_peer(arb, peer, name: str, props: dict) -> None:
         if options.get("uid") is None:
             raise peer.refuse("add needs uid = %d (without it the watcher would run as root)"
                               % peer.uid)
-        for key, value in options.items():
+        given = dict(options, **{k: props[k] for k in ("cmd", "args") if props.get(k) is not None})
+        for key, value in given.items():
             _check_owner_key(peer, key, value)
         return
     if name not in WATCHER_COMMANDS:

@@ -4566,6 +4566,7 @@ def test_e2e_endpoint_owner_cannot_become_root(daemon, shortdir, other_user):
         ("set", {"name": "mine", "options": {"rlimit_nofile": 100000}}),
         ("add", {"name": "x5", "cmd": "id", "options": dict(mine, executable="/bin/sh")}),
         ("set", {"name": "mine", "options": {"uid": "root"}}),
+        ("add", {"name": "x6", "cmd": "cat $(circus.sockets.web)", "options": mine}),
         ("signal", {"name": "w", "signum": 9}),
         ("stop", {}),
         ("stop", {"name": "*"}),
@@ -4587,7 +4588,7 @@ def test_e2e_endpoint_owner_cannot_become_root(daemon, shortdir, other_user):
     assert isinstance(replies, list), replies
     refused = ["stdout_stream.class", "'w'", "stdout_stream.filename", "gid = 0", "needs uid",
                "working_dir", "hooks.before_spawn", "copy_env", "rlimit_nofile", "executable",
-               "uid = root", "'w'", "one of its watchers", "'w'", "'quit'", "'reloadconfig'"]
+               "uid = root", "'cmd'", "'w'", "one of its watchers", "'w'", "'quit'", "'reloadconfig'"]
     for (cmd, _), reply, word in zip(requests, replies, refused):
         assert reply["status"] == "error" and word in reply["reason"], (cmd, reply)
         assert "refused:" in reply["reason"] and "Traceback" not in reply["reason"]
@@ -4595,7 +4596,7 @@ def test_e2e_endpoint_owner_cannot_become_root(daemon, shortdir, other_user):
         assert reply["status"] == "ok", (cmd, reply)
     assert not os.path.exists("/root/owned") and not os.path.exists("/root/x")
     assert d.call("get", name="w", keys=["cmd"])["options"]["cmd"] == "sleep 120"
-    assert [w for w in ("x1", "x2", "x3", "x4", "x5") if w in d.call("list")["watchers"]] == []
+    assert [w for w in ("x1", "x2", "x3", "x4", "x5", "x6") if w in d.call("list")["watchers"]] == []
     assert d.call("status", name="mine")["status"] == "stopped"
     assert d.call("status", name="w")["status"] == "active"
     # root (and the daemon's user) keep every right
