@@ -6203,8 +6203,14 @@ def _listen(endpoint, topics, out, curve):
 def _default_ctl_endpoint(kind="control") -> str:
     """Where a daemon started with no endpoint listens (our private ipc socket), else
     Circus's TCP default (a real circusd)."""
+    import stat
     ipc = default_endpoint(kind)
-    if os.path.exists(ipc[6:]):
+    try:        # a private folder that is not ours: never fall back to TCP, refuse (Client)
+        st = os.lstat(private_dir())
+        planted = not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077
+    except OSError:
+        planted = False
+    if planted or os.path.exists(ipc[6:]):
         return ipc
     return DEFAULT_ENDPOINT if kind == "control" else DEFAULT_PUBSUB
 

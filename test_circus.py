@@ -4757,7 +4757,7 @@ def test_private_dir_refuses_a_folder_not_ours_or_open(tmp_path, other_user):
     assert oct((tmp_path / "new").stat().st_mode & 0o777) == oct(0o700)
 
 
-def test_ctl_never_sends_to_a_socket_another_user_planted(shortdir, other_user):
+def test_ctl_never_sends_to_a_socket_another_user_planted(shortdir, other_user, monkeypatch):
     """Another user made the private folder (or a socket in a shared one): ctl sends nothing."""
     import asyncio
     root = pathlib.Path(shortdir)
@@ -4791,6 +4791,11 @@ def test_ctl_never_sends_to_a_socket_another_user_planted(shortdir, other_user):
             asyncio.run(circus.RemoteHub("ipc://%s/c.sock" % shared).start())      # `web` too
         with pytest.raises(BlockingIOError):
             trap.accept()
+        # their folder, even without a socket (or one we cannot see): no fallback to TCP
+        monkeypatch.setenv("XDG_RUNTIME_DIR", str(root))
+        assert circus._default_ctl_endpoint() == "ipc://%s/control.sock" % planted
+        with pytest.raises(circus.CircusError, match="owned by uid %d" % other_user.pw_uid):
+            circus.Client(circus._default_ctl_endpoint())
     finally:
         trap.close()
 
