@@ -4505,7 +4505,7 @@ def other_user():
                    capture_output=True, timeout=60)
     try:
         yield pwd.getpwnam(name)
-    finally:
+    finally:        # (list this fixture first: its teardown then runs after the daemon's)
         subprocess.run(["userdel", name], capture_output=True, timeout=60)
 
 
@@ -4543,7 +4543,7 @@ def as_user(pw, fn):
     return json.loads(b"".join(chunks) or b'{"exception": "timed out"}')
 
 
-def test_e2e_endpoint_owner_cannot_become_root(daemon, shortdir, other_user):
+def test_e2e_endpoint_owner_cannot_become_root(other_user, daemon, shortdir):
     """Over ipc (SO_PEERCRED) the endpoint_owner manages its own watchers only."""
     name, uid = other_user.pw_name, other_user.pw_uid
     os.chmod(shortdir, 0o755)       # the owner must reach the socket; only root writes here
@@ -4602,7 +4602,7 @@ def test_e2e_endpoint_owner_cannot_become_root(daemon, shortdir, other_user):
     # root (and the daemon's user) keep every right
     assert d.call("set", name="w", options={"numprocesses": 2}, waiting=True)["status"] == "ok"
 
-def test_e2e_curve_owner_keys_get_endpoint_owner_rights_only(daemon, shortdir, other_user):
+def test_e2e_curve_owner_keys_get_endpoint_owner_rights_only(other_user, daemon, shortdir):
     """On tcp, a CurveZMQ key listed in curve_owner_keys is the endpoint_owner's role."""
     root = pathlib.Path(shortdir)
     for where, name in (("keys", "server"), ("keys/admins", "admin"), ("keys/owners", "owner")):
@@ -4688,7 +4688,7 @@ def test_e2e_private_default_endpoints_and_insecure_ones(shortdir):
                 os.killpg(p.pid, signal.SIGKILL)
 
 
-def test_e2e_ipc_endpoint_folder_others_could_write_is_refused(shortdir, other_user):
+def test_e2e_ipc_endpoint_folder_others_could_write_is_refused(other_user, shortdir):
     """The daemon never binds (then chowns) where another user could swap the socket."""
     root = pathlib.Path(shortdir)
     for sub, mode, owner, word in (("open", 0o777, 0, "writable by others (mode 777)"),
@@ -4757,7 +4757,7 @@ def test_private_dir_refuses_a_folder_not_ours_or_open(tmp_path, other_user):
     assert oct((tmp_path / "new").stat().st_mode & 0o777) == oct(0o700)
 
 
-def test_ctl_never_sends_to_a_socket_another_user_planted(shortdir, other_user, monkeypatch):
+def test_ctl_never_sends_to_a_socket_another_user_planted(other_user, shortdir, monkeypatch):
     """Another user made the private folder (or a socket in a shared one): ctl sends nothing."""
     import asyncio
     root = pathlib.Path(shortdir)
