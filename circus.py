@@ -911,6 +911,7 @@ class CircusConfig:
         self.allow_insecure_endpoint = False
         self.curve_secret_key = None        # CurveZMQ: the daemon's key pair file (.key_secret)
         self.curve_authorized_keys = None   # and the clients' public keys (a folder of .key files)
+        self.curve_owner_keys = None        # clients with endpoint_owner's rights only (the same)
         self.multicast_endpoint = None      # Circus: on by default; here only when set
         self.endpoint_owner = None
         self.statsd = False
@@ -978,7 +979,7 @@ _CIRCUS_KEYS = {
     "debug_gc": to_bool, "pidfile": str, "loglevel": _loglevel, "logoutput": _logoutput,
     "loggerconfig": str, "fqdn_prefix": str, "include": str, "include_dir": str,
     "metrics_endpoint": host_port, "max_processes": _count, "allow_insecure_endpoint": to_bool,
-    "curve_secret_key": str, "curve_authorized_keys": str,
+    "curve_secret_key": str, "curve_authorized_keys": str, "curve_owner_keys": str,
     # Documented by Circus but not read by it; accepted for the same files.
     "statsd_close_outputs": to_bool, "httpd_close_outputs": to_bool, "stream_backend": str,
 }
@@ -1044,7 +1045,7 @@ def _read_with_includes(path: str, environ, warnings: list) -> IniFile:
 def _check_curve_conf(cfg, ini) -> None:
     """Both CurveZMQ keys or neither; paths are relative to the config file; keys must load."""
     base = os.path.dirname(cfg.path or ".")
-    for key in ("curve_secret_key", "curve_authorized_keys"):
+    for key in ("curve_secret_key", "curve_authorized_keys", "curve_owner_keys"):
         if getattr(cfg, key):
             setattr(cfg, key, os.path.join(base, os.path.expanduser(getattr(cfg, key))))
     if bool(cfg.curve_secret_key) != bool(cfg.curve_authorized_keys):
@@ -1052,10 +1053,16 @@ def _check_curve_conf(cfg, ini) -> None:
                       else ("curve_authorized_keys", "curve_secret_key"))
         raise ConfigError("%s: %s needs %s too (the folder of client .key files; see "
                           "`python circus.py ctl keygen`)" % (ini.where("circus", have), have, need))
+    if cfg.curve_owner_keys and not (cfg.curve_secret_key and cfg.endpoint_owner):
+        raise ConfigError("%s: curve_owner_keys needs curve_secret_key and endpoint_owner (its "
+                          "keys get endpoint_owner's rights)"
+                          % ini.where("circus", "curve_owner_keys"))
     if cfg.curve_secret_key:
         try:
             load_curve_key(cfg.curve_secret_key, secret=True)
             authorized_keys(cfg.curve_authorized_keys)
+            if cfg.curve_owner_keys:
+                authorized_keys(cfg.curve_owner_keys)
         except CircusError as e:
             raise ConfigError("%s: %s" % (ini.where("circus"), e)) from None
 
@@ -4152,6 +4159,7 @@ class Arbiter:
         self.allow_insecure_endpoint = False    # a TCP endpoint off this host, with no auth
         self.curve_secret_key = None    # CurveZMQ on every channel when set (see CurveServer)
         self.curve_authorized_keys = None
+        self.curve_owner_keys = None    # their clients get endpoint_owner's rights only
         self.statsd = False             # publish the stats channel on stats_endpoint
         self.metrics_endpoint = None
         self.httpd = None               # (host, port, token): the web dashboard
@@ -4183,6 +4191,7 @@ class Arbiter:
         arb.httpd = (cfg.httpd_host, cfg.httpd_port, cfg.httpd_token) if cfg.httpd else None
         arb.allow_insecure_endpoint = cfg.allow_insecure_endpoint
         arb.curve_secret_key, arb.curve_authorized_keys = cfg.curve_secret_key, cfg.curve_authorized_keys
+        arb.curve_owner_keys = cfg.curve_owner_keys
         arb.max_processes = cfg.max_processes
         arb.flapping_plugin, arb.plugin_limits = flapping_defaults(cfg), plugin_limits(cfg)
         for wc in cfg.watchers:
@@ -4692,7 +4701,8 @@ class Arbiter:
                 raise CommandError("config not reloaded, nothing changed: %s" % e, E_MESSAGE_ERROR) from None
             if new.globals_key() != old.globals_key():
                 self.check_delay, self.warmup_delay = new.check_delay, new.warmup_delay
-                for k in ("endpoint", "pubsub_endpoint", "multicast_endpoint", "curve_secret_key"):
+                for k in ("endpoint", "pubsub_endpoint", "multicast_endpoint", "curve_secret_key",
+                          "curve_owner_keys", "endpoint_owner"):
                     if getattr(new, k) != getattr(old, k):
                         _log().warning("reloadconfig: %s changed; it takes effect at the next "
                                        "daemon start (a restart keeps the old one)", k)
@@ -5397,6 +5407,123 @@ def _check_option_name(key, w=None) -> None:
     raise MessageError("unknown key %r" % key)
 
 
+# -- who may do what: root and the daemon's user everything, endpoint_owner its own watchers --
+
+#: Options an endpoint_owner may give to `add` and `set` on its own watchers. Everything
+#: else (executable, working_dir, copy_env, copy_path, virtualenv, stdin_socket, hooks,
+#: streams, rlimits...) is acted on by the root daemon itself, so only root may change it.
+OWNER_KEYS = frozenset((
+    "cmd", "args", "numprocesses", "warmup_delay", "shell", "shell_args", "uid", "gid", "env",
+    "send_hup", "stop_signal", "stop_children", "max_retry", "graceful_timeout", "singleton",
+    "respawn", "max_age", "max_age_variance", "close_child_stdin", "close_child_stdout",
+    "close_child_stderr", "check_flapping", "flapping_attempts", "flapping_window", "retry_in",
+    "parent_death_signal", "ready", "ready_timeout", "startsecs", "autorestart", "exitcodes",
+    "stopasgroup", "killasgroup", "redirect_stderr", "umask", "max_rss", "max_cpu",
+    "watchdog_interval", "watchdog_grace", "watchdog_signal"))
+#: Commands that read only: anyone who may connect may use them.
+READ_COMMANDS = frozenset((
+    "status", "list", "numprocesses", "numwatchers", "globaloptions", "listsockets", "stats",
+    "dstats", "snapshot", "pid", "maintail", "reread", "top", "listen", "help"))
+#: Commands on named watchers: an endpoint_owner may use them on watchers running as itself.
+WATCHER_COMMANDS = frozenset((
+    "start", "stop", "restart", "reload", "incr", "decr", "signal", "kill", "rm", "set",
+    "options", "get", "tail"))
+
+
+class Peer:
+    """A user other than root and the daemon's own who sent a request (the endpoint_owner)."""
+
+    def __init__(self, uid: int, gid: int):
+        import pwd
+        self.uid, self.gid = uid, gid
+        self.groups = {gid}
+        try:
+            self.groups.update(os.getgrouplist(pwd.getpwuid(uid).pw_name, gid))
+        except (KeyError, OSError, OverflowError):
+            pass
+
+    def refuse(self, what: str):
+        return CommandError("refused: %s (endpoint_owner, uid %d, may only manage watchers running "
+                            "as itself; see README, Security)" % (what, self.uid))
+
+
+def _runs_as_peer(w, peer) -> bool:
+    o = w.conf.options
+    try:
+        uid, gid, _ = resolve_user(o["uid"], o["gid"])
+    except ValueError:
+        return False
+    uid = os.geteuid() if uid is None else uid
+    gid = os.getegid() if gid is None else gid
+    return uid == peer.uid and gid in peer.groups
+
+
+def _conf_value(conf, key):
+    """What a WatcherConfig holds for one `set` key (None when unset)."""
+    if key in conf.options:
+        return conf.options[key]
+    for which in ("stdout_stream", "stderr_stream"):
+        if key.startswith(which + "."):
+            return getattr(conf, which).get(key[len(which) + 1:])
+    if key.startswith("hooks."):
+        return conf.hooks.get(key[6:])
+    if key.startswith("rlimit_"):
+        return conf.rlimits.get(key[7:].lower())
+    return conf.free.get(key)
+
+
+def _check_owner_key(peer, key, value, current=None):
+    """Raise unless a restricted peer may give ``key = value`` (current: the watcher's conf)."""
+    if key == "uid" or key == "gid":
+        try:
+            uid, gid, _ = resolve_user(value, None) if key == "uid" else resolve_user(None, value)
+        except ValueError as e:
+            raise MessageError("%s: %s" % (key, e)) from None
+        if (uid if key == "uid" else gid) not in ((peer.uid,) if key == "uid" else peer.groups):
+            raise peer.refuse("%s = %s is not yours" % (key, value))
+        return
+    # a cmd naming $(circus.sockets.X) is handed that root-bound socket: the config's choice
+    if key in OWNER_KEYS and not (key in ("cmd", "args") and "sockets." in str(value).lower()):
+        return
+    if current is not None and key not in ("hooks", "rlimits", "stdout_stream", "stderr_stream"):
+        probe = WatcherConfig(current.name)     # the same value the config gave is no change
+        try:
+            probe.set(key, value)
+        except ValueError as e:
+            raise MessageError("%s: %s" % (key, e)) from None
+        if _conf_value(probe, key) == _conf_value(current, key):
+            return
+    raise peer.refuse("only root may set %r" % key)
+
+
+def check_peer(arb, peer, name: str, props: dict) -> None:
+    """Raise CommandError unless ``peer`` may run command ``name`` with ``props``."""
+    if peer is None or name in READ_COMMANDS:
+        return
+    if name == "add":
+        options = props.get("options") if isinstance(props.get("options"), dict) else {}
+        if options.get("uid") is None:
+            raise peer.refuse("add needs uid = %d (without it the watcher would run as root)"
+                              % peer.uid)
+        given = dict(options, **{k: props[k] for k in ("cmd", "args") if props.get(k) is not None})
+        for key, value in given.items():
+            _check_owner_key(peer, key, value)
+        return
+    if name not in WATCHER_COMMANDS:
+        raise peer.refuse("%r is for root only" % name)
+    wanted = props.get("name")
+    if not wanted or (name in ("start", "stop", "restart") and str(wanted).lower() == "all"
+                      and not any(w.name.lower() == "all" for w in arb.watchers)):
+        raise peer.refuse("%r needs the name of one of its watchers" % name)
+    targets = _match(arb, props) if name in ("start", "stop", "restart") else [_watcher(arb, props)]
+    for w in targets:
+        if not _runs_as_peer(w, peer):
+            raise peer.refuse("watcher %r does not run as uid %d" % (w.name, peer.uid))
+    if name == "set" and isinstance(props.get("options"), dict):
+        for key, value in props["options"].items():
+            _check_owner_key(peer, key, value, targets[0].conf)
+
+
 def _match(arb, props):
     """Watchers named by ``name`` under ``match``: simple, glob (default) or regex."""
     import fnmatch
@@ -6072,21 +6199,69 @@ def _ipc_in_use(path: str) -> bool:
             return False        # a stale file from a daemon that died: ours to replace
 
 
-def _bind(sock, endpoint, what, curve=None):
+def _ipc_folder(path: str, what: str, endpoint: str, sticky_ok=True) -> int:
+    """Open an ipc socket's folder (an fd), refusing one where others could swap files.
+
+    A sticky folder others can write (/tmp) is accepted with ``sticky_ok``: there
+    nobody can rename or remove a file of ours."""
+    import stat
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as e:
+        raise CircusError("%s %s: cannot open its folder %s: %s" % (what, endpoint, folder,
+                                                                   e.strerror)) from None
+    st = os.fstat(fd)
+    shared = st.st_mode & 0o022 and not (sticky_ok and st.st_mode & stat.S_ISVTX)
+    if st.st_uid not in (0, os.geteuid()) or shared:
+        os.close(fd)
+        raise CircusError("%s %s: its folder %s is %s, so another user could replace the socket: "
+                          "use a folder only root or the daemon's user can write (or leave the "
+                          "endpoint out for a private one)" % (what, endpoint, folder,
+                          "writable by others (mode %o)" % (st.st_mode & 0o7777)
+                          if st.st_uid in (0, os.geteuid()) else "owned by uid %d" % st.st_uid))
+    return fd
+
+
+def _give_socket(dir_fd: int, name: str, owner, endpoint: str) -> None:
+    """chown the socket we just bound to endpoint_owner: by folder fd, never through a link."""
+    import stat
+    uid, gid, _ = resolve_user(owner, None)
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.geteuid():
+            raise OSError(errno.EPERM, "it is no longer the socket the daemon made")
+        os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+    except (OSError, ValueError) as e:
+        _log().warning("endpoint_owner: cannot give %s to %s: %s", endpoint, owner,
+                       getattr(e, "strerror", None) or e)
+
+
+def _bind(sock, endpoint, what, curve=None, owner=None):
+    """Bind a ZeroMQ socket; an ipc socket file is made 0600 (given to ``owner`` if set)."""
     import zmq
-    path = endpoint[6:] if endpoint.startswith("ipc://") else None
+    abstract = endpoint.startswith("ipc://@")      # Linux's abstract namespace: no file
+    path = endpoint[6:] if endpoint.startswith("ipc://") and not abstract else None
+    dir_fd = None
     try:
         if curve is not None:
             curve.secure(sock, what.split()[0])
         if path:
             if os.path.dirname(path) == private_dir():
                 ensure_private_dir(os.path.dirname(path))
+            # a socket given to endpoint_owner in a shared folder: the owner could replace it
+            dir_fd = _ipc_folder(path, what, endpoint, sticky_ok=owner is None)
             if _ipc_in_use(path):
                 raise CircusError("%s %s: a daemon is already running there (stop it, or give "
                                   "this one another endpoint)" % (what, endpoint))
-        sock.bind(endpoint)
-        if path:
-            os.chmod(path, 0o600)
+        old_umask = os.umask(0o177) if path else None   # born 0600: no chmod by name after
+        try:
+            sock.bind(endpoint)
+        finally:
+            if path:
+                os.umask(old_umask)
+        if path and owner is not None:
+            _give_socket(dir_fd, os.path.basename(path), owner, endpoint)
     except zmq.ZMQError as e:
         sock.close(0)
         hint = " (is another daemon running on it?)" if e.errno == errno.EADDRINUSE else ""
@@ -6094,6 +6269,9 @@ def _bind(sock, endpoint, what, curve=None):
     except BaseException:
         sock.close(0)
         raise
+    finally:
+        if dir_fd is not None:
+            os.close(dir_fd)
 
 
 def _unlink_ipc(endpoint) -> None:
@@ -6186,16 +6364,17 @@ class CurveServer:
 
     MAX_REMEMBERED = 1024       # unknown keys logged so far: bounded against key-spraying
 
-    def __init__(self, secret_key_file, location, ctx):
+    def __init__(self, secret_key_file, location, ctx, owner_location=None):
         import zmq
         self.public, self.secret = load_curve_key(secret_key_file, secret=True)
         if os.stat(secret_key_file).st_mode & 0o077:
             _log().warning("curve_secret_key %s is readable by other users: anyone who reads it "
                            "can pose as this daemon (chmod 600 it)", secret_key_file)
-        self.location = location
-        self._stamp, self._keys = None, set()
+        self.location, self.owner_location = location, owner_location
+        self._stamps: dict = {}     # location -> (its files' stamp, its keys)
         self._refused: set = set()
         self.allowed()          # read now, before any privilege drop
+        self.owner_keys()
         self.sock = ctx.socket(zmq.REP)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.bind("inproc://zeromq.zap.01")     # libzmq asks this address (ZAP, RFC 27)
@@ -6208,22 +6387,30 @@ class CurveServer:
         sock.curve_secretkey = self.secret
         sock.zap_domain = domain.encode()
 
-    def allowed(self) -> set:
-        """The listed keys, re-read whenever a key file appears, goes or changes."""
+    def _keys(self, location) -> set:
+        """The keys of a location, re-read whenever a key file appears, goes or changes."""
         stamp = []
         try:
-            for path in _key_files(self.location):
+            for path in _key_files(location):
                 st = os.stat(path)
                 stamp.append((path, st.st_mtime_ns, st.st_size))
         except OSError:
             stamp = None        # changing under our feet: read it all again next time
-        if stamp is None or stamp != self._stamp:
+        old = self._stamps.get(location)
+        if stamp is None or old is None or stamp != old[0]:
             problems: list = []
-            self._keys = authorized_keys(self.location, problems)
+            old = self._stamps[location] = (stamp, authorized_keys(location, problems))
             for p in problems:
-                _log().warning("curve_authorized_keys: %s (skipped)", p)
-            self._stamp = stamp
-        return self._keys
+                _log().warning("%s: %s (skipped)", location, p)
+        return old[1]
+
+    def allowed(self) -> set:
+        """curve_authorized_keys: clients with every right."""
+        return self._keys(self.location)
+
+    def owner_keys(self) -> set:
+        """curve_owner_keys: clients with endpoint_owner's rights only (see check_peer)."""
+        return self._keys(self.owner_location) if self.owner_location else set()
 
     def decide(self, frames) -> tuple:
         """A ZAP request -> (status code, text, user id)."""
@@ -6234,7 +6421,7 @@ class CurveServer:
         if mechanism != b"CURVE" or len(frames[6]) != 32:
             return b"400", b"CURVE only", b""
         key = z85.encode(frames[6])
-        if key in self.allowed():
+        if key in self.allowed() or key in self.owner_keys():
             return b"200", b"OK", key
         if key not in self._refused and len(self._refused) < self.MAX_REMEMBERED:
             self._refused.add(key)
@@ -6288,15 +6475,8 @@ class ControlChannel:
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.MAXMSGSIZE, self.MAX_REQUEST)
-        _bind(self.sock, self.endpoint, "control endpoint", self.curve)
-        owner = self.arbiter.endpoint_owner
-        if owner is not None and self.endpoint.startswith("ipc://"):
-            uid, gid, _ = resolve_user(owner, None)
-            try:        # the owner, and only the owner (and root), may connect
-                os.chown(self.endpoint[6:], uid, gid)
-                os.chmod(self.endpoint[6:], 0o600)
-            except OSError as e:
-                _log().warning("endpoint_owner: cannot give %s to %s: %s", self.endpoint, owner, e.strerror)
+        # the owner, and only the owner (and root), may connect
+        _bind(self.sock, self.endpoint, "control endpoint", self.curve, self.arbiter.endpoint_owner)
         self._task = asyncio.get_running_loop().create_task(self._serve())
 
     def owns(self, task) -> bool:
@@ -6307,12 +6487,14 @@ class ControlChannel:
         loop = asyncio.get_running_loop()
         while True:
             try:
-                frames = await self.sock.recv_multipart()
+                frames = await self.sock.recv_multipart(copy=False)
             except zmq.ZMQError as e:
                 if self.sock is None or self.sock.closed:
                     return
                 _log().warning("control channel: %s", e)
                 continue
+            peer = self._peer(frames[-1])
+            frames = [f.bytes for f in frames]
             if len(frames) == 2:
                 envelope, body = frames[:1], frames[1]
             elif len(frames) == 3 and frames[1] == b"":
@@ -6321,12 +6503,37 @@ class ControlChannel:
                 _log().warning("control channel: ignored a %d-frame message (send one JSON frame)",
                                len(frames))
                 continue
-            task = loop.create_task(self._handle(envelope, body))
+            task = loop.create_task(self._handle(envelope, body, peer))
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
 
-    async def _handle(self, envelope, body):
-        reply = await dispatch(self.arbiter, body)
+    def _peer(self, frame):
+        """The sender, when not root nor the daemon's user: a Peer (see check_peer), else None.
+
+        On ipc, libzmq appends the SO_PEERCRED uid:gid:pid to the Peer-Address property."""
+        owner = self.arbiter.endpoint_owner
+        if not self.endpoint.startswith("ipc://"):
+            if owner is None or self.curve is None:
+                return None
+            try:        # CurveZMQ: the ZAP handler made the client's key its User-Id
+                key = frame.get("User-Id").encode()
+            except Exception:
+                return None
+            if key not in self.curve.owner_keys():
+                return None
+            try:
+                return Peer(*resolve_user(owner, None)[:2])
+            except ValueError:
+                return Peer(-1, -1)
+        try:
+            _, uid, gid, _ = frame.get("Peer-Address").rsplit(":", 3)
+            uid, gid = int(uid), int(gid)
+        except Exception:       # no credentials: with an endpoint_owner, trust no more than it
+            return Peer(-1, -1) if owner is not None else None
+        return None if uid in (0, os.geteuid()) else Peer(uid, gid)
+
+    async def _handle(self, envelope, body, peer=None):
+        reply = await dispatch(self.arbiter, body, peer)
         if reply is None or self.sock is None:
             return
         try:
@@ -6352,8 +6559,11 @@ def _error_reply(reason, errno_, msg_id, tb=None):
             "errno": errno_, "id": msg_id}
 
 
-async def dispatch(arbiter, body: bytes):
-    """One request body -> the reply dict (None for casts). Never raises."""
+async def dispatch(arbiter, body: bytes, peer=None):
+    """One request body -> the reply dict (None for casts). Never raises.
+
+    ``peer``: who sent it (a Peer), None for the daemon's own callers and
+    connections whose user is unknown (see check_peer)."""
     msg_id, cast = None, False
     try:
         try:
@@ -6375,6 +6585,7 @@ async def dispatch(arbiter, body: bytes):
             props = {}
         if not isinstance(props, dict):
             raise MessageError("'properties' should be an object")
+        check_peer(arbiter, peer, cmd.name, props)
         result = cmd.run(arbiter, props)
         if isinstance(result, _Await):
             result = await result.awaitable
@@ -6575,6 +6786,36 @@ def _check_ipc_listener(endpoint: str) -> None:
                             "$CIRCUSCTL_ENDPOINT at a running one" % (endpoint, why))
 
 
+def check_ipc_server(endpoint: str) -> None:
+    """Before a client talks to an ipc socket: refuse one another user could have planted.
+
+    Its folder must be root's or ours and not writable by others (a sticky folder like /tmp
+    is allowed, but then the socket must already be there and be root's or ours)."""
+    import stat
+    if not endpoint.startswith("ipc://") or endpoint.startswith("ipc://@"):
+        return
+    path = endpoint[6:]
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        return          # nothing there: the request times out, as for any absent daemon
+    fd = _ipc_folder(path, "endpoint", endpoint)
+    try:
+        shared = os.fstat(fd).st_mode & 0o022
+        try:
+            st = os.stat(os.path.basename(path), dir_fd=fd, follow_symlinks=False)
+        except FileNotFoundError:
+            if shared:
+                raise CallError("endpoint %s: no socket there yet, and its folder is shared "
+                                "with other users: start the daemon first" % endpoint) from None
+            return
+        if st.st_uid not in (0, os.geteuid()) and (shared or os.geteuid() != 0) \
+                or not stat.S_ISSOCK(st.st_mode):
+            raise CircusError("endpoint %s: the socket belongs to uid %d, not to you or root: "
+                              "another user may have put it there, so nothing is sent to it "
+                              "(remove it and restart the daemon)" % (endpoint, st.st_uid))
+    finally:
+        os.close(fd)
+
+
 class Client:
     """Talks to a running daemon (ours or circusd) over its control endpoint.
 
@@ -6587,6 +6828,7 @@ class Client:
 
     def __init__(self, endpoint: str = DEFAULT_ENDPOINT, timeout: float = 5.0, curve=None):
         import zmq
+        check_ipc_server(endpoint)     # never talk to a socket another user planted
         _check_ipc_listener(endpoint)
         self._zmq = zmq
         self.endpoint = endpoint
@@ -6721,6 +6963,7 @@ def subscribe(endpoint: str = DEFAULT_PUBSUB, topics=(b"",), timeout=None, raw=F
     ``curve`` is a ``client_keys()`` triple for a daemon with CurveZMQ on.
     """
     import zmq
+    check_ipc_server(endpoint)
     ctx = zmq.Context()
     sock = ctx.socket(zmq.SUB)
     sock.setsockopt(zmq.LINGER, 0)
@@ -6908,8 +7151,14 @@ def _pubsub_of(endpoint, timeout, curve) -> str:
 def _default_ctl_endpoint(kind="control") -> str:
     """Where a daemon started with no endpoint listens (our private ipc socket), else
     Circus's TCP default (a real circusd)."""
+    import stat
     ipc = default_endpoint(kind)
-    if os.path.exists(ipc[6:]):
+    try:        # a private folder that is not ours: never fall back to TCP, refuse (Client)
+        st = os.lstat(private_dir())
+        planted = not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077
+    except OSError:
+        planted = False
+    if planted or os.path.exists(ipc[6:]):
         return ipc
     return DEFAULT_ENDPOINT if kind == "control" else DEFAULT_PUBSUB
 
@@ -7472,6 +7721,7 @@ class RemoteHub(LocalHub):
     async def start(self):
         import zmq
         import zmq.asyncio
+        check_ipc_server(self.endpoint)
         self.ctx = zmq.asyncio.Context()
         self._connect()
         reply = await self.call("globaloptions", {"option": "pubsub_endpoint"})
@@ -8296,7 +8546,8 @@ async def start_channels(arbiter) -> list:
     try:
         curve = None
         if arbiter.curve_secret_key:
-            curve = CurveServer(arbiter.curve_secret_key, arbiter.curve_authorized_keys, ctx)
+            curve = CurveServer(arbiter.curve_secret_key, arbiter.curve_authorized_keys, ctx,
+                                arbiter.curve_owner_keys)
         if arbiter.pubsub_endpoint:
             pub = PubChannel(arbiter.pubsub_endpoint, ctx, curve)
             arbiter.listeners.append(pub)

@@ -5697,6 +5697,155 @@ def test_e2e_endpoint_owner_and_process_limits(daemon):
 
 
 
+@pytest.fixture
+def other_user():
+    """A throwaway user (useradd -M), removed afterwards: its pwd entry."""
+    import pwd
+    if os.geteuid() != 0 or not shutil.which("useradd"):
+        pytest.skip("needs root and useradd")
+    name = "cpya%s" % os.urandom(4).hex()
+    subprocess.run(["useradd", "-M", "-s", "/usr/sbin/nologin", name], check=True,
+                   capture_output=True, timeout=60)
+    try:
+        yield pwd.getpwnam(name)
+    finally:        # (list this fixture first: its teardown then runs after the daemon's)
+        subprocess.run(["userdel", name], capture_output=True, timeout=60)
+
+
+def as_user(pw, fn):
+    """Run ``fn()`` in a forked child as user ``pw``; returns its JSON result."""
+    import select
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:        # pragma: no cover - the child
+        out = b"null"
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(pw.pw_gid)
+            os.setuid(pw.pw_uid)
+            out = json.dumps(fn()).encode()
+        except BaseException as e:
+            out = json.dumps({"exception": repr(e)}).encode()
+        finally:
+            os.write(w, out)
+            os._exit(0)
+    os.close(w)
+    chunks, deadline = [], time.monotonic() + TIMEOUT * 2
+    try:
+        while select.select([r], [], [], max(0, deadline - time.monotonic()))[0]:
+            chunk = os.read(r, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(r)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    return json.loads(b"".join(chunks) or b'{"exception": "timed out"}')
+
+
+def test_e2e_endpoint_owner_cannot_become_root(other_user, daemon, shortdir):
+    """Over ipc (SO_PEERCRED) the endpoint_owner manages its own watchers only."""
+    name, uid = other_user.pw_name, other_user.pw_uid
+    os.chmod(shortdir, 0o755)       # the owner must reach the socket; only root writes here
+    d = daemon("endpoint_owner = %s\n[watcher:w]\ncmd = sleep 120\n"
+               "[watcher:mine]\ncmd = sleep 120\nuid = %s\n" % (name, name))
+    sock = pathlib.Path(d.endpoint[6:])
+    assert sock.stat().st_uid == uid and oct(sock.stat().st_mode & 0o777) == oct(0o600)
+    mine = {"uid": name}
+    requests = [
+        # the four ways to root the review found
+        ("add", {"name": "x1", "cmd": "id", "options": dict(mine, **{"stdout_stream.class": "subprocess.Popen"})}),
+        ("set", {"name": "w", "options": {"cmd": "touch /root/owned"}}),
+        ("add", {"name": "x2", "cmd": "id", "options": dict(mine, **{"stdout_stream.filename": "/root/x"})}),
+        ("add", {"name": "x3", "cmd": "id", "options": dict(mine, gid=0)}),
+        # and their neighbours
+        ("add", {"name": "x4", "cmd": "id"}),
+        ("set", {"name": "mine", "options": {"working_dir": "/root"}}),
+        ("set", {"name": "mine", "options": {"hooks.before_spawn": "os.system"}}),
+        ("set", {"name": "mine", "options": {"copy_env": True}}),
+        ("set", {"name": "mine", "options": {"rlimit_nofile": 100000}}),
+        ("add", {"name": "x5", "cmd": "id", "options": dict(mine, executable="/bin/sh")}),
+        ("set", {"name": "mine", "options": {"uid": "root"}}),
+        ("add", {"name": "x6", "cmd": "cat $(circus.sockets.web)", "options": mine}),
+        ("signal", {"name": "w", "signum": 9}),
+        ("stop", {}),
+        ("stop", {"name": "*"}),
+        ("quit", {}),
+        ("reloadconfig", {}),
+        # what the owner may do
+        ("status", {}),
+        ("add", {"name": "ok", "cmd": "sleep 120", "options": dict(mine, numprocesses=2)}),
+        ("set", {"name": "mine", "options": {"numprocesses": 2, "uid": str(uid)}}),
+        ("incr", {"name": "ok"}),
+        ("stop", {"name": "mine", "waiting": True}),
+        ("rm", {"name": "ok"}),
+    ]
+
+    def client():
+        with circus.Client(d.endpoint, TIMEOUT) as c:
+            return [c.call(cmd, **props) for cmd, props in requests]
+    replies = as_user(other_user, client)
+    assert isinstance(replies, list), replies
+    refused = ["stdout_stream.class", "'w'", "stdout_stream.filename", "gid = 0", "needs uid",
+               "working_dir", "hooks.before_spawn", "copy_env", "rlimit_nofile", "executable",
+               "uid = root", "'cmd'", "'w'", "one of its watchers", "'w'", "'quit'", "'reloadconfig'"]
+    for (cmd, _), reply, word in zip(requests, replies, refused):
+        assert reply["status"] == "error" and word in reply["reason"], (cmd, reply)
+        assert "refused:" in reply["reason"] and "Traceback" not in reply["reason"]
+    for (cmd, _), reply in zip(requests[len(refused):], replies[len(refused):]):
+        assert reply["status"] == "ok", (cmd, reply)
+    assert not os.path.exists("/root/owned") and not os.path.exists("/root/x")
+    assert d.call("get", name="w", keys=["cmd"])["options"]["cmd"] == "sleep 120"
+    assert [w for w in ("x1", "x2", "x3", "x4", "x5", "x6") if w in d.call("list")["watchers"]] == []
+    assert d.call("status", name="mine")["status"] == "stopped"
+    assert d.call("status", name="w")["status"] == "active"
+    # root (and the daemon's user) keep every right
+    assert d.call("set", name="w", options={"numprocesses": 2}, waiting=True)["status"] == "ok"
+
+def test_e2e_curve_owner_keys_get_endpoint_owner_rights_only(other_user, daemon, shortdir):
+    """On tcp, a CurveZMQ key listed in curve_owner_keys is the endpoint_owner's role."""
+    root = pathlib.Path(shortdir)
+    for where, name in (("keys", "server"), ("keys/admins", "admin"), ("keys/owners", "owner")):
+        r = subprocess.run([sys.executable, str(CIRCUS_PY), "ctl", "keygen", str(root / where), name],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+    (port,) = free_ports(1)
+    (root / "o.ini").write_text(
+        "[circus]\nendpoint = tcp://127.0.0.1:%d\npubsub_endpoint = ipc://%s/pub.sock\n"
+        "endpoint_owner = %s\ncurve_secret_key = keys/server.key_secret\n"
+        "curve_authorized_keys = keys/admins\ncurve_owner_keys = keys/owners\n"
+        "[watcher:w]\ncmd = sleep 120\n" % (port, root, other_user.pw_name))
+    d = daemon(None, start=False, name="o.ini")
+    d.endpoint = "tcp://127.0.0.1:%d" % port
+    server = str(root / "keys" / "server.key")
+    d.curve = circus.client_keys(str(root / "keys" / "admins" / "admin.key_secret"), server)
+    d.start()
+    owner = circus.client_keys(str(root / "keys" / "owners" / "owner.key_secret"), server)
+    with circus.Client(d.endpoint, TIMEOUT, owner) as c:
+        r = c.call("set", name="w", options={"cmd": "touch /root/owned"})
+        assert r["status"] == "error" and "refused:" in r["reason"] and "'w'" in r["reason"], r
+        r = c.call("add", name="x", cmd="id", options={"uid": other_user.pw_name,
+                                                       "stdout_stream.class": "subprocess.Popen"})
+        assert r["status"] == "error" and "stdout_stream.class" in r["reason"], r
+        assert c.call("quit")["status"] == "error"
+        assert c.call("add", name="x", cmd="sleep 120", options={"uid": other_user.pw_name})["status"] == "ok"
+        assert c.call("status")["status"] == "ok"
+    assert d.call("set", name="w", options={"numprocesses": 2})["status"] == "ok"      # an admin key
+    assert d.call("get", name="w", keys=["cmd"])["options"]["cmd"] == "sleep 120"
+
+def test_curve_owner_keys_need_curve_and_endpoint_owner(tmp_path):
+    assert circus.main(["ctl", "keygen", str(tmp_path), "srv"]) == 0
+    conf = tmp_path / "c.ini"
+    conf.write_text("[circus]\ncurve_secret_key = srv.key_secret\ncurve_authorized_keys = .\n"
+                    "curve_owner_keys = .\n")
+    with pytest.raises(circus.ConfigError, match="curve_owner_keys needs curve_secret_key and endpoint_owner"):
+        circus.load_config(str(conf))
+    conf.write_text(conf.read_text() + "endpoint_owner = root\n")
+    assert circus.load_config(str(conf)).curve_owner_keys == os.path.join(str(tmp_path), ".")
+
 def test_e2e_private_default_endpoints_and_insecure_ones(shortdir):
     root = pathlib.Path(shortdir)
     env = dict(os.environ, XDG_RUNTIME_DIR=str(root))
@@ -5741,6 +5890,117 @@ def test_e2e_private_default_endpoints_and_insecure_ones(shortdir):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.pid, signal.SIGKILL)
 
+
+def test_e2e_ipc_endpoint_folder_others_could_write_is_refused(other_user, shortdir):
+    """The daemon never binds (then chowns) where another user could swap the socket."""
+    root = pathlib.Path(shortdir)
+    for sub, mode, owner, word in (("open", 0o777, 0, "writable by others (mode 777)"),
+                                   ("theirs", 0o755, other_user.pw_uid, "owned by uid %d" % other_user.pw_uid)):
+        folder = root / sub
+        folder.mkdir()
+        os.chown(folder, owner, -1)
+        os.chmod(folder, mode)
+        d = Daemon(folder, "endpoint_owner = %s\n[watcher:w]\ncmd = sleep 120\n" % other_user.pw_name)
+        d.start(wait=False)
+        try:
+            assert d.proc.wait(TIMEOUT) == 1
+        finally:
+            d.stop()
+        log = d.log.read_text()
+        assert word in log and "Traceback" not in log, log
+        assert not (folder / "ctl.sock").exists()
+    # a sticky shared folder (like /tmp) is fine without endpoint_owner: others cannot rename
+    # or remove the daemon's socket there (but the owner of a socket could)
+    shared = root / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)
+    d = Daemon(shared, "[watcher:w]\ncmd = sleep 120\n")
+    try:
+        d.start()
+        st = os.stat(d.endpoint[6:])
+        assert st.st_uid == 0 and oct(st.st_mode & 0o777) == oct(0o600)
+    finally:
+        d.stop()
+    d = Daemon(shared, "endpoint_owner = %s\n[watcher:w]\ncmd = sleep 120\n" % other_user.pw_name,
+               name="owned.ini")
+    d.start(wait=False)
+    try:
+        assert d.proc.wait(TIMEOUT) == 1
+    finally:
+        d.stop()
+    assert "writable by others (mode 1777)" in d.log.read_text()
+
+def test_endpoint_owner_chown_never_follows_a_link(tmp_path, other_user):
+    """The socket is given to endpoint_owner by folder fd, never through a symlink."""
+    target = tmp_path / "root-only"
+    target.write_text("secret")
+    os.chmod(target, 0o600)
+    (tmp_path / "c.sock").symlink_to(target)
+    fd = os.open(str(tmp_path), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        circus._give_socket(fd, "c.sock", other_user.pw_name, "ipc://%s/c.sock" % tmp_path)
+    finally:
+        os.close(fd)
+    assert target.stat().st_uid == 0 and os.lstat(tmp_path / "c.sock").st_uid == 0
+
+
+def test_private_dir_refuses_a_folder_not_ours_or_open(tmp_path, other_user):
+    """/tmp/circus-<uid> (no XDG_RUNTIME_DIR) is predictable: check what is there."""
+    for name, mode, owner in (("grp", 0o750, 0), ("theirs", 0o700, other_user.pw_uid)):
+        folder = tmp_path / name
+        folder.mkdir()
+        os.chmod(folder, mode)
+        os.chown(folder, owner, -1)
+        with pytest.raises(circus.CircusError, match="must be a folder of yours with mode 0700"):
+            circus.ensure_private_dir(str(folder))
+    (tmp_path / "link").symlink_to(tmp_path / "grp")
+    with pytest.raises(circus.CircusError, match="must be a folder of yours"):
+        circus.ensure_private_dir(str(tmp_path / "link"))
+    circus.ensure_private_dir(str(tmp_path / "new"))
+    assert oct((tmp_path / "new").stat().st_mode & 0o777) == oct(0o700)
+
+
+def test_ctl_never_sends_to_a_socket_another_user_planted(other_user, shortdir, monkeypatch):
+    """Another user made the private folder (or a socket in a shared one): ctl sends nothing."""
+    import asyncio
+    root = pathlib.Path(shortdir)
+    env = dict(os.environ, XDG_RUNTIME_DIR=str(root))
+    env.pop("CIRCUSCTL_ENDPOINT", None)
+    planted = root / "circus"
+    planted.mkdir(mode=0o700)
+    os.chown(planted, other_user.pw_uid, other_user.pw_gid)
+    trap = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    shared = root / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)
+    try:
+        trap.bind(str(planted / "control.sock"))
+        os.chown(planted / "control.sock", other_user.pw_uid, other_user.pw_gid)
+        trap.listen(8)
+        trap.setblocking(False)
+        r = subprocess.run([sys.executable, str(CIRCUS_PY), "ctl", "--timeout", "1", "set", "w", "env",
+                            "DB_PASSWORD=x"], env=env, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1 and "owned by uid %d" % other_user.pw_uid in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
+        with pytest.raises(BlockingIOError):
+            trap.accept()           # nobody connected
+        # in a shared sticky folder: a socket of another user, or none yet, is refused
+        with pytest.raises(circus.CircusError, match="no socket there yet"):
+            circus.Client("ipc://%s/c.sock" % shared)
+        os.rename(planted / "control.sock", shared / "c.sock")
+        with pytest.raises(circus.CircusError, match="belongs to uid %d" % other_user.pw_uid):
+            circus.Client("ipc://%s/c.sock" % shared)
+        with pytest.raises(circus.CircusError, match="belongs to uid %d" % other_user.pw_uid):
+            asyncio.run(circus.RemoteHub("ipc://%s/c.sock" % shared).start())      # `web` too
+        with pytest.raises(BlockingIOError):
+            trap.accept()
+        # their folder, even without a socket (or one we cannot see): no fallback to TCP
+        monkeypatch.setenv("XDG_RUNTIME_DIR", str(root))
+        assert circus._default_ctl_endpoint() == "ipc://%s/control.sock" % planted
+        with pytest.raises(circus.CircusError, match="owned by uid %d" % other_user.pw_uid):
+            circus.Client(circus._default_ctl_endpoint())
+    finally:
+        trap.close()
 
 def test_keygen_and_key_errors(tmp_path, capsys):
     assert circus.main(["ctl", "keygen", str(tmp_path), "srv"]) == 0
