@@ -5370,7 +5370,8 @@ class ControlChannel:
     clients (empty delimiter frame), which Circus silently drops.
     """
 
-    MAX_REQUEST = 1 << 20
+    MAX_REQUEST = 1 << 20       # bytes in one message, all its frames together
+    MAX_FRAMES = 3              # the routing id, REQ's empty delimiter, the request
 
     def __init__(self, arbiter, endpoint, ctx, curve=None):
         self.arbiter = arbiter
@@ -5378,6 +5379,7 @@ class ControlChannel:
         self.ctx = ctx
         self.curve = curve
         self.sock = None
+        self._frames = None     # the same socket, blocking API: the rest of a message is here already
         self._task = None
         self._inflight: set = set()
 
@@ -5385,8 +5387,9 @@ class ControlChannel:
         import zmq
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, self.MAX_REQUEST)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, self.MAX_REQUEST)     # per frame: libzmq has no more
         _bind(self.sock, self.endpoint, "control endpoint", self.curve)
+        self._frames = zmq.Socket.shadow(self.sock.underlying)
         owner = self.arbiter.endpoint_owner
         if owner is not None and self.endpoint.startswith("ipc://"):
             uid, gid, _ = resolve_user(owner, None)
@@ -5400,16 +5403,43 @@ class ControlChannel:
     def owns(self, task) -> bool:
         return task in self._inflight
 
+    async def _recv(self):
+        """(frames as bytes, or None when over MAX_FRAMES or MAX_REQUEST; count; bytes).
+
+        ZeroMQ hands a message over whole, so once its first frame is here the
+        rest is too: it is taken frame by frame without copying, and what is
+        over the budget is let go at once instead of gathered.
+        """
+        import zmq
+        frame = await self.sock.recv(copy=False)
+        frames, count, size = [], 0, 0
+        while True:
+            count += 1
+            size += len(frame)
+            if frames is not None and count <= self.MAX_FRAMES and size <= self.MAX_REQUEST:
+                frames.append(frame.bytes)
+            else:
+                frames = None
+            if not frame.more:
+                return frames, count, size
+            if count % 4096 == 0:
+                await asyncio.sleep(0)      # a huge message: the loop keeps running meanwhile
+            frame = self._frames.recv(zmq.NOBLOCK, copy=False)
+
     async def _serve(self):
         import zmq
         loop = asyncio.get_running_loop()
         while True:
             try:
-                frames = await self.sock.recv_multipart()
+                frames, count, size = await self._recv()
             except zmq.ZMQError as e:
                 if self.sock is None or self.sock.closed:
                     return
                 _log().warning("control channel: %s", e)
+                continue
+            if frames is None:
+                _log().warning("control channel: dropped a message of %d frames, %d bytes, unread (a "
+                               "request is one frame; at most %d bytes)", count, size, self.MAX_REQUEST)
                 continue
             if len(frames) == 2:
                 envelope, body = frames[:1], frames[1]
@@ -5441,7 +5471,7 @@ class ControlChannel:
             await asyncio.wait(pending, timeout=2.0)
         if self.sock is not None:
             self.sock.close(linger=100)
-            self.sock = None
+            self.sock = self._frames = None
 
 
 def _error_reply(reason, errno_, msg_id, tb=None):
