@@ -5635,6 +5635,8 @@ def test_e2e_browser_dashboard(daemon, browser):
     browser.get("http://127.0.0.1:%d/?token=%s" % (port, token))
     wait_for(lambda: text("#conn") == "live", what="the page to go live")
     assert browser.current_url == "http://127.0.0.1:%d/" % port     # the token is not left in the address
+    cookies = {c["name"]: c["value"] for c in browser.get_cookies()}     # nor in a cookie
+    assert list(cookies) == ["circus_session_%d" % port] and token not in cookies.values()
     wait_for(lambda: shown_pids("web") == sorted(d.pids("web")) and shown_pids("other") == sorted(d.pids("other")),
              what="the watchers and their pids on the page")
     assert text('tbody[data-watcher="web"] tr.watcher td.state') == "active"
