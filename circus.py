@@ -6452,7 +6452,9 @@ class HttpServer:
         sending = self._sending.setdefault(peer, [])
         sending.append(me)
         if len(sending) > self.MAX_SENDING:
-            sending.pop(0).cancel()
+            oldest = sending.pop(0)
+            oldest.cancel()
+            self._tasks.discard(oldest)     # gone: not counted against MAX_CONNECTIONS meanwhile
         try:
             return await asyncio.wait_for(read_head(reader), 10)
         finally:
