@@ -6459,7 +6459,8 @@ class ControlChannel:
     clients (empty delimiter frame), which Circus silently drops.
     """
 
-    MAX_REQUEST = 1 << 20
+    MAX_REQUEST = 1 << 20       # bytes in one message, all its frames together
+    MAX_FRAMES = 3              # the routing id, REQ's empty delimiter, the request
 
     def __init__(self, arbiter, endpoint, ctx, curve=None):
         self.arbiter = arbiter
@@ -6467,6 +6468,7 @@ class ControlChannel:
         self.ctx = ctx
         self.curve = curve
         self.sock = None
+        self._frames = None     # the same socket, blocking API: the rest of a message is here already
         self._task = None
         self._inflight: set = set()
 
@@ -6474,27 +6476,55 @@ class ControlChannel:
         import zmq
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, self.MAX_REQUEST)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, self.MAX_REQUEST)     # per frame: libzmq has no more
         # the owner, and only the owner (and root), may connect
         _bind(self.sock, self.endpoint, "control endpoint", self.curve, self.arbiter.endpoint_owner)
+        self._frames = zmq.Socket.shadow(self.sock.underlying)
         self._task = asyncio.get_running_loop().create_task(self._serve())
 
     def owns(self, task) -> bool:
         return task in self._inflight
+
+    async def _recv(self):
+        """(frames as bytes, or None when over MAX_FRAMES or MAX_REQUEST; count; bytes;
+        the last frame, whose properties name the sender).
+
+        ZeroMQ hands a message over whole, so once its first frame is here the
+        rest is too: it is taken frame by frame without copying, and what is
+        over the budget is let go at once instead of gathered.
+        """
+        import zmq
+        frame = await self.sock.recv(copy=False)
+        frames, count, size = [], 0, 0
+        while True:
+            count += 1
+            size += len(frame)
+            if frames is not None and count <= self.MAX_FRAMES and size <= self.MAX_REQUEST:
+                frames.append(frame.bytes)
+            else:
+                frames = None
+            if not frame.more:
+                return frames, count, size, frame
+            if count % 4096 == 0:
+                await asyncio.sleep(0)      # a huge message: the loop keeps running meanwhile
+            frame = self._frames.recv(zmq.NOBLOCK, copy=False)
 
     async def _serve(self):
         import zmq
         loop = asyncio.get_running_loop()
         while True:
             try:
-                frames = await self.sock.recv_multipart(copy=False)
+                frames, count, size, last = await self._recv()
             except zmq.ZMQError as e:
                 if self.sock is None or self.sock.closed:
                     return
                 _log().warning("control channel: %s", e)
                 continue
-            peer = self._peer(frames[-1])
-            frames = [f.bytes for f in frames]
+            if frames is None:
+                _log().warning("control channel: dropped a message of %d frames, %d bytes, unread (a "
+                               "request is one frame; at most %d bytes)", count, size, self.MAX_REQUEST)
+                continue
+            peer = self._peer(last)
             if len(frames) == 2:
                 envelope, body = frames[:1], frames[1]
             elif len(frames) == 3 and frames[1] == b"":
@@ -6550,7 +6580,7 @@ class ControlChannel:
             await asyncio.wait(pending, timeout=2.0)
         if self.sock is not None:
             self.sock.close(linger=100)
-            self.sock = None
+            self.sock = self._frames = None
             _unlink_ipc(self.endpoint)
 
 
@@ -7489,26 +7519,47 @@ class HttpRequest:
         self.method, self.path, self.query, self.headers = method, path, query, headers
 
 
+MAX_HEAD = 16 << 10     # the request line and all headers, together
+
+
+class HeadTooBig(ValueError):
+    """The request line and headers are over MAX_HEAD bytes (or 100 headers)."""
+
+
 async def read_head(reader) -> HttpRequest:
     """The request line and headers; ValueError for anything malformed.
 
     The body is read later (``read_body``), only once the request is allowed.
+    ``reader`` must have a limit of MAX_HEAD (``HttpServer`` sets it), so no
+    line is ever buffered past it.
     """
     from urllib.parse import parse_qsl, unquote, urlsplit
-    parts = (await reader.readline()).decode("latin-1").split()
+    left = MAX_HEAD
+
+    async def line():
+        nonlocal left
+        try:
+            data = await reader.readline()
+        except ValueError:      # a line over the reader's limit
+            raise HeadTooBig() from None
+        left -= len(data)
+        if left < 0:
+            raise HeadTooBig()
+        return data
+    parts = (await line()).decode("latin-1").split()
     if len(parts) != 3 or not parts[2].startswith("HTTP/"):
         raise ValueError("bad request line")
     headers = {}
     for _ in range(100):
-        line = await reader.readline()
-        if line in (b"\r\n", b"\n", b""):
+        data = await line()
+        if data in (b"\r\n", b"\n", b""):
             break
-        key, sep, value = line.decode("latin-1").partition(":")
+        key, sep, value = data.decode("latin-1").partition(":")
         if not sep:
             raise ValueError("bad header")
         headers[key.strip().lower()] = value.strip()
     else:
-        raise ValueError("too many headers")
+        raise HeadTooBig()
     url = urlsplit(parts[1])
     return HttpRequest(parts[0].upper(), unquote(url.path), dict(parse_qsl(url.query)), headers)
 
@@ -7541,11 +7592,14 @@ class HttpServer:
     """Accepts connections and hands each parsed request to ``handle``.
 
     Bounded everywhere, since anyone who reaches the port can connect: at
-    most MAX_CONNECTIONS at once (then 503), 10 s to send the headers, 30 s
-    for a reply to be taken, bodies only with Content-Length.
+    most MAX_CONNECTIONS at once (then 503), MAX_HEAD bytes of headers (then
+    431) sent within 10 s, MAX_SENDING connections of one address still
+    sending them (a new one closes the oldest), 30 s for a reply to be
+    taken, bodies only with Content-Length.
     """
 
     MAX_CONNECTIONS = 128
+    MAX_SENDING = 16
     what = "http endpoint"
 
     def __init__(self, host, port):
@@ -7553,10 +7607,11 @@ class HttpServer:
         self.server = None
         self._tasks: set = set()        # requests being answered (a quit among them)
         self._streams: set = set()      # open event streams: cancelled at close
+        self._sending: dict = {}        # peer address -> its connections still sending headers, oldest first
 
     async def start(self):
         try:
-            self.server = await asyncio.start_server(self._serve, self.host, self.port)
+            self.server = await asyncio.start_server(self._serve, self.host, self.port, limit=MAX_HEAD)
         except OSError as e:
             raise CircusError("%s %s:%s: cannot bind: %s" % (self.what, self.host, self.port,
                                                               e.strerror or e)) from None
@@ -7574,7 +7629,10 @@ class HttpServer:
                 await self.send(writer, 503, "too many connections\n")
                 return
             try:
-                req = await asyncio.wait_for(read_head(reader), 10)
+                req = await self._read_head(reader, writer)
+            except HeadTooBig:
+                await self.send(writer, 431, "the request line and headers are over %d bytes\n" % MAX_HEAD)
+                return
             except (asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError):
                 await self.send(writer, 400, "bad request\n")
                 return
@@ -7594,6 +7652,25 @@ class HttpServer:
             self._tasks.discard(me)
             self._streams.discard(me)
             writer.close()
+
+    async def _read_head(self, reader, writer) -> HttpRequest:
+        """read_head, within 10 s; the oldest of a peer's too many unfinished heads is cut off,
+        so one address can't hold every connection (a real client sends its head at once)."""
+        me = asyncio.current_task()
+        peer = (writer.get_extra_info("peername") or ("",))[0]
+        sending = self._sending.setdefault(peer, [])
+        sending.append(me)
+        if len(sending) > self.MAX_SENDING:
+            oldest = sending.pop(0)
+            oldest.cancel()
+            self._tasks.discard(oldest)     # gone: not counted against MAX_CONNECTIONS meanwhile
+        try:
+            return await asyncio.wait_for(read_head(reader), 10)
+        finally:
+            if me in sending:
+                sending.remove(me)
+            if not sending and self._sending.get(peer) is sending:
+                del self._sending[peer]
 
     async def send(self, writer, status, body, ctype="text/plain; charset=utf-8", extra=()):
         if isinstance(body, str):
@@ -7630,8 +7707,38 @@ async def arbiter_metrics(arbiter) -> str:
     return metrics_text(await _usage_off_loop(snapshot_skeleton(arbiter), arbiter.metrics_cache))
 
 
+def host_is_ours(host_header, names=()) -> bool:
+    """Does a Host header name this machine: an IP address, localhost, or one of ``names``?
+
+    A DNS-rebinding page reaches us under its own domain name, and a browser
+    says so in Host; no header at all is no browser.
+    """
+    import ipaddress
+    host = (host_header or "").strip().lower().rstrip(".")
+    if host.startswith("["):
+        host = host[1:].partition("]")[0]
+    elif host.count(":") == 1:
+        host = host.partition(":")[0]
+    if not host_header or host == "localhost" or host.endswith(".localhost") or host in names:
+        return True
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+def _own_names() -> set:
+    import socket
+    return {n.lower().rstrip(".") for n in (socket.gethostname(), socket.getfqdn()) if n}
+
+
 class MetricsServer(HttpServer):
-    """``GET /metrics`` only: ``[circus] metrics_endpoint = HOST:PORT``."""
+    """``GET /metrics`` only: ``[circus] metrics_endpoint = HOST:PORT``.
+
+    No token here, so the Host must name this machine (``host_is_ours``):
+    a DNS-rebinding page in a local browser can't read it.
+    """
 
     what = "metrics endpoint"
 
@@ -7639,14 +7746,22 @@ class MetricsServer(HttpServer):
         host, _, port = endpoint.rpartition(":")
         super().__init__(host, port)
         self.arbiter = arbiter
+        self.names: set = set()         # this machine's names, besides addresses and localhost
 
     async def start(self):
         await super().start()
         if not is_loopback(self.host):
             _log().warning("metrics on %s can be read by anyone who reaches that address", self.address)
+        try:        # (a slow resolver must not hold the start-up)
+            self.names = await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, _own_names), 5)
+        except (asyncio.TimeoutError, OSError):
+            pass
 
     async def handle(self, req, reader, writer):
-        if req.method == "GET" and req.path == "/metrics":
+        if not host_is_ours(req.headers.get("host"), self.names):
+            await self.send(writer, 421, "Host %r is not a name of this machine: ask for /metrics by IP "
+                            "address, localhost or the host's own name\n" % req.headers.get("host"))
+        elif req.method == "GET" and req.path == "/metrics":
             await self.send(writer, 200, await arbiter_metrics(self.arbiter), _METRICS_TYPE)
         else:
             await self.send(writer, 404, "not found: try /metrics\n")
@@ -7876,7 +7991,9 @@ class WebServer(HttpServer):
 
     Every request needs the token: ``httpd_token``, or one made at start and
     written 0600 in the private folder. A browser logs in once with
-    ``/?token=...`` (then an HttpOnly, SameSite=Strict cookie) or gives it as
+    ``/?token=...`` (then a session cookie: random, HttpOnly, SameSite=Strict,
+    named after the port, forgotten after SESSION_IDLE unused; never the
+    token, as browsers send cookies to every port of the host) or gives it as
     the basic-auth password; scripts send ``Authorization: Bearer TOKEN``. A
     POST also needs the page's CSRF token in ``X-CSRF-Token`` (not with a
     Bearer token, which a browser never adds by itself); no GET changes
@@ -7888,6 +8005,8 @@ class WebServer(HttpServer):
     QUICKEST = 0.3      # and at least this much between two, whatever happens
     MAX_STREAMS = 32
     MAX_BODY = 64 << 10
+    SESSION_IDLE = 12 * 3600.0  # seconds a login lasts unused (an open event stream uses it)
+    MAX_SESSIONS = 64           # logins kept; the least recently used goes first
 
     def __init__(self, hub, host="127.0.0.1", port=8080, token=None, metrics=None):
         super().__init__(host, port)
@@ -7901,6 +8020,7 @@ class WebServer(HttpServer):
         self.made_token = token is None
         self.token_file = None          # where start() writes a token it made
         self.csrf = secrets.token_urlsafe(24)
+        self.sessions: dict = {}        # session cookie -> when it expires (monotonic), oldest use first
         self.watchers: set = set()      # _Followers of /events
         self.tails: dict = {}           # output topic -> set of _Followers
         self.last = None                # the latest snapshot, sent first to a new browser
@@ -7909,7 +8029,7 @@ class WebServer(HttpServer):
 
     @property
     def cookie(self) -> str:
-        return "circuspy-%d" % self.port
+        return "circus_session_%d" % self.port
 
     @property
     def login_url(self) -> str:
@@ -7980,7 +8100,8 @@ class WebServer(HttpServer):
                 pass
         self.last = None        # the next browser gets a fresh one, not this old one
 
-    async def _stream(self, reader, writer, follower, first=()):
+    async def _stream(self, reader, writer, follower, first=(), sid=None):
+        """Send the follower's items as they come; the login ``sid`` lives while it runs."""
         self._streams.add(asyncio.current_task())
         writer.write(http_head(200, "text/event-stream; charset=utf-8", None, ("X-Accel-Buffering: no",)))
         writer.write(b"retry: 1000\n\n" + b"".join(first))
@@ -8000,12 +8121,14 @@ class WebServer(HttpServer):
                     item.cancel()       # (nothing taken: a pending get loses no item)
                     writer.write(b": still here\n\n")     # finds half-open connections
                 await asyncio.wait_for(writer.drain(), 30)
+                if sid is not None:
+                    self.touch(sid)
         finally:
             gone.cancel()
             if item is not None:
                 item.cancel()
 
-    async def _events(self, reader, writer):
+    async def _events(self, reader, writer, sid=None):
         follower = _Follower()
         self.watchers.add(follower)
         if self._ticker is None or self._ticker.done():
@@ -8013,11 +8136,11 @@ class WebServer(HttpServer):
         else:
             self._kick.set()
         try:
-            await self._stream(reader, writer, follower, [self.last] if self.last else [])
+            await self._stream(reader, writer, follower, [self.last] if self.last else [], sid)
         finally:
             self.watchers.discard(follower)
 
-    async def _tail(self, req, reader, writer):
+    async def _tail(self, req, reader, writer, sid=None):
         name = req.query.get("name", "")
         reply = await self.hub.call("tail", {"name": name, "bytes": 8000})
         if reply.get("errno") == E_UNKNOWN_COMMAND:      # a real circusd: no output to follow
@@ -8033,7 +8156,7 @@ class WebServer(HttpServer):
             self.tails.setdefault(t, set()).add(follower)
             self.hub.follow(t, True)
         try:
-            await self._stream(reader, writer, follower, [_sse("history", history)])
+            await self._stream(reader, writer, follower, [_sse("history", history)], sid)
         finally:
             for t in topics:
                 self.tails[t].discard(follower)
@@ -8043,7 +8166,7 @@ class WebServer(HttpServer):
 
     # -- requests -------------------------------------------------------------------------
     def _given_token(self, req):
-        """The token a request carries: basic auth, Bearer, the login cookie or ?token=."""
+        """The token a request carries: basic auth, Bearer or ?token=."""
         import base64
         scheme, _, cred = req.headers.get("authorization", "").partition(" ")
         if scheme.lower() == "bearer":
@@ -8053,16 +8176,41 @@ class WebServer(HttpServer):
                 return base64.b64decode(cred.strip()).decode("utf-8").partition(":")[2]
             except ValueError:
                 return None
-        for part in req.headers.get("cookie", "").split(";"):
-            key, _, value = part.strip().partition("=")
-            if key == self.cookie:
-                return value
         return req.query.get("token")
 
-    def _authorized(self, req) -> bool:
+    def _token_ok(self, given) -> bool:
         import hmac
-        given = self._given_token(req)
         return given is not None and hmac.compare_digest(given.encode(), self.token.encode())
+
+    def _new_session(self) -> str:
+        import secrets
+        self._forget_sessions()
+        while len(self.sessions) >= self.MAX_SESSIONS:
+            del self.sessions[next(iter(self.sessions))]
+        sid = secrets.token_urlsafe(32)
+        self.sessions[sid] = time.monotonic() + self.SESSION_IDLE
+        return sid
+
+    def _forget_sessions(self) -> None:
+        now = time.monotonic()
+        for sid in [sid for sid, until in self.sessions.items() if until <= now]:
+            del self.sessions[sid]
+
+    def session(self, req):
+        """The live session of the request's cookie (its life renewed), else None."""
+        for part in req.headers.get("cookie", "").split(";"):
+            key, _, value = part.strip().partition("=")
+            if key == self.cookie and self.touch(value):
+                return value
+        return None
+
+    def touch(self, sid) -> bool:
+        """Renew a session that is still live; False if it is unknown or expired."""
+        until = self.sessions.pop(sid, None)
+        if until is None or until <= time.monotonic():
+            return False
+        self.sessions[sid] = time.monotonic() + self.SESSION_IDLE     # (last in the order again)
+        return True
 
     def _csrf_ok(self, req) -> bool:
         import hmac
@@ -8074,17 +8222,18 @@ class WebServer(HttpServer):
         if req.headers.get("sec-fetch-site") in ("cross-site", "same-site"):
             await self.send(writer, 403, "refused: a request from another site\n")
             return
-        if not self._authorized(req):
+        sid = self.session(req)
+        if sid is None and not self._token_ok(self._given_token(req)):
             await self.send(writer, 401, "this dashboard needs its token: open the address with "
                             "?token=... or give the token as the password (httpd_token, or the file "
                             "the daemon's log names)\n",
                             extra=('WWW-Authenticate: Basic realm="circus.py", charset="UTF-8"',))
             return
         path = req.path
-        if "token" in req.query and req.method == "GET":    # log in: the cookie, then the clean address
+        if req.method == "GET" and self._token_ok(req.query.get("token")):    # log in, then the clean address
             await self.send(writer, 303, "", extra=(
                 "Location: %s" % (path if re.fullmatch(r"/[\w./-]*", path) else "/"),
-                "Set-Cookie: %s=%s; HttpOnly; SameSite=Strict; Path=/" % (self.cookie, self.token)))
+                "Set-Cookie: %s=%s; HttpOnly; SameSite=Strict; Path=/" % (self.cookie, self._new_session())))
         elif path.startswith("/api/"):
             await self._api(req, reader, writer, path[5:].lower())
         elif req.method not in ("GET", "HEAD"):
@@ -8100,9 +8249,9 @@ class WebServer(HttpServer):
             if len(self._streams) >= self.MAX_STREAMS:
                 await self.send(writer, 503, "too many open event streams\n")
             elif path == "/events":
-                await self._events(reader, writer)
+                await self._events(reader, writer, sid)
             else:
-                await self._tail(req, reader, writer)
+                await self._tail(req, reader, writer, sid)
         elif path == "/metrics" and self.metrics is not None:
             try:
                 await self.send(writer, 200, await self.metrics(), _METRICS_TYPE)

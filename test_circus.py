@@ -5363,6 +5363,78 @@ def test_e2e_stats_fields_channel_metrics_statsd(daemon, shortdir):
         udp.close()
 
 
+def test_e2e_metrics_endpoint_guards_host_headers_and_connections(daemon):
+    """/metrics has no token: a DNS-rebinding page (its own name in Host) gets 421.
+    Headers are cut off at 16 KiB (431) and cost no memory; one address that holds
+    connections open without finishing its headers can't lock others out."""
+    import concurrent.futures
+    import threading
+    d = daemon("metrics_endpoint = 127.0.0.1:0\n[watcher:w]\ncmd = sleep 120\n")
+    port = int(d.call("globaloptions")["options"]["metrics_endpoint"].rpartition(":")[2])
+    head = "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n" % port
+
+    def scrape(host="127.0.0.1:%d" % port):
+        return http(port, "GET", "/metrics", headers={"Host": host})
+    status, _, body = scrape("evil.example.com:%d" % port)
+    assert status == 421 and b"not a name of this machine" in body
+    assert scrape("127.0.0.1.nip.io")[0] == 421
+    for host in ("127.0.0.1:%d" % port, "localhost:%d" % port, "[::1]:%d" % port):
+        status, _, body = scrape(host)
+        assert status == 200 and b'circus_watcher_processes{watcher="w"} 1' in body, host
+    assert http(port, "", "", raw=b"GET /metrics HTTP/1.0\r\n\r\n")[0] == 200    # no Host: no browser
+    # 16 KiB of headers at most, in one line or many, finished or not (then at once, not after 10 s)
+    assert http(port, "", "", raw=(head + "X-Big: %s\r\n\r\n" % ("b" * 20000)).encode())[0] == 431
+    assert http(port, "", "", raw=(head + "X-Many: %s\r\n" % ("m" * 1000) * 17).encode())[0] == 431
+    assert http(port, "", "", raw=(head + "X-Fits: %s\r\n\r\n" % ("f" * 15000)).encode())[0] == 200
+    # a flood of clients sending 6 MB of headers each: cut off, the daemon's memory stays put
+    proc = psutil.Process(d.proc.pid)
+    before = peak = proc.memory_info().rss
+    done = threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not done.is_set():
+            with contextlib.suppress(psutil.Error):
+                peak = max(peak, proc.memory_info().rss)
+            done.wait(0.01)
+
+    def flood(_):
+        sent = 0
+        with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as s:
+            try:
+                s.sendall(head.encode())
+                for i in range(100):
+                    s.sendall(b"X-Flood-%02d: %s\r\n" % (i, b"f" * 60000))
+                    sent += 60014
+            except OSError:
+                pass            # cut off
+        return sent
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        with concurrent.futures.ThreadPoolExecutor(40) as pool:
+            sent = list(pool.map(flood, range(40)))
+    finally:
+        done.set()
+        sampler.join()
+    print("header flood: %d MB sent, daemon RSS peak %+d MB" % (sum(sent) >> 20, (peak - before) >> 20))
+    assert peak - before < 40 << 20, (before, peak)
+    assert scrape()[0] == 200
+    # unfinished heads from one address, more than the daemon's 128 connections: a new one
+    # closes that address's oldest, so a real request is still answered
+    slow = []
+    try:
+        for _ in range(140):
+            s = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+            s.sendall(b"GET /metrics HTTP/1.1\r\n")
+            slow.append(s)
+        assert scrape()[0] == 200
+        assert sum(recv_all(s) == b"" for s in slow[:100]) == 100       # closed, without a reply
+    finally:
+        for s in slow:
+            s.close()
+
+
 def test_e2e_ctl_top_in_a_terminal(daemon):
     import pty
     d = daemon("[watcher:busy]\ncmd = sleep 120\nnumprocesses = 2\n[watcher:idle]\ncmd = sleep 121\n")
@@ -5569,6 +5641,48 @@ def test_e2e_fuzzed_control_input(daemon):
     # whatever add created is still a well-behaved daemon state: quit stops it all
     assert d.call("quit", waiting=True)["status"] == "ok"
     assert d.proc.wait(TIMEOUT) == 0
+
+
+def test_e2e_control_message_of_many_frames_is_dropped_unread(daemon):
+    """1 MiB is the bound of a whole request, not of each frame: a message of
+    150,000 small frames is let go frame by frame, never gathered; the daemon
+    answers others. (libzmq itself holds a message until its last frame: one
+    copy of it, 1.8 times its size here, is the part no daemon can avoid; the
+    old code added a second, 3 times in all.)"""
+    import threading
+    d = daemon("[watcher:w]\ncmd = sleep 120\n")
+    proc = psutil.Process(d.proc.pid)
+    before = peak = proc.memory_info().rss
+    done = threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not done.is_set():
+            with contextlib.suppress(psutil.Error):
+                peak = max(peak, proc.memory_info().rss)
+            done.wait(0.01)
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    flood = zmq.Context.instance().socket(zmq.DEALER)
+    flood.setsockopt(zmq.LINGER, 0)
+    flood.connect(d.endpoint)
+    frames, size = 150000, 400
+    try:
+        for _ in range(frames - 1):
+            flood.send(b"x" * size, zmq.SNDMORE)
+        flood.send(b'{"command": "list", "id": "flood"}')
+        wait_for(lambda: "dropped a message of %d frames" % (frames + 1) in d.log.read_text(),
+                 what="the daemon to drop the message")
+        assert d.call("status", name="w")["status"] == "active"
+        assert not flood.poll(200)          # no reply for it
+    finally:
+        done.set()
+        sampler.join()
+        flood.close(0)
+    wire = frames * size
+    print("control flood: %d MB sent, daemon RSS peak %+d MB" % (wire >> 20, (peak - before) >> 20))
+    assert peak - before < 2.4 * wire, (before, peak)
+    assert d.call("list")["watchers"] == ["w"]
 
 
 def test_e2e_full_disk_drops_counts_and_resumes(daemon, shortdir):
@@ -6608,6 +6722,39 @@ def test_httpd_config(tmp_path):
         [True, True, True, True, False, False]
 
 
+def test_dashboard_sessions_expire_and_are_bounded(monkeypatch):
+    """The login cookie is a random session id kept by the server: forgotten when
+    unused for SESSION_IDLE, at most MAX_SESSIONS of them (the least recently used go)."""
+    now = [1000.0]
+    monkeypatch.setattr(circus.time, "monotonic", lambda: now[0])
+    web = circus.WebServer(None, "127.0.0.1", 0, "t" * 20)
+
+    def req(sid):
+        return circus.HttpRequest("GET", "/", {}, {"cookie": "other=1; %s=%s" % (web.cookie, sid)})
+    first = web._new_session()
+    assert web.session(req(first)) == first and web.session(req("t" * 20)) is None
+    now[0] += web.SESSION_IDLE - 1
+    assert web.session(req(first)) == first         # used: renewed
+    now[0] += web.SESSION_IDLE - 1
+    assert web.session(req(first)) == first
+    now[0] += web.SESSION_IDLE + 1
+    assert web.session(req(first)) is None and first not in web.sessions
+    sids = [web._new_session() for _ in range(web.MAX_SESSIONS)]
+    assert web.touch(sids[0])                       # the oldest login, used lately
+    newest = web._new_session()
+    assert len(web.sessions) == web.MAX_SESSIONS and sids[1] not in web.sessions
+    assert web.session(req(sids[0])) == sids[0] and web.session(req(newest)) == newest
+
+
+def test_metrics_host_must_name_this_machine():
+    ours = circus.host_is_ours
+    for host in ("127.0.0.1:9131", "[::1]:9131", "localhost", "LocalHost:80", "app.localhost", "10.1.2.3",
+                 "db1", "db1.example.com.", None):
+        assert ours(host, {"db1", "db1.example.com"}), host
+    for host in ("evil.example.com", "evil.example.com:9131", "127.0.0.1.nip.io", "db1.evil.com"):
+        assert not ours(host, {"db1", "db1.example.com"}), host
+
+
 def test_example_config_loads(tmp_path):
     cfg = circus.load_config(str(HERE / "circus.ini.example"))
     assert sorted(w.name for w in cfg.watchers) == ["ticker", "web"] and [s.name for s in cfg.sockets] == ["web"]
@@ -6740,12 +6887,18 @@ def test_e2e_dashboard_http_api_and_its_guards(daemon):
     for path in ("/", "/api/status", "/events", "/metrics", "/dashboard.js"):
         status, head, _ = http(port, "GET", path)
         assert status == 401 and head["www-authenticate"].startswith("Basic "), path
-    assert http(port, "GET", "/", headers={"Cookie": "circuspy-%d=%s" % (port, "x" * 32)})[0] == 401
-    # logging in with ?token= sets the cookie and sends the browser to the clean address
+    assert http(port, "GET", "/", headers={"Cookie": "circus_session_%d=%s" % (port, "x" * 32)})[0] == 401
+    assert http(port, "GET", "/?token=" + "x" * 32)[0] == 401
+    # logging in with ?token= sets a session cookie and sends the browser to the clean address;
+    # browsers send cookies to every port of a host: the cookie is never the token, nor taken as one
     status, head, _ = http(port, "GET", "/?token=" + token)
     assert status == 303 and head["location"] == "/"
     cookie = head["set-cookie"].split(";")[0]
+    name, _, value = cookie.partition("=")
+    assert name == "circus_session_%d" % port and len(value) >= 32 and token not in head["set-cookie"]
     assert "HttpOnly" in head["set-cookie"] and "SameSite=Strict" in head["set-cookie"]
+    assert http(port, "GET", "/api/list", headers={"Cookie": "%s=%s" % (name, token)})[0] == 401
+    assert http(port, "GET", "/?token=" + token)[1]["set-cookie"].split(";")[0] != cookie   # one per login
     assert http(port, "GET", "/%0d%0aX-Evil:%201?token=" + token)[1]["location"] == "/"   # no header injection
     auth = {"Cookie": cookie}
     status, head, _ = http(port, "GET", "/", headers=auth)
@@ -6842,6 +6995,7 @@ def test_e2e_dashboard_with_a_configured_token(daemon):
     assert status == 200 and d.call("status", name="a")["status"] == "active"
     # any Host name is fine (a proxy's, a DNS name): the token is the guard
     assert http(port, "GET", "/api/list", headers=dict(basic, Host="circus.example.com"))[0] == 200
+    assert http(port, "GET", "/api/list", headers=dict(basic, Cookie="x" * 17000))[0] == 431
 
 
 def _start_web(args, cwd):
@@ -7000,6 +7154,8 @@ def test_e2e_browser_dashboard(daemon, browser):
     browser.get("http://127.0.0.1:%d/?token=%s" % (port, token))
     wait_for(lambda: text("#conn") == "live", what="the page to go live")
     assert browser.current_url == "http://127.0.0.1:%d/" % port     # the token is not left in the address
+    cookies = {c["name"]: c["value"] for c in browser.get_cookies()}     # nor in a cookie
+    assert list(cookies) == ["circus_session_%d" % port] and token not in cookies.values()
     wait_for(lambda: shown_pids("web") == sorted(d.pids("web")) and shown_pids("other") == sorted(d.pids("other")),
              what="the watchers and their pids on the page")
     assert text('tbody[data-watcher="web"] tr.watcher td.state') == "active"
