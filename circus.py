@@ -3408,9 +3408,11 @@ class Watcher:
         (as under Circus) instead of through a pipe: 1 fd per process, not 3,
         and `ctl tail` misses it. Said once per watcher.
         """
-        limit = fd_limit()
         ws = self.arbiter.watchers if self.arbiter is not None else [self]
-        short = limit is not None and 3 * sum(w.numprocesses for w in ws) + 64 > limit
+        wanted = sum(w.numprocesses for w in ws)
+        ensure_fds(fds_needed(wanted))      # an incr or add past the limit: lift it now
+        limit = fd_limit()
+        short = limit is not None and 3 * wanted + 64 > limit
         if short and not self._said_fds_short:
             self._said_fds_short = True
             _log().warning("watcher %s: not enough file descriptors (limit %d) to capture every "
@@ -8790,7 +8792,9 @@ class Pidfile:
 
 
 _NOFILE: list = []     # [soft RLIMIT_NOFILE], read once (None: unlimited)
-_CHILD_NOFILE: list = []    # [(soft, hard)] children get, once _raise_nofile changed ours
+_START_NOFILE: list = []    # [(soft, hard)] children get: the daemon's at start, lifted to minfds
+_CHILD_NOFILE: list = []    # the same, once ensure_fds lifted the daemon's own above it
+_NOFILE_TOP: list = []      # [the highest soft limit the daemon can have], once reached
 
 
 def child_nofile():
@@ -8801,7 +8805,7 @@ def child_nofile():
 
 
 def fd_limit():
-    """The soft limit of open files (None when unlimited), as _raise_nofile left it."""
+    """The soft limit of open files (None when unlimited), as ensure_fds left it."""
     if not _NOFILE:
         import resource
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
@@ -8810,35 +8814,64 @@ def fd_limit():
 
 
 def _raise_nofile(minfds=None):
-    """Each process costs the daemon up to 3 fds: lift the soft limit to the hard one
-    (root: the hard one too, to the kernel's nr_open)."""
+    """At start (daemon mode): remember the open files limit children get, and apply
+    [supervisord] minfds to it, as supervisord does. The daemon lifts its own limit
+    only when its processes need it (ensure_fds): until then children inherit theirs
+    and spawn with nothing exec'd in front."""
     import resource
-    soft, hard = first = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if os.geteuid() == 0 and hard != resource.RLIM_INFINITY:
+    inf = resource.RLIM_INFINITY
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if minfds and hard != inf and minfds > hard:
+        if os.geteuid() != 0:
+            raise CircusError("[supervisord] minfds = %d is above the hard limit of open files (%d): "
+                              "raise it (ulimit -Hn, LimitNOFILE=) or lower minfds" % (minfds, hard))
+        hard = minfds
+    if minfds and soft != inf and minfds > soft:
+        soft = minfds
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        except (ValueError, OSError) as e:
+            raise CircusError("[supervisord] minfds = %d: cannot raise the limit of open files: %s"
+                              % (minfds, e)) from None
+    _START_NOFILE[:] = [(soft, hard)]
+    _CHILD_NOFILE.clear()
+    _NOFILE_TOP.clear()
+    _NOFILE.clear()
+
+
+def ensure_fds(needed: int) -> None:
+    """Lift the daemon's soft limit of open files (as root, the hard one up to the
+    kernel's nr_open) so that ``needed`` fit twice over. Only a daemon that had to
+    gives its children their start limit back (prlimit in front of the command)."""
+    soft = fd_limit()
+    if not _START_NOFILE or soft is None or needed <= soft or soft in _NOFILE_TOP:
+        return
+    import resource
+    inf = resource.RLIM_INFINITY
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 2 * needed
+    if hard != inf and want > hard and os.geteuid() == 0:
         try:
             with open("/proc/sys/fs/nr_open") as f:
-                top = min(int(f.read()), 1 << 20)
-            if top > hard:
-                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, top))
-                hard = top
+                hard = max(hard, min(int(f.read()), 1 << 20))
         except (OSError, ValueError):
             pass
-    want = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-    if minfds and hard != resource.RLIM_INFINITY and minfds > hard:
-        raise CircusError("[supervisord] minfds = %d is above the hard limit of open files (%d): "
-                          "raise it (ulimit -Hn, LimitNOFILE=) or lower minfds" % (minfds, hard))
-    if want > soft:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-        except (ValueError, OSError):
-            pass
+    want = want if hard == inf else min(want, hard)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(want, soft), hard))
+    except (ValueError, OSError):
+        return
     _NOFILE.clear()
-    soft, hard = first
-    if minfds and soft != resource.RLIM_INFINITY and minfds > soft:
-        soft = minfds
-        if hard != resource.RLIM_INFINITY and minfds > hard:
-            hard = minfds
-    _CHILD_NOFILE[:] = [(soft, hard)] if (soft, hard) != resource.getrlimit(resource.RLIMIT_NOFILE) else []
+    now = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if now[0] == hard:
+        _NOFILE_TOP[:] = [hard]     # as high as it goes: not asked again at every spawn
+    _CHILD_NOFILE[:] = [_START_NOFILE[0]] if now != _START_NOFILE[0] else []
+
+
+def fds_needed(processes: int) -> int:
+    """The fds the daemon wants for ``processes``: a pidfd and two pipes each, and room
+    for its own (log files, sockets, control and HTTP clients)."""
+    return 3 * processes + 256
 
 
 def _check_fd_budget(cfg) -> None:
@@ -8849,10 +8882,11 @@ def _check_fd_budget(cfg) -> None:
     Watcher._fds_short); if even that is too many, what fits runs and the
     rest shows BACKOFF.
     """
-    _NOFILE.clear()         # read it afresh
-    soft = fd_limit()
     ws = [w for w in cfg.watchers if w.options["autostart"]]
     wanted = sum(w.options["numprocesses"] for w in ws)
+    _NOFILE.clear()         # read it afresh
+    ensure_fds(fds_needed(wanted))
+    soft = fd_limit()
     full = 3 * wanted + 64
     if soft is None or full <= soft:
         return

@@ -3345,22 +3345,22 @@ def test_e2e_children_get_the_daemons_original_nofile_limit(daemon, shortdir):
         cmd = sleep 120
         rlimit_nofile = 123
         """
-    # started with a soft limit of 512 below its hard one: the daemon lifts its own
+    # started with a soft limit (200) too low for its own fds: the daemon lifts its own
     d = daemon(body, start=False)
-    d.start(preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (512, hard)))
-    assert int(_nofile(d.proc.pid)[0]) > 512
+    d.start(preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (200, hard)))
+    assert int(_nofile(d.proc.pid)[0]) > 200
     for name in ("plain", "nodeath", "shell", "exe"):
         (pid,) = d.pids(name)
         wait_for(lambda: psutil.Process(pid).name() not in ("setpriv", "prlimit"),
                  what="%s past the tools in front of it" % name)
-        assert _nofile(pid) == ["512", hard_text], name
+        assert _nofile(pid) == ["200", hard_text], name
     (pid,) = d.pids("own")
     assert _nofile(pid) == ["123", "123"]
     # the shell's own view, as a program looping over its fds sees it
     r = d.call("add", name="ask", cmd="sh -c 'ulimit -n > %s/n.txt; sleep 120'" % shortdir, start=True)
     assert r["status"] == "ok", r
     wait_for(lambda: (pathlib.Path(shortdir) / "n.txt").exists() and
-             (pathlib.Path(shortdir) / "n.txt").read_text().strip() == "512", what="ulimit -n of a child")
+             (pathlib.Path(shortdir) / "n.txt").read_text().strip() == "200", what="ulimit -n of a child")
     d.stop()
     # [supervisord] minfds lifts what children get, as supervisord's children get it
     (pathlib.Path(shortdir) / "c.ini").unlink()
@@ -3369,6 +3369,15 @@ def test_e2e_children_get_the_daemons_original_nofile_limit(daemon, shortdir):
     (pid,) = d.pids("plain")
     wait_for(lambda: psutil.Process(pid).name() == "sleep", what="sleep to start")
     assert _nofile(pid) == ["700", hard_text]
+    d.stop()
+    # a daemon whose limit is enough for its processes leaves it, and children inherit it
+    (pathlib.Path(shortdir) / "c.ini").unlink()
+    d = daemon(body, start=False)
+    d.start(preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (900, hard)))
+    assert _nofile(d.proc.pid)[0] == "900"
+    (pid,) = d.pids("plain")
+    wait_for(lambda: psutil.Process(pid).name() == "sleep", what="sleep to start")
+    assert _nofile(pid) == ["900", hard_text]
 
 
 # ===========================================================================
