@@ -4208,8 +4208,9 @@ class _OnDemand:
 
     At start-up the arbiter arms such a watcher instead of starting it: the
     loop watches its listening sockets, and the first readable one (a
-    connection in the backlog) disarms them all and starts it. Stopping or
-    removing the watcher disarms them too.
+    connection in the backlog) disarms them all and starts it, unless it was
+    removed or started meanwhile. Stopping it (stop, quit, reloadconfig)
+    disarms them too.
     """
 
     def __init__(self, arbiter):
