@@ -1911,7 +1911,6 @@ def _open_folder(folder: str, at=None) -> int:
     caller relative to this fd, never through a symlink. A relative ``folder`` is
     walked from folder fd ``at`` if given.
     """
-    import stat
     if not hasattr(os, "O_PATH"):       # not Linux: the folder as named
         return os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     flags = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -1925,19 +1924,11 @@ def _open_folder(folder: str, at=None) -> int:
         while todo:
             name = todo.pop()
             path = os.path.join(path or "/", name)
-            try:
-                nfd = os.open(name, flags, dir_fd=fd)
-            except OSError as e:
-                raise type(e)(e.errno, e.strerror, path) from None
-            st = os.fstat(nfd)
-            if stat.S_ISDIR(st.st_mode):
+            nfd, target, st = _step_into(fd, name, path)
+            if nfd is not None:
                 os.close(fd)
                 fd = nfd
                 continue
-            target = os.readlink("", dir_fd=nfd) if stat.S_ISLNK(st.st_mode) else None
-            os.close(nfd)
-            if target is None:
-                raise NotADirectoryError(errno.ENOTDIR, "not a folder", path)
             links += 1
             if links > 40:
                 raise OSError(errno.ELOOP, "too many symlinks", folder)
@@ -1953,6 +1944,24 @@ def _open_folder(folder: str, at=None) -> int:
     except BaseException:
         os.close(fd)
         raise
+
+
+def _step_into(fd: int, name: str, path: str):
+    """One name of _open_folder's walk: ``(folder fd, None, stat)`` or, for a symlink,
+    ``(None, its target, its stat)``; anything else is an error naming ``path``."""
+    import stat
+    try:
+        nfd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+    except OSError as e:
+        raise type(e)(e.errno, e.strerror, path) from None
+    st = os.fstat(nfd)
+    if stat.S_ISDIR(st.st_mode):
+        return nfd, None, st
+    target = os.readlink("", dir_fd=nfd) if stat.S_ISLNK(st.st_mode) else None
+    os.close(nfd)
+    if target is None:
+        raise NotADirectoryError(errno.ENOTDIR, "not a folder", path)
+    return None, target, st
 
 
 def _open_in(dir_fd: int, name: str, flags: int, path: str, mode=0o644, hops=0) -> int:
@@ -4127,6 +4136,156 @@ async def _none(coro):
     return {}
 
 
+def _not_reloaded(e: Exception) -> CommandError:
+    return CommandError("config not reloaded, nothing changed: %s" % e, E_MESSAGE_ERROR)
+
+
+class _ConfigDiff:
+    """What moving the arbiter to a new config changes (reloadconfig, reread, update).
+
+    What the file says now against what it said when last loaded: a runtime
+    incr/set on a watcher the file did not change stays. Sockets:
+    ``changed_socks`` (names, changed or gone) close, ``added_socks`` (new or
+    changed) are bound. Watchers: ``removed`` go, ``changed`` ((watcher, new
+    conf) pairs, incl. those using a changed socket) are replaced, ``resized``
+    only take the new numprocesses, ``added`` are new confs; ``to_build`` are
+    the confs of the watchers to create, in the file's order.
+    """
+
+    def __init__(self, old: CircusConfig, watchers, new: CircusConfig):
+        self._sockets(old.sockets, new.sockets)
+        old_w = {w.name.lower(): w for w in watchers}
+        new_w = {wc.name.lower(): wc for wc in new.watchers}
+        self.removed = [w for n, w in old_w.items() if n not in new_w]
+        self.changed, self.resized = [], []
+        for n, wc in new_w.items():
+            if n in old_w:
+                self._compare(old_w[n], wc)
+        self.added = [wc for n, wc in new_w.items() if n not in old_w]
+        renew = {w.name.lower() for w, _ in self.changed}
+        self.to_build = [wc for wc in new.watchers
+                         if wc.name.lower() not in old_w or wc.name.lower() in renew]
+
+    def _sockets(self, old: list, new: list):
+        old_socks = {s.name: s for s in old}
+        new_socks = {s.name: s for s in new}
+        self.changed_socks = {n for n in old_socks if n not in new_socks or
+                              old_socks[n].key() != new_socks[n].key()}
+        self.added_socks = [s for n, s in new_socks.items()
+                            if n not in old_socks or n in self.changed_socks]
+
+    def _compare(self, w, wc):
+        was = w.file_conf or w.conf     # what the file said, not what incr/set made of it
+        if any(self._uses(w, s) for s in self.changed_socks) or self._differs_beyond_numprocesses(was, wc):
+            self.changed.append((w, wc))
+        elif was.options["numprocesses"] != wc.options["numprocesses"]:
+            self.resized.append((w, wc))
+
+    @staticmethod
+    def _uses(w, sock_name) -> bool:
+        o = w.conf.options
+        return ("sockets." + sock_name) in (o["cmd"] + str(o["args"])).lower() or \
+            o["use_sockets"] or (o["stdin_socket"] or "").lower() == sock_name
+
+    @staticmethod
+    def _differs_beyond_numprocesses(a: WatcherConfig, b: WatcherConfig) -> bool:
+        na, nb = a.options["numprocesses"], b.options["numprocesses"]
+        try:
+            a.options["numprocesses"] = nb
+            return a.key() != b.key()
+        finally:
+            a.options["numprocesses"] = na
+
+    def names(self) -> dict:
+        """Names added, changed (incl. resized) and removed, for reread/update."""
+        return {"added": sorted(wc.name for wc in self.added),
+                "changed": sorted(w.name for w, _ in self.changed + self.resized),
+                "removed": sorted(w.name for w in self.removed)}
+
+
+class _OnDemand:
+    """on_demand watchers start on the first connection to one of their sockets.
+
+    At start-up the arbiter arms such a watcher instead of starting it: the
+    loop watches its listening sockets, and the first readable one (a
+    connection in the backlog) disarms them all and starts it, unless it was
+    removed or started meanwhile. Stopping it (stop, quit, reloadconfig)
+    disarms them too.
+    """
+
+    def __init__(self, arbiter):
+        self.arbiter = arbiter
+
+    def arm(self, w) -> bool:
+        """Watch the sockets ``w`` uses; False (start it now) if it uses none."""
+        o = w.conf.options
+        text = (o["cmd"] + " " + str(o["args"] or "")).lower()
+        fds = [s.fileno() for name, s in self.arbiter.sockets.items() if s.sock is not None and
+               (o["use_sockets"] or ("sockets." + name) in text)]
+        if not fds:
+            _log().warning("watcher %s: on_demand needs a socket it uses; started now", w.name)
+            return False
+        for fd in fds:
+            self.arbiter.loop.add_reader(fd, self._fire, w)
+        w.on_demand_fds = fds
+        return True
+
+    def disarm(self, w) -> None:
+        for fd in getattr(w, "on_demand_fds", ()):
+            self.arbiter.loop.remove_reader(fd)
+        w.on_demand_fds = []
+
+    def _fire(self, w):
+        self.disarm(w)
+        arb = self.arbiter
+        if w in arb.watchers and w.status == STOPPED:
+            _log().info("watcher %s: activity on its socket, starting (on_demand)", w.name)
+            arb.loop.create_task(arb._guarded(_locked(w, w.start)))
+
+
+class _HupReloads:
+    """The SIGHUP handler: reloadconfig, then a graceful reload of the watchers it did
+    not start afresh (a plain reload for an arbiter with no config file).
+
+    SIGHUPs that come during a pass merge into one more pass after it, however
+    many came. A broken file changes nothing (one error line). Under systemd
+    each pass is framed by RELOADING=1 (with MONOTONIC_USEC, for
+    Type=notify-reload) and READY=1.
+    """
+
+    def __init__(self, arbiter):
+        self.arbiter = arbiter
+        self.task = None        # the pass under way
+        self.again = False      # SIGHUPs came meanwhile
+
+    def __call__(self):
+        arb = self.arbiter
+        if arb.stopping:
+            return
+        if self.task is not None and not self.task.done():
+            _log().info("got SIGHUP: merged into the reload under way (one more pass follows it)")
+            self.again = True
+            return
+        _log().info("got SIGHUP: reloading the config, then the watchers it did not change")
+        self.task = arb.loop.create_task(self._passes())
+
+    async def _passes(self):
+        arb = self.arbiter
+        again = True
+        while again and not arb.stopping:
+            self.again = False
+            arb.sd_notify("RELOADING=1\nMONOTONIC_USEC=%d" % (time.monotonic_ns() // 1000))
+            try:
+                if arb.config is not None and arb.config.path:
+                    await arb._guarded(arb.reload_config(reload_rest=True))
+                else:
+                    await arb._guarded(arb.reload())
+            finally:
+                if not arb.stopping:
+                    arb.sd_notify("READY=1")
+            again = self.again
+
+
 class Arbiter:
     """Many watchers and sockets, one event loop, the control and pub/sub channels.
 
@@ -4176,6 +4335,7 @@ class Arbiter:
         self.loop = None
         self._lock = None           # serialises arbiter-wide operations (start-up included)
         self.stopping = False       # quit has begun: nothing spawns any more
+        self.on_demand = _OnDemand(self)
         self._done = None
         self._socket_confs = list(sockets)
         for w in watchers:
@@ -4365,7 +4525,7 @@ class Arbiter:
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
                 self.loop.add_signal_handler(sig, self._on_quit_signal, sig)
-            self.loop.add_signal_handler(signal.SIGHUP, self._on_hup)
+            self.loop.add_signal_handler(signal.SIGHUP, _HupReloads(self))
             if hasattr(signal, "SIGWINCH"):
                 signal.signal(signal.SIGWINCH, signal.SIG_IGN)
             if hasattr(signal, "SIGXFSZ"):      # a file size limit: EFBIG, not death
@@ -4382,9 +4542,7 @@ class Arbiter:
             try:
                 s.bind_and_listen()
             except OSError as e:
-                for other in self.sockets.values():
-                    other.close()
-                self.sockets.clear()
+                self._close_sockets()
                 raise CircusError("socket %s (%s): cannot bind: %s" % (
                     conf.name, conf.path or "%s:%s" % (conf.host, conf.port), e.strerror or e)) from None
             self.sockets[conf.name] = s
@@ -4403,7 +4561,7 @@ class Arbiter:
             if self.stopping:           # a quit came in: it stops what did start
                 break
             if names is not None or w.conf.options["autostart"]:
-                if names is None and w.conf.options["on_demand"] and self._arm_on_demand(w):
+                if names is None and w.conf.options["on_demand"] and self.on_demand.arm(w):
                     continue
                 async with w.lock:
                     try:
@@ -4412,32 +4570,6 @@ class Arbiter:
                         _log().error("%s", e)
                 if self.warmup_delay:
                     await asyncio.sleep(self.warmup_delay)
-
-    def _arm_on_demand(self, w) -> bool:
-        """on_demand: start ``w`` on the first connection to one of its sockets."""
-        text = (w.conf.options["cmd"] + " " + str(w.conf.options["args"] or "")).lower()
-        fds = [s.fileno() for name, s in self.sockets.items() if s.sock is not None and
-               (w.conf.options["use_sockets"] or ("sockets." + name) in text)]
-        if not fds:
-            _log().warning("watcher %s: on_demand needs a socket it uses; started now", w.name)
-            return False
-
-        def fire():
-            for fd in fds:
-                self.loop.remove_reader(fd)
-            w.on_demand_fds = []
-            if w in self.watchers and w.status == STOPPED:
-                _log().info("watcher %s: activity on its socket, starting (on_demand)", w.name)
-                self.loop.create_task(self._guarded(_locked(w, w.start)))
-        for fd in fds:
-            self.loop.add_reader(fd, fire)
-        w.on_demand_fds = fds
-        return True
-
-    def _disarm(self, w):
-        for fd in getattr(w, "on_demand_fds", ()):
-            self.loop.remove_reader(fd)
-        w.on_demand_fds = []
 
     async def stop_watchers(self, watchers=None) -> None:
         """Stop in reverse priority order; watchers of equal priority stop together.
@@ -4453,7 +4585,7 @@ class Arbiter:
             i += len(group)
 
             async def stop_one(w):
-                self._disarm(w)
+                self.on_demand.disarm(w)
                 async with w.lock:
                     await w.stop()
             # one watcher's failure neither stops the others nor the lower priorities
@@ -4511,9 +4643,7 @@ class Arbiter:
         for ch in self.channels:
             await ch.close()
         self.channels = []
-        for s in self.sockets.values():
-            s.close()
-        self.sockets.clear()
+        self._close_sockets()
         nl = _NOTIFY_LISTENERS.pop(self.loop, None)
         if nl is not None:
             nl.close()
@@ -4528,40 +4658,6 @@ class Arbiter:
     def _on_quit_signal(self, sig):
         _log().info("got %s: stopping", signame(sig))
         self.stop()      # a task of its own
-
-    _hup_task = None        # the SIGHUP reload under way
-    _hup_again = False      # SIGHUPs came meanwhile: one more pass, however many came
-
-    def _on_hup(self):
-        if self.stopping:
-            return
-        if self._hup_task is not None and not self._hup_task.done():
-            _log().info("got SIGHUP: merged into the reload under way (one more pass follows it)")
-            self._hup_again = True
-            return
-        _log().info("got SIGHUP: reloading the config, then the watchers it did not change")
-        self._hup_task = self.loop.create_task(self._hup_reloads())
-
-    async def _hup_reloads(self):
-        """SIGHUP = reloadconfig, then a graceful reload of the watchers it did not start afresh.
-
-        A broken file changes nothing (one error line). Under systemd each pass
-        is framed by RELOADING=1 (with MONOTONIC_USEC, for Type=notify-reload)
-        and READY=1.
-        """
-        again = True
-        while again and not self.stopping:
-            self._hup_again = False
-            self.sd_notify("RELOADING=1\nMONOTONIC_USEC=%d" % (time.monotonic_ns() // 1000))
-            try:
-                if self.config is not None and self.config.path:
-                    await self._guarded(self.reload_config(reload_rest=True))
-                else:
-                    await self._guarded(self.reload())
-            finally:
-                if not self.stopping:
-                    self.sd_notify("READY=1")
-            again = self._hup_again
 
     async def _guarded(self, coro):
         try:
@@ -4628,7 +4724,7 @@ class Arbiter:
             w._close_streams(final=True)
         return _none(_locked(w, stop_and_close))
 
-    # -- config reload -------------------------------------------------------------
+    # -- config reload: parse completely (errors change nothing), diff, apply the differences
     def _load_new_config(self) -> CircusConfig:
         if not self.config or not self.config.path:
             raise CommandError("no config file to reload: this arbiter was built in Python")
@@ -4637,111 +4733,87 @@ class Arbiter:
             plugin_limits(new)      # a ResourceWatcher section is checked too, before any reply
             return new
         except ConfigError as e:
-            raise CommandError("config not reloaded, nothing changed: %s" % e, E_MESSAGE_ERROR) from None
-
-    def _plan(self, new: CircusConfig):
-        """What moving to ``new`` changes: sockets, and watchers removed/changed/resized/added."""
-        old = self.config
-        old_socks = {s.name: s for s in old.sockets}
-        new_socks = {s.name: s for s in new.sockets}
-        changed_socks = {n for n in old_socks if n not in new_socks or
-                         old_socks[n].key() != new_socks[n].key()}
-        added_socks = [s for n, s in new_socks.items() if n not in old_socks or n in changed_socks]
-
-        def uses(w, n):
-            o = w.conf.options
-            return ("sockets." + n) in (o["cmd"] + str(o["args"])).lower() or \
-                o["use_sockets"] or (o["stdin_socket"] or "").lower() == n
-        old_w = {w.name.lower(): w for w in self.watchers}
-        new_w = {wc.name.lower(): wc for wc in new.watchers}
-        removed = [w for n, w in old_w.items() if n not in new_w]
-        changed, resized = [], []
-        for n, wc in new_w.items():
-            w = old_w.get(n)
-            if w is None:
-                continue
-            was = w.file_conf or w.conf     # what the file said, not what incr/set made of it
-            if any(uses(w, s) for s in changed_socks) or self._differs_beyond_numprocesses(was, wc):
-                changed.append((w, wc))
-            elif was.options["numprocesses"] != wc.options["numprocesses"]:
-                resized.append((w, wc))
-        added = [wc for n, wc in new_w.items() if n not in old_w]
-        return changed_socks, added_socks, removed, changed, resized, added
+            raise _not_reloaded(e) from None
 
     def config_diff(self, new: CircusConfig) -> dict:
         """Names added, changed (incl. resized) and removed, for reread/update."""
-        _, _, removed, changed, resized, added = self._plan(new)
-        return {"added": sorted(wc.name for wc in added),
-                "changed": sorted(w.name for w, _ in changed + resized),
-                "removed": sorted(w.name for w in removed)}
+        return _ConfigDiff(self.config, self.watchers, new).names()
 
     async def reload_config(self, new: CircusConfig | None = None, reload_rest=False) -> None:
         """Re-read the file; apply only what changed. A broken file changes nothing.
 
-        What changed is what the file says now against what it said when last
-        loaded: a runtime incr/set on a watcher the file did not change stays.
         ``reload_rest`` (SIGHUP): then a graceful reload of every running
         watcher this did not start afresh.
         """
-        new = new or self._load_new_config()
-        try:
-            new_plugin_settings = flapping_defaults(new), plugin_limits(new)
-        except ConfigError as e:
-            raise CommandError("config not reloaded, nothing changed: %s" % e, E_MESSAGE_ERROR) from None
-        old = self.config
-        for w in new.warnings:
-            _log().warning("%s", w)
+        new, plugin_settings = self._parse_new_config(new)         # 1. parse
         async with self._lock:
             self._refuse_if_quitting("reloadconfig")
-            changed_socks, added_socks, removed, changed, resized, _ = self._plan(new)
-            old_w = {w.name.lower(): w for w in self.watchers}
-            renew = {w.name.lower() for w, _ in changed}
+            diff = _ConfigDiff(self.config, self.watchers, new)     # 2. diff
             try:        # built before anything stops: a hook that cannot be imported changes nothing
-                fresh = [self._make_watcher(wc) for wc in new.watchers
-                         if wc.name.lower() not in old_w or wc.name.lower() in renew]
+                fresh = [self._make_watcher(wc) for wc in diff.to_build]
             except ConfigError as e:
-                raise CommandError("config not reloaded, nothing changed: %s" % e, E_MESSAGE_ERROR) from None
-            if new.globals_key() != old.globals_key():
-                self.check_delay, self.warmup_delay = new.check_delay, new.warmup_delay
-                for k in ("endpoint", "pubsub_endpoint", "multicast_endpoint", "curve_secret_key",
-                          "curve_owner_keys", "endpoint_owner"):
-                    if getattr(new, k) != getattr(old, k):
-                        _log().warning("reloadconfig: %s changed; it takes effect at the next "
-                                       "daemon start (a restart keeps the old one)", k)
-            self.flapping_plugin, self.plugin_limits = new_plugin_settings
-            for w in removed + [w for w, _ in changed]:
-                self.watchers.remove(w)
-                self.emit("watcher.%s.remove" % w.topic_name, {"time": time.time()})
-            await self.stop_watchers(removed + [w for w, _ in changed])
-            for w in removed + [w for w, _ in changed]:
-                w._user_action(False)       # no flapping retry for what is gone
-                w._close_streams(final=True)
-            self._prune_watchdogs()
-            for n in changed_socks:
-                s = self.sockets.pop(n, None)
-                if s is not None:
-                    s.close()
-            self._bind_sockets(added_socks)
-            self.config = new
-            for w, wc in resized:
-                w.file_conf = wc
-                async with w.lock:
-                    await w.set_numprocesses(wc.options["numprocesses"])
-            for w in fresh:
-                self._attach(w)
-                self.emit("watcher.%s.add" % w.topic_name, {"time": time.time()})
-            await self.start_watchers([w for w in fresh if w.conf.options["autostart"]])
+                raise _not_reloaded(e) from None
+            await self._apply_config(new, plugin_settings, diff, fresh)     # 3. apply
             if reload_rest:
                 await self._reload_watchers(skip=fresh)
 
-    @staticmethod
-    def _differs_beyond_numprocesses(a: WatcherConfig, b: WatcherConfig) -> bool:
-        na, nb = a.options["numprocesses"], b.options["numprocesses"]
+    def _parse_new_config(self, new: CircusConfig | None):
+        """The new file, parsed completely, and its plugin settings (flapping, limits)."""
+        new = new or self._load_new_config()
         try:
-            a.options["numprocesses"] = nb
-            return a.key() != b.key()
-        finally:
-            a.options["numprocesses"] = na
+            plugin_settings = flapping_defaults(new), plugin_limits(new)
+        except ConfigError as e:
+            raise _not_reloaded(e) from None
+        for w in new.warnings:
+            _log().warning("%s", w)
+        return new, plugin_settings
+
+    async def _apply_config(self, new: CircusConfig, plugin_settings, diff: _ConfigDiff, fresh) -> None:
+        """Only the differences: what goes stops before its sockets close, the new
+        sockets are bound before the ``fresh`` watchers start."""
+        self._take_globals(new)
+        self.flapping_plugin, self.plugin_limits = plugin_settings
+        gone = diff.removed + [w for w, _ in diff.changed]
+        for w in gone:
+            self.watchers.remove(w)
+            self.emit("watcher.%s.remove" % w.topic_name, {"time": time.time()})
+        await self.stop_watchers(gone)
+        self._let_go(gone)
+        self._close_sockets(diff.changed_socks)
+        self._bind_sockets(diff.added_socks)
+        self.config = new
+        for w, wc in diff.resized:
+            w.file_conf = wc
+            async with w.lock:
+                await w.set_numprocesses(wc.options["numprocesses"])
+        for w in fresh:
+            self._attach(w)
+            self.emit("watcher.%s.add" % w.topic_name, {"time": time.time()})
+        await self.start_watchers([w for w in fresh if w.conf.options["autostart"]])
+
+    def _take_globals(self, new: CircusConfig) -> None:
+        old = self.config
+        if new.globals_key() == old.globals_key():
+            return
+        self.check_delay, self.warmup_delay = new.check_delay, new.warmup_delay
+        for k in ("endpoint", "pubsub_endpoint", "multicast_endpoint", "curve_secret_key",
+                  "curve_owner_keys", "endpoint_owner"):
+            if getattr(new, k) != getattr(old, k):
+                _log().warning("reloadconfig: %s changed; it takes effect at the next "
+                               "daemon start (a restart keeps the old one)", k)
+
+    def _let_go(self, ws) -> None:
+        """Of stopped watchers no longer ours: no flapping retry, streams closed, no watchdog."""
+        for w in ws:
+            w._user_action(False)
+            w._close_streams(final=True)
+        self._prune_watchdogs()
+
+    def _close_sockets(self, names=None) -> None:
+        for n in list(self.sockets) if names is None else names:
+            s = self.sockets.pop(n, None)
+            if s is not None:
+                s.close()
 
     async def restart(self) -> None:
         """Full restart in this process: stop all, re-read the config, rebind, start.
@@ -4756,15 +4828,10 @@ class Arbiter:
         async with self._lock:
             await self.stop_watchers()
             if new is not None:
-                for s in self.sockets.values():
-                    s.close()
-                self.sockets.clear()
+                self._close_sockets()
                 self.config = new
-                for w in self.watchers:
-                    w._user_action(False)
-                    w._close_streams(final=True)
-                self.watchers = []
-                self._prune_watchdogs()
+                old, self.watchers = self.watchers, []
+                self._let_go(old)
                 try:
                     self.flapping_plugin, self.plugin_limits = flapping_defaults(new), plugin_limits(new)
                 except ConfigError as e:

@@ -2018,6 +2018,72 @@ def test_library_arbiter_in_callers_loop(tmp_path):
     assert not psutil.pid_exists(pids[0])
 
 
+def test_reloadconfig_diff_sorts_every_change_and_touches_nothing(tmp_path):
+    """Issue 15: reloadconfig's diff is a step of its own, computed from the parsed file before
+    anything changes: a changed socket renews every watcher using it (named in cmd, stdin_socket,
+    use_sockets), numprocesses alone resizes, what the file did not change stays."""
+    extra = {"keep": "", "resize": "", "change": "", "gone": "", "named": " $(circus.sockets.s1)",
+             "stdin": "\nstdin_socket = s1", "all": "\nuse_sockets = true",
+             "other": " $(circus.sockets.s2)"}
+    old_text = "".join("[socket:%s]\npath = %s/%s.sock\n" % (n, tmp_path, n) for n in ("s1", "s2")) + \
+        "".join("[watcher:%s]\ncmd = sleep 120%s\n" % item for item in extra.items())
+    arb = circus.Arbiter.from_config(circus.load_config(write(tmp_path / "old.ini", old_text)))
+    watchers = list(arb.watchers)
+    arb.get_watcher("keep").conf.options["numprocesses"] = 4       # as `incr` leaves it
+    new_text = (old_text.replace("s1.sock", "s1b.sock")
+                .replace("[watcher:resize]\ncmd = sleep 120", "[watcher:resize]\ncmd = sleep 120\nnumprocesses = 3")
+                .replace("[watcher:change]\ncmd = sleep 120", "[watcher:change]\ncmd = sleep 121")
+                .replace("[watcher:gone]\ncmd = sleep 120\n", "[watcher:new]\ncmd = sleep 1\n"))
+    new = circus.load_config(write(tmp_path / "new.ini", new_text))
+    diff = circus._ConfigDiff(arb.config, arb.watchers, new)
+    assert diff.changed_socks == {"s1"} and [s.name for s in diff.added_socks] == ["s1"]
+    assert sorted(w.name for w, _ in diff.changed) == ["all", "change", "named", "stdin"]
+    assert [w.name for w, _ in diff.resized] == ["resize"]
+    assert [w.name for w in diff.removed] == ["gone"] and [wc.name for wc in diff.added] == ["new"]
+    assert [wc.name for wc in diff.to_build] == [       # in the file's order
+        wc.name for wc in new.watchers if wc.name in ("all", "change", "named", "new", "stdin")]
+    assert arb.config_diff(new) == {"added": ["new"], "removed": ["gone"],
+                                    "changed": ["all", "change", "named", "resize", "stdin"]}
+    assert arb.watchers == watchers and arb.config.path == str(tmp_path / "old.ini")
+    assert arb.get_watcher("keep").conf.options["numprocesses"] == 4
+
+
+def test_sighup_passes_merge_and_each_is_framed_for_systemd():
+    """Issue 15: the SIGHUP scheduling is a small object of its own: SIGHUPs during a pass make
+    exactly one more pass, each framed by RELOADING=1 / READY=1; none once quitting."""
+    import asyncio
+    import types
+
+    async def run():
+        release = asyncio.Event()
+        calls, notes = [], []
+
+        async def reload_config(reload_rest):
+            calls.append(reload_rest)
+            await release.wait()
+
+        async def guarded(coro):
+            return await coro
+        arb = types.SimpleNamespace(stopping=False, config=types.SimpleNamespace(path="c.ini"),
+                                    loop=asyncio.get_running_loop(), sd_notify=notes.append,
+                                    reload_config=reload_config, _guarded=guarded)
+        hup = circus._HupReloads(arb)
+        hup()
+        first = hup.task
+        await asyncio.sleep(0)              # the first pass is under way, waiting in reload_config
+        for _ in range(3):
+            hup()
+        assert hup.task is first and calls == [True]
+        release.set()
+        await asyncio.wait_for(first, TIMEOUT)
+        arb.stopping = True
+        hup()
+        return calls, [n.split("\n")[0] for n in notes], hup.task is first
+    calls, notes, same_task = asyncio.run(run())
+    assert calls == [True, True] and same_task
+    assert notes == ["RELOADING=1", "READY=1", "RELOADING=1", "READY=1"]
+
+
 def readme_files():
     """The README's code blocks that start with ``# file: NAME``: {NAME: text}."""
     text = (HERE / "README.md").read_text()
