@@ -1,11 +1,14 @@
-"""Tests for circus.py: fast unit tests first, end-to-end tests (marked e2e) last.
+"""Tests for circus.py: fast unit tests first, end-to-end tests (marker ``e2e``) last.
 
-Run: python -m pytest -q test_circus.py      (unit only: -k "not e2e")
+Run: python -m pytest -q -x -rs test_circus.py     (-rs: each skipped test says why)
+     unit tests only: -m "not e2e"; end-to-end only: -m e2e
 
-End-to-end tests (named test_e2e_*) start real daemons on ipc endpoints in a private temp dir,
-drive them with `ctl` and raw ZeroMQ, check real pids with psutil, and kill
-whatever they started by process group. Every wait is bounded and waits
-for a condition.
+End-to-end tests are the ones named test_e2e_*: the hooks below give each the registered
+``e2e`` marker. They start real daemons (ours, or the real circusd/supervisord for the
+interop tests) through one harness, `Daemon`, on ipc endpoints in a private temp dir,
+drive them with `ctl` and raw ZeroMQ, check real pids with psutil, and kill whatever
+they started by process group. Every wait is bounded by one of the named timeouts
+below and waits for a condition.
 """
 import contextlib
 import errno
@@ -35,7 +38,38 @@ CIRCUS_PY = HERE / "circus.py"
 sys.path.insert(0, str(HERE))
 import circus  # noqa: E402
 
-TIMEOUT = 15.0      # generous bound for any single condition on a loaded CI box
+# Bounds on waits, in seconds. A wait polls for its condition and usually ends long before
+# its bound: a bound only decides how long a failing test takes to say what never happened.
+TIMEOUT = 15.0      # any single condition on a loaded CI box: a process up or gone, a reply, an event
+SLOW = 30.0         # a condition that takes several respawns, backoffs or stop timeouts
+LONG = 60.0         # a command run to its end (ctl, check, useradd, a refused daemon), or a
+                    # condition over hundreds of processes or thousands of requests
+INSTALL = 900.0     # pip installing the real Circus or Supervisor into a venv (network included)
+PROBE = 0.5         # one attempt inside a polling loop, whose own bound is the one that counts
+QUIET = 0.3         # how long a negative check listens for something that must not arrive
+DRAIN = 2.0         # the silence that ends a drain of replies still on their way
+
+pytest_plugins = [__name__]     # this module is its own plugin: pytest calls the two hooks below
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "e2e: starts real daemons (the tests named test_e2e_*); "
+                                       "-m 'not e2e' runs the unit tests only")
+
+
+@pytest.hookimpl(tryfirst=True)         # before -m deselects by marker
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.originalname.startswith("test_e2e_"):
+            item.add_marker("e2e")
+
+
+def require_root(why, tool=None):
+    """Skip, saying what is missing, unless we run as root (and ``tool`` is on $PATH)."""
+    if os.geteuid() != 0:
+        pytest.skip("%s needs root (running as uid %d)" % (why, os.geteuid()))
+    if tool and not shutil.which(tool):
+        pytest.skip("%s needs %s, not found on $PATH" % (why, tool))
 
 
 def wait_for(predicate, timeout=TIMEOUT, what="condition", interval=0.01):
@@ -49,6 +83,12 @@ def wait_for(predicate, timeout=TIMEOUT, what="condition", interval=0.01):
             desc = what() if callable(what) else what     # a callable: diagnostics on failure
             raise AssertionError("timed out after %.1f s waiting for %s" % (timeout, desc))
         time.sleep(interval)
+
+
+def test_the_e2e_marker_is_registered_and_marks_exactly_the_e2e_tests(request):
+    assert any(line.startswith("e2e: ") for line in request.config.getini("markers"))
+    for item in request.session.items:        # all of them when the whole file runs
+        assert bool(item.get_closest_marker("e2e")) == item.name.startswith("test_e2e_"), item.nodeid
 
 
 # ===========================================================================
@@ -2163,39 +2203,64 @@ def test_import_has_no_side_effects():
 # ===========================================================================
 
 class Daemon:
-    """A circus.py daemon in its own session, on ipc endpoints in a short temp dir."""
+    """A daemon in its own session, logging to a file in ``root``: ours by default, or the real
+    circusd or supervisord (``program``: the argv before the config file)."""
 
-    def __init__(self, root, body=None, name="c.ini", extra_args=()):
+    def __init__(self, root, body=None, name="c.ini", extra_args=(), program=None, label="our daemon",
+                 endpoint=None, log="daemon.log"):
         """``body`` is written after a [circus] section with our endpoints; without it,
-        ``name`` is an existing config that uses ipc://ctl.sock and ipc://pub.sock in root."""
+        ``name`` is an existing config that uses ``endpoint`` (default ipc://ROOT/ctl.sock)
+        and ipc://ROOT/pub.sock."""
         self.root = pathlib.Path(root)
-        self.endpoint = "ipc://%s/ctl.sock" % root
+        self.endpoint = endpoint or "ipc://%s/ctl.sock" % root
         self.pubsub = "ipc://%s/pub.sock" % root
         self.conf = self.root / name
         if body is not None:
             head = "[circus]\nendpoint = %s\npubsub_endpoint = %s\n" % (self.endpoint, self.pubsub)
             self.conf.write_text(head + textwrap.dedent(body))
-        self.log = self.root / "daemon.log"
+        self.ours = program is None
+        self.argv = [str(a) for a in (program or [sys.executable, CIRCUS_PY, "daemon"])] + [str(name)]
+        self.label = label
+        self.log = self.root / log
         self.extra_args = list(extra_args)
         self.curve = None           # client keys (circus.client_keys) for a CurveZMQ daemon
         self.proc = None
         self.seen = set()           # (pid, create_time) of every process we saw under it
 
     def start(self, wait=True, env=None, preexec_fn=None, stdout=None):
+        """``env``: the daemon's environment, by default as a shell in ``root`` would give it
+        (real circusd takes its working_dir from $PWD)."""
+        if env is None:
+            env = dict(os.environ, PWD=str(self.root))
+            env.pop("CIRCUSCTL_ENDPOINT", None)
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, str(CIRCUS_PY), "daemon", self.conf.name] + self.extra_args,
+                self.argv + self.extra_args,
                 stdout=log if stdout is None else stdout, stderr=log, stdin=subprocess.DEVNULL, env=env,
                 preexec_fn=preexec_fn, start_new_session=True, cwd=str(self.root))
         if wait:
             wait_for(self.ready, what="daemon to answer (log: %s)" % self.log)
         return self
 
-    def ready(self):
-        if self.proc.poll() is not None:
-            raise AssertionError("daemon exited with %s: %s" % (self.proc.returncode, self.log.read_text()))
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def describe(self):
         try:
-            return self.call("numwatchers", timeout=0.5).get("status") == "ok"
+            tail = "\n".join(self.log.read_text(errors="replace").splitlines()[-30:])
+        except OSError:
+            tail = "<no log>"
+        return "%s (pid %s, rc %s), log tail:\n%s" % (self.label, self.pid, self.proc.poll(), tail)
+
+    def check_running(self):
+        if self.proc.poll() is not None:
+            raise AssertionError("daemon exited early: " + self.describe())
+
+    def ready(self):
+        self.check_running()
+        try:
+            return self.call("numwatchers", timeout=PROBE).get("status") == "ok"
         except circus.CallError:
             return False
 
@@ -2218,7 +2283,7 @@ class Daemon:
         finally:
             s.close(0)
 
-    def ctl(self, *args, timeout=60):
+    def ctl(self, *args, timeout=LONG):
         return subprocess.run([sys.executable, str(CIRCUS_PY), "ctl", "--endpoint", self.endpoint] +
                               [str(a) for a in args], capture_output=True, text=True, timeout=timeout)
 
@@ -2245,7 +2310,20 @@ class Daemon:
         except psutil.Error:
             return []
 
+    def cmdlines(self):
+        """{pid: cmdline} of the live direct children."""
+        result = {}
+        for kid in self.children():
+            with contextlib.suppress(psutil.Error):
+                result[kid.pid] = kid.cmdline()
+        return result
+
+    def running(self):
+        return self.proc is not None and self.proc.poll() is None
+
     def stop(self):
+        """SIGTERM the process group, wait (bounded), then SIGKILL it and every process seen
+        under the daemon (they run in sessions of their own). Ours must leave none behind."""
         if self.proc is None:
             return
         self.track()
@@ -2263,7 +2341,7 @@ class Daemon:
         except (ProcessLookupError, PermissionError):
             pass
         if self.proc.poll() is None:
-            self.proc.wait(5)
+            self.proc.wait(TIMEOUT)
         leftovers = []
         for pid, ctime in self.seen:
             try:
@@ -2274,7 +2352,8 @@ class Daemon:
             except psutil.Error:
                 pass
         self.proc = None
-        assert not leftovers, "processes left behind: %r" % leftovers
+        # real circusd leaves grandchildren behind when killed: the interop tests check by name
+        assert not (self.ours and leftovers), "processes left behind: %r" % leftovers
 
 
 class Events:
@@ -3604,92 +3683,13 @@ def real_bin():
 # daemons
 # --------------------------------------------------------------------------
 
-class IopDaemon:
-    """A circusd-like daemon in its own session, logging to a file."""
-
-    def __init__(self, label, argv, cwd, endpoint, log_path):
-        self.label = label
-        self.argv = [str(a) for a in argv]
-        self.cwd = pathlib.Path(cwd)
-        self.endpoint = endpoint
-        self.log_path = pathlib.Path(log_path)
-        self.proc = None
-
-    def start(self):
-        env = dict(os.environ)
-        env.pop("CIRCUSCTL_ENDPOINT", None)
-        env["PWD"] = str(self.cwd)
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(self.argv, cwd=str(self.cwd), env=env,
-                                         stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
-        return self
-
-    @property
-    def pid(self):
-        return self.proc.pid
-
-    def log_tail(self, lines=30):
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return "<no log>"
-        return "\n".join(text.splitlines()[-lines:])
-
-    def describe(self):
-        return "%s (pid %s, rc %s), log tail:\n%s" % (
-            self.label, self.pid, self.proc.poll(), self.log_tail())
-
-    def check_running(self):
-        if self.proc.poll() is not None:
-            raise AssertionError("daemon exited early: " + self.describe())
-
-    def children(self):
-        """{pid: cmdline} of live, non-zombie direct children."""
-        result = {}
-        try:
-            kids = psutil.Process(self.pid).children()
-        except psutil.NoSuchProcess:
-            return result
-        for kid in kids:
-            try:
-                if kid.status() != psutil.STATUS_ZOMBIE:
-                    result[kid.pid] = kid.cmdline()
-            except (psutil.NoSuchProcess, psutil.ZombieProcess):
-                pass
-        return result
-
-    def stop(self):
-        """SIGTERM the process group, wait (bounded), then SIGKILL; kill leftovers."""
-        if self.proc is None:
-            return
-        try:
-            descendants = psutil.Process(self.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            descendants = []
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGKILL)
-        # watcher processes run in their own sessions (setsid): not in our group
-        for p in descendants:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                p.kill()
-
-
-def daemon_argv(kind, real_bin, conf):
+def daemon_program(kind, real_bin):
+    """The argv before the config file: real circusd, or ours (None)."""
     if kind == "real" or SELFCHECK:
-        return [real_bin / "circusd", conf]
+        return [real_bin / "circusd"]
     if not CIRCUS_PY.exists():
         pytest.fail("%s does not exist" % CIRCUS_PY)
-    return [sys.executable, CIRCUS_PY, "daemon", conf]
+    return None
 
 
 def shutdown_and_check(daemons, marker):
@@ -3762,23 +3762,19 @@ class IopEnv:
     def launch(self, kind, expected=None):
         conf = self.write_config()
         label = "our daemon" if (kind == "ours" and not SELFCHECK) else "real circusd"
-        log = self.root / ("daemon-%d.log" % len(self.daemons))
-        d = IopDaemon(label, daemon_argv(kind, self.real_bin, conf), self.root, self.endpoint, log)
+        d = Daemon(self.root, name=str(conf), program=daemon_program(kind, self.real_bin), label=label,
+                   endpoint=self.endpoint, log="daemon-%d.log" % len(self.daemons))
         self.daemons.append(d)
-        d.start()
+        d.start(wait=False)
         return wait_ready(d, STANDARD_PROCS if expected is None else expected)
 
     def stop(self, daemon):
         daemon.stop()
         # the next daemon must be able to bind the same ports
-        wait_for(lambda: not daemon_alive(daemon), 15, "%s to exit" % daemon.label)
+        wait_for(lambda: not daemon.running(), TIMEOUT, "%s to exit" % daemon.label)
 
     def close(self):
         shutdown_and_check(self.daemons, str(self.root))
-
-
-def daemon_alive(daemon):
-    return daemon.proc is not None and daemon.proc.poll() is None
 
 
 STANDARD_CONF = """\
@@ -3924,7 +3920,7 @@ def env(tmp_path, real_bin):
 def pids_match(daemon, ctl, name, argv):
     """`list NAME` pids == live children of the daemon running ``argv``."""
     listed = ctl.pids(daemon.endpoint, name)
-    kids = sorted(pid for pid, cmd in daemon.children().items() if cmd == argv)
+    kids = sorted(pid for pid, cmd in daemon.cmdlines().items() if cmd == argv)
     return listed if sorted(listed) == kids and len(set(listed)) == len(listed) else None
 
 
@@ -3936,7 +3932,7 @@ def wait_pids(daemon, ctl, name, argv, count, timeout=15):
     def check():
         daemon.check_running()
         box["listed"] = ctl.pids(daemon.endpoint, name)
-        box["kids"] = daemon.children()
+        box["kids"] = daemon.cmdlines()
         got = pids_match(daemon, ctl, name, argv)
         box["got"] = got
         return got is not None and len(got) == count
@@ -4434,7 +4430,7 @@ def _capture(daemon, env):
         assert reply is not None, "%s: no reply to %r" % (daemon.label, name)
         out[name] = (sent_id, raw, reply)
         if name == "list_name":
-            kids = daemon.children()
+            kids = daemon.cmdlines()
             assert sorted(reply["pids"]) == sorted(
                 pid for pid, cmd in kids.items() if cmd == [str(env.sleep), "300"]), (reply, kids)
     return out
@@ -4525,9 +4521,10 @@ def test_e2e_interop_env_reply_matches_real(real_bin, shortdir):
                 [env:w]
                 PYTHONPATH = /opt/pp
                 """) % (ep, shortdir, kind, venv))
-            d = IopDaemon(kind, daemon_argv(kind, real_bin, conf), root, ep, root / (kind + ".log"))
+            d = Daemon(root, name=str(conf), program=daemon_program(kind, real_bin), label=kind,
+                       endpoint=ep, log=kind + ".log")
             daemons.append(d)
-            wait_ready(d.start(), {"w": 1})
+            wait_ready(d.start(wait=False), {"w": 1})
             reply = zmq_request(ep, {"command": "get", "properties": {"name": "w", "keys": ["env"]},
                                      "id": "env"}, timeout=5)
             envs[kind] = _without_dunder_name(reply)["options"]["env"]
@@ -4877,43 +4874,31 @@ def test_e2e_sv_same_config_under_real_supervisor(supervisor_bin):
             shutil.copytree(root / "bin", run / "bin", symlinks=True)
             conf = run / "supervisord.conf"
             conf.write_text(SV_COMPARE_CONF.replace("@RUN@", str(run)))     # supervisord ignores [circus]
-            argv = ([str(supervisor_bin / "supervisord"), "-c", str(conf)] if kind == "supervisor" else
-                    [sys.executable, str(CIRCUS_PY), "daemon", str(conf)])
-            proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                    stdin=subprocess.DEVNULL, start_new_session=True, cwd=str(run))
+            program, label = ([supervisor_bin / "supervisord", "-c"], "supervisord") if kind == "supervisor" \
+                else (None, "our daemon")
+            d = Daemon(run, name=str(conf), program=program, label=label, endpoint="ipc://%s/circus.sock" % run)
+            d.start(wait=False)
             try:
                 if kind == "supervisor":
                     states = lambda: _sv_states_from_supervisorctl(supervisor_bin, conf)  # noqa: E731
                 else:
                     def states():
                         try:
-                            with circus.Client("ipc://%s/circus.sock" % run, 2) as c:
-                                reply = c.call("status", long=True)
+                            reply = d.call("status", timeout=PROBE, long=True)
                         except circus.CallError:
                             return {}
                         return {r["name"]: r["state"] for r in reply.get("processes", [])}
                 final = wait_for(lambda: (lambda s: s if s.get("crash") == "FATAL" and
                                           s.get("ok") == "RUNNING" else None)(states()),
-                                 timeout=60, what=lambda: "%s: crash FATAL, ok RUNNING (%r)" % (kind, states()))
+                                 timeout=LONG, what=lambda: "%s: crash FATAL, ok RUNNING (%r)" % (kind, states()))
                 env = {}
-                for p in psutil.Process(proc.pid).children():
+                for p in d.children():
                     if p.cmdline()[1:] == ["122"]:
                         env = p.environ()
                 results[kind] = (final, (run / "crash.count").read_text().count("x"),
                                  env.get("GREETING"), env.get("EMPTY"), env.get("SUPERVISOR_PROCESS_NAME"))
             finally:
-                kids = []
-                with contextlib.suppress(psutil.Error):
-                    kids = psutil.Process(proc.pid).children(recursive=True)
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait(10)
-                for k in kids:
-                    with contextlib.suppress(psutil.Error):
-                        k.kill()
+                d.stop()
         assert results["ours"][0] == results["supervisor"][0] == {
             "ok": "RUNNING", "crash": "FATAL", "manual": "STOPPED",
             "multi:multi_0": "RUNNING", "multi:multi_1": "RUNNING"}
