@@ -5,10 +5,10 @@ Run: python -m pytest -q -x -rs test_circus.py     (-rs: each skipped test says 
 
 End-to-end tests are the ones named test_e2e_*: the hooks below give each the registered
 ``e2e`` marker. They start real daemons (ours, or the real circusd/supervisord for the
-interop tests) through one harness, `Daemon`, on ipc endpoints in a private temp dir,
-drive them with `ctl` and raw ZeroMQ, check real pids with psutil, and kill whatever
-they started by process group. Every wait is bounded by one of the named timeouts
-below and waits for a condition.
+interop tests) through one harness, `Daemon`, on ipc endpoints in a private temp dir or
+on loopback TCP, drive them with `ctl` and raw ZeroMQ, check real pids with psutil, and
+kill whatever they started by process group. Every wait is bounded by one of the named
+timeouts below and waits for a condition.
 """
 import contextlib
 import errno
