@@ -1,11 +1,14 @@
-"""Tests for circus.py: fast unit tests first, end-to-end tests (marked e2e) last.
+"""Tests for circus.py: fast unit tests first, end-to-end tests (marker ``e2e``) last.
 
-Run: python -m pytest -q test_circus.py      (unit only: -k "not e2e")
+Run: python -m pytest -q -x -rs test_circus.py     (-rs: each skipped test says why)
+     unit tests only: -m "not e2e"; end-to-end only: -m e2e
 
-End-to-end tests (named test_e2e_*) start real daemons on ipc endpoints in a private temp dir,
-drive them with `ctl` and raw ZeroMQ, check real pids with psutil, and kill
-whatever they started by process group. Every wait is bounded and waits
-for a condition.
+End-to-end tests are the ones named test_e2e_*: the hooks below give each the registered
+``e2e`` marker. They start real daemons (ours, or the real circusd/supervisord for the
+interop tests) through one harness, `Daemon`, on ipc endpoints in a private temp dir or
+on loopback TCP, drive them with `ctl` and raw ZeroMQ, check real pids with psutil, and
+kill whatever they started by process group. Every wait is bounded by one of the named
+timeouts below and waits for a condition.
 """
 import contextlib
 import errno
@@ -35,7 +38,38 @@ CIRCUS_PY = HERE / "circus.py"
 sys.path.insert(0, str(HERE))
 import circus  # noqa: E402
 
-TIMEOUT = 15.0      # generous bound for any single condition on a loaded CI box
+# Bounds on waits, in seconds. A wait polls for its condition and usually ends long before
+# its bound: a bound only decides how long a failing test takes to say what never happened.
+TIMEOUT = 15.0      # any single condition on a loaded CI box: a process up or gone, a reply, an event
+SLOW = 30.0         # a condition that takes several respawns, backoffs or stop timeouts
+LONG = 60.0         # a command run to its end (ctl, check, useradd, a refused daemon), or a
+                    # condition over hundreds of processes or thousands of requests
+INSTALL = 900.0     # pip installing the real Circus or Supervisor into a venv (network included)
+PROBE = 0.5         # one attempt inside a polling loop, whose own bound is the one that counts
+QUIET = 0.3         # how long a negative check listens for something that must not arrive
+DRAIN = 2.0         # the silence that ends a drain of replies still on their way
+
+pytest_plugins = [__name__]     # this module is its own plugin: pytest calls the two hooks below
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "e2e: starts real daemons (the tests named test_e2e_*); "
+                                       "-m 'not e2e' runs the unit tests only")
+
+
+@pytest.hookimpl(tryfirst=True)         # before -m deselects by marker
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.originalname.startswith("test_e2e_"):
+            item.add_marker("e2e")
+
+
+def require_root(why, tool=None):
+    """Skip, saying what is missing, unless we run as root (and ``tool`` is on $PATH)."""
+    if os.geteuid() != 0:
+        pytest.skip("%s needs root (running as uid %d)" % (why, os.geteuid()))
+    if tool and not shutil.which(tool):
+        pytest.skip("%s needs %s, not found on $PATH" % (why, tool))
 
 
 def wait_for(predicate, timeout=TIMEOUT, what="condition", interval=0.01):
@@ -49,6 +83,12 @@ def wait_for(predicate, timeout=TIMEOUT, what="condition", interval=0.01):
             desc = what() if callable(what) else what     # a callable: diagnostics on failure
             raise AssertionError("timed out after %.1f s waiting for %s" % (timeout, desc))
         time.sleep(interval)
+
+
+def test_the_e2e_marker_is_registered_and_marks_exactly_the_e2e_tests(request):
+    assert any(line.startswith("e2e: ") for line in request.config.getini("markers"))
+    for item in request.session.items:        # all of them when the whole file runs
+        assert bool(item.get_closest_marker("e2e")) == item.name.startswith("test_e2e_"), item.nodeid
 
 
 # ===========================================================================
@@ -425,7 +465,7 @@ def test_no_unknown_key_warnings_for_what_circus_and_supervisor_read(monkeypatch
     """Every config of both corpora: keys Circus or Supervisor really read are never 'unknown'."""
     root = HERE.parent / "shared" / "corpus"
     if not root.is_dir():
-        pytest.skip("corpus folder not found")
+        pytest.skip("the corpus of real-world configs is not at %s" % root)
     for k, v in ENV.items():
         monkeypatch.setenv(k, v)
     files = sorted(root.glob("circus/examples/*.ini")) + sorted(root.glob("circus/tests/config/**/*.ini")) \
@@ -529,7 +569,7 @@ def test_stats_endpoint_turns_statsd_on(tmp_path):
 # ===========================================================================
 
 CORPUS = HERE.parent / "shared" / "corpus" / "circus"
-needs_corpus = pytest.mark.skipif(not CORPUS.is_dir(), reason="corpus folder not found")
+needs_corpus = pytest.mark.skipif(not CORPUS.is_dir(), reason="the Circus corpus is not at %s" % CORPUS)
 
 #: Environment the expected values were taken with ($PATH, $PYTHONPATH, $PWD in [env]
 #: values; $(circus.env.X) in issue442, issue567 and example10).
@@ -1633,7 +1673,7 @@ def test_sv_include_globs_relative_to_main_file(tmp_path, monkeypatch):
 def test_sv_corpus_loads(monkeypatch):
     corpus = HERE.parent / "shared" / "corpus" / "supervisor"
     if not corpus.is_dir():
-        pytest.skip("supervisor corpus not found")
+        pytest.skip("the Supervisor corpus is not at %s" % corpus)
     files = [corpus / "sample.conf"] + sorted((corpus / "fixtures").glob("*.conf"))
     for f in files:
         cfg = circus.load_config(str(f))      # every one loads, with warnings, never a traceback
@@ -1723,8 +1763,7 @@ def test_timed_rotation_prunes_only_its_own_backups(tmp_path):
 @pytest.fixture
 def hostile_folder(tmp_path):
     """(folder owned by another uid, a root-only folder, its victim path) for symlink tests."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root: the attack is root writing where a user points it")
+    require_root("the attack (root writing where a user points it)")
     logs, secret = tmp_path / "logs", tmp_path / "secret"
     logs.mkdir()
     secret.mkdir(mode=0o700)
@@ -1920,7 +1959,7 @@ def test_ctl_imports_no_asyncio_or_psutil():
     code = ("import sys; sys.argv=['circus.py','ctl','--help']; import runpy;"
             "\ntry: runpy.run_path(%r, run_name='__main__')\nexcept SystemExit: pass"
             "\nprint('LOADED', 'asyncio' in sys.modules, 'psutil' in sys.modules)") % str(CIRCUS_PY)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30).stdout
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=LONG).stdout
     assert "LOADED False False" in out
 
 
@@ -2095,7 +2134,7 @@ def readme_files():
     return files
 
 
-def run_readme_example(tmp_path, name, *args, timeout=60):
+def run_readme_example(tmp_path, name, *args, timeout=LONG):
     for fname, text in readme_files().items():
         (tmp_path / fname).write_text(text)
     return subprocess.run([sys.executable, str(tmp_path / name)] + list(args), capture_output=True,
@@ -2163,7 +2202,7 @@ mode = sys.argv[1]
 
 
 def stop_when_running():       # from another thread, or as a callback on the arbiter's loop
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + %r
     while len(arbiter.get_watcher("w").processes) < 2 and time.monotonic() < deadline:
         time.sleep(0.01)
     print("pids", *sorted(arbiter.get_watcher("w").processes), flush=True)
@@ -2185,7 +2224,7 @@ print("start returned", flush=True)
 def test_e2e_library_start_runs_until_stopped(shortdir, mode):
     ep = "ipc://%s/ctl.sock" % shortdir
     script = pathlib.Path(shortdir) / "lib.py"
-    script.write_text(LIBRARY_SCRIPT % (str(HERE), ep))
+    script.write_text(LIBRARY_SCRIPT % (str(HERE), ep, SLOW))
     proc = subprocess.Popen([sys.executable, str(script), mode], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -2220,7 +2259,7 @@ def test_import_has_no_side_effects():
     code = ("import logging, signal, sys; sys.path.insert(0, %r); import circus;"
             "print(logging.getLogger('circus').handlers, signal.getsignal(signal.SIGTERM) is signal.SIG_DFL,"
             " 'asyncio' in sys.modules)") % str(HERE)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30).stdout
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=LONG).stdout
     assert out.strip() == "[] True False"
 
 
@@ -2229,39 +2268,64 @@ def test_import_has_no_side_effects():
 # ===========================================================================
 
 class Daemon:
-    """A circus.py daemon in its own session, on ipc endpoints in a short temp dir."""
+    """A daemon in its own session, logging to a file in ``root``: ours by default, or the real
+    circusd or supervisord (``program``: the argv before the config file)."""
 
-    def __init__(self, root, body=None, name="c.ini", extra_args=()):
+    def __init__(self, root, body=None, name="c.ini", extra_args=(), program=None, label="our daemon",
+                 endpoint=None, log="daemon.log"):
         """``body`` is written after a [circus] section with our endpoints; without it,
-        ``name`` is an existing config that uses ipc://ctl.sock and ipc://pub.sock in root."""
+        ``name`` is an existing config that uses ``endpoint`` (default ipc://ROOT/ctl.sock)
+        and ipc://ROOT/pub.sock."""
         self.root = pathlib.Path(root)
-        self.endpoint = "ipc://%s/ctl.sock" % root
+        self.endpoint = endpoint or "ipc://%s/ctl.sock" % root
         self.pubsub = "ipc://%s/pub.sock" % root
         self.conf = self.root / name
         if body is not None:
             head = "[circus]\nendpoint = %s\npubsub_endpoint = %s\n" % (self.endpoint, self.pubsub)
             self.conf.write_text(head + textwrap.dedent(body))
-        self.log = self.root / "daemon.log"
+        self.ours = program is None
+        self.argv = [str(a) for a in (program or [sys.executable, CIRCUS_PY, "daemon"])] + [str(name)]
+        self.label = label
+        self.log = self.root / log
         self.extra_args = list(extra_args)
         self.curve = None           # client keys (circus.client_keys) for a CurveZMQ daemon
         self.proc = None
         self.seen = set()           # (pid, create_time) of every process we saw under it
 
     def start(self, wait=True, env=None, preexec_fn=None, stdout=None):
+        """``env``: the daemon's environment, by default as a shell in ``root`` would give it
+        (real circusd takes its working_dir from $PWD)."""
+        if env is None:
+            env = dict(os.environ, PWD=str(self.root))
+            env.pop("CIRCUSCTL_ENDPOINT", None)
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, str(CIRCUS_PY), "daemon", self.conf.name] + self.extra_args,
+                self.argv + self.extra_args,
                 stdout=log if stdout is None else stdout, stderr=log, stdin=subprocess.DEVNULL, env=env,
                 preexec_fn=preexec_fn, start_new_session=True, cwd=str(self.root))
         if wait:
             wait_for(self.ready, what="daemon to answer (log: %s)" % self.log)
         return self
 
-    def ready(self):
-        if self.proc.poll() is not None:
-            raise AssertionError("daemon exited with %s: %s" % (self.proc.returncode, self.log.read_text()))
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def describe(self):
         try:
-            return self.call("numwatchers", timeout=0.5).get("status") == "ok"
+            tail = "\n".join(self.log.read_text(errors="replace").splitlines()[-30:])
+        except OSError:
+            tail = "<no log>"
+        return "%s (pid %s, rc %s), log tail:\n%s" % (self.label, self.pid, self.proc.poll(), tail)
+
+    def check_running(self):
+        if self.proc.poll() is not None:
+            raise AssertionError("daemon exited early: " + self.describe())
+
+    def ready(self):
+        self.check_running()
+        try:
+            return self.call("numwatchers", timeout=PROBE).get("status") == "ok"
         except circus.CallError:
             return False
 
@@ -2284,7 +2348,7 @@ class Daemon:
         finally:
             s.close(0)
 
-    def ctl(self, *args, timeout=60):
+    def ctl(self, *args, timeout=LONG):
         return subprocess.run([sys.executable, str(CIRCUS_PY), "ctl", "--endpoint", self.endpoint] +
                               [str(a) for a in args], capture_output=True, text=True, timeout=timeout)
 
@@ -2311,7 +2375,20 @@ class Daemon:
         except psutil.Error:
             return []
 
+    def cmdlines(self):
+        """{pid: cmdline} of the live direct children."""
+        result = {}
+        for kid in self.children():
+            with contextlib.suppress(psutil.Error):
+                result[kid.pid] = kid.cmdline()
+        return result
+
+    def running(self):
+        return self.proc is not None and self.proc.poll() is None
+
     def stop(self):
+        """SIGTERM the process group, wait (bounded), then SIGKILL it and every process seen
+        under the daemon (they run in sessions of their own). Ours must leave none behind."""
         if self.proc is None:
             return
         self.track()
@@ -2329,7 +2406,7 @@ class Daemon:
         except (ProcessLookupError, PermissionError):
             pass
         if self.proc.poll() is None:
-            self.proc.wait(5)
+            self.proc.wait(TIMEOUT)
         leftovers = []
         for pid, ctime in self.seen:
             try:
@@ -2340,7 +2417,8 @@ class Daemon:
             except psutil.Error:
                 pass
         self.proc = None
-        assert not leftovers, "processes left behind: %r" % leftovers
+        # real circusd leaves grandchildren behind when killed: the interop tests check by name
+        assert not (self.ours and leftovers), "processes left behind: %r" % leftovers
 
 
 class Events:
@@ -2405,7 +2483,7 @@ def subscribe_ready(d, topics=(b"",)):
     ev = Events(d.pubsub, topics, d.curve)
     d.call("add", name="probe-sub", cmd="true")
     try:
-        ev.wait(lambda t, p: t == "watcher.probe-sub.add", timeout=0.5)
+        ev.wait(lambda t, p: t == "watcher.probe-sub.add", timeout=PROBE)
     except AssertionError:
         d.call("rm", name="probe-sub")
         d.call("add", name="probe-sub", cmd="true")
@@ -2565,7 +2643,7 @@ def test_e2e_grandchildren_of_an_exited_process_cost_no_fds_and_go_with_their_gr
     try:
         wait_for(lambda: all(restarts(n) >= 1 for n in markers), what="a first respawn")
         fds0 = daemon_proc.num_fds()
-        wait_for(lambda: all(restarts(n) >= 6 for n in markers), timeout=30, what="5 more respawns")
+        wait_for(lambda: all(restarts(n) >= 6 for n in markers), timeout=SLOW, what="5 more respawns")
         # the plain watcher's orphans live on (Circus's default), but not at our expense
         assert len(procs_mentioning(markers["plain"])) >= 5
         wait_for(lambda: daemon_proc.num_fds() <= fds0 + 2,
@@ -2641,14 +2719,14 @@ def test_e2e_ctl_says_at_once_no_daemon_runs_on_ipc(daemon, shortdir):
     for path in (root / "none.sock", stale):
         t0 = time.monotonic()
         r = subprocess.run([sys.executable, str(CIRCUS_PY), "ctl", "--endpoint", "ipc://%s" % path,
-                            "--timeout", "60", "status"], capture_output=True, text=True, timeout=120)
+                            "--timeout", "60", "status"], capture_output=True, text=True, timeout=2 * LONG)
         assert r.returncode == 3 and "no daemon is running on ipc://%s" % path in r.stderr, r.stderr
         assert time.monotonic() - t0 < 30
     d = daemon("[watcher:w]\ncmd = sleep 120\n")
     assert d.call("quit", waiting=True)["status"] == "ok"
     d.proc.wait(TIMEOUT)
     assert not (root / "ctl.sock").exists() and not (root / "pub.sock").exists()
-    r = d.ctl("--timeout", "60", "status", timeout=120)
+    r = d.ctl("--timeout", "60", "status", timeout=2 * LONG)
     assert r.returncode == 3 and "no daemon is running" in r.stderr
 
 
@@ -2791,7 +2869,7 @@ def test_e2e_malformed_input_gets_errors_and_daemon_stays_up(daemon):
     assert d.raw(b"\xff\xfe") ["errno"] == 1
     assert d.raw(b'{"command": "LIST", "properties": null, "id": 1}')["watchers"] == ["w"]
     # a cast gets no reply at all, but is executed
-    assert d.raw(b'{"command": "incr", "properties": {"name": "w"}, "msg_type": "cast"}', timeout=0.3) is None
+    assert d.raw(b'{"command": "incr", "properties": {"name": "w"}, "msg_type": "cast"}', timeout=QUIET) is None
     wait_for(lambda: len(d.pids("w")) == 2, what="cast incr to apply")
     assert d.call("status")["statuses"] == {"w": "active"}
 
@@ -3188,7 +3266,7 @@ def test_e2e_reloadconfig_during_start_up_waits_for_it(daemon):
     try:
         d.start(wait=False)
         wait_for(lambda: procs_mentioning(marker), what="start-up to be under way")
-        wait_for(lambda: d.call("numwatchers", timeout=0.5)["status"] == "ok", what="control")
+        wait_for(lambda: d.call("numwatchers", timeout=PROBE)["status"] == "ok", what="control")
         assert len(procs_mentioning(marker)) < 200, "start-up ended before the test could interrupt it"
         d.conf.write_text(d.conf.read_text().replace("[watcher:w1]", "[watcher:w1]\nstop_signal = INT"))
         assert d.call("status")["status"] == "ok"       # read-only: answered during start-up
@@ -3207,7 +3285,7 @@ def test_e2e_bad_config_exits_with_one_line(shortdir):
     conf = pathlib.Path(shortdir) / "bad.ini"
     conf.write_text("[watcher:w]\ncmd = sleep 1\nnumprocesses = lots\n")
     r = subprocess.run([sys.executable, str(CIRCUS_PY), "daemon", str(conf)], capture_output=True,
-                       text=True, timeout=60)
+                       text=True, timeout=LONG)
     assert r.returncode == 1
     assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr
     assert "bad.ini:3 [watcher:w] numprocesses: 'lots' is not an integer" in r.stderr
@@ -3224,13 +3302,13 @@ def test_e2e_pidfile_and_detached_daemon(daemon, shortdir):
     try:
         def answers():      # until its socket exists, ctl says at once that no daemon runs
             try:
-                return d.call("numwatchers", timeout=0.5)["status"] == "ok"
+                return d.call("numwatchers", timeout=PROBE)["status"] == "ok"
             except circus.CallError:
                 return False
         wait_for(lambda: real.is_running() and answers(), what="detached daemon")
         # a second daemon with the same pidfile refuses to start
         r = subprocess.run([sys.executable, str(CIRCUS_PY), "daemon", str(d.conf), "--pidfile", str(pidfile)],
-                           capture_output=True, text=True, timeout=60)
+                           capture_output=True, text=True, timeout=LONG)
         assert r.returncode == 1 and "already started" in r.stderr
         kids = real.children()
         assert d.call("quit", waiting=True)["status"] == "ok"
@@ -3322,15 +3400,14 @@ def test_e2e_uid_gid_rlimits_working_dir(daemon, shortdir):
 @contextlib.contextmanager
 def throwaway_user_b():
     """A user made for one test (useradd -M), removed after it."""
-    if os.geteuid() != 0 or not shutil.which("useradd"):
-        pytest.skip("needs root and useradd")
+    require_root("a throwaway user", "useradd")
     name = "cpyb%s" % uuid.uuid4().hex[:8]
-    subprocess.run(["useradd", "-M", "-s", "/bin/sh", name], check=True, capture_output=True, timeout=60)
+    subprocess.run(["useradd", "-M", "-s", "/bin/sh", name], check=True, capture_output=True, timeout=LONG)
     try:
         import pwd
         yield pwd.getpwnam(name)
     finally:
-        subprocess.run(["userdel", "-f", name], capture_output=True, timeout=60)   # -f: even if in use
+        subprocess.run(["userdel", "-f", name], capture_output=True, timeout=LONG)   # -f: even if in use
 
 
 def test_e2e_log_symlinks_planted_by_the_watchers_user_are_not_followed(daemon, shortdir):
@@ -3574,7 +3651,7 @@ def procs_mentioning(marker):
     return found
 
 
-def zmq_request(endpoint, body, timeout=5.0):
+def zmq_request(endpoint, body, timeout=TIMEOUT):
     """Send one frame from a DEALER, return the decoded one-frame reply.
 
     ``body`` is a dict (JSON-encoded here) or raw bytes.  Returns None on
@@ -3597,7 +3674,7 @@ def zmq_request(endpoint, body, timeout=5.0):
         sock.close()
 
 
-def command(endpoint, name, timeout=5.0, **props):
+def command(endpoint, name, timeout=TIMEOUT, **props):
     msg_id = uuid.uuid4().hex
     reply = zmq_request(endpoint, {"command": name, "properties": props, "id": msg_id},
                         timeout=timeout)
@@ -3616,7 +3693,7 @@ def _tools_ok(bindir):
         return False
     try:
         out = subprocess.run([str(bindir / "circusctl"), "--version"], capture_output=True,
-                             text=True, timeout=60, stdin=subprocess.DEVNULL)
+                             text=True, timeout=LONG, stdin=subprocess.DEVNULL)
     except (OSError, subprocess.SubprocessError):
         return False
     return out.returncode == 0 and out.stdout.strip() == "circusctl 0.19.0"
@@ -3633,7 +3710,7 @@ def _build_cache():
     ]
     for argv in steps:
         try:
-            res = subprocess.run(argv, capture_output=True, text=True, timeout=900,
+            res = subprocess.run(argv, capture_output=True, text=True, timeout=INSTALL,
                                  stdin=subprocess.DEVNULL)
         except (OSError, subprocess.SubprocessError) as exc:
             shutil.rmtree(REAL_CACHE, ignore_errors=True)
@@ -3670,99 +3747,20 @@ def real_bin():
 # daemons
 # --------------------------------------------------------------------------
 
-class IopDaemon:
-    """A circusd-like daemon in its own session, logging to a file."""
-
-    def __init__(self, label, argv, cwd, endpoint, log_path):
-        self.label = label
-        self.argv = [str(a) for a in argv]
-        self.cwd = pathlib.Path(cwd)
-        self.endpoint = endpoint
-        self.log_path = pathlib.Path(log_path)
-        self.proc = None
-
-    def start(self):
-        env = dict(os.environ)
-        env.pop("CIRCUSCTL_ENDPOINT", None)
-        env["PWD"] = str(self.cwd)
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(self.argv, cwd=str(self.cwd), env=env,
-                                         stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
-        return self
-
-    @property
-    def pid(self):
-        return self.proc.pid
-
-    def log_tail(self, lines=30):
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return "<no log>"
-        return "\n".join(text.splitlines()[-lines:])
-
-    def describe(self):
-        return "%s (pid %s, rc %s), log tail:\n%s" % (
-            self.label, self.pid, self.proc.poll(), self.log_tail())
-
-    def check_running(self):
-        if self.proc.poll() is not None:
-            raise AssertionError("daemon exited early: " + self.describe())
-
-    def children(self):
-        """{pid: cmdline} of live, non-zombie direct children."""
-        result = {}
-        try:
-            kids = psutil.Process(self.pid).children()
-        except psutil.NoSuchProcess:
-            return result
-        for kid in kids:
-            try:
-                if kid.status() != psutil.STATUS_ZOMBIE:
-                    result[kid.pid] = kid.cmdline()
-            except (psutil.NoSuchProcess, psutil.ZombieProcess):
-                pass
-        return result
-
-    def stop(self):
-        """SIGTERM the process group, wait (bounded), then SIGKILL; kill leftovers."""
-        if self.proc is None:
-            return
-        try:
-            descendants = psutil.Process(self.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            descendants = []
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGKILL)
-        # watcher processes run in their own sessions (setsid): not in our group
-        for p in descendants:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                p.kill()
-
-
-def daemon_argv(kind, real_bin, conf):
+def daemon_program(kind, real_bin):
+    """The argv before the config file: real circusd, or ours (None)."""
     if kind == "real" or SELFCHECK:
-        return [real_bin / "circusd", conf]
+        return [real_bin / "circusd"]
     if not CIRCUS_PY.exists():
         pytest.fail("%s does not exist" % CIRCUS_PY)
-    return [sys.executable, CIRCUS_PY, "daemon", conf]
+    return None
 
 
 def shutdown_and_check(daemons, marker):
     for d in reversed(daemons):
         d.stop()
     try:
-        wait_for(lambda: not procs_mentioning(marker), 10,
+        wait_for(lambda: not procs_mentioning(marker), TIMEOUT,
                  lambda: "processes mentioning %s to exit: %s" % (
                      marker, [(p.pid, p.cmdline()) for p in procs_mentioning(marker)]))
     except AssertionError:
@@ -3775,13 +3773,13 @@ def shutdown_and_check(daemons, marker):
         pytest.fail("processes survived the daemon shutdown: %r" % (desc,))
 
 
-def wait_ready(daemon, expected, timeout=30):
+def wait_ready(daemon, expected, timeout=SLOW):
     """Wait until ``expected`` ({watcher: n_processes}) is what the daemon reports."""
 
     def ready():
         daemon.check_running()
         try:
-            reply = zmq_request(daemon.endpoint, {"command": "status", "id": "ready"}, timeout=0.5)
+            reply = zmq_request(daemon.endpoint, {"command": "status", "id": "ready"}, timeout=PROBE)
         except zmq.ZMQError:
             return False
         if not reply or reply.get("status") != "ok":
@@ -3792,7 +3790,7 @@ def wait_ready(daemon, expected, timeout=30):
             if states.get(name) != want:
                 return False
             pids = zmq_request(daemon.endpoint, {"command": "list", "properties": {"name": name},
-                                                 "id": "ready"}, timeout=0.5)
+                                                 "id": "ready"}, timeout=PROBE)
             if not pids or len(pids.get("pids", ())) != n or not all(map(alive, pids["pids"])):
                 return False
         return True
@@ -3828,23 +3826,19 @@ class IopEnv:
     def launch(self, kind, expected=None):
         conf = self.write_config()
         label = "our daemon" if (kind == "ours" and not SELFCHECK) else "real circusd"
-        log = self.root / ("daemon-%d.log" % len(self.daemons))
-        d = IopDaemon(label, daemon_argv(kind, self.real_bin, conf), self.root, self.endpoint, log)
+        d = Daemon(self.root, name=str(conf), program=daemon_program(kind, self.real_bin), label=label,
+                   endpoint=self.endpoint, log="daemon-%d.log" % len(self.daemons))
         self.daemons.append(d)
-        d.start()
+        d.start(wait=False)
         return wait_ready(d, STANDARD_PROCS if expected is None else expected)
 
     def stop(self, daemon):
         daemon.stop()
         # the next daemon must be able to bind the same ports
-        wait_for(lambda: not daemon_alive(daemon), 15, "%s to exit" % daemon.label)
+        wait_for(lambda: not daemon.running(), TIMEOUT, "%s to exit" % daemon.label)
 
     def close(self):
         shutdown_and_check(self.daemons, str(self.root))
-
-
-def daemon_alive(daemon):
-    return daemon.proc is not None and daemon.proc.poll() is None
 
 
 STANDARD_CONF = """\
@@ -3934,7 +3928,7 @@ class Ctl:
         env = dict(os.environ)
         env.pop("CIRCUSCTL_ENDPOINT", None)
         res = subprocess.run(argv, capture_output=True, text=True, env=env,
-                             stdin=subprocess.DEVNULL, timeout=timeout + 30)
+                             stdin=subprocess.DEVNULL, timeout=timeout + SLOW)
         return CtlResult(res.returncode, res.stdout, res.stderr)
 
     def retry(self, endpoint, *args, **kw):
@@ -3950,7 +3944,7 @@ class Ctl:
                                         or "arbiter is restarting" in res.err)
             return not collided
 
-        wait_for(attempt, 20, lambda: "%s %s to avoid lock collisions: %r" % (
+        wait_for(attempt, SLOW, lambda: "%s %s to avoid lock collisions: %r" % (
             self.label, " ".join(map(str, args)), box.get("res")), interval=0.2)
         return box["res"]
 
@@ -3990,11 +3984,11 @@ def env(tmp_path, real_bin):
 def pids_match(daemon, ctl, name, argv):
     """`list NAME` pids == live children of the daemon running ``argv``."""
     listed = ctl.pids(daemon.endpoint, name)
-    kids = sorted(pid for pid, cmd in daemon.children().items() if cmd == argv)
+    kids = sorted(pid for pid, cmd in daemon.cmdlines().items() if cmd == argv)
     return listed if sorted(listed) == kids and len(set(listed)) == len(listed) else None
 
 
-def wait_pids(daemon, ctl, name, argv, count, timeout=15):
+def wait_pids(daemon, ctl, name, argv, count, timeout=TIMEOUT):
     """Wait until `list NAME` shows ``count`` pids that are exactly the
     daemon's live children running ``argv``; return them (spawn order)."""
     box = {}
@@ -4002,7 +3996,7 @@ def wait_pids(daemon, ctl, name, argv, count, timeout=15):
     def check():
         daemon.check_running()
         box["listed"] = ctl.pids(daemon.endpoint, name)
-        box["kids"] = daemon.children()
+        box["kids"] = daemon.cmdlines()
         got = pids_match(daemon, ctl, name, argv)
         box["got"] = got
         return got is not None and len(got) == count
@@ -4012,7 +4006,7 @@ def wait_pids(daemon, ctl, name, argv, count, timeout=15):
     return box["got"]
 
 
-def wait_status(daemon, ctl, name, state, timeout=15):
+def wait_status(daemon, ctl, name, state, timeout=TIMEOUT):
     box = {}
 
     def check():
@@ -4137,7 +4131,7 @@ def test_e2e_interop_real_ctl_incr_decr(env, real_ctl):
     (survivor,) = wait_pids(d, ctl, "beta", argv, 1)
     assert survivor == four[-1], "decr must keep the newest process"
     for pid in four[:-1]:
-        wait_for(lambda: not alive(pid), 10, "pid %d to die after decr" % pid)
+        wait_for(lambda: not alive(pid), TIMEOUT, "pid %d to die after decr" % pid)
     assert ctl(ep, "numprocesses", "beta").triple() == (0, "1\n", "")
     assert ctl(ep, "get", "beta", "numprocesses").triple() == (0, "numprocesses: 1\n", "")
 
@@ -4162,7 +4156,7 @@ def test_e2e_interop_real_ctl_stop_start_restart(env, real_ctl):
 
     ctl.ok(ep, "stop", "beta")
     wait_status(d, ctl, "beta", "stopped")
-    wait_for(lambda: not alive(old), 10, "pid %d to die after stop" % old)
+    wait_for(lambda: not alive(old), TIMEOUT, "pid %d to die after stop" % old)
     assert ctl(ep, "list", "beta").triple() == (0, "\n", "")
     assert ctl(ep, "status").triple() == (0, "Sleeper: active\nbeta: stopped\n", "")
     assert ctl(ep, "numwatchers").triple() == (0, "2\n", "")
@@ -4174,7 +4168,7 @@ def test_e2e_interop_real_ctl_stop_start_restart(env, real_ctl):
 
     ctl.ok(ep, "stop", "beta", "--waiting")
     assert ctl(ep, "status", "beta").triple() == (0, "stopped\n", "")
-    wait_for(lambda: not alive(p1), 10, "pid %d to die" % p1)
+    wait_for(lambda: not alive(p1), TIMEOUT, "pid %d to die" % p1)
     ctl.ok(ep, "start", "beta", "--waiting")
     assert ctl(ep, "status", "beta").triple() == (0, "active\n", "")
     (p2,) = wait_pids(d, ctl, "beta", argv, 1)
@@ -4182,11 +4176,11 @@ def test_e2e_interop_real_ctl_stop_start_restart(env, real_ctl):
     ctl.ok(ep, "restart", "beta", "--waiting")
     (p3,) = wait_pids(d, ctl, "beta", argv, 1)
     assert p3 != p2
-    wait_for(lambda: not alive(p2), 10, "pid %d to die after restart" % p2)
+    wait_for(lambda: not alive(p2), TIMEOUT, "pid %d to die after restart" % p2)
 
     ctl.ok(ep, "restart", "beta")
     (p4,) = wait_for(lambda: [p for p in wait_pids(d, ctl, "beta", argv, 1) if p != p3],
-                     15, "restart to replace pid %d" % p3)
+                     TIMEOUT, "restart to replace pid %d" % p3)
     assert alive(p4) and not alive(p3)
     wait_status(d, ctl, "beta", "active")
     # the other watcher was not touched
@@ -4235,11 +4229,11 @@ def test_e2e_interop_real_ctl_set_add_rm(env, real_ctl):
     (dpid,) = wait_pids(d, ctl, "delta", delta, 1)
 
     ctl.ok(ep, "rm", "gamma")
-    wait_for(lambda: not alive(g1), 10, "gamma's pid %d to die after rm" % g1)
+    wait_for(lambda: not alive(g1), TIMEOUT, "gamma's pid %d to die after rm" % g1)
     assert ctl(ep, "list").triple() == (0, "beta,delta,sleeper\n", "")
     assert ctl(ep, "status", "gamma").triple() == (3, "", "error\n")
     ctl.ok(ep, "rm", "delta")
-    wait_for(lambda: not alive(dpid), 10, "delta's pid %d to die after rm" % dpid)
+    wait_for(lambda: not alive(dpid), TIMEOUT, "delta's pid %d to die after rm" % dpid)
     assert ctl(ep, "list").triple() == (0, "beta,sleeper\n", "")
     assert ctl(ep, "numwatchers").triple() == (0, "2\n", "")
     assert ctl(ep, "rm", "nope").triple() == (3, "", "error: program nope not found\n")
@@ -4362,7 +4356,7 @@ def test_e2e_interop_our_ctl_matches_real_ctl_mutating(env, real_ctl, our_ctl):
             if after_undo:
                 _settle(d, real_ctl, env, *after_undo)
             else:
-                wait_for(lambda: "gamma" not in real_ctl(ep, "list").out, 10, "gamma removed")
+                wait_for(lambda: "gamma" not in real_ctl(ep, "list").out, TIMEOUT, "gamma removed")
             outputs[ctl.label] = (r1.triple(), r2.triple())
             if do[0] == "restart":
                 assert real_ctl.pids(ep, "beta") != before
@@ -4500,7 +4494,7 @@ def _capture(daemon, env):
         assert reply is not None, "%s: no reply to %r" % (daemon.label, name)
         out[name] = (sent_id, raw, reply)
         if name == "list_name":
-            kids = daemon.children()
+            kids = daemon.cmdlines()
             assert sorted(reply["pids"]) == sorted(
                 pid for pid, cmd in kids.items() if cmd == [str(env.sleep), "300"]), (reply, kids)
     return out
@@ -4591,11 +4585,12 @@ def test_e2e_interop_env_reply_matches_real(real_bin, shortdir):
                 [env:w]
                 PYTHONPATH = /opt/pp
                 """) % (ep, shortdir, kind, venv))
-            d = IopDaemon(kind, daemon_argv(kind, real_bin, conf), root, ep, root / (kind + ".log"))
+            d = Daemon(root, name=str(conf), program=daemon_program(kind, real_bin), label=kind,
+                       endpoint=ep, log=kind + ".log")
             daemons.append(d)
-            wait_ready(d.start(), {"w": 1})
+            wait_ready(d.start(wait=False), {"w": 1})
             reply = zmq_request(ep, {"command": "get", "properties": {"name": "w", "keys": ["env"]},
-                                     "id": "env"}, timeout=5)
+                                     "id": "env"}, timeout=TIMEOUT)
             envs[kind] = _without_dunder_name(reply)["options"]["env"]
             d.stop()
     finally:
@@ -4673,7 +4668,7 @@ def test_e2e_sv_startsecs_startretries_fatal(daemon, shortdir):
         startretries = 2
         """ % count)
     t0 = time.monotonic()
-    wait_for(lambda: sv_rows(d)["crash"]["state"] == "FATAL", timeout=30, what="FATAL")
+    wait_for(lambda: sv_rows(d)["crash"]["state"] == "FATAL", timeout=SLOW, what="FATAL")
     assert count.read_text().count("x") == 3                # startretries + 1 spawns
     assert time.monotonic() - t0 > 2.5                      # backoff 1 s then 2 s
     row = sv_rows(d)["crash"]
@@ -4875,10 +4870,11 @@ def supervisor_bin():
             shutil.rmtree(SV_CACHE, ignore_errors=True)
             for argv in ([shutil.which("python3") or sys.executable, "-m", "venv", str(SV_CACHE)],
                          [str(bindir / "pip"), "install", "-q", "supervisor==4.3.0"]):
-                r = subprocess.run(argv, capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
+                r = subprocess.run(argv, capture_output=True, text=True, timeout=INSTALL, stdin=subprocess.DEVNULL)
                 if r.returncode != 0:
                     shutil.rmtree(SV_CACHE, ignore_errors=True)
-                    pytest.skip("real Supervisor 4.3.0 unavailable: %s: %s" % (" ".join(argv), r.stderr[-300:]))
+                    pytest.skip("real Supervisor 4.3.0 unavailable (SUPERVISOR43_BIN unset and building %s "
+                                "failed): %s: %s" % (SV_CACHE, " ".join(argv), r.stderr[-300:]))
     return bindir
 
 
@@ -4926,7 +4922,7 @@ environment = GREETING="hello, world",EMPTY=""
 
 def _sv_states_from_supervisorctl(bindir, conf):
     r = subprocess.run([str(bindir / "supervisorctl"), "-c", str(conf), "status"], capture_output=True,
-                       text=True, timeout=30, stdin=subprocess.DEVNULL)
+                       text=True, timeout=LONG, stdin=subprocess.DEVNULL)
     return {line.split()[0]: line.split()[1] for line in r.stdout.splitlines() if line.strip()}
 
 
@@ -4943,43 +4939,31 @@ def test_e2e_sv_same_config_under_real_supervisor(supervisor_bin):
             shutil.copytree(root / "bin", run / "bin", symlinks=True)
             conf = run / "supervisord.conf"
             conf.write_text(SV_COMPARE_CONF.replace("@RUN@", str(run)))     # supervisord ignores [circus]
-            argv = ([str(supervisor_bin / "supervisord"), "-c", str(conf)] if kind == "supervisor" else
-                    [sys.executable, str(CIRCUS_PY), "daemon", str(conf)])
-            proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                    stdin=subprocess.DEVNULL, start_new_session=True, cwd=str(run))
+            program, label = ([supervisor_bin / "supervisord", "-c"], "supervisord") if kind == "supervisor" \
+                else (None, "our daemon")
+            d = Daemon(run, name=str(conf), program=program, label=label, endpoint="ipc://%s/circus.sock" % run)
+            d.start(wait=False)
             try:
                 if kind == "supervisor":
                     states = lambda: _sv_states_from_supervisorctl(supervisor_bin, conf)  # noqa: E731
                 else:
                     def states():
                         try:
-                            with circus.Client("ipc://%s/circus.sock" % run, 2) as c:
-                                reply = c.call("status", long=True)
+                            reply = d.call("status", timeout=PROBE, long=True)
                         except circus.CallError:
                             return {}
                         return {r["name"]: r["state"] for r in reply.get("processes", [])}
                 final = wait_for(lambda: (lambda s: s if s.get("crash") == "FATAL" and
                                           s.get("ok") == "RUNNING" else None)(states()),
-                                 timeout=60, what=lambda: "%s: crash FATAL, ok RUNNING (%r)" % (kind, states()))
+                                 timeout=LONG, what=lambda: "%s: crash FATAL, ok RUNNING (%r)" % (kind, states()))
                 env = {}
-                for p in psutil.Process(proc.pid).children():
+                for p in d.children():
                     if p.cmdline()[1:] == ["122"]:
                         env = p.environ()
                 results[kind] = (final, (run / "crash.count").read_text().count("x"),
                                  env.get("GREETING"), env.get("EMPTY"), env.get("SUPERVISOR_PROCESS_NAME"))
             finally:
-                kids = []
-                with contextlib.suppress(psutil.Error):
-                    kids = psutil.Process(proc.pid).children(recursive=True)
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait(10)
-                for k in kids:
-                    with contextlib.suppress(psutil.Error):
-                        k.kill()
+                d.stop()
         assert results["ours"][0] == results["supervisor"][0] == {
             "ok": "RUNNING", "crash": "FATAL", "manual": "STOPPED",
             "multi:multi_0": "RUNNING", "multi:multi_1": "RUNNING"}
@@ -4987,7 +4971,7 @@ def test_e2e_sv_same_config_under_real_supervisor(supervisor_bin):
         assert results["ours"][2:4] == results["supervisor"][2:4] == ("hello, world", "")
         assert results["ours"][4] == results["supervisor"][4] in ("multi_0", "multi_1")
     finally:
-        wait_for(lambda: not procs_mentioning(str(root)), 15, "processes of %s to exit" % root)
+        wait_for(lambda: not procs_mentioning(str(root)), TIMEOUT, "processes of %s to exit" % root)
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -5132,7 +5116,7 @@ def test_e2e_user_streams_lossless_failing_and_slow(daemon, shortdir):
         cmd = sleep 120
         """ % (sys.executable, root))
     # lossless and in order, across restarts: every run of `counter` wrote 0..49999
-    wait_for(lambda: len(list((root / "out").glob("*.out"))) >= 3, timeout=30, what="three runs of counter")
+    wait_for(lambda: len(list((root / "out").glob("*.out"))) >= 3, timeout=SLOW, what="three runs of counter")
     expected = "".join("%d\n" % i for i in range(50000))
     runs = sorted((root / "out").glob("*.out"))[:3]
     for f in runs:
@@ -5229,22 +5213,22 @@ def test_e2e_flapping_retries_then_gives_up_and_never_undoes_a_stop(daemon, shor
         """ % root)
     ev = subscribe_ready(d)
     # first flap: stopped, shown, retried after retry_in
-    _, first = ev.wait(lambda t, p: t == "watcher.flappy.flapping", timeout=20, what="flappy flapping")
+    _, first = ev.wait(lambda t, p: t == "watcher.flappy.flapping", timeout=SLOW, what="flappy flapping")
     assert first["tries"] == 1 and first["retry_in"] == 1
     row = wait_for(lambda: (lambda r: r if r["state"] == "BACKOFF" else None)(sv_rows(d)["flappy"]),
                    what="flappy shown as flapping")
     assert row["description"].startswith("flapping: 2 deaths within 5 s; retry in 1 s (try 1 of 1)")
     # second flap: max_retry reached, stopped for good
-    _, last = ev.wait(lambda t, p: t == "watcher.flappy.flapping" and p["retry_in"] is None, timeout=30,
+    _, last = ev.wait(lambda t, p: t == "watcher.flappy.flapping" and p["retry_in"] is None, timeout=SLOW,
                       what="flappy giving up")
     wait_for(lambda: sv_rows(d)["flappy"]["state"] == "FATAL", what="FATAL")
     assert (root / "flappy.count").read_text().count("x") == 4          # 2 attempts x 2 tries
     # a user's stop is never undone by a pending retry
-    ev.wait(lambda t, p: t == "watcher.stopped_by_me.flapping", timeout=20, what="stopped_by_me flapping")
+    ev.wait(lambda t, p: t == "watcher.stopped_by_me.flapping", timeout=SLOW, what="stopped_by_me flapping")
     assert d.call("stop", name="stopped_by_me", waiting=True)["status"] == "ok"
     mark = len(ev.got)
-    ev.wait(lambda t, p: t == "watcher.sentinel.flapping", timeout=20, what="sentinel flapping")
-    ev.wait(lambda t, p: t == "watcher.sentinel.start", timeout=20, what="sentinel retried (later than ours)")
+    ev.wait(lambda t, p: t == "watcher.sentinel.flapping", timeout=SLOW, what="sentinel flapping")
+    ev.wait(lambda t, p: t == "watcher.sentinel.start", timeout=SLOW, what="sentinel retried (later than ours)")
     assert not [t for t, _ in ev.got[mark:] if t.startswith("watcher.stopped_by_me.spawn")]
     assert d.call("status", name="stopped_by_me")["status"] == "stopped"
     assert d.call("status", name="steady")["status"] == "active"
@@ -5264,7 +5248,7 @@ def test_e2e_watchdog_restarts_a_process_over_its_memory_limit(daemon):
         watchdog_interval = 0.2
         """ % sys.executable)
     ev = subscribe_ready(d)
-    _, dog = ev.wait(lambda t, p: t == "watcher.hog.watchdog", timeout=20, what="watchdog event")
+    _, dog = ev.wait(lambda t, p: t == "watcher.hog.watchdog", timeout=SLOW, what="watchdog event")
     pid = dog["process_pid"]        # (it may already be the second hog: it restarts every ~0.4 s)
     assert dog["limit"] == "rss" and dog["value"] > 40 << 20 and dog["action"] == "restart"
     ev.wait(lambda t, p: t == "watcher.hog.reap" and p["process_pid"] == pid, what="that hog stopped")
@@ -5406,7 +5390,7 @@ def test_e2e_stats_fields_channel_metrics_statsd(daemon, shortdir):
         seen = {}
         try:
             def got_all():
-                if sub.poll(200):
+                if sub.poll(PROBE * 1000):
                     topic, body = sub.recv_multipart()
                     seen[topic.decode()] = json.loads(body)
                 return all(k in seen for k in ["stat.w.%d" % pids[0], "stat.w", "stat.circus"])
@@ -5556,7 +5540,7 @@ def test_e2e_interop_real_circus_stats_client_reads_our_stats_channel(daemon, re
             if {("w", "%d"), ("w", "%d"), ("w", None), ("circus", None)} <= seen:
                 break
         """) % (shortdir, pids[0], pids[1])
-    r = subprocess.run([str(real_bin / "python"), "-c", code], capture_output=True, text=True, timeout=60,
+    r = subprocess.run([str(real_bin / "python"), "-c", code], capture_output=True, text=True, timeout=LONG,
                        cwd=shortdir)        # (not next to our circus.py, which would shadow theirs)
     assert r.returncode == 0, r.stderr
     assert "w %d %d" % (pids[0], pids[0]) in r.stdout
@@ -5581,14 +5565,14 @@ def test_e2e_flapping_stop_and_a_user_start_are_serialised(daemon, shortdir):
         flapping.retry_in = 30
         """ % root)
     ev = subscribe_ready(d)
-    ev.wait(lambda t, p: t == "watcher.flap.flapping", timeout=20, what="flapping")
+    ev.wait(lambda t, p: t == "watcher.flap.flapping", timeout=SLOW, what="flapping")
     (root / "crash").unlink()
     # the flapping stop takes graceful_timeout; this start waits its turn, then wins
-    assert d.call("start", name="flap", waiting=True, timeout=30)["status"] == "ok"
+    assert d.call("start", name="flap", waiting=True, timeout=SLOW)["status"] == "ok"
     assert d.call("status", name="flap")["status"] == "active"
     pids = wait_for(lambda: (lambda p: p if len(p) == 2 else None)(d.pids("flap")), what="2 processes")
     assert all(psutil.pid_exists(p) for p in pids)
-    assert d.call("stop", name="flap", waiting=True, timeout=30)["status"] == "ok"
+    assert d.call("stop", name="flap", waiting=True, timeout=SLOW)["status"] == "ok"
     assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids)
     ev.close()
 
@@ -5605,7 +5589,8 @@ def test_e2e_circus_resource_watcher_plugin_maps_to_the_watchdog(daemon):
         max_count = 1
         """ % sys.executable)
     if psutil.virtual_memory().total * 0.001 > 70 << 20:
-        pytest.skip("0.1% of this machine's memory is more than the test allocates")
+        pytest.skip("max_mem = 0.1 (%%) of this machine's memory is %d MiB, more than the 70 MiB the "
+                    "hog surely holds" % (psutil.virtual_memory().total * 0.001 / (1 << 20)))
     (pid,) = d.pids("hog")
     wait_for(lambda: (lambda p: bool(p) and p[0] != pid)(d.pids("hog")), what="hog restarted by the watchdog")
     assert d.ctl("reread").stdout == "No config updates to processes\n"     # the config is untouched
@@ -5693,15 +5678,15 @@ def test_e2e_fuzzed_control_input(daemon):
             s.send_multipart(frames)
             sent += 1
             if sent % 100 == 0:             # drain: ZeroMQ queues only 1000 messages per peer
-                while s.poll(300):
+                while s.poll(QUIET * 1000):
                     replies.append(json.loads(s.recv()))
         big = ctx.socket(zmq.DEALER)        # over the request size limit: that peer is dropped
         big.setsockopt(zmq.LINGER, 0)
         big.connect(d.endpoint)
         big.send(b"\x00" * (2 << 20))
-        assert not big.poll(500)
+        assert not big.poll(QUIET * 1000)
         big.close(0)
-        while s.poll(2000):
+        while s.poll(DRAIN * 1000):
             replies.append(json.loads(s.recv()))
         for reply in replies:
             assert reply["status"] in ("ok", "error", "active", "stopped", "starting", "stopping"), reply
@@ -5749,7 +5734,7 @@ def test_e2e_control_message_of_many_frames_is_dropped_unread(daemon):
         wait_for(lambda: "dropped a message of %d frames" % (frames + 1) in d.log.read_text(),
                  what="the daemon to drop the message")
         assert d.call("status", name="w")["status"] == "active"
-        assert not flood.poll(200)          # no reply for it
+        assert not flood.poll(QUIET * 1000)          # no reply for it
     finally:
         done.set()
         sampler.join()
@@ -5831,7 +5816,7 @@ def test_e2e_a_stdout_nobody_reads_never_blocks_the_daemon(daemon, shortdir):
                  what="the daemon's stdout pipe to be full")
         for _ in range(5):
             t0 = time.monotonic()
-            assert d.call("status", timeout=5)["status"] == "ok"
+            assert d.call("status", timeout=TIMEOUT)["status"] == "ok"
             assert time.monotonic() - t0 < 2
         ev = subscribe_ready(d, (b"watcher.",))
         ev.wait(lambda t, p: t == "watcher.flood.output_dropped", what="a dropped-output event")
@@ -5868,12 +5853,11 @@ def test_e2e_systemd_notify(daemon, shortdir):
 
 def test_e2e_endpoint_owner_and_process_limits(daemon):
     import pwd
-    if os.geteuid() != 0:
-        pytest.skip("endpoint_owner needs root")
+    require_root("endpoint_owner (a chown of the sockets)")
     try:
         nobody = pwd.getpwnam("nobody")
     except KeyError:
-        pytest.skip("no user nobody")
+        pytest.skip("endpoint_owner = nobody needs a user named nobody, and this system has none")
     d = daemon("endpoint_owner = nobody\nmax_processes = 5\n[watcher:w]\ncmd = sleep 120\n")
     assert os.stat(d.endpoint[6:]).st_uid == nobody.pw_uid
     r = d.call("add", name="mine", cmd="sleep 1")
@@ -5890,15 +5874,14 @@ def test_e2e_endpoint_owner_and_process_limits(daemon):
 def other_user():
     """A throwaway user (useradd -M), removed afterwards: its pwd entry."""
     import pwd
-    if os.geteuid() != 0 or not shutil.which("useradd"):
-        pytest.skip("needs root and useradd")
+    require_root("a throwaway user", "useradd")
     name = "cpya%s" % os.urandom(4).hex()
     subprocess.run(["useradd", "-M", "-s", "/usr/sbin/nologin", name], check=True,
-                   capture_output=True, timeout=60)
+                   capture_output=True, timeout=LONG)
     try:
         yield pwd.getpwnam(name)
     finally:        # (list this fixture first: its teardown then runs after the daemon's)
-        subprocess.run(["userdel", name], capture_output=True, timeout=60)
+        subprocess.run(["userdel", name], capture_output=True, timeout=LONG)
 
 
 def as_user(pw, fn):
@@ -5999,7 +5982,7 @@ def test_e2e_curve_owner_keys_get_endpoint_owner_rights_only(other_user, daemon,
     root = pathlib.Path(shortdir)
     for where, name in (("keys", "server"), ("keys/admins", "admin"), ("keys/owners", "owner")):
         r = subprocess.run([sys.executable, str(CIRCUS_PY), "ctl", "keygen", str(root / where), name],
-                           capture_output=True, text=True, timeout=60)
+                           capture_output=True, text=True, timeout=LONG)
         assert r.returncode == 0, r.stderr
     (port,) = free_ports(1)
     (root / "o.ini").write_text(
@@ -6052,7 +6035,7 @@ def test_e2e_private_default_endpoints_and_insecure_ones(shortdir):
     try:
         first = run_daemon(conf)
         ctl = lambda *a: subprocess.run([sys.executable, str(CIRCUS_PY), "ctl"] + list(a), env=env,  # noqa
-                                        capture_output=True, text=True, timeout=60)
+                                        capture_output=True, text=True, timeout=LONG)
         wait_for(lambda: ctl("--timeout", "0.5", "status").stdout == "w: active\n",
                  what="ctl to find the daemon with no flags")
         sock = root / "circus" / "control.sock"
@@ -6060,7 +6043,7 @@ def test_e2e_private_default_endpoints_and_insecure_ones(shortdir):
         assert oct(sock.stat().st_mode & 0o777) == oct(0o600)
         # a second daemon on the same default refuses, with one line; the first goes on
         second = run_daemon(conf)
-        out, _ = second.communicate(timeout=60)
+        out, _ = second.communicate(timeout=LONG)
         assert second.returncode == 1 and "already running" in out and "Traceback" not in out
         assert ctl("status").stdout == "w: active\n"
         # TCP off this host without authentication: refused at start, saying how to fix it
@@ -6068,7 +6051,7 @@ def test_e2e_private_default_endpoints_and_insecure_ones(shortdir):
         bad.write_text("[circus]\nendpoint = tcp://0.0.0.0:0\npubsub_endpoint = ipc://%s/p2.sock\n"
                        "[watcher:w]\ncmd = sleep 120\n" % root)
         third = run_daemon(bad)
-        out, _ = third.communicate(timeout=60)
+        out, _ = third.communicate(timeout=LONG)
         assert third.returncode == 1 and "allow_insecure_endpoint = true" in out
     finally:
         for p in procs:
@@ -6168,7 +6151,7 @@ def test_ctl_never_sends_to_a_socket_another_user_planted(other_user, shortdir, 
         trap.listen(8)
         trap.setblocking(False)
         r = subprocess.run([sys.executable, str(CIRCUS_PY), "ctl", "--timeout", "1", "set", "w", "env",
-                            "DB_PASSWORD=x"], env=env, capture_output=True, text=True, timeout=60)
+                            "DB_PASSWORD=x"], env=env, capture_output=True, text=True, timeout=LONG)
         assert r.returncode == 1 and "owned by uid %d" % other_user.pw_uid in r.stderr, r.stderr
         assert "Traceback" not in r.stderr
         with pytest.raises(BlockingIOError):
@@ -6226,10 +6209,10 @@ def test_e2e_curve_auth_on_every_channel(daemon, shortdir):
     def ctl(*args, **extra):
         return subprocess.run([sys.executable, str(CIRCUS_PY), "ctl", "--endpoint", d.endpoint, "--timeout",
                                "1"] + list(args), env=dict(env, **extra), capture_output=True, text=True,
-                              timeout=60)
+                              timeout=LONG)
     for where, name in (("keys", "server"), ("keys/clients", "alice"), ("keys", "mallory")):
         r = subprocess.run([sys.executable, str(CIRCUS_PY), "ctl", "keygen", str(root / where), name],
-                           capture_output=True, text=True, timeout=60)
+                           capture_output=True, text=True, timeout=LONG)
         assert r.returncode == 0, r.stderr
     alice, server = str(keys / "clients" / "alice.key_secret"), str(keys / "server.key")
     mallory = str(keys / "mallory.key_secret")
@@ -6246,7 +6229,7 @@ def test_e2e_curve_auth_on_every_channel(daemon, shortdir):
     assert ctl("status").stdout == "w: active\n"
     shutil.rmtree(root / "cfg")
     # no key, or an unknown one: no answer at all; each unknown key logged once
-    assert d.raw(b'{"command": "status", "id": "x"}', timeout=1) is None
+    assert d.raw(b'{"command": "status", "id": "x"}', timeout=QUIET) is None
     r = ctl("status")
     assert r.returncode == 1 and "Timed out" in r.stderr
     for _ in range(2):
@@ -6260,7 +6243,7 @@ def test_e2e_curve_auth_on_every_channel(daemon, shortdir):
     ev = subscribe_ready(d)
     d.call("add", name="x", cmd="sleep 1")
     ev.wait(lambda t, p: t == "watcher.x.add")
-    assert not plain.sock.poll(300), "an unauthenticated subscriber got events"
+    assert not plain.sock.poll(QUIET * 1000), "an unauthenticated subscriber got events"
     plain.close()
     ev.close()
     # a client's key dropped into the folder is let in without a restart, and removing it
@@ -6379,7 +6362,7 @@ def test_e2e_spawn_failures_are_visible_and_contained(daemon, shortdir):
         """ % script, start=False)
     d.start(preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (100, 100)))
     ev = subscribe_ready(d, (b"watcher.missing.spawn_failed", b"watcher.probe-sub."))
-    _, failed = ev.wait(lambda t, p: t == "watcher.missing.spawn_failed", timeout=15,
+    _, failed = ev.wait(lambda t, p: t == "watcher.missing.spawn_failed", timeout=TIMEOUT,
                         what="a spawn_failed event")
     assert "No such file" in failed["error"]
     ev.close()
@@ -6401,7 +6384,7 @@ def test_e2e_spawn_failures_are_visible_and_contained(daemon, shortdir):
     # room again: the watcher catches up by itself
     assert d.call("decr", name="many", nb=60 - len(running) + 5, waiting=True)["status"] == "ok"
     wait_for(lambda: all(r["state"] == "RUNNING" for r in d.call("status", long=True, name="many")["processes"]),
-             timeout=15, what="many to recover")
+             timeout=TIMEOUT, what="many to recover")
 
 
 def test_e2e_short_of_fds_output_goes_straight_through(daemon):
@@ -6459,7 +6442,7 @@ def _http_load(port, stop, results):
     while not stop.is_set():
         t0 = time.monotonic()
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+            with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as c:
                 c.sendall(b"GET / HTTP/1.0\r\n\r\n")
                 data = recv_all(c)
             results.append(("ok" if data.startswith(b"HTTP/1.0 200") else "bad: %r" % data[:60],
@@ -6498,16 +6481,16 @@ def test_e2e_zero_downtime_reload_under_load(daemon, shortdir, ready):
     try:
         seen = set(first)
         for _ in range(3):
-            r = d.call("reload", name="web", graceful=True, waiting=True, timeout=60)
+            r = d.call("reload", name="web", graceful=True, waiting=True, timeout=LONG)
             assert r["status"] == "ok", r
             pids = set(d.pids("web"))
             assert len(pids) == 3 and not pids & seen
             seen |= pids
-        wait_for(lambda: len(results) >= 2000, timeout=60, what="2000 requests")
+        wait_for(lambda: len(results) >= 2000, timeout=LONG, what="2000 requests")
     finally:
         stop.set()
         for t in clients:
-            t.join(30)
+            t.join(SLOW)
     failures = [r for r, _ in results if r != "ok"]
     assert not failures, "%d of %d requests failed: %s" % (len(failures), len(results), failures[:5])
     slowest = max(t for _, t in results)
@@ -6624,7 +6607,7 @@ def test_e2e_readme_systemd_unit(shortdir):
     path = root / "circus-test.service"
     path.write_text(unit)
     if shutil.which("systemd-analyze"):
-        r = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True, text=True, timeout=60)
+        r = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True, text=True, timeout=LONG)
         assert r.returncode == 0 and path.name not in r.stderr, r.stderr
     ini = configparser.ConfigParser(interpolation=None)
     ini.optionxform = str
@@ -6642,7 +6625,7 @@ def test_e2e_readme_systemd_unit(shortdir):
         assert notify.recv(1000).decode() == "READY=1\nMAINPID=%d" % d.proc.pid
         (first,) = d.pids("w")
         reload = [w.replace("$MAINPID", str(d.proc.pid)) for w in shlex.split(svc["ExecReload"])]
-        assert subprocess.run(reload, timeout=60).returncode == 0
+        assert subprocess.run(reload, timeout=LONG).returncode == 0
         reloading = notify.recv(1000).decode().split("\n")     # the reload is framed for systemd
         assert reloading[0] == "RELOADING=1" and reloading[1].startswith("MONOTONIC_USEC=")
         assert notify.recv(1000) == b"READY=1"
@@ -6734,7 +6717,7 @@ def test_e2e_any_existing_file_is_a_config_a_missing_one_is_named(daemon, shortd
     wait_for(d.ready, what="daemon from circus.ini.example")
     assert d.call("status", name="w")["status"] == "active"
     r = subprocess.run([sys.executable, str(CIRCUS_PY), "missing.ini"], capture_output=True, text=True,
-                       cwd=shortdir, timeout=60)
+                       cwd=shortdir, timeout=LONG)
     assert r.returncode == 2 and "no such file: 'missing.ini'" in r.stderr and "unknown mode" not in r.stderr
 
 
@@ -6744,7 +6727,7 @@ def test_e2e_control_answers_while_1000_processes_respawn(daemon):
     Speed is the benchmark's business: the figures are printed, not asserted."""
     n = 1000
     d = daemon("[watcher:many]\ncmd = sleep 600\nnumprocesses = %d\n" % n)
-    wait_for(lambda: len(d.pids("many")) == n, timeout=60, what="1000 processes")
+    wait_for(lambda: len(d.pids("many")) == n, timeout=LONG, what="1000 processes")
     pids = set(d.pids("many"))
     ctx = zmq.Context.instance()
     s = ctx.socket(zmq.DEALER)
@@ -6754,7 +6737,7 @@ def test_e2e_control_answers_while_1000_processes_respawn(daemon):
     try:
         for pid in pids:
             os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + LONG
         while True:
             t0 = time.perf_counter()
             s.send(b'{"command": "list", "properties": {"name": "many"}, "id": "x"}')
@@ -6763,7 +6746,7 @@ def test_e2e_control_answers_while_1000_processes_respawn(daemon):
             rtts.append((time.perf_counter() - t0) * 1000)
             if len(now) == n and not pids & set(now):
                 break
-            assert time.monotonic() < deadline, "the wave did not end within 60 s"
+            assert time.monotonic() < deadline, "the wave did not end within %d s" % LONG
     finally:
         s.close(0)
     rtts.sort()
@@ -7104,7 +7087,7 @@ def _stop_web(proc):
 def test_e2e_web_attaches_to_a_running_daemon(daemon, shortdir):
     d = daemon("[watcher:a]\ncmd = sleep 120\nnumprocesses = 2\n")
     bad = subprocess.run([sys.executable, str(CIRCUS_PY), "web", "--host", "0.0.0.0", "--endpoint", d.endpoint],
-                         capture_output=True, text=True, timeout=60)
+                         capture_output=True, text=True, timeout=LONG)
     assert bad.returncode == 1 and "httpd_host 0.0.0.0 is reachable from other hosts" in bad.stderr, bad
     assert "Is the daemon running" not in bad.stderr
     proc, port, auth = _start_web(["--endpoint", d.endpoint, "--port", "0", "--timeout", "2"], shortdir)
@@ -7125,11 +7108,11 @@ def test_e2e_web_attaches_to_a_running_daemon(daemon, shortdir):
         # the daemon goes away: the dashboard says so and stays up; a click made meanwhile
         # is not run when the daemon comes back
         d.stop()
-        status, _, body = http(port, "POST", "/api/stop", {"name": "a"}, auth, timeout=30)
+        status, _, body = http(port, "POST", "/api/stop", {"name": "a"}, auth, timeout=SLOW)
         assert status == 400 and ("no answer from" in json.loads(body)["reason"]
                                   or "cannot reach" in json.loads(body)["reason"]), body
         d.start()
-        wait_for(lambda: http(port, "GET", "/api/status", headers=auth, timeout=30)[0] == 200,
+        wait_for(lambda: http(port, "GET", "/api/status", headers=auth, timeout=SLOW)[0] == 200,
                  what="web to reach the new daemon")
         assert d.call("status", name="a")["status"] == "active"     # the stop was not replayed
         assert json.loads(http(port, "POST", "/api/stop", {"name": "a", "waiting": True}, auth)[2])["status"] == "ok"
@@ -7142,11 +7125,11 @@ def test_e2e_web_in_front_of_a_real_circusd(env, tmp_path):
     d = env.launch("real")
     proc, port, auth = _start_web(["--endpoint", env.endpoint, "--port", "0"], tmp_path)
     try:
-        snap = json.loads(http(port, "GET", "/api/snapshot", headers=auth, timeout=30)[2])
+        snap = json.loads(http(port, "GET", "/api/snapshot", headers=auth, timeout=SLOW)[2])
         assert snap["status"] == "ok", snap
         rows = {w["name"]: sorted(p["pid"] for p in w["processes"]) for w in snap["watchers"]}
         ours = json.loads(subprocess.run([sys.executable, str(CIRCUS_PY), "ctl", "--endpoint", env.endpoint,
-                                          "--json", "stats"], capture_output=True, text=True, timeout=60).stdout)
+                                          "--json", "stats"], capture_output=True, text=True, timeout=LONG).stdout)
         assert rows == {w: sorted(int(p) for p in infos) for w, infos in ours["infos"].items()}
         assert any(rows.values())
     finally:
@@ -7327,7 +7310,7 @@ def test_e2e_browser_dashboard(daemon, browser):
 
 def run_check(conf, cwd=None):
     return subprocess.run([sys.executable, str(CIRCUS_PY), "check", str(conf)], capture_output=True,
-                          text=True, timeout=60, cwd=cwd)
+                          text=True, timeout=LONG, cwd=cwd)
 
 
 def test_check_command_prints_every_warning_and_exits_0(tmp_path):
@@ -7398,8 +7381,8 @@ def test_e2e_python_dash_m_runs_the_same_cli(daemon):
     d = daemon("[watcher:a]\ncmd = sleep 120\n")
     env = dict(os.environ, PYTHONPATH=str(HERE))
     out = subprocess.run([sys.executable, "-m", "circus", "--version"], capture_output=True, text=True,
-                         env=env, cwd="/", timeout=60)
+                         env=env, cwd="/", timeout=LONG)
     assert out.returncode == 0 and out.stdout.startswith("circus.py %s" % circus.__version__)
     out = subprocess.run([sys.executable, "-m", "circus", "ctl", "--endpoint", d.endpoint, "status"],
-                         capture_output=True, text=True, env=env, cwd="/", timeout=60)
+                         capture_output=True, text=True, env=env, cwd="/", timeout=LONG)
     assert (out.returncode, out.stdout) == (0, "a: active\n"), out
