@@ -2290,6 +2290,7 @@ class Daemon:
         self.extra_args = list(extra_args)
         self.curve = None           # client keys (circus.client_keys) for a CurveZMQ daemon
         self.proc = None
+        self._started = None        # the datagram socket our daemon's READY=1 comes to
         self.seen = set()           # (pid, create_time) of every process we saw under it
 
     def start(self, wait=True, env=None, preexec_fn=None, stdout=None):
@@ -2298,14 +2299,40 @@ class Daemon:
         if env is None:
             env = dict(os.environ, PWD=str(self.root))
             env.pop("CIRCUSCTL_ENDPOINT", None)
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                self.argv + self.extra_args,
-                stdout=log if stdout is None else stdout, stderr=log, stdin=subprocess.DEVNULL, env=env,
-                preexec_fn=preexec_fn, start_new_session=True, cwd=str(self.root))
-        if wait:
-            wait_for(self.ready, what="daemon to answer (log: %s)" % self.log)
+        self._started = None
+        if self.ours and wait and "NOTIFY_SOCKET" not in env:
+            # our daemon answers read-only commands while it is still starting its watchers:
+            # its sd_notify READY=1 says start-up is over
+            self._started = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            name = "circus-test-%s" % uuid.uuid4().hex
+            self._started.bind("\0" + name)
+            self._started.setblocking(False)
+            env = dict(env, NOTIFY_SOCKET="@" + name)
+        try:
+            with open(self.log, "ab") as log:
+                self.proc = subprocess.Popen(
+                    self.argv + self.extra_args,
+                    stdout=log if stdout is None else stdout, stderr=log, stdin=subprocess.DEVNULL,
+                    env=env, preexec_fn=preexec_fn, start_new_session=True, cwd=str(self.root))
+            if wait:
+                wait_for(self.ready, what="daemon to answer (log: %s)" % self.log)
+        finally:
+            if self._started is not None:
+                self._started.close()
+                self._started = None
         return self
+
+    def _start_up_over(self):
+        """Has the daemon said READY=1 (always true when not watching for it)?"""
+        if self._started is None:
+            return True
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                if b"READY=1" in self._started.recv(4096).split(b"\n"):
+                    self._started.close()
+                    self._started = None
+                    return True
+        return False
 
     @property
     def pid(self):
@@ -2325,7 +2352,7 @@ class Daemon:
     def ready(self):
         self.check_running()
         try:
-            return self.call("numwatchers", timeout=PROBE).get("status") == "ok"
+            return self.call("numwatchers", timeout=PROBE).get("status") == "ok" and self._start_up_over()
         except circus.CallError:
             return False
 
