@@ -502,6 +502,44 @@ _priority = ranged(to_int, -(2 ** 31 - 1), 2 ** 31 - 1)
 _backlog = ranged(to_int, 0, 2 ** 31 - 1)
 _rlimit = ranged(to_int, -1, 2 ** 63 - 1, "-1 for unlimited, or 0 to 2**63-1")
 
+
+def _text(value) -> str:
+    if not isinstance(value, str):
+        raise ValueError("%r is not a string" % (value,))
+    return value
+
+
+def _pairs(sep):
+    """``A=1,B=2`` as a dict (``sep`` between name and value); parts without ``sep`` are dropped."""
+    return lambda value: dict(kv.split(sep, 1) for kv in value.split(",") if sep in kv)
+
+
+#: The kinds of plain value a control message's properties and ctl's words are
+#: converted to; the config's option tables build on the same converters.
+VALUE_KINDS = {int: to_int, float: to_float, bool: to_bool, str: _text, "signal": to_signum,
+               "env": _pairs("="), "hooks": _pairs(":")}
+
+#: The kind circusctl sends each `set` value as (so a real circusd takes ours); other keys: text.
+_SET_KINDS = {
+    "numprocesses": int, "max_retry": int, "max_age": int, "max_age_variance": int,
+    "stdout_stream.max_bytes": int, "stdout_stream.backup_count": int,
+    "stderr_stream.max_bytes": int, "stderr_stream.backup_count": int,
+    "warmup_delay": float, "retry_in": float, "graceful_timeout": float,
+    "send_hup": bool, "shell": bool, "copy_env": bool, "respawn": bool, "stop_children": bool,
+    "close_child_stdin": bool, "close_child_stdout": bool, "close_child_stderr": bool,
+    "singleton": bool, "stop_signal": "signal", "env": "env", "hooks": "hooks",
+}
+
+
+def convert(kind, value):
+    """``value`` as ``kind`` (a VALUE_KINDS key; None: as it is). Raises ValueError."""
+    return value if kind is None else VALUE_KINDS[kind](value)
+
+
+def set_value_kind(key: str):
+    """The kind a `set` value travels as, for convert()."""
+    return int if key.startswith("rlimit_") else _SET_KINDS.get(key)
+
 _SUN_PATH_MAX = 107     # bytes in a unix socket's path (sun_path, less its NUL)
 
 
@@ -830,44 +868,50 @@ class WatcherConfig:
         for k, v in (options or {}).items():
             self.set(k, v)
 
+    #: Where convert_watcher_option's kinds of key are kept (streams: see set).
+    _HOLDERS = {"opt": "options", "hook": "hooks", "rlimit": "rlimits", "free": "free"}
+
     def set(self, key, value):
         """Apply one option; raises ValueError naming the problem."""
-        if key == "env":
-            if isinstance(value, str):      # `env = A=1,B=2` (Circus drops it silently)
-                value = dict(kv.split("=", 1) for kv in value.split(",") if "=" in kv)
-            if not isinstance(value, dict):
-                raise ValueError("env must be an object of NAME: value strings")
-            self.env = {str(k): str(v) for k, v in value.items()}
-            return
-        if key in ("stdout_stream", "stderr_stream"):
-            if not isinstance(value, dict):
-                raise ValueError("%s must be an object with a 'class' key" % key)
-            for k, v in value.items():
-                convert_watcher_option("%s.%s" % (key, k), v)
-            setattr(self, key, {str(k): v for k, v in value.items()})
-            return
-        if key == "hooks":
-            if not isinstance(value, dict):
-                raise ValueError("hooks must be an object keyed by hook name")
-            for name, spec in value.items():
-                self.set("hooks." + name, spec)
-            return
-        if key == "rlimits" and isinstance(value, dict):
-            for res, lim in value.items():
-                self.set("rlimit_" + res, lim)
-            return
+        whole = self._WHOLE.get(key)        # a whole object: env, hooks, rlimits, a stream
+        if whole is not None:
+            return whole(self, key, value)
         kind, k, v = convert_watcher_option(key, value)
-        if kind == "opt":
-            self.options[k] = v
-        elif kind == "stream":
-            which, sub = k.split(".", 1)
-            getattr(self, which)[sub] = v
-        elif kind == "hook":
-            self.hooks[k] = v
-        elif kind == "rlimit":
-            self.rlimits[k] = v
+        if kind == "stream":
+            which, k = k.split(".", 1)
+            getattr(self, which)[k] = v
         else:
-            self.free[k] = v
+            getattr(self, self._HOLDERS[kind])[k] = v
+
+    def _set_env(self, key, value):
+        if isinstance(value, str):      # `env = A=1,B=2` (Circus drops it silently)
+            value = convert("env", value)
+        if not isinstance(value, dict):
+            raise ValueError("env must be an object of NAME: value strings")
+        self.env = {str(k): str(v) for k, v in value.items()}
+
+    def _set_stream(self, key, value):
+        if not isinstance(value, dict):
+            raise ValueError("%s must be an object with a 'class' key" % key)
+        for k, v in value.items():
+            convert_watcher_option("%s.%s" % (key, k), v)
+        setattr(self, key, {str(k): v for k, v in value.items()})
+
+    def _set_hooks(self, key, value):
+        if not isinstance(value, dict):
+            raise ValueError("hooks must be an object keyed by hook name")
+        for name, spec in value.items():
+            self.set("hooks." + name, spec)
+
+    def _set_rlimits(self, key, value):
+        if not isinstance(value, dict):
+            self.free[key] = value          # not an object: kept as a free-form key
+            return
+        for res, lim in value.items():
+            self.set("rlimit_" + res, lim)
+
+    _WHOLE = {"env": _set_env, "stdout_stream": _set_stream, "stderr_stream": _set_stream,
+              "hooks": _set_hooks, "rlimits": _set_rlimits}
 
     def check(self):
         o = self.options
@@ -5445,21 +5489,10 @@ def _prop(props, key, kind=None, default=None, required=False):
         if required:
             raise MessageError("message invalid %r is missing" % key)
         return default
-    value = props[key]
     try:
-        if kind is int:
-            return to_int(value)
-        if kind is float:
-            return to_float(value)
-        if kind is bool:
-            return to_bool(value)
-        if kind == "signal":
-            return to_signum(value)
-        if kind is str and not isinstance(value, str):
-            raise ValueError("%r is not a string" % (value,))
+        return convert(kind, props[key])
     except ValueError as e:
         raise MessageError("%s: %s" % (key, e)) from None
-    return value
 
 
 def _watcher(arb, props):
@@ -5851,7 +5884,7 @@ def cmd_set(arb, props):
     for key, value in options.items():
         _check_option_name(key, w)
         if key == "env" and isinstance(value, str):
-            options[key] = dict(kv.split("=", 1) for kv in value.split(",") if "=" in kv)
+            options[key] = convert("env", value)
         try:
             probe.set(key, options[key])
         except ValueError as e:
@@ -7118,34 +7151,15 @@ _SET_KEYS = {"numprocesses", "warmup_delay", "working_dir", "uid", "gid", "send_
              "retry_in", "max_retry", "graceful_timeout", "max_age", "max_age_variance",
              "respawn", "singleton", "close_child_stdin", "close_child_stdout",
              "close_child_stderr", "hooks"}
-# `set` values are converted as circusctl does, so a real circusd accepts them.
-_SET_INT = {"numprocesses", "max_retry", "max_age", "max_age_variance",
-            "stdout_stream.max_bytes", "stdout_stream.backup_count",
-            "stderr_stream.max_bytes", "stderr_stream.backup_count"}
-_SET_FLOAT = {"warmup_delay", "retry_in", "graceful_timeout"}
-_SET_BOOL = {"send_hup", "shell", "copy_env", "respawn", "stop_children", "close_child_stdin",
-             "close_child_stdout", "close_child_stderr", "singleton"}
 
 
 def _set_value(key, value):
     if key not in _SET_KEYS and not key.startswith(("stdout_stream.", "stderr_stream.", "rlimit_")):
         raise UsageError("unknown key %r" % key)
     try:
-        if key in _SET_INT or key.startswith("rlimit_"):
-            return to_int(value)
-        if key in _SET_FLOAT:
-            return to_float(value)
-        if key in _SET_BOOL:
-            return to_bool(value)
-        if key == "stop_signal":
-            return to_signum(value)
-        if key == "env":
-            return dict(kv.split("=", 1) for kv in value.split(",") if "=" in kv)
-        if key == "hooks":
-            return dict(kv.split(":", 1) for kv in value.split(",") if ":" in kv)
+        return convert(set_value_kind(key), value)      # as circusctl sends it
     except ValueError as e:
         raise UsageError("set %s: %s" % (key, e)) from None
-    return value
 
 
 def build_request(name: str, words: list) -> dict:
