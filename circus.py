@@ -388,15 +388,19 @@ class IniFile:
         self.sections: dict = {}
         self.files: list = []
 
+    @staticmethod
+    def _text(path: str) -> str:
+        try:
+            with open(path, encoding="utf-8") as f:
+                return f.read()
+        except OSError as e:
+            raise ConfigError("%s: cannot read config file: %s" % (path, e.strerror or e)) from None
+        except UnicodeDecodeError as e:
+            raise ConfigError("%s: not UTF-8 text (%s)" % (path, e.reason)) from None
+
     def read(self, path: str, text: str | None = None) -> None:
         if text is None:
-            try:
-                with open(path, encoding="utf-8") as f:
-                    text = f.read()
-            except OSError as e:
-                raise ConfigError("%s: cannot read config file: %s" % (path, e.strerror or e)) from None
-            except UnicodeDecodeError as e:
-                raise ConfigError("%s: not UTF-8 text (%s)" % (path, e.reason)) from None
+            text = self._text(path)
         self.files.append(path)
         section = key = None
         sv = False
@@ -424,22 +428,27 @@ class IniFile:
             if section is None:
                 raise ConfigError("%s:%d: option outside any section: %r (start the file "
                                   "with a [section] header)" % (path, lineno, stripped))
-            m = self._OPTION.match(stripped)
-            if not m or not m.group("key"):
-                raise ConfigError("%s:%d: cannot parse %r (expected 'key = value')"
-                                  % (path, lineno, stripped))
-            key = m.group("key")
-            if sv:      # Supervisor's dialect: keys lower-cased, `#` comments too, last one wins
-                key = key.lower()
-                value = _strip_inline_comment(m.group("value"), "#;")
-            else:
-                value = _strip_inline_comment(m.group("value"))
-                if value == '""':
-                    value = ""
-                if key in section:        # first definition wins, as in Circus
-                    key = None
-                    continue
-            section[key] = (value, _Where(path, lineno, self._section_name(section), key))
+            key = self._option(section, sv, _Where(path, lineno, self._section_name(section)), stripped)
+
+    def _option(self, section, sv, where, line):
+        """Store one ``key = value`` line; returns the key (None: a repeated key, skipped)."""
+        m = self._OPTION.match(line)
+        if not m or not m.group("key"):
+            raise ConfigError("%s:%d: cannot parse %r (expected 'key = value')"
+                              % (where.file, where.line, line))
+        key = m.group("key")
+        if sv:      # Supervisor's dialect: keys lower-cased, `#` comments too, last one wins
+            key = key.lower()
+            value = _strip_inline_comment(m.group("value"), "#;")
+        else:
+            value = _strip_inline_comment(m.group("value"))
+            if value == '""':
+                value = ""
+            if key in section:        # first definition wins, as in Circus
+                return None
+        where.key = key
+        section[key] = (value, where)
+        return key
 
     def _section_name(self, section):
         return section["__where__"][1].section
