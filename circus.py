@@ -389,7 +389,7 @@ class IniFile:
         self.files: list = []
 
     @staticmethod
-    def _text(path: str) -> str:
+    def _file_text(path: str) -> str:
         try:
             with open(path, encoding="utf-8") as f:
                 return f.read()
@@ -400,7 +400,7 @@ class IniFile:
 
     def read(self, path: str, text: str | None = None) -> None:
         if text is None:
-            text = self._text(path)
+            text = self._file_text(path)
         self.files.append(path)
         section = key = None
         sv = False
@@ -540,14 +540,15 @@ _SET_KINDS = {
 }
 
 
-def convert(kind, value):
+def convert_value(kind, value):
     """``value`` as ``kind`` (a VALUE_KINDS key; None: as it is). Raises ValueError."""
     return value if kind is None else VALUE_KINDS[kind](value)
 
 
 def set_value_kind(key: str):
-    """The kind a `set` value travels as, for convert()."""
+    """The kind a `set` value travels as, for convert_value()."""
     return int if key.startswith("rlimit_") else _SET_KINDS.get(key)
+
 
 _SUN_PATH_MAX = 107     # bytes in a unix socket's path (sun_path, less its NUL)
 
@@ -894,7 +895,7 @@ class WatcherConfig:
 
     def _set_env(self, key, value):
         if isinstance(value, str):      # `env = A=1,B=2` (Circus drops it silently)
-            value = convert("env", value)
+            value = convert_value("env", value)
         if not isinstance(value, dict):
             raise ValueError("env must be an object of NAME: value strings")
         self.env = {str(k): str(v) for k, v in value.items()}
@@ -1552,7 +1553,7 @@ class _SupervisorReader(_Reader):
                 prog = prog.strip()
                 if not prog:
                     continue
-                if "program:" + prog not in self.ini.sections and "fcgi-program:" + prog not in self.ini.sections:
+                if not {"program:" + prog, "fcgi-program:" + prog} & set(self.ini.sections):
                     raise ConfigError("%s: programs: no [program:%s] section"
                                       % (self.ini.where(name, "programs"), prog))
                 group_of.setdefault(prog, []).append(gname)
@@ -1681,9 +1682,10 @@ class _SvProgram:
         per = dict(self.base, process_num=num, numprocs=numprocs)
         env_text = self.get("environment", names=per)
         prog_env = parse_sv_environment(env_text, self.where("environment")) if env_text else {}
-        per.update({"ENV_" + k: v for k, v in prog_env.items()})     # as Supervisor: for command,
+        # as Supervisor: the program's environment is there for command, directory, logfiles, process_name
+        per.update({"ENV_" + k: v for k, v in prog_env.items()})
         procname = self.get("process_name", "%(program_name)s", per) \
-            if "process_name" in self.ini.items(self.section) else self.pname  # directory, logfiles, process_name
+            if "process_name" in self.ini.items(self.section) else self.pname
         wname = procname if gname == procname else "%s:%s" % (gname, procname)
         if wname.lower() in self.r.seen:
             raise ConfigError("%s: process %r is defined twice" % (self.where(), wname))
@@ -1718,7 +1720,8 @@ class _SvProgram:
                                      % self.where(which + "_logfile"))
             return
         if logfile.upper() == "AUTO":
-            logfile = os.path.join(self.r.childlogdir, "%s-%s---supervisor.log" % (wc.name.replace(":", "_"), which))
+            logfile = os.path.join(self.r.childlogdir,
+                                   "%s-%s---supervisor.log" % (wc.name.replace(":", "_"), which))
         else:
             logfile = os.path.abspath(os.path.expanduser(logfile))
         wc.set(which + "_stream.class", "FileStream")
@@ -5499,7 +5502,7 @@ def _prop(props, key, kind=None, default=None, required=False):
             raise MessageError("message invalid %r is missing" % key)
         return default
     try:
-        return convert(kind, props[key])
+        return convert_value(kind, props[key])
     except ValueError as e:
         raise MessageError("%s: %s" % (key, e)) from None
 
@@ -5893,7 +5896,7 @@ def cmd_set(arb, props):
     for key, value in options.items():
         _check_option_name(key, w)
         if key == "env" and isinstance(value, str):
-            options[key] = convert("env", value)
+            options[key] = convert_value("env", value)
         try:
             probe.set(key, options[key])
         except ValueError as e:
@@ -7166,7 +7169,7 @@ def _set_value(key, value):
     if key not in _SET_KEYS and not key.startswith(("stdout_stream.", "stderr_stream.", "rlimit_")):
         raise UsageError("unknown key %r" % key)
     try:
-        return convert(set_value_kind(key), value)      # as circusctl sends it
+        return convert_value(set_value_kind(key), value)      # as circusctl sends it
     except ValueError as e:
         raise UsageError("set %s: %s" % (key, e)) from None
 

@@ -1944,12 +1944,12 @@ def test_build_request_errors(words, code):
 
 def test_one_value_converter_for_config_set_and_ctl(monkeypatch):
     """The config, the daemon's message properties and ctl's `set` words convert through one
-    path (circus.convert), and what ctl sends for a `set` key the watcher options accept."""
+    path (circus.convert_value), and what ctl sends for a `set` key the watcher options accept."""
     samples = {int: "2", float: "1.5", bool: "true", "signal": "HUP", "env": "A=1,B=x=y",
                "hooks": "before_start:mod.func"}
     for key, kind in circus._SET_KINDS.items():
         sent = circus._set_value(key, samples[kind])
-        assert sent == circus.convert(kind, samples[kind])
+        assert sent == circus.convert_value(kind, samples[kind])
         if key != "retry_in":                       # circusctl sends it; circusd keeps it aside
             circus.WatcherConfig("w").set(key, sent)
     assert circus._set_value("env", "A=1,B=x=y") == {"A": "1", "B": "x=y"} == \
