@@ -1501,11 +1501,9 @@ class _SupervisorReader(_Reader):
         return sv_expand(items[key], table, w)
 
     def read(self) -> None:
-        has_sd = "supervisord" in self.ini.sections
-        if has_sd:
+        if "supervisord" in self.ini.sections:
             self.read_supervisord()
-        self.childlogdir = (self.value("supervisord", "childlogdir", {}) if has_sd else None) \
-            or __import__("tempfile").gettempdir()
+        self.childlogdir = self.value("supervisord", "childlogdir", {}) or __import__("tempfile").gettempdir()
         self._warn_sections()
         group_of, group_prio, rank = self._read_groups()
         for (gname, pname), name, fcgi in self._program_jobs(group_of, rank):
