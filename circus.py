@@ -388,15 +388,19 @@ class IniFile:
         self.sections: dict = {}
         self.files: list = []
 
+    @staticmethod
+    def _file_text(path: str) -> str:
+        try:
+            with open(path, encoding="utf-8") as f:
+                return f.read()
+        except OSError as e:
+            raise ConfigError("%s: cannot read config file: %s" % (path, e.strerror or e)) from None
+        except UnicodeDecodeError as e:
+            raise ConfigError("%s: not UTF-8 text (%s)" % (path, e.reason)) from None
+
     def read(self, path: str, text: str | None = None) -> None:
         if text is None:
-            try:
-                with open(path, encoding="utf-8") as f:
-                    text = f.read()
-            except OSError as e:
-                raise ConfigError("%s: cannot read config file: %s" % (path, e.strerror or e)) from None
-            except UnicodeDecodeError as e:
-                raise ConfigError("%s: not UTF-8 text (%s)" % (path, e.reason)) from None
+            text = self._file_text(path)
         self.files.append(path)
         section = key = None
         sv = False
@@ -424,22 +428,27 @@ class IniFile:
             if section is None:
                 raise ConfigError("%s:%d: option outside any section: %r (start the file "
                                   "with a [section] header)" % (path, lineno, stripped))
-            m = self._OPTION.match(stripped)
-            if not m or not m.group("key"):
-                raise ConfigError("%s:%d: cannot parse %r (expected 'key = value')"
-                                  % (path, lineno, stripped))
-            key = m.group("key")
-            if sv:      # Supervisor's dialect: keys lower-cased, `#` comments too, last one wins
-                key = key.lower()
-                value = _strip_inline_comment(m.group("value"), "#;")
-            else:
-                value = _strip_inline_comment(m.group("value"))
-                if value == '""':
-                    value = ""
-                if key in section:        # first definition wins, as in Circus
-                    key = None
-                    continue
-            section[key] = (value, _Where(path, lineno, self._section_name(section), key))
+            key = self._option(section, sv, _Where(path, lineno, self._section_name(section)), stripped)
+
+    def _option(self, section, sv, where, line):
+        """Store one ``key = value`` line; returns the key (None: a repeated key, skipped)."""
+        m = self._OPTION.match(line)
+        if not m or not m.group("key"):
+            raise ConfigError("%s:%d: cannot parse %r (expected 'key = value')"
+                              % (where.file, where.line, line))
+        key = m.group("key")
+        if sv:      # Supervisor's dialect: keys lower-cased, `#` comments too, last one wins
+            key = key.lower()
+            value = _strip_inline_comment(m.group("value"), "#;")
+        else:
+            value = _strip_inline_comment(m.group("value"))
+            if value == '""':
+                value = ""
+            if key in section:        # first definition wins, as in Circus
+                return None
+        where.key = key
+        section[key] = (value, where)
+        return key
 
     def _section_name(self, section):
         return section["__where__"][1].section
@@ -501,6 +510,45 @@ _umask = ranged(_mode, 0, 0o777, "000 to 777, octal")
 _priority = ranged(to_int, -(2 ** 31 - 1), 2 ** 31 - 1)
 _backlog = ranged(to_int, 0, 2 ** 31 - 1)
 _rlimit = ranged(to_int, -1, 2 ** 63 - 1, "-1 for unlimited, or 0 to 2**63-1")
+
+
+def _text(value) -> str:
+    if not isinstance(value, str):
+        raise ValueError("%r is not a string" % (value,))
+    return value
+
+
+def _pairs(sep):
+    """``A=1,B=2`` as a dict (``sep`` between name and value); parts without ``sep`` are dropped."""
+    return lambda value: dict(kv.split(sep, 1) for kv in value.split(",") if sep in kv)
+
+
+#: The kinds of plain value a control message's properties and ctl's words are
+#: converted to; the config's option tables build on the same converters.
+VALUE_KINDS = {int: to_int, float: to_float, bool: to_bool, str: _text, "signal": to_signum,
+               "env": _pairs("="), "hooks": _pairs(":")}
+
+#: The kind circusctl sends each `set` value as (so a real circusd takes ours); other keys: text.
+_SET_KINDS = {
+    "numprocesses": int, "max_retry": int, "max_age": int, "max_age_variance": int,
+    "stdout_stream.max_bytes": int, "stdout_stream.backup_count": int,
+    "stderr_stream.max_bytes": int, "stderr_stream.backup_count": int,
+    "warmup_delay": float, "retry_in": float, "graceful_timeout": float,
+    "send_hup": bool, "shell": bool, "copy_env": bool, "respawn": bool, "stop_children": bool,
+    "close_child_stdin": bool, "close_child_stdout": bool, "close_child_stderr": bool,
+    "singleton": bool, "stop_signal": "signal", "env": "env", "hooks": "hooks",
+}
+
+
+def convert_value(kind, value):
+    """``value`` as ``kind`` (a VALUE_KINDS key; None: as it is). Raises ValueError."""
+    return value if kind is None else VALUE_KINDS[kind](value)
+
+
+def set_value_kind(key: str):
+    """The kind a `set` value travels as, for convert_value()."""
+    return int if key.startswith("rlimit_") else _SET_KINDS.get(key)
+
 
 _SUN_PATH_MAX = 107     # bytes in a unix socket's path (sun_path, less its NUL)
 
@@ -830,44 +878,50 @@ class WatcherConfig:
         for k, v in (options or {}).items():
             self.set(k, v)
 
+    #: Where convert_watcher_option's kinds of key are kept (streams: see set).
+    _HOLDERS = {"opt": "options", "hook": "hooks", "rlimit": "rlimits", "free": "free"}
+
     def set(self, key, value):
         """Apply one option; raises ValueError naming the problem."""
-        if key == "env":
-            if isinstance(value, str):      # `env = A=1,B=2` (Circus drops it silently)
-                value = dict(kv.split("=", 1) for kv in value.split(",") if "=" in kv)
-            if not isinstance(value, dict):
-                raise ValueError("env must be an object of NAME: value strings")
-            self.env = {str(k): str(v) for k, v in value.items()}
-            return
-        if key in ("stdout_stream", "stderr_stream"):
-            if not isinstance(value, dict):
-                raise ValueError("%s must be an object with a 'class' key" % key)
-            for k, v in value.items():
-                convert_watcher_option("%s.%s" % (key, k), v)
-            setattr(self, key, {str(k): v for k, v in value.items()})
-            return
-        if key == "hooks":
-            if not isinstance(value, dict):
-                raise ValueError("hooks must be an object keyed by hook name")
-            for name, spec in value.items():
-                self.set("hooks." + name, spec)
-            return
-        if key == "rlimits" and isinstance(value, dict):
-            for res, lim in value.items():
-                self.set("rlimit_" + res, lim)
-            return
+        whole = self._WHOLE.get(key)        # a whole object: env, hooks, rlimits, a stream
+        if whole is not None:
+            return whole(self, key, value)
         kind, k, v = convert_watcher_option(key, value)
-        if kind == "opt":
-            self.options[k] = v
-        elif kind == "stream":
-            which, sub = k.split(".", 1)
-            getattr(self, which)[sub] = v
-        elif kind == "hook":
-            self.hooks[k] = v
-        elif kind == "rlimit":
-            self.rlimits[k] = v
+        if kind == "stream":
+            which, k = k.split(".", 1)
+            getattr(self, which)[k] = v
         else:
-            self.free[k] = v
+            getattr(self, self._HOLDERS[kind])[k] = v
+
+    def _set_env(self, key, value):
+        if isinstance(value, str):      # `env = A=1,B=2` (Circus drops it silently)
+            value = convert_value("env", value)
+        if not isinstance(value, dict):
+            raise ValueError("env must be an object of NAME: value strings")
+        self.env = {str(k): str(v) for k, v in value.items()}
+
+    def _set_stream(self, key, value):
+        if not isinstance(value, dict):
+            raise ValueError("%s must be an object with a 'class' key" % key)
+        for k, v in value.items():
+            convert_watcher_option("%s.%s" % (key, k), v)
+        setattr(self, key, {str(k): v for k, v in value.items()})
+
+    def _set_hooks(self, key, value):
+        if not isinstance(value, dict):
+            raise ValueError("hooks must be an object keyed by hook name")
+        for name, spec in value.items():
+            self.set("hooks." + name, spec)
+
+    def _set_rlimits(self, key, value):
+        if not isinstance(value, dict):
+            self.free[key] = value          # not an object: kept as a free-form key
+            return
+        for res, lim in value.items():
+            self.set("rlimit_" + res, lim)
+
+    _WHOLE = {"env": _set_env, "stdout_stream": _set_stream, "stderr_stream": _set_stream,
+              "hooks": _set_hooks, "rlimits": _set_rlimits}
 
     def check(self):
         o = self.options
@@ -1085,6 +1139,153 @@ def _check_max_processes(cfg, n, where) -> None:
                           "max_processes in [circus]" % (where, n, cfg.max_processes))
 
 
+class _Reader:
+    """What the section readers share: the file, the config they fill, and errors
+    that point at ``file:line [section] key``."""
+
+    def __init__(self, ini: IniFile, cfg: CircusConfig, environ):
+        self.ini, self.cfg, self.environ = ini, cfg, environ
+
+    def conv(self, section, key, value, func):
+        try:
+            return func(value)
+        except (ValueError, TypeError) as e:
+            raise ConfigError("%s: %s" % (self.ini.where(section, key), e)) from None
+
+    def warn_unknown(self, section, key, known, what="unknown key, ignored"):
+        self.cfg.warnings.append(_unknown_key(self.ini.where(section, key), known, what))
+
+
+class _CircusReader(_Reader):
+    """Circus's sections: [env] and [env:PATTERNS], [circus], [socket:x], [watcher:x], [plugin:x]."""
+
+    def __init__(self, ini, cfg, environ):
+        super().__init__(ini, cfg, environ)
+        self.seen = {}          # watcher names by their lower case; Supervisor's programs too
+        # [env] and [env:PATTERNS]: $NAME and $(circus.env.X) come from the daemon's environment
+        # ([env:...] also sees [env]; circusd leaves $(circus.env.X) literal there: a difference)
+        self.table = {"env." + k.lower(): v for k, v in environ.items()}
+        self.global_env = self._env_values("env")
+        self.table.update({"env." + k.lower(): v for k, v in self.global_env.items()})
+        self.env_sections = [([p.strip() for p in name[4:].split(",") if p.strip()], self._env_values(name))
+                             for name in ini.sections if name.startswith("env:")]
+
+    def _env_values(self, name):
+        return {k: replace_circus_vars(expand_env_refs(v, self.environ), self.table)
+                for k, v in self.ini.items(name).items()}
+
+    def expand(self, value, table=None):
+        return replace_circus_vars(value, self.table if table is None else table) \
+            if isinstance(value, str) else value
+
+    def read(self) -> CircusConfig:
+        self.read_circus()
+        # sockets, watchers and plugins, sorted by name as Circus does
+        for kind, read in (("socket:", self.read_socket), ("watcher:", self.read_watcher),
+                           ("plugin:", self.read_plugin)):
+            for name in sorted(n for n in self.ini.sections if n.startswith(kind)):
+                if self.ini.items(name):
+                    read(name)
+        if any(is_supervisor_section(n) for n in self.ini.sections):
+            _SupervisorReader(self.ini, self.cfg, self.environ, self.seen).read()
+        for name in self.ini.sections:
+            if name != "circus" and not name.startswith(("socket:", "watcher:", "plugin:", "env")) \
+                    and not is_supervisor_section(name):
+                self.cfg.warnings.append("%s: unknown section, ignored" % self.ini.where(name))
+        self._check_socket_refs()
+        return self.cfg
+
+    def read_circus(self):
+        cfg, items = self.cfg, self.ini.items("circus")
+        for key, value in items.items():
+            if key not in _CIRCUS_KEYS:
+                self.warn_unknown("circus", key, _CIRCUS_KEYS, "unknown [circus] key, ignored")
+            elif key not in ("include", "include_dir"):     # read by _read_with_includes
+                setattr(cfg, key, self.conv("circus", key, self.expand(value), _CIRCUS_KEYS[key]))
+        if "stats_endpoint" in items:
+            cfg.statsd = True
+        _check_curve_conf(cfg, self.ini)
+        _check_httpd_conf(cfg, self.ini)
+
+    def read_socket(self, name):
+        items = self.ini.items(name)
+        for key in [k for k in items if k not in _SOCKET_KEYS]:     # circusd ignores them too
+            self.warn_unknown(name, key, _SOCKET_KEYS, "unknown socket key, ignored")
+            del items[key]
+        try:
+            self.cfg.sockets.append(SocketConfig(name[7:], **{k: self.expand(v) for k, v in items.items()}))
+        except (ValueError, TypeError) as e:
+            w = self.ini.where(name, getattr(e, "key", None))
+            raise ConfigError("%s:%s [%s] %s" % (w.file, w.line, name, e)) from None
+
+    def read_watcher(self, name):
+        ini, cfg = self.ini, self.cfg
+        wname = self._watcher_name(name)
+        wc = WatcherConfig(wname)
+        wc.where = str(ini.where(name))
+        wenv = self._watcher_env(wname)
+        wtable = dict(self.table)
+        wtable.update({"env." + k.lower(): v for k, v in wenv.items()})
+        for key, value in ini.items(name).items():
+            self.conv(name, key, self._expand_option(key, value, wtable), lambda v, k=key: wc.set(k, v))
+        wc.env = wenv           # the [env] sections win over an `env` key
+        cfg.warnings += _free_key_warnings(ini, name, wc)
+        if not wc.options["cmd"]:
+            wc.options["cmd"] = ""
+            cfg.warnings.append("%s: no 'cmd': this watcher cannot start until one is set"
+                                % ini.where(name))
+        self.conv(name, None, wc, WatcherConfig.check)
+        _check_max_processes(cfg, wc.options["numprocesses"], ini.where(name, "numprocesses"))
+        for which in ("stdout_stream", "stderr_stream"):
+            why = log_folder_error(getattr(wc, which))
+            if why:
+                raise ConfigError("%s: %s" % (ini.where(name, which + ".filename"), why))
+        cfg.watchers.append(wc)
+
+    def _watcher_name(self, name):
+        wname = name[8:].strip()
+        if not wname:
+            raise ConfigError("%s: a watcher needs a name: [watcher:NAME]" % self.ini.where(name))
+        if wname.lower() in self.seen:
+            raise ConfigError("%s: watcher names are case-insensitive; %r clashes with %r"
+                              % (self.ini.where(name), wname, self.seen[wname.lower()]))
+        self.seen[wname.lower()] = wname
+        return wname
+
+    def _watcher_env(self, wname):
+        """[env] with the [env:PATTERNS] sections matching the watcher's name over it."""
+        import fnmatch
+        wenv = dict(self.global_env)
+        for pats, values in self.env_sections:
+            if pats and any(fnmatch.fnmatchcase(wname, p) for p in pats):
+                wenv.update(values)
+        return wenv
+
+    def _expand_option(self, key, value, wtable):
+        """$(circus.X) in a watcher's value: text and free-form keys see the watcher's own
+        env, typed options the global one; hooks, rlimits and stop_signal are never expanded,
+        as in Circus."""
+        if key.startswith(("hooks.", "rlimit_")) or key == "stop_signal":
+            return value
+        typed = key in WATCHER_OPTIONS and WATCHER_OPTIONS[key][0] not in (str, _str_or_none, _args)
+        return self.expand(value, self.table if typed else wtable)
+
+    def read_plugin(self, name):
+        conf = {k: self.expand(v) for k, v in self.ini.items(name).items()}
+        self.cfg.warnings += plugin_key_warnings(self.ini, name, conf)
+        self.cfg.plugins.append((name[7:], conf))
+
+    def _check_socket_refs(self):
+        sockets = {s.name for s in self.cfg.sockets}
+        for wc in self.cfg.watchers:
+            for ref in re.findall(r"circus\.sockets\.([\w.\-]+)", wc.options["cmd"] + " " +
+                                  str(wc.options["args"] or ""), re.IGNORECASE):
+                if ref.lower() not in sockets:
+                    self.cfg.warnings.append("%s: refers to socket %r but there is no [socket:%s] "
+                                             "section; the text is passed on as it is"
+                                             % (self.ini.where("watcher:" + wc.name, "cmd"), ref, ref))
+
+
 def load_config(path: str, environ=None) -> CircusConfig:
     """Read and validate a Circus INI file (with its includes).
 
@@ -1093,123 +1294,7 @@ def load_config(path: str, environ=None) -> CircusConfig:
     environ = dict(os.environ if environ is None else environ)
     cfg = CircusConfig(os.path.abspath(path))
     ini = _read_with_includes(path, environ, cfg.warnings)
-    names = list(ini.sections)
-
-    # [env] and [env:PATTERNS]: $NAME and $(circus.env.X) come from the daemon's environment
-    # ([env:...] also sees [env]; circusd leaves $(circus.env.X) literal there: a difference)
-    table = {"env." + k.lower(): v for k, v in environ.items()}
-
-    def env_values(name):
-        return {k: replace_circus_vars(expand_env_refs(v, environ), table)
-                for k, v in ini.items(name).items()}
-    global_env = env_values("env")
-    table.update({"env." + k.lower(): v for k, v in global_env.items()})
-    env_sections = [([p.strip() for p in name[4:].split(",") if p.strip()], env_values(name))
-                    for name in names if name.startswith("env:")]
-
-    def expand(value, tbl=table):
-        return replace_circus_vars(value, tbl) if isinstance(value, str) else value
-
-    def conv(section, key, value, func):
-        try:
-            return func(value)
-        except (ValueError, TypeError) as e:
-            raise ConfigError("%s: %s" % (ini.where(section, key), e)) from None
-
-    # [circus]
-    for key, value in ini.items("circus").items():
-        if key not in _CIRCUS_KEYS:
-            cfg.warnings.append(_unknown_key(ini.where("circus", key), _CIRCUS_KEYS,
-                                             "unknown [circus] key, ignored"))
-            continue
-        if key in ("include", "include_dir"):
-            continue
-        setattr(cfg, key, conv("circus", key, expand(value), _CIRCUS_KEYS[key]))
-    if "stats_endpoint" in ini.items("circus"):
-        cfg.statsd = True
-    _check_curve_conf(cfg, ini)
-    _check_httpd_conf(cfg, ini)
-
-    # sockets, watchers and plugins, sorted by name as Circus does
-    import fnmatch
-    for name in sorted(n for n in names if n.startswith("socket:")):
-        items = ini.items(name)
-        if not items:
-            continue
-        for key in [k for k in items if k not in _SOCKET_KEYS]:     # circusd ignores them too
-            cfg.warnings.append(_unknown_key(ini.where(name, key), _SOCKET_KEYS,
-                                             "unknown socket key, ignored"))
-            del items[key]
-        try:
-            cfg.sockets.append(SocketConfig(name[7:], **{k: expand(v) for k, v in items.items()}))
-        except (ValueError, TypeError) as e:
-            w = ini.where(name, getattr(e, "key", None))
-            raise ConfigError("%s:%s [%s] %s" % (w.file, w.line, name, e)) from None
-    seen = {}
-    for name in sorted(n for n in names if n.startswith("watcher:")):
-        items = ini.items(name)
-        if not items:
-            continue
-        wname = name[8:].strip()
-        if not wname:
-            raise ConfigError("%s: a watcher needs a name: [watcher:NAME]" % ini.where(name))
-        if wname.lower() in seen:
-            raise ConfigError("%s: watcher names are case-insensitive; %r clashes with %r"
-                              % (ini.where(name), wname, seen[wname.lower()]))
-        seen[wname.lower()] = wname
-        wenv = dict(global_env)
-        for pats, values in env_sections:
-            if pats and any(fnmatch.fnmatchcase(wname, p) for p in pats):
-                wenv.update(values)
-        wtable = dict(table)
-        wtable.update({"env." + k.lower(): v for k, v in wenv.items()})
-        wc = WatcherConfig(wname)
-        wc.where = str(ini.where(name))
-        for key, value in items.items():
-            if key.startswith(("hooks.", "rlimit_")) or key == "stop_signal":
-                pass                    # never expanded, as in Circus
-            elif key in WATCHER_OPTIONS and WATCHER_OPTIONS[key][0] in (str, _str_or_none, _args):
-                value = expand(value, wtable)
-            else:
-                value = expand(value, wtable if "." in key or key not in WATCHER_OPTIONS else table)
-            conv(name, key, value, lambda v, k=key: wc.set(k, v))
-        wc.env = wenv
-        cfg.warnings += _free_key_warnings(ini, name, wc)
-        if not wc.options["cmd"]:
-            wc.options["cmd"] = ""
-            cfg.warnings.append("%s: no 'cmd': this watcher cannot start until one is set"
-                                % ini.where(name))
-        try:
-            wc.check()
-        except ValueError as e:
-            raise ConfigError("%s: %s" % (ini.where(name), e)) from None
-        _check_max_processes(cfg, wc.options["numprocesses"], ini.where(name, "numprocesses"))
-        for which in ("stdout_stream", "stderr_stream"):
-            why = log_folder_error(getattr(wc, which))
-            if why:
-                raise ConfigError("%s: %s" % (ini.where(name, which + ".filename"), why))
-        cfg.watchers.append(wc)
-    for name in sorted(n for n in names if n.startswith("plugin:")):
-        items = ini.items(name)
-        if items:
-            conf = {k: expand(v) for k, v in items.items()}
-            cfg.warnings += plugin_key_warnings(ini, name, conf)
-            cfg.plugins.append((name[7:], conf))
-    if any(is_supervisor_section(n) for n in names):
-        load_supervisor_sections(ini, cfg, environ, seen)
-    for name in names:
-        if name != "circus" and not name.startswith(("socket:", "watcher:", "plugin:", "env")) \
-                and not is_supervisor_section(name):
-            cfg.warnings.append("%s: unknown section, ignored" % ini.where(name))
-    sockets = {s.name for s in cfg.sockets}
-    for wc in cfg.watchers:
-        for ref in re.findall(r"circus\.sockets\.([\w.\-]+)", wc.options["cmd"] + " " +
-                              str(wc.options["args"] or ""), re.IGNORECASE):
-            if ref.lower() not in sockets:
-                cfg.warnings.append("%s: refers to socket %r but there is no [socket:%s] "
-                                    "section; the text is passed on as it is"
-                                    % (ini.where("watcher:" + wc.name, "cmd"), ref, ref))
-    return cfg
+    return _CircusReader(ini, cfg, environ).read()
 
 
 # -- 4b. Supervisor's format: [program:x] and friends, translated to watchers --
@@ -1339,9 +1424,35 @@ _SV_PER_SECTION = {"priority", "autostart", "autorestart", "startsecs", "startre
                    "numprocs", "numprocs_start", "user", "umask", "serverurl",
                    "stdout_capture_maxbytes", "stderr_capture_maxbytes", "stdout_events_enabled",
                    "stderr_events_enabled"}
-_SV_SUPERVISORD_KEYS = ("environment", "logfile", "pidfile", "loglevel", "umask", "minfds",
-                        "directory", "user", "nodaemon", "logfile_maxbytes", "logfile_backups",
-                        "silent", "minprocs", "nocleanup", "childlogdir", "strip_ansi", "identifier")
+def _sv_path(value) -> str:
+    return os.path.abspath(os.path.expanduser(value))
+
+
+def _sv_logfile(value) -> str:
+    return "syslog:///dev/log?daemon" if value.lower() == "syslog" else _sv_path(value)
+
+
+def _sv_loglevel(value) -> str:
+    if value.lower() not in _SV_LOGLEVELS:
+        raise ValueError("loglevel %r: use critical, error, warn, info, debug, trace or blather" % value)
+    return _SV_LOGLEVELS[value.lower()]
+
+
+def _sv_user(value) -> str:
+    resolve_user(value, None)           # raises when there is no such user
+    return value
+
+
+#: [supervisord] keys: name -> (CircusConfig attribute, converter), set unless [circus]
+#: already gave it; attribute None: checked only; no rule: accepted and ignored.
+#: environment and childlogdir are read by _SupervisorReader itself.
+_SV_SUPERVISORD_KEYS = {
+    "environment": None, "logfile": ("logoutput", _sv_logfile), "pidfile": ("pidfile", _sv_path),
+    "loglevel": ("loglevel", _sv_loglevel), "umask": ("umask", _umask), "minfds": ("minfds", _count),
+    "directory": ("directory", os.path.expanduser), "user": ("user", _sv_user),
+    "nodaemon": (None, to_bool), "logfile_maxbytes": None, "logfile_backups": None, "silent": None,
+    "minprocs": None, "nocleanup": None, "childlogdir": None, "strip_ansi": None, "identifier": None,
+}
 #: Other sections' keys, for unknown-key warnings.
 _SV_SECTION_KEYS = {"group:": ("programs", "priority"), "include": ("files",)}
 _SV_IGNORED = {
@@ -1353,126 +1464,119 @@ _SV_IGNORED = {
     "ctlplugin:": "supervisorctl plugins do not apply to ctl",
     "eventlistener:": "event listeners are not supported; subscribe to the pub/sub channel instead",
 }
+#: Program keys that map straight onto a watcher option: key -> (default, converter, option).
+_SV_PLAIN_KEYS = {
+    "autostart": ("true", to_bool, "autostart"),
+    "autorestart": ("unexpected", parse_autorestart, "autorestart"),
+    "exitcodes": ("0", parse_exitcodes, "exitcodes"),
+    "stopsignal": ("TERM", to_signum, "stop_signal"),
+    "stopwaitsecs": ("10", _seconds, "graceful_timeout"),
+    "redirect_stderr": ("false", to_bool, "redirect_stderr"),
+}
 
 
-def load_supervisor_sections(ini: IniFile, cfg: CircusConfig, environ, seen: dict) -> None:
-    """Translate Supervisor sections into cfg (watchers, sockets, globals)."""
-    import platform
-    main_dir = os.path.dirname(cfg.path)
-    host = platform.node()
-    names = _sv_env_names(environ)
+class _SupervisorReader(_Reader):
+    """Translates Supervisor's sections into cfg: [supervisord] globals, then each
+    [program:x] and [fcgi-program:x], once per group it is in, as watchers."""
 
-    def here_of(section, key=None):
-        w = ini.where(section, key)
-        return os.path.dirname(os.path.abspath(w.file)) if w.file not in (None, "?") else main_dir
+    def __init__(self, ini, cfg, environ, seen: dict):
+        import platform
+        super().__init__(ini, cfg, environ)
+        self.seen = seen                # watcher names taken (lower case -> name)
+        self.host = platform.node()
+        self.names = _sv_env_names(environ)     # %(ENV_X)s; [supervisord] environment adds to it
+        self.sv_env = {}                # [supervisord] environment, for every program
+        self.childlogdir = None
 
-    def value(section, key, extra, default=None):
-        items = ini.items(section)
+    def value(self, section, key, extra, default=None):
+        """A key's value with %(name)s expanded (``here``: the folder of its file)."""
+        items = self.ini.items(section)
         if key not in items:
             return default
-        table = dict(names)
-        table["here"] = here_of(section, key)
+        w = self.ini.where(section, key)
+        table = dict(self.names)
+        table["here"] = os.path.dirname(os.path.abspath(w.file)) if w.file not in (None, "?") \
+            else os.path.dirname(self.cfg.path)
         table.update(extra)
-        return sv_expand(items[key], table, ini.where(section, key))
+        return sv_expand(items[key], table, w)
 
-    def conv(section, key, raw, func):
-        try:
-            return func(raw)
-        except (ValueError, TypeError) as e:
-            raise ConfigError("%s: %s" % (ini.where(section, key), e)) from None
+    def read(self) -> None:
+        if "supervisord" in self.ini.sections:
+            self.read_supervisord()
+        self.childlogdir = self.value("supervisord", "childlogdir", {}) or __import__("tempfile").gettempdir()
+        self._warn_sections()
+        group_of, group_prio, rank = self._read_groups()
+        for (gname, pname), name, fcgi in self._program_jobs(group_of, rank):
+            _SvProgram(self, name, pname, gname, fcgi).read(group_prio.get(gname))
 
-    # [supervisord]
-    sv_env = {}
-    if "supervisord" in ini.sections:
-        sd = "supervisord"
-        env_text = value(sd, "environment", {})
+    def read_supervisord(self):
+        sd, cfg = "supervisord", self.cfg
+        env_text = self.value(sd, "environment", {})
         if env_text:
-            sv_env = parse_sv_environment(env_text, ini.where(sd, "environment"))
-            names.update({"ENV_" + k: v for k, v in sv_env.items()})
-        logfile = value(sd, "logfile", {})
-        if logfile and cfg.logoutput is None:
-            cfg.logoutput = "syslog:///dev/log?daemon" if logfile.lower() == "syslog" else \
-                os.path.abspath(os.path.expanduser(logfile))
-            cfg.log_echo = not conv(sd, "silent", value(sd, "silent", {}, "false"), to_bool)
-        pidfile = value(sd, "pidfile", {})
-        if pidfile and cfg.pidfile is None:
-            cfg.pidfile = os.path.abspath(os.path.expanduser(pidfile))
-        level = value(sd, "loglevel", {})
-        if level and cfg.loglevel is None:
-            if level.lower() not in _SV_LOGLEVELS:
-                raise ConfigError("%s: loglevel %r: use critical, error, warn, info, debug, trace or "
-                                  "blather" % (ini.where(sd, "loglevel"), level))
-            cfg.loglevel = _SV_LOGLEVELS[level.lower()]
-        umask = value(sd, "umask", {})
-        if umask and cfg.umask is None:
-            cfg.umask = conv(sd, "umask", umask, _umask)
-        minfds = value(sd, "minfds", {})
-        if minfds:
-            cfg.minfds = conv(sd, "minfds", minfds, _count)
-        directory = value(sd, "directory", {})
-        if directory:
-            cfg.directory = os.path.expanduser(directory)
-        user = value(sd, "user", {})
-        if user:
-            conv(sd, "user", user, lambda u: resolve_user(u, None))
-            cfg.user = user
-        nodaemon = value(sd, "nodaemon", {})
-        if nodaemon:
-            conv(sd, "nodaemon", nodaemon, to_bool)
-        for key in ini.items(sd):
+            self.sv_env = parse_sv_environment(env_text, self.ini.where(sd, "environment"))
+            self.names.update({"ENV_" + k: v for k, v in self.sv_env.items()})
+        for key, rule in _SV_SUPERVISORD_KEYS.items():
+            text = self.value(sd, key, {}) if rule else None
+            if not text or (rule[0] and getattr(cfg, rule[0]) is not None):
+                continue
+            value = self.conv(sd, key, text, rule[1])
+            if rule[0]:
+                setattr(cfg, rule[0], value)
+            if key == "logfile":        # echoed on stdout in the foreground unless silent
+                cfg.log_echo = not self.conv(sd, "silent", self.value(sd, "silent", {}, "false"), to_bool)
+        for key in self.ini.items(sd):
             if key not in _SV_SUPERVISORD_KEYS:
-                cfg.warnings.append(_unknown_key(ini.where(sd, key), _SV_SUPERVISORD_KEYS,
-                                                 "unknown [supervisord] key, ignored"))
-    childlogdir = value("supervisord", "childlogdir", {}) if "supervisord" in ini.sections else None
-    childlogdir = childlogdir or __import__("tempfile").gettempdir()
+                self.warn_unknown(sd, key, _SV_SUPERVISORD_KEYS, "unknown [supervisord] key, ignored")
 
-    for name in ini.sections:
-        known = _SV_SECTION_KEYS.get("group:" if name.startswith("group:") else name)
-        for key in ini.items(name) if known else ():
-            if key not in known:
-                cfg.warnings.append(_unknown_key(ini.where(name, key), known))
-        for prefix, why in _SV_IGNORED.items():
-            if name == prefix or (prefix.endswith(":") and name.startswith(prefix)) or \
-                    (not prefix.endswith(":") and name.startswith(prefix)):
-                cfg.warnings.append("%s: ignored: %s" % (ini.where(name), why))
+    def _warn_sections(self):
+        for name in self.ini.sections:
+            known = _SV_SECTION_KEYS.get("group:" if name.startswith("group:") else name)
+            for key in self.ini.items(name) if known else ():
+                if key not in known:
+                    self.warn_unknown(name, key, known)
+            for prefix, why in _SV_IGNORED.items():
+                if name.startswith(prefix):
+                    self.cfg.warnings.append("%s: ignored: %s" % (self.ini.where(name), why))
 
-    # [group:x] programs = a,b
-    group_of, group_prio, rank = {}, {}, {}
-    pos = {name: i for i, name in enumerate(ini.sections)}
-    for name in ini.sections:
-        if name.startswith("group:"):
+    def _read_groups(self):
+        """[group:x] programs = a,b -> (groups of each program, group priorities, start ranks)."""
+        group_of, group_prio, rank = {}, {}, {}
+        for pos, name in enumerate(self.ini.sections):
+            if not name.startswith("group:"):
+                continue
             gname = name[6:].strip()
-            prio = value(name, "priority", {"group_name": gname})
-            group_prio[gname] = conv(name, "priority", prio, _priority) if prio else 999
-            for prog in (value(name, "programs", {"group_name": gname}) or "").split(","):
+            prio = self.value(name, "priority", {"group_name": gname})
+            group_prio[gname] = self.conv(name, "priority", prio, _priority) if prio else 999
+            for prog in (self.value(name, "programs", {"group_name": gname}) or "").split(","):
                 prog = prog.strip()
                 if not prog:
                     continue
-                if "program:" + prog not in ini.sections and "fcgi-program:" + prog not in ini.sections:
-                    raise ConfigError("%s: programs: no [program:%s] section" % (ini.where(name, "programs"), prog))
+                if not {"program:" + prog, "fcgi-program:" + prog} & set(self.ini.sections):
+                    raise ConfigError("%s: programs: no [program:%s] section"
+                                      % (self.ini.where(name, "programs"), prog))
                 group_of.setdefault(prog, []).append(gname)
-                rank.setdefault((gname, prog), (pos[name], len(rank)))
+                rank.setdefault((gname, prog), (pos, len(rank)))
+        return group_of, group_prio, rank
 
-    jobs = []
-    for name in ini.sections:
-        fcgi = name.startswith("fcgi-program:")
-        if not (name.startswith("program:") or fcgi):
-            continue
-        pname = name.split(":", 1)[1].strip()
-        if not pname or re.search(r"[\s:/]", pname):
-            raise ConfigError("%s: a program name cannot be empty or contain spaces, ':' or '/'"
-                              % ini.where(name))
-        for key in ini.items(name):
-            if key not in _SV_PROGRAM_KEYS:
-                cfg.warnings.append(_unknown_key(ini.where(name, key), _SV_PROGRAM_KEYS,
-                                                 "unknown program key, ignored"))
-        for gname in group_of.get(pname, [pname]):
-            jobs.append(((gname, pname), name, fcgi))
-    # supervisord starts a group's members in the order of its programs=
-    jobs.sort(key=lambda job: rank.get(job[0], (pos[job[1]], 0)))
-    for (gname, pname), name, fcgi in jobs:
-        _sv_program(ini, cfg, name, pname, gname, group_prio.get(gname), fcgi, sv_env,
-                    names, host, childlogdir, value, conv, seen)
+    def _program_jobs(self, group_of, rank):
+        """((group, program), section, fcgi) for each program in each of its groups."""
+        jobs, pos = [], {name: i for i, name in enumerate(self.ini.sections)}
+        for name in self.ini.sections:
+            fcgi = name.startswith("fcgi-program:")
+            if not (name.startswith("program:") or fcgi):
+                continue
+            pname = name.split(":", 1)[1].strip()
+            if not pname or re.search(r"[\s:/]", pname):
+                raise ConfigError("%s: a program name cannot be empty or contain spaces, ':' or '/'"
+                                  % self.ini.where(name))
+            for key in self.ini.items(name):
+                if key not in _SV_PROGRAM_KEYS:
+                    self.warn_unknown(name, key, _SV_PROGRAM_KEYS, "unknown program key, ignored")
+            for gname in group_of.get(pname, [pname]):
+                jobs.append(((gname, pname), name, fcgi))
+        # supervisord starts a group's members in the order of its programs=
+        jobs.sort(key=lambda job: rank.get(job[0], (pos[job[1]], 0)))
+        return jobs
 
 
 def socket_somaxconn() -> int:
@@ -1480,126 +1584,153 @@ def socket_somaxconn() -> int:
     return getattr(socket, "SOMAXCONN", 128)
 
 
-def _sv_program(ini, cfg, section, pname, gname, gprio, fcgi, sv_env, names, host, childlogdir,
-                value, conv, seen):
-    base = {"program_name": pname, "group_name": gname, "host_node_name": host}
-    get = lambda key, default=None: value(section, key, base, default)  # noqa: E731
-    items = ini.items(section)
-    if "command" not in items:
-        raise ConfigError("%s: 'command' is required" % ini.where(section))
-    numprocs = conv(section, "numprocs", get("numprocs", "1"), _count)
-    _check_max_processes(cfg, numprocs, ini.where(section, "numprocs"))
-    start = conv(section, "numprocs_start", get("numprocs_start", "0"), _count)
-    template = items.get("process_name", "%(program_name)s")
-    if numprocs > 1 and "%(process_num)" not in template:
-        raise ConfigError("%s: numprocs = %d needs %%(process_num) in process_name, e.g. "
-                          "process_name = %%(program_name)s_%%(process_num)02d"
-                          % (ini.where(section, "process_name"), numprocs))
-    startsecs = conv(section, "startsecs", get("startsecs", "1"), _count)
-    startretries = conv(section, "startretries", get("startretries", "3"), _count)
-    stopasgroup = conv(section, "stopasgroup", get("stopasgroup", "false"), to_bool)
-    killasgroup = conv(section, "killasgroup", get("killasgroup", str(stopasgroup)), to_bool)
-    if stopasgroup and not killasgroup:
-        raise ConfigError("%s: stopasgroup = true needs killasgroup = true (or leave it out)"
-                          % ini.where(section, "killasgroup"))
-    prio = conv(section, "priority", get("priority", "999"), _priority)
-    common = {
-        # Supervisor starts the lowest priority first, Circus the highest: negate
-        "priority": -prio,
-        "autostart": conv(section, "autostart", get("autostart", "true"), to_bool),
-        "startsecs": startsecs,
-        "max_retry": max(startretries + 1, 1),
-        "autorestart": conv(section, "autorestart", get("autorestart", "unexpected"), parse_autorestart),
-        "exitcodes": conv(section, "exitcodes", get("exitcodes", "0"), parse_exitcodes),
-        "stop_signal": conv(section, "stopsignal", get("stopsignal", "TERM"), to_signum),
-        "graceful_timeout": conv(section, "stopwaitsecs", get("stopwaitsecs", "10"), _seconds),
-        "stopasgroup": stopasgroup, "killasgroup": killasgroup,
-        "redirect_stderr": conv(section, "redirect_stderr", get("redirect_stderr", "false"), to_bool),
-        "copy_env": True,       # Supervisor children inherit its environment
-        "close_child_stdin": not fcgi,
-    }
-    user = get("user")
-    if user:
-        conv(section, "user", user, lambda u: resolve_user(u, None))
-        common["uid"] = user
-    umask = get("umask")
-    if umask:
-        common["umask"] = conv(section, "umask", umask, _umask)
-    sockname = None
-    if fcgi:
-        sock = get("socket")
+class _SvProgram:
+    """One [program:x] (or [fcgi-program:x]) in one group: its watchers, one per process."""
+
+    def __init__(self, reader: _SupervisorReader, section, pname, gname, fcgi):
+        self.r, self.ini, self.cfg = reader, reader.ini, reader.cfg
+        self.section, self.pname, self.gname, self.fcgi = section, pname, gname, fcgi
+        self.base = {"program_name": pname, "group_name": gname, "host_node_name": reader.host}
+
+    def get(self, key, default=None, names=None):
+        return self.r.value(self.section, key, self.base if names is None else names, default)
+
+    def conv(self, key, text, func):
+        return self.r.conv(self.section, key, text, func)
+
+    def where(self, key=None):
+        return self.ini.where(self.section, key)
+
+    def read(self, gprio) -> None:
+        if "command" not in self.ini.items(self.section):
+            raise ConfigError("%s: 'command' is required" % self.where())
+        numprocs, start = self._numprocs()
+        common = self._options()
+        for num in range(start, start + numprocs):
+            self.cfg.watchers.append(self._process(num, numprocs, common, gprio).check())
+
+    def _numprocs(self):
+        numprocs = self.conv("numprocs", self.get("numprocs", "1"), _count)
+        _check_max_processes(self.cfg, numprocs, self.where("numprocs"))
+        start = self.conv("numprocs_start", self.get("numprocs_start", "0"), _count)
+        template = self.ini.items(self.section).get("process_name", "%(program_name)s")
+        if numprocs > 1 and "%(process_num)" not in template:
+            raise ConfigError("%s: numprocs = %d needs %%(process_num) in process_name, e.g. "
+                              "process_name = %%(program_name)s_%%(process_num)02d"
+                              % (self.where("process_name"), numprocs))
+        return numprocs, start
+
+    def _options(self) -> dict:
+        """The watcher options every process of the program shares."""
+        startsecs = self.conv("startsecs", self.get("startsecs", "1"), _count)
+        startretries = self.conv("startretries", self.get("startretries", "3"), _count)
+        stopasgroup = self.conv("stopasgroup", self.get("stopasgroup", "false"), to_bool)
+        killasgroup = self.conv("killasgroup", self.get("killasgroup", str(stopasgroup)), to_bool)
+        if stopasgroup and not killasgroup:
+            raise ConfigError("%s: stopasgroup = true needs killasgroup = true (or leave it out)"
+                              % self.where("killasgroup"))
+        prio = self.conv("priority", self.get("priority", "999"), _priority)
+        common = {
+            # Supervisor starts the lowest priority first, Circus the highest: negate
+            "priority": -prio, "startsecs": startsecs, "max_retry": max(startretries + 1, 1),
+            "stopasgroup": stopasgroup, "killasgroup": killasgroup,
+            "copy_env": True,       # Supervisor children inherit its environment
+            "close_child_stdin": not self.fcgi,
+        }
+        for key, (default, func, option) in _SV_PLAIN_KEYS.items():
+            common[option] = self.conv(key, self.get(key, default), func)
+        user = self.get("user")
+        if user:
+            common["uid"] = self.conv("user", user, _sv_user)
+        umask = self.get("umask")
+        if umask:
+            common["umask"] = self.conv("umask", umask, _umask)
+        if self.fcgi:
+            common["stdin_socket"] = self._fcgi_socket()
+        return common
+
+    def _fcgi_socket(self) -> str:
+        """The [fcgi-program:x] socket, added to cfg.sockets once; returns its name."""
+        sock = self.get("socket")
         if not sock:
             raise ConfigError("%s: fcgi-program needs socket = tcp://HOST:PORT or unix:///PATH"
-                              % ini.where(section))
-        sockname = "fcgi-" + pname.lower()
-        opts = {"backlog": conv(section, "socket_backlog", get("socket_backlog", str(socket_somaxconn())), _backlog),
+                              % self.where())
+        sockname = "fcgi-" + self.pname.lower()
+        opts = {"backlog": self.conv("socket_backlog", self.get("socket_backlog", str(socket_somaxconn())),
+                                     _backlog),
                 "blocking": True}       # as Supervisor hands it over: a blocking socket
         if sock.startswith("unix://"):
             path = sock[7:]
             if not os.path.isabs(path):
-                raise ConfigError("%s: unix socket path must be absolute" % ini.where(section, "socket"))
-            mode = conv(section, "socket_mode", get("socket_mode", "0700"), _umask)
+                raise ConfigError("%s: unix socket path must be absolute" % self.where("socket"))
+            mode = self.conv("socket_mode", self.get("socket_mode", "0700"), _umask)
             opts.update(path=path, umask=0o777 & ~mode, replace=True)
         elif sock.startswith("tcp://"):
-            host_, _, port = sock[6:].rpartition(":")
-            opts.update(host=host_ or "0.0.0.0", port=conv(section, "socket", port, _port))
+            host, _, port = sock[6:].rpartition(":")
+            opts.update(host=host or "0.0.0.0", port=self.conv("socket", port, _port))
         else:
             raise ConfigError("%s: socket %r: use tcp://HOST:PORT or unix:///PATH"
-                              % (ini.where(section, "socket"), sock))
-        if sockname not in {s.name for s in cfg.sockets}:
-            cfg.sockets.append(conv(section, "socket", sockname, lambda n: SocketConfig(n, **opts)))
-        common.update(stdin_socket=sockname)
-    for i in range(numprocs):
-        num = start + i
-        per = dict(base, process_num=num, numprocs=numprocs)
-        env_text = value(section, "environment", per)
-        prog_env = parse_sv_environment(env_text, ini.where(section, "environment")) if env_text else {}
-        per.update({"ENV_" + k: v for k, v in prog_env.items()})     # as Supervisor: for command,
-        procname = value(section, "process_name", per, "%(program_name)s") if "process_name" in items \
-            else pname                                              # directory, logfiles, process_name
+                              % (self.where("socket"), sock))
+        if sockname not in {s.name for s in self.cfg.sockets}:
+            self.cfg.sockets.append(self.conv("socket", sockname, lambda n: SocketConfig(n, **opts)))
+        return sockname
+
+    def _process(self, num, numprocs, common, gprio) -> WatcherConfig:
+        gname = self.gname
+        per = dict(self.base, process_num=num, numprocs=numprocs)
+        env_text = self.get("environment", names=per)
+        prog_env = parse_sv_environment(env_text, self.where("environment")) if env_text else {}
+        # as Supervisor: the program's environment is there for command, directory, logfiles, process_name
+        per.update({"ENV_" + k: v for k, v in prog_env.items()})
+        procname = self.get("process_name", "%(program_name)s", per) \
+            if "process_name" in self.ini.items(self.section) else self.pname
         wname = procname if gname == procname else "%s:%s" % (gname, procname)
-        if wname.lower() in seen:
-            raise ConfigError("%s: process %r is defined twice" % (ini.where(section), wname))
-        seen[wname.lower()] = wname
+        if wname.lower() in self.r.seen:
+            raise ConfigError("%s: process %r is defined twice" % (self.where(), wname))
+        self.r.seen[wname.lower()] = wname
         wc = WatcherConfig(wname, common)
-        wc.set("cmd", value(section, "command", per))
-        directory = value(section, "directory", per)
+        wc.set("cmd", self.get("command", names=per))
+        directory = self.get("directory", names=per)
         if directory:
             wc.set("working_dir", os.path.expanduser(directory))
         env = dict(SUPERVISOR_ENABLED="1", SUPERVISOR_PROCESS_NAME=procname, SUPERVISOR_GROUP_NAME=gname)
-        env.update(sv_env)
+        env.update(self.r.sv_env)
         env.update(prog_env)
         wc.env = env
         wc.group = gname
-        if gprio is not None and gname != pname:
+        if gprio is not None and gname != self.pname:
             wc.group_priority = -gprio
         wc.forward_output = False       # no logfile means discarded (kept for `ctl tail` only)
         for which in ("stdout", "stderr"):
-            if which == "stderr" and common["redirect_stderr"]:
-                continue
-            logfile = value(section, which + "_logfile", per, "AUTO")
-            size = value(section, which + "_logfile_maxbytes", per, "50MB")
-            backups = value(section, which + "_logfile_backups", per, "10")
-            if logfile.upper() in ("NONE", "OFF", ""):
-                continue
-            if logfile.upper() == "SYSLOG":
-                cfg.warnings.append("%s: syslog logging is not supported; output kept for `ctl tail` only"
-                                    % ini.where(section, which + "_logfile"))
-                continue
-            if logfile.upper() == "AUTO":
-                logfile = os.path.join(childlogdir, "%s-%s---supervisor.log" % (wname.replace(":", "_"), which))
-            else:
-                logfile = os.path.abspath(os.path.expanduser(logfile))
-            wc.set(which + "_stream.class", "FileStream")
-            wc.set(which + "_stream.filename", logfile)
-            why = log_folder_error(getattr(wc, which + "_stream"))
-            if why:
-                raise ConfigError("%s: %s" % (ini.where(section, which + "_logfile"), why))
-            wc.set(which + "_stream.max_bytes", conv(section, which + "_logfile_maxbytes", size, parse_byte_size))
-            wc.set(which + "_stream.backup_count", conv(section, which + "_logfile_backups", backups, _count))
-            if getattr(wc, which + "_stream")["backup_count"] == 0:
-                wc.set(which + "_stream.truncate", True)     # Supervisor empties a full log with no backups
-        cfg.watchers.append(wc.check())
+            if not (which == "stderr" and common["redirect_stderr"]):     # stderr in stdout's log
+                self._logfile(wc, which, per)
+        return wc
+
+    def _logfile(self, wc, which, per) -> None:
+        """stdout_logfile and friends as a FileStream (AUTO: in childlogdir)."""
+        logfile = self.get(which + "_logfile", "AUTO", per)
+        size = self.get(which + "_logfile_maxbytes", "50MB", per)
+        backups = self.get(which + "_logfile_backups", "10", per)
+        if logfile.upper() in ("NONE", "OFF", ""):
+            return
+        if logfile.upper() == "SYSLOG":
+            self.cfg.warnings.append("%s: syslog logging is not supported; output kept for `ctl tail` only"
+                                     % self.where(which + "_logfile"))
+            return
+        if logfile.upper() == "AUTO":
+            logfile = os.path.join(self.r.childlogdir,
+                                   "%s-%s---supervisor.log" % (wc.name.replace(":", "_"), which))
+        else:
+            logfile = os.path.abspath(os.path.expanduser(logfile))
+        wc.set(which + "_stream.class", "FileStream")
+        wc.set(which + "_stream.filename", logfile)
+        why = log_folder_error(getattr(wc, which + "_stream"))
+        if why:
+            raise ConfigError("%s: %s" % (self.where(which + "_logfile"), why))
+        wc.set(which + "_stream.max_bytes", self.conv(which + "_logfile_maxbytes", size, parse_byte_size))
+        wc.set(which + "_stream.backup_count", self.conv(which + "_logfile_backups", backups, _count))
+        if getattr(wc, which + "_stream")["backup_count"] == 0:
+            wc.set(which + "_stream.truncate", True)     # Supervisor empties a full log with no backups
 
 
 # ---------------------------------------------------------------------------
@@ -5435,21 +5566,10 @@ def _prop(props, key, kind=None, default=None, required=False):
         if required:
             raise MessageError("message invalid %r is missing" % key)
         return default
-    value = props[key]
     try:
-        if kind is int:
-            return to_int(value)
-        if kind is float:
-            return to_float(value)
-        if kind is bool:
-            return to_bool(value)
-        if kind == "signal":
-            return to_signum(value)
-        if kind is str and not isinstance(value, str):
-            raise ValueError("%r is not a string" % (value,))
+        return convert_value(kind, props[key])
     except ValueError as e:
         raise MessageError("%s: %s" % (key, e)) from None
-    return value
 
 
 def _watcher(arb, props):
@@ -5841,7 +5961,7 @@ def cmd_set(arb, props):
     for key, value in options.items():
         _check_option_name(key, w)
         if key == "env" and isinstance(value, str):
-            options[key] = dict(kv.split("=", 1) for kv in value.split(",") if "=" in kv)
+            options[key] = convert_value("env", value)
         try:
             probe.set(key, options[key])
         except ValueError as e:
@@ -7108,34 +7228,15 @@ _SET_KEYS = {"numprocesses", "warmup_delay", "working_dir", "uid", "gid", "send_
              "retry_in", "max_retry", "graceful_timeout", "max_age", "max_age_variance",
              "respawn", "singleton", "close_child_stdin", "close_child_stdout",
              "close_child_stderr", "hooks"}
-# `set` values are converted as circusctl does, so a real circusd accepts them.
-_SET_INT = {"numprocesses", "max_retry", "max_age", "max_age_variance",
-            "stdout_stream.max_bytes", "stdout_stream.backup_count",
-            "stderr_stream.max_bytes", "stderr_stream.backup_count"}
-_SET_FLOAT = {"warmup_delay", "retry_in", "graceful_timeout"}
-_SET_BOOL = {"send_hup", "shell", "copy_env", "respawn", "stop_children", "close_child_stdin",
-             "close_child_stdout", "close_child_stderr", "singleton"}
 
 
 def _set_value(key, value):
     if key not in _SET_KEYS and not key.startswith(("stdout_stream.", "stderr_stream.", "rlimit_")):
         raise UsageError("unknown key %r" % key)
     try:
-        if key in _SET_INT or key.startswith("rlimit_"):
-            return to_int(value)
-        if key in _SET_FLOAT:
-            return to_float(value)
-        if key in _SET_BOOL:
-            return to_bool(value)
-        if key == "stop_signal":
-            return to_signum(value)
-        if key == "env":
-            return dict(kv.split("=", 1) for kv in value.split(",") if "=" in kv)
-        if key == "hooks":
-            return dict(kv.split(":", 1) for kv in value.split(",") if ":" in kv)
+        return convert_value(set_value_kind(key), value)      # as circusctl sends it
     except ValueError as e:
         raise UsageError("set %s: %s" % (key, e)) from None
-    return value
 
 
 def build_request(name: str, words: list) -> dict:

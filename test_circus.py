@@ -1654,6 +1654,43 @@ def test_sv_config_errors(tmp_path, body, needle):
     assert needle in str(e.value) and "\n" not in str(e.value)
 
 
+def test_sv_supervisord_keys_table(tmp_path):
+    """[supervisord] keys are one table: each rule fills its CircusConfig attribute unless
+    [circus] gave it, the others are known (no warning) and ignored."""
+    user = getpass.getuser()
+    conf = write(tmp_path / "s.conf", """\
+        [circus]
+        pidfile = /tmp/from-circus.pid
+        [supervisord]
+        logfile = syslog
+        silent = true
+        pidfile = /tmp/sd.pid
+        loglevel = blather
+        umask = 027
+        minfds = 2048
+        directory = ~
+        user = %s
+        nodaemon = true
+        logfile_maxbytes = 1MB
+        logfile_backups = 3
+        minprocs = 10
+        nocleanup = true
+        childlogdir = /tmp
+        strip_ansi = false
+        identifier = x
+        environment = A="1"
+        logfil = typo
+        """ % user)
+    cfg = circus.load_config(conf)
+    assert (cfg.logoutput, cfg.log_echo, cfg.pidfile, cfg.loglevel, cfg.umask, cfg.minfds) == \
+        ("syslog:///dev/log?daemon", False, "/tmp/from-circus.pid", "debug", 0o27, 2048)
+    assert (cfg.directory, cfg.user) == (os.path.expanduser("~"), user)
+    assert cfg.warnings == ["%s:21 [supervisord] logfil: unknown [supervisord] key, ignored "
+                            "(did you mean logfile?)" % conf]
+    ruled = {k for k, rule in circus._SV_SUPERVISORD_KEYS.items() if rule}
+    assert ruled == {"logfile", "pidfile", "loglevel", "umask", "minfds", "directory", "user", "nodaemon"}
+
+
 def test_sv_include_globs_relative_to_main_file(tmp_path, monkeypatch):
     (tmp_path / "conf.d").mkdir()
     write(tmp_path / "conf.d" / "b.conf", "[program:b]\ncommand = sleep 1\n")
@@ -1942,6 +1979,32 @@ def test_build_request_errors(words, code):
     with pytest.raises(circus.UsageError) as e:
         circus.build_request(words[0], words[1:])
     assert e.value.code == code
+
+
+def test_one_value_converter_for_config_set_and_ctl(monkeypatch):
+    """The config, the daemon's message properties and ctl's `set` words convert through one
+    path (circus.convert_value), and what ctl sends for a `set` key the watcher options accept."""
+    samples = {int: "2", float: "1.5", bool: "true", "signal": "HUP", "env": "A=1,B=x=y",
+               "hooks": "before_start:mod.func"}
+    for key, kind in circus._SET_KINDS.items():
+        sent = circus._set_value(key, samples[kind])
+        assert sent == circus.convert_value(kind, samples[kind])
+        if key != "retry_in":                       # circusctl sends it; circusd keeps it aside
+            circus.WatcherConfig("w").set(key, sent)
+    assert circus._set_value("env", "A=1,B=x=y") == {"A": "1", "B": "x=y"} == \
+        circus.WatcherConfig("w", {"env": "A=1,B=x=y"}).env
+    assert circus._set_value("rlimit_nofile", "64") == 64 and circus._set_value("cmd", "x") == "x"
+    with pytest.raises(circus.UsageError, match=r"^set numprocesses: 'x' is not an integer$"):
+        circus._set_value("numprocesses", "x")
+    with pytest.raises(circus.MessageError, match=r"^nb: 'x' is not an integer$"):
+        circus._prop({"nb": "x"}, "nb", int)
+    with pytest.raises(circus.MessageError, match=r"^name: 3 is not a string$"):
+        circus._prop({"name": 3}, "name", str)
+    # one table: replacing a kind's converter changes every path
+    monkeypatch.setitem(circus.VALUE_KINDS, "env", lambda v: {"SEEN": v})
+    monkeypatch.setitem(circus.VALUE_KINDS, int, lambda v: 42)
+    assert circus._set_value("env", "A=1") == {"SEEN": "A=1"} == circus.WatcherConfig("w", {"env": "A=1"}).env
+    assert circus._set_value("numprocesses", "1") == 42 == circus._prop({"nb": "1"}, "nb", int)
 
 
 def test_ctl_help_and_unknown(capsys):
