@@ -9128,7 +9128,7 @@ def _check_fd_budget(cfg) -> None:
 
     Each costs the daemon a pidfd and a pipe per captured stream: 3 fds. When
     that is too many, output with no stream is not captured (1 fd each; see
-    Watcher._fds_short); if even that is too many, what fits runs and the
+    Launcher.fds_short); if even that is too many, what fits runs and the
     rest shows BACKOFF.
     """
     ws = [w for w in cfg.watchers if w.options["autostart"]]
