@@ -91,12 +91,12 @@ DEFAULT_PUBSUB = "tcp://127.0.0.1:5556"
 # (Circus's stats and multicast defaults, tcp://127.0.0.1:5557 and
 # udp://237.219.251.97:12027, are not ours: private ipc, and no discovery.)
 
-# Watcher states as Circus reports them in `status`.
-STOPPED, STARTING, ACTIVE, STOPPING = "stopped", "starting", "active", "stopping"
-
-
 class ProcState:
-    """Per-process states (Supervisor's names, shown beside Circus's view)."""
+    """The one set of states, of a process and of a watcher (Supervisor's names).
+
+    A watcher moves between STOPPED, STARTING, RUNNING and STOPPING; Circus's
+    view of it (`status`, events) is derived: CIRCUS_STATUS.
+    """
     STOPPED = "STOPPED"
     STARTING = "STARTING"
     RUNNING = "RUNNING"
@@ -104,6 +104,11 @@ class ProcState:
     STOPPING = "STOPPING"
     EXITED = "EXITED"
     FATAL = "FATAL"
+
+
+#: A watcher's state as Circus shows it, on the wire (`status`, events).
+CIRCUS_STATUS = {ProcState.STOPPED: "stopped", ProcState.STARTING: "starting",
+                 ProcState.RUNNING: "active", ProcState.STOPPING: "stopping"}
 
 
 # Error numbers of the control protocol (Circus's commands/errors.py values).
@@ -2863,6 +2868,27 @@ def _widen_pipe(fd: int) -> None:
             pass
 
 
+_S = ProcState
+#: Where a process may go from where, and the event (if any) that announces the move.
+#: A Process lives once (a respawn is a new one): no way back from BACKOFF, EXITED, STOPPED.
+PROCESS_TRANSITIONS = {
+    (_S.STOPPED, _S.STARTING): None, (_S.STOPPED, _S.RUNNING): None,    # spawned
+    (_S.STARTING, _S.RUNNING): "state",         # startsecs passed, or it got ready
+    (_S.STARTING, _S.STOPPING): "state", (_S.RUNNING, _S.STOPPING): "state",
+    (_S.STARTING, _S.BACKOFF): None,            # died before it was up: a failed start
+    (_S.RUNNING, _S.EXITED): None, (_S.STOPPING, _S.STOPPED): None,
+}
+
+
+def _transition(table: dict, who, old: str, new: str):
+    """The event of the move ``old`` -> ``new`` in ``table`` (None: none). A move the table
+    lacks is a bug of ours, never a user's mistake: RuntimeError."""
+    try:
+        return table[old, new]
+    except KeyError:
+        raise RuntimeError("%r: no transition from %s to %s" % (who, old, new)) from None
+
+
 class Process:
     """One child process: spawn, watch its output and exit, signal, stop.
 
@@ -2881,15 +2907,15 @@ class Process:
     # slots: a daemon holds thousands of these (a dict per instance costs ~1.3 KB more)
     __slots__ = ("wid", "cmd", "args", "working_dir", "shell", "shell_args", "uid", "gid", "env",
                  "rlimits", "executable", "pass_fds", "stdout", "stderr", "close_child_stdin",
-                 "stdin", "umask", "death_signal", "on_output", "on_exit", "loop", "watcher_name",
-                 "pid", "started", "returncode", "state", "stopping", "promote", "ready",
+                 "stdin", "umask", "death_signal", "on_output", "on_exit", "on_state", "loop",
+                 "watcher_name", "pid", "started", "returncode", "_state", "since", "stopping", "promote", "ready",
                  "unready", "signalled", "_pipes", "_big", "_exited")
 
     def __init__(self, wid: int, cmd: str, args=None, *, working_dir=None, shell=False,
                  shell_args=None, uid=None, gid=None, env=None, rlimits=None,
                  executable=None, pass_fds=(), stdout=None, stderr=None,
                  close_child_stdin=True, stdin=None, on_output=None, on_exit=None, loop=None,
-                 watcher_name="", umask=None, death_signal=0):
+                 watcher_name="", umask=None, death_signal=0, on_state=None):
         self.wid = wid
         self.cmd = cmd
         self.args = args
@@ -2908,12 +2934,14 @@ class Process:
         self.death_signal = death_signal    # sent to it if the daemon dies (Linux), 0: none
         self.on_output = on_output      # callable({"data", "pid", "name"}), like a stream
         self.on_exit = on_exit          # callable(process)
+        self.on_state = on_state        # callable(process, event) for the moves the table announces
         self.loop = loop
         self.watcher_name = watcher_name
         self.pid = None                 # set by spawn()
         self.started = 0.0              # epoch time of spawn
         self.returncode = None          # Circus-style exit code once reaped
-        self.state = ProcState.STOPPED
+        self._state = ProcState.STOPPED     # changed by enter() only
+        self.since = None               # when it entered that state
         self.stopping = False           # True once we asked it to stop
         self.signalled = False          # the `signal` command hit it: its exit is no failed start
         self.promote = None             # timer moving STARTING -> RUNNING (startsecs)
@@ -2924,7 +2952,23 @@ class Process:
         self._exited = None             # future resolved on exit
 
     def __repr__(self):
-        return "<Process wid=%s pid=%s state=%s rc=%s>" % (self.wid, self.pid, self.state, self.returncode)
+        return "<Process wid=%s pid=%s state=%s rc=%s>" % (self.wid, self.pid, self._state, self.returncode)
+
+    @property
+    def state(self) -> str:
+        """Its ProcState; only enter() changes it."""
+        return self._state
+
+    def enter(self, state: str, publish=True) -> None:
+        """The one way its state changes: checked against PROCESS_TRANSITIONS, timestamped,
+        and passed to ``on_state`` when the table names an event (unless not ``publish``)."""
+        old = self._state
+        if state == old:
+            return
+        event = _transition(PROCESS_TRANSITIONS, self, old, state)
+        self._state, self.since = state, time.time()
+        if event and publish and self.on_state is not None:
+            self.on_state(self, event)
 
     def argv(self) -> list | str:
         """The command line as spawned: a list, or one string for the shell."""
@@ -2942,10 +2986,26 @@ class Process:
             argv += [str(a) for a in args]
         return argv
 
-    def spawn(self) -> int:
-        """Start the process; returns its pid. Raises OSError/ValueError on failure."""
+    def spawn(self, starting=False) -> int:
+        """Start the process (STARTING if ``starting``, else RUNNING); returns its pid.
+        Raises OSError/ValueError on failure."""
         loop = self.loop or asyncio.get_event_loop()
         self.loop = loop
+        argv, kw = self._popen_args()
+        argv = self._wrap(argv, kw)
+        self.pid, pipes = self._popen(argv, kw)
+        self.started = time.time()
+        self.enter(ProcState.STARTING if starting else ProcState.RUNNING)
+        self._exited = loop.create_future()
+        for name, (fd, _) in pipes.items():
+            os.set_blocking(fd, False)
+            self._pipes[fd] = name
+            loop.add_reader(fd, self._read, fd)
+        _child_watcher(loop).add(self.pid, self._reaped)
+        return self.pid
+
+    def _popen_args(self):
+        """argv and Popen's keywords, before any tool in front of the command."""
         argv = self.argv()
         kw = dict(cwd=self.working_dir or None, env=self.env, close_fds=True, bufsize=0,
                   pass_fds=self.pass_fds, start_new_session=True,
@@ -2964,15 +3024,25 @@ class Process:
         kw["stdout"] = subprocess.PIPE if (piped and self.stdout is None) else self.stdout
         kw["stderr"] = subprocess.PIPE if (piped and self.stderr is None) else self.stderr
         if self.uid is not None or self.gid is not None:
-            uid, gid, groups = resolve_user(self.uid, self.gid)
-            if uid is not None and uid != os.geteuid():
-                kw["user"] = uid
-                if groups is not None:
-                    kw["extra_groups"] = groups
-            if gid is not None and gid != os.getegid():
-                kw["group"] = gid
-        # Tools exec'd in front of the command (argv[0] must be the program for that) set
-        # what the child needs without a preexec_fn on the common path.
+            kw.update(self._user_kw())
+        if self.umask is not None:
+            kw["umask"] = self.umask
+        return argv, kw
+
+    def _user_kw(self) -> dict:
+        uid, gid, groups = resolve_user(self.uid, self.gid)
+        kw = {}
+        if uid is not None and uid != os.geteuid():
+            kw["user"] = uid
+            if groups is not None:
+                kw["extra_groups"] = groups
+        if gid is not None and gid != os.getegid():
+            kw["group"] = gid
+        return kw
+
+    def _wrap(self, argv, kw):
+        """Tools exec'd in front of the command (argv[0] must be the program for that) set
+        what the child needs without a preexec_fn on the common path; else one goes in ``kw``."""
         wrap = not (self.executable or self.rlimits)
         chain = []
         nofile = None if "nofile" in self.rlimits else child_nofile()
@@ -2992,10 +3062,13 @@ class Process:
                 argv = ["/bin/sh", "-c", argv]
             _check_executable(argv[0], self.working_dir, self.env)    # fail here, as Popen would
             argv = chain + argv
-        if self.umask is not None:
-            kw["umask"] = self.umask
-        # Our own pipes, as raw fds: Popen's file objects would cost memory per process
-        # (8 KiB buffers, 16 MiB at 1000 processes) for reads we do with os.read anyway.
+        return argv
+
+    @staticmethod
+    def _popen(argv, kw):
+        """Popen; returns (pid, {name: (read fd, write fd)}). Our own pipes, as raw fds:
+        Popen's file objects would cost memory per process (8 KiB buffers, 16 MiB at
+        1000 processes) for reads we do with os.read anyway."""
         pipes, popen = {}, None
         try:
             for name in ("stdout", "stderr"):
@@ -3008,20 +3081,10 @@ class Process:
                 os.close(w)
                 if popen is None:
                     os.close(r)
-        self.pid = popen.pid
         # The Popen object is dropped (memory per process). Marked done first, or its
         # __del__ would list it for subprocess's own waitpid() and steal our exit status.
         popen.returncode = 0
-        del popen
-        self.started = time.time()
-        self.state = ProcState.RUNNING
-        self._exited = loop.create_future()
-        for name, (fd, _) in pipes.items():
-            os.set_blocking(fd, False)
-            self._pipes[fd] = name
-            loop.add_reader(fd, self._read, fd)
-        _child_watcher(loop).add(self.pid, self._reaped)
-        return self.pid
+        return popen.pid, pipes
 
     def _read(self, fd):
         name = self._pipes.get(fd)
@@ -3068,7 +3131,9 @@ class Process:
 
     def _reaped(self, pid, status):
         self.returncode = exit_code_of(status)
-        self.state = ProcState.STOPPED if self.stopping else ProcState.EXITED
+        # Supervisor's rule: a death while still STARTING (startsecs, ready) is a failed start
+        self.enter(ProcState.STOPPED if self.stopping else
+                   ProcState.BACKOFF if self._state == ProcState.STARTING else ProcState.EXITED)
         self.drain()
         if self._exited is not None and not self._exited.done():
             self._exited.set_result(self.returncode)
@@ -3142,7 +3207,7 @@ class Process:
         if not self.alive:
             return self.returncode
         self.stopping = True
-        self.state = ProcState.STOPPING
+        self.enter(ProcState.STOPPING, publish=False)   # a watcher's stop announces it itself
         sent = self.signal_group(sig) if group else self.send_signal(sig)
         if stop_children:
             self.signal_children(sig)
@@ -3306,6 +3371,529 @@ class Flapping:
         self.tries = 0
 
 
+class Clock:
+    """The time and timers of a restart policy: the wall clock and the event loop's
+    timers. Unit tests pass a fake one that they move forward by hand."""
+
+    time = staticmethod(time.time)
+
+    @staticmethod
+    def call_later(delay: float, callback):
+        """Run ``callback()`` in ``delay`` seconds; returns a handle with cancel()."""
+        loop = asyncio.get_event_loop()
+        return loop.call_later(delay, callback) if delay > 0 else loop.call_soon(callback)
+
+
+CLOCK = Clock()
+
+
+class RestartPolicy:
+    """What a watcher does when a spawn fails or one of its processes exits.
+
+    Circus's rules (this class): respawn at once; a crash within MIN_UPTIME of
+    the spawn is a failed start, retried after a growing delay (_backoff) until
+    max_retry; flapping stops the watcher and starts it again later. Supervisor's
+    rules are SupervisorPolicy. A policy holds the counters and timers of its
+    rules and acts through its watcher: top_up(), stop(), start(), _enter().
+    """
+
+    def __init__(self, watcher, clock=None, before=None):
+        self.w = watcher
+        self.clock = clock or CLOCK
+        self.failures = 0           # consecutive failed starts (max_retry)
+        self.starved = 0            # consecutive spawns the system had no room for
+        self._respawn = None        # timer of a pending top-up (a backoff)
+        self._flap_timer = None     # timer of flapping's retry
+        self._user_gen = 0          # bumped by every start/stop not made by flapping
+        if before is not None:      # the rules changed (`set startsecs`): counters and timers go on
+            self.__dict__.update(before.__dict__)
+
+    @staticmethod
+    def of(watcher, clock=None, before=None):
+        """The policy for ``watcher``'s options: Supervisor's when it has startsecs."""
+        cls = SupervisorPolicy if watcher.conf.options["startsecs"] is not None else RestartPolicy
+        if type(before) is cls:
+            return before
+        return cls(watcher, clock or (before.clock if before is not None else None), before)
+
+    # -- what the watcher tells it -------------------------------------------
+    @property
+    def pending(self) -> bool:
+        """A backoff is running: its timer will top the watcher up."""
+        return self._respawn is not None
+
+    def cancel(self) -> None:
+        """The watcher stops: no top-up after that."""
+        if self._respawn is not None:
+            self._respawn.cancel()
+            self._respawn = None
+
+    def user_action(self, by_flapping: bool) -> None:
+        """A start or stop: a user's one (not flapping's) drops whatever was queued."""
+        if not by_flapping:
+            self._user_gen += 1
+            if self._flap_timer is not None:
+                self._flap_timer.cancel()
+                self._flap_timer = None
+            if self.w.flapping is not None:
+                self.w.flapping.reset()
+
+    def process_up(self) -> None:
+        """A process got RUNNING (startsecs, ready): failed starts stop counting."""
+        self.failures = 0
+        self.w._enter(shown=ProcState.RUNNING)
+
+    def spawned(self) -> None:
+        """A spawn worked after a want of resources: the BACKOFF rows and their reason go."""
+        self.starved, self.w.last_error = 0, None
+        self.w._enter(shown=ProcState.RUNNING)
+
+    def spawn_failed(self, error: Exception) -> None:
+        """A spawn raised ``error`` (last_error says it): retry later, or give up."""
+        if isinstance(error, OSError) and error.errno in _RESOURCE_ERRNOS:
+            self._short_of_resources()
+        else:
+            self._failed_start()
+
+    def exited(self, p: Process, now: float) -> None:
+        """A counted process exited by itself while the watcher runs."""
+        w = self.w
+        w._enter(shown=p.state)
+        w.restarts += 1
+        # an exit the user caused with `signal` is neither a failed start nor flapping
+        if not p.signalled and w.flapping is not None and w.flapping.record(now):
+            self._flap()
+        else:
+            self._after_exit(p, now)
+
+    def give_up(self, why: str) -> None:
+        _log().error("watcher %s: stopped (FATAL): %s. Fix it, then `ctl start %s`.",
+                     self.w.name, why, self.w.name)
+        if self.w.running:
+            self._stop_soon(ProcState.FATAL)
+
+    # -- the rules ---------------------------------------------------------------
+    def _after_exit(self, p: Process, now: float) -> None:
+        """Circus: respawn, unless respawn is off or it died at once (a failed start)."""
+        w = self.w
+        if not w.conf.options["respawn"]:
+            if not w.processes:
+                self._stop_soon(ProcState.EXITED)
+        elif p.signalled:
+            self._respawn_in(0)
+        elif now - p.started < MIN_UPTIME and _is_crash(p.returncode):
+            w.last_error = "pid %d exited %.2f s after spawning (%s)" % (
+                p.pid, now - p.started, describe_exit(p.returncode))
+            self._failed_start()
+        else:
+            self.failures = 0
+            self._respawn_in(0)
+
+    def _retry_delay(self) -> float:
+        """Circus watchers retry soon: 0, then 0.1 s doubling up to 5 s."""
+        return _backoff(self.failures)
+
+    def _failed_start(self) -> None:
+        self.failures += 1
+        self.w._enter(shown=ProcState.BACKOFF)
+        limit = self.w.conf.options["max_retry"]
+        if limit >= 0 and self.failures >= max(limit, 1):
+            # speak the file's own key: a Supervisor program counts retries after the first start
+            key = "startretries = %d" % (limit - 1) if self.w.conf.group is not None else \
+                "max_retry = %d" % limit
+            self.give_up("%d failed starts in a row (%s); last: %s" % (self.failures, key, self.w.last_error))
+            return
+        self._respawn_in(self._retry_delay())
+
+    def _short_of_resources(self) -> None:
+        """EMFILE, EAGAIN from fork...: the host's trouble, not the program's. Keep what
+        runs, retry with a growing delay (at most 5 s), never count it against max_retry."""
+        self.starved += 1
+        delay = _doubling(0.25, self.starved - 1)
+        self.w.last_error += "; out of system resources, retrying in %g s" % delay
+        self.w._enter(shown=ProcState.BACKOFF)
+        self._respawn_in(delay)
+
+    def _respawn_in(self, delay: float) -> None:
+        if self._respawn is None:
+            self._respawn = self.clock.call_later(delay, self._respawn_now)
+
+    def _respawn_now(self) -> None:
+        self._respawn = None
+        self.w.top_up()
+
+    def _flap(self) -> None:
+        w, f = self.w, self.w.flapping
+        if f.max_retry != -1 and f.tries > f.max_retry:
+            w.last_error = "flapping: stopped for good after %d tries" % (f.tries - 1)
+            _log().error("watcher %s: %s; `ctl start %s` to try again", w.name, w.last_error, w.name)
+            w.emit("flapping", tries=f.tries - 1, retry_in=None)
+            self._stop_soon(ProcState.FATAL, by_flapping=True)
+            return
+        w.last_error = "flapping: %d deaths within %g s; retry in %g s (try %d of %s)" % (
+            f.attempts, f.window, f.retry_in, f.tries, "unlimited" if f.max_retry == -1 else f.max_retry)
+        _log().warning("watcher %s: %s", w.name, w.last_error)
+        w.emit("flapping", tries=f.tries, retry_in=f.retry_in)
+        self._stop_soon(ProcState.BACKOFF, by_flapping=True, then=self._arm_flap_retry)
+
+    def _arm_flap_retry(self, gen) -> None:
+        self._flap_timer = self.clock.call_later(self.w.flapping.retry_in, lambda: self._flap_retry(gen))
+
+    def _flap_retry(self, gen) -> None:
+        self._flap_timer = None
+        self.w.queue(lambda: self._start_if(gen))
+
+    async def _start_if(self, gen) -> None:
+        if gen == self._user_gen and self.w.state == ProcState.STOPPED:    # checked under the lock
+            await self.w.start(by_flapping=True)
+
+    def _stop_soon(self, final_state, by_flapping=False, then=None) -> None:
+        """Stop from inside (give up, flapping, exited): queued behind the commands on
+        the watcher, and dropped if a user started or stopped it meanwhile; then
+        ``then(generation)``, unless a user acted during the stop."""
+        gen = self._user_gen
+        self.w.queue(lambda: self._stop_if(gen, final_state, by_flapping, then))
+
+    async def _stop_if(self, gen, final_state, by_flapping, then) -> None:
+        if gen != self._user_gen:
+            return
+        await self.w.stop(final_state, by_flapping=by_flapping)
+        if then is not None and gen == self._user_gen:
+            then(gen)
+
+
+class SupervisorPolicy(RestartPolicy):
+    """Supervisor's rules (a watcher with startsecs): an exit inside startsecs is a
+    failed start (BACKOFF, retried after 1, 2, 3 s..., FATAL after startretries);
+    a later exit restarts as autorestart says."""
+
+    def _after_exit(self, p: Process, now: float) -> None:
+        o = self.w.conf.options
+        if p.state == ProcState.BACKOFF and not p.signalled:     # died while STARTING
+            self.w.last_error = "Exited too quickly (process log may have details)"
+            self._failed_start()
+            return
+        expected = p.returncode in o["exitcodes"]       # a signal (< 0) is never expected
+        mode = o["autorestart"] or ("true" if o["respawn"] else "false")
+        if mode == "true" or (mode == "unexpected" and not expected):
+            self.failures = 0
+            # Supervisor restarts from EXITED on its next 1 s tick; a program that
+            # dies at once is restarted about once a second, never in a busy loop
+            self._respawn_in(max(0.0, MIN_UPTIME - (now - p.started)))
+        elif not self.w.processes:
+            self._stop_soon(ProcState.EXITED)
+
+    def _retry_delay(self) -> float:
+        return float(self.failures)
+
+
+class WatcherOutput:
+    """A watcher's output: its streams, the ring buffers `tail` reads, and the bytes
+    a stream (or the daemon's own console) had to drop."""
+
+    def __init__(self, watcher):
+        self.w = watcher
+        self.streams = {"stdout": None, "stderr": None}
+        self.tails = {"stdout": RingBuffer(), "stderr": RingBuffer()}   # for `ctl tail`
+        self._dropped: dict = {}        # stream -> bytes its stream lost (disk full), last seen
+
+    def check(self, conf) -> None:
+        """ValueError unless the stream ``conf`` can be built."""
+        if conf:
+            name = conf.get("class", "FileStream")
+            short = name.rsplit(".", 1)[-1]
+            if not (short in _STREAM_CLASSES and (name == short or name.startswith("circus."))):
+                try:
+                    import_dotted(name, self.w.search_dirs)
+                except ImportError as e:
+                    raise ValueError("stream class %r cannot be imported: %s" % (name, e)) from None
+            why = log_folder_error(conf)
+            if why:
+                raise ValueError(why)
+
+    def open(self) -> None:
+        for which in ("stdout", "stderr"):
+            conf = getattr(self.w.conf, which + "_stream")
+            if self.streams[which] is None and conf:
+                self.streams[which] = build_stream(conf, self.w.search_dirs)
+
+    def rebuild(self, which: str) -> bool:
+        """A new ``which`` stream from the conf (`set`); True if there was none (the
+        processes must be respawned to get a pipe)."""
+        old = self.streams[which]
+        self.streams[which] = build_stream(getattr(self.w.conf, which + "_stream"), self.w.search_dirs)
+        if old is not None and hasattr(old, "close"):
+            old.close()
+        return old is None
+
+    def close(self, final=False) -> None:
+        """Close the streams; a user's ThreadedStream lives on across restarts until ``final``
+        (so an old one still draining never writes beside a new one)."""
+        for which, stream in self.streams.items():
+            if isinstance(stream, ThreadedStream) and not final:
+                continue
+            self.streams[which] = None
+            if stream is not None and hasattr(stream, "close"):
+                try:
+                    stream.close()
+                except Exception:
+                    _log().exception("closing %s_stream of %s", which, self.w.name)
+
+    def write(self, chunk: dict) -> None:
+        """A chunk a process wrote: to the ring buffer, its stream, `tail -f` followers."""
+        name, w = chunk["name"], self.w
+        self.tails[name].append(chunk["data"])
+        stream = self.streams[name]
+        if stream is not None:
+            stream(chunk)
+            dropped = getattr(stream, "dropped", 0)
+            if dropped != self._dropped.get(name, 0):
+                self._dropped[name] = dropped
+                w.emit("output_dropped", stream=name, bytes=dropped)
+        elif w.conf.forward_output and not w.conf.options["close_child_" + name]:
+            # what an inherited stdout/stderr would have shown, unless nobody reads it
+            if not _console(1 if name == "stdout" else 2).write(chunk["data"]):
+                key = "forwarded " + name
+                self._dropped[key] = self._dropped.get(key, 0) + len(chunk["data"])
+                w.emit("output_dropped", stream=name, bytes=self._dropped[key])
+        if w.on_output_event is not None:
+            w.on_output_event(w, chunk)
+
+
+class Launcher:
+    """What a watcher's processes start with: environment, ``$(circus.X)`` variables,
+    worker ids, sockets, stdio, fd accounting; builds each Process."""
+
+    def __init__(self, watcher):
+        self.w = watcher
+        self._env_cache = None
+        self._vars_cache = None
+        self._free_wids: list = []      # heap of wids given back by exited processes
+        self._max_wid = 0
+        self._said_fds_short = False
+
+    def forget(self) -> None:
+        """Options changed: build the environment and variables again."""
+        self._env_cache = self._vars_cache = None
+
+    def env(self) -> dict:
+        """The environment its processes get (cached until options change)."""
+        if self._env_cache is None:
+            env = self.configured_env()
+            if self.w.conf.options["ready"] == "notify":
+                env["NOTIFY_SOCKET"] = _notify_listener(asyncio.get_event_loop()).address
+            self._env_cache = env
+        return self._env_cache
+
+    def configured_env(self) -> dict:
+        """The environment as circusd builds it: the daemon's (copy_env), its sys.path as
+        PYTHONPATH (copy_path), then the configured env, which wins; then the virtualenv's
+        bin/ before PATH and its site-packages after PYTHONPATH (no VIRTUAL_ENV)."""
+        o = self.w.conf.options
+        env = dict(os.environ) if o["copy_env"] else {}
+        if o["copy_path"]:
+            env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        env.update(self.w.conf.env)
+        if o["virtualenv"]:
+            venv = o["virtualenv"]
+            site = venv_site_packages(venv, o["virtualenv_py_ver"])
+            if os.path.isdir(os.path.join(venv, "bin")):
+                env["PATH"] = os.path.join(venv, "bin") + os.pathsep + env.get("PATH", os.defpath)
+            paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+            if site:
+                paths = _pth_paths(site) + paths + [site]
+            env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+        return env
+
+    def vars(self, wid, fds) -> dict:
+        """The ``$(circus.X)`` table for one spawn (the static part is cached)."""
+        if self._vars_cache is None:
+            conf = self.w.conf
+            o = conf.options
+            table = {k.lower(): v for k, v in conf.free.items()}
+            table.update({k: v for k, v in o.items() if v is not None})
+            table.update({"use_fds": o["use_sockets"], "working_dir": o["working_dir"] or os.getcwd()})
+            table.update({"env." + k.lower(): v for k, v in self.env().items()})
+            table.update({"rlimits." + k: v for k, v in conf.rlimits.items()})
+            self._vars_cache = table
+        table = dict(self._vars_cache)
+        table["wid"] = wid
+        table.update({"sockets." + k: v for k, v in fds.items()})
+        return table
+
+    def next_wid(self) -> int:
+        """The smallest free worker id (wids of exited processes are reused)."""
+        import heapq
+        if self._free_wids:
+            return heapq.heappop(self._free_wids)
+        self._max_wid += 1
+        return self._max_wid
+
+    def release_wid(self, wid):
+        import heapq
+        heapq.heappush(self._free_wids, wid)
+
+    def socket_fds(self):
+        """fds to pass: every socket with use_sockets, and each one cmd/args names.
+
+        so_reuseport sockets are bound fresh per process; returns (fds, to_close).
+        """
+        o = self.w.conf.options
+        text = (o["cmd"] + " " + str(o["args"] or "")).lower()
+        fds, fresh = {}, []
+        for name, sock in self.w.sockets.items():
+            named = ("sockets." + name) in text
+            if not (named or o["use_sockets"]):
+                continue
+            if sock.conf.so_reuseport:
+                if named:
+                    s = sock.bind_fresh()
+                    fresh.append(s)
+                    fds[name] = s.fileno()
+            elif sock.sock is not None:
+                fds[name] = sock.fileno()
+        return fds, fresh
+
+    def fds_short(self) -> bool:
+        """Would every process wanted, with two pipes and a pidfd each, pass the fd limit?
+
+        Then output with no stream goes straight to the daemon's stdout/stderr
+        (as under Circus) instead of through a pipe: 1 fd per process, not 3,
+        and `ctl tail` misses it. Said once per watcher.
+        """
+        w = self.w
+        ws = w.arbiter.watchers if w.arbiter is not None else [w]
+        wanted = sum(x.numprocesses for x in ws)
+        ensure_fds(fds_needed(wanted))      # an incr or add past the limit: lift it now
+        limit = fd_limit()
+        short = limit is not None and 3 * wanted + 64 > limit
+        if short and not self._said_fds_short:
+            self._said_fds_short = True
+            _log().warning("watcher %s: not enough file descriptors (limit %d) to capture every "
+                           "process's output: what has no stream goes straight to the daemon's "
+                           "stdout/stderr, and `tail` misses it; raise the limit to capture it",
+                           w.name, limit)
+        return short
+
+    def death_signal(self) -> int:
+        """What the processes get if the daemon dies: parent_death_signal, else stop_signal."""
+        sig = self.w.conf.options["parent_death_signal"]
+        return self.w.conf.options["stop_signal"] if sig is None else sig
+
+    def stdin_fd(self):
+        name = self.w.conf.options["stdin_socket"]
+        if not name:
+            return None
+        sock = self.w.sockets.get(name.lower())
+        if sock is None or sock.sock is None:
+            raise ValueError("stdin_socket %r: no such bound socket" % name)
+        return sock.fileno()
+
+    def stdio(self) -> dict:
+        """Where stdout and stderr go. Always a pipe (for `ctl tail`), except /dev/null when
+        asked; without a stream and short of fds, the daemon's own stdout/stderr."""
+        o, streams = self.w.conf.options, self.w.output.streams
+        piped = {}
+        lean = self.fds_short()
+        for which in ("stdout", "stderr"):
+            if which == "stderr" and o["redirect_stderr"]:
+                piped[which] = subprocess.STDOUT
+            elif o["close_child_" + which] and streams[which] is None:
+                piped[which] = subprocess.DEVNULL
+            elif lean and streams[which] is None:     # no pipe: no fd
+                piped[which] = (1 if which == "stdout" else 2) if self.w.conf.forward_output \
+                    else subprocess.DEVNULL
+            else:
+                piped[which] = subprocess.PIPE
+        return piped
+
+    def process(self, wid: int, fds: dict) -> Process:
+        """The Process for worker ``wid`` (not spawned yet)."""
+        w, o = self.w, self.w.conf.options
+        table = self.vars(wid, fds)
+        args = o["args"]
+        if isinstance(args, str):
+            args = replace_circus_vars(args, table)
+        elif args:
+            args = [replace_circus_vars(str(a), table) for a in args]
+        shell_args = replace_circus_vars(o["shell_args"], table) if o["shell_args"] else None
+        piped = self.stdio()
+        return Process(wid, replace_circus_vars(o["cmd"], table), args, working_dir=o["working_dir"],
+                       shell=o["shell"], shell_args=shell_args, uid=o["uid"], gid=o["gid"],
+                       env=self.env(), rlimits=w.conf.rlimits, executable=o["executable"],
+                       pass_fds=fds.values(), stdout=piped["stdout"], stderr=piped["stderr"],
+                       close_child_stdin=o["close_child_stdin"], stdin=self.stdin_fd(),
+                       on_output=w.output.write, on_exit=w._on_exit, on_state=w._on_process_state,
+                       watcher_name=w.name, umask=o["umask"], death_signal=self.death_signal())
+
+
+class Readiness:
+    """Keeps a process STARTING until its ``ready`` condition holds (notify, listen, or a
+    delay), then has the watcher promote it. After ready_timeout a reload stops waiting
+    for it (p.ready is False), but a late READY still counts."""
+
+    def __init__(self, watcher, p: Process):
+        o = watcher.conf.options
+        self.w, self.p, self.how = watcher, p, o["ready"]
+        self.loop = loop = asyncio.get_event_loop()
+        p.ready = loop.create_future()
+        p.unready = self.gone
+        self.watching = []          # the timer or poll task looking for readiness
+        self.timeout = loop.call_later(o["ready_timeout"], self.late)
+        if self.how == "notify":
+            _notify_listener(loop).waiting[p.pid] = self.ready
+        elif self.how == "listen":
+            self.watching.append(loop.create_task(self.poll()))
+        else:
+            self.watching.append(loop.call_later(self.how, self.ready))
+
+    def stop_watching(self):
+        for h in self.watching:
+            h.cancel()
+        self.timeout.cancel()
+        if self.how == "notify":
+            _notify_listener(self.loop).waiting.pop(self.p.pid, None)
+
+    def ready(self):
+        self.stop_watching()
+        if not self.p.ready.done():
+            self.p.ready.set_result(True)
+        self.w._promote(self.p)
+
+    def late(self):
+        if not self.p.ready.done():
+            self.p.ready.set_result(False)
+            _log().warning("watcher %s: pid %d not ready after %g s (ready = %s)", self.w.name,
+                           self.p.pid, self.w.conf.options["ready_timeout"], self.how)
+
+    def gone(self):             # exited: nothing to wait for any more
+        self.stop_watching()
+        if not self.p.ready.done():
+            self.p.ready.set_result(False)
+
+    async def poll(self):
+        p = self.p
+        inherited = {s.path if s.path else ("port", s.port)     # ours, so_reuseport ones included
+                     for s in self.w.sockets.values()}
+        while p.alive and p.state == ProcState.STARTING:
+            if await self.loop.run_in_executor(None, _listening, p.pid, inherited):
+                return self.ready()
+            await asyncio.sleep(0.05)
+
+
+#: Where a watcher may go from where (Circus's `status` is CIRCUS_STATUS of it), and
+#: the event the move emits.
+WATCHER_TRANSITIONS = {
+    (_S.STOPPED, _S.STARTING): None,
+    (_S.STARTING, _S.RUNNING): "start",
+    (_S.STARTING, _S.STOPPED): None,            # its output stream could not be opened
+    (_S.STARTING, _S.STOPPING): None, (_S.RUNNING, _S.STOPPING): None,
+    (_S.STOPPING, _S.STOPPED): "stop",
+}
+#: What Supervisor's view may show for a watcher's slot with no process in it.
+_SHOWN_STATES = frozenset((_S.STOPPED, _S.STARTING, _S.RUNNING, _S.BACKOFF, _S.EXITED, _S.FATAL))
+
+
 class Watcher:
     """Keeps ``numprocesses`` copies of one command alive.
 
@@ -3317,7 +3905,8 @@ class Watcher:
         await w.stop()
 
     Options are Circus's watcher keys (see WATCHER_OPTIONS). Events go to
-    ``on_event(topic, payload)`` as ``("watcher.web.spawn", {...})``.
+    ``on_event(topic, payload)`` as ``("watcher.web.spawn", {...})``. ``clock``:
+    the time and timers of its restart policy (tests pass a fake one).
     """
 
     # The WatcherConfig as the config file last gave it, kept apart from ``conf``
@@ -3326,7 +3915,7 @@ class Watcher:
 
     def __init__(self, name: str, cmd: str | None = None, args=None, *, config: WatcherConfig | None = None,
                  on_event=None, sockets: dict | None = None, arbiter=None, search_dirs=(),
-                 **options):
+                 clock=None, **options):
         if config is None:
             config = WatcherConfig(name)
         if cmd is not None:
@@ -3343,40 +3932,70 @@ class Watcher:
         self.sockets = sockets if sockets is not None else {}
         self.arbiter = arbiter
         self.search_dirs = tuple(search_dirs)
-        self.status = STOPPED
+        self._state = ProcState.STOPPED     # changed by _enter() only; `status` derives from it
+        self._shown = ProcState.STOPPED     # Supervisor's view when no process runs (EXITED, FATAL...)
+        self.since = time.time()            # when _state was entered
+        self.sv_since = None                # when _shown was entered
         self.processes: dict = {}       # pid -> Process counted in numprocesses
         self.retiring: dict = {}        # pid -> Process being stopped (decr, reload, max_age)
-        self.stdout_stream = None
-        self.stderr_stream = None
-        self.failures = 0               # consecutive failed starts (max_retry)
-        self.starved = 0                # consecutive spawns the system had no room for
-        self._said_fds_short = False
+        self.output = WatcherOutput(self)
+        self.tails = self.output.tails
+        self.launcher = Launcher(self)
+        self.policy = RestartPolicy.of(self, clock)
         self._topping_up = False        # a spawn_missing() is running
         self.last_error = None          # text of the last spawn failure or crash
         self.lock = None                # asyncio.Lock, serialises commands on this watcher
-        self._respawn_handle = None
         self.on_demand_fds = []         # sockets armed to start it (on_demand)
-        self.tails = {"stdout": RingBuffer(), "stderr": RingBuffer()}   # for `ctl tail`
-        self._dropped: dict = {}        # stream -> bytes its stream lost (disk full), last seen
         self.on_output_event = None     # callable(watcher, chunk): `ctl tail -f` followers
         self.flapping = None            # a Flapping, when configured
         self.restarts = 0               # processes replaced after they died
-        self._user_gen = 0              # bumped by every start/stop not made by flapping
-        self._flap_timer = None
-        self.sv_state = ProcState.STOPPED   # shown when no process runs (EXITED, FATAL...)
-        self.sv_since = None            # when sv_state was entered
         self._timers: dict = {}         # pid -> max_age timer
-        self._env_cache = None
-        self._vars_cache = None
-        self._free_wids: list = []      # heap of wids given back by exited processes
-        self._max_wid = 0
         for which in ("stdout_stream", "stderr_stream"):
-            self._check_stream(getattr(config, which))
+            self.output.check(getattr(config, which))
         for hook in config.hooks.values():
             self._load_hook(hook[0])
 
     def __repr__(self):
         return "<Watcher %s %s %d/%d>" % (self.name, self.status, len(self.processes), self.numprocesses)
+
+    # -- state ----------------------------------------------------------------
+    @property
+    def state(self) -> str:
+        """STOPPED, STARTING, RUNNING or STOPPING (ProcState); only _enter() changes it."""
+        return self._state
+
+    @property
+    def status(self) -> str:
+        """Its state as Circus shows it: stopped, starting, active, stopping."""
+        return CIRCUS_STATUS[self._state]
+
+    @property
+    def sv_state(self) -> str:
+        """What Supervisor's view shows when no process runs (EXITED, BACKOFF, FATAL...)."""
+        return self._shown
+
+    @property
+    def running(self) -> bool:
+        """Starting or started: processes are kept alive."""
+        return self._state in (ProcState.STARTING, ProcState.RUNNING)
+
+    def _enter(self, to: str | None = None, shown: str | None = None, **payload) -> None:
+        """The one way its state changes: to state ``to``, checked against WATCHER_TRANSITIONS,
+        and/or ``shown`` (Supervisor's view of an empty slot); timestamped; the event
+        the table names for the move is emitted with ``payload``."""
+        event = None
+        if to is not None and to != self._state:
+            event = _transition(WATCHER_TRANSITIONS, self, self._state, to)
+            self._state, self.since = to, time.time()
+        if shown is not None:
+            if shown not in _SHOWN_STATES:
+                raise RuntimeError("%r: %s is not a state a slot shows" % (self, shown))
+            self._shown, self.sv_since = shown, time.time()
+        if event:
+            self.emit(event, **payload)
+
+    def _on_process_state(self, p: Process, event: str) -> None:
+        self.emit(event, process_pid=p.pid, state=p.state)
 
     # -- options ------------------------------------------------------------
     def opt(self, key) -> object:
@@ -3410,7 +4029,7 @@ class Watcher:
         o = self.conf.options
         out = {k: o[k] for k in VISIBLE_OPTIONS if k in o}
         out["working_dir"] = o["working_dir"] or os.getcwd()
-        out["env"] = self.configured_env()      # circusd: the whole environment the processes get
+        out["env"] = self.launcher.configured_env()     # circusd: the whole environment the processes get
         for which in ("stdout_stream", "stderr_stream"):
             conf = {k: v for k, v in getattr(self.conf, which).items() if k != "class"}
             # Circus shows null for a watcher added without streams, {} for a config one
@@ -3418,18 +4037,9 @@ class Watcher:
         out.update(self.conf.free)
         return dict(sorted(out.items()))
 
-    def _check_stream(self, conf):
-        if conf:
-            name = conf.get("class", "FileStream")
-            short = name.rsplit(".", 1)[-1]
-            if not (short in _STREAM_CLASSES and (name == short or name.startswith("circus."))):
-                try:
-                    import_dotted(name, self.search_dirs)
-                except ImportError as e:
-                    raise ValueError("stream class %r cannot be imported: %s" % (name, e)) from None
-            why = log_folder_error(conf)
-            if why:
-                raise ValueError(why)
+    def env(self) -> dict:
+        """The environment its processes get."""
+        return self.launcher.env()
 
     def _load_hook(self, path):
         try:
@@ -3464,187 +4074,44 @@ class Watcher:
         return bool(result) or name in _IGNORED_HOOK_FAILURES
 
     # -- spawning ----------------------------------------------------------------
-    def env(self) -> dict:
-        """The environment its processes get (cached until options change)."""
-        if self._env_cache is None:
-            env = self.configured_env()
-            if self.conf.options["ready"] == "notify":
-                env["NOTIFY_SOCKET"] = _notify_listener(asyncio.get_event_loop()).address
-            self._env_cache = env
-        return self._env_cache
-
-    def configured_env(self) -> dict:
-        """The environment as circusd builds it: the daemon's (copy_env), its sys.path as
-        PYTHONPATH (copy_path), then the configured env, which wins; then the virtualenv's
-        bin/ before PATH and its site-packages after PYTHONPATH (no VIRTUAL_ENV)."""
-        o = self.conf.options
-        env = dict(os.environ) if o["copy_env"] else {}
-        if o["copy_path"]:
-            env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-        env.update(self.conf.env)
-        if o["virtualenv"]:
-            venv = o["virtualenv"]
-            site = venv_site_packages(venv, o["virtualenv_py_ver"])
-            if os.path.isdir(os.path.join(venv, "bin")):
-                env["PATH"] = os.path.join(venv, "bin") + os.pathsep + env.get("PATH", os.defpath)
-            paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-            if site:
-                paths = _pth_paths(site) + paths + [site]
-            env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
-        return env
-
-    def _vars(self, wid, fds) -> dict:
-        """The ``$(circus.X)`` table for one spawn (the static part is cached)."""
-        if self._vars_cache is None:
-            o = self.conf.options
-            table = {k.lower(): v for k, v in self.conf.free.items()}
-            table.update({k: v for k, v in o.items() if v is not None})
-            table.update({"use_fds": o["use_sockets"], "working_dir": o["working_dir"] or os.getcwd()})
-            table.update({"env." + k.lower(): v for k, v in self.env().items()})
-            table.update({"rlimits." + k: v for k, v in self.conf.rlimits.items()})
-            self._vars_cache = table
-        table = dict(self._vars_cache)
-        table["wid"] = wid
-        table.update({"sockets." + k: v for k, v in fds.items()})
-        return table
-
-    def _next_wid(self) -> int:
-        """The smallest free worker id (wids of exited processes are reused)."""
-        import heapq
-        if self._free_wids:
-            return heapq.heappop(self._free_wids)
-        self._max_wid += 1
-        return self._max_wid
-
-    def _release_wid(self, wid):
-        import heapq
-        heapq.heappush(self._free_wids, wid)
-
-    def _socket_fds(self):
-        """fds to pass: every socket with use_sockets, and each one cmd/args names.
-
-        so_reuseport sockets are bound fresh per process; returns (fds, to_close).
-        """
-        o = self.conf.options
-        text = (o["cmd"] + " " + str(o["args"] or "")).lower()
-        fds, fresh = {}, []
-        for name, sock in self.sockets.items():
-            named = ("sockets." + name) in text
-            if not (named or o["use_sockets"]):
-                continue
-            if sock.conf.so_reuseport:
-                if named:
-                    s = sock.bind_fresh()
-                    fresh.append(s)
-                    fds[name] = s.fileno()
-            elif sock.sock is not None:
-                fds[name] = sock.fileno()
-        return fds, fresh
-
-    def _fds_short(self) -> bool:
-        """Would every process wanted, with two pipes and a pidfd each, pass the fd limit?
-
-        Then output with no stream goes straight to the daemon's stdout/stderr
-        (as under Circus) instead of through a pipe: 1 fd per process, not 3,
-        and `ctl tail` misses it. Said once per watcher.
-        """
-        ws = self.arbiter.watchers if self.arbiter is not None else [self]
-        wanted = sum(w.numprocesses for w in ws)
-        ensure_fds(fds_needed(wanted))      # an incr or add past the limit: lift it now
-        limit = fd_limit()
-        short = limit is not None and 3 * wanted + 64 > limit
-        if short and not self._said_fds_short:
-            self._said_fds_short = True
-            _log().warning("watcher %s: not enough file descriptors (limit %d) to capture every "
-                           "process's output: what has no stream goes straight to the daemon's "
-                           "stdout/stderr, and `tail` misses it; raise the limit to capture it",
-                           self.name, limit)
-        return short
-
-    def _death_signal(self) -> int:
-        """What the processes get if the daemon dies: parent_death_signal, else stop_signal."""
-        sig = self.conf.options["parent_death_signal"]
-        return self.conf.options["stop_signal"] if sig is None else sig
-
-    def _stdin_fd(self):
-        name = self.conf.options["stdin_socket"]
-        if not name:
-            return None
-        sock = self.sockets.get(name.lower())
-        if sock is None or sock.sock is None:
-            raise ValueError("stdin_socket %r: no such bound socket" % name)
-        return sock.fileno()
-
     def spawn_process(self) -> Process | None:
         """Start one process now; returns it, or None when the spawn failed."""
         o = self.conf.options
         if not self.call_hook("before_spawn"):
-            self._give_up("before_spawn hook refused the spawn")
+            self.policy.give_up("before_spawn hook refused the spawn")
             return None
-        wid = self._next_wid()
+        launcher = self.launcher
+        wid = launcher.next_wid()
         fresh = []
         try:
-            fds, fresh = self._socket_fds()
-            table = self._vars(wid, fds)
-            cmd = replace_circus_vars(o["cmd"], table)
-            args = o["args"]
-            if isinstance(args, str):
-                args = replace_circus_vars(args, table)
-            elif args:
-                args = [replace_circus_vars(str(a), table) for a in args]
-            shell_args = replace_circus_vars(o["shell_args"], table) if o["shell_args"] else None
-            # Output is always piped (for `ctl tail`), except to /dev/null when asked;
-            # without a stream it is passed on to the daemon's own stdout/stderr.
-            piped = {}
-            lean = self._fds_short()
-            for which in ("stdout", "stderr"):
-                if which == "stderr" and o["redirect_stderr"]:
-                    piped[which] = subprocess.STDOUT
-                elif o["close_child_" + which] and getattr(self, which + "_stream") is None:
-                    piped[which] = subprocess.DEVNULL
-                elif lean and getattr(self, which + "_stream") is None:     # no pipe: no fd
-                    piped[which] = (1 if which == "stdout" else 2) if self.conf.forward_output \
-                        else subprocess.DEVNULL
-                else:
-                    piped[which] = subprocess.PIPE
-            p = Process(wid, cmd, args, working_dir=o["working_dir"], shell=o["shell"],
-                        shell_args=shell_args, uid=o["uid"], gid=o["gid"], env=self.env(),
-                        rlimits=self.conf.rlimits, executable=o["executable"],
-                        pass_fds=fds.values(), stdout=piped["stdout"], stderr=piped["stderr"],
-                        close_child_stdin=o["close_child_stdin"], stdin=self._stdin_fd(),
-                        on_output=self._on_output, on_exit=self._on_exit, watcher_name=self.name,
-                        umask=o["umask"], death_signal=self._death_signal())
-            p.spawn()
+            fds, fresh = launcher.socket_fds()
+            p = launcher.process(wid, fds)
+            # Supervisor: RUNNING only once it has stayed up startsecs (or got ready)
+            p.spawn(starting=o["ready"] is not None or bool(o["startsecs"]))
         except (OSError, ValueError, subprocess.SubprocessError) as e:
-            self._release_wid(wid)
+            launcher.release_wid(wid)
             self.last_error = "spawn failed: %s" % (e,)
             _log().error("watcher %s: cannot spawn %r: %s", self.name, o["cmd"], e)
-            if isinstance(e, OSError) and e.errno in _RESOURCE_ERRNOS:
-                self._short_of_resources()
-            else:
-                self._failed_start()
-            self.emit("spawn_failed", error=self.last_error, failures=self.failures, time=time.time())
+            self.policy.spawn_failed(e)
+            self.emit("spawn_failed", error=self.last_error, failures=self.policy.failures, time=time.time())
             return None
         finally:
             for s in fresh:
                 s.close()
         self.processes[p.pid] = p
-        if self.starved:        # room again: the BACKOFF rows and their reason go
-            self.starved, self.last_error = 0, None
-            self.sv_state, self.sv_since = ProcState.RUNNING, time.time()
+        if self.policy.starved:
+            self.policy.spawned()
         _log().debug("watcher %s: spawned pid %d (wid %d)", self.name, p.pid, wid)
-        startsecs = o["startsecs"]
         if o["ready"] is not None:
-            self._watch_readiness(p)
-        elif startsecs:     # Supervisor: RUNNING only once it has stayed up startsecs
-            p.state = ProcState.STARTING
-            p.promote = asyncio.get_event_loop().call_later(startsecs, self._promote, p)
+            Readiness(self, p)
+        elif o["startsecs"]:
+            p.promote = asyncio.get_event_loop().call_later(o["startsecs"], self._promote, p)
         self.emit("spawn", process_pid=p.pid, time=p.started, state=p.state)
         if not self.call_hook("after_spawn", pid=p.pid):
             self.processes.pop(p.pid, None)
             self.retiring[p.pid] = p
             p.send_signal(signal.SIGKILL)
-            self._give_up("after_spawn hook refused pid %d" % p.pid)
+            self.policy.give_up("after_spawn hook refused pid %d" % p.pid)
             return None
         if o["max_age"] > 0:
             import random
@@ -3666,10 +4133,10 @@ class Watcher:
         o = self.conf.options
         try:
             pause = time.monotonic() + 0.005
-            while self.status in (STARTING, ACTIVE) and (force > 0 or len(self.processes) < self.numprocesses):
+            while self.running and (force > 0 or len(self.processes) < self.numprocesses):
                 if self.arbiter is not None and self.arbiter.stopping:
                     return          # quitting: what runs is about to be stopped
-                if self._respawn_handle is not None and not force:
+                if self.policy.pending and not force:
                     return          # a backoff is pending: it will top up
                 p = self.spawn_process()
                 if p is None:
@@ -3684,124 +4151,21 @@ class Watcher:
             if topping_up:
                 self._topping_up = False
 
-    def _failed_start(self):
-        self.failures += 1
-        self.sv_state, self.sv_since = ProcState.BACKOFF, time.time()
-        limit = self.conf.options["max_retry"]
-        if limit >= 0 and self.failures >= max(limit, 1):
-            # speak the file's own key: a Supervisor program counts retries after the first start
-            key = "startretries = %d" % (limit - 1) if self.conf.group is not None else \
-                "max_retry = %d" % limit
-            self._give_up("%d failed starts in a row (%s); last: %s" % (self.failures, key, self.last_error))
-            return
-        # Supervisor's backoff grows 1, 2, 3 s; Circus watchers retry sooner
-        linear = self.conf.options["startsecs"] is not None
-        self._schedule_respawn(float(self.failures) if linear else _backoff(self.failures))
+    def top_up(self) -> None:
+        """Top up in the background (a backoff ended)."""
+        asyncio.get_event_loop().create_task(self.spawn_missing())
 
-    def _short_of_resources(self):
-        """EMFILE, EAGAIN from fork...: the host's trouble, not the program's. Keep what
-        runs, retry with a growing delay (at most 5 s), never count it against max_retry."""
-        self.starved += 1
-        delay = _doubling(0.25, self.starved - 1)
-        self.last_error += "; out of system resources, retrying in %g s" % delay
-        self.sv_state, self.sv_since = ProcState.BACKOFF, time.time()
-        self._schedule_respawn(delay)
-
-    def _schedule_respawn(self, delay):
-        if self._respawn_handle is not None:
-            return
-        loop = asyncio.get_event_loop()
-
-        def fire():
-            self._respawn_handle = None
-            loop.create_task(self.spawn_missing())
-        self._respawn_handle = loop.call_later(delay, fire) if delay > 0 else loop.call_soon(fire)
-
-    def _give_up(self, why):
-        _log().error("watcher %s: stopped (FATAL): %s. Fix it, then `ctl start %s`.",
-                     self.name, why, self.name)
-        if self.status in (STARTING, ACTIVE):
-            self._stop_soon(ProcState.FATAL)
+    def queue(self, coro_fn) -> None:
+        """Run ``coro_fn()`` in the background, behind the commands queued on this watcher."""
+        asyncio.get_event_loop().create_task(self.arbiter_guard(_locked(self, coro_fn)))
 
     # -- process events ---------------------------------------------------------
-    def _on_output(self, chunk: dict):
-        name = chunk["name"]
-        self.tails[name].append(chunk["data"])
-        stream = self.stdout_stream if name == "stdout" else self.stderr_stream
-        if stream is not None:
-            stream(chunk)
-            dropped = getattr(stream, "dropped", 0)
-            if dropped != self._dropped.get(name, 0):
-                self._dropped[name] = dropped
-                self.emit("output_dropped", stream=name, bytes=dropped)
-        elif self.conf.forward_output and not self.conf.options["close_child_" + name]:
-            # what an inherited stdout/stderr would have shown, unless nobody reads it
-            if not _console(1 if name == "stdout" else 2).write(chunk["data"]):
-                key = "forwarded " + name
-                self._dropped[key] = self._dropped.get(key, 0) + len(chunk["data"])
-                self.emit("output_dropped", stream=name, bytes=self._dropped[key])
-        if self.on_output_event is not None:
-            self.on_output_event(self, chunk)
-
     def _promote(self, p):
         """STARTING -> RUNNING: startsecs passed, or the process became ready."""
         p.promote = None
         if p.alive and p.state == ProcState.STARTING:
-            p.state = ProcState.RUNNING
-            self.failures = 0
-            self.sv_state, self.sv_since = p.state, time.time()
-            self.emit("state", process_pid=p.pid, state=p.state)
-
-    def _watch_readiness(self, p: Process):
-        """STARTING until the ``ready`` condition holds, then RUNNING. After ready_timeout
-        a reload stops waiting for it (p.ready is False), but a late READY still counts."""
-        o = self.conf.options
-        loop = asyncio.get_event_loop()
-        how = o["ready"]
-        p.state = ProcState.STARTING
-        p.ready = loop.create_future()
-        watching = []           # the timer or poll task looking for readiness
-
-        def stop_watching():
-            for h in watching:
-                h.cancel()
-            timeout.cancel()
-            if how == "notify":
-                _notify_listener(loop).waiting.pop(p.pid, None)
-
-        def ready():
-            stop_watching()
-            if not p.ready.done():
-                p.ready.set_result(True)
-            self._promote(p)
-
-        def late():
-            if not p.ready.done():
-                p.ready.set_result(False)
-                _log().warning("watcher %s: pid %d not ready after %g s (ready = %s)",
-                               self.name, p.pid, o["ready_timeout"], how)
-
-        def gone():             # exited: nothing to wait for any more
-            stop_watching()
-            if not p.ready.done():
-                p.ready.set_result(False)
-        p.unready = gone
-        timeout = loop.call_later(o["ready_timeout"], late)
-        if how == "notify":
-            _notify_listener(loop).waiting[p.pid] = ready
-        elif how == "listen":
-            inherited = set()
-            for sock in self.sockets.values():     # ours, so_reuseport ones included
-                inherited.add(sock.path if sock.path else ("port", sock.port))
-
-            async def poll():
-                while p.alive and p.state == ProcState.STARTING:
-                    if await loop.run_in_executor(None, _listening, p.pid, inherited):
-                        return ready()
-                    await asyncio.sleep(0.05)
-            watching.append(loop.create_task(poll()))
-        else:
-            watching.append(loop.call_later(how, ready))
+            self.policy.process_up()
+            p.enter(ProcState.RUNNING)
 
     async def wait_ready(self, procs) -> list:
         """Wait for the readiness of ``procs``; returns those that did not make it."""
@@ -3818,7 +4182,7 @@ class Watcher:
             return
         self._user_action(False)        # cancel a give-up or flapping stop queued meanwhile
         await asyncio.gather(*(self._stop_process(p) for p in new))
-        self.failures, self.sv_state, self.sv_since = 0, ProcState.RUNNING, time.time()
+        self.policy.process_up()
         await self.spawn_missing()
         what = ("%d of %d new processes not ready within %g s (ready = %s)"
                 % (len(failed) + expected - len(new), expected, self.conf.options["ready_timeout"],
@@ -3832,92 +4196,26 @@ class Watcher:
     def _on_exit(self, p: Process):
         counted = self.processes.pop(p.pid, None) is not None
         self.retiring.pop(p.pid, None)
-        self._release_wid(p.wid)
+        self.launcher.release_wid(p.wid)
         timer = self._timers.pop(p.pid, None)
         if timer is not None:
             timer.cancel()
-        early = p.promote is not None       # died inside startsecs: still STARTING (Supervisor)
-        if early:
+        if p.promote is not None:
             p.promote.cancel()
             p.promote = None
-        if p.unready is not None:           # died before it was ready: as early
-            early = early or p.state == ProcState.STARTING
+        if p.unready is not None:           # died before it was ready: stop waiting
             p.unready()
-        now = time.time()
+        now = self.policy.clock.time()
         o = self.conf.options
-        if not p.stopping:
-            p.state = ProcState.BACKOFF if early else ProcState.EXITED
-            if o["stop_children"] or o["stopasgroup"] or o["killasgroup"]:
-                p.signal_group(o["stop_signal"])    # what it left in its group (pid just reaped: not reused yet)
+        if not p.stopping and (o["stop_children"] or o["stopasgroup"] or o["killasgroup"]):
+            p.signal_group(o["stop_signal"])    # what it left in its group (pid just reaped: not reused yet)
         self.call_hook("before_reap", process_pid=p.pid, time=now)
         self.emit("reap", process_pid=p.pid, time=now, exit_code=p.returncode, state=p.state)
         self.call_hook("after_reap", process_pid=p.pid, time=now, exit_code=p.returncode,
                        process_status=p.state)
-        if not counted or p.stopping or self.status not in (STARTING, ACTIVE):
-            return
-        _log().info("watcher %s: pid %d exited (%s)", self.name, p.pid, describe_exit(p.returncode))
-        self.sv_state, self.sv_since = p.state, now
-        self.restarts += 1
-        # an exit the user caused with `signal` is neither a failed start nor flapping
-        if not p.signalled and self.flapping is not None and self.flapping.record(now):
-            self._flap()
-            return
-        if o["startsecs"] is not None:
-            self._supervisor_exit(p, early and not p.signalled, now)
-            return
-        if not o["respawn"]:
-            if not self.processes:
-                self._stop_soon(ProcState.EXITED)
-            return
-        if p.signalled:
-            self._schedule_respawn(0)
-        elif now - p.started < MIN_UPTIME and _is_crash(p.returncode):
-            self.last_error = "pid %d exited %.2f s after spawning (%s)" % (
-                p.pid, now - p.started, describe_exit(p.returncode))
-            self._failed_start()
-        else:
-            self.failures = 0
-            self._schedule_respawn(0)
-
-    def _flap(self):
-        f = self.flapping
-        gen = self._user_gen
-        if f.max_retry != -1 and f.tries > f.max_retry:
-            self.last_error = "flapping: stopped for good after %d tries" % (f.tries - 1)
-            _log().error("watcher %s: %s; `ctl start %s` to try again", self.name, self.last_error, self.name)
-            self.emit("flapping", tries=f.tries - 1, retry_in=None)
-            self._stop_soon(ProcState.FATAL, by_flapping=True)
-            return
-        self.last_error = "flapping: %d deaths within %g s; retry in %g s (try %d of %s)" % (
-            f.attempts, f.window, f.retry_in, f.tries, "unlimited" if f.max_retry == -1 else f.max_retry)
-        _log().warning("watcher %s: %s", self.name, self.last_error)
-        self.emit("flapping", tries=f.tries, retry_in=f.retry_in)
-
-        def retry():
-            self._flap_timer = None
-
-            async def start_again():
-                if gen == self._user_gen and self.status == STOPPED:    # checked under the lock
-                    await self.start(by_flapping=True)
-            asyncio.get_event_loop().create_task(self.arbiter_guard(_locked(self, start_again)))
-
-        def arm():      # after the flapping stop, unless a user acted meanwhile
-            if gen == self._user_gen:
-                self._flap_timer = asyncio.get_event_loop().call_later(f.retry_in, retry)
-        self._stop_soon(ProcState.BACKOFF, by_flapping=True, then=arm)
-
-    def _stop_soon(self, final_state, by_flapping=False, then=None):
-        """Stop from inside (give up, flapping, exited): queued behind the commands
-        on this watcher, and dropped if a user started or stopped it meanwhile."""
-        gen = self._user_gen
-
-        async def run():
-            if gen != self._user_gen:
-                return
-            await self.stop(final_state, by_flapping=by_flapping)
-            if then is not None:
-                then()
-        asyncio.get_event_loop().create_task(self.arbiter_guard(_locked(self, run)))
+        if counted and not p.stopping and self.running:
+            _log().info("watcher %s: pid %d exited (%s)", self.name, p.pid, describe_exit(p.returncode))
+            self.policy.exited(p, now)
 
     async def arbiter_guard(self, coro):
         """Await ``coro``, logging (never raising) what goes wrong: for background tasks."""
@@ -3929,31 +4227,7 @@ class Watcher:
             _log().exception("watcher %s: unexpected error", self.name)
 
     def _user_action(self, by_flapping):
-        if not by_flapping:
-            self._user_gen += 1
-            if self._flap_timer is not None:
-                self._flap_timer.cancel()
-                self._flap_timer = None
-            if self.flapping is not None:
-                self.flapping.reset()
-
-    def _supervisor_exit(self, p, early, now):
-        """Supervisor's rules: an exit inside startsecs is a failed start (BACKOFF,
-        then FATAL after startretries); a later exit restarts per autorestart."""
-        o = self.conf.options
-        if early:
-            self.last_error = "Exited too quickly (process log may have details)"
-            self._failed_start()
-            return
-        expected = p.returncode in o["exitcodes"]       # a signal (< 0) is never expected
-        mode = o["autorestart"] or ("true" if o["respawn"] else "false")
-        if mode == "true" or (mode == "unexpected" and not expected):
-            self.failures = 0
-            # Supervisor restarts from EXITED on its next 1 s tick; a program that
-            # dies at once is restarted about once a second, never in a busy loop
-            self._schedule_respawn(max(0.0, MIN_UPTIME - (now - p.started)))
-        elif not self.processes:
-            self._stop_soon(ProcState.EXITED)
+        self.policy.user_action(by_flapping)
 
     def _expire(self, p):
         """max_age reached: a new process first, then the old one stops gracefully."""
@@ -3977,62 +4251,43 @@ class Watcher:
             sig = signal.SIGKILL if sig == signal.SIGKILL else None
         if sig is None:
             return
-        self.emit("state", process_pid=p.pid, state=ProcState.STOPPING)
+        p.enter(ProcState.STOPPING)         # announced (a `kill` is not)
         await p.stop(sig, o["graceful_timeout"], o["stop_children"],
                      on_kill=lambda proc: self.emit("kill", process_pid=proc.pid),
                      group=o["stopasgroup"])
         self.call_hook("after_signal", pid=p.pid, signum=sig)
 
     # -- lifecycle ---------------------------------------------------------------
-    def _open_streams(self):
-        for which in ("stdout_stream", "stderr_stream"):
-            if getattr(self, which) is None and getattr(self.conf, which):
-                setattr(self, which, build_stream(getattr(self.conf, which), self.search_dirs))
-
     def _close_streams(self, final=False):
-        """Close the streams; a user's ThreadedStream lives on across restarts until ``final``
-        (so an old one still draining never writes beside a new one)."""
-        for which in ("stdout_stream", "stderr_stream"):
-            stream = getattr(self, which)
-            if isinstance(stream, ThreadedStream) and not final:
-                continue
-            setattr(self, which, None)
-            if stream is not None and hasattr(stream, "close"):
-                try:
-                    stream.close()
-                except Exception:
-                    _log().exception("closing %s of %s", which, self.name)
+        self.output.close(final)
 
     async def start(self, by_flapping=False) -> dict:
         """Start (or top up) the processes; returns {"started": [pids], "kept": [pids]}."""
         self._user_action(by_flapping)
         kept = list(self.processes)
-        if self.status in (STARTING, ACTIVE):
+        if self.running:
             await self.spawn_missing()
             return {"started": [p for p in self.processes if p not in kept], "kept": kept}
         if not self.call_hook("before_start"):
             _log().warning("watcher %s: before_start hook said no", self.name)
             return {"started": [], "kept": []}
-        self.status = STARTING
-        self.failures = 0
+        self._enter(ProcState.STARTING, ProcState.STARTING)
+        self.policy.failures = 0
         self.last_error = None
-        self.sv_state, self.sv_since = ProcState.STARTING, time.time()
         try:
-            self._open_streams()
+            self.output.open()
         except (OSError, ValueError) as e:
-            self.status = STOPPED
             self.last_error = "cannot open its output stream: %s" % (os_error_text(e) if
                                                                       isinstance(e, OSError) else e,)
-            self.sv_state, self.sv_since = ProcState.FATAL, time.time()
+            self._enter(ProcState.STOPPED, ProcState.FATAL)
             raise CommandError("watcher %s: %s" % (self.name, self.last_error), E_OS_ERROR) from None
         await self.spawn_missing()
-        if self.status != STARTING:
+        if self._state != ProcState.STARTING:
             return {"started": list(self.processes), "kept": []}
         if not self.call_hook("after_start"):
             await self.stop()
             return {"started": [], "kept": []}
-        self.status = ACTIVE
-        self.emit("start")
+        self._enter(ProcState.RUNNING)      # the "start" event
         _log().info("watcher %s started (%d processes)", self.name, len(self.processes))
         return {"started": list(self.processes), "kept": []}
 
@@ -4043,24 +4298,21 @@ class Watcher:
         EXITED / FATAL / BACKOFF when the watcher ended by itself).
         """
         self._user_action(by_flapping)
-        if self.status == STOPPED:
-            if not by_flapping and self.sv_state == ProcState.BACKOFF:
-                self.sv_state, self.sv_since, self.last_error = ProcState.STOPPED, time.time(), None
+        if self._state == ProcState.STOPPED:
+            if not by_flapping and self._shown == ProcState.BACKOFF:
+                self.last_error = None
+                self._enter(shown=ProcState.STOPPED)
             return
-        if self._respawn_handle is not None:
-            self._respawn_handle.cancel()
-            self._respawn_handle = None
-        self.status = STOPPING
+        self.policy.cancel()
+        self._enter(ProcState.STOPPING)
         self.call_hook("before_stop")
         procs = list(self.processes.values()) + list(self.retiring.values())
         await asyncio.gather(*(self._stop_process(p) for p in procs))
         for t in self._timers.values():
             t.cancel()
         self._timers.clear()
-        self._close_streams()
-        self.status = STOPPED
-        self.sv_state, self.sv_since = final_state, time.time()
-        self.emit("stop", state=final_state)
+        self.output.close()
+        self._enter(ProcState.STOPPED, final_state, state=final_state)     # the "stop" event
         self.call_hook("after_stop")
         _log().info("watcher %s stopped", self.name)
 
@@ -4088,7 +4340,7 @@ class Watcher:
 
     async def reload(self, graceful=True, sequential=False) -> dict:
         """New processes replace the old ones; SIGHUP instead with send_hup."""
-        if self.status == STOPPED:
+        if self._state == ProcState.STOPPED:
             info = await self.start()
             info["stopped"] = []
             return info
@@ -4124,7 +4376,7 @@ class Watcher:
 
     async def manage(self) -> None:
         """Bring the number of processes to numprocesses (spawn or retire extras)."""
-        if self.status not in (STARTING, ACTIVE):
+        if not self.running:
             return
         extra = len(self.processes) - self.numprocesses
         if extra > 0:
@@ -4151,26 +4403,23 @@ class Watcher:
                 self.conf.set(key, value)
             except ValueError as e:
                 raise MessageError("%s: %s" % (key, e)) from None
-            self._env_cache = self._vars_cache = None
+            self.launcher.forget()
+            if key == "startsecs":      # Circus's rules or Supervisor's
+                self.policy = RestartPolicy.of(self, before=self.policy)
             if key in ("cmd", "args", "env", "working_dir", "uid", "gid", "shell", "shell_args",
                        "executable", "copy_env", "copy_path", "max_age", "max_age_variance") \
                     or key.startswith("rlimit_"):
                 reload_needed = True
             elif key.startswith(("stdout_stream", "stderr_stream")):
-                which = "stdout_stream" if key.startswith("stdout") else "stderr_stream"
-                self._check_stream(getattr(self.conf, which))
-                if self.status != STOPPED:
-                    old = getattr(self, which)
-                    setattr(self, which, build_stream(getattr(self.conf, which), self.search_dirs))
-                    if old is None:
-                        reload_needed = True
-                    elif hasattr(old, "close"):
-                        old.close()
+                which = "stdout" if key.startswith("stdout") else "stderr"
+                self.output.check(getattr(self.conf, which + "_stream"))
+                if self._state != ProcState.STOPPED:
+                    reload_needed = self.output.rebuild(which) or reload_needed
             elif key.startswith("hooks"):
                 for hook in self.conf.hooks.values():
                     self._load_hook(hook[0])
             self.emit("updated", key=key)
-        if reload_needed and self.status != STOPPED:
+        if reload_needed and self._state != ProcState.STOPPED:
             await self.reload()
         else:
             await self.manage()
@@ -4369,7 +4618,7 @@ class _OnDemand:
     def _fire(self, w):
         self.disarm(w)
         arb = self.arbiter
-        if w in arb.watchers and w.status == STOPPED:
+        if w in arb.watchers and w.state == ProcState.STOPPED:
             _log().info("watcher %s: activity on its socket, starting (on_demand)", w.name)
             arb.loop.create_task(arb._guarded(_locked(w, w.start)))
 
@@ -4813,7 +5062,7 @@ class Arbiter:
         for w in self.iter_watchers():
             if self.stopping:
                 break
-            if w.status == STOPPED or w in skip:
+            if w.state == ProcState.STOPPED or w in skip:
                 continue
             async with w.lock:
                 try:
@@ -5114,7 +5363,7 @@ class Watchdog:
         w = self.watcher
         if self.stopped:
             return
-        if w.status != ACTIVE or not w.processes:
+        if w.state != ProcState.RUNNING or not w.processes:
             self.strikes.clear()
             self._handle = self._loop.call_later(self.interval, self._tick)
             return
@@ -5450,7 +5699,7 @@ def snapshot_skeleton(arbiter) -> dict:
                        key=lambda p: (p.wid, p.started))
         ws.append({"name": w.name, "status": w.status, "numprocesses": w.numprocesses, "restarts": w.restarts,
                    "flapping": bool(w.last_error and w.last_error.startswith("flapping")
-                                    and w.status == STOPPED),
+                                    and w.state == ProcState.STOPPED),
                    "last_error": w.last_error or None,
                    "processes": [{"wid": p.wid, "pid": p.pid, "state": p.state, "started": p.started}
                                  for p in procs]})
@@ -5506,7 +5755,7 @@ def metrics_text(snap: dict) -> str:
         lines.extend(_metric_line(name, labels, value) for labels, value in rows)
     ws = snap["watchers"]
     family("circus_watcher_active", "gauge", "1 while the watcher is active",
-           [({"watcher": w["name"]}, int(w["status"] == ACTIVE)) for w in ws])
+           [({"watcher": w["name"]}, int(w["status"] == CIRCUS_STATUS[ProcState.RUNNING])) for w in ws])
     family("circus_watcher_processes", "gauge", "running processes",
            [({"watcher": w["name"]}, sum(p["state"] != ProcState.STOPPING for p in w["processes"]))
             for w in ws])
@@ -6030,7 +6279,7 @@ def process_rows(w) -> list:
         rows.append({"name": name, "watcher": w.name, "state": p.state, "pid": p.pid,
                      "uptime": now - p.started, "description": desc, "restarts": w.restarts})
     missing = w.numprocesses - len(w.processes)
-    if procs and missing > 0 and w.sv_state == ProcState.BACKOFF and w.status == ACTIVE:
+    if procs and missing > 0 and w.sv_state == ProcState.BACKOFF and w.state == ProcState.RUNNING:
         used = {p.wid for p in procs}       # the processes a failing spawn still owes
         wids = [i for i in range(1, w.numprocesses + len(used) + 1) if i not in used][:missing]
         rows += [{"name": "%s:%d" % (w.name, i), "watcher": w.name, "state": w.sv_state, "pid": None,
@@ -9047,7 +9296,7 @@ def _check_fd_budget(cfg) -> None:
 
     Each costs the daemon a pidfd and a pipe per captured stream: 3 fds. When
     that is too many, output with no stream is not captured (1 fd each; see
-    Watcher._fds_short); if even that is too many, what fits runs and the
+    Launcher.fds_short); if even that is too many, what fits runs and the
     rest shows BACKOFF.
     """
     ws = [w for w in cfg.watchers if w.options["autostart"]]

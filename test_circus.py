@@ -6390,12 +6390,45 @@ def test_e2e_daemon_death_takes_its_processes_and_restart_is_clean(daemon, short
     wait_for(lambda: len([n for n in names if d.pids(n)]) == 4, what="a clean restart")
 
 
+class FakeClock:
+    """A restart policy's clock that tests move by hand: no real sleeping."""
+
+    class Timer:
+        def __init__(self, due, callback):
+            self.due, self.callback, self.cancelled = due, callback, False
+
+        def cancel(self):
+            self.cancelled = True
+
+    def __init__(self, now=None):
+        self.now = time.time() if now is None else now
+        self.timers, self.delays = [], []
+
+    def time(self):
+        return self.now
+
+    def call_later(self, delay, callback):
+        self.delays.append(delay)
+        timer = self.Timer(self.now + delay, callback)
+        self.timers.append(timer)
+        return timer
+
+    def advance(self, seconds):
+        """Move on ``seconds`` and run the timers then due, in order."""
+        self.now += seconds
+        due = sorted((t for t in self.timers if t.due <= self.now and not t.cancelled), key=lambda t: t.due)
+        self.timers = [t for t in self.timers if t not in due and not t.cancelled]
+        for t in due:
+            t.callback()
+
+
 def test_library_fork_failure_backs_off_and_keeps_what_runs(monkeypatch):
     import asyncio
     real_popen, calls, events = subprocess.Popen, [], []
+    clock = FakeClock()
 
     def flaky_popen(*a, **kw):     # the 3rd to 6th forks fail as with RLIMIT_NPROC
-        calls.append(time.monotonic())
+        calls.append(clock.now)
         if 3 <= len(calls) <= 6:
             raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
         return real_popen(*a, **kw)
@@ -6403,14 +6436,16 @@ def test_library_fork_failure_backs_off_and_keeps_what_runs(monkeypatch):
     monkeypatch.setattr(circus.subprocess, "Popen", flaky_popen)
 
     async def run():
-        w = circus.Watcher("w", "sleep 30", numprocesses=4, max_retry=1,
+        w = circus.Watcher("w", "sleep 30", numprocesses=4, max_retry=1, clock=clock,
                            on_event=lambda t, p: events.append((t, p)))
         w.lock = asyncio.Lock()
         await w.start()
         running = len(w.processes)
         rows = circus.process_rows(w)
         for _ in range(1000):
-            await asyncio.sleep(0.01)
+            clock.advance(0.05)     # the backoff's timers fire on the fake clock
+            for _ in range(3):
+                await asyncio.sleep(0)      # the top-up they started runs
             if len(w.processes) == 4:
                 break
         done = len(w.processes), w.status, circus.process_rows(w)
@@ -6425,6 +6460,146 @@ def test_library_fork_failure_backs_off_and_keeps_what_runs(monkeypatch):
     assert len(failed) == 4 and "retrying in" in failed[0]["error"]
     gaps = [b - a for a, b in zip(calls[2:], calls[3:7])]
     assert all(g >= 0.2 for g in gaps), gaps            # growing delays, no busy loop
+
+
+def _policy_watcher(clock, **options):
+    """A Watcher whose restart policy runs on ``clock`` and records what it would do
+    (top-ups and queued stops/starts) instead of doing it."""
+    w = circus.Watcher("w", "true", clock=clock, **options)
+    w.done = []
+    w.top_up = lambda: w.done.append(("top_up", clock.now))
+    w.queue = lambda coro_fn: w.done.append(("queued", coro_fn))
+    w._enter(circus.ProcState.STARTING)         # as start() would
+    return w
+
+
+def _exited(w, clock, code, uptime, state=circus.ProcState.EXITED):
+    """Tell ``w``'s policy that a process of it exited with ``code`` after ``uptime`` s."""
+    p = circus.Process(1, "true")
+    p.pid, p.started, p.returncode = 4242, clock.now - uptime, code
+    p._state = state        # a stand-in: no real spawn and reap
+    w.policy.exited(p, clock.now)
+
+
+def test_restart_policies_back_off_on_an_injected_clock():
+    """Issue 15 item 2: Circus's and Supervisor's restart rules are two policies behind one
+    interface, driven here by a fake clock: the backoff delays, the respawn after it, the
+    give-up after max_retry / startretries, all without sleeping."""
+    clock = FakeClock(1000.0)
+    w = _policy_watcher(clock, max_retry=4)
+    assert type(w.policy) is circus.RestartPolicy
+    for _ in range(3):                  # quick crashes: failed starts
+        _exited(w, clock, 1, 0.01)
+        clock.advance(10)
+    assert clock.delays == [0.0, 0.1, 0.2] and w.sv_state == "BACKOFF"
+    assert [what for what, _ in w.done] == ["top_up"] * 3
+    assert [t for _, t in w.done] == [1000.0 + 10, 1000.0 + 20, 1000.0 + 30]
+    _exited(w, clock, 1, 0.01)          # the 4th: it gives up (FATAL), queued behind commands
+    assert w.done[-1][0] == "queued" and not clock.timers and w.policy.failures == 4
+    _exited(w, clock, 0, 60)            # a long run resets the count and respawns at once
+    assert w.policy.failures == 0 and clock.delays[-1] == 0.0
+
+    clock = FakeClock(1000.0)
+    w = _policy_watcher(clock, startsecs=1, max_retry=3, autorestart="unexpected", exitcodes=[0])
+    assert type(w.policy) is circus.SupervisorPolicy
+    for _ in range(2):                  # died while STARTING: BACKOFF 1 s, then 2 s
+        _exited(w, clock, 3, 0.2, state=circus.ProcState.BACKOFF)
+        clock.advance(10)
+    assert clock.delays == [1.0, 2.0] and w.last_error.startswith("Exited too quickly")
+    _exited(w, clock, 3, 0.2, state=circus.ProcState.BACKOFF)
+    assert w.done[-1][0] == "queued" and len(clock.delays) == 2         # FATAL after startretries
+    w.policy.process_up()
+    _exited(w, clock, 1, 0.4)           # after startsecs, unexpected: restarted on the next tick
+    assert clock.delays[-1] == pytest.approx(0.6)
+    n = len(w.done)
+    _exited(w, clock, 0, 5)             # expected exit code: no restart
+    assert len(clock.delays) == 3 and w.done[n:] and w.done[n][0] == "queued"    # stops as EXITED
+
+    w.conf.set("startsecs", None)       # `set startsecs`: Circus's rules, same counters
+    w.policy = circus.RestartPolicy.of(w, before=w.policy)
+    assert type(w.policy) is circus.RestartPolicy and w.policy.clock is clock
+
+
+def test_flapping_retry_is_armed_on_the_clock():
+    """The flapping stop is queued behind the watcher's commands; its retry waits retry_in
+    on the policy's clock, and a user's stop meanwhile cancels it."""
+    import asyncio
+    clock = FakeClock(1000.0)
+    w = _policy_watcher(clock)
+    w.flapping = circus.Flapping(attempts=2, window=1.0, retry_in=7.0, max_retry=3)
+    _exited(w, clock, 1, 5)
+    _exited(w, clock, 1, 5)
+    kind, stop = w.done[-1]
+    assert kind == "queued" and w.last_error.startswith("flapping: 2 deaths within 1 s")
+    asyncio.run(stop())                 # the flapping stop runs, then arms the retry
+    assert w.status == "stopped" and w.sv_state == "BACKOFF" and clock.delays[-1] == 7.0
+    clock.advance(6.9)
+    assert w.done[-1] == (kind, stop)
+    clock.advance(0.2)
+    assert w.done[-1][0] == "queued" and w.done[-1][1] is not stop     # the start, queued
+    w.policy.user_action(False)         # a user's start or stop: the queued retry is void
+    asyncio.run(w.done[-1][1]())
+    assert w.status == "stopped"
+
+
+def test_state_changes_go_through_one_checked_method():
+    """Issue 15 item 1: one enum of states; a process's and a watcher's state change only
+    through their enter method, checked against a transition table; `status` is derived."""
+    S = circus.ProcState
+    p = circus.Process(1, "true")
+    seen = []
+    p.on_state = lambda proc, event: seen.append((proc.state, event))
+    assert p.state == S.STOPPED and p.since is None
+    p.enter(S.STARTING)
+    p.enter(S.RUNNING)
+    assert seen == [(S.RUNNING, "state")] and p.since is not None
+    with pytest.raises(RuntimeError, match="no transition from RUNNING to STARTING"):
+        p.enter(S.STARTING)
+    with pytest.raises(RuntimeError, match="no transition from RUNNING to STOPPED"):
+        p.enter(S.STOPPED)
+    with pytest.raises(AttributeError):
+        p.state = S.FATAL
+    assert p.state == S.RUNNING
+
+    events = []
+    w = circus.Watcher("w", "true", on_event=lambda t, payload: events.append((t, payload)))
+    assert (w.state, w.status, w.sv_state) == (S.STOPPED, "stopped", S.STOPPED)
+    with pytest.raises(RuntimeError, match="no transition from STOPPED to RUNNING"):
+        w._enter(S.RUNNING)
+    for state, status in [(S.STARTING, "starting"), (S.RUNNING, "active"), (S.STOPPING, "stopping"),
+                          (S.STOPPED, "stopped")]:
+        w._enter(state, S.EXITED if state == S.STOPPED else None, state=S.EXITED)
+        assert w.status == status
+    assert [t for t, _ in events] == ["watcher.w.start", "watcher.w.stop"]
+    assert events[1][1]["state"] == S.EXITED and w.sv_state == S.EXITED
+    with pytest.raises(RuntimeError):
+        w._enter(shown=S.STOPPING)
+    for attr in ("state", "status", "sv_state"):
+        with pytest.raises(AttributeError):
+            setattr(w, attr, S.RUNNING)
+    assert set(circus.CIRCUS_STATUS.values()) == {"stopped", "starting", "active", "stopping"}
+    assert not hasattr(circus, "STOPPED") and not hasattr(circus, "ACTIVE")     # one enum
+
+
+def test_no_code_assigns_a_state_but_the_enter_methods():
+    """Every state change goes through Process.enter / Watcher._enter: no other code in
+    circus.py assigns a state attribute (initial values in __init__ excepted)."""
+    import ast
+    tree = ast.parse((HERE / "circus.py").read_text())
+    state_attrs = {"state", "_state", "status", "sv_state", "_shown", "sv_since"}
+    where = set()
+    for cls in (n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)):
+        for fn in (n for n in cls.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))):
+            for node in ast.walk(fn):
+                targets = node.targets if isinstance(node, ast.Assign) else \
+                    [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else []
+                for t in targets:
+                    for e in (t.elts if isinstance(t, ast.Tuple) else [t]):
+                        if isinstance(e, ast.Attribute) and e.attr in state_attrs:
+                            where.add((cls.name, fn.name))
+    allowed = {("Process", "__init__"), ("Process", "enter"), ("Watcher", "__init__"), ("Watcher", "_enter")}
+    assert where - allowed == set(), where - allowed
+    assert ("Process", "enter") in where and ("Watcher", "_enter") in where
 
 
 def test_e2e_spawn_failures_are_visible_and_contained(daemon, shortdir):
