@@ -4779,10 +4779,13 @@ def get_arbiter(watchers, controller=DEFAULT_ENDPOINT, pubsub_endpoint=DEFAULT_P
                 sockets=(), check_delay=1.0, warmup_delay=0, **kw) -> Arbiter:
     """Build an Arbiter from dicts, like Circus's ``get_arbiter``.
 
-    ``watchers`` are dicts with ``name``, ``cmd`` and any watcher option;
+    ``watchers`` are dicts with ``cmd`` and any watcher option; ``name`` defaults to the
+    command's base name, as in Circus (``{"cmd": "python app.py"}`` is ``python``);
     ``sockets`` are dicts with ``name`` and socket keys (host, port, path...).
     Pass ``controller=None, pubsub_endpoint=None`` for no ZeroMQ channels.
     """
+    watchers = [dict(w, name=os.path.basename(str(w.get("cmd") or "").split(" ")[0]))
+                if isinstance(w, dict) and "name" not in w else w for w in watchers]
     socks = [s if isinstance(s, SocketConfig) else SocketConfig(**s) for s in sockets]
     return Arbiter(watchers, controller, pubsub_endpoint, sockets=socks,
                    check_delay=check_delay, warmup_delay=warmup_delay, **kw)

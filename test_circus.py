@@ -2060,6 +2060,13 @@ def test_all_is_the_documented_contract():
         assert obj.__doc__ and obj.__doc__.strip(), name
 
 
+def test_get_arbiter_names_a_watcher_after_its_command_as_circus_does():
+    spec = {"cmd": "/bin/sleep 120", "numprocesses": 2}     # Circus's documented example: no name
+    arb = circus.get_arbiter([spec], controller=None, pubsub_endpoint=None)
+    assert [w.name for w in arb.watchers] == ["sleep"] and "name" not in spec
+    assert arb.get_watcher("sleep").conf.options["numprocesses"] == 2
+
+
 def test_e2e_arbiter_run_blocks_in_its_own_loop(shortdir):
     code = textwrap.dedent("""\
         import sys
