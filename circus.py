@@ -885,12 +885,32 @@ class WatcherConfig:
         if isinstance(o["ready"], float) and o["ready"] >= o["ready_timeout"]:
             raise ValueError("ready = %g can never happen within ready_timeout = %g: raise "
                              "ready_timeout" % (o["ready"], o["ready_timeout"]))
+        self._check_spawnable()
         for which in ("stdout_stream", "stderr_stream"):
             conf = getattr(self, which)
             if conf and "class" not in conf and "filename" not in conf:
                 raise ValueError("%s.* needs %s.class (e.g. FileStream) or %s.filename"
                                  % (which, which, which))
         return self
+
+    def _check_spawnable(self):
+        """What every spawn would trip on (an open quote, a NUL in env): an error now, not a
+        watcher that never starts."""
+        import shlex
+        o = self.options
+        words = ("shell_args",) if o["shell"] else ("cmd", "args")
+        for key in words:
+            if isinstance(o[key], str):
+                try:
+                    shlex.split(o[key])
+                except ValueError as e:
+                    err = ValueError("%s: %r cannot be split into words: %s" % (key, o[key], e))
+                    err.key = key
+                    raise err from None
+        for k, v in self.env.items():
+            if not k or "=" in k or "\0" in k + v:
+                raise ValueError("env: %r=%r: a name may not be empty or hold '=', and neither may "
+                                 "hold a NUL byte" % (k, v))
 
     def key(self):
         """Everything that defines this watcher, for reloadconfig diffs."""
@@ -1182,7 +1202,7 @@ def load_config(path: str, environ=None) -> CircusConfig:
         try:
             wc.check()
         except ValueError as e:
-            raise ConfigError("%s: %s" % (ini.where(name), e)) from None
+            raise ConfigError("%s: %s" % (ini.where(name, getattr(e, "key", None)), e)) from None
         _check_max_processes(cfg, wc.options["numprocesses"], ini.where(name, "numprocesses"))
         for which in ("stdout_stream", "stderr_stream"):
             why = log_folder_error(getattr(wc, which))

@@ -236,6 +236,8 @@ _LONG_PATH = "/tmp/" + "d" * 120 + ".sock"
     ("[watcher:a]\ncmd = x\nstdout_stream.max_bytes = -5\n", 3, "stdout_stream.max_bytes: -5"),
     ("[watcher:a]\ncmd = x\nstderr_stream.backup_count = many\n", 3, "'many' is not an integer"),
     ("[watcher:a]\ncmd = x\nstdout_stream.rotate_when = fortnight\n", 3, "rotate_when 'fortnight'"),
+    ("[watcher:a]\ncmd = x\nargs = --name 'unclosed\n", 3, "args: \"--name 'unclosed\" cannot be split"),
+    ("[watcher:a]\nshell = true\ncmd = x\nshell_args = 'a\n", 4, "shell_args: \"'a\" cannot be split"),
     # [circus]: endpoints parseable, ports and the rest in range
     ("[circus]\nendpoint = ipc://@x\n", 2, "abstract socket"),
     ("[circus]\nendpoint = ipc://\n", 2, "has no socket path"),
@@ -2818,6 +2820,8 @@ def test_e2e_set_and_add_refuse_unknown_keys_and_values_out_of_range(daemon):
         ({"ready": 90}, "ready = 90 can never happen within ready_timeout = 60"),
         ({"flapping.window": -1}, "flapping.window: -1 is out of range"),
         ({"cmd": "sleep 121", "bogus": 1}, "unknown key 'bogus'"),
+        ({"cmd": "sleep 'x"}, "No closing quotation"),       # every spawn would fail on it
+        ({"env": {"A\0": "x"}}, "NUL byte"),
     ]:
         r = d.call("set", name="w", options=options, waiting=True)
         assert r["status"] == "error" and r["errno"] == 3 and needle in r["reason"], (options, r)
