@@ -5532,6 +5532,7 @@ def check_peer(arb, peer, name: str, props: dict) -> None:
                               % peer.uid)
         given = dict(options, **{k: props[k] for k in ("cmd", "args") if props.get(k) is not None})
         for key, value in given.items():
+            _check_option_name(key)         # a typo is a typo, as for root, not a refusal
             _check_owner_key(peer, key, value)
         return
     if name not in WATCHER_COMMANDS:
@@ -5546,6 +5547,7 @@ def check_peer(arb, peer, name: str, props: dict) -> None:
             raise peer.refuse("watcher %r does not run as uid %d" % (w.name, peer.uid))
     if name == "set" and isinstance(props.get("options"), dict):
         for key, value in props["options"].items():
+            _check_option_name(key, targets[0])
             _check_owner_key(peer, key, value, targets[0].conf)
 
 

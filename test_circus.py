@@ -5967,6 +5967,11 @@ def test_e2e_curve_owner_keys_get_endpoint_owner_rights_only(other_user, daemon,
         assert c.call("quit")["status"] == "error"
         assert c.call("add", name="x", cmd="sleep 120", options={"uid": other_user.pw_name})["status"] == "ok"
         assert c.call("status")["status"] == "ok"
+        # a misspelt key is the same error as for root, not "only root may set"
+        r = c.call("set", name="x", options={"numprocess": 3})
+        assert r["errno"] == 3 and r["reason"] == "unknown key 'numprocess'", r
+        r = c.call("add", name="y", cmd="id", options={"uid": other_user.pw_name, "numprocess": 2})
+        assert r["errno"] == 3 and r["reason"] == "unknown key 'numprocess'", r
     assert d.call("set", name="w", options={"numprocesses": 2})["status"] == "ok"      # an admin key
     assert d.call("get", name="w", keys=["cmd"])["options"]["cmd"] == "sleep 120"
 
