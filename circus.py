@@ -9145,8 +9145,8 @@ def main(argv=None) -> int:
         return web_main(rest)
     if mode == "check":
         return check_main(rest)
-    if os.path.isfile(mode):
-        return daemon_main(argv)            # `python circus.py FILE`, as `circusd FILE`
+    if os.path.isfile(mode) or (mode.startswith("-") and any(os.path.isfile(a) for a in rest)):
+        return daemon_main(argv)            # `python circus.py [--daemon...] FILE`, as circusd
     sys.stderr.write("error: no such file: %r (give a config file, or the mode daemon, ctl, web or "
                      "check; see python circus.py --help)\n" % mode)
     return 2

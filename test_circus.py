@@ -6675,6 +6675,15 @@ def test_e2e_daemon_cmdline_names_circus_py_and_config_old_bytecode_pruned(daemo
         user.wait(TIMEOUT)
 
 
+def test_options_before_the_config_file_run_the_daemon_as_circusd_does(tmp_path, monkeypatch):
+    conf = write(tmp_path / "c.ini", "[watcher:w]\ncmd = sleep 1\n")
+    seen = []
+    monkeypatch.setattr(circus, "daemon_main", lambda argv: seen.append(argv) or 0)
+    assert circus.main(["--log-level", "debug", conf]) == 0     # `circusd --log-level debug FILE`
+    assert seen == [["--log-level", "debug", conf]]
+    assert circus.main(["--daemon", str(tmp_path / "missing.ini")]) == 2 and len(seen) == 1
+
+
 def test_e2e_any_existing_file_is_a_config_a_missing_one_is_named(daemon, shortdir):
     """`python circus.py FILE` runs any existing file as `circusd FILE` does."""
     d = daemon("[watcher:w]\ncmd = sleep 120\n", start=False, name="circus.ini.example")
