@@ -9069,6 +9069,22 @@ def _check_logging(cfg) -> None:
         raise CircusError("loggerconfig %s: no such file" % cfg.loggerconfig)
 
 
+def _check_ipc_folders(arb) -> None:
+    """The folder rules _bind applies at start, binding nothing (a missing private folder
+    is made at start, so only an existing one is checked)."""
+    for what, ep, owner in (("control endpoint", arb.endpoint, arb.endpoint_owner),
+                            ("pubsub endpoint", arb.pubsub_endpoint, None),
+                            ("stats endpoint", arb.stats_endpoint if arb.statsd else None, None)):
+        if not ep or not ep.startswith("ipc://") or ep.startswith("ipc://@"):
+            continue
+        folder = os.path.dirname(ep[6:])
+        if folder == private_dir():
+            if os.path.isdir(folder):
+                ensure_private_dir(folder)
+            continue
+        os.close(_ipc_folder(ep[6:], what, ep, sticky_ok=owner is None))
+
+
 def check_main(argv) -> int:
     """``check CONFIG``: load and check a config as the daemon would at start, binding and
     starting nothing (so it works while that daemon runs), like ``nginx -t``. Every warning
@@ -9092,6 +9108,7 @@ def check_main(argv) -> int:
         said[:0] = cfg.warnings
         arb = Arbiter.from_config(cfg)      # hooks, stream classes, plugins, as at start
         check_endpoints(arb)
+        _check_ipc_folders(arb)
         _check_logging(cfg)
         for conf in cfg.sockets:
             CircusSocket(conf).check_address()

@@ -7333,6 +7333,16 @@ def test_check_command_reports_the_error_and_exits_1(tmp_path, body, needle):
     assert needle in line and r.stderr.endswith(line + "\n"), r.stderr
 
 
+def test_check_refuses_an_ipc_folder_the_daemon_refuses(tmp_path):
+    shared = tmp_path / "s"
+    shared.mkdir()
+    os.chmod(shared, 0o777)         # anyone could swap the socket: the daemon will not start
+    r = run_check(write(tmp_path / "c.ini", "[circus]\nendpoint = ipc://%s/c.sock\n" % shared))
+    assert r.returncode == 1 and "its folder %s is writable by others" % shared in r.stderr, r.stderr
+    os.chmod(shared, 0o755)
+    assert run_check(str(tmp_path / "c.ini")).returncode == 0
+
+
 def test_e2e_check_works_while_the_daemon_runs(daemon, shortdir):
     (port,) = free_ports(1)
     d = daemon("""
