@@ -3242,6 +3242,7 @@ class Watcher:
         self.flapping = None            # a Flapping, when configured
         self.restarts = 0               # processes replaced after they died
         self._user_gen = 0              # bumped by every start/stop not made by flapping
+        self._stop_pending = False      # _stop_soon queued a stop: spawn no more meanwhile
         self._flap_timer = None
         self.sv_state = ProcState.STOPPED   # shown when no process runs (EXITED, FATAL...)
         self.sv_since = None            # when sv_state was entered
@@ -3547,6 +3548,8 @@ class Watcher:
         try:
             pause = time.monotonic() + 0.005
             while self.status in (STARTING, ACTIVE) and (force > 0 or len(self.processes) < self.numprocesses):
+                if self._stop_pending:
+                    return          # given up while starting: the queued stop waits for this loop
                 if self.arbiter is not None and self.arbiter.stopping:
                     return          # quitting: what runs is about to be stopped
                 if self._respawn_handle is not None and not force:
@@ -3565,6 +3568,8 @@ class Watcher:
                 self._topping_up = False
 
     def _failed_start(self):
+        if self._stop_pending:
+            return          # already given up: the stop is on its way
         self.failures += 1
         self.sv_state, self.sv_since = ProcState.BACKOFF, time.time()
         limit = self.conf.options["max_retry"]
@@ -3733,7 +3738,7 @@ class Watcher:
         self.emit("reap", process_pid=p.pid, time=now, exit_code=p.returncode, state=p.state)
         self.call_hook("after_reap", process_pid=p.pid, time=now, exit_code=p.returncode,
                        process_status=p.state)
-        if not counted or p.stopping or self.status not in (STARTING, ACTIVE):
+        if not counted or p.stopping or self.status not in (STARTING, ACTIVE) or self._stop_pending:
             return
         _log().info("watcher %s: pid %d exited (%s)", self.name, p.pid, describe_exit(p.returncode))
         self.sv_state, self.sv_since = p.state, now
@@ -3790,10 +3795,12 @@ class Watcher:
         """Stop from inside (give up, flapping, exited): queued behind the commands
         on this watcher, and dropped if a user started or stopped it meanwhile."""
         gen = self._user_gen
+        self._stop_pending = True
 
         async def run():
             if gen != self._user_gen:
                 return
+            self._stop_pending = False
             await self.stop(final_state, by_flapping=by_flapping)
             if then is not None:
                 then()
@@ -3811,6 +3818,7 @@ class Watcher:
     def _user_action(self, by_flapping):
         if not by_flapping:
             self._user_gen += 1
+            self._stop_pending = False      # a user's start/stop replaces a queued stop
             if self._flap_timer is not None:
                 self._flap_timer.cancel()
                 self._flap_timer = None
@@ -3906,7 +3914,7 @@ class Watcher:
             self.sv_state, self.sv_since = ProcState.FATAL, time.time()
             raise CommandError("watcher %s: %s" % (self.name, self.last_error), E_OS_ERROR) from None
         await self.spawn_missing()
-        if self.status != STARTING:
+        if self.status != STARTING or self._stop_pending:
             return {"started": list(self.processes), "kept": []}
         if not self.call_hook("after_start"):
             await self.stop()

@@ -4632,6 +4632,24 @@ def test_e2e_sv_startsecs_startretries_fatal(daemon, shortdir):
     wait_for(lambda: count.read_text().count("x") >= 4, what="a new spawn after start")
 
 
+def test_e2e_many_processes_that_die_at_once_go_fatal_during_start_up(daemon):
+    """Giving up (max_retry) while the start-up still spawns: the spawning stops, the watcher
+    ends FATAL and the next one starts (the start-up once respawned forever, holding the lock)."""
+    d = daemon("""
+        [watcher:broken]
+        cmd = false
+        numprocesses = 200
+        priority = 2
+        [watcher:next]
+        cmd = sleep 120
+        """)
+    wait_for(lambda: d.call("status", name="broken")["status"] == "stopped", what="broken stopped")
+    wait_for(lambda: d.call("status", name="next")["status"] == "active", what="next started")
+    assert "FATAL" in d.ctl("status", "--long", "broken").stdout
+    log = d.log.read_text()
+    assert log.count("(FATAL)") == 1 and "watcher broken started" not in log, log[-2000:]
+
+
 def test_e2e_sv_group_members_keep_their_priority(daemon):
     """supervisord 4.3: at boot a [group:x] starts by its own priority, its members in the
     order of programs=; `start g:*` / `stop g:*` go by the members' priorities, lowest first."""
