@@ -2822,6 +2822,8 @@ def test_e2e_set_and_add_refuse_unknown_keys_and_values_out_of_range(daemon):
         ({"cmd": "sleep 121", "bogus": 1}, "unknown key 'bogus'"),
         ({"cmd": "sleep 'x"}, "No closing quotation"),       # every spawn would fail on it
         ({"env": {"A\0": "x"}}, "NUL byte"),
+        ({"stdout_stream.class": "FileStream", "stdout_stream.filename": "/no-such-dir-cv/x.log"},
+         "the folder of /no-such-dir-cv/x.log does not exist"),           # as add and the file say
     ]:
         r = d.call("set", name="w", options=options, waiting=True)
         assert r["status"] == "error" and r["errno"] == 3 and needle in r["reason"], (options, r)
