@@ -4335,7 +4335,8 @@ class Arbiter:
     async def _serve(self):
         import threading        # signal handlers can only be set from the main thread
         await self._start(handle_signals=threading.current_thread() is threading.main_thread())
-        self.sd_notify("READY=1\nMAINPID=%d" % os.getpid())
+        if not self.stopping:       # a quit during start-up already said STOPPING=1
+            self.sd_notify("READY=1\nMAINPID=%d" % os.getpid())
         await self._done
         return 0
 
@@ -4402,7 +4403,8 @@ class Arbiter:
         # half-started arbiter (read-only commands take no lock and answer meanwhile)
         async with self._lock:
             await self.start_watchers()
-        _log().info("arbiter ready: %d watchers, control on %s", len(self.watchers), self.endpoint)
+        if not self.stopping:
+            _log().info("arbiter ready: %d watchers, control on %s", len(self.watchers), self.endpoint)
 
     def _bind_sockets(self, confs):
         for conf in confs:

@@ -3116,14 +3116,24 @@ def test_e2e_sigterm_during_start_up_leaves_nothing(daemon):
     started so far, then start-up went on with the rest: exit 0 with processes left."""
     marker = _marker()
     d = daemon(_spawning_config(marker, 100), start=False)
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(d.root / "n.sock"))
+    notify.setblocking(False)
     try:
-        d.start(wait=False)
+        d.start(wait=False, env=dict(os.environ, NOTIFY_SOCKET=str(d.root / "n.sock")))
         wait_for(lambda: len(procs_mentioning(marker)) >= 20, what="start-up to be under way")
         assert len(procs_mentioning(marker)) < 300, "start-up ended before the test could interrupt it"
         os.kill(d.proc.pid, signal.SIGTERM)
         assert d.proc.wait(TIMEOUT) == 0
         assert procs_mentioning(marker) == []
+        said = []
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                said.append(notify.recv(1000))
+        assert said == [b"STOPPING=1"]          # never READY=1 after it: systemd would believe it
+        assert "arbiter ready" not in d.log.read_text()
     finally:
+        notify.close()
         _kill_daemon_then_marked(d, marker)
 
 
