@@ -990,9 +990,16 @@ def _logoutput(value) -> str:
     return text
 
 
+def _known_user(value) -> str:
+    """endpoint_owner: a user this machine knows (not a traceback when the socket is bound)."""
+    text = str(value).strip()
+    resolve_user(text, None)
+    return text
+
+
 _CIRCUS_KEYS = {
     "endpoint": zmq_endpoint, "pubsub_endpoint": zmq_endpoint, "stats_endpoint": zmq_endpoint,
-    "multicast_endpoint": udp_group, "endpoint_owner": str, "statsd": to_bool,
+    "multicast_endpoint": udp_group, "endpoint_owner": _known_user, "statsd": to_bool,
     # check_delay is only reported (circusd takes -1, a corpus config has it): finite suffices
     "check_delay": ranged(to_float), "warmup_delay": _delay, "umask": _umask,
     "httpd": to_bool, "httpd_host": str, "httpd_port": _port, "httpd_token": str, "debug": to_bool,

@@ -252,6 +252,7 @@ _LONG_PATH = "/tmp/" + "d" * 120 + ".sock"
     ("[circus]\nhttpd_port = 65536\n", 2, "httpd_port: 65536"),
     ("[circus]\numask = 1777\n", 2, "umask: 1777"),
     ("[circus]\nmax_processes = -1\n", 2, "max_processes: -1"),
+    ("[circus]\nendpoint_owner = no-such-user-cv\n", 2, "endpoint_owner: unknown user 'no-such-user-cv'"),
     ("[circus]\nwarmup_delay = -1\n", 2, "warmup_delay: -1"),
     ("[circus]\ncheck_delay = inf\n", 2, "is not a finite number"),
     ("[circus]\nloglevel = loud\n", 2, "loglevel: 'loud': use critical, error"),
