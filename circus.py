@@ -9130,6 +9130,11 @@ def check_main(argv) -> int:
         check_endpoints(arb)
         _check_ipc_folders(arb)
         _check_logging(cfg)
+        if cfg.pidfile:         # its folder, reached as the daemon will (the file may be in use)
+            try:
+                os.close(_open_folder(os.path.dirname(os.path.abspath(cfg.pidfile))))
+            except OSError as e:
+                raise CircusError("pidfile %s: %s" % (cfg.pidfile, os_error_text(e))) from None
         for conf in cfg.sockets:
             CircusSocket(conf).check_address()
         if cfg.directory and not os.path.isdir(os.path.expanduser(cfg.directory)):

@@ -7356,6 +7356,7 @@ def test_check_command_prints_every_warning_and_exits_0(tmp_path):
     ("[circus]\nendpoint = tcp://127.0.0.1\n", "c.ini:2 [circus] endpoint: 'tcp://127.0.0.1' is not an endpoint"),
     ("[program:x]\ncommand = sleep 1\nstartsecs = soon\n", "[program:x] startsecs"),
     ("[circus]\nlogoutput = /no/such/dir/d.log\n", "logoutput /no/such/dir/d.log: the folder /no/such/dir"),
+    ("[circus]\npidfile = /no/such/dir/d.pid\n", "pidfile /no/such/dir/d.pid: "),
 ])
 def test_check_command_reports_the_error_and_exits_1(tmp_path, body, needle):
     r = run_check(write(tmp_path / "c.ini", body))
