@@ -9041,7 +9041,7 @@ def daemon_main(argv) -> int:
             _log().warning("%s", w)
         arbiter = Arbiter.from_config(cfg)
     except (CircusError, OSError, ValueError) as e:
-        err.write("error: %s\n" % e)
+        err.write("error: %s\n" % (os_error_text(e) if isinstance(e, OSError) else e))
         return 1
     try:
         _raise_nofile(cfg.minfds)
@@ -9085,6 +9085,11 @@ def _check_logging(cfg) -> None:
         folder = os.path.dirname(os.path.abspath(out))
         if not os.path.isdir(folder):
             raise CircusError("logoutput %s: the folder %s does not exist" % (out, folder))
+        if os.path.lexists(out):        # opened as the daemon will (a planted symlink...)
+            try:
+                os.close(open_log(os.path.abspath(out)))
+            except OSError as e:
+                raise CircusError("logoutput %s: %s" % (out, e.strerror or e)) from None
     if cfg.loggerconfig and cfg.loggerconfig != "default" and not os.path.isfile(cfg.loggerconfig):
         raise CircusError("loggerconfig %s: no such file" % cfg.loggerconfig)
 

@@ -1740,6 +1740,20 @@ def _plant(link, target, uid=54321):
     os.lchown(str(link), uid, uid)
 
 
+def test_check_and_the_daemon_refuse_a_planted_logfile_in_one_line(hostile_folder):
+    logs, secret, victim = hostile_folder
+    _plant(logs / "d.log", victim)
+    conf = write(logs.parent / "s.conf", "[supervisord]\nlogfile = %s\n[program:p]\ncommand = sleep 1\n"
+                 % (logs / "d.log"))
+    why = "%s: a symlink owned by uid 54321, which the daemon does not write through" % (logs / "d.log")
+    r = run_check(conf)         # check said ok, then the daemon refused to start
+    assert r.returncode == 1 and "error: logoutput " + why in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, str(CIRCUS_PY), "daemon", conf], capture_output=True, text=True,
+                       timeout=60, start_new_session=True)
+    assert r.returncode == 1 and r.stderr == "error: %s: name the real file\n" % why     # no [Errno 40]
+    assert not victim.exists()
+
+
 def test_log_streams_never_write_through_a_symlink(hostile_folder, caplog):
     logs, secret, victim = hostile_folder
     chunk = {"data": b"output\n", "pid": 1, "name": "stdout"}
