@@ -6840,6 +6840,10 @@ class NoDaemonError(CallError):
     """Nothing listens on an ipc endpoint: known at once, no timeout to wait for."""
 
 
+class NoAccessError(CallError):
+    """An ipc socket this user may not connect to: known at once too."""
+
+
 def _check_ipc_listener(endpoint: str) -> None:
     """NoDaemonError when an ipc:// endpoint has no socket file or refuses connections
     (a daemon that was killed); anything else is left to ZeroMQ."""
@@ -6856,6 +6860,9 @@ def _check_ipc_listener(endpoint: str) -> None:
             why = "no socket file"
         except ConnectionRefusedError:
             why = "its socket file is left over: nothing listens on it"
+        except PermissionError:     # known at once too: no use waiting for a timeout
+            raise NoAccessError("cannot connect to %s: permission denied (its socket is only for the "
+                            "daemon's user and endpoint_owner): run ctl as one of them" % endpoint) from None
         except OSError:
             pass
     if why:
@@ -7356,6 +7363,9 @@ def _ctl_unreachable(e, endpoint, curve=None) -> int:
     if isinstance(e, NoDaemonError):
         sys.stderr.write("error: %s\n" % e)
         return 3
+    if isinstance(e, NoAccessError):
+        sys.stderr.write("error: %s\n" % e)
+        return 1
     sys.stderr.write("%s\nIs the daemon running on %s? (set --endpoint or $CIRCUSCTL_ENDPOINT)%s\n"
                      % (e, endpoint, _curve_hint(curve)))
     return 1

@@ -2610,6 +2610,27 @@ def test_e2e_ctl_says_at_once_no_daemon_runs_on_ipc(daemon, shortdir):
     assert r.returncode == 3 and "no daemon is running" in r.stderr
 
 
+def test_ctl_says_at_once_a_socket_is_not_for_this_user(other_user, shortdir, capsys):
+    """Another user's 0600 socket: one line at once, not "Timed out" after the timeout."""
+    os.chmod(shortdir, 0o755)
+    path = os.path.join(shortdir, "c.sock")
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(path)
+        os.chmod(path, 0o600)
+        s.listen()
+
+        def probe():
+            try:
+                circus._check_ipc_listener("ipc://" + path)
+            except circus.CallError as e:
+                return [type(e).__name__, str(e)]
+        r = as_user(other_user, probe)
+    assert r == ["NoAccessError", "cannot connect to ipc://%s: permission denied (its socket is only "
+                 "for the daemon's user and endpoint_owner): run ctl as one of them" % path], r
+    assert circus._ctl_unreachable(circus.NoAccessError(r[1]), "ipc://" + path) == 1
+    assert capsys.readouterr().err == "error: %s\n" % r[1]
+
+
 def test_e2e_ctl_listen_finds_pubsub_from_the_control_endpoint(daemon):
     """`ctl --endpoint CONTROL listen` asks the daemon for its pub/sub endpoint, as tail -f."""
     import select
