@@ -944,12 +944,32 @@ class WatcherConfig:
         if isinstance(o["ready"], float) and o["ready"] >= o["ready_timeout"]:
             raise ValueError("ready = %g can never happen within ready_timeout = %g: raise "
                              "ready_timeout" % (o["ready"], o["ready_timeout"]))
+        self._check_spawnable()
         for which in ("stdout_stream", "stderr_stream"):
             conf = getattr(self, which)
             if conf and "class" not in conf and "filename" not in conf:
                 raise ValueError("%s.* needs %s.class (e.g. FileStream) or %s.filename"
                                  % (which, which, which))
         return self
+
+    def _check_spawnable(self):
+        """What every spawn would trip on (an open quote, a NUL in env): an error now, not a
+        watcher that never starts."""
+        import shlex
+        o = self.options
+        words = ("shell_args",) if o["shell"] else ("cmd", "args")
+        for key in words:
+            if isinstance(o[key], str):
+                try:
+                    shlex.split(o[key])
+                except ValueError as e:
+                    err = ValueError("%s: %r cannot be split into words: %s" % (key, o[key], e))
+                    err.key = key
+                    raise err from None
+        for k, v in self.env.items():
+            if not k or "=" in k or "\0" in k + v:
+                raise ValueError("env: %r=%r: a name may not be empty or hold '=', and neither may "
+                                 "hold a NUL byte" % (k, v))
 
     def key(self):
         """Everything that defines this watcher, for reloadconfig diffs."""
@@ -1029,9 +1049,16 @@ def _logoutput(value) -> str:
     return text
 
 
+def _known_user(value) -> str:
+    """endpoint_owner: a user this machine knows (not a traceback when the socket is bound)."""
+    text = str(value).strip()
+    resolve_user(text, None)
+    return text
+
+
 _CIRCUS_KEYS = {
     "endpoint": zmq_endpoint, "pubsub_endpoint": zmq_endpoint, "stats_endpoint": zmq_endpoint,
-    "multicast_endpoint": udp_group, "endpoint_owner": str, "statsd": to_bool,
+    "multicast_endpoint": udp_group, "endpoint_owner": _known_user, "statsd": to_bool,
     # check_delay is only reported (circusd takes -1, a corpus config has it): finite suffices
     "check_delay": ranged(to_float), "warmup_delay": _delay, "umask": _umask,
     "httpd": to_bool, "httpd_host": str, "httpd_port": _port, "httpd_token": str, "debug": to_bool,
@@ -1154,8 +1181,9 @@ class _Reader:
     def conv(self, section, key, value, func):
         try:
             return func(value)
-        except (ValueError, TypeError) as e:
-            raise ConfigError("%s: %s" % (self.ini.where(section, key), e)) from None
+        except (ValueError, TypeError) as e:        # a check names its key: point at its line
+            where = self.ini.where(section, key if key is not None else getattr(e, "key", None))
+            raise ConfigError("%s: %s" % (where, e)) from None
 
     def warn_unknown(self, section, key, known, what="unknown key, ignored"):
         self.cfg.warnings.append(_unknown_key(self.ini.where(section, key), known, what))
@@ -3405,6 +3433,7 @@ class RestartPolicy:
         self._respawn = None        # timer of a pending top-up (a backoff)
         self._flap_timer = None     # timer of flapping's retry
         self._user_gen = 0          # bumped by every start/stop not made by flapping
+        self.stop_pending = False   # _stop_soon queued a stop: spawn no more meanwhile
         if before is not None:      # the rules changed (`set startsecs`): counters and timers go on
             self.__dict__.update(before.__dict__)
 
@@ -3432,6 +3461,7 @@ class RestartPolicy:
         """A start or stop: a user's one (not flapping's) drops whatever was queued."""
         if not by_flapping:
             self._user_gen += 1
+            self.stop_pending = False       # a user's start/stop replaces a queued stop
             if self._flap_timer is not None:
                 self._flap_timer.cancel()
                 self._flap_timer = None
@@ -3494,6 +3524,8 @@ class RestartPolicy:
         return _backoff(self.failures)
 
     def _failed_start(self) -> None:
+        if self.stop_pending:
+            return          # already given up: the stop is on its way
         self.failures += 1
         self.w._enter(shown=ProcState.BACKOFF)
         limit = self.w.conf.options["max_retry"]
@@ -3552,11 +3584,13 @@ class RestartPolicy:
         the watcher, and dropped if a user started or stopped it meanwhile; then
         ``then(generation)``, unless a user acted during the stop."""
         gen = self._user_gen
+        self.stop_pending = True
         self.w.queue(lambda: self._stop_if(gen, final_state, by_flapping, then))
 
     async def _stop_if(self, gen, final_state, by_flapping, then) -> None:
         if gen != self._user_gen:
             return
+        self.stop_pending = False
         await self.w.stop(final_state, by_flapping=by_flapping)
         if then is not None and gen == self._user_gen:
             then(gen)
@@ -4134,6 +4168,8 @@ class Watcher:
         try:
             pause = time.monotonic() + 0.005
             while self.running and (force > 0 or len(self.processes) < self.numprocesses):
+                if self.policy.stop_pending:
+                    return          # given up while starting: the queued stop waits for this loop
                 if self.arbiter is not None and self.arbiter.stopping:
                     return          # quitting: what runs is about to be stopped
                 if self.policy.pending and not force:
@@ -4213,7 +4249,7 @@ class Watcher:
         self.emit("reap", process_pid=p.pid, time=now, exit_code=p.returncode, state=p.state)
         self.call_hook("after_reap", process_pid=p.pid, time=now, exit_code=p.returncode,
                        process_status=p.state)
-        if counted and not p.stopping and self.running:
+        if counted and not p.stopping and self.running and not self.policy.stop_pending:
             _log().info("watcher %s: pid %d exited (%s)", self.name, p.pid, describe_exit(p.returncode))
             self.policy.exited(p, now)
 
@@ -4282,7 +4318,7 @@ class Watcher:
             self._enter(ProcState.STOPPED, ProcState.FATAL)
             raise CommandError("watcher %s: %s" % (self.name, self.last_error), E_OS_ERROR) from None
         await self.spawn_missing()
-        if self._state != ProcState.STARTING:
+        if self._state != ProcState.STARTING or self.policy.stop_pending:
             return {"started": list(self.processes), "kept": []}
         if not self.call_hook("after_start"):
             await self.stop()
@@ -4847,7 +4883,8 @@ class Arbiter:
     async def _serve(self):
         import threading        # signal handlers can only be set from the main thread
         await self._start(handle_signals=threading.current_thread() is threading.main_thread())
-        self.sd_notify("READY=1\nMAINPID=%d" % os.getpid())
+        if not self.stopping:       # a quit during start-up already said STOPPING=1
+            self.sd_notify("READY=1\nMAINPID=%d" % os.getpid())
         await self._done
         return 0
 
@@ -4914,7 +4951,8 @@ class Arbiter:
         # half-started arbiter (read-only commands take no lock and answer meanwhile)
         async with self._lock:
             await self.start_watchers()
-        _log().info("arbiter ready: %d watchers, control on %s", len(self.watchers), self.endpoint)
+        if not self.stopping:
+            _log().info("arbiter ready: %d watchers, control on %s", len(self.watchers), self.endpoint)
 
     def _bind_sockets(self, confs):
         for conf in confs:
@@ -5226,10 +5264,13 @@ def get_arbiter(watchers, controller=DEFAULT_ENDPOINT, pubsub_endpoint=DEFAULT_P
                 sockets=(), check_delay=1.0, warmup_delay=0, **kw) -> Arbiter:
     """Build an Arbiter from dicts, like Circus's ``get_arbiter``.
 
-    ``watchers`` are dicts with ``name``, ``cmd`` and any watcher option;
+    ``watchers`` are dicts with ``cmd`` and any watcher option; ``name`` defaults to the
+    command's base name, as in Circus (``{"cmd": "python app.py"}`` is ``python``);
     ``sockets`` are dicts with ``name`` and socket keys (host, port, path...).
     Pass ``controller=None, pubsub_endpoint=None`` for no ZeroMQ channels.
     """
+    watchers = [dict(w, name=os.path.basename(str(w.get("cmd") or "").split(" ")[0]))
+                if isinstance(w, dict) and "name" not in w else w for w in watchers]
     socks = [s if isinstance(s, SocketConfig) else SocketConfig(**s) for s in sockets]
     return Arbiter(watchers, controller, pubsub_endpoint, sockets=socks,
                    check_delay=check_delay, warmup_delay=warmup_delay, **kw)
@@ -5945,6 +5986,7 @@ def check_peer(arb, peer, name: str, props: dict) -> None:
                               % peer.uid)
         given = dict(options, **{k: props[k] for k in ("cmd", "args") if props.get(k) is not None})
         for key, value in given.items():
+            _check_option_name(key)         # a typo is a typo, as for root, not a refusal
             _check_owner_key(peer, key, value)
         return
     if name not in WATCHER_COMMANDS:
@@ -5959,6 +6001,7 @@ def check_peer(arb, peer, name: str, props: dict) -> None:
             raise peer.refuse("watcher %r does not run as uid %d" % (w.name, peer.uid))
     if name == "set" and isinstance(props.get("options"), dict):
         for key, value in props["options"].items():
+            _check_option_name(key, targets[0])
             _check_owner_key(peer, key, value, targets[0].conf)
 
 
@@ -6221,6 +6264,9 @@ def cmd_set(arb, props):
             raise MessageError("numprocesses %s is above max_processes (%d)" % (options[key], arb.max_processes))
     try:
         probe.check()
+        for which in ("stdout_stream", "stderr_stream"):
+            if any(k.startswith(which) for k in options):
+                w._check_stream(getattr(probe, which))      # as add does: class, log folder
         Flapping.from_settings(arb.flapping_plugin, probe.free)
     except ValueError as e:
         raise MessageError(str(e)) from None
@@ -7231,6 +7277,10 @@ class NoDaemonError(CallError):
     """Nothing listens on an ipc endpoint: known at once, no timeout to wait for."""
 
 
+class NoAccessError(CallError):
+    """An ipc socket this user may not connect to: known at once too."""
+
+
 def _check_ipc_listener(endpoint: str) -> None:
     """NoDaemonError when an ipc:// endpoint has no socket file or refuses connections
     (a daemon that was killed); anything else is left to ZeroMQ."""
@@ -7247,6 +7297,9 @@ def _check_ipc_listener(endpoint: str) -> None:
             why = "no socket file"
         except ConnectionRefusedError:
             why = "its socket file is left over: nothing listens on it"
+        except PermissionError:     # known at once too: no use waiting for a timeout
+            raise NoAccessError("cannot connect to %s: permission denied (its socket is only for the "
+                            "daemon's user and endpoint_owner): run ctl as one of them" % endpoint) from None
         except OSError:
             pass
     if why:
@@ -7728,6 +7781,9 @@ def _ctl_unreachable(e, endpoint, curve=None) -> int:
     if isinstance(e, NoDaemonError):
         sys.stderr.write("error: %s\n" % e)
         return 3
+    if isinstance(e, NoAccessError):
+        sys.stderr.write("error: %s\n" % e)
+        return 1
     sys.stderr.write("%s\nIs the daemon running on %s? (set --endpoint or $CIRCUSCTL_ENDPOINT)%s\n"
                      % (e, endpoint, _curve_hint(curve)))
     return 1
@@ -9413,7 +9469,7 @@ def daemon_main(argv) -> int:
             _log().warning("%s", w)
         arbiter = Arbiter.from_config(cfg)
     except (CircusError, OSError, ValueError) as e:
-        err.write("error: %s\n" % e)
+        err.write("error: %s\n" % (os_error_text(e) if isinstance(e, OSError) else e))
         return 1
     try:
         _raise_nofile(cfg.minfds)
@@ -9457,8 +9513,29 @@ def _check_logging(cfg) -> None:
         folder = os.path.dirname(os.path.abspath(out))
         if not os.path.isdir(folder):
             raise CircusError("logoutput %s: the folder %s does not exist" % (out, folder))
+        if os.path.lexists(out):        # opened as the daemon will (a planted symlink...)
+            try:
+                os.close(open_log(os.path.abspath(out)))
+            except OSError as e:
+                raise CircusError("logoutput %s: %s" % (out, e.strerror or e)) from None
     if cfg.loggerconfig and cfg.loggerconfig != "default" and not os.path.isfile(cfg.loggerconfig):
         raise CircusError("loggerconfig %s: no such file" % cfg.loggerconfig)
+
+
+def _check_ipc_folders(arb) -> None:
+    """The folder rules _bind applies at start, binding nothing (a missing private folder
+    is made at start, so only an existing one is checked)."""
+    for what, ep, owner in (("control endpoint", arb.endpoint, arb.endpoint_owner),
+                            ("pubsub endpoint", arb.pubsub_endpoint, None),
+                            ("stats endpoint", arb.stats_endpoint if arb.statsd else None, None)):
+        if not ep or not ep.startswith("ipc://") or ep.startswith("ipc://@"):
+            continue
+        folder = os.path.dirname(ep[6:])
+        if folder == private_dir():
+            if os.path.isdir(folder):
+                ensure_private_dir(folder)
+            continue
+        os.close(_ipc_folder(ep[6:], what, ep, sticky_ok=owner is None))
 
 
 def check_main(argv) -> int:
@@ -9484,7 +9561,13 @@ def check_main(argv) -> int:
         said[:0] = cfg.warnings
         arb = Arbiter.from_config(cfg)      # hooks, stream classes, plugins, as at start
         check_endpoints(arb)
+        _check_ipc_folders(arb)
         _check_logging(cfg)
+        if cfg.pidfile:         # its folder, reached as the daemon will (the file may be in use)
+            try:
+                os.close(_open_folder(os.path.dirname(os.path.abspath(cfg.pidfile))))
+            except OSError as e:
+                raise CircusError("pidfile %s: %s" % (cfg.pidfile, os_error_text(e))) from None
         for conf in cfg.sockets:
             CircusSocket(conf).check_address()
         if cfg.directory and not os.path.isdir(os.path.expanduser(cfg.directory)):
@@ -9537,8 +9620,8 @@ def main(argv=None) -> int:
         return web_main(rest)
     if mode == "check":
         return check_main(rest)
-    if os.path.isfile(mode):
-        return daemon_main(argv)            # `python circus.py FILE`, as `circusd FILE`
+    if os.path.isfile(mode) or (mode.startswith("-") and any(os.path.isfile(a) for a in rest)):
+        return daemon_main(argv)            # `python circus.py [--daemon...] FILE`, as circusd
     sys.stderr.write("error: no such file: %r (give a config file, or the mode daemon, ctl, web or "
                      "check; see python circus.py --help)\n" % mode)
     return 2

@@ -276,6 +276,8 @@ _LONG_PATH = "/tmp/" + "d" * 120 + ".sock"
     ("[watcher:a]\ncmd = x\nstdout_stream.max_bytes = -5\n", 3, "stdout_stream.max_bytes: -5"),
     ("[watcher:a]\ncmd = x\nstderr_stream.backup_count = many\n", 3, "'many' is not an integer"),
     ("[watcher:a]\ncmd = x\nstdout_stream.rotate_when = fortnight\n", 3, "rotate_when 'fortnight'"),
+    ("[watcher:a]\ncmd = x\nargs = --name 'unclosed\n", 3, "args: \"--name 'unclosed\" cannot be split"),
+    ("[watcher:a]\nshell = true\ncmd = x\nshell_args = 'a\n", 4, "shell_args: \"'a\" cannot be split"),
     # [circus]: endpoints parseable, ports and the rest in range
     ("[circus]\nendpoint = ipc://@x\n", 2, "abstract socket"),
     ("[circus]\nendpoint = ipc://\n", 2, "has no socket path"),
@@ -290,6 +292,7 @@ _LONG_PATH = "/tmp/" + "d" * 120 + ".sock"
     ("[circus]\nhttpd_port = 65536\n", 2, "httpd_port: 65536"),
     ("[circus]\numask = 1777\n", 2, "umask: 1777"),
     ("[circus]\nmax_processes = -1\n", 2, "max_processes: -1"),
+    ("[circus]\nendpoint_owner = no-such-user-cv\n", 2, "endpoint_owner: unknown user 'no-such-user-cv'"),
     ("[circus]\nwarmup_delay = -1\n", 2, "warmup_delay: -1"),
     ("[circus]\ncheck_delay = inf\n", 2, "is not a finite number"),
     ("[circus]\nloglevel = loud\n", 2, "loglevel: 'loud': use critical, error"),
@@ -1813,6 +1816,20 @@ def _plant(link, target, uid=54321):
     os.lchown(str(link), uid, uid)
 
 
+def test_check_and_the_daemon_refuse_a_planted_logfile_in_one_line(hostile_folder):
+    logs, secret, victim = hostile_folder
+    _plant(logs / "d.log", victim)
+    conf = write(logs.parent / "s.conf", "[supervisord]\nlogfile = %s\n[program:p]\ncommand = sleep 1\n"
+                 % (logs / "d.log"))
+    why = "%s: a symlink owned by uid 54321, which the daemon does not write through" % (logs / "d.log")
+    r = run_check(conf)         # check said ok, then the daemon refused to start
+    assert r.returncode == 1 and "error: logoutput " + why in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, str(CIRCUS_PY), "daemon", conf], capture_output=True, text=True,
+                       timeout=60, start_new_session=True)
+    assert r.returncode == 1 and r.stderr == "error: %s: name the real file\n" % why     # no [Errno 40]
+    assert not victim.exists()
+
+
 def test_log_streams_never_write_through_a_symlink(hostile_folder, caplog):
     logs, secret, victim = hostile_folder
     chunk = {"data": b"output\n", "pid": 1, "name": "stdout"}
@@ -2226,6 +2243,13 @@ def test_all_is_the_documented_contract():
     for name in circus.__all__:
         obj = getattr(circus, name)
         assert obj.__doc__ and obj.__doc__.strip(), name
+
+
+def test_get_arbiter_names_a_watcher_after_its_command_as_circus_does():
+    spec = {"cmd": "/bin/sleep 120", "numprocesses": 2}     # Circus's documented example: no name
+    arb = circus.get_arbiter([spec], controller=None, pubsub_endpoint=None)
+    assert [w.name for w in arb.watchers] == ["sleep"] and "name" not in spec
+    assert arb.get_watcher("sleep").conf.options["numprocesses"] == 2
 
 
 def test_e2e_arbiter_run_blocks_in_its_own_loop(shortdir):
@@ -2820,6 +2844,27 @@ def test_e2e_ctl_says_at_once_no_daemon_runs_on_ipc(daemon, shortdir):
     assert r.returncode == 3 and "no daemon is running" in r.stderr
 
 
+def test_ctl_says_at_once_a_socket_is_not_for_this_user(other_user, shortdir, capsys):
+    """Another user's 0600 socket: one line at once, not "Timed out" after the timeout."""
+    os.chmod(shortdir, 0o755)
+    path = os.path.join(shortdir, "c.sock")
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(path)
+        os.chmod(path, 0o600)
+        s.listen()
+
+        def probe():
+            try:
+                circus._check_ipc_listener("ipc://" + path)
+            except circus.CallError as e:
+                return [type(e).__name__, str(e)]
+        r = as_user(other_user, probe)
+    assert r == ["NoAccessError", "cannot connect to ipc://%s: permission denied (its socket is only "
+                 "for the daemon's user and endpoint_owner): run ctl as one of them" % path], r
+    assert circus._ctl_unreachable(circus.NoAccessError(r[1]), "ipc://" + path) == 1
+    assert capsys.readouterr().err == "error: %s\n" % r[1]
+
+
 def test_e2e_ctl_listen_finds_pubsub_from_the_control_endpoint(daemon):
     """`ctl --endpoint CONTROL listen` asks the daemon for its pub/sub endpoint, as tail -f."""
     import select
@@ -3045,6 +3090,10 @@ def test_e2e_set_and_add_refuse_unknown_keys_and_values_out_of_range(daemon):
         ({"ready": 90}, "ready = 90 can never happen within ready_timeout = 60"),
         ({"flapping.window": -1}, "flapping.window: -1 is out of range"),
         ({"cmd": "sleep 121", "bogus": 1}, "unknown key 'bogus'"),
+        ({"cmd": "sleep 'x"}, "No closing quotation"),       # every spawn would fail on it
+        ({"env": {"A\0": "x"}}, "NUL byte"),
+        ({"stdout_stream.class": "FileStream", "stdout_stream.filename": "/no-such-dir-cv/x.log"},
+         "the folder of /no-such-dir-cv/x.log does not exist"),           # as add and the file say
     ]:
         r = d.call("set", name="w", options=options, waiting=True)
         assert r["status"] == "error" and r["errno"] == 3 and needle in r["reason"], (options, r)
@@ -3337,14 +3386,24 @@ def test_e2e_sigterm_during_start_up_leaves_nothing(daemon):
     started so far, then start-up went on with the rest: exit 0 with processes left."""
     marker = _marker()
     d = daemon(_spawning_config(marker, 100), start=False)
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(d.root / "n.sock"))
+    notify.setblocking(False)
     try:
-        d.start(wait=False)
+        d.start(wait=False, env=dict(os.environ, NOTIFY_SOCKET=str(d.root / "n.sock")))
         wait_for(lambda: len(procs_mentioning(marker)) >= 20, what="start-up to be under way")
         assert len(procs_mentioning(marker)) < 300, "start-up ended before the test could interrupt it"
         os.kill(d.proc.pid, signal.SIGTERM)
         assert d.proc.wait(TIMEOUT) == 0
         assert procs_mentioning(marker) == []
+        said = []
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                said.append(notify.recv(1000))
+        assert said == [b"STOPPING=1"]          # never READY=1 after it: systemd would believe it
+        assert "arbiter ready" not in d.log.read_text()
     finally:
+        notify.close()
         _kill_daemon_then_marked(d, marker)
 
 
@@ -4772,6 +4831,24 @@ def test_e2e_sv_startsecs_startretries_fatal(daemon, shortdir):
     wait_for(lambda: count.read_text().count("x") >= 4, what="a new spawn after start")
 
 
+def test_e2e_many_processes_that_die_at_once_go_fatal_during_start_up(daemon):
+    """Giving up (max_retry) while the start-up still spawns: the spawning stops, the watcher
+    ends FATAL and the next one starts (the start-up once respawned forever, holding the lock)."""
+    d = daemon("""
+        [watcher:broken]
+        cmd = false
+        numprocesses = 200
+        priority = 2
+        [watcher:next]
+        cmd = sleep 120
+        """)
+    wait_for(lambda: d.call("status", name="broken")["status"] == "stopped", what="broken stopped")
+    wait_for(lambda: d.call("status", name="next")["status"] == "active", what="next started")
+    assert "FATAL" in d.ctl("status", "--long", "broken").stdout
+    log = d.log.read_text()
+    assert log.count("(FATAL)") == 1 and "watcher broken started" not in log, log[-2000:]
+
+
 def test_e2e_sv_group_members_keep_their_priority(daemon):
     """supervisord 4.3: at boot a [group:x] starts by its own priority, its members in the
     order of programs=; `start g:*` / `stop g:*` go by the members' priorities, lowest first."""
@@ -6095,6 +6172,11 @@ def test_e2e_curve_owner_keys_get_endpoint_owner_rights_only(other_user, daemon,
         assert c.call("quit")["status"] == "error"
         assert c.call("add", name="x", cmd="sleep 120", options={"uid": other_user.pw_name})["status"] == "ok"
         assert c.call("status")["status"] == "ok"
+        # a misspelt key is the same error as for root, not "only root may set"
+        r = c.call("set", name="x", options={"numprocess": 3})
+        assert r["errno"] == 3 and r["reason"] == "unknown key 'numprocess'", r
+        r = c.call("add", name="y", cmd="id", options={"uid": other_user.pw_name, "numprocess": 2})
+        assert r["errno"] == 3 and r["reason"] == "unknown key 'numprocess'", r
     assert d.call("set", name="w", options={"numprocesses": 2})["status"] == "ok"      # an admin key
     assert d.call("get", name="w", keys=["cmd"])["options"]["cmd"] == "sleep 120"
 
@@ -6973,6 +7055,15 @@ def test_e2e_daemon_cmdline_names_circus_py_and_config_old_bytecode_pruned(daemo
         user.wait(TIMEOUT)
 
 
+def test_options_before_the_config_file_run_the_daemon_as_circusd_does(tmp_path, monkeypatch):
+    conf = write(tmp_path / "c.ini", "[watcher:w]\ncmd = sleep 1\n")
+    seen = []
+    monkeypatch.setattr(circus, "daemon_main", lambda argv: seen.append(argv) or 0)
+    assert circus.main(["--log-level", "debug", conf]) == 0     # `circusd --log-level debug FILE`
+    assert seen == [["--log-level", "debug", conf]]
+    assert circus.main(["--daemon", str(tmp_path / "missing.ini")]) == 2 and len(seen) == 1
+
+
 def test_e2e_any_existing_file_is_a_config_a_missing_one_is_named(daemon, shortdir):
     """`python circus.py FILE` runs any existing file as `circusd FILE` does."""
     d = daemon("[watcher:w]\ncmd = sleep 120\n", start=False, name="circus.ini.example")
@@ -7614,12 +7705,23 @@ def test_check_command_prints_every_warning_and_exits_0(tmp_path):
     ("[circus]\nendpoint = tcp://127.0.0.1\n", "c.ini:2 [circus] endpoint: 'tcp://127.0.0.1' is not an endpoint"),
     ("[program:x]\ncommand = sleep 1\nstartsecs = soon\n", "[program:x] startsecs"),
     ("[circus]\nlogoutput = /no/such/dir/d.log\n", "logoutput /no/such/dir/d.log: the folder /no/such/dir"),
+    ("[circus]\npidfile = /no/such/dir/d.pid\n", "pidfile /no/such/dir/d.pid: "),
 ])
 def test_check_command_reports_the_error_and_exits_1(tmp_path, body, needle):
     r = run_check(write(tmp_path / "c.ini", body))
     assert r.returncode == 1 and r.stdout == ""
     (line,) = [l for l in r.stderr.splitlines() if l.startswith("error: ")]
     assert needle in line and r.stderr.endswith(line + "\n"), r.stderr
+
+
+def test_check_refuses_an_ipc_folder_the_daemon_refuses(tmp_path):
+    shared = tmp_path / "s"
+    shared.mkdir()
+    os.chmod(shared, 0o777)         # anyone could swap the socket: the daemon will not start
+    r = run_check(write(tmp_path / "c.ini", "[circus]\nendpoint = ipc://%s/c.sock\n" % shared))
+    assert r.returncode == 1 and "its folder %s is writable by others" % shared in r.stderr, r.stderr
+    os.chmod(shared, 0o755)
+    assert run_check(str(tmp_path / "c.ini")).returncode == 0
 
 
 def test_e2e_check_works_while_the_daemon_runs(daemon, shortdir):
