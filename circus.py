@@ -5341,32 +5341,7 @@ def metrics_text(snap: dict) -> str:
 # It is built at import with no asyncio or psutil, so that `ctl` starts fast.
 
 #: Who besides root (and the daemon's user) may run a command when endpoint_owner is set.
-ANYONE, OWN = "anyone", "own"       # OWN: on watchers running as the endpoint_owner
-
-
-class Command:
-    """A command's facts. ``read_only``: it changes nothing (a dashboard GET may run it);
-    ``peer``: ANYONE, OWN or None (root only); ``argcount``/``extra_ignored``: circusctl's
-    words for a wrong count of arguments, and whether extra words are dropped;
-    ``fmt_error``/``exit_code``: how ctl prints an error reply and which code an ok one
-    exits with; ``settable``: the keys ctl's `set` sends; ``client``: what ctl runs instead
-    of one request and its reply (registered in section 12 with ``ctl_runner``)."""
-    __slots__ = ("name", "run", "usage", "fmt", "help", "read_only", "peer", "argcount",
-                 "extra_ignored", "fmt_error", "exit_code", "settable", "client")
-
-    def __init__(self, name, run, usage, fmt, help, read_only=False, peer="", extra_ignored=False,
-                 argcount="Invalid number of arguments", fmt_error=None, exit_code=None,
-                 settable=frozenset()):
-        self.name, self.run, self.usage, self.fmt, self.help = name, run, usage, fmt, help
-        self.read_only, self.extra_ignored, self.argcount = read_only, extra_ignored, argcount
-        self.peer = (ANYONE if read_only else None) if peer == "" else peer
-        self.fmt_error = fmt_error or _fmt_error
-        self.exit_code = exit_code or (lambda reply: 0)
-        self.settable = settable
-        self.client = None
-
-
-COMMANDS: dict = {}
+ANYONE, OWN, ROOT = "anyone", "own", "root"     # OWN: on watchers running as the endpoint_owner
 
 
 def _fmt_ok(reply):
@@ -5375,6 +5350,33 @@ def _fmt_ok(reply):
 
 def _fmt_error(reply):
     return "error: %s" % reply.get("reason")
+
+
+def _exit_ok(reply):
+    return 0
+
+
+class Command:
+    """A command's facts. ``read_only``: it changes nothing (a dashboard GET may run it);
+    ``peer``: ANYONE, OWN or ROOT (default: ANYONE when read_only, else ROOT); ``argcount``/``extra_ignored``: circusctl's
+    words for a wrong count of arguments, and whether extra words are dropped;
+    ``fmt_error``/``exit_code``: how ctl prints an error reply and which code an ok one
+    exits with; ``settable``: the keys ctl's `set` sends; ``client``: what ctl runs instead
+    of one request and its reply (registered in section 12 with ``ctl_runner``)."""
+    __slots__ = ("name", "run", "usage", "fmt", "help", "read_only", "peer", "argcount",
+                 "extra_ignored", "fmt_error", "exit_code", "settable", "client")
+
+    def __init__(self, name, run, usage, fmt, help, read_only=False, peer=None, extra_ignored=False,
+                 argcount="Invalid number of arguments", fmt_error=_fmt_error, exit_code=_exit_ok,
+                 settable=frozenset()):
+        self.name, self.run, self.usage, self.fmt, self.help = name, run, usage, fmt, help
+        self.read_only, self.extra_ignored, self.argcount = read_only, extra_ignored, argcount
+        self.peer = peer or (ANYONE if read_only else ROOT)
+        self.fmt_error, self.exit_code, self.settable = fmt_error, exit_code, settable
+        self.client = None
+
+
+COMMANDS: dict = {}
 
 
 def command(name, usage="", fmt=_fmt_ok, daemon=True, **facts):
@@ -5522,7 +5524,7 @@ def check_peer(arb, peer, name: str, props: dict) -> None:
     access = ANYONE if peer is None else COMMANDS[name].peer
     if access == ANYONE:
         return
-    if access != OWN:
+    if access == ROOT:
         raise peer.refuse("%r is for root only" % name)
     if name == "add":
         _check_peer_add(peer, props)
@@ -5559,21 +5561,10 @@ def _peer_targets(arb, peer, name, props) -> list:
 
 def _match(arb, props):
     """Watchers named by ``name`` under ``match``: simple, glob (default) or regex."""
-    import fnmatch
     name = str(_prop(props, "name", str)).lower()
     how = props.get("match") or "glob"
-    if how == "simple":
-        found = [w for w in arb.watchers if w.name.lower() == name]
-    elif how == "glob":
-        found = [w for w in arb.watchers if fnmatch.fnmatch(w.name.lower(), name)]
-    elif how == "regex":
-        try:
-            rx = re.compile(name)
-        except re.error as e:
-            raise MessageError("invalid regex %r: %s" % (name, e)) from None
-        found = [w for w in arb.watchers if rx.match(w.name.lower())]
-    else:
-        raise MessageError("unknown match method %s" % how)
+    matches = _name_test(how, name)
+    found = [w for w in arb.watchers if matches(w.name.lower())]
     if not found and how != "regex" and not any(c in name for c in "*?["):
         # Supervisor's names: a group by its name, `group:` or `group:*`
         group = name[:-1] if name.endswith(":") else name
@@ -5581,6 +5572,21 @@ def _match(arb, props):
     if not found:
         raise MessageError("program %s not found" % props.get("name"))
     return found
+
+
+def _name_test(how, name):
+    """The test of a lower-cased watcher name for one ``match`` method."""
+    import fnmatch
+    if how == "simple":
+        return lambda n: n == name
+    if how == "glob":
+        return lambda n: fnmatch.fnmatch(n, name)
+    if how != "regex":
+        raise MessageError("unknown match method %s" % how)
+    try:
+        return re.compile(name).match
+    except re.error as e:
+        raise MessageError("invalid regex %r: %s" % (name, e)) from None
 
 
 def _one_or_many(arb, props, one, many, nameless):
@@ -7266,6 +7272,8 @@ def _default_ctl_endpoint(kind="control") -> str:
 
 
 def _ctl_parser():
+    """ctl's global options, before the command; its errors are one line of ours (exit 2),
+    never argparse's usage and exit."""
     import argparse
 
     def seconds(text):
@@ -7457,25 +7465,11 @@ def _ctl_tail(name, args, g) -> int:
     """``tail [-f] [-BYTES] NAME [stdout|stderr]`` and ``maintail [-f] [-BYTES]``."""
     out, err = sys.stdout, sys.stderr
     endpoint, timeout, curve = _control(g), g.timeout, g.curve
-    follow, nbytes, words = False, 1600, []
-    for a in args:
-        if a == "-f":
-            follow = True
-        elif re.fullmatch(r"-\d+", a):
-            nbytes = int(a[1:])
-        elif a.startswith("-"):
-            err.write("Error: bad argument %s\n" % a)
-            return 2
-        else:
-            words.append(a)
-    if (name == "tail" and not 1 <= len(words) <= 2) or (name == "maintail" and words):
-        err.write("usage: python circus.py ctl %s\n" % ("tail [-f] [-BYTES] NAME [stdout|stderr]"
-                                                       if name == "tail" else "maintail [-f] [-BYTES]"))
-        return 2
-    props = {"bytes": nbytes}
-    if name == "tail":
-        props["name"] = words[0]
-        props["stream"] = words[1] if len(words) > 1 else "stdout"
+    try:
+        follow, props = _tail_props(name, args)
+    except UsageError as e:
+        err.write("%s\n" % e)
+        return e.code
     try:
         with Client(endpoint, timeout, curve) as client:
             sub = None
@@ -7505,6 +7499,28 @@ def _ctl_tail(name, args, g) -> int:
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def _tail_props(name, args) -> tuple:
+    """tail's and maintail's words -> (follow?, the request's properties)."""
+    follow, nbytes, words = False, 1600, []
+    for a in args:
+        if a == "-f":
+            follow = True
+        elif re.fullmatch(r"-\d+", a):
+            nbytes = int(a[1:])
+        elif a.startswith("-"):
+            raise UsageError("Error: bad argument %s" % a, 2)
+        else:
+            words.append(a)
+    if (name == "tail" and not 1 <= len(words) <= 2) or (name == "maintail" and words):
+        raise UsageError("usage: python circus.py ctl %s" % ("tail [-f] [-BYTES] NAME [stdout|stderr]"
+                                                            if name == "tail" else "maintail [-f] [-BYTES]"), 2)
+    props = {"bytes": nbytes}
+    if name == "tail":
+        props["name"] = words[0]
+        props["stream"] = words[1] if len(words) > 1 else "stdout"
+    return follow, props
 
 
 def _top_frame(client, sort) -> str:
