@@ -5357,12 +5357,17 @@ def _exit_ok(reply):
 
 
 class Command:
-    """A command's facts. ``read_only``: it changes nothing (a dashboard GET may run it);
-    ``peer``: ANYONE, OWN or ROOT (default: ANYONE when read_only, else ROOT); ``argcount``/``extra_ignored``: circusctl's
-    words for a wrong count of arguments, and whether extra words are dropped;
-    ``fmt_error``/``exit_code``: how ctl prints an error reply and which code an ok one
-    exits with; ``settable``: the keys ctl's `set` sends; ``client``: what ctl runs instead
-    of one request and its reply (registered in section 12 with ``ctl_runner``)."""
+    """A command's facts:
+
+    - ``run``: the daemon's side (None: ctl answers it itself); ``usage``: ctl's words, also
+      ctl's parser; ``fmt``: the reply as text; ``help``: the docstring;
+    - ``read_only``: it changes nothing, so a dashboard GET may run it;
+    - ``peer``: ANYONE, OWN or ROOT (default: ANYONE when read_only, else ROOT);
+    - ``argcount``, ``extra_ignored``: circusctl's words for a wrong count of arguments, and
+      whether it drops extra words; ``fmt_error``: how it prints an error reply;
+    - ``exit_code``: ctl's exit code for an ok reply; ``settable``: the keys ctl's `set` sends;
+    - ``client``: what ctl runs instead of one request and its reply (see ``ctl_runner``).
+    """
     __slots__ = ("name", "run", "usage", "fmt", "help", "read_only", "peer", "argcount",
                  "extra_ignored", "fmt_error", "exit_code", "settable", "client")
 
@@ -7162,7 +7167,8 @@ def _ctl_flags(cmd, words) -> tuple:
         key = key.replace("-", "_")
         known = [s for s in cmd.usage.split() if s.strip("[]").startswith("--" + key)]
         if not known:
-            raise UsageError("%s: unknown option %s (usage: ctl %s %s)" % (cmd.name, w, cmd.name, cmd.usage), 2)
+            raise UsageError("%s: unknown option %s (usage: ctl %s %s)"
+                             % (cmd.name, w, cmd.name, cmd.usage), 2)
         flags[key] = val if "=" in known[0] else True
     return flags, positional
 
@@ -7514,8 +7520,8 @@ def _tail_props(name, args) -> tuple:
         else:
             words.append(a)
     if (name == "tail" and not 1 <= len(words) <= 2) or (name == "maintail" and words):
-        raise UsageError("usage: python circus.py ctl %s" % ("tail [-f] [-BYTES] NAME [stdout|stderr]"
-                                                            if name == "tail" else "maintail [-f] [-BYTES]"), 2)
+        usage = "tail [-f] [-BYTES] NAME [stdout|stderr]" if name == "tail" else "maintail [-f] [-BYTES]"
+        raise UsageError("usage: python circus.py ctl %s" % usage, 2)
     props = {"bytes": nbytes}
     if name == "tail":
         props["name"] = words[0]
