@@ -5822,29 +5822,62 @@ def metrics_text(snap: dict) -> str:
 # ---------------------------------------------------------------------------
 # 10. Command table
 # ---------------------------------------------------------------------------
-# One entry per command: the server side (runs in the daemon: returns a dict,
-# or a coroutine for work that `waiting` may wait for), the ctl usage (also
-# the argument parser) and the text formatter. The controller, `ctl` and
-# `ctl help` all read this table.
+# One entry per command holds every fact about it: the server side (runs in the daemon:
+# returns a dict, or a coroutine for work that `waiting` may wait for; None: ctl's own), the
+# ctl usage (also the argument parser), the text formatters, what an endpoint_owner and a
+# dashboard GET may run. The controller, `ctl`, `ctl help` and the dashboard read this table.
+# It is built at import with no asyncio or psutil, so that `ctl` starts fast.
 
-class Command:
-    __slots__ = ("name", "run", "usage", "fmt", "help")
-
-    def __init__(self, name, run, usage, fmt, help):
-        self.name, self.run, self.usage, self.fmt, self.help = name, run, usage, fmt, help
-
-
-COMMANDS: dict = {}
+#: Who besides root (and the daemon's user) may run a command when endpoint_owner is set.
+ANYONE, OWN, ROOT = "anyone", "own", "root"     # OWN: on watchers running as the endpoint_owner
 
 
 def _fmt_ok(reply):
     return "ok"
 
 
-def command(name, usage="", fmt=_fmt_ok):
-    """Register a command; the docstring's first line is its short help."""
+def _fmt_error(reply):
+    return "error: %s" % reply.get("reason")
+
+
+def _exit_ok(reply):
+    return 0
+
+
+class Command:
+    """A command's facts:
+
+    - ``run``: the daemon's side (None: ctl answers it itself); ``usage``: ctl's words, also
+      ctl's parser; ``fmt``: the reply as text; ``help``: the docstring;
+    - ``read_only``: it changes nothing, so a dashboard GET may run it;
+    - ``peer``: ANYONE, OWN or ROOT (default: ANYONE when read_only, else ROOT);
+    - ``argcount``, ``extra_ignored``: circusctl's words for a wrong count of arguments, and
+      whether it drops extra words; ``fmt_error``: how it prints an error reply;
+    - ``exit_code``: ctl's exit code for an ok reply; ``settable``: the keys ctl's `set` sends;
+    - ``client``: what ctl runs instead of one request and its reply (see ``ctl_runner``).
+    """
+    __slots__ = ("name", "run", "usage", "fmt", "help", "read_only", "peer", "argcount",
+                 "extra_ignored", "fmt_error", "exit_code", "settable", "client")
+
+    def __init__(self, name, run, usage, fmt, help, read_only=False, peer=None, extra_ignored=False,
+                 argcount="Invalid number of arguments", fmt_error=_fmt_error, exit_code=_exit_ok,
+                 settable=frozenset()):
+        self.name, self.run, self.usage, self.fmt, self.help = name, run, usage, fmt, help
+        self.read_only, self.extra_ignored, self.argcount = read_only, extra_ignored, argcount
+        self.peer = peer or (ANYONE if read_only else ROOT)
+        self.fmt_error, self.exit_code, self.settable = fmt_error, exit_code, settable
+        self.client = None
+
+
+COMMANDS: dict = {}
+
+
+def command(name, usage="", fmt=_fmt_ok, daemon=True, **facts):
+    """Register a command; the docstring's first line is its short help. ``daemon=False``:
+    ctl answers it itself (the daemon calls it unknown). ``facts``: see Command."""
     def deco(func):
-        COMMANDS[name] = Command(name, func, usage, fmt, (func.__doc__ or "").strip())
+        COMMANDS[name] = Command(name, func if daemon else None, usage, fmt,
+                                 (func.__doc__ or "").strip(), **facts)
         return func
     return deco
 
@@ -5874,6 +5907,8 @@ def _waiting(props) -> bool:
 #: What `add`/`set` take besides WATCHER_OPTIONS (retry_in: circusctl sends it, circusd keeps it).
 _OPTION_OBJECTS = ("env", "hooks", "rlimits", "stdout_stream", "stderr_stream", "retry_in")
 _OPTION_PREFIXES = ("stdout_stream.", "stderr_stream.", "hooks.", "rlimit_")
+#: Fixed when a watcher is made: `add` and `set` refuse them (Circus's rule).
+_FIXED_KEYS = ("priority", "use_sockets", "on_demand", "autostart")
 
 
 def _check_option_name(key, w=None) -> None:
@@ -5899,15 +5934,6 @@ OWNER_KEYS = frozenset((
     "parent_death_signal", "ready", "ready_timeout", "startsecs", "autorestart", "exitcodes",
     "stopasgroup", "killasgroup", "redirect_stderr", "umask", "max_rss", "max_cpu",
     "watchdog_interval", "watchdog_grace", "watchdog_signal"))
-#: Commands that read only: anyone who may connect may use them.
-READ_COMMANDS = frozenset((
-    "status", "list", "numprocesses", "numwatchers", "globaloptions", "listsockets", "stats",
-    "dstats", "snapshot", "pid", "maintail", "reread", "top", "listen", "help"))
-#: Commands on named watchers: an endpoint_owner may use them on watchers running as itself.
-WATCHER_COMMANDS = frozenset((
-    "start", "stop", "restart", "reload", "incr", "decr", "signal", "kill", "rm", "set",
-    "options", "get", "tail"))
-
 
 class Peer:
     """A user other than root and the daemon's own who sent a request (the endpoint_owner)."""
@@ -5977,51 +6003,52 @@ def _check_owner_key(peer, key, value, current=None):
 
 def check_peer(arb, peer, name: str, props: dict) -> None:
     """Raise CommandError unless ``peer`` may run command ``name`` with ``props``."""
-    if peer is None or name in READ_COMMANDS:
+    access = ANYONE if peer is None else COMMANDS[name].peer
+    if access == ANYONE:
         return
-    if name == "add":
-        options = props.get("options") if isinstance(props.get("options"), dict) else {}
-        if options.get("uid") is None:
-            raise peer.refuse("add needs uid = %d (without it the watcher would run as root)"
-                              % peer.uid)
-        given = dict(options, **{k: props[k] for k in ("cmd", "args") if props.get(k) is not None})
-        for key, value in given.items():
-            _check_option_name(key)         # a typo is a typo, as for root, not a refusal
-            _check_owner_key(peer, key, value)
-        return
-    if name not in WATCHER_COMMANDS:
+    if access == ROOT:
         raise peer.refuse("%r is for root only" % name)
-    wanted = props.get("name")
-    if not wanted or (name in ("start", "stop", "restart") and str(wanted).lower() == "all"
-                      and not any(w.name.lower() == "all" for w in arb.watchers)):
-        raise peer.refuse("%r needs the name of one of its watchers" % name)
-    targets = _match(arb, props) if name in ("start", "stop", "restart") else [_watcher(arb, props)]
-    for w in targets:
-        if not _runs_as_peer(w, peer):
-            raise peer.refuse("watcher %r does not run as uid %d" % (w.name, peer.uid))
+    if name == "add":
+        _check_peer_add(peer, props)
+        return
+    targets = _peer_targets(arb, peer, name, props)
     if name == "set" and isinstance(props.get("options"), dict):
         for key, value in props["options"].items():
             _check_option_name(key, targets[0])
             _check_owner_key(peer, key, value, targets[0].conf)
 
 
+def _check_peer_add(peer, props) -> None:
+    """An endpoint_owner adds watchers that run as itself, with the options it may give."""
+    options = props.get("options") if isinstance(props.get("options"), dict) else {}
+    if options.get("uid") is None:
+        raise peer.refuse("add needs uid = %d (without it the watcher would run as root)" % peer.uid)
+    given = dict(options, **{k: props[k] for k in ("cmd", "args") if props.get(k) is not None})
+    for key, value in given.items():
+        _check_option_name(key)         # a typo is a typo, as for root, not a refusal
+        _check_owner_key(peer, key, value)
+
+
+def _peer_targets(arb, peer, name, props) -> list:
+    """The watchers a command names, each checked to run as ``peer`` (never `all`)."""
+    wanted = props.get("name")
+    fan_out = name in ("start", "stop", "restart")
+    if not wanted or (fan_out and str(wanted).lower() == "all"
+                      and not any(w.name.lower() == "all" for w in arb.watchers)):
+        raise peer.refuse("%r needs the name of one of its watchers" % name)
+    targets = _match(arb, props) if fan_out else [_watcher(arb, props)]
+    for w in targets:
+        if not _runs_as_peer(w, peer):
+            raise peer.refuse("watcher %r does not run as uid %d" % (w.name, peer.uid))
+    return targets
+
+
 def _match(arb, props):
     """Watchers named by ``name`` under ``match``: simple, glob (default) or regex."""
-    import fnmatch
     name = str(_prop(props, "name", str)).lower()
     how = props.get("match") or "glob"
-    if how == "simple":
-        found = [w for w in arb.watchers if w.name.lower() == name]
-    elif how == "glob":
-        found = [w for w in arb.watchers if fnmatch.fnmatch(w.name.lower(), name)]
-    elif how == "regex":
-        try:
-            rx = re.compile(name)
-        except re.error as e:
-            raise MessageError("invalid regex %r: %s" % (name, e)) from None
-        found = [w for w in arb.watchers if rx.match(w.name.lower())]
-    else:
-        raise MessageError("unknown match method %s" % how)
+    matches = _name_test(how, name)
+    found = [w for w in arb.watchers if matches(w.name.lower())]
     if not found and how != "regex" and not any(c in name for c in "*?["):
         # Supervisor's names: a group by its name, `group:` or `group:*`
         group = name[:-1] if name.endswith(":") else name
@@ -6029,6 +6056,21 @@ def _match(arb, props):
     if not found:
         raise MessageError("program %s not found" % props.get("name"))
     return found
+
+
+def _name_test(how, name):
+    """The test of a lower-cased watcher name for one ``match`` method."""
+    import fnmatch
+    if how == "simple":
+        return lambda n: n == name
+    if how == "glob":
+        return lambda n: fnmatch.fnmatch(n, name)
+    if how != "regex":
+        raise MessageError("unknown match method %s" % how)
+    try:
+        return re.compile(name).match
+    except re.error as e:
+        raise MessageError("invalid regex %r: %s" % (name, e)) from None
 
 
 def _one_or_many(arb, props, one, many, nameless):
@@ -6052,7 +6094,7 @@ async def _until_running(props, ws) -> None:
             await w.until_running()
 
 
-@command("start", "[name] [--waiting] [--match=glob]")
+@command("start", "[name] [--waiting] [--match=glob]", peer=OWN)
 def cmd_start(arb, props):
     """Start the arbiter or a watcher (even one with autostart = false)."""
     async def one(w):
@@ -6067,7 +6109,7 @@ def cmd_start(arb, props):
     return _one_or_many(arb, props, one, many, lambda: _none(arb.start_watchers()))
 
 
-@command("stop", "[name] [--waiting] [--match=glob]")
+@command("stop", "[name] [--waiting] [--match=glob]", peer=OWN)
 def cmd_stop(arb, props):
     """Stop the arbiter's watchers or one of them (processes get stop_signal, then SIGKILL)."""
     async def one(w):
@@ -6077,7 +6119,7 @@ def cmd_stop(arb, props):
                         lambda: _none(arb.stop_watchers()))
 
 
-@command("restart", "[name] [--waiting] [--match=glob]")
+@command("restart", "[name] [--waiting] [--match=glob]", peer=OWN)
 def cmd_restart(arb, props):
     """Restart a watcher, or without a name the whole arbiter (re-reading the config)."""
     async def one(w):
@@ -6093,7 +6135,7 @@ def cmd_restart(arb, props):
     return _one_or_many(arb, props, one, many, lambda: _none(arb.restart()))
 
 
-@command("reload", "[name] [--terminate] [--waiting] [--sequential]")
+@command("reload", "[name] [--terminate] [--waiting] [--sequential]", peer=OWN)
 def cmd_reload(arb, props):
     """Reload processes gracefully: new ones first, then the old ones stop."""
     graceful = _prop(props, "graceful", bool, True)
@@ -6140,19 +6182,19 @@ def _resize(arb, props, sign):
     return run()
 
 
-@command("incr", "name [nb] [--waiting]", _fmt_numprocesses)
+@command("incr", "name [nb] [--waiting]", _fmt_numprocesses, peer=OWN)
 def cmd_incr(arb, props):
     """Add nb processes (default 1) to a watcher."""
     return _resize(arb, props, 1)
 
 
-@command("decr", "name [nb] [--waiting]", _fmt_numprocesses)
+@command("decr", "name [nb] [--waiting]", _fmt_numprocesses, peer=OWN)
 def cmd_decr(arb, props):
     """Remove nb processes (default 1) from a watcher; the oldest go first."""
     return _resize(arb, props, -1)
 
 
-@command("signal", "name [pid] signum [--children] [--recursive]")
+@command("signal", "name [pid] signum [--children] [--recursive]", peer=OWN)
 def cmd_signal(arb, props):
     """Send a signal to a watcher's processes, one process, or their children."""
     w = _watcher(arb, props)
@@ -6164,7 +6206,7 @@ def cmd_signal(arb, props):
     return {}
 
 
-@command("kill", "name [pid] [--signum=] [--graceful_timeout=] [--waiting]")
+@command("kill", "name [pid] [--signum=] [--graceful_timeout=] [--waiting]", peer=OWN)
 def cmd_kill(arb, props):
     """Stop processes (signal, then SIGKILL after graceful_timeout); they are respawned."""
     w = _watcher(arb, props)
@@ -6178,36 +6220,45 @@ def cmd_kill(arb, props):
 
 # -- watchers at runtime -------------------------------------------------------------
 
-@command("add", "name cmd... [--start]")
+def _add_options(options) -> dict:
+    """`add`'s options checked, with rlimit_X keys gathered into rlimits."""
+    if not isinstance(options, dict):
+        raise MessageError("'options' property should be an object")
+    for key in options:
+        _check_option_name(key)
+        if key in _FIXED_KEYS:
+            raise MessageError("%r cannot be set by add (Circus's rule); put it in the config file" % key)
+    opts = {k: v for k, v in options.items() if not k.startswith("rlimit_")}
+    rl = {k[7:]: v for k, v in options.items() if k.startswith("rlimit_")}
+    if rl:
+        opts["rlimits"] = rl
+    return opts
+
+
+def _check_add_owner(endpoint_owner, opts) -> None:
+    """Circus's rule: whoever owns the endpoint may only add watchers running as itself."""
+    try:
+        owner = resolve_user(endpoint_owner, None)[0]
+        wanted = resolve_user(opts.get("uid"), None)[0] if opts.get("uid") is not None else None
+    except ValueError:
+        owner, wanted = -1, None
+    if wanted is None or wanted != owner:
+        raise MessageError("uid does not match endpoint_owner")
+
+
+@command("add", "name cmd... [--start]", peer=OWN)      # as itself: see check_peer
 def cmd_add(arb, props):
     """Add a watcher running CMD (started with --start)."""
     name = _prop(props, "name", str, required=True)
     cmd = _prop(props, "cmd", str, required=True)
     if not re.fullmatch(r"[\w.@:+-][\w .@:+-]*", name):     # fullmatch: `$` lets "x\n" in
         raise MessageError("invalid watcher name %r: use letters, digits and . _ - @ : +" % name)
-    options = props.get("options") or {}
-    if not isinstance(options, dict):
-        raise MessageError("'options' property should be an object")
+    opts = _add_options(props.get("options") or {})
     args = props.get("args")
     if args is not None and not isinstance(args, (str, list)):
         raise MessageError("'args' should be a string or a list")
-    for key in options:
-        _check_option_name(key)
-        if key in ("priority", "use_sockets", "on_demand", "autostart"):
-            raise MessageError("%r cannot be set by add (Circus's rule); put it in the config file" % key)
-    opts = {k: v for k, v in options.items() if not k.startswith("rlimit_")}
-    rl = {k[7:]: v for k, v in options.items() if k.startswith("rlimit_")}
-    if rl:
-        opts["rlimits"] = rl
     if arb.endpoint_owner is not None:
-        # Circus's rule: whoever owns the endpoint may only add watchers running as itself
-        try:
-            owner = resolve_user(arb.endpoint_owner, None)[0]
-            wanted = resolve_user(opts.get("uid"), None)[0] if opts.get("uid") is not None else None
-        except ValueError:
-            owner, wanted = -1, None
-        if wanted is None or wanted != owner:
-            raise MessageError("uid does not match endpoint_owner")
+        _check_add_owner(arb.endpoint_owner, opts)
     limit = arb.max_processes
     if limit is not None and _prop(opts, "numprocesses", int, 1) > limit:
         raise MessageError("numprocesses %s is above max_processes (%d)" % (opts["numprocesses"], limit))
@@ -6234,14 +6285,23 @@ def cmd_add(arb, props):
     return _Await(add())
 
 
-@command("rm", "name [--nostop] [--waiting]")
+@command("rm", "name [--nostop] [--waiting]", peer=OWN)
 def cmd_rm(arb, props):
     """Remove a watcher (its processes are stopped unless nostop)."""
     w = _watcher(arb, props)
     return arb.rm_watcher(w, _prop(props, "nostop", bool, False))
 
 
-@command("set", "name options... [--waiting]")
+def _circusctl_settable() -> frozenset:
+    """The keys circusctl's `set` converts, so ctl refuses the others as it does: the
+    WATCHER_OPTIONS that `options` shows but those fixed at start and two circusctl does
+    not know, with env, hooks and retry_in (plus stdout_stream.*, stderr_stream.*, rlimit_*)."""
+    skip = _FIXED_KEYS + ("shell_args", "executable")
+    return frozenset([k for k in VISIBLE_OPTIONS if k in WATCHER_OPTIONS and k not in skip]
+                     + ["env", "hooks", "retry_in"])
+
+
+@command("set", "name options... [--waiting]", peer=OWN, settable=_circusctl_settable())
 def cmd_set(arb, props):
     """Set watcher options: ctl set NAME KEY VALUE [KEY VALUE ...]."""
     w = _watcher(arb, props)
@@ -6258,7 +6318,7 @@ def cmd_set(arb, props):
             probe.set(key, options[key])
         except ValueError as e:
             raise MessageError("%s: %s" % (key, e)) from None
-        if key in ("priority", "use_sockets", "on_demand", "autostart"):
+        if key in _FIXED_KEYS:
             raise MessageError("%r cannot be changed at run time; edit the config and reloadconfig" % key)
         if key == "numprocesses" and arb.max_processes is not None and to_int(options[key]) > arb.max_processes:
             raise MessageError("numprocesses %s is above max_processes (%d)" % (options[key], arb.max_processes))
@@ -6289,7 +6349,14 @@ def _fmt_status(reply):
     return str(reply.get("status"))
 
 
-@command("status", "[name] [--long]", _fmt_status)
+def _status_exit_code(reply) -> int:
+    """3 when some process is not running, as supervisorctl status exits."""
+    stopped = (ProcState.STOPPED, ProcState.EXITED, ProcState.FATAL)
+    return 3 if any(r["state"] in stopped for r in reply.get("processes", ())) else 0
+
+
+@command("status", "[name] [--long]", _fmt_status, read_only=True, argcount="message invalid",
+         fmt_error=lambda reply: "error", exit_code=_status_exit_code)
 def cmd_status(arb, props):
     """Status of every watcher, or of one; --long: every process, as supervisorctl shows it."""
     long = _prop(props, "long", bool, False)
@@ -6316,32 +6383,36 @@ def _uptime(seconds) -> str:
 def process_rows(w) -> list:
     """One row per process (or one for the watcher when none runs), Supervisor's way."""
     now = time.time()
-    rows = []
     procs = sorted(list(w.processes.values()) + [p for p in w.retiring.values() if p.alive],
                    key=lambda p: p.wid)
+    if not procs:
+        return [_row(w, w.name, w.sv_state, None, None, _idle_description(w))]
+    rows = []
     for p in procs:
         name = w.name if w.numprocesses <= 1 and len(procs) == 1 else "%s:%d" % (w.name, p.wid)
         desc = "pid %d, uptime %s" % (p.pid, _uptime(now - p.started)) if p.state == ProcState.RUNNING else ""
-        rows.append({"name": name, "watcher": w.name, "state": p.state, "pid": p.pid,
-                     "uptime": now - p.started, "description": desc, "restarts": w.restarts})
+        rows.append(_row(w, name, p.state, p.pid, now - p.started, desc))
     missing = w.numprocesses - len(w.processes)
     if procs and missing > 0 and w.sv_state == ProcState.BACKOFF and w.state == ProcState.RUNNING:
         used = {p.wid for p in procs}       # the processes a failing spawn still owes
         wids = [i for i in range(1, w.numprocesses + len(used) + 1) if i not in used][:missing]
-        rows += [{"name": "%s:%d" % (w.name, i), "watcher": w.name, "state": w.sv_state, "pid": None,
-                  "uptime": None, "description": w.last_error or "", "restarts": w.restarts}
+        rows += [_row(w, "%s:%d" % (w.name, i), w.sv_state, None, None, w.last_error or "")
                  for i in wids]
-    if not procs:
-        state = w.sv_state
-        if state in (ProcState.BACKOFF, ProcState.FATAL):
-            desc = w.last_error or 'unknown error (try "tail %s")' % w.name
-        elif state in (ProcState.STOPPED, ProcState.EXITED):
-            desc = time.strftime("%b %d %I:%M %p", time.localtime(w.sv_since)) if w.sv_since else "Not started"
-        else:
-            desc = ""
-        rows.append({"name": w.name, "watcher": w.name, "state": state, "pid": None,
-                     "uptime": None, "description": desc, "restarts": w.restarts})
     return rows
+
+
+def _row(w, name, state, pid, uptime, description) -> dict:
+    return {"name": name, "watcher": w.name, "state": state, "pid": pid, "uptime": uptime,
+            "description": description, "restarts": w.restarts}
+
+
+def _idle_description(w) -> str:
+    """What a watcher with no process shows: why it failed, or since when it is stopped."""
+    if w.sv_state in (ProcState.BACKOFF, ProcState.FATAL):
+        return w.last_error or 'unknown error (try "tail %s")' % w.name
+    if w.sv_state in (ProcState.STOPPED, ProcState.EXITED):
+        return time.strftime("%b %d %I:%M %p", time.localtime(w.sv_since)) if w.sv_since else "Not started"
+    return ""
 
 
 def _fmt_processes(rows) -> str:
@@ -6356,7 +6427,7 @@ def _fmt_list(reply):
     return ",".join(reply.get("watchers", []))
 
 
-@command("list", "[name]", _fmt_list)
+@command("list", "[name]", _fmt_list, read_only=True)
 def cmd_list(arb, props):
     """Watcher names, or the pids of one watcher in spawn order."""
     if props.get("name"):
@@ -6369,7 +6440,7 @@ def _fmt_field(key):
     return lambda reply: str(reply.get(key))
 
 
-@command("numprocesses", "[name]", _fmt_field("numprocesses"))
+@command("numprocesses", "[name]", _fmt_field("numprocesses"), read_only=True, argcount="message invalid")
 def cmd_numprocesses(arb, props):
     """Number of processes of one watcher, or of all."""
     if props.get("name"):
@@ -6378,7 +6449,7 @@ def cmd_numprocesses(arb, props):
     return {"numprocesses": sum(len(w.processes) for w in arb.watchers)}
 
 
-@command("numwatchers", "", _fmt_field("numwatchers"))
+@command("numwatchers", "", _fmt_field("numwatchers"), read_only=True)
 def cmd_numwatchers(arb, props):
     """Number of watchers."""
     return {"numwatchers": len(arb.watchers)}
@@ -6394,13 +6465,14 @@ def _fmt_options(reply):
     return "\n".join("%s: %s" % (k, _opt_str(k, v)) for k, v in reply.get("options", {}).items())
 
 
-@command("options", "name", _fmt_options)
+@command("options", "name", _fmt_options, read_only=True, peer=OWN, extra_ignored=True,
+         argcount="number of arguments invalid")
 def cmd_options(arb, props):
     """All options of a watcher."""
     return {"options": _watcher(arb, props).options()}
 
 
-@command("get", "name keys+", _fmt_options)
+@command("get", "name keys+", _fmt_options, read_only=True, peer=OWN)
 def cmd_get(arb, props):
     """Values of some watcher options."""
     w = _watcher(arb, props)
@@ -6416,7 +6488,8 @@ def cmd_get(arb, props):
     return {"options": out}
 
 
-@command("globaloptions", "[option]", _fmt_options)
+@command("globaloptions", "[option]", _fmt_options, read_only=True, extra_ignored=True,
+         fmt_error=lambda reply: reply.get("reason"))
 def cmd_globaloptions(arb, props):
     """The arbiter's options (endpoints, check_delay)."""
     opts = {"endpoint": arb.endpoint, "stats_endpoint": arb.stats_endpoint,
@@ -6441,7 +6514,7 @@ def _fmt_sockets(reply):
     return "\n".join(out)
 
 
-@command("listsockets", "", _fmt_sockets)
+@command("listsockets", "", _fmt_sockets, read_only=True, extra_ignored=True)
 def cmd_listsockets(arb, props):
     """The sockets the daemon holds, by fd."""
     return {"sockets": sorted((s.info() for s in arb.sockets.values()), key=lambda d: d["fd"])}
@@ -6522,7 +6595,7 @@ def _stats_off_loop(watchers, extended):
     return run()
 
 
-@command("stats", "[name] [process] [--extended]", _fmt_stats)
+@command("stats", "[name] [process] [--extended]", _fmt_stats, read_only=True, argcount="message invalid")
 def cmd_stats(arb, props):
     """CPU, memory and age of the processes (all, one watcher, or one pid)."""
     extended = _prop(props, "extended", bool, False)
@@ -6554,14 +6627,15 @@ def _fmt_dstats(reply):
     return "\n".join(out)
 
 
-@command("dstats", "", _fmt_dstats)
+@command("dstats", "", _fmt_dstats, read_only=True, extra_ignored=True)
 def cmd_dstats(arb, props):
     """CPU and memory of the daemon itself."""
     info = process_stats(os.getpid())
     return {"info": info}
 
 
-@command("snapshot", "", lambda reply: json.dumps({k: reply[k] for k in ("daemon", "watchers")}, indent=2))
+@command("snapshot", "", lambda reply: json.dumps({k: reply[k] for k in ("daemon", "watchers")}, indent=2),
+         read_only=True)
 def cmd_snapshot(arb, props):
     """Every watcher and process with its state, CPU and memory, in one reply (the dashboard's)."""
     return _Await(_usage_off_loop(snapshot_skeleton(arb), arb.snapshot_cache))
@@ -6573,7 +6647,7 @@ def _fmt_pids(reply):
     return str(reply.get("pid"))
 
 
-@command("pid", "[name]", _fmt_pids)
+@command("pid", "[name]", _fmt_pids, read_only=True)
 def cmd_pid(arb, props):
     """The daemon's pid, or the pids of a watcher (or `all`), one per line."""
     name = props.get("name")
@@ -6587,7 +6661,7 @@ def _fmt_tail(reply):
     return reply.get("data", "")
 
 
-@command("tail", "name [stream] [--bytes=1600]", _fmt_tail)
+@command("tail", "name [stream] [--bytes=1600]", _fmt_tail, read_only=True, peer=OWN)
 def cmd_tail(arb, props):
     """The last output of a watcher: ctl tail [-f] [-BYTES] NAME [stdout|stderr]."""
     w = _watcher(arb, props)
@@ -6599,7 +6673,7 @@ def cmd_tail(arb, props):
             "data": w.tails[stream].tail(n).decode("utf-8", "replace")}
 
 
-@command("maintail", "[--bytes=1600]", _fmt_tail)
+@command("maintail", "[--bytes=1600]", _fmt_tail, read_only=True)
 def cmd_maintail(arb, props):
     """The end of the daemon's own log: ctl maintail [-f] [-BYTES]."""
     n = _prop(props, "bytes", int, 1600)
@@ -6613,7 +6687,7 @@ def _fmt_reread(reply):
     return "\n".join(sorted(lines)) or "No config updates to processes"
 
 
-@command("reread", "", _fmt_reread)
+@command("reread", "", _fmt_reread, read_only=True)
 def cmd_reread(arb, props):
     """What reloadconfig would change (supervisorctl reread); nothing is applied."""
     return arb.config_diff(arb._load_new_config())
@@ -6642,7 +6716,7 @@ def cmd_update(arb, props):
     return diff
 
 
-@command("top", "[--sort=cpu] [--interval=1]")
+@command("top", "[--sort=cpu] [--interval=1]", read_only=True)
 def cmd_top(arb, props):
     """A live view of every process: CPU, memory, age, restarts (keys: c m n s to sort, q to quit)."""
     raise MessageError("top is shown by ctl itself: python circus.py ctl top")
@@ -6654,16 +6728,15 @@ def cmd_quit(arb, props):
     return _none(arb.stop())
 
 
-@command("listen", "[topic...]")
+@command("listen", "[topic...]", read_only=True)
 def cmd_listen(arb, props):
     """Print pub/sub events (ctl subscribes to the pub/sub endpoint itself)."""
     raise MessageError("invalid message. use a pub/sub socket")
 
 
-@command("help", "[command]")
+@command("help", "[command]", read_only=True, daemon=False)
 def cmd_help(arb, props):
     """Show the commands, or one command's usage (answered by ctl itself)."""
-    return {"commands": sorted(COMMANDS)}
 
 
 # ---------------------------------------------------------------------------
@@ -7092,7 +7165,7 @@ async def dispatch(arbiter, body: bytes, peer=None):
         if not isinstance(name, str) or not name:
             raise MessageError("message invalid 'command' is missing")
         cmd = COMMANDS.get(name.lower())
-        if cmd is None or cmd.name == "help":
+        if cmd is None or cmd.run is None:     # help: ctl's own
             raise CommandError("unknown command: %r" % name, E_UNKNOWN_COMMAND)
         props = msg.get("properties")
         if props is None:
@@ -7520,16 +7593,7 @@ class UsageError(CircusError):
 
 
 _INT_PROPS = {"nb", "pid", "process", "childpid"}
-# circusctl's own words for a wrong argument count, and the commands that
-# ignore extra words; everything else says "Invalid number of arguments".
-_ARGCOUNT_TEXT = {"options": "number of arguments invalid", "status": "message invalid",
-                  "numprocesses": "message invalid", "stats": "message invalid"}
-_EXTRA_IGNORED = {"options", "globaloptions", "listsockets", "dstats"}
-_SET_KEYS = {"numprocesses", "warmup_delay", "working_dir", "uid", "gid", "send_hup",
-             "stop_signal", "stop_children", "shell", "copy_env", "env", "cmd", "args",
-             "retry_in", "max_retry", "graceful_timeout", "max_age", "max_age_variance",
-             "respawn", "singleton", "close_child_stdin", "close_child_stdout",
-             "close_child_stderr", "hooks"}
+_SET_KEYS = COMMANDS["set"].settable
 
 
 def _set_value(key, value):
@@ -7541,70 +7605,88 @@ def _set_value(key, value):
         raise UsageError("set %s: %s" % (key, e)) from None
 
 
+_REST = ("...", "+", "...]")       # a usage word taking all the words left
+
+
 def build_request(name: str, words: list) -> dict:
     """ctl words -> a request dict, following the command's usage string."""
     cmd = COMMANDS[name]
-    spec = cmd.usage.split()
-    flags = {}
-    positional = []
-    for w in words:
-        if w.startswith("--") and len(w) > 2:
-            key, _, val = w[2:].partition("=")
-            key = key.replace("-", "_")
-            known = [s for s in spec if s.strip("[]").startswith("--" + key)]
-            if not known:
-                raise UsageError("%s: unknown option %s (usage: ctl %s %s)" % (name, w, name, cmd.usage), 2)
-            flags[key] = val if "=" in known[0] else True
-        else:
-            positional.append(w)
-    pos_spec = [s for s in spec if not s.strip("[]").startswith("--")]
-    required = [s for s in pos_spec if not s.startswith("[")]
-    props: dict = {}
-    rest = [s for s in pos_spec if s.endswith(("...", "+", "...]"))]
-    if name in _EXTRA_IGNORED and not rest:
-        positional = positional[:len(pos_spec)]
-    extra = len(positional) - len(required)
-    if extra < 0 or (extra > len(pos_spec) - len(required) and not rest):
-        raise UsageError(_ARGCOUNT_TEXT.get(name, "Invalid number of arguments"))
-    it = iter(positional)
-    for s in pos_spec:
-        key = s.strip("[]").rstrip(".+")
-        optional = s.startswith("[")
-        if s.endswith(("...", "+", "...]")):
-            vals = list(it)
-            if key == "options":
-                if len(vals) % 2 or not vals:
-                    raise UsageError("Invalid number of arguments")
-                props["options"] = {vals[i].lower(): _set_value(vals[i].lower(), vals[i + 1])
-                                    for i in range(0, len(vals), 2)}
-            elif key == "cmd":
-                props[key] = " ".join(vals)
-            elif vals or not optional:
-                props[key] = vals
+    flags, positional = _ctl_flags(cmd, words)
+    props = _positional_props(cmd, positional)
+    for s in cmd.usage.split():
+        if not s.strip("[]").startswith("--"):
             continue
-        if optional:
+        key, eq, default = s.strip("[]")[2:].partition("=")
+        if key in flags:
+            props[key] = flags[key]
+        elif default:
+            props[key] = default
+    if "[--terminate]" in cmd.usage.split():    # reload: graceful unless --terminate
+        props["graceful"] = not props.pop("terminate", False)
+    return {"command": name, "properties": props}
+
+
+def _ctl_flags(cmd, words) -> tuple:
+    """The --flags of ``words`` (each one the usage names) and the other words."""
+    flags, positional = {}, []
+    for w in words:
+        if not (w.startswith("--") and len(w) > 2):
+            positional.append(w)
+            continue
+        key, _, val = w[2:].partition("=")
+        key = key.replace("-", "_")
+        known = [s for s in cmd.usage.split() if s.strip("[]").startswith("--" + key)]
+        if not known:
+            raise UsageError("%s: unknown option %s (usage: ctl %s %s)"
+                             % (cmd.name, w, cmd.name, cmd.usage), 2)
+        flags[key] = val if "=" in known[0] else True
+    return flags, positional
+
+
+def _positional_props(cmd, positional) -> dict:
+    """The usage's positional words filled from ``positional``, counted as circusctl does."""
+    spec = [s for s in cmd.usage.split() if not s.strip("[]").startswith("--")]
+    required = [s for s in spec if not s.startswith("[")]
+    rest = any(s.endswith(_REST) for s in spec)
+    if cmd.extra_ignored and not rest:
+        positional = positional[:len(spec)]
+    extra = len(positional) - len(required)
+    if extra < 0 or (extra > len(spec) - len(required) and not rest):
+        raise UsageError(cmd.argcount)
+    props: dict = {}
+    it = iter(positional)
+    for s in spec:
+        key = s.strip("[]").rstrip(".+")
+        if s.endswith(_REST):
+            _rest_prop(props, key, list(it), s.startswith("["))
+            continue
+        if s.startswith("["):
             if extra <= 0:
                 continue
             extra -= 1
-        val = next(it)
-        if key in _INT_PROPS:
-            try:
-                val = int(val)
-            except ValueError:
-                raise UsageError("%s: %s must be a number, not %r" % (name, key, val)) from None
-        props[key] = val
-    for s in spec:
-        if s.strip("[]").startswith("--"):
-            key, eq, default = s.strip("[]")[2:].partition("=")
-            if key in flags:
-                props[key] = flags[key]
-            elif default:
-                props[key] = default
-    if "terminate" in props:
-        props["graceful"] = not props.pop("terminate")
-    elif name == "reload":
-        props["graceful"] = True
-    return {"command": name, "properties": props}
+        props[key] = _number_prop(cmd.name, key, next(it))
+    return props
+
+
+def _rest_prop(props, key, vals, optional) -> None:
+    if key == "options":                # set: KEY VALUE pairs, converted as circusctl does
+        if len(vals) % 2 or not vals:
+            raise UsageError("Invalid number of arguments")
+        props["options"] = {vals[i].lower(): _set_value(vals[i].lower(), vals[i + 1])
+                            for i in range(0, len(vals), 2)}
+    elif key == "cmd":
+        props[key] = " ".join(vals)
+    elif vals or not optional:
+        props[key] = vals
+
+
+def _number_prop(name, key, val):
+    if key not in _INT_PROPS:
+        return val
+    try:
+        return int(val)
+    except ValueError:
+        raise UsageError("%s: %s must be a number, not %r" % (name, key, val)) from None
 
 
 def _ctl_usage() -> str:
@@ -7665,114 +7747,154 @@ def _default_ctl_endpoint(kind="control") -> str:
     return DEFAULT_ENDPOINT if kind == "control" else DEFAULT_PUBSUB
 
 
+def _ctl_parser():
+    """ctl's global options, before the command; its errors are one line of ours (exit 2),
+    never argparse's usage and exit."""
+    import argparse
+
+    def seconds(text):
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError("--timeout takes seconds, not %r" % text) from None
+    p = argparse.ArgumentParser(prog="python circus.py ctl", add_help=False, allow_abbrev=False,
+                                exit_on_error=False)
+    p.add_argument("--endpoint", default=os.environ.get("CIRCUSCTL_ENDPOINT") or None)
+    p.add_argument("--timeout", type=seconds, default=5.0)
+    p.add_argument("--key")
+    p.add_argument("--server-key")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--prettify", action="store_true")
+    p.add_argument("-h", "--help", action="store_true")
+    p.add_argument("--version", action="store_true")
+    p.add_argument("words", nargs=argparse.REMAINDER)      # the command and its words
+    return p
+
+
+def _ctl_options(argv):
+    """ctl's global options (before the command) -> (namespace, None), or (None, error line)."""
+    import argparse
+    try:
+        g, unknown = _ctl_parser().parse_known_args(argv)
+    except argparse.ArgumentError as e:
+        if e.message == "expected one argument":
+            return None, "%s needs a value" % e.argument_name
+        return None, e.message
+    if unknown:
+        return None, "unknown option %s (see: python circus.py ctl --help)" % unknown[0]
+    return g, None
+
+
 def ctl_main(argv) -> int:
     """``ctl``: the circusctl clone. Returns the exit code."""
-    out, err = sys.stdout, sys.stderr
-    endpoint = os.environ.get("CIRCUSCTL_ENDPOINT") or None
-    timeout, as_json, pretty = 5.0, False, False
-    keys = {}
-    args = list(argv)
-    while args and args[0].startswith("-"):
-        opt = args.pop(0)
-        key, eq, val = opt.partition("=")
-        if key in ("--endpoint", "--timeout", "--key", "--server-key") and not eq:
-            if not args:
-                err.write("error: %s needs a value\n" % key)
-                return 2
-            val = args.pop(0)
-        if key == "--endpoint":
-            endpoint = val
-        elif key in ("--key", "--server-key"):
-            keys[key] = val
-        elif key == "--timeout":
-            try:
-                timeout = float(val)
-            except ValueError:
-                err.write("error: --timeout takes seconds, not %r\n" % val)
-                return 2
-        elif key == "--json":
-            as_json = True
-        elif key == "--prettify":
-            pretty = True
-        elif key in ("-h", "--help"):
-            if args and args[0] in COMMANDS:
-                out.write(_command_help(args[0]) + "\n")
-            else:
-                out.write(_ctl_usage() + "\n")
-            return 0
-        elif key == "--version":
-            out.write("circus.py %s (circusctl %s compatible)\n" % (__version__, CIRCUS_COMPAT))
-            return 0
-        else:
-            err.write("error: unknown option %s (see: python circus.py ctl --help)\n" % opt)
-            return 2
-    if args and args[0] == "keygen":
-        return _ctl_keygen(args[1:])
+    g, error = _ctl_options(argv)
+    if error:
+        sys.stderr.write("error: %s\n" % error)
+        return 2
+    if g.help or g.version:
+        return _ctl_about(g)
+    words = g.words
+    if words and words[0] == "keygen":
+        return _ctl_keygen(words[1:])
     try:
-        curve = client_keys(keys.get("--key"), keys.get("--server-key"))
+        g.curve = client_keys(g.key, g.server_key)
     except CircusError as e:
-        err.write("error: %s\n" % e)
+        sys.stderr.write("error: %s\n" % e)
         return 2
-    if not args:
-        return _shell(endpoint, timeout, [w for k, v in keys.items() for w in (k, v)])
-    name = args.pop(0).lower()
-    for flag in ("--json", "--prettify"):       # also accepted after the command (ctl stats --json)
-        while flag in args:
-            args.remove(flag)
-            as_json, pretty = as_json or flag == "--json", pretty or flag == "--prettify"
+    if not words:
+        return _shell(g)
+    name, words = words[0].lower(), words[1:]
+    for flag in ("json", "prettify"):       # also accepted after the command (ctl stats --json)
+        if "--" + flag in words:
+            setattr(g, flag, True)
+            words = [w for w in words if w != "--" + flag]
     if name not in COMMANDS:
-        err.write("error: unknown command %r (see: python circus.py ctl help)\n" % name)
+        sys.stderr.write("error: unknown command %r (see: python circus.py ctl help)\n" % name)
         return 2
-    if "--help" in args or "-h" in args or name == "help":
-        topic = args[0] if name == "help" and args else (name if name != "help" else None)
-        if topic and topic not in COMMANDS:
-            err.write("error: unknown command %r\n" % topic)
-            return 2
-        out.write((_command_help(topic) if topic else _ctl_usage()) + "\n")
-        return 0
-    if name == "listen":
-        try:
-            pubsub = _pubsub_of(endpoint, timeout, curve) if endpoint else _default_ctl_endpoint("pubsub")
-            _listen(pubsub, args, out, curve)
-        except CallError as e:
-            return _ctl_unreachable(e, endpoint, curve)
-        except CircusError as e:
-            err.write("error: %s\n" % e)
-            return 3
-        except KeyboardInterrupt:
-            pass
-        return 0
-    if name in ("tail", "maintail"):
-        return _ctl_tail(name, args, endpoint or _default_ctl_endpoint(), timeout, curve)
-    if name == "top":
-        return _ctl_top(args, endpoint or _default_ctl_endpoint(), timeout, curve)
+    if "--help" in words or "-h" in words:
+        return _ctl_help(name, words, g)
+    return (COMMANDS[name].client or _ctl_request)(name, words, g)
+
+
+def _ctl_about(g) -> int:
+    """``--help [COMMAND]`` and ``--version``."""
+    if g.help:
+        topic = g.words[0] if g.words and g.words[0] in COMMANDS else None
+        sys.stdout.write((_command_help(topic) if topic else _ctl_usage()) + "\n")
+    else:
+        sys.stdout.write("circus.py %s (circusctl %s compatible)\n" % (__version__, CIRCUS_COMPAT))
+    return 0
+
+
+def ctl_runner(*names):
+    """Register what ctl runs for these commands instead of one request and its reply:
+    ``func(name, words, options)`` returns the exit code."""
+    def deco(func):
+        for name in names:
+            COMMANDS[name].client = func
+        return func
+    return deco
+
+
+def _control(g) -> str:
+    """The control endpoint ctl talks to."""
+    return g.endpoint or _default_ctl_endpoint()
+
+
+def _ctl_request(name, words, g) -> int:
+    """One request built from the words, its reply printed as circusctl prints it."""
     try:
-        request = build_request(name, args)
+        request = build_request(name, words)
     except UsageError as e:
-        err.write("%s\n" % e)
+        sys.stderr.write("%s\n" % e)
         return e.code
+    endpoint = g.endpoint
     try:
-        endpoint = endpoint or _default_ctl_endpoint()
-        with Client(endpoint, timeout, curve) as client:
+        endpoint = _control(g)
+        with Client(endpoint, g.timeout, g.curve) as client:
             reply = client.send(request)
     except CallError as e:
-        return _ctl_unreachable(e, endpoint, curve)
+        return _ctl_unreachable(e, endpoint, g.curve)
     except Exception as e:          # e.g. a malformed endpoint
-        err.write("error: %s\n" % e)
+        sys.stderr.write("error: %s\n" % e)
         return 1
-    if as_json:
-        out.write((json.dumps(reply, indent=2, sort_keys=True) if pretty else json.dumps(reply)) + "\n")
+    if g.json:
+        text = json.dumps(reply, indent=2, sort_keys=True) if g.prettify else json.dumps(reply)
+        sys.stdout.write(text + "\n")
         return 0
+    cmd = COMMANDS[name]
     if reply.get("status") == "error":
-        # circusctl's words: `status NAME` says just "error", globaloptions the bare reason
-        text = {"status": "error", "globaloptions": reply.get("reason")}.get(
-            name, "error: %s" % reply.get("reason"))
-        err.write("%s\n" % text)
+        sys.stderr.write("%s\n" % cmd.fmt_error(reply))
         return 3
-    out.write(COMMANDS[name].fmt(reply) + "\n")
-    if name == "status" and any(r["state"] in (ProcState.STOPPED, ProcState.EXITED, ProcState.FATAL)
-                                for r in reply.get("processes", ())):
-        return 3        # as supervisorctl status: some process is not running
+    sys.stdout.write(cmd.fmt(reply) + "\n")
+    return cmd.exit_code(reply)
+
+
+@ctl_runner("help")
+def _ctl_help(name, words, g) -> int:
+    """``help [COMMAND]`` and ``COMMAND --help``."""
+    topic = words[0] if name == "help" and words else (name if name != "help" else None)
+    if topic and topic not in COMMANDS:
+        sys.stderr.write("error: unknown command %r\n" % topic)
+        return 2
+    sys.stdout.write((_command_help(topic) if topic else _ctl_usage()) + "\n")
+    return 0
+
+
+@ctl_runner("listen")
+def _ctl_listen(name, words, g) -> int:
+    """``listen [TOPIC...]``: the daemon's events, until Ctrl-C."""
+    endpoint, curve = g.endpoint, g.curve
+    try:
+        pubsub = _pubsub_of(endpoint, g.timeout, curve) if endpoint else _default_ctl_endpoint("pubsub")
+        _listen(pubsub, words, sys.stdout, curve)
+    except CallError as e:
+        return _ctl_unreachable(e, endpoint, curve)
+    except CircusError as e:
+        sys.stderr.write("error: %s\n" % e)
+        return 3
+    except KeyboardInterrupt:
+        pass
     return 0
 
 
@@ -7817,28 +7939,16 @@ def _ctl_keygen(args) -> int:
     return 0
 
 
-def _ctl_tail(name, args, endpoint, timeout, curve=None) -> int:
+@ctl_runner("tail", "maintail")
+def _ctl_tail(name, args, g) -> int:
     """``tail [-f] [-BYTES] NAME [stdout|stderr]`` and ``maintail [-f] [-BYTES]``."""
     out, err = sys.stdout, sys.stderr
-    follow, nbytes, words = False, 1600, []
-    for a in args:
-        if a == "-f":
-            follow = True
-        elif re.fullmatch(r"-\d+", a):
-            nbytes = int(a[1:])
-        elif a.startswith("-"):
-            err.write("Error: bad argument %s\n" % a)
-            return 2
-        else:
-            words.append(a)
-    if (name == "tail" and not 1 <= len(words) <= 2) or (name == "maintail" and words):
-        err.write("usage: python circus.py ctl %s\n" % ("tail [-f] [-BYTES] NAME [stdout|stderr]"
-                                                       if name == "tail" else "maintail [-f] [-BYTES]"))
-        return 2
-    props = {"bytes": nbytes}
-    if name == "tail":
-        props["name"] = words[0]
-        props["stream"] = words[1] if len(words) > 1 else "stdout"
+    endpoint, timeout, curve = _control(g), g.timeout, g.curve
+    try:
+        follow, props = _tail_props(name, args)
+    except UsageError as e:
+        err.write("%s\n" % e)
+        return e.code
     try:
         with Client(endpoint, timeout, curve) as client:
             sub = None
@@ -7870,6 +7980,28 @@ def _ctl_tail(name, args, endpoint, timeout, curve=None) -> int:
     return 0
 
 
+def _tail_props(name, args) -> tuple:
+    """tail's and maintail's words -> (follow?, the request's properties)."""
+    follow, nbytes, words = False, 1600, []
+    for a in args:
+        if a == "-f":
+            follow = True
+        elif re.fullmatch(r"-\d+", a):
+            nbytes = int(a[1:])
+        elif a.startswith("-"):
+            raise UsageError("Error: bad argument %s" % a, 2)
+        else:
+            words.append(a)
+    if (name == "tail" and not 1 <= len(words) <= 2) or (name == "maintail" and words):
+        usage = "tail [-f] [-BYTES] NAME [stdout|stderr]" if name == "tail" else "maintail [-f] [-BYTES]"
+        raise UsageError("usage: python circus.py ctl %s" % usage, 2)
+    props = {"bytes": nbytes}
+    if name == "tail":
+        props["name"] = words[0]
+        props["stream"] = words[1] if len(words) > 1 else "stdout"
+    return follow, props
+
+
 def _top_frame(client, sort) -> str:
     rows = client.call("status", long=True).get("processes", [])
     infos = client.call("stats").get("infos", {})
@@ -7893,9 +8025,11 @@ def _top_frame(client, sort) -> str:
     return "\n".join(lines)
 
 
-def _ctl_top(args, endpoint, timeout, curve=None) -> int:
+@ctl_runner("top")
+def _ctl_top(name, args, g) -> int:
     """``top [--sort=cpu|mem|name|state] [--interval=S]``: refreshes in place until q or Ctrl-C."""
     import select
+    endpoint, timeout, curve = _control(g), g.timeout, g.curve
     sort, interval = "cpu", 1.0
     for a in args:
         key, _, val = a.partition("=")
@@ -7955,13 +8089,14 @@ def _ctl_top(args, endpoint, timeout, curve=None) -> int:
             termios.tcsetattr(stdin.fileno(), termios.TCSADRAIN, tty_state)
 
 
-def _shell(endpoint, timeout, key_args=()) -> int:
+def _shell(g) -> int:
     """No command: a small interactive shell (EOF or 'quit-shell' leaves)."""
     import shlex
     out = sys.stdout
     out.write("circus.py %s ctl shell, talking to %s. 'help' lists commands; Ctrl-D leaves.\n"
-              % (__version__, endpoint or _default_ctl_endpoint()))
-    base = (["--endpoint", endpoint] if endpoint else []) + ["--timeout", str(timeout)] + list(key_args)
+              % (__version__, _control(g)))
+    base = (["--endpoint", g.endpoint] if g.endpoint else []) + ["--timeout", str(g.timeout)]
+    base += [w for flag, v in (("--key", g.key), ("--server-key", g.server_key)) if v for w in (flag, v)]
     ctl_main(base + ["status"])
     while True:
         try:
@@ -8426,11 +8561,6 @@ async def take_snapshot(hub) -> dict:
 
 # -- the dashboard server ----------------------------------------------------------------
 
-# Commands a GET may run: they change nothing. Everything else needs a POST.
-_READ_ONLY = {"status", "list", "stats", "snapshot", "options", "get", "listsockets", "numprocesses",
-              "numwatchers", "dstats", "pid", "tail", "maintail", "globaloptions", "reread"}
-
-
 def _sse(event: str, data) -> bytes:
     return b"event: %s\ndata: %s\n\n" % (event.encode(), json.dumps(data).encode())
 
@@ -8741,7 +8871,7 @@ class WebServer(HttpServer):
         if name not in COMMANDS or name in ("help", "listen"):
             return await refuse(404, "unknown command: %r" % name, E_UNKNOWN_COMMAND)
         if req.method == "GET":
-            if name not in _READ_ONLY:
+            if not COMMANDS[name].read_only:     # a GET runs what changes nothing
                 return await refuse(405, "%s changes things: use POST (with the X-CSRF-Token header)" % name,
                                     extra=("Allow: POST",))
             props = dict(req.query)
@@ -9453,44 +9583,19 @@ def daemon_main(argv) -> int:
     except ConfigError as e:
         err.write("error: %s\n" % e)
         return 1
-    pidfile = None
     try:
-        loggerconfig = args.loggerconfig or cfg.loggerconfig
-        if loggerconfig and loggerconfig != "default":
-            _logger_config(loggerconfig)
-        else:
-            setup_logging(args.loglevel or cfg.loglevel or "info", args.logoutput or cfg.logoutput or "-",
-                          echo=cfg.log_echo and not args.daemon)
-        path = args.pidfile or cfg.pidfile
-        if path:
-            pidfile = Pidfile(path)
-            pidfile.check()
-        for w in cfg.warnings:
-            _log().warning("%s", w)
-        arbiter = Arbiter.from_config(cfg)
+        arbiter, pidfile = _daemon_setup(args, cfg)
+        _raise_nofile(cfg.minfds)
     except (CircusError, OSError, ValueError) as e:
         err.write("error: %s\n" % (os_error_text(e) if isinstance(e, OSError) else e))
-        return 1
-    try:
-        _raise_nofile(cfg.minfds)
-    except CircusError as e:
-        err.write("error: %s\n" % e)
         return 1
     _check_fd_budget(cfg)
     if args.daemon:
         daemonize()
-    if cfg.directory:
-        try:
-            os.chdir(cfg.directory)
-        except OSError as e:
-            err.write("error: [supervisord] directory %s: %s\n" % (cfg.directory, e.strerror))
-            return 1
-    if pidfile:
-        try:
-            pidfile.create()
-        except (CircusError, OSError) as e:
-            err.write("error: pidfile: %s\n" % (os_error_text(e) if isinstance(e, OSError) else e))
-            return 1
+    error = _daemon_enter(cfg, pidfile)
+    if error:
+        err.write("error: %s\n" % error)
+        return 1
     try:
         return arbiter.run()
     except CircusError as e:
@@ -9502,6 +9607,38 @@ def daemon_main(argv) -> int:
     finally:
         if pidfile:
             pidfile.remove()
+
+
+def _daemon_setup(args, cfg) -> tuple:
+    """Logging, the pidfile checked (not written yet) and the arbiter built."""
+    loggerconfig = args.loggerconfig or cfg.loggerconfig
+    if loggerconfig and loggerconfig != "default":
+        _logger_config(loggerconfig)
+    else:
+        setup_logging(args.loglevel or cfg.loglevel or "info", args.logoutput or cfg.logoutput or "-",
+                      echo=cfg.log_echo and not args.daemon)
+    path = args.pidfile or cfg.pidfile
+    pidfile = Pidfile(path) if path else None
+    if pidfile:
+        pidfile.check()
+    for w in cfg.warnings:
+        _log().warning("%s", w)
+    return Arbiter.from_config(cfg), pidfile
+
+
+def _daemon_enter(cfg, pidfile):
+    """Into [supervisord] directory, then the pidfile written; the error text, or None."""
+    if cfg.directory:
+        try:
+            os.chdir(cfg.directory)
+        except OSError as e:
+            return "[supervisord] directory %s: %s" % (cfg.directory, e.strerror)
+    if pidfile:
+        try:
+            pidfile.create()
+        except (CircusError, OSError) as e:
+            return "pidfile: %s" % (os_error_text(e) if isinstance(e, OSError) else e)
+    return None
 
 
 def _check_logging(cfg) -> None:

@@ -2035,6 +2035,59 @@ def test_ctl_help_and_unknown(capsys):
     assert "usage: python circus.py ctl incr NAME [NB] [--waiting]" in capsys.readouterr().out
 
 
+def test_command_table_holds_every_fact():
+    C = circus.COMMANDS
+    # what an endpoint_owner and a dashboard GET may run, read from the table alone
+    assert {n for n, c in C.items() if c.peer == circus.ANYONE} == {
+        "status", "list", "numprocesses", "numwatchers", "globaloptions", "listsockets", "stats",
+        "dstats", "snapshot", "pid", "maintail", "reread", "top", "listen", "help"}
+    assert {n for n, c in C.items() if c.peer == circus.OWN} == {
+        "start", "stop", "restart", "reload", "incr", "decr", "signal", "kill", "rm", "set",
+        "options", "get", "tail", "add"}
+    assert {n for n, c in C.items() if c.read_only} == {n for n, c in C.items() if c.peer == circus.ANYONE} | {
+        "options", "get", "tail"}
+    # circusctl's words, and what ctl runs itself
+    assert C["options"].argcount == "number of arguments invalid" and C["options"].extra_ignored
+    assert C["stats"].argcount == "message invalid" and C["dstats"].extra_ignored
+    assert C["status"].fmt_error({"reason": "x"}) == "error" and C["globaloptions"].fmt_error({"reason": "x"}) == "x"
+    assert C["status"].exit_code({"processes": [{"state": "FATAL"}]}) == 3
+    assert C["help"].run is None and C["help"].client is not None
+    assert all(C[n].client is not None for n in ("tail", "maintail", "top", "listen"))
+    # `set`'s keys come from WATCHER_OPTIONS (plus the objects circusctl converts)
+    assert "numprocesses" in C["set"].settable and "priority" not in C["set"].settable
+    assert C["set"].settable <= set(circus.WATCHER_OPTIONS) | {"env", "hooks", "retry_in"}
+
+
+def test_command_facts_drive_ctl(monkeypatch, capsys):
+    """A new command needs nothing outside its table entry: parser, texts, runner."""
+    monkeypatch.setitem(circus.COMMANDS, "probe", None)
+
+    @circus.command("probe", "name [extra]", argcount="too few, says probe", extra_ignored=True)
+    def cmd_probe(arb, props):
+        """Probe."""
+        return {}
+    assert circus.build_request("probe", ["a", "b", "c"])["properties"] == {"name": "a", "extra": "b"}
+    with pytest.raises(circus.UsageError, match="too few, says probe"):
+        circus.build_request("probe", [])
+    seen = []
+    circus.ctl_runner("probe")(lambda name, words, g: seen.append((name, words, g.timeout)) or 7)
+    assert circus.main(["ctl", "--timeout=2", "probe", "x", "--json"]) == 7
+    assert seen == [("probe", ["x"], 2.0)]
+    assert circus.main(["ctl", "probe", "--help"]) == 0
+    assert "usage: python circus.py ctl probe NAME [EXTRA]" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,text", [
+    (["--endpoint"], "error: --endpoint needs a value"),
+    (["--timeout", "x", "status"], "error: --timeout takes seconds, not 'x'"),
+    (["--end", "x", "status"], "error: unknown option --end (see: python circus.py ctl --help)"),
+    (["--bogus=1", "status"], "error: unknown option --bogus=1 (see: python circus.py ctl --help)"),
+])
+def test_ctl_global_option_errors(argv, text, capsys):
+    assert circus.main(["ctl"] + argv) == 2
+    assert capsys.readouterr().err == text + "\n"
+
+
 def test_ctl_imports_no_asyncio_or_psutil():
     code = ("import sys; sys.argv=['circus.py','ctl','--help']; import runpy;"
             "\ntry: runpy.run_path(%r, run_name='__main__')\nexcept SystemExit: pass"
