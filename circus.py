@@ -364,6 +364,123 @@ def import_dotted(path: str, extra_dirs=()):
         raise ImportError("module %r has no %r" % (modname, attr)) from None
 
 
+def parse_exitcodes(value) -> list:
+    codes = []
+    for part in str(value).split(","):
+        part = part.strip()
+        if part:
+            code = to_int(part)
+            if not 0 <= code <= 255:
+                raise ValueError("exit code %d is not in 0..255" % code)
+            codes.append(code)
+    return codes
+
+
+def parse_autorestart(value) -> str:
+    text = str(value).strip().lower()
+    if text == "unexpected":
+        return text
+    return "true" if to_bool(text) else "false"
+
+
+def resolve_user(uid, gid):
+    """Names or numbers -> (uid, gid, supplementary groups); clear errors."""
+    import grp
+    import pwd
+    out_uid = out_gid = groups = None
+    if uid is not None and str(uid) != "":
+        try:
+            pw = pwd.getpwuid(int(uid)) if str(uid).isdigit() else pwd.getpwnam(str(uid))
+        except KeyError:
+            raise ValueError("unknown user %r" % (uid,)) from None
+        out_uid = pw.pw_uid
+        out_gid = pw.pw_gid
+        try:
+            groups = os.getgrouplist(pw.pw_name, pw.pw_gid)
+        except OSError:
+            groups = None
+    if gid is not None and str(gid) != "":
+        try:
+            out_gid = int(gid) if str(gid).isdigit() else grp.getgrnam(str(gid)).gr_gid
+        except KeyError:
+            raise ValueError("unknown group %r" % (gid,)) from None
+    return out_uid, out_gid, groups
+
+
+def parse_mem_limit(value) -> int:
+    """``200M``, ``1.5G``, ``512K``, ``1048576`` (bytes) or ``25%`` of the machine's memory."""
+    text = str(value).strip().upper()
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(%|B|K|KB|M|MB|G|GB|T|TB)?", text)
+    if not m:
+        raise ValueError("%r is not a memory size (e.g. 200M, 1G, 25%%)" % (value,))
+    num, unit = ranged(float)(m.group(1)), (m.group(2) or "B").rstrip("B") or "B"
+    if unit == "%":
+        return int(_psutil.virtual_memory().total * num / 100)
+    return int(num * {"B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[unit])
+
+
+def load_curve_key(path: str, secret=False) -> tuple:
+    """(public, secret) z85 keys from a key file written by `ctl keygen` (zmq.auth's format)."""
+    import zmq.auth
+    try:
+        public, secret_key = zmq.auth.load_certificate(path)
+    except (OSError, ValueError) as e:
+        raise CircusError("cannot read CurveZMQ key %s: %s (create one with `python circus.py "
+                          "ctl keygen`)" % (path, getattr(e, "strerror", None) or e)) from None
+    if secret and not secret_key:
+        raise CircusError("%s holds no secret key: give the .key_secret file, not the public "
+                          ".key" % path)
+    return public, secret_key
+
+
+def _key_files(location: str) -> list:
+    if os.path.isdir(location):
+        return sorted(e.path for e in os.scandir(location) if e.name.endswith(".key") and e.is_file())
+    return [location] if os.path.exists(location) else []
+
+
+def authorized_keys(location: str, problems=None) -> set:
+    """The public keys (z85) of a folder of .key files, or of one key file.
+
+    With a ``problems`` list, unreadable files are skipped and described
+    there; without it the first one raises CircusError.
+    """
+    if not os.path.exists(location):
+        if problems is None:
+            raise CircusError("curve_authorized_keys %s does not exist" % location)
+        problems.append("%s does not exist: no client is let in" % location)
+        return set()
+    keys = set()
+    for path in _key_files(location):
+        try:
+            keys.add(load_curve_key(path)[0])
+        except CircusError as e:
+            if problems is None:
+                raise
+            problems.append(str(e))
+    return keys
+
+
+def drop_privileges(user):
+    """Become ``user`` (name or uid) with its groups: [supervisord] user."""
+    uid, gid, groups = resolve_user(user, None)
+    if uid == os.geteuid():
+        return
+    import importlib    # the interpreter may live where the new user cannot read: import now
+    for mod in ("shlex", "subprocess", "heapq", "random", "glob", "fnmatch", "tempfile", "resource",
+                "grp", "pwd", "traceback", "platform", "queue", "threading", "collections", "psutil",
+                "logging.handlers", "logging.config", "urllib.parse", "json", "socket", "struct"):
+        importlib.import_module(mod)
+    try:
+        if groups is not None:
+            os.setgroups(groups)
+        os.setgid(gid)
+        os.setuid(uid)
+    except OSError as e:
+        raise CircusError("cannot switch to user %r: %s (the daemon must start as root)"
+                          % (user, e.strerror)) from None
+
+
 # ---------------------------------------------------------------------------
 # 4. Config
 # ---------------------------------------------------------------------------
@@ -1417,25 +1534,6 @@ def parse_byte_size(value) -> int:
         raise ValueError("%r is not a size (use digits with an optional KB, MB or GB)" % (value,))
     return int(m.group(1)) * {None: 1, "KB": 1024, "MB": 1024 ** 2, "GB": 1024 ** 3}[
         (m.group(2) or "").upper() or None]
-
-
-def parse_exitcodes(value) -> list:
-    codes = []
-    for part in str(value).split(","):
-        part = part.strip()
-        if part:
-            code = to_int(part)
-            if not 0 <= code <= 255:
-                raise ValueError("exit code %d is not in 0..255" % code)
-            codes.append(code)
-    return codes
-
-
-def parse_autorestart(value) -> str:
-    text = str(value).strip().lower()
-    if text == "unexpected":
-        return text
-    return "true" if to_bool(text) else "false"
 
 
 _SV_LOGLEVELS = {"critical": "critical", "error": "error", "warn": "warning", "info": "info",
@@ -2785,6 +2883,95 @@ def _listening(pid: int, inherited: set) -> bool:
     return False
 
 
+_NOFILE: list = []     # [soft RLIMIT_NOFILE], read once (None: unlimited)
+
+
+_START_NOFILE: list = []    # [(soft, hard)] children get: the daemon's at start, lifted to minfds
+
+
+_CHILD_NOFILE: list = []    # the same, once ensure_fds lifted the daemon's own above it
+
+
+_NOFILE_TOP: list = []      # [the highest soft limit the daemon can have], once reached
+
+
+def child_nofile():
+    """The open files limit (soft, hard) a child must be given back, or None: the
+    daemon's raised limit is for its own fds; children get the one it started with
+    (lifted to [supervisord] minfds, as supervisord's children get)."""
+    return _CHILD_NOFILE[0] if _CHILD_NOFILE else None
+
+
+def fd_limit():
+    """The soft limit of open files (None when unlimited), as ensure_fds left it."""
+    if not _NOFILE:
+        import resource
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        _NOFILE.append(None if soft == resource.RLIM_INFINITY else soft)
+    return _NOFILE[0]
+
+
+def _raise_nofile(minfds=None):
+    """At start (daemon mode): remember the open files limit children get, and apply
+    [supervisord] minfds to it, as supervisord does. The daemon lifts its own limit
+    only when its processes need it (ensure_fds): until then children inherit theirs
+    and spawn with nothing exec'd in front."""
+    import resource
+    inf = resource.RLIM_INFINITY
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if minfds and hard != inf and minfds > hard:
+        if os.geteuid() != 0:
+            raise CircusError("[supervisord] minfds = %d is above the hard limit of open files (%d): "
+                              "raise it (ulimit -Hn, LimitNOFILE=) or lower minfds" % (minfds, hard))
+        hard = minfds
+    if minfds and soft != inf and minfds > soft:
+        soft = minfds
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        except (ValueError, OSError) as e:
+            raise CircusError("[supervisord] minfds = %d: cannot raise the limit of open files: %s"
+                              % (minfds, e)) from None
+    _START_NOFILE[:] = [(soft, hard)]
+    _CHILD_NOFILE.clear()
+    _NOFILE_TOP.clear()
+    _NOFILE.clear()
+
+
+def ensure_fds(needed: int) -> None:
+    """Lift the daemon's soft limit of open files (as root, the hard one up to the
+    kernel's nr_open) so that ``needed`` fit twice over. Only a daemon that had to
+    gives its children their start limit back (prlimit in front of the command)."""
+    soft = fd_limit()
+    if not _START_NOFILE or soft is None or needed <= soft or soft in _NOFILE_TOP:
+        return
+    import resource
+    inf = resource.RLIM_INFINITY
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 2 * needed
+    if hard != inf and want > hard and os.geteuid() == 0:
+        try:
+            with open("/proc/sys/fs/nr_open") as f:
+                hard = max(hard, min(int(f.read()), 1 << 20))
+        except (OSError, ValueError):
+            pass
+    want = want if hard == inf else min(want, hard)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(want, soft), hard))
+    except (ValueError, OSError):
+        return
+    _NOFILE.clear()
+    now = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if now[0] == hard:
+        _NOFILE_TOP[:] = [hard]     # as high as it goes: not asked again at every spawn
+    _CHILD_NOFILE[:] = [_START_NOFILE[0]] if now != _START_NOFILE[0] else []
+
+
+def fds_needed(processes: int) -> int:
+    """The fds the daemon wants for ``processes``: a pidfd and two pipes each, and room
+    for its own (log files, sockets, control and HTTP clients)."""
+    return 3 * processes + 256
+
+
 def _rlimit_setter(rlimits: dict, nofile=None):
     """A preexec function setting resource limits (only used when asked for); ``nofile``:
     the (soft, hard) open files limit to give back first (see child_nofile)."""
@@ -3262,30 +3449,6 @@ class Process:
         """pid, wid, state, start time and age, as a dict."""
         return {"pid": self.pid, "wid": self.wid, "state": self.state,
                 "started": self.started, "age": time.time() - self.started if self.started else 0}
-
-
-def resolve_user(uid, gid):
-    """Names or numbers -> (uid, gid, supplementary groups); clear errors."""
-    import grp
-    import pwd
-    out_uid = out_gid = groups = None
-    if uid is not None and str(uid) != "":
-        try:
-            pw = pwd.getpwuid(int(uid)) if str(uid).isdigit() else pwd.getpwnam(str(uid))
-        except KeyError:
-            raise ValueError("unknown user %r" % (uid,)) from None
-        out_uid = pw.pw_uid
-        out_gid = pw.pw_gid
-        try:
-            groups = os.getgrouplist(pw.pw_name, pw.pw_gid)
-        except OSError:
-            groups = None
-    if gid is not None and str(gid) != "":
-        try:
-            out_gid = int(gid) if str(gid).isdigit() else grp.getgrnam(str(gid)).gr_gid
-        except KeyError:
-            raise ValueError("unknown group %r" % (gid,)) from None
-    return out_uid, out_gid, groups
 
 
 # ---------------------------------------------------------------------------
@@ -3915,6 +4078,20 @@ class Readiness:
             await asyncio.sleep(0.05)
 
 
+async def _locked(w, coro_fn):
+    """Run ``coro_fn()`` holding the watcher's lock (commands on one watcher queue)."""
+    if w.lock is None:
+        w.lock = asyncio.Lock()
+    async with w.lock:
+        return await coro_fn()
+
+
+async def _none(coro):
+    """Await ``coro``; the command's reply has no fields of its own."""
+    await coro
+    return {}
+
+
 #: Where a watcher may go from where (Circus's `status` is CIRCUS_STATUS of it), and
 #: the event the move emits.
 WATCHER_TRANSITIONS = {
@@ -4536,20 +4713,6 @@ class _RingLogHandler:
 
     def __getattr__(self, name):        # the rest of the Handler interface: no-ops
         return lambda *a, **k: None
-
-
-async def _locked(w, coro_fn):
-    """Run ``coro_fn()`` holding the watcher's lock (commands on one watcher queue)."""
-    if w.lock is None:
-        w.lock = asyncio.Lock()
-    async with w.lock:
-        return await coro_fn()
-
-
-async def _none(coro):
-    """Await ``coro``; the command's reply has no fields of its own."""
-    await coro
-    return {}
 
 
 def _not_reloaded(e: Exception) -> CommandError:
@@ -5331,18 +5494,6 @@ def process_stats(pid: int, kids_of=None, cache=None) -> dict:
     except _psutil.NoSuchProcess:
         cache.pop(pid, None)
         return "No such process (stopped?)"
-
-
-def parse_mem_limit(value) -> int:
-    """``200M``, ``1.5G``, ``512K``, ``1048576`` (bytes) or ``25%`` of the machine's memory."""
-    text = str(value).strip().upper()
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(%|B|K|KB|M|MB|G|GB|T|TB)?", text)
-    if not m:
-        raise ValueError("%r is not a memory size (e.g. 200M, 1G, 25%%)" % (value,))
-    num, unit = ranged(float)(m.group(1)), (m.group(2) or "B").rstrip("B") or "B"
-    if unit == "%":
-        return int(_psutil.virtual_memory().total * num / 100)
-    return int(num * {"B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[unit])
 
 
 def _sample(pids, cache: dict) -> dict:
@@ -6868,46 +7019,6 @@ def check_endpoint(endpoint: str, what: str, allow_insecure=False, curve=False) 
 
 # -- CurveZMQ: key files and the daemon's authenticator ------------------------
 
-def load_curve_key(path: str, secret=False) -> tuple:
-    """(public, secret) z85 keys from a key file written by `ctl keygen` (zmq.auth's format)."""
-    import zmq.auth
-    try:
-        public, secret_key = zmq.auth.load_certificate(path)
-    except (OSError, ValueError) as e:
-        raise CircusError("cannot read CurveZMQ key %s: %s (create one with `python circus.py "
-                          "ctl keygen`)" % (path, getattr(e, "strerror", None) or e)) from None
-    if secret and not secret_key:
-        raise CircusError("%s holds no secret key: give the .key_secret file, not the public "
-                          ".key" % path)
-    return public, secret_key
-
-
-def _key_files(location: str) -> list:
-    if os.path.isdir(location):
-        return sorted(e.path for e in os.scandir(location) if e.name.endswith(".key") and e.is_file())
-    return [location] if os.path.exists(location) else []
-
-
-def authorized_keys(location: str, problems=None) -> set:
-    """The public keys (z85) of a folder of .key files, or of one key file.
-
-    With a ``problems`` list, unreadable files are skipped and described
-    there; without it the first one raises CircusError.
-    """
-    if not os.path.exists(location):
-        if problems is None:
-            raise CircusError("curve_authorized_keys %s does not exist" % location)
-        problems.append("%s does not exist: no client is let in" % location)
-        return set()
-    keys = set()
-    for path in _key_files(location):
-        try:
-            keys.add(load_curve_key(path)[0])
-        except CircusError as e:
-            if problems is None:
-                raise
-            problems.append(str(e))
-    return keys
 
 
 class CurveServer:
@@ -9394,89 +9505,6 @@ class Pidfile:
             pass
 
 
-_NOFILE: list = []     # [soft RLIMIT_NOFILE], read once (None: unlimited)
-_START_NOFILE: list = []    # [(soft, hard)] children get: the daemon's at start, lifted to minfds
-_CHILD_NOFILE: list = []    # the same, once ensure_fds lifted the daemon's own above it
-_NOFILE_TOP: list = []      # [the highest soft limit the daemon can have], once reached
-
-
-def child_nofile():
-    """The open files limit (soft, hard) a child must be given back, or None: the
-    daemon's raised limit is for its own fds; children get the one it started with
-    (lifted to [supervisord] minfds, as supervisord's children get)."""
-    return _CHILD_NOFILE[0] if _CHILD_NOFILE else None
-
-
-def fd_limit():
-    """The soft limit of open files (None when unlimited), as ensure_fds left it."""
-    if not _NOFILE:
-        import resource
-        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        _NOFILE.append(None if soft == resource.RLIM_INFINITY else soft)
-    return _NOFILE[0]
-
-
-def _raise_nofile(minfds=None):
-    """At start (daemon mode): remember the open files limit children get, and apply
-    [supervisord] minfds to it, as supervisord does. The daemon lifts its own limit
-    only when its processes need it (ensure_fds): until then children inherit theirs
-    and spawn with nothing exec'd in front."""
-    import resource
-    inf = resource.RLIM_INFINITY
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if minfds and hard != inf and minfds > hard:
-        if os.geteuid() != 0:
-            raise CircusError("[supervisord] minfds = %d is above the hard limit of open files (%d): "
-                              "raise it (ulimit -Hn, LimitNOFILE=) or lower minfds" % (minfds, hard))
-        hard = minfds
-    if minfds and soft != inf and minfds > soft:
-        soft = minfds
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-        except (ValueError, OSError) as e:
-            raise CircusError("[supervisord] minfds = %d: cannot raise the limit of open files: %s"
-                              % (minfds, e)) from None
-    _START_NOFILE[:] = [(soft, hard)]
-    _CHILD_NOFILE.clear()
-    _NOFILE_TOP.clear()
-    _NOFILE.clear()
-
-
-def ensure_fds(needed: int) -> None:
-    """Lift the daemon's soft limit of open files (as root, the hard one up to the
-    kernel's nr_open) so that ``needed`` fit twice over. Only a daemon that had to
-    gives its children their start limit back (prlimit in front of the command)."""
-    soft = fd_limit()
-    if not _START_NOFILE or soft is None or needed <= soft or soft in _NOFILE_TOP:
-        return
-    import resource
-    inf = resource.RLIM_INFINITY
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = 2 * needed
-    if hard != inf and want > hard and os.geteuid() == 0:
-        try:
-            with open("/proc/sys/fs/nr_open") as f:
-                hard = max(hard, min(int(f.read()), 1 << 20))
-        except (OSError, ValueError):
-            pass
-    want = want if hard == inf else min(want, hard)
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (max(want, soft), hard))
-    except (ValueError, OSError):
-        return
-    _NOFILE.clear()
-    now = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if now[0] == hard:
-        _NOFILE_TOP[:] = [hard]     # as high as it goes: not asked again at every spawn
-    _CHILD_NOFILE[:] = [_START_NOFILE[0]] if now != _START_NOFILE[0] else []
-
-
-def fds_needed(processes: int) -> int:
-    """The fds the daemon wants for ``processes``: a pidfd and two pipes each, and room
-    for its own (log files, sockets, control and HTTP clients)."""
-    return 3 * processes + 256
-
-
 def _check_fd_budget(cfg) -> None:
     """One clear line when the config's processes don't fit the fd limit.
 
@@ -9503,26 +9531,6 @@ def _check_fd_budget(cfg) -> None:
     else:
         _log().error("%d processes need at least %d open files but the limit is %d: about %d of them "
                      "can start; %s", wanted, least, soft, max(0, (soft - 64) * wanted // (least - 64)), how)
-
-
-def drop_privileges(user):
-    """Become ``user`` (name or uid) with its groups: [supervisord] user."""
-    uid, gid, groups = resolve_user(user, None)
-    if uid == os.geteuid():
-        return
-    import importlib    # the interpreter may live where the new user cannot read: import now
-    for mod in ("shlex", "subprocess", "heapq", "random", "glob", "fnmatch", "tempfile", "resource",
-                "grp", "pwd", "traceback", "platform", "queue", "threading", "collections", "psutil",
-                "logging.handlers", "logging.config", "urllib.parse", "json", "socket", "struct"):
-        importlib.import_module(mod)
-    try:
-        if groups is not None:
-            os.setgroups(groups)
-        os.setgid(gid)
-        os.setuid(uid)
-    except OSError as e:
-        raise CircusError("cannot switch to user %r: %s (the daemon must start as root)"
-                          % (user, e.strerror)) from None
 
 
 def daemonize():
