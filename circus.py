@@ -828,6 +828,10 @@ HOOK_NAMES = ("before_start", "after_start", "before_spawn", "after_spawn",
 RLIMITS = ("as", "core", "cpu", "data", "fsize", "memlock", "msgqueue", "nice",
            "nofile", "nproc", "rss", "rtprio", "rttime", "sigpending", "stack")
 
+#: flapping.* keys (a watcher's, or a [plugin:x] Flapping section's) and their converters.
+FLAPPING_OPTIONS = {"attempts": ranged(to_int, 1), "window": _seconds, "retry_in": _seconds,
+                    "max_retry": ranged(to_int, -1), "active": to_bool}
+
 
 def _rotate_when(value) -> str:
     text = str(value).strip()
@@ -1205,7 +1209,7 @@ def _watcher_key_names() -> list:
     """Every key a watcher section can hold, the families by their usual members (for hints)."""
     streams = ("class", "filename", "max_bytes", "backup_count", "time_format")
     return (list(WATCHER_OPTIONS) + ["env"] + ["hooks." + h for h in HOOK_NAMES]
-            + ["rlimit_" + r for r in RLIMITS] + ["flapping." + k for k in Flapping.KEYS]
+            + ["rlimit_" + r for r in RLIMITS] + ["flapping." + k for k in FLAPPING_OPTIONS]
             + [w + "." + k for w in ("stdout_stream", "stderr_stream") for k in streams])
 
 
@@ -1216,70 +1220,8 @@ def _free_key_warnings(ini, section, wc) -> list:
     return [_unknown_key(ini.where(section, key), _watcher_key_names(),
                          "unknown key, kept as a free-form option for hooks and plugins")
             for key in wc.free
-            if not (key.startswith("flapping.") and key[9:] in Flapping.KEYS)
+            if not (key.startswith("flapping.") and key[9:] in FLAPPING_OPTIONS)
             and "circus.%s" % key.lower() not in text]
-
-
-def _read_with_includes(path: str, environ, warnings: list) -> IniFile:
-    import glob
-    ini = IniFile()
-    ini.read(path)
-    base = os.path.dirname(os.path.abspath(path))
-    main = ini.items("circus")
-    patterns = main.get("include", "").split()
-    for d in main.get("include_dir", "").split():
-        patterns.append(os.path.join(d, "*.ini"))
-    if "files" in ini.items("include"):      # Supervisor's [include] files = globs
-        import platform
-        names = _sv_env_names(environ)
-        names.update(here=base, host_node_name=platform.node())
-        patterns += sv_expand(ini.items("include")["files"], names, ini.where("include", "files")).split()
-    for pat in patterns:
-        full = pat if os.path.isabs(pat) else os.path.join(base, pat)
-        found = sorted(glob.glob(full))
-        if not found:
-            warnings.append("%s: include %r matches no file" % (path, pat))
-        for f in found:
-            if os.path.abspath(f) != os.path.abspath(path):
-                ini.read(f)
-    return ini
-
-
-def _check_curve_conf(cfg, ini) -> None:
-    """Both CurveZMQ keys or neither; paths are relative to the config file; keys must load."""
-    base = os.path.dirname(cfg.path or ".")
-    for key in ("curve_secret_key", "curve_authorized_keys", "curve_owner_keys"):
-        if getattr(cfg, key):
-            setattr(cfg, key, os.path.join(base, os.path.expanduser(getattr(cfg, key))))
-    if bool(cfg.curve_secret_key) != bool(cfg.curve_authorized_keys):
-        have, need = (("curve_secret_key", "curve_authorized_keys") if cfg.curve_secret_key
-                      else ("curve_authorized_keys", "curve_secret_key"))
-        raise ConfigError("%s: %s needs %s too (the folder of client .key files; see "
-                          "`python circus.py ctl keygen`)" % (ini.where("circus", have), have, need))
-    if cfg.curve_owner_keys and not (cfg.curve_secret_key and cfg.endpoint_owner):
-        raise ConfigError("%s: curve_owner_keys needs curve_secret_key and endpoint_owner (its "
-                          "keys get endpoint_owner's rights)"
-                          % ini.where("circus", "curve_owner_keys"))
-    if cfg.curve_secret_key:
-        try:
-            load_curve_key(cfg.curve_secret_key, secret=True)
-            authorized_keys(cfg.curve_authorized_keys)
-            if cfg.curve_owner_keys:
-                authorized_keys(cfg.curve_owner_keys)
-        except CircusError as e:
-            raise ConfigError("%s: %s" % (ini.where("circus"), e)) from None
-
-
-def _check_httpd_conf(cfg, ini) -> None:
-    """The dashboard stays on loopback unless a token guards it."""
-    try:
-        check_token(cfg.httpd_token)
-    except ValueError as e:
-        raise ConfigError("%s: %s" % (ini.where("circus", "httpd_token"), e)) from None
-    if cfg.httpd and not cfg.httpd_token and not is_loopback(cfg.httpd_host):
-        raise ConfigError("%s: the dashboard on %s would be open to other hosts: set httpd_token "
-                          "(16+ characters) or use httpd_host = 127.0.0.1"
-                          % (ini.where("circus", "httpd_host"), cfg.httpd_host))
 
 
 def _check_max_processes(cfg, n, where) -> None:
@@ -1304,564 +1246,6 @@ class _Reader:
 
     def warn_unknown(self, section, key, known, what="unknown key, ignored"):
         self.cfg.warnings.append(_unknown_key(self.ini.where(section, key), known, what))
-
-
-class _CircusReader(_Reader):
-    """Circus's sections: [env] and [env:PATTERNS], [circus], [socket:x], [watcher:x], [plugin:x]."""
-
-    def __init__(self, ini, cfg, environ):
-        super().__init__(ini, cfg, environ)
-        self.seen = {}          # watcher names by their lower case; Supervisor's programs too
-        # [env] and [env:PATTERNS]: $NAME and $(circus.env.X) come from the daemon's environment
-        # ([env:...] also sees [env]; circusd leaves $(circus.env.X) literal there: a difference)
-        self.table = {"env." + k.lower(): v for k, v in environ.items()}
-        self.global_env = self._env_values("env")
-        self.table.update({"env." + k.lower(): v for k, v in self.global_env.items()})
-        self.env_sections = [([p.strip() for p in name[4:].split(",") if p.strip()], self._env_values(name))
-                             for name in ini.sections if name.startswith("env:")]
-
-    def _env_values(self, name):
-        return {k: replace_circus_vars(expand_env_refs(v, self.environ), self.table)
-                for k, v in self.ini.items(name).items()}
-
-    def expand(self, value, table=None):
-        return replace_circus_vars(value, self.table if table is None else table) \
-            if isinstance(value, str) else value
-
-    def read(self) -> CircusConfig:
-        self.read_circus()
-        # sockets, watchers and plugins, sorted by name as Circus does
-        for kind, read in (("socket:", self.read_socket), ("watcher:", self.read_watcher),
-                           ("plugin:", self.read_plugin)):
-            for name in sorted(n for n in self.ini.sections if n.startswith(kind)):
-                if self.ini.items(name):
-                    read(name)
-        if any(is_supervisor_section(n) for n in self.ini.sections):
-            _SupervisorReader(self.ini, self.cfg, self.environ, self.seen).read()
-        for name in self.ini.sections:
-            if name != "circus" and not name.startswith(("socket:", "watcher:", "plugin:", "env")) \
-                    and not is_supervisor_section(name):
-                self.cfg.warnings.append("%s: unknown section, ignored" % self.ini.where(name))
-        self._check_socket_refs()
-        return self.cfg
-
-    def read_circus(self):
-        cfg, items = self.cfg, self.ini.items("circus")
-        for key, value in items.items():
-            if key not in _CIRCUS_KEYS:
-                self.warn_unknown("circus", key, _CIRCUS_KEYS, "unknown [circus] key, ignored")
-            elif key not in ("include", "include_dir"):     # read by _read_with_includes
-                setattr(cfg, key, self.conv("circus", key, self.expand(value), _CIRCUS_KEYS[key]))
-        if "stats_endpoint" in items:
-            cfg.statsd = True
-        _check_curve_conf(cfg, self.ini)
-        _check_httpd_conf(cfg, self.ini)
-
-    def read_socket(self, name):
-        items = self.ini.items(name)
-        for key in [k for k in items if k not in _SOCKET_KEYS]:     # circusd ignores them too
-            self.warn_unknown(name, key, _SOCKET_KEYS, "unknown socket key, ignored")
-            del items[key]
-        try:
-            self.cfg.sockets.append(SocketConfig(name[7:], **{k: self.expand(v) for k, v in items.items()}))
-        except (ValueError, TypeError) as e:
-            w = self.ini.where(name, getattr(e, "key", None))
-            raise ConfigError("%s:%s [%s] %s" % (w.file, w.line, name, e)) from None
-
-    def read_watcher(self, name):
-        ini, cfg = self.ini, self.cfg
-        wname = self._watcher_name(name)
-        wc = WatcherConfig(wname)
-        wc.where = str(ini.where(name))
-        wenv = self._watcher_env(wname)
-        wtable = dict(self.table)
-        wtable.update({"env." + k.lower(): v for k, v in wenv.items()})
-        for key, value in ini.items(name).items():
-            self.conv(name, key, self._expand_option(key, value, wtable), lambda v, k=key: wc.set(k, v))
-        wc.env = wenv           # the [env] sections win over an `env` key
-        cfg.warnings += _free_key_warnings(ini, name, wc)
-        if not wc.options["cmd"]:
-            wc.options["cmd"] = ""
-            cfg.warnings.append("%s: no 'cmd': this watcher cannot start until one is set"
-                                % ini.where(name))
-        self.conv(name, None, wc, WatcherConfig.check)
-        _check_max_processes(cfg, wc.options["numprocesses"], ini.where(name, "numprocesses"))
-        for which in ("stdout_stream", "stderr_stream"):
-            why = log_folder_error(getattr(wc, which))
-            if why:
-                raise ConfigError("%s: %s" % (ini.where(name, which + ".filename"), why))
-        cfg.watchers.append(wc)
-
-    def _watcher_name(self, name):
-        wname = name[8:].strip()
-        if not wname:
-            raise ConfigError("%s: a watcher needs a name: [watcher:NAME]" % self.ini.where(name))
-        if wname.lower() in self.seen:
-            raise ConfigError("%s: watcher names are case-insensitive; %r clashes with %r"
-                              % (self.ini.where(name), wname, self.seen[wname.lower()]))
-        self.seen[wname.lower()] = wname
-        return wname
-
-    def _watcher_env(self, wname):
-        """[env] with the [env:PATTERNS] sections matching the watcher's name over it."""
-        import fnmatch
-        wenv = dict(self.global_env)
-        for pats, values in self.env_sections:
-            if pats and any(fnmatch.fnmatchcase(wname, p) for p in pats):
-                wenv.update(values)
-        return wenv
-
-    def _expand_option(self, key, value, wtable):
-        """$(circus.X) in a watcher's value: text and free-form keys see the watcher's own
-        env, typed options the global one; hooks, rlimits and stop_signal are never expanded,
-        as in Circus."""
-        if key.startswith(("hooks.", "rlimit_")) or key == "stop_signal":
-            return value
-        typed = key in WATCHER_OPTIONS and WATCHER_OPTIONS[key][0] not in (str, _str_or_none, _args)
-        return self.expand(value, self.table if typed else wtable)
-
-    def read_plugin(self, name):
-        conf = {k: self.expand(v) for k, v in self.ini.items(name).items()}
-        self.cfg.warnings += plugin_key_warnings(self.ini, name, conf)
-        self.cfg.plugins.append((name[7:], conf))
-
-    def _check_socket_refs(self):
-        sockets = {s.name for s in self.cfg.sockets}
-        for wc in self.cfg.watchers:
-            for ref in re.findall(r"circus\.sockets\.([\w.\-]+)", wc.options["cmd"] + " " +
-                                  str(wc.options["args"] or ""), re.IGNORECASE):
-                if ref.lower() not in sockets:
-                    self.cfg.warnings.append("%s: refers to socket %r but there is no [socket:%s] "
-                                             "section; the text is passed on as it is"
-                                             % (self.ini.where("watcher:" + wc.name, "cmd"), ref, ref))
-
-
-def load_config(path: str, environ=None) -> CircusConfig:
-    """Read and validate a Circus INI file (with its includes).
-
-    Raises ConfigError with one line naming file, section, key and the fix.
-    """
-    environ = dict(os.environ if environ is None else environ)
-    cfg = CircusConfig(os.path.abspath(path))
-    ini = _read_with_includes(path, environ, cfg.warnings)
-    return _CircusReader(ini, cfg, environ).read()
-
-
-# -- 4b. Supervisor's format: [program:x] and friends, translated to watchers --
-
-_SV_FORMAT = re.compile(r"%(%|\((?P<name>[^)]*)\)(?P<spec>[-#0 +]*\d*(?:\.\d+)?[diouxXeEfFgGcrsa])|)")
-
-
-def sv_expand(value: str, names: dict, where) -> str:
-    """Supervisor's ``%(name)s`` expansion, with its rules made strict.
-
-    ``%%`` is a percent sign; ``%(name)X`` a lookup; any other ``%`` is an
-    error (Supervisor silently formats a bare ``%s`` with its whole table).
-    """
-    def sub(m):
-        if m.group(1) == "%":
-            return "%"
-        name = m.group("name")
-        if name is None:
-            raise ConfigError("%s: stray '%%' in %r: write %%%% for a percent sign" % (where, value))
-        if name not in names:
-            avail = ", ".join(sorted(k for k in names if not k.startswith("ENV_"))) + ", ENV_*"
-            raise ConfigError("%s: unknown name %%(%s) in %r (available here: %s)"
-                              % (where, name, value, avail))
-        try:
-            return ("%" + m.group("spec")) % (names[name],)
-        except (TypeError, ValueError) as e:
-            raise ConfigError("%s: %%(%s)%s: %s" % (where, name, m.group("spec"), e)) from None
-    return _SV_FORMAT.sub(sub, value)
-
-
-def _sv_env_names(environ) -> dict:
-    return {"ENV_" + k: v for k, v in environ.items()}
-
-
-_SV_ENV_WORD = re.compile(r"[\w/.+\-():]*")
-
-
-def parse_sv_environment(text: str, where) -> dict:
-    """``KEY=val,KEY2="a b"`` as Supervisor means it.
-
-    Where Supervisor's tokenizer silently mangles a value (an unquoted space,
-    ``$``, ``?``, ``@``, ``=``, a backslash in quotes, ``"x"y``), this stops
-    with a line saying how to quote it instead.
-    """
-    out, pos, n = {}, 0, len(text)
-
-    def fail(why):
-        raise ConfigError("%s: environment %r: %s" % (where, text, why))
-    while True:
-        while pos < n and text[pos] in " \t\n":
-            pos += 1
-        if pos >= n:
-            return out
-        m = re.compile(r"[A-Za-z_][\w.]*").match(text, pos)
-        if not m:
-            fail("expected KEY=value at %r" % text[pos:pos + 20])
-        key, pos = m.group(0), m.end()
-        if pos >= n or text[pos] != "=":
-            fail("%s has no '=value' (write KEY=value, pairs separated by commas)" % key)
-        pos += 1
-        if pos < n and text[pos] in "\"'":
-            q = text[pos]
-            end = text.find(q, pos + 1)
-            if end < 0:
-                fail("unclosed %s quote in %s's value" % (q, key))
-            value = text[pos + 1:end]
-            if "\\" in value:
-                fail("a backslash in %s's quoted value is read differently by Supervisor "
-                     "4.3 and 4.4; avoid it" % key)
-            pos = end + 1
-        else:
-            value = _SV_ENV_WORD.match(text, pos).group(0)
-            pos += len(value)
-            if not value:
-                fail("%s= has no value (write %s=\"\" for an empty one)" % (key, key))
-        rest = text[pos:].lstrip(" \t\n")
-        if rest and rest[0] not in ",;":
-            fail("after %s=%s comes %r, which Supervisor would silently drop or mangle: quote "
-                 "the value (%s=\"...\") and separate pairs with commas" % (key, value, rest[:12], key))
-        out[key] = value
-        pos = n - len(rest) + (1 if rest else 0)
-
-
-def parse_byte_size(value) -> int:
-    m = re.fullmatch(r"\s*(\d+)\s*(KB|MB|GB)?\s*", str(value), re.IGNORECASE)
-    if not m:
-        raise ValueError("%r is not a size (use digits with an optional KB, MB or GB)" % (value,))
-    return int(m.group(1)) * {None: 1, "KB": 1024, "MB": 1024 ** 2, "GB": 1024 ** 3}[
-        (m.group(2) or "").upper() or None]
-
-
-_SV_LOGLEVELS = {"critical": "critical", "error": "error", "warn": "warning", "info": "info",
-                 "debug": "debug", "trace": "debug", "blather": "debug"}
-
-_SV_PROGRAM_KEYS = {
-    "command", "process_name", "numprocs", "numprocs_start", "priority", "autostart", "startsecs",
-    "startretries", "autorestart", "exitcodes", "stopsignal", "stopwaitsecs", "stopasgroup",
-    "killasgroup", "user", "redirect_stderr", "environment", "directory", "umask", "serverurl",
-    "stdout_logfile", "stdout_logfile_maxbytes", "stdout_logfile_backups", "stdout_capture_maxbytes",
-    "stdout_events_enabled", "stdout_syslog", "stderr_logfile", "stderr_logfile_maxbytes",
-    "stderr_logfile_backups", "stderr_capture_maxbytes", "stderr_events_enabled", "stderr_syslog",
-    # fcgi-program
-    "socket", "socket_backlog", "socket_owner", "socket_mode",
-}
-#: Keys read once per section (no %(process_num)); the others are per process.
-_SV_PER_SECTION = {"priority", "autostart", "autorestart", "startsecs", "startretries", "stopsignal",
-                   "stopwaitsecs", "stopasgroup", "killasgroup", "exitcodes", "redirect_stderr",
-                   "numprocs", "numprocs_start", "user", "umask", "serverurl",
-                   "stdout_capture_maxbytes", "stderr_capture_maxbytes", "stdout_events_enabled",
-                   "stderr_events_enabled"}
-def _sv_path(value) -> str:
-    return os.path.abspath(os.path.expanduser(value))
-
-
-def _sv_logfile(value) -> str:
-    return "syslog:///dev/log?daemon" if value.lower() == "syslog" else _sv_path(value)
-
-
-def _sv_loglevel(value) -> str:
-    if value.lower() not in _SV_LOGLEVELS:
-        raise ValueError("loglevel %r: use critical, error, warn, info, debug, trace or blather" % value)
-    return _SV_LOGLEVELS[value.lower()]
-
-
-def _sv_user(value) -> str:
-    resolve_user(value, None)           # raises when there is no such user
-    return value
-
-
-#: [supervisord] keys: name -> (CircusConfig attribute, converter), set unless [circus]
-#: already gave it; attribute None: checked only; no rule: accepted and ignored.
-#: environment and childlogdir are read by _SupervisorReader itself.
-_SV_SUPERVISORD_KEYS = {
-    "environment": None, "logfile": ("logoutput", _sv_logfile), "pidfile": ("pidfile", _sv_path),
-    "loglevel": ("loglevel", _sv_loglevel), "umask": ("umask", _umask), "minfds": ("minfds", _count),
-    "directory": ("directory", os.path.expanduser), "user": ("user", _sv_user),
-    "nodaemon": (None, to_bool), "logfile_maxbytes": None, "logfile_backups": None, "silent": None,
-    "minprocs": None, "nocleanup": None, "childlogdir": None, "strip_ansi": None, "identifier": None,
-}
-#: Other sections' keys, for unknown-key warnings.
-_SV_SECTION_KEYS = {"group:": ("programs", "priority"), "include": ("files",)}
-_SV_IGNORED = {
-    "unix_http_server": "circus.py is controlled over ZeroMQ ([circus] endpoint), not XML-RPC",
-    "inet_http_server": "circus.py is controlled over ZeroMQ ([circus] endpoint), not XML-RPC; "
-                        "its web page is [circus] httpd = true",
-    "supervisorctl": "use `python circus.py ctl` (see README, Coming from Supervisor)",
-    "rpcinterface:": "there is no XML-RPC interface",
-    "ctlplugin:": "supervisorctl plugins do not apply to ctl",
-    "eventlistener:": "event listeners are not supported; subscribe to the pub/sub channel instead",
-}
-#: Program keys that map straight onto a watcher option: key -> (default, converter, option).
-_SV_PLAIN_KEYS = {
-    "autostart": ("true", to_bool, "autostart"),
-    "autorestart": ("unexpected", parse_autorestart, "autorestart"),
-    "exitcodes": ("0", parse_exitcodes, "exitcodes"),
-    "stopsignal": ("TERM", to_signum, "stop_signal"),
-    "stopwaitsecs": ("10", _seconds, "graceful_timeout"),
-    "redirect_stderr": ("false", to_bool, "redirect_stderr"),
-}
-
-
-class _SupervisorReader(_Reader):
-    """Translates Supervisor's sections into cfg: [supervisord] globals, then each
-    [program:x] and [fcgi-program:x], once per group it is in, as watchers."""
-
-    def __init__(self, ini, cfg, environ, seen: dict):
-        import platform
-        super().__init__(ini, cfg, environ)
-        self.seen = seen                # watcher names taken (lower case -> name)
-        self.host = platform.node()
-        self.names = _sv_env_names(environ)     # %(ENV_X)s; [supervisord] environment adds to it
-        self.sv_env = {}                # [supervisord] environment, for every program
-        self.childlogdir = None
-
-    def value(self, section, key, extra, default=None):
-        """A key's value with %(name)s expanded (``here``: the folder of its file)."""
-        items = self.ini.items(section)
-        if key not in items:
-            return default
-        w = self.ini.where(section, key)
-        table = dict(self.names)
-        table["here"] = os.path.dirname(os.path.abspath(w.file)) if w.file not in (None, "?") \
-            else os.path.dirname(self.cfg.path)
-        table.update(extra)
-        return sv_expand(items[key], table, w)
-
-    def read(self) -> None:
-        if "supervisord" in self.ini.sections:
-            self.read_supervisord()
-        self.childlogdir = self.value("supervisord", "childlogdir", {}) or __import__("tempfile").gettempdir()
-        self._warn_sections()
-        group_of, group_prio, rank = self._read_groups()
-        for (gname, pname), name, fcgi in self._program_jobs(group_of, rank):
-            _SvProgram(self, name, pname, gname, fcgi).read(group_prio.get(gname))
-
-    def read_supervisord(self):
-        sd, cfg = "supervisord", self.cfg
-        env_text = self.value(sd, "environment", {})
-        if env_text:
-            self.sv_env = parse_sv_environment(env_text, self.ini.where(sd, "environment"))
-            self.names.update({"ENV_" + k: v for k, v in self.sv_env.items()})
-        for key, rule in _SV_SUPERVISORD_KEYS.items():
-            text = self.value(sd, key, {}) if rule else None
-            if not text or (rule[0] and getattr(cfg, rule[0]) is not None):
-                continue
-            value = self.conv(sd, key, text, rule[1])
-            if rule[0]:
-                setattr(cfg, rule[0], value)
-            if key == "logfile":        # echoed on stdout in the foreground unless silent
-                cfg.log_echo = not self.conv(sd, "silent", self.value(sd, "silent", {}, "false"), to_bool)
-        for key in self.ini.items(sd):
-            if key not in _SV_SUPERVISORD_KEYS:
-                self.warn_unknown(sd, key, _SV_SUPERVISORD_KEYS, "unknown [supervisord] key, ignored")
-
-    def _warn_sections(self):
-        for name in self.ini.sections:
-            known = _SV_SECTION_KEYS.get("group:" if name.startswith("group:") else name)
-            for key in self.ini.items(name) if known else ():
-                if key not in known:
-                    self.warn_unknown(name, key, known)
-            for prefix, why in _SV_IGNORED.items():
-                if name.startswith(prefix):
-                    self.cfg.warnings.append("%s: ignored: %s" % (self.ini.where(name), why))
-
-    def _read_groups(self):
-        """[group:x] programs = a,b -> (groups of each program, group priorities, start ranks)."""
-        group_of, group_prio, rank = {}, {}, {}
-        for pos, name in enumerate(self.ini.sections):
-            if not name.startswith("group:"):
-                continue
-            gname = name[6:].strip()
-            prio = self.value(name, "priority", {"group_name": gname})
-            group_prio[gname] = self.conv(name, "priority", prio, _priority) if prio else 999
-            for prog in (self.value(name, "programs", {"group_name": gname}) or "").split(","):
-                prog = prog.strip()
-                if not prog:
-                    continue
-                if not {"program:" + prog, "fcgi-program:" + prog} & set(self.ini.sections):
-                    raise ConfigError("%s: programs: no [program:%s] section"
-                                      % (self.ini.where(name, "programs"), prog))
-                group_of.setdefault(prog, []).append(gname)
-                rank.setdefault((gname, prog), (pos, len(rank)))
-        return group_of, group_prio, rank
-
-    def _program_jobs(self, group_of, rank):
-        """((group, program), section, fcgi) for each program in each of its groups."""
-        jobs, pos = [], {name: i for i, name in enumerate(self.ini.sections)}
-        for name in self.ini.sections:
-            fcgi = name.startswith("fcgi-program:")
-            if not (name.startswith("program:") or fcgi):
-                continue
-            pname = name.split(":", 1)[1].strip()
-            if not pname or re.search(r"[\s:/]", pname):
-                raise ConfigError("%s: a program name cannot be empty or contain spaces, ':' or '/'"
-                                  % self.ini.where(name))
-            for key in self.ini.items(name):
-                if key not in _SV_PROGRAM_KEYS:
-                    self.warn_unknown(name, key, _SV_PROGRAM_KEYS, "unknown program key, ignored")
-            for gname in group_of.get(pname, [pname]):
-                jobs.append(((gname, pname), name, fcgi))
-        # supervisord starts a group's members in the order of its programs=
-        jobs.sort(key=lambda job: rank.get(job[0], (pos[job[1]], 0)))
-        return jobs
-
-
-def socket_somaxconn() -> int:
-    import socket
-    return getattr(socket, "SOMAXCONN", 128)
-
-
-class _SvProgram:
-    """One [program:x] (or [fcgi-program:x]) in one group: its watchers, one per process."""
-
-    def __init__(self, reader: _SupervisorReader, section, pname, gname, fcgi):
-        self.r, self.ini, self.cfg = reader, reader.ini, reader.cfg
-        self.section, self.pname, self.gname, self.fcgi = section, pname, gname, fcgi
-        self.base = {"program_name": pname, "group_name": gname, "host_node_name": reader.host}
-
-    def get(self, key, default=None, names=None):
-        return self.r.value(self.section, key, self.base if names is None else names, default)
-
-    def conv(self, key, text, func):
-        return self.r.conv(self.section, key, text, func)
-
-    def where(self, key=None):
-        return self.ini.where(self.section, key)
-
-    def read(self, gprio) -> None:
-        if "command" not in self.ini.items(self.section):
-            raise ConfigError("%s: 'command' is required" % self.where())
-        numprocs, start = self._numprocs()
-        common = self._options()
-        for num in range(start, start + numprocs):
-            self.cfg.watchers.append(self._process(num, numprocs, common, gprio).check())
-
-    def _numprocs(self):
-        numprocs = self.conv("numprocs", self.get("numprocs", "1"), _count)
-        _check_max_processes(self.cfg, numprocs, self.where("numprocs"))
-        start = self.conv("numprocs_start", self.get("numprocs_start", "0"), _count)
-        template = self.ini.items(self.section).get("process_name", "%(program_name)s")
-        if numprocs > 1 and "%(process_num)" not in template:
-            raise ConfigError("%s: numprocs = %d needs %%(process_num) in process_name, e.g. "
-                              "process_name = %%(program_name)s_%%(process_num)02d"
-                              % (self.where("process_name"), numprocs))
-        return numprocs, start
-
-    def _options(self) -> dict:
-        """The watcher options every process of the program shares."""
-        startsecs = self.conv("startsecs", self.get("startsecs", "1"), _count)
-        startretries = self.conv("startretries", self.get("startretries", "3"), _count)
-        stopasgroup = self.conv("stopasgroup", self.get("stopasgroup", "false"), to_bool)
-        killasgroup = self.conv("killasgroup", self.get("killasgroup", str(stopasgroup)), to_bool)
-        if stopasgroup and not killasgroup:
-            raise ConfigError("%s: stopasgroup = true needs killasgroup = true (or leave it out)"
-                              % self.where("killasgroup"))
-        prio = self.conv("priority", self.get("priority", "999"), _priority)
-        common = {
-            # Supervisor starts the lowest priority first, Circus the highest: negate
-            "priority": -prio, "startsecs": startsecs, "max_retry": max(startretries + 1, 1),
-            "stopasgroup": stopasgroup, "killasgroup": killasgroup,
-            "copy_env": True,       # Supervisor children inherit its environment
-            "close_child_stdin": not self.fcgi,
-        }
-        for key, (default, func, option) in _SV_PLAIN_KEYS.items():
-            common[option] = self.conv(key, self.get(key, default), func)
-        user = self.get("user")
-        if user:
-            common["uid"] = self.conv("user", user, _sv_user)
-        umask = self.get("umask")
-        if umask:
-            common["umask"] = self.conv("umask", umask, _umask)
-        if self.fcgi:
-            common["stdin_socket"] = self._fcgi_socket()
-        return common
-
-    def _fcgi_socket(self) -> str:
-        """The [fcgi-program:x] socket, added to cfg.sockets once; returns its name."""
-        sock = self.get("socket")
-        if not sock:
-            raise ConfigError("%s: fcgi-program needs socket = tcp://HOST:PORT or unix:///PATH"
-                              % self.where())
-        sockname = "fcgi-" + self.pname.lower()
-        opts = {"backlog": self.conv("socket_backlog", self.get("socket_backlog", str(socket_somaxconn())),
-                                     _backlog),
-                "blocking": True}       # as Supervisor hands it over: a blocking socket
-        if sock.startswith("unix://"):
-            path = sock[7:]
-            if not os.path.isabs(path):
-                raise ConfigError("%s: unix socket path must be absolute" % self.where("socket"))
-            mode = self.conv("socket_mode", self.get("socket_mode", "0700"), _umask)
-            opts.update(path=path, umask=0o777 & ~mode, replace=True)
-        elif sock.startswith("tcp://"):
-            host, _, port = sock[6:].rpartition(":")
-            opts.update(host=host or "0.0.0.0", port=self.conv("socket", port, _port))
-        else:
-            raise ConfigError("%s: socket %r: use tcp://HOST:PORT or unix:///PATH"
-                              % (self.where("socket"), sock))
-        if sockname not in {s.name for s in self.cfg.sockets}:
-            self.cfg.sockets.append(self.conv("socket", sockname, lambda n: SocketConfig(n, **opts)))
-        return sockname
-
-    def _process(self, num, numprocs, common, gprio) -> WatcherConfig:
-        gname = self.gname
-        per = dict(self.base, process_num=num, numprocs=numprocs)
-        env_text = self.get("environment", names=per)
-        prog_env = parse_sv_environment(env_text, self.where("environment")) if env_text else {}
-        # as Supervisor: the program's environment is there for command, directory, logfiles, process_name
-        per.update({"ENV_" + k: v for k, v in prog_env.items()})
-        procname = self.get("process_name", "%(program_name)s", per) \
-            if "process_name" in self.ini.items(self.section) else self.pname
-        wname = procname if gname == procname else "%s:%s" % (gname, procname)
-        if wname.lower() in self.r.seen:
-            raise ConfigError("%s: process %r is defined twice" % (self.where(), wname))
-        self.r.seen[wname.lower()] = wname
-        wc = WatcherConfig(wname, common)
-        wc.set("cmd", self.get("command", names=per))
-        directory = self.get("directory", names=per)
-        if directory:
-            wc.set("working_dir", os.path.expanduser(directory))
-        env = dict(SUPERVISOR_ENABLED="1", SUPERVISOR_PROCESS_NAME=procname, SUPERVISOR_GROUP_NAME=gname)
-        env.update(self.r.sv_env)
-        env.update(prog_env)
-        wc.env = env
-        wc.group = gname
-        if gprio is not None and gname != self.pname:
-            wc.group_priority = -gprio
-        wc.forward_output = False       # no logfile means discarded (kept for `ctl tail` only)
-        for which in ("stdout", "stderr"):
-            if not (which == "stderr" and common["redirect_stderr"]):     # stderr in stdout's log
-                self._logfile(wc, which, per)
-        return wc
-
-    def _logfile(self, wc, which, per) -> None:
-        """stdout_logfile and friends as a FileStream (AUTO: in childlogdir)."""
-        logfile = self.get(which + "_logfile", "AUTO", per)
-        size = self.get(which + "_logfile_maxbytes", "50MB", per)
-        backups = self.get(which + "_logfile_backups", "10", per)
-        if logfile.upper() in ("NONE", "OFF", ""):
-            return
-        if logfile.upper() == "SYSLOG":
-            self.cfg.warnings.append("%s: syslog logging is not supported; output kept for `ctl tail` only"
-                                     % self.where(which + "_logfile"))
-            return
-        if logfile.upper() == "AUTO":
-            logfile = os.path.join(self.r.childlogdir,
-                                   "%s-%s---supervisor.log" % (wc.name.replace(":", "_"), which))
-        else:
-            logfile = os.path.abspath(os.path.expanduser(logfile))
-        wc.set(which + "_stream.class", "FileStream")
-        wc.set(which + "_stream.filename", logfile)
-        why = log_folder_error(getattr(wc, which + "_stream"))
-        if why:
-            raise ConfigError("%s: %s" % (self.where(which + "_logfile"), why))
-        wc.set(which + "_stream.max_bytes", self.conv(which + "_logfile_maxbytes", size, parse_byte_size))
-        wc.set(which + "_stream.backup_count", self.conv(which + "_logfile_backups", backups, _count))
-        if getattr(wc, which + "_stream")["backup_count"] == 0:
-            wc.set(which + "_stream.truncate", True)     # Supervisor empties a full log with no backups
 
 
 # ---------------------------------------------------------------------------
@@ -2701,6 +2085,673 @@ def setup_logging(level="info", output="-", echo=False):
 
 
 # ---------------------------------------------------------------------------
+# 4b. Supervisor's format: [program:x] and friends, translated to watchers
+# ---------------------------------------------------------------------------
+
+_SV_FORMAT = re.compile(r"%(%|\((?P<name>[^)]*)\)(?P<spec>[-#0 +]*\d*(?:\.\d+)?[diouxXeEfFgGcrsa])|)")
+
+
+def sv_expand(value: str, names: dict, where) -> str:
+    """Supervisor's ``%(name)s`` expansion, with its rules made strict.
+
+    ``%%`` is a percent sign; ``%(name)X`` a lookup; any other ``%`` is an
+    error (Supervisor silently formats a bare ``%s`` with its whole table).
+    """
+    def sub(m):
+        if m.group(1) == "%":
+            return "%"
+        name = m.group("name")
+        if name is None:
+            raise ConfigError("%s: stray '%%' in %r: write %%%% for a percent sign" % (where, value))
+        if name not in names:
+            avail = ", ".join(sorted(k for k in names if not k.startswith("ENV_"))) + ", ENV_*"
+            raise ConfigError("%s: unknown name %%(%s) in %r (available here: %s)"
+                              % (where, name, value, avail))
+        try:
+            return ("%" + m.group("spec")) % (names[name],)
+        except (TypeError, ValueError) as e:
+            raise ConfigError("%s: %%(%s)%s: %s" % (where, name, m.group("spec"), e)) from None
+    return _SV_FORMAT.sub(sub, value)
+
+
+def _sv_env_names(environ) -> dict:
+    return {"ENV_" + k: v for k, v in environ.items()}
+
+
+_SV_ENV_WORD = re.compile(r"[\w/.+\-():]*")
+
+
+def parse_sv_environment(text: str, where) -> dict:
+    """``KEY=val,KEY2="a b"`` as Supervisor means it.
+
+    Where Supervisor's tokenizer silently mangles a value (an unquoted space,
+    ``$``, ``?``, ``@``, ``=``, a backslash in quotes, ``"x"y``), this stops
+    with a line saying how to quote it instead.
+    """
+    out, pos, n = {}, 0, len(text)
+
+    def fail(why):
+        raise ConfigError("%s: environment %r: %s" % (where, text, why))
+    while True:
+        while pos < n and text[pos] in " \t\n":
+            pos += 1
+        if pos >= n:
+            return out
+        m = re.compile(r"[A-Za-z_][\w.]*").match(text, pos)
+        if not m:
+            fail("expected KEY=value at %r" % text[pos:pos + 20])
+        key, pos = m.group(0), m.end()
+        if pos >= n or text[pos] != "=":
+            fail("%s has no '=value' (write KEY=value, pairs separated by commas)" % key)
+        pos += 1
+        if pos < n and text[pos] in "\"'":
+            q = text[pos]
+            end = text.find(q, pos + 1)
+            if end < 0:
+                fail("unclosed %s quote in %s's value" % (q, key))
+            value = text[pos + 1:end]
+            if "\\" in value:
+                fail("a backslash in %s's quoted value is read differently by Supervisor "
+                     "4.3 and 4.4; avoid it" % key)
+            pos = end + 1
+        else:
+            value = _SV_ENV_WORD.match(text, pos).group(0)
+            pos += len(value)
+            if not value:
+                fail("%s= has no value (write %s=\"\" for an empty one)" % (key, key))
+        rest = text[pos:].lstrip(" \t\n")
+        if rest and rest[0] not in ",;":
+            fail("after %s=%s comes %r, which Supervisor would silently drop or mangle: quote "
+                 "the value (%s=\"...\") and separate pairs with commas" % (key, value, rest[:12], key))
+        out[key] = value
+        pos = n - len(rest) + (1 if rest else 0)
+
+
+def parse_byte_size(value) -> int:
+    m = re.fullmatch(r"\s*(\d+)\s*(KB|MB|GB)?\s*", str(value), re.IGNORECASE)
+    if not m:
+        raise ValueError("%r is not a size (use digits with an optional KB, MB or GB)" % (value,))
+    return int(m.group(1)) * {None: 1, "KB": 1024, "MB": 1024 ** 2, "GB": 1024 ** 3}[
+        (m.group(2) or "").upper() or None]
+
+
+_SV_LOGLEVELS = {"critical": "critical", "error": "error", "warn": "warning", "info": "info",
+                 "debug": "debug", "trace": "debug", "blather": "debug"}
+
+_SV_PROGRAM_KEYS = {
+    "command", "process_name", "numprocs", "numprocs_start", "priority", "autostart", "startsecs",
+    "startretries", "autorestart", "exitcodes", "stopsignal", "stopwaitsecs", "stopasgroup",
+    "killasgroup", "user", "redirect_stderr", "environment", "directory", "umask", "serverurl",
+    "stdout_logfile", "stdout_logfile_maxbytes", "stdout_logfile_backups", "stdout_capture_maxbytes",
+    "stdout_events_enabled", "stdout_syslog", "stderr_logfile", "stderr_logfile_maxbytes",
+    "stderr_logfile_backups", "stderr_capture_maxbytes", "stderr_events_enabled", "stderr_syslog",
+    # fcgi-program
+    "socket", "socket_backlog", "socket_owner", "socket_mode",
+}
+#: Keys read once per section (no %(process_num)); the others are per process.
+_SV_PER_SECTION = {"priority", "autostart", "autorestart", "startsecs", "startretries", "stopsignal",
+                   "stopwaitsecs", "stopasgroup", "killasgroup", "exitcodes", "redirect_stderr",
+                   "numprocs", "numprocs_start", "user", "umask", "serverurl",
+                   "stdout_capture_maxbytes", "stderr_capture_maxbytes", "stdout_events_enabled",
+                   "stderr_events_enabled"}
+def _sv_path(value) -> str:
+    return os.path.abspath(os.path.expanduser(value))
+
+
+def _sv_logfile(value) -> str:
+    return "syslog:///dev/log?daemon" if value.lower() == "syslog" else _sv_path(value)
+
+
+def _sv_loglevel(value) -> str:
+    if value.lower() not in _SV_LOGLEVELS:
+        raise ValueError("loglevel %r: use critical, error, warn, info, debug, trace or blather" % value)
+    return _SV_LOGLEVELS[value.lower()]
+
+
+def _sv_user(value) -> str:
+    resolve_user(value, None)           # raises when there is no such user
+    return value
+
+
+#: [supervisord] keys: name -> (CircusConfig attribute, converter), set unless [circus]
+#: already gave it; attribute None: checked only; no rule: accepted and ignored.
+#: environment and childlogdir are read by _SupervisorReader itself.
+_SV_SUPERVISORD_KEYS = {
+    "environment": None, "logfile": ("logoutput", _sv_logfile), "pidfile": ("pidfile", _sv_path),
+    "loglevel": ("loglevel", _sv_loglevel), "umask": ("umask", _umask), "minfds": ("minfds", _count),
+    "directory": ("directory", os.path.expanduser), "user": ("user", _sv_user),
+    "nodaemon": (None, to_bool), "logfile_maxbytes": None, "logfile_backups": None, "silent": None,
+    "minprocs": None, "nocleanup": None, "childlogdir": None, "strip_ansi": None, "identifier": None,
+}
+#: Other sections' keys, for unknown-key warnings.
+_SV_SECTION_KEYS = {"group:": ("programs", "priority"), "include": ("files",)}
+_SV_IGNORED = {
+    "unix_http_server": "circus.py is controlled over ZeroMQ ([circus] endpoint), not XML-RPC",
+    "inet_http_server": "circus.py is controlled over ZeroMQ ([circus] endpoint), not XML-RPC; "
+                        "its web page is [circus] httpd = true",
+    "supervisorctl": "use `python circus.py ctl` (see README, Coming from Supervisor)",
+    "rpcinterface:": "there is no XML-RPC interface",
+    "ctlplugin:": "supervisorctl plugins do not apply to ctl",
+    "eventlistener:": "event listeners are not supported; subscribe to the pub/sub channel instead",
+}
+#: Program keys that map straight onto a watcher option: key -> (default, converter, option).
+_SV_PLAIN_KEYS = {
+    "autostart": ("true", to_bool, "autostart"),
+    "autorestart": ("unexpected", parse_autorestart, "autorestart"),
+    "exitcodes": ("0", parse_exitcodes, "exitcodes"),
+    "stopsignal": ("TERM", to_signum, "stop_signal"),
+    "stopwaitsecs": ("10", _seconds, "graceful_timeout"),
+    "redirect_stderr": ("false", to_bool, "redirect_stderr"),
+}
+
+
+class _SupervisorReader(_Reader):
+    """Translates Supervisor's sections into cfg: [supervisord] globals, then each
+    [program:x] and [fcgi-program:x], once per group it is in, as watchers."""
+
+    def __init__(self, ini, cfg, environ, seen: dict):
+        import platform
+        super().__init__(ini, cfg, environ)
+        self.seen = seen                # watcher names taken (lower case -> name)
+        self.host = platform.node()
+        self.names = _sv_env_names(environ)     # %(ENV_X)s; [supervisord] environment adds to it
+        self.sv_env = {}                # [supervisord] environment, for every program
+        self.childlogdir = None
+
+    def value(self, section, key, extra, default=None):
+        """A key's value with %(name)s expanded (``here``: the folder of its file)."""
+        items = self.ini.items(section)
+        if key not in items:
+            return default
+        w = self.ini.where(section, key)
+        table = dict(self.names)
+        table["here"] = os.path.dirname(os.path.abspath(w.file)) if w.file not in (None, "?") \
+            else os.path.dirname(self.cfg.path)
+        table.update(extra)
+        return sv_expand(items[key], table, w)
+
+    def read(self) -> None:
+        if "supervisord" in self.ini.sections:
+            self.read_supervisord()
+        self.childlogdir = self.value("supervisord", "childlogdir", {}) or __import__("tempfile").gettempdir()
+        self._warn_sections()
+        group_of, group_prio, rank = self._read_groups()
+        for (gname, pname), name, fcgi in self._program_jobs(group_of, rank):
+            _SvProgram(self, name, pname, gname, fcgi).read(group_prio.get(gname))
+
+    def read_supervisord(self):
+        sd, cfg = "supervisord", self.cfg
+        env_text = self.value(sd, "environment", {})
+        if env_text:
+            self.sv_env = parse_sv_environment(env_text, self.ini.where(sd, "environment"))
+            self.names.update({"ENV_" + k: v for k, v in self.sv_env.items()})
+        for key, rule in _SV_SUPERVISORD_KEYS.items():
+            text = self.value(sd, key, {}) if rule else None
+            if not text or (rule[0] and getattr(cfg, rule[0]) is not None):
+                continue
+            value = self.conv(sd, key, text, rule[1])
+            if rule[0]:
+                setattr(cfg, rule[0], value)
+            if key == "logfile":        # echoed on stdout in the foreground unless silent
+                cfg.log_echo = not self.conv(sd, "silent", self.value(sd, "silent", {}, "false"), to_bool)
+        for key in self.ini.items(sd):
+            if key not in _SV_SUPERVISORD_KEYS:
+                self.warn_unknown(sd, key, _SV_SUPERVISORD_KEYS, "unknown [supervisord] key, ignored")
+
+    def _warn_sections(self):
+        for name in self.ini.sections:
+            known = _SV_SECTION_KEYS.get("group:" if name.startswith("group:") else name)
+            for key in self.ini.items(name) if known else ():
+                if key not in known:
+                    self.warn_unknown(name, key, known)
+            for prefix, why in _SV_IGNORED.items():
+                if name.startswith(prefix):
+                    self.cfg.warnings.append("%s: ignored: %s" % (self.ini.where(name), why))
+
+    def _read_groups(self):
+        """[group:x] programs = a,b -> (groups of each program, group priorities, start ranks)."""
+        group_of, group_prio, rank = {}, {}, {}
+        for pos, name in enumerate(self.ini.sections):
+            if not name.startswith("group:"):
+                continue
+            gname = name[6:].strip()
+            prio = self.value(name, "priority", {"group_name": gname})
+            group_prio[gname] = self.conv(name, "priority", prio, _priority) if prio else 999
+            for prog in (self.value(name, "programs", {"group_name": gname}) or "").split(","):
+                prog = prog.strip()
+                if not prog:
+                    continue
+                if not {"program:" + prog, "fcgi-program:" + prog} & set(self.ini.sections):
+                    raise ConfigError("%s: programs: no [program:%s] section"
+                                      % (self.ini.where(name, "programs"), prog))
+                group_of.setdefault(prog, []).append(gname)
+                rank.setdefault((gname, prog), (pos, len(rank)))
+        return group_of, group_prio, rank
+
+    def _program_jobs(self, group_of, rank):
+        """((group, program), section, fcgi) for each program in each of its groups."""
+        jobs, pos = [], {name: i for i, name in enumerate(self.ini.sections)}
+        for name in self.ini.sections:
+            fcgi = name.startswith("fcgi-program:")
+            if not (name.startswith("program:") or fcgi):
+                continue
+            pname = name.split(":", 1)[1].strip()
+            if not pname or re.search(r"[\s:/]", pname):
+                raise ConfigError("%s: a program name cannot be empty or contain spaces, ':' or '/'"
+                                  % self.ini.where(name))
+            for key in self.ini.items(name):
+                if key not in _SV_PROGRAM_KEYS:
+                    self.warn_unknown(name, key, _SV_PROGRAM_KEYS, "unknown program key, ignored")
+            for gname in group_of.get(pname, [pname]):
+                jobs.append(((gname, pname), name, fcgi))
+        # supervisord starts a group's members in the order of its programs=
+        jobs.sort(key=lambda job: rank.get(job[0], (pos[job[1]], 0)))
+        return jobs
+
+
+def socket_somaxconn() -> int:
+    import socket
+    return getattr(socket, "SOMAXCONN", 128)
+
+
+class _SvProgram:
+    """One [program:x] (or [fcgi-program:x]) in one group: its watchers, one per process."""
+
+    def __init__(self, reader: _SupervisorReader, section, pname, gname, fcgi):
+        self.r, self.ini, self.cfg = reader, reader.ini, reader.cfg
+        self.section, self.pname, self.gname, self.fcgi = section, pname, gname, fcgi
+        self.base = {"program_name": pname, "group_name": gname, "host_node_name": reader.host}
+
+    def get(self, key, default=None, names=None):
+        return self.r.value(self.section, key, self.base if names is None else names, default)
+
+    def conv(self, key, text, func):
+        return self.r.conv(self.section, key, text, func)
+
+    def where(self, key=None):
+        return self.ini.where(self.section, key)
+
+    def read(self, gprio) -> None:
+        if "command" not in self.ini.items(self.section):
+            raise ConfigError("%s: 'command' is required" % self.where())
+        numprocs, start = self._numprocs()
+        common = self._options()
+        for num in range(start, start + numprocs):
+            self.cfg.watchers.append(self._process(num, numprocs, common, gprio).check())
+
+    def _numprocs(self):
+        numprocs = self.conv("numprocs", self.get("numprocs", "1"), _count)
+        _check_max_processes(self.cfg, numprocs, self.where("numprocs"))
+        start = self.conv("numprocs_start", self.get("numprocs_start", "0"), _count)
+        template = self.ini.items(self.section).get("process_name", "%(program_name)s")
+        if numprocs > 1 and "%(process_num)" not in template:
+            raise ConfigError("%s: numprocs = %d needs %%(process_num) in process_name, e.g. "
+                              "process_name = %%(program_name)s_%%(process_num)02d"
+                              % (self.where("process_name"), numprocs))
+        return numprocs, start
+
+    def _options(self) -> dict:
+        """The watcher options every process of the program shares."""
+        startsecs = self.conv("startsecs", self.get("startsecs", "1"), _count)
+        startretries = self.conv("startretries", self.get("startretries", "3"), _count)
+        stopasgroup = self.conv("stopasgroup", self.get("stopasgroup", "false"), to_bool)
+        killasgroup = self.conv("killasgroup", self.get("killasgroup", str(stopasgroup)), to_bool)
+        if stopasgroup and not killasgroup:
+            raise ConfigError("%s: stopasgroup = true needs killasgroup = true (or leave it out)"
+                              % self.where("killasgroup"))
+        prio = self.conv("priority", self.get("priority", "999"), _priority)
+        common = {
+            # Supervisor starts the lowest priority first, Circus the highest: negate
+            "priority": -prio, "startsecs": startsecs, "max_retry": max(startretries + 1, 1),
+            "stopasgroup": stopasgroup, "killasgroup": killasgroup,
+            "copy_env": True,       # Supervisor children inherit its environment
+            "close_child_stdin": not self.fcgi,
+        }
+        for key, (default, func, option) in _SV_PLAIN_KEYS.items():
+            common[option] = self.conv(key, self.get(key, default), func)
+        user = self.get("user")
+        if user:
+            common["uid"] = self.conv("user", user, _sv_user)
+        umask = self.get("umask")
+        if umask:
+            common["umask"] = self.conv("umask", umask, _umask)
+        if self.fcgi:
+            common["stdin_socket"] = self._fcgi_socket()
+        return common
+
+    def _fcgi_socket(self) -> str:
+        """The [fcgi-program:x] socket, added to cfg.sockets once; returns its name."""
+        sock = self.get("socket")
+        if not sock:
+            raise ConfigError("%s: fcgi-program needs socket = tcp://HOST:PORT or unix:///PATH"
+                              % self.where())
+        sockname = "fcgi-" + self.pname.lower()
+        opts = {"backlog": self.conv("socket_backlog", self.get("socket_backlog", str(socket_somaxconn())),
+                                     _backlog),
+                "blocking": True}       # as Supervisor hands it over: a blocking socket
+        if sock.startswith("unix://"):
+            path = sock[7:]
+            if not os.path.isabs(path):
+                raise ConfigError("%s: unix socket path must be absolute" % self.where("socket"))
+            mode = self.conv("socket_mode", self.get("socket_mode", "0700"), _umask)
+            opts.update(path=path, umask=0o777 & ~mode, replace=True)
+        elif sock.startswith("tcp://"):
+            host, _, port = sock[6:].rpartition(":")
+            opts.update(host=host or "0.0.0.0", port=self.conv("socket", port, _port))
+        else:
+            raise ConfigError("%s: socket %r: use tcp://HOST:PORT or unix:///PATH"
+                              % (self.where("socket"), sock))
+        if sockname not in {s.name for s in self.cfg.sockets}:
+            self.cfg.sockets.append(self.conv("socket", sockname, lambda n: SocketConfig(n, **opts)))
+        return sockname
+
+    def _process(self, num, numprocs, common, gprio) -> WatcherConfig:
+        gname = self.gname
+        per = dict(self.base, process_num=num, numprocs=numprocs)
+        env_text = self.get("environment", names=per)
+        prog_env = parse_sv_environment(env_text, self.where("environment")) if env_text else {}
+        # as Supervisor: the program's environment is there for command, directory, logfiles, process_name
+        per.update({"ENV_" + k: v for k, v in prog_env.items()})
+        procname = self.get("process_name", "%(program_name)s", per) \
+            if "process_name" in self.ini.items(self.section) else self.pname
+        wname = procname if gname == procname else "%s:%s" % (gname, procname)
+        if wname.lower() in self.r.seen:
+            raise ConfigError("%s: process %r is defined twice" % (self.where(), wname))
+        self.r.seen[wname.lower()] = wname
+        wc = WatcherConfig(wname, common)
+        wc.set("cmd", self.get("command", names=per))
+        directory = self.get("directory", names=per)
+        if directory:
+            wc.set("working_dir", os.path.expanduser(directory))
+        env = dict(SUPERVISOR_ENABLED="1", SUPERVISOR_PROCESS_NAME=procname, SUPERVISOR_GROUP_NAME=gname)
+        env.update(self.r.sv_env)
+        env.update(prog_env)
+        wc.env = env
+        wc.group = gname
+        if gprio is not None and gname != self.pname:
+            wc.group_priority = -gprio
+        wc.forward_output = False       # no logfile means discarded (kept for `ctl tail` only)
+        for which in ("stdout", "stderr"):
+            if not (which == "stderr" and common["redirect_stderr"]):     # stderr in stdout's log
+                self._logfile(wc, which, per)
+        return wc
+
+    def _logfile(self, wc, which, per) -> None:
+        """stdout_logfile and friends as a FileStream (AUTO: in childlogdir)."""
+        logfile = self.get(which + "_logfile", "AUTO", per)
+        size = self.get(which + "_logfile_maxbytes", "50MB", per)
+        backups = self.get(which + "_logfile_backups", "10", per)
+        if logfile.upper() in ("NONE", "OFF", ""):
+            return
+        if logfile.upper() == "SYSLOG":
+            self.cfg.warnings.append("%s: syslog logging is not supported; output kept for `ctl tail` only"
+                                     % self.where(which + "_logfile"))
+            return
+        if logfile.upper() == "AUTO":
+            logfile = os.path.join(self.r.childlogdir,
+                                   "%s-%s---supervisor.log" % (wc.name.replace(":", "_"), which))
+        else:
+            logfile = os.path.abspath(os.path.expanduser(logfile))
+        wc.set(which + "_stream.class", "FileStream")
+        wc.set(which + "_stream.filename", logfile)
+        why = log_folder_error(getattr(wc, which + "_stream"))
+        if why:
+            raise ConfigError("%s: %s" % (self.where(which + "_logfile"), why))
+        wc.set(which + "_stream.max_bytes", self.conv(which + "_logfile_maxbytes", size, parse_byte_size))
+        wc.set(which + "_stream.backup_count", self.conv(which + "_logfile_backups", backups, _count))
+        if getattr(wc, which + "_stream")["backup_count"] == 0:
+            wc.set(which + "_stream.truncate", True)     # Supervisor empties a full log with no backups
+
+
+# ---------------------------------------------------------------------------
+# 4c. Reading a config file: a Circus INI (with any Supervisor sections in it)
+# ---------------------------------------------------------------------------
+
+
+def _read_with_includes(path: str, environ, warnings: list) -> IniFile:
+    import glob
+    ini = IniFile()
+    ini.read(path)
+    base = os.path.dirname(os.path.abspath(path))
+    main = ini.items("circus")
+    patterns = main.get("include", "").split()
+    for d in main.get("include_dir", "").split():
+        patterns.append(os.path.join(d, "*.ini"))
+    if "files" in ini.items("include"):      # Supervisor's [include] files = globs
+        import platform
+        names = _sv_env_names(environ)
+        names.update(here=base, host_node_name=platform.node())
+        patterns += sv_expand(ini.items("include")["files"], names, ini.where("include", "files")).split()
+    for pat in patterns:
+        full = pat if os.path.isabs(pat) else os.path.join(base, pat)
+        found = sorted(glob.glob(full))
+        if not found:
+            warnings.append("%s: include %r matches no file" % (path, pat))
+        for f in found:
+            if os.path.abspath(f) != os.path.abspath(path):
+                ini.read(f)
+    return ini
+
+
+def _check_curve_conf(cfg, ini) -> None:
+    """Both CurveZMQ keys or neither; paths are relative to the config file; keys must load."""
+    base = os.path.dirname(cfg.path or ".")
+    for key in ("curve_secret_key", "curve_authorized_keys", "curve_owner_keys"):
+        if getattr(cfg, key):
+            setattr(cfg, key, os.path.join(base, os.path.expanduser(getattr(cfg, key))))
+    if bool(cfg.curve_secret_key) != bool(cfg.curve_authorized_keys):
+        have, need = (("curve_secret_key", "curve_authorized_keys") if cfg.curve_secret_key
+                      else ("curve_authorized_keys", "curve_secret_key"))
+        raise ConfigError("%s: %s needs %s too (the folder of client .key files; see "
+                          "`python circus.py ctl keygen`)" % (ini.where("circus", have), have, need))
+    if cfg.curve_owner_keys and not (cfg.curve_secret_key and cfg.endpoint_owner):
+        raise ConfigError("%s: curve_owner_keys needs curve_secret_key and endpoint_owner (its "
+                          "keys get endpoint_owner's rights)"
+                          % ini.where("circus", "curve_owner_keys"))
+    if cfg.curve_secret_key:
+        try:
+            load_curve_key(cfg.curve_secret_key, secret=True)
+            authorized_keys(cfg.curve_authorized_keys)
+            if cfg.curve_owner_keys:
+                authorized_keys(cfg.curve_owner_keys)
+        except CircusError as e:
+            raise ConfigError("%s: %s" % (ini.where("circus"), e)) from None
+
+
+def _check_httpd_conf(cfg, ini) -> None:
+    """The dashboard stays on loopback unless a token guards it."""
+    try:
+        check_token(cfg.httpd_token)
+    except ValueError as e:
+        raise ConfigError("%s: %s" % (ini.where("circus", "httpd_token"), e)) from None
+    if cfg.httpd and not cfg.httpd_token and not is_loopback(cfg.httpd_host):
+        raise ConfigError("%s: the dashboard on %s would be open to other hosts: set httpd_token "
+                          "(16+ characters) or use httpd_host = 127.0.0.1"
+                          % (ini.where("circus", "httpd_host"), cfg.httpd_host))
+
+
+class _CircusReader(_Reader):
+    """Circus's sections: [env] and [env:PATTERNS], [circus], [socket:x], [watcher:x], [plugin:x]."""
+
+    def __init__(self, ini, cfg, environ):
+        super().__init__(ini, cfg, environ)
+        self.seen = {}          # watcher names by their lower case; Supervisor's programs too
+        # [env] and [env:PATTERNS]: $NAME and $(circus.env.X) come from the daemon's environment
+        # ([env:...] also sees [env]; circusd leaves $(circus.env.X) literal there: a difference)
+        self.table = {"env." + k.lower(): v for k, v in environ.items()}
+        self.global_env = self._env_values("env")
+        self.table.update({"env." + k.lower(): v for k, v in self.global_env.items()})
+        self.env_sections = [([p.strip() for p in name[4:].split(",") if p.strip()], self._env_values(name))
+                             for name in ini.sections if name.startswith("env:")]
+
+    def _env_values(self, name):
+        return {k: replace_circus_vars(expand_env_refs(v, self.environ), self.table)
+                for k, v in self.ini.items(name).items()}
+
+    def expand(self, value, table=None):
+        return replace_circus_vars(value, self.table if table is None else table) \
+            if isinstance(value, str) else value
+
+    def read(self) -> CircusConfig:
+        self.read_circus()
+        # sockets, watchers and plugins, sorted by name as Circus does
+        for kind, read in (("socket:", self.read_socket), ("watcher:", self.read_watcher),
+                           ("plugin:", self.read_plugin)):
+            for name in sorted(n for n in self.ini.sections if n.startswith(kind)):
+                if self.ini.items(name):
+                    read(name)
+        if any(is_supervisor_section(n) for n in self.ini.sections):
+            _SupervisorReader(self.ini, self.cfg, self.environ, self.seen).read()
+        for name in self.ini.sections:
+            if name != "circus" and not name.startswith(("socket:", "watcher:", "plugin:", "env")) \
+                    and not is_supervisor_section(name):
+                self.cfg.warnings.append("%s: unknown section, ignored" % self.ini.where(name))
+        self._check_socket_refs()
+        return self.cfg
+
+    def read_circus(self):
+        cfg, items = self.cfg, self.ini.items("circus")
+        for key, value in items.items():
+            if key not in _CIRCUS_KEYS:
+                self.warn_unknown("circus", key, _CIRCUS_KEYS, "unknown [circus] key, ignored")
+            elif key not in ("include", "include_dir"):     # read by _read_with_includes
+                setattr(cfg, key, self.conv("circus", key, self.expand(value), _CIRCUS_KEYS[key]))
+        if "stats_endpoint" in items:
+            cfg.statsd = True
+        _check_curve_conf(cfg, self.ini)
+        _check_httpd_conf(cfg, self.ini)
+
+    def read_socket(self, name):
+        items = self.ini.items(name)
+        for key in [k for k in items if k not in _SOCKET_KEYS]:     # circusd ignores them too
+            self.warn_unknown(name, key, _SOCKET_KEYS, "unknown socket key, ignored")
+            del items[key]
+        try:
+            self.cfg.sockets.append(SocketConfig(name[7:], **{k: self.expand(v) for k, v in items.items()}))
+        except (ValueError, TypeError) as e:
+            w = self.ini.where(name, getattr(e, "key", None))
+            raise ConfigError("%s:%s [%s] %s" % (w.file, w.line, name, e)) from None
+
+    def read_watcher(self, name):
+        ini, cfg = self.ini, self.cfg
+        wname = self._watcher_name(name)
+        wc = WatcherConfig(wname)
+        wc.where = str(ini.where(name))
+        wenv = self._watcher_env(wname)
+        wtable = dict(self.table)
+        wtable.update({"env." + k.lower(): v for k, v in wenv.items()})
+        for key, value in ini.items(name).items():
+            self.conv(name, key, self._expand_option(key, value, wtable), lambda v, k=key: wc.set(k, v))
+        wc.env = wenv           # the [env] sections win over an `env` key
+        cfg.warnings += _free_key_warnings(ini, name, wc)
+        if not wc.options["cmd"]:
+            wc.options["cmd"] = ""
+            cfg.warnings.append("%s: no 'cmd': this watcher cannot start until one is set"
+                                % ini.where(name))
+        self.conv(name, None, wc, WatcherConfig.check)
+        _check_max_processes(cfg, wc.options["numprocesses"], ini.where(name, "numprocesses"))
+        for which in ("stdout_stream", "stderr_stream"):
+            why = log_folder_error(getattr(wc, which))
+            if why:
+                raise ConfigError("%s: %s" % (ini.where(name, which + ".filename"), why))
+        cfg.watchers.append(wc)
+
+    def _watcher_name(self, name):
+        wname = name[8:].strip()
+        if not wname:
+            raise ConfigError("%s: a watcher needs a name: [watcher:NAME]" % self.ini.where(name))
+        if wname.lower() in self.seen:
+            raise ConfigError("%s: watcher names are case-insensitive; %r clashes with %r"
+                              % (self.ini.where(name), wname, self.seen[wname.lower()]))
+        self.seen[wname.lower()] = wname
+        return wname
+
+    def _watcher_env(self, wname):
+        """[env] with the [env:PATTERNS] sections matching the watcher's name over it."""
+        import fnmatch
+        wenv = dict(self.global_env)
+        for pats, values in self.env_sections:
+            if pats and any(fnmatch.fnmatchcase(wname, p) for p in pats):
+                wenv.update(values)
+        return wenv
+
+    def _expand_option(self, key, value, wtable):
+        """$(circus.X) in a watcher's value: text and free-form keys see the watcher's own
+        env, typed options the global one; hooks, rlimits and stop_signal are never expanded,
+        as in Circus."""
+        if key.startswith(("hooks.", "rlimit_")) or key == "stop_signal":
+            return value
+        typed = key in WATCHER_OPTIONS and WATCHER_OPTIONS[key][0] not in (str, _str_or_none, _args)
+        return self.expand(value, self.table if typed else wtable)
+
+    def read_plugin(self, name):
+        conf = {k: self.expand(v) for k, v in self.ini.items(name).items()}
+        self.cfg.warnings += plugin_key_warnings(self.ini, name, conf)
+        self.cfg.plugins.append((name[7:], conf))
+
+    def _check_socket_refs(self):
+        sockets = {s.name for s in self.cfg.sockets}
+        for wc in self.cfg.watchers:
+            for ref in re.findall(r"circus\.sockets\.([\w.\-]+)", wc.options["cmd"] + " " +
+                                  str(wc.options["args"] or ""), re.IGNORECASE):
+                if ref.lower() not in sockets:
+                    self.cfg.warnings.append("%s: refers to socket %r but there is no [socket:%s] "
+                                             "section; the text is passed on as it is"
+                                             % (self.ini.where("watcher:" + wc.name, "cmd"), ref, ref))
+
+
+def load_config(path: str, environ=None) -> CircusConfig:
+    """Read and validate a Circus INI file (with its includes).
+
+    Raises ConfigError with one line naming file, section, key and the fix.
+    """
+    environ = dict(os.environ if environ is None else environ)
+    cfg = CircusConfig(os.path.abspath(path))
+    ini = _read_with_includes(path, environ, cfg.warnings)
+    return _CircusReader(ini, cfg, environ).read()
+
+
+#: Circus's own plugins: built in here, or why not.
+CIRCUS_PLUGINS = {
+    "circus.plugins.flapping.Flapping": "flapping",
+    "circus.plugins.resource_watcher.ResourceWatcher": "watchdog",
+    "circus.plugins.statsd.StatsdEmitter": "statsd",
+}
+
+
+UNSUPPORTED_PLUGINS = {
+    "circus.plugins.watchdog.WatchDog": "UDP heartbeats are not supported; use max_rss / max_cpu, "
+                                        "or a plugin of yours",
+    "circus.plugins.statsd.FullStats": "use the stats channel (stats_endpoint) or /metrics instead",
+    "circus.plugins.command_reloader.CommandReloader": "not supported; `ctl reload NAME` after a deploy",
+    "circus.plugins.http_observer.HttpObserver": "not supported (it is broken in Circus 0.19 too)",
+    "circus.plugins.redis_observer.RedisObserver": "not supported",
+}
+
+
+#: Keys Circus's own plugins read (besides use and priority, which every plugin has).
+_PLUGIN_KEYS = {
+    "flapping": tuple(FLAPPING_OPTIONS),
+    "watchdog": ("watcher", "service", "max_mem", "max_cpu", "loop_rate", "max_count", "min_cpu",
+                 "min_mem", "health_threshold", "process_children", "child_signal"),
+    "statsd": ("host", "port", "sample_rate", "application_name"),
+}
+
+
+def plugin_key_warnings(ini, section, conf) -> list:
+    """A built-in plugin: any key it does not read. Your own plugin reads what it likes:
+    only near-misses of use/priority are worth a word."""
+    builtin = CIRCUS_PLUGINS.get(conf.get("use"))
+    if conf.get("use") in UNSUPPORTED_PLUGINS:
+        return []           # the whole section gets its own warning
+    known = ("use", "priority") + _PLUGIN_KEYS.get(builtin, ())
+    what = "unknown key, ignored" if builtin else "unknown key, passed to the plugin as it is"
+    out = [_unknown_key(ini.where(section, key), known, what, hint_only=builtin is None)
+           for key in conf if key not in known]
+    return [w for w in out if w]
+
+
+# ---------------------------------------------------------------------------
 # 7. Process
 # ---------------------------------------------------------------------------
 
@@ -3523,8 +3574,7 @@ class Flapping:
     wins: a retry never undoes it (Circus #965, #809).
     """
 
-    KEYS = {"attempts": ranged(to_int, 1), "window": _seconds, "retry_in": _seconds,
-            "max_retry": ranged(to_int, -1), "active": to_bool}
+    KEYS = FLAPPING_OPTIONS
 
     def __init__(self, attempts=2, window=1.0, retry_in=7.0, max_retry=5):
         import collections
@@ -5739,44 +5789,6 @@ class StatsdEmitter(Plugin):
         self.sock.close()
 
 
-#: Circus's own plugins: built in here, or why not.
-CIRCUS_PLUGINS = {
-    "circus.plugins.flapping.Flapping": "flapping",
-    "circus.plugins.resource_watcher.ResourceWatcher": "watchdog",
-    "circus.plugins.statsd.StatsdEmitter": StatsdEmitter,
-}
-UNSUPPORTED_PLUGINS = {
-    "circus.plugins.watchdog.WatchDog": "UDP heartbeats are not supported; use max_rss / max_cpu, "
-                                        "or a plugin of yours",
-    "circus.plugins.statsd.FullStats": "use the stats channel (stats_endpoint) or /metrics instead",
-    "circus.plugins.command_reloader.CommandReloader": "not supported; `ctl reload NAME` after a deploy",
-    "circus.plugins.http_observer.HttpObserver": "not supported (it is broken in Circus 0.19 too)",
-    "circus.plugins.redis_observer.RedisObserver": "not supported",
-}
-
-
-#: Keys Circus's own plugins read (besides use and priority, which every plugin has).
-_PLUGIN_KEYS = {
-    "flapping": tuple(Flapping.KEYS),
-    "watchdog": ("watcher", "service", "max_mem", "max_cpu", "loop_rate", "max_count", "min_cpu",
-                 "min_mem", "health_threshold", "process_children", "child_signal"),
-    StatsdEmitter: ("host", "port", "sample_rate", "application_name"),
-}
-
-
-def plugin_key_warnings(ini, section, conf) -> list:
-    """A built-in plugin: any key it does not read. Your own plugin reads what it likes:
-    only near-misses of use/priority are worth a word."""
-    builtin = CIRCUS_PLUGINS.get(conf.get("use"))
-    if conf.get("use") in UNSUPPORTED_PLUGINS:
-        return []           # the whole section gets its own warning
-    known = ("use", "priority") + _PLUGIN_KEYS.get(builtin, ())
-    what = "unknown key, ignored" if builtin else "unknown key, passed to the plugin as it is"
-    out = [_unknown_key(ini.where(section, key), known, what, hint_only=builtin is None)
-           for key in conf if key not in known]
-    return [w for w in out if w]
-
-
 def plugin_limits(cfg: CircusConfig) -> dict:
     """ResourceWatcher sections -> {watcher name (lower case): watchdog option overrides}.
 
@@ -5831,8 +5843,8 @@ def configure_plugins(arb, cfg: CircusConfig) -> None:
             arb.flapping_plugin = conf
         elif builtin == "watchdog":
             continue            # see plugin_limits(): kept apart, re-read with the config
-        elif builtin is not None:
-            arb.add_plugin(name, builtin(**conf))
+        elif builtin == "statsd":
+            arb.add_plugin(name, StatsdEmitter(**conf))
         elif use in UNSUPPORTED_PLUGINS:
             _log().warning("%s (use = %s): %s; ignored", where, use, UNSUPPORTED_PLUGINS[use])
         else:
