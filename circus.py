@@ -4737,759 +4737,6 @@ class Watcher:
 
 
 # ---------------------------------------------------------------------------
-# 9. Arbiter
-# ---------------------------------------------------------------------------
-
-class _RingLogHandler:
-    """Keeps the daemon's log lines for `ctl maintail` and publishes them when followed."""
-
-    level = 0
-
-    def __init__(self, arbiter):
-        self.arbiter = arbiter
-        self.formatter = logging.Formatter(_LOG_FORMAT, "%Y-%m-%d %H:%M:%S")
-
-    def handle(self, record):
-        line = self.formatter.format(record) + "\n"
-        arb = self.arbiter
-        if arb.loop_thread == __import__("threading").get_ident():
-            self._publish(line)
-        elif arb.loop is not None and not arb.loop.is_closed():     # e.g. a ThreadedStream's log
-            arb.loop.call_soon_threadsafe(self._publish, line)
-
-    def _publish(self, line):
-        self.arbiter.log_ring.append(line.encode("utf-8", "replace"))
-        self.arbiter.publish_followed("log", lambda: {"data": line, "time": time.time()})
-
-    def __getattr__(self, name):        # the rest of the Handler interface: no-ops
-        return lambda *a, **k: None
-
-
-def _not_reloaded(e: Exception) -> CommandError:
-    return CommandError("config not reloaded, nothing changed: %s" % e, E_MESSAGE_ERROR)
-
-
-class _ConfigDiff:
-    """What moving the arbiter to a new config changes (reloadconfig, reread, update).
-
-    What the file says now against what it said when last loaded: a runtime
-    incr/set on a watcher the file did not change stays. Sockets:
-    ``changed_socks`` (names, changed or gone) close, ``added_socks`` (new or
-    changed) are bound. Watchers: ``removed`` go, ``changed`` ((watcher, new
-    conf) pairs, incl. those using a changed socket) are replaced, ``resized``
-    only take the new numprocesses, ``added`` are new confs; ``to_build`` are
-    the confs of the watchers to create, in the file's order.
-    """
-
-    def __init__(self, old: CircusConfig, watchers, new: CircusConfig):
-        self._sockets(old.sockets, new.sockets)
-        old_w = {w.name.lower(): w for w in watchers}
-        new_w = {wc.name.lower(): wc for wc in new.watchers}
-        self.removed = [w for n, w in old_w.items() if n not in new_w]
-        self.changed, self.resized = [], []
-        for n, wc in new_w.items():
-            if n in old_w:
-                self._compare(old_w[n], wc)
-        self.added = [wc for n, wc in new_w.items() if n not in old_w]
-        renew = {w.name.lower() for w, _ in self.changed}
-        self.to_build = [wc for wc in new.watchers
-                         if wc.name.lower() not in old_w or wc.name.lower() in renew]
-
-    def _sockets(self, old: list, new: list):
-        old_socks = {s.name: s for s in old}
-        new_socks = {s.name: s for s in new}
-        self.changed_socks = {n for n in old_socks if n not in new_socks or
-                              old_socks[n].key() != new_socks[n].key()}
-        self.added_socks = [s for n, s in new_socks.items()
-                            if n not in old_socks or n in self.changed_socks]
-
-    def _compare(self, w, wc):
-        was = w.file_conf or w.conf     # what the file said, not what incr/set made of it
-        if any(self._uses(w, s) for s in self.changed_socks) or self._differs_beyond_numprocesses(was, wc):
-            self.changed.append((w, wc))
-        elif was.options["numprocesses"] != wc.options["numprocesses"]:
-            self.resized.append((w, wc))
-
-    @staticmethod
-    def _uses(w, sock_name) -> bool:
-        o = w.conf.options
-        return ("sockets." + sock_name) in (o["cmd"] + str(o["args"])).lower() or \
-            o["use_sockets"] or (o["stdin_socket"] or "").lower() == sock_name
-
-    @staticmethod
-    def _differs_beyond_numprocesses(a: WatcherConfig, b: WatcherConfig) -> bool:
-        na, nb = a.options["numprocesses"], b.options["numprocesses"]
-        try:
-            a.options["numprocesses"] = nb
-            return a.key() != b.key()
-        finally:
-            a.options["numprocesses"] = na
-
-    def names(self) -> dict:
-        """Names added, changed (incl. resized) and removed, for reread/update."""
-        return {"added": sorted(wc.name for wc in self.added),
-                "changed": sorted(w.name for w, _ in self.changed + self.resized),
-                "removed": sorted(w.name for w in self.removed)}
-
-
-class _OnDemand:
-    """on_demand watchers start on the first connection to one of their sockets.
-
-    At start-up the arbiter arms such a watcher instead of starting it: the
-    loop watches its listening sockets, and the first readable one (a
-    connection in the backlog) disarms them all and starts it, unless it was
-    removed or started meanwhile. Stopping it (stop, quit, reloadconfig)
-    disarms them too.
-    """
-
-    def __init__(self, arbiter):
-        self.arbiter = arbiter
-
-    def arm(self, w) -> bool:
-        """Watch the sockets ``w`` uses; False (start it now) if it uses none."""
-        o = w.conf.options
-        text = (o["cmd"] + " " + str(o["args"] or "")).lower()
-        fds = [s.fileno() for name, s in self.arbiter.sockets.items() if s.sock is not None and
-               (o["use_sockets"] or ("sockets." + name) in text)]
-        if not fds:
-            _log().warning("watcher %s: on_demand needs a socket it uses; started now", w.name)
-            return False
-        for fd in fds:
-            self.arbiter.loop.add_reader(fd, self._fire, w)
-        w.on_demand_fds = fds
-        return True
-
-    def disarm(self, w) -> None:
-        for fd in getattr(w, "on_demand_fds", ()):
-            self.arbiter.loop.remove_reader(fd)
-        w.on_demand_fds = []
-
-    def _fire(self, w):
-        self.disarm(w)
-        arb = self.arbiter
-        if w in arb.watchers and w.state == ProcState.STOPPED:
-            _log().info("watcher %s: activity on its socket, starting (on_demand)", w.name)
-            arb.loop.create_task(arb._guarded(_locked(w, w.start)))
-
-
-class _HupReloads:
-    """The SIGHUP handler: reloadconfig, then a graceful reload of the watchers it did
-    not start afresh (a plain reload for an arbiter with no config file).
-
-    SIGHUPs that come during a pass merge into one more pass after it, however
-    many came. A broken file changes nothing (one error line). Under systemd
-    each pass is framed by RELOADING=1 (with MONOTONIC_USEC, for
-    Type=notify-reload) and READY=1.
-    """
-
-    def __init__(self, arbiter):
-        self.arbiter = arbiter
-        self.task = None        # the pass under way
-        self.again = False      # SIGHUPs came meanwhile
-
-    def __call__(self):
-        arb = self.arbiter
-        if arb.stopping:
-            return
-        if self.task is not None and not self.task.done():
-            _log().info("got SIGHUP: merged into the reload under way (one more pass follows it)")
-            self.again = True
-            return
-        _log().info("got SIGHUP: reloading the config, then the watchers it did not change")
-        self.task = arb.loop.create_task(self._passes())
-
-    async def _passes(self):
-        arb = self.arbiter
-        again = True
-        while again and not arb.stopping:
-            self.again = False
-            arb.sd_notify("RELOADING=1\nMONOTONIC_USEC=%d" % (time.monotonic_ns() // 1000))
-            try:
-                if arb.config is not None and arb.config.path:
-                    await arb._guarded(arb.reload_config(reload_rest=True))
-                else:
-                    await arb._guarded(arb.reload())
-            finally:
-                if not arb.stopping:
-                    arb.sd_notify("READY=1")
-            again = self.again
-
-
-class Arbiter:
-    """Many watchers and sockets, one event loop, the control and pub/sub channels.
-
-    ``run()`` blocks in its own loop (with signal handlers: TERM/INT/QUIT
-    quit, HUP reloads), and so does ``start()`` called outside a running loop
-    (Circus's library use); ``await start()`` / ``await stop()`` run it inside
-    the caller's loop. Events reach every callable in ``listeners`` as
-    ``(topic, payload)``; the pub/sub channel is one of them.
-    """
-
-    def __init__(self, watchers=(), endpoint: str | None = DEFAULT_ENDPOINT,
-                 pubsub_endpoint: str | None = DEFAULT_PUBSUB, *, sockets=(), check_delay=1.0,
-                 warmup_delay=0, multicast_endpoint=None, stats_endpoint=None,
-                 endpoint_owner=None, config: CircusConfig | None = None, umask=None):
-        self.endpoint = endpoint
-        self.pubsub_endpoint = pubsub_endpoint
-        self.stats_endpoint = stats_endpoint
-        self.multicast_endpoint = multicast_endpoint
-        self.endpoint_owner = endpoint_owner
-        self.check_delay = check_delay
-        self.warmup_delay = warmup_delay
-        self.umask = umask
-        self.config = config
-        self.search_dirs = (os.path.dirname(config.path),) if config and config.path else ()
-        self.listeners: list = []
-        self.flapping_plugin = None     # [plugin:x] use = ...Flapping settings: defaults for all
-        self.plugin_runners: list = []
-        self.watchdogs: dict = {}       # watcher -> Watchdog (watchers with max_rss / max_cpu)
-        self.plugin_limits: dict = {}   # watcher name -> limits from a ResourceWatcher section
-        self.metrics_cache: dict = {}   # psutil objects of /metrics scrapes
-        self.max_processes = 10000      # per watcher, for add/incr/set over the control channel
-        self.allow_insecure_endpoint = False    # a TCP endpoint off this host, with no auth
-        self.curve_secret_key = None    # CurveZMQ on every channel when set (see CurveServer)
-        self.curve_authorized_keys = None
-        self.curve_owner_keys = None    # their clients get endpoint_owner's rights only
-        self.statsd = False             # publish the stats channel on stats_endpoint
-        self.metrics_endpoint = None
-        self.httpd = None               # (host, port, token): the web dashboard
-        self.snapshot_cache: dict = {}  # psutil objects of `snapshot` (the dashboard's CPU %)
-        self.started = None             # epoch time of start()
-        self.log_ring = RingBuffer()    # the daemon's recent log, for `ctl maintail`
-        self.loop_thread = None
-        self._log_handler = None
-        self.sockets: dict = {}
-        self.watchers: list = []
-        self.channels: list = []
-        self.loop = None
-        self._lock = None           # serialises arbiter-wide operations (start-up included)
-        self.stopping = False       # quit has begun: nothing spawns any more
-        self.on_demand = _OnDemand(self)
-        self._done = None
-        self._socket_confs = list(sockets)
-        for w in watchers:
-            self._attach(w if isinstance(w, Watcher) else self._make_watcher(w))
-
-    @classmethod
-    def from_config(cls, cfg: CircusConfig) -> "Arbiter":
-        """An Arbiter for a CircusConfig (from load_config)."""
-        arb = cls(endpoint=cfg.endpoint, pubsub_endpoint=cfg.pubsub_endpoint,
-                  check_delay=cfg.check_delay, warmup_delay=cfg.warmup_delay,
-                  multicast_endpoint=cfg.multicast_endpoint or None,
-                  stats_endpoint=cfg.stats_endpoint, endpoint_owner=cfg.endpoint_owner,
-                  config=cfg, umask=cfg.umask, sockets=cfg.sockets)
-        arb.statsd, arb.metrics_endpoint = cfg.statsd, cfg.metrics_endpoint
-        arb.httpd = (cfg.httpd_host, cfg.httpd_port, cfg.httpd_token) if cfg.httpd else None
-        arb.allow_insecure_endpoint = cfg.allow_insecure_endpoint
-        arb.curve_secret_key, arb.curve_authorized_keys = cfg.curve_secret_key, cfg.curve_authorized_keys
-        arb.curve_owner_keys = cfg.curve_owner_keys
-        arb.max_processes = cfg.max_processes
-        arb.flapping_plugin, arb.plugin_limits = flapping_defaults(cfg), plugin_limits(cfg)
-        for wc in cfg.watchers:
-            arb._attach(arb._make_watcher(wc))
-        configure_plugins(arb, cfg)
-        return arb
-
-    def add_plugin(self, name: str, plugin: "Plugin") -> None:
-        """Run ``plugin`` in this arbiter: it gets every event (from start on)."""
-        plugin.name = name
-        runner = _PluginRunner(plugin, self)
-        self.plugin_runners.append(runner)
-        self.listeners.append(runner)
-        if self.loop is not None:
-            runner.start()
-
-    def _watch_resources(self, w):
-        """(Re)create the watchdog of ``w``; none once it is removed or has no limits."""
-        old = self.watchdogs.pop(w, None)
-        if old is not None:
-            old.stop()
-        o = dict(w.conf.options)
-        o.update(self.plugin_limits.get(w.name.lower(), {}))
-        if (o["max_rss"] is not None or o["max_cpu"] is not None) and w in self.watchers:
-            dog = self.watchdogs[w] = Watchdog(w, o)
-            if self.loop is not None:
-                dog.start(self.loop)
-
-    def _prune_watchdogs(self):
-        for w in [w for w in self.watchdogs if w not in self.watchers]:
-            self.watchdogs.pop(w).stop()
-
-    def _make_watcher(self, spec) -> Watcher:
-        if isinstance(spec, WatcherConfig):
-            import copy
-            try:        # a hook or stream class that cannot be imported
-                w = Watcher(spec.name, config=copy.deepcopy(spec), search_dirs=self.search_dirs)
-            except ValueError as e:
-                raise ConfigError("%s: %s" % (spec.where or "watcher " + spec.name, e)) from None
-            w.file_conf = spec
-            return w
-        spec = dict(spec)
-        name = spec.pop("name")
-        return Watcher(name, spec.pop("cmd", None), spec.pop("args", None),
-                       search_dirs=self.search_dirs, **spec)
-
-    def _attach(self, w: Watcher):
-        w.on_event = self.emit
-        w.on_output_event = self._publish_output
-        w.sockets = self.sockets
-        w.arbiter = self
-        w.flapping = Flapping.from_settings(self.flapping_plugin, w.conf.free) \
-            if w.conf.options["check_flapping"] else None
-        self.watchers.append(w)
-        if self.loop is not None:
-            w.lock = asyncio.Lock()
-        self._watch_resources(w)
-
-    # -- lookups ---------------------------------------------------------------
-    def get_watcher(self, name) -> Watcher:
-        """A watcher by name, any case; MessageError if there is none."""
-        low = str(name).lower()
-        for w in self.watchers:
-            if w.name.lower() == low:
-                return w
-        raise MessageError("program %s not found" % name)
-
-    def iter_watchers(self, reverse=False) -> list:
-        """By priority, highest first (stable on config order); reverse for stopping."""
-        ws = sorted(self.watchers, key=lambda w: -w.boot_priority)
-        return list(reversed(ws)) if reverse else ws
-
-    def publish_followed(self, topic: str, make_payload) -> None:
-        """Send to listeners that follow ``topic`` (output, log), only if someone does.
-
-        ``make_payload()`` builds the payload: it is not even called (no decoding
-        of output) while nobody follows, which is the usual case on this hot path.
-        """
-        followers = [l for l in self.listeners if getattr(l, "prefixes", None)]
-        if not followers:
-            return
-        raw, payload = topic.encode(), None
-        for listener in followers:
-            if listener.wants(raw):
-                payload = payload or make_payload()
-                listener(topic, payload)
-
-    def _publish_output(self, w, chunk):
-        self.publish_followed("output.%s.%s" % (w.topic_name, chunk["name"]),
-                              lambda: {"data": chunk["data"].decode("utf-8", "replace"),
-                                       "pid": chunk["pid"], "time": time.time()})
-
-    def emit(self, topic, payload) -> None:
-        """Hand an event to every listener (the pub/sub channel is one)."""
-        for listener in list(self.listeners):
-            try:
-                listener(topic, payload)
-            except Exception:
-                _log().exception("event listener %r failed", listener)
-
-    # -- lifecycle ---------------------------------------------------------------
-    def run(self) -> int:
-        """Block until quit; returns the exit code (0).
-
-        Under systemd (``Type=notify``: $NOTIFY_SOCKET) it reports READY=1
-        once started and STOPPING=1 on quit; the variable is not passed on.
-        """
-        self._notify_socket = os.environ.pop("NOTIFY_SOCKET", None)
-        return asyncio.run(self._serve())
-
-    async def _serve(self):
-        import threading        # signal handlers can only be set from the main thread
-        await self._start(handle_signals=threading.current_thread() is threading.main_thread())
-        if not self.stopping:       # a quit during start-up already said STOPPING=1
-            self.sd_notify("READY=1\nMAINPID=%d" % os.getpid())
-        await self._done
-        return 0
-
-    _notify_socket = None
-
-    def sd_notify(self, message: str) -> None:
-        """Send one sd_notify(3) message, if the daemon was started with $NOTIFY_SOCKET."""
-        path = self._notify_socket
-        if not path:
-            return
-        import socket
-        if path.startswith("@"):
-            path = "\0" + path[1:]         # the abstract namespace
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-                s.connect(path)
-                s.send(message.encode())
-        except OSError as e:
-            _log().warning("NOTIFY_SOCKET %s: %s", self._notify_socket, e)
-
-    def start(self, handle_signals=False):
-        """Bind sockets and channels, then start the watchers in priority order.
-
-        Inside a running loop: ``await arbiter.start()`` returns once started.
-        Outside one, as in Circus: runs the arbiter here until it is stopped (a
-        signal, the quit command, ``stop()`` from another thread or a callback).
-        """
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return self.run()
-        return self._start(handle_signals)
-
-    async def _start(self, handle_signals=False) -> None:
-        self.loop = asyncio.get_running_loop()
-        self.loop_thread = __import__("threading").get_ident()
-        self.started = time.time()
-        self.stopping = False
-        self._lock = asyncio.Lock()
-        self._log_handler = _RingLogHandler(self)
-        _log().addHandler(self._log_handler)
-        self._done = self.loop.create_future()
-        for w in self.watchers:
-            w.lock = asyncio.Lock()
-        if self.umask is not None:
-            os.umask(self.umask)
-        self._bind_sockets(self._socket_confs)
-        await self._start_channels()
-        for runner in self.plugin_runners:
-            runner.start()
-        for dog in self.watchdogs.values():
-            dog.start(self.loop)
-        if self.config is not None and self.config.user:
-            drop_privileges(self.config.user)       # after binding, as supervisord does
-        if handle_signals:
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
-                self.loop.add_signal_handler(sig, self._on_quit_signal, sig)
-            self.loop.add_signal_handler(signal.SIGHUP, _HupReloads(self))
-            if hasattr(signal, "SIGWINCH"):
-                signal.signal(signal.SIGWINCH, signal.SIG_IGN)
-            if hasattr(signal, "SIGXFSZ"):      # a file size limit: EFBIG, not death
-                signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        # under the arbiter lock, as reload/reloadconfig/quit are: none of them acts on a
-        # half-started arbiter (read-only commands take no lock and answer meanwhile)
-        async with self._lock:
-            await self.start_watchers()
-        if not self.stopping:
-            _log().info("arbiter ready: %d watchers, control on %s", len(self.watchers), self.endpoint)
-
-    def _bind_sockets(self, confs):
-        for conf in confs:
-            s = CircusSocket(conf)
-            try:
-                s.bind_and_listen()
-            except OSError as e:
-                self._close_sockets()
-                raise CircusError("socket %s (%s): cannot bind: %s" % (
-                    conf.name, conf.path or "%s:%s" % (conf.host, conf.port), e.strerror or e)) from None
-            self.sockets[conf.name] = s
-            _log().info("socket %s bound: %s", s.name, s.info())
-
-    async def _start_channels(self):
-        if self.endpoint or self.pubsub_endpoint or self.multicast_endpoint or self.statsd \
-                or self.metrics_endpoint or self.httpd:
-            self.channels = await start_channels(self)
-
-    async def start_watchers(self, names=None) -> None:
-        """Start the autostart watchers (or those given) by priority."""
-        ws = self.iter_watchers() if names is None else \
-            sorted((w for w in self.watchers if w in names), key=lambda w: -w.priority)
-        for w in ws:
-            if self.stopping:           # a quit came in: it stops what did start
-                break
-            if names is not None or w.conf.options["autostart"]:
-                if names is None and w.conf.options["on_demand"] and self.on_demand.arm(w):
-                    continue
-                async with w.lock:
-                    try:
-                        await w.start()
-                    except CircusError as e:    # one broken watcher never stops the others
-                        _log().error("%s", e)
-                if self.warmup_delay:
-                    await asyncio.sleep(self.warmup_delay)
-
-    async def stop_watchers(self, watchers=None) -> None:
-        """Stop in reverse priority order; watchers of equal priority stop together.
-        Supervisor's `stop g:*` / `stop all` go lowest priority first, as its start."""
-        if watchers is None:
-            ws, prio = self.iter_watchers(reverse=True), (lambda w: w.boot_priority)
-        else:
-            ws, prio = sorted(watchers, key=lambda w: -w.priority if w.conf.group else w.priority), \
-                (lambda w: w.priority)
-        i, errors = 0, []
-        while i < len(ws):
-            group = [w for w in ws[i:] if prio(w) == prio(ws[i])]
-            i += len(group)
-
-            async def stop_one(w):
-                self.on_demand.disarm(w)
-                async with w.lock:
-                    await w.stop()
-            # one watcher's failure neither stops the others nor the lower priorities
-            results = await asyncio.gather(*(stop_one(w) for w in group), return_exceptions=True)
-            errors += [e for e in results if isinstance(e, Exception)]
-        if errors:
-            raise errors[0]
-
-    def stop(self):
-        """Stop every watcher, close sockets and channels; run() then returns.
-
-        In the arbiter's loop it returns a task (``await arbiter.stop()``, or
-        fire and forget from a callback). From another thread it waits until
-        the arbiter is down; once stopped (or never started) it does nothing.
-        """
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is not None and running is self.loop:
-            return running.create_task(self._stop(asyncio.current_task()))
-        if self.loop is None or self.loop.is_closed() or self._done is None or self._done.done():
-            return None
-        import concurrent.futures
-        try:
-            return asyncio.run_coroutine_threadsafe(self._stop(None), self.loop).result()
-        except (RuntimeError, concurrent.futures.CancelledError, asyncio.CancelledError):
-            return None         # it stopped meanwhile (a quit, a signal)
-
-    async def _stop(self, caller) -> None:
-        # Called by the quit command's own handler (``caller``), it returns once the
-        # watchers are down, so the handler can still send its reply; the channels
-        # close right after.
-        self.sd_notify("STOPPING=1")
-        self.stopping = True        # a start-up or top-up in progress ends at its next spawn
-        async with self._lock:
-            try:
-                await self.stop_watchers()
-            except Exception:       # logged; the daemon still exits
-                _log().exception("while stopping the watchers")
-        finish = self.loop.create_task(self._finish())
-        if not any(ch.owns(caller) for ch in self.channels):
-            await finish
-
-    async def _finish(self):
-        for w in self.watchers:
-            w._close_streams(final=True)
-        for runner in self.plugin_runners:
-            runner.stop()
-        for dog in self.watchdogs.values():
-            dog.stop()
-        if self._log_handler is not None:
-            _log().removeHandler(self._log_handler)
-            self._log_handler = None
-        for ch in self.channels:
-            await ch.close()
-        self.channels = []
-        self._close_sockets()
-        nl = _NOTIFY_LISTENERS.pop(self.loop, None)
-        if nl is not None:
-            nl.close()
-        cw = _CHILD_WATCHERS.pop(self.loop, None)
-        if cw is not None:
-            cw.close()
-        if _CLOSING_STREAMS:        # user streams finish their queue (bounded) before we exit
-            await self.loop.run_in_executor(None, join_streams, 5.0)
-        if self._done is not None and not self._done.done():
-            self._done.set_result(True)
-
-    def _on_quit_signal(self, sig):
-        _log().info("got %s: stopping", signame(sig))
-        self.stop()      # a task of its own
-
-    async def _guarded(self, coro):
-        try:
-            return await coro
-        except CircusError as e:
-            _log().error("%s", e)
-        except Exception:
-            _log().exception("unexpected error")
-
-    async def reload(self, graceful=True, sequential=False) -> None:
-        """Reload every running watcher (stopped ones stay stopped: Circus bug 5)."""
-        async with self._lock:
-            self._refuse_if_quitting("reload")
-            await self._reload_watchers(graceful, sequential)
-
-    def _refuse_if_quitting(self, what):
-        if self.stopping:       # queued before a quit (e.g. a SIGHUP storm): dropped
-            raise CommandError("%s dropped: the daemon is quitting" % what)
-
-    async def _reload_watchers(self, graceful=True, sequential=False, skip=()) -> None:
-        errors = []
-        for w in self.iter_watchers():
-            if self.stopping:
-                break
-            if w.state == ProcState.STOPPED or w in skip:
-                continue
-            async with w.lock:
-                try:
-                    await w.reload(graceful=graceful, sequential=sequential)
-                except CommandError as e:   # one aborted reload does not stop the others
-                    errors.append(str(e))
-            if self.warmup_delay:
-                await asyncio.sleep(self.warmup_delay)
-        if errors:
-            raise CommandError("; ".join(errors), E_COMMAND_ERROR)
-
-    # -- watchers at runtime -----------------------------------------------------
-    def add_watcher(self, name, cmd, args=None, options=None) -> Watcher:
-        """Create and attach a watcher (not started). Raises CommandError/MessageError."""
-        if any(w.name.lower() == str(name).lower() for w in self.watchers):
-            raise CommandError("%r already exist" % name)
-        try:
-            w = Watcher(name, cmd, args, search_dirs=self.search_dirs, **(options or {}))
-        except ValueError as e:
-            raise MessageError(str(e)) from None
-        self._attach(w)
-        self.emit("watcher.%s.add" % w.topic_name, {"time": time.time()})
-        return w
-
-    def rm_watcher(self, w: Watcher, nostop=False) -> object:
-        """Detach a watcher; returns a coroutine that stops it (nothing with nostop)."""
-        self.watchers.remove(w)
-        self._watch_resources(w)
-        w._user_action(False)           # no flapping retry for a removed watcher
-        self.emit("watcher.%s.remove" % w.topic_name, {"time": time.time()})
-        if nostop:
-            for p in list(w.processes.values()):
-                p.on_exit = None        # left running, no longer ours to respawn
-            w._close_streams(final=True)
-            return _none(asyncio.sleep(0))
-
-        async def stop_and_close():
-            await w.stop()
-            w._close_streams(final=True)
-        return _none(_locked(w, stop_and_close))
-
-    # -- config reload: parse completely (errors change nothing), diff, apply the differences
-    def _load_new_config(self) -> CircusConfig:
-        if not self.config or not self.config.path:
-            raise CommandError("no config file to reload: this arbiter was built in Python")
-        try:
-            new = load_config(self.config.path)
-            plugin_limits(new)      # a ResourceWatcher section is checked too, before any reply
-            return new
-        except ConfigError as e:
-            raise _not_reloaded(e) from None
-
-    def config_diff(self, new: CircusConfig) -> dict:
-        """Names added, changed (incl. resized) and removed, for reread/update."""
-        return _ConfigDiff(self.config, self.watchers, new).names()
-
-    async def reload_config(self, new: CircusConfig | None = None, reload_rest=False) -> None:
-        """Re-read the file; apply only what changed. A broken file changes nothing.
-
-        ``reload_rest`` (SIGHUP): then a graceful reload of every running
-        watcher this did not start afresh.
-        """
-        new, plugin_settings = self._parse_new_config(new)         # 1. parse
-        async with self._lock:
-            self._refuse_if_quitting("reloadconfig")
-            diff = _ConfigDiff(self.config, self.watchers, new)     # 2. diff
-            try:        # built before anything stops: a hook that cannot be imported changes nothing
-                fresh = [self._make_watcher(wc) for wc in diff.to_build]
-            except ConfigError as e:
-                raise _not_reloaded(e) from None
-            await self._apply_config(new, plugin_settings, diff, fresh)     # 3. apply
-            if reload_rest:
-                await self._reload_watchers(skip=fresh)
-
-    def _parse_new_config(self, new: CircusConfig | None):
-        """The new file, parsed completely, and its plugin settings (flapping, limits)."""
-        new = new or self._load_new_config()
-        try:
-            plugin_settings = flapping_defaults(new), plugin_limits(new)
-        except ConfigError as e:
-            raise _not_reloaded(e) from None
-        for w in new.warnings:
-            _log().warning("%s", w)
-        return new, plugin_settings
-
-    async def _apply_config(self, new: CircusConfig, plugin_settings, diff: _ConfigDiff, fresh) -> None:
-        """Only the differences: what goes stops before its sockets close, the new
-        sockets are bound before the ``fresh`` watchers start."""
-        self._take_globals(new)
-        self.flapping_plugin, self.plugin_limits = plugin_settings
-        gone = diff.removed + [w for w, _ in diff.changed]
-        for w in gone:
-            self.watchers.remove(w)
-            self.emit("watcher.%s.remove" % w.topic_name, {"time": time.time()})
-        await self.stop_watchers(gone)
-        self._let_go(gone)
-        self._close_sockets(diff.changed_socks)
-        self._bind_sockets(diff.added_socks)
-        self.config = new
-        for w, wc in diff.resized:
-            w.file_conf = wc
-            async with w.lock:
-                await w.set_numprocesses(wc.options["numprocesses"])
-        for w in fresh:
-            self._attach(w)
-            self.emit("watcher.%s.add" % w.topic_name, {"time": time.time()})
-        await self.start_watchers([w for w in fresh if w.conf.options["autostart"]])
-
-    def _take_globals(self, new: CircusConfig) -> None:
-        old = self.config
-        if new.globals_key() == old.globals_key():
-            return
-        self.check_delay, self.warmup_delay = new.check_delay, new.warmup_delay
-        for k in ("endpoint", "pubsub_endpoint", "multicast_endpoint", "curve_secret_key",
-                  "curve_owner_keys", "endpoint_owner"):
-            if getattr(new, k) != getattr(old, k):
-                _log().warning("reloadconfig: %s changed; it takes effect at the next "
-                               "daemon start (a restart keeps the old one)", k)
-
-    def _let_go(self, ws) -> None:
-        """Of stopped watchers no longer ours: no flapping retry, streams closed, no watchdog."""
-        for w in ws:
-            w._user_action(False)
-            w._close_streams(final=True)
-        self._prune_watchdogs()
-
-    def _close_sockets(self, names=None) -> None:
-        for n in list(self.sockets) if names is None else names:
-            s = self.sockets.pop(n, None)
-            if s is not None:
-                s.close()
-
-    async def restart(self) -> None:
-        """Full restart in this process: stop all, re-read the config, rebind, start.
-
-        If the file is now broken, the old config is started again (nothing lost).
-        """
-        try:
-            new = self._load_new_config() if self.config and self.config.path else None
-        except CommandError as e:
-            _log().error("%s; restarting with the previous config", e)
-            new = None
-        async with self._lock:
-            await self.stop_watchers()
-            if new is not None:
-                self._close_sockets()
-                self.config = new
-                old, self.watchers = self.watchers, []
-                self._let_go(old)
-                try:
-                    self.flapping_plugin, self.plugin_limits = flapping_defaults(new), plugin_limits(new)
-                except ConfigError as e:
-                    _log().error("%s", e)
-                for wc in new.watchers:
-                    self._attach(self._make_watcher(wc))
-                self._bind_sockets(new.sockets)
-            await self.start_watchers()
-
-
-def get_arbiter(watchers, controller=DEFAULT_ENDPOINT, pubsub_endpoint=DEFAULT_PUBSUB,
-                sockets=(), check_delay=1.0, warmup_delay=0, **kw) -> Arbiter:
-    """Build an Arbiter from dicts, like Circus's ``get_arbiter``.
-
-    ``watchers`` are dicts with ``cmd`` and any watcher option; ``name`` defaults to the
-    command's base name, as in Circus (``{"cmd": "python app.py"}`` is ``python``);
-    ``sockets`` are dicts with ``name`` and socket keys (host, port, path...).
-    Pass ``controller=None, pubsub_endpoint=None`` for no ZeroMQ channels.
-    """
-    watchers = [dict(w, name=os.path.basename(str(w.get("cmd") or "").split(" ")[0]))
-                if isinstance(w, dict) and "name" not in w else w for w in watchers]
-    socks = [s if isinstance(s, SocketConfig) else SocketConfig(**s) for s in sockets]
-    return Arbiter(watchers, controller, pubsub_endpoint, sockets=socks,
-                   check_delay=check_delay, warmup_delay=warmup_delay, **kw)
-
-
-# ---------------------------------------------------------------------------
 # 9b. Monitoring: resource watchdog, plugins, stats channel, /metrics
 # ---------------------------------------------------------------------------
 # Each part runs only when configured, and the samplers only while someone
@@ -5649,216 +4896,6 @@ class Watchdog:
                 self._loop.create_task(w.arbiter_guard(_locked(w, restart)))
         if self._loop is not None and not self._loop.is_closed():
             self._handle = self._loop.call_later(self.interval, self._tick)
-
-
-class Plugin:
-    """Base class for plugins: ``[plugin:NAME] use = package.module.MyPlugin``.
-
-    A plugin runs in the daemon, in a thread of its own (it may block), and
-    sees every event. Override what you need::
-
-        class Alert(circus.Plugin):
-            def handle_event(self, topic, payload):
-                if topic.endswith(".flapping"):
-                    self.call("stop", name=topic.split(".")[1])
-
-    The section's other keys are in ``self.options`` (strings) and
-    ``self.name`` is NAME. ``call()`` runs a control command and returns its
-    reply; ``cast()`` sends one without waiting.
-    """
-
-    def __init__(self, **options):
-        self.options = options
-        self.name = None
-        self._arbiter = None
-
-    def handle_init(self) -> None:
-        """Called once, in the plugin's thread, before the first event."""
-
-    def handle_event(self, topic: str, payload: dict) -> None:
-        """Called for every event (``watcher.NAME.EVENT``), in order."""
-
-    def handle_stop(self) -> None:
-        """Called once when the daemon stops."""
-
-    def call(self, command: str, **props) -> dict:
-        body = json.dumps({"command": command, "properties": props}).encode()
-        fut = asyncio.run_coroutine_threadsafe(dispatch(self._arbiter, body), self._arbiter.loop)
-        return fut.result(60)
-
-    def cast(self, command: str, **props) -> None:
-        body = json.dumps({"command": command, "properties": props, "msg_type": "cast"}).encode()
-        asyncio.run_coroutine_threadsafe(dispatch(self._arbiter, body), self._arbiter.loop)
-
-
-class _PluginRunner:
-    """Feeds one plugin its events through a bounded queue, in its own thread."""
-
-    MAX_QUEUED = 10000
-
-    def __init__(self, plugin: Plugin, arbiter):
-        import queue
-        import threading
-        plugin._arbiter = arbiter
-        self.plugin = plugin
-        self.queue = queue.Queue(self.MAX_QUEUED)
-        self.dropped = 0
-        self.dead = False
-        self.thread = threading.Thread(target=self._run, name="plugin " + str(plugin.name), daemon=True)
-
-    def start(self):
-        self.thread.start()
-
-    def __call__(self, topic, payload):
-        if self.dead:
-            return
-        try:       # its own copy: a plugin that changes the dict changes nothing else
-            self.queue.put_nowait((topic, json.loads(json.dumps(payload))))
-        except __import__("queue").Full:
-            if not self.dropped:
-                _log().warning("plugin %s is too slow: events dropped", self.plugin.name)
-            self.dropped += 1
-
-    def _guard(self, what, *args) -> bool:
-        try:
-            getattr(self.plugin, what)(*args)
-            return True
-        except (Exception, SystemExit) as e:
-            _log().error("plugin %s: %s failed: %s: %s", self.plugin.name, what, type(e).__name__, e)
-            return False
-
-    def _run(self):
-        if not self._guard("handle_init"):
-            self.dead = True
-            _log().error("plugin %s disabled", self.plugin.name)
-            return
-        while True:
-            item = self.queue.get()
-            if item is None:
-                break
-            self._guard("handle_event", *item)
-        self._guard("handle_stop")
-
-    def stop(self):
-        """Ask it to finish (handle_stop); the daemon waits for it, bounded, at exit.
-
-        Never blocks the loop: with its queue full, the oldest event makes room for the
-        end mark (only the loop puts, so there is room then).
-        """
-        import queue
-        if not self.dead and self.thread.is_alive():
-            self.dead = True            # no event after the end mark
-            try:
-                self.queue.put_nowait(None)
-            except queue.Full:
-                try:
-                    self.queue.get_nowait()
-                    self.dropped += 1
-                except queue.Empty:
-                    pass
-                self.queue.put_nowait(None)
-            _CLOSING_STREAMS.add(self.thread)
-
-
-class StatsdEmitter(Plugin):
-    """Counts every event on a statsd server (UDP): ``circus.APP.watcher.NAME.EVENT:1|c``.
-
-    Options (Circus's): host (localhost), port (8125), sample_rate (1.0),
-    application_name (app).
-    """
-
-    def handle_init(self):
-        import random
-        import socket
-        self.addr = (self.options.get("host", "localhost"), _port(self.options.get("port", 8125)))
-        self.rate = ranged(to_float, 0, 1)(self.options.get("sample_rate", 1.0))
-        self.prefix = "circus.%s." % self.options.get("application_name", "app")
-        self.random = random.random
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-
-    def handle_event(self, topic, payload):
-        if self.rate < 1 and self.random() > self.rate:
-            return
-        line = "%s%s:1|c%s" % (self.prefix, topic, "" if self.rate >= 1 else "|@%s" % self.rate)
-        try:
-            self.sock.sendto(line.encode(), self.addr)
-        except OSError:
-            pass
-
-    def handle_stop(self):
-        self.sock.close()
-
-
-def plugin_limits(cfg: CircusConfig) -> dict:
-    """ResourceWatcher sections -> {watcher name (lower case): watchdog option overrides}.
-
-    Circus's ``max_mem`` and ``max_cpu`` are percentages (a bare number);
-    a size with a unit (``200M``) is taken as bytes.
-    """
-    limits = {}
-    for name, conf in cfg.plugins:
-        if CIRCUS_PLUGINS.get(conf.get("use")) != "watchdog":
-            continue
-        where = "[plugin:%s]" % name
-        target = conf.get("watcher") or conf.get("service")
-        if not target or target.lower() not in {w.name.lower() for w in cfg.watchers}:
-            raise ConfigError("%s: watcher %r (the 'watcher' key) does not exist" % (where, target))
-        mem = str(conf.get("max_mem", "90")).strip()
-        opts = {"max_rss": mem + "%" if re.fullmatch(r"\d+(\.\d+)?", mem) else mem,
-                "max_cpu": conf.get("max_cpu", 90),
-                "watchdog_interval": conf.get("loop_rate", 60)}
-        for key in ("min_cpu", "min_mem", "health_threshold", "process_children", "child_signal"):
-            if key in conf:
-                _log().warning("%s: %s is not supported by the built-in watchdog; ignored", where, key)
-        try:
-            opts["watchdog_grace"] = _count(conf.get("max_count", 3)) + 1
-            probe = WatcherConfig(target)
-            for key, value in opts.items():
-                probe.set(key, value)
-        except ValueError as e:
-            raise ConfigError("%s: %s" % (where, e)) from None
-        limits[target.lower()] = {k: probe.options[k] for k in opts}
-    return limits
-
-
-def flapping_defaults(cfg: CircusConfig):
-    """The [plugin:...] Flapping section's keys (defaults for every watcher), or None."""
-    for name, conf in cfg.plugins:
-        if CIRCUS_PLUGINS.get(conf.get("use")) == "flapping":
-            return {k: v for k, v in conf.items() if k != "use"}
-    return None
-
-
-def configure_plugins(arb, cfg: CircusConfig) -> None:
-    """Map [plugin:NAME] sections onto built-ins, user plugins, or one warning each."""
-    for name, conf in cfg.plugins:
-        conf = dict(conf)
-        use = conf.pop("use", None)
-        where = "[plugin:%s]" % name
-        if not use:
-            _log().warning("%s: no 'use = package.module.Class': ignored", where)
-            continue
-        builtin = CIRCUS_PLUGINS.get(use)
-        if builtin == "flapping":
-            arb.flapping_plugin = conf
-        elif builtin == "watchdog":
-            continue            # see plugin_limits(): kept apart, re-read with the config
-        elif builtin == "statsd":
-            arb.add_plugin(name, StatsdEmitter(**conf))
-        elif use in UNSUPPORTED_PLUGINS:
-            _log().warning("%s (use = %s): %s; ignored", where, use, UNSUPPORTED_PLUGINS[use])
-        else:
-            try:
-                cls = import_dotted(use, arb.search_dirs)
-            except ImportError as e:
-                raise ConfigError("%s: use = %s cannot be imported: %s" % (where, use, e)) from None
-            if not (isinstance(cls, type) and issubclass(cls, Plugin)):
-                raise ConfigError("%s: %s is not a subclass of circus.Plugin (see the README)" % (where, use))
-            try:
-                plugin = cls(**conf)
-            except Exception as e:
-                raise ConfigError("%s: %s(%s) failed: %s: %s" % (where, use, ", ".join(conf), type(e).__name__, e)) from None
-            arb.add_plugin(name, plugin)
 
 
 def _stats_records(watchers, cache: dict) -> list:
@@ -6659,7 +5696,7 @@ def cmd_globaloptions(arb, props):
             "pubsub_endpoint": arb.pubsub_endpoint, "check_delay": arb.check_delay,
             "multicast_endpoint": arb.multicast_endpoint or ""}
     if arb.metrics_endpoint:        # only when configured: Circus clients see Circus's keys
-        ms = [c for c in arb.channels if isinstance(c, MetricsServer)]
+        ms = [c for c in arb.channels if getattr(c, "what", None) == "metrics endpoint"]   # MetricsServer
         opts["metrics_endpoint"] = "%s:%s" % (ms[0].host, ms[0].port) if ms else arb.metrics_endpoint
     key = props.get("option")
     if key:
@@ -6902,6 +5939,1039 @@ def cmd_help(arb, props):
     """Show the commands, or one command's usage (answered by ctl itself)."""
 
 
+def _error_reply(reason, errno_, msg_id, tb=None):
+    return {"status": "error", "reason": reason, "tb": tb, "time": time.time(),
+            "errno": errno_, "id": msg_id}
+
+
+async def dispatch(arbiter, body: bytes, peer=None):
+    """One request body -> the reply dict (None for casts). Never raises.
+
+    ``peer``: who sent it (a Peer), None for the daemon's own callers and
+    connections whose user is unknown (see check_peer)."""
+    msg_id, cast = None, False
+    try:
+        try:
+            msg = json.loads(body.decode("utf-8").strip())
+        except (UnicodeDecodeError, ValueError):
+            return _error_reply("json invalid", E_INVALID_JSON, None)
+        if not isinstance(msg, dict):
+            return _error_reply("message invalid: a JSON object is expected", E_MESSAGE_ERROR, None)
+        msg_id = msg.get("id")
+        cast = msg.get("msg_type") == "cast"
+        name = msg.get("command")
+        if not isinstance(name, str) or not name:
+            raise MessageError("message invalid 'command' is missing")
+        cmd = COMMANDS.get(name.lower())
+        if cmd is None or cmd.run is None:     # help: ctl's own
+            raise CommandError("unknown command: %r" % name, E_UNKNOWN_COMMAND)
+        props = msg.get("properties")
+        if props is None:
+            props = {}
+        if not isinstance(props, dict):
+            raise MessageError("'properties' should be an object")
+        check_peer(arbiter, peer, cmd.name, props)
+        result = cmd.run(arbiter, props)
+        if isinstance(result, _Await):
+            result = await result.awaitable
+        elif asyncio.iscoroutine(result):
+            if _waiting(props):
+                result = await result
+            else:
+                asyncio.get_running_loop().create_task(arbiter._guarded(result))
+                result = {}
+        reply = {"status": "ok", "time": time.time()}
+        reply.update(result)
+        reply["id"] = msg_id
+    except CommandError as e:
+        reply = _error_reply(str(e), e.errno, msg_id)
+    except CircusError as e:
+        reply = _error_reply(str(e), E_COMMAND_ERROR, msg_id)
+    except OSError as e:
+        reply = _error_reply(str(e), E_OS_ERROR, msg_id)
+    except Exception as e:      # a bug of ours: log it, answer, stay up
+        import traceback
+        _log().exception("command failed: %r", body[:200])
+        reply = _error_reply("command %r: %s" % (body[:200], e), E_COMMAND_ERROR, msg_id,
+                             traceback.format_exc())
+    return None if cast else reply
+
+
+# ---------------------------------------------------------------------------
+# 10b. Plugins: your code fed the events, and Circus's built-in ones
+# ---------------------------------------------------------------------------
+
+
+class Plugin:
+    """Base class for plugins: ``[plugin:NAME] use = package.module.MyPlugin``.
+
+    A plugin runs in the daemon, in a thread of its own (it may block), and
+    sees every event. Override what you need::
+
+        class Alert(circus.Plugin):
+            def handle_event(self, topic, payload):
+                if topic.endswith(".flapping"):
+                    self.call("stop", name=topic.split(".")[1])
+
+    The section's other keys are in ``self.options`` (strings) and
+    ``self.name`` is NAME. ``call()`` runs a control command and returns its
+    reply; ``cast()`` sends one without waiting.
+    """
+
+    def __init__(self, **options):
+        self.options = options
+        self.name = None
+        self._arbiter = None
+
+    def handle_init(self) -> None:
+        """Called once, in the plugin's thread, before the first event."""
+
+    def handle_event(self, topic: str, payload: dict) -> None:
+        """Called for every event (``watcher.NAME.EVENT``), in order."""
+
+    def handle_stop(self) -> None:
+        """Called once when the daemon stops."""
+
+    def call(self, command: str, **props) -> dict:
+        body = json.dumps({"command": command, "properties": props}).encode()
+        fut = asyncio.run_coroutine_threadsafe(dispatch(self._arbiter, body), self._arbiter.loop)
+        return fut.result(60)
+
+    def cast(self, command: str, **props) -> None:
+        body = json.dumps({"command": command, "properties": props, "msg_type": "cast"}).encode()
+        asyncio.run_coroutine_threadsafe(dispatch(self._arbiter, body), self._arbiter.loop)
+
+
+class _PluginRunner:
+    """Feeds one plugin its events through a bounded queue, in its own thread."""
+
+    MAX_QUEUED = 10000
+
+    def __init__(self, plugin: Plugin, arbiter):
+        import queue
+        import threading
+        plugin._arbiter = arbiter
+        self.plugin = plugin
+        self.queue = queue.Queue(self.MAX_QUEUED)
+        self.dropped = 0
+        self.dead = False
+        self.thread = threading.Thread(target=self._run, name="plugin " + str(plugin.name), daemon=True)
+
+    def start(self):
+        self.thread.start()
+
+    def __call__(self, topic, payload):
+        if self.dead:
+            return
+        try:       # its own copy: a plugin that changes the dict changes nothing else
+            self.queue.put_nowait((topic, json.loads(json.dumps(payload))))
+        except __import__("queue").Full:
+            if not self.dropped:
+                _log().warning("plugin %s is too slow: events dropped", self.plugin.name)
+            self.dropped += 1
+
+    def _guard(self, what, *args) -> bool:
+        try:
+            getattr(self.plugin, what)(*args)
+            return True
+        except (Exception, SystemExit) as e:
+            _log().error("plugin %s: %s failed: %s: %s", self.plugin.name, what, type(e).__name__, e)
+            return False
+
+    def _run(self):
+        if not self._guard("handle_init"):
+            self.dead = True
+            _log().error("plugin %s disabled", self.plugin.name)
+            return
+        while True:
+            item = self.queue.get()
+            if item is None:
+                break
+            self._guard("handle_event", *item)
+        self._guard("handle_stop")
+
+    def stop(self):
+        """Ask it to finish (handle_stop); the daemon waits for it, bounded, at exit.
+
+        Never blocks the loop: with its queue full, the oldest event makes room for the
+        end mark (only the loop puts, so there is room then).
+        """
+        import queue
+        if not self.dead and self.thread.is_alive():
+            self.dead = True            # no event after the end mark
+            try:
+                self.queue.put_nowait(None)
+            except queue.Full:
+                try:
+                    self.queue.get_nowait()
+                    self.dropped += 1
+                except queue.Empty:
+                    pass
+                self.queue.put_nowait(None)
+            _CLOSING_STREAMS.add(self.thread)
+
+
+class StatsdEmitter(Plugin):
+    """Counts every event on a statsd server (UDP): ``circus.APP.watcher.NAME.EVENT:1|c``.
+
+    Options (Circus's): host (localhost), port (8125), sample_rate (1.0),
+    application_name (app).
+    """
+
+    def handle_init(self):
+        import random
+        import socket
+        self.addr = (self.options.get("host", "localhost"), _port(self.options.get("port", 8125)))
+        self.rate = ranged(to_float, 0, 1)(self.options.get("sample_rate", 1.0))
+        self.prefix = "circus.%s." % self.options.get("application_name", "app")
+        self.random = random.random
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+
+    def handle_event(self, topic, payload):
+        if self.rate < 1 and self.random() > self.rate:
+            return
+        line = "%s%s:1|c%s" % (self.prefix, topic, "" if self.rate >= 1 else "|@%s" % self.rate)
+        try:
+            self.sock.sendto(line.encode(), self.addr)
+        except OSError:
+            pass
+
+    def handle_stop(self):
+        self.sock.close()
+
+
+def plugin_limits(cfg: CircusConfig) -> dict:
+    """ResourceWatcher sections -> {watcher name (lower case): watchdog option overrides}.
+
+    Circus's ``max_mem`` and ``max_cpu`` are percentages (a bare number);
+    a size with a unit (``200M``) is taken as bytes.
+    """
+    limits = {}
+    for name, conf in cfg.plugins:
+        if CIRCUS_PLUGINS.get(conf.get("use")) != "watchdog":
+            continue
+        where = "[plugin:%s]" % name
+        target = conf.get("watcher") or conf.get("service")
+        if not target or target.lower() not in {w.name.lower() for w in cfg.watchers}:
+            raise ConfigError("%s: watcher %r (the 'watcher' key) does not exist" % (where, target))
+        mem = str(conf.get("max_mem", "90")).strip()
+        opts = {"max_rss": mem + "%" if re.fullmatch(r"\d+(\.\d+)?", mem) else mem,
+                "max_cpu": conf.get("max_cpu", 90),
+                "watchdog_interval": conf.get("loop_rate", 60)}
+        for key in ("min_cpu", "min_mem", "health_threshold", "process_children", "child_signal"):
+            if key in conf:
+                _log().warning("%s: %s is not supported by the built-in watchdog; ignored", where, key)
+        try:
+            opts["watchdog_grace"] = _count(conf.get("max_count", 3)) + 1
+            probe = WatcherConfig(target)
+            for key, value in opts.items():
+                probe.set(key, value)
+        except ValueError as e:
+            raise ConfigError("%s: %s" % (where, e)) from None
+        limits[target.lower()] = {k: probe.options[k] for k in opts}
+    return limits
+
+
+def flapping_defaults(cfg: CircusConfig):
+    """The [plugin:...] Flapping section's keys (defaults for every watcher), or None."""
+    for name, conf in cfg.plugins:
+        if CIRCUS_PLUGINS.get(conf.get("use")) == "flapping":
+            return {k: v for k, v in conf.items() if k != "use"}
+    return None
+
+
+def configure_plugins(arb, cfg: CircusConfig) -> None:
+    """Map [plugin:NAME] sections onto built-ins, user plugins, or one warning each."""
+    for name, conf in cfg.plugins:
+        conf = dict(conf)
+        use = conf.pop("use", None)
+        where = "[plugin:%s]" % name
+        if not use:
+            _log().warning("%s: no 'use = package.module.Class': ignored", where)
+            continue
+        builtin = CIRCUS_PLUGINS.get(use)
+        if builtin == "flapping":
+            arb.flapping_plugin = conf
+        elif builtin == "watchdog":
+            continue            # see plugin_limits(): kept apart, re-read with the config
+        elif builtin == "statsd":
+            arb.add_plugin(name, StatsdEmitter(**conf))
+        elif use in UNSUPPORTED_PLUGINS:
+            _log().warning("%s (use = %s): %s; ignored", where, use, UNSUPPORTED_PLUGINS[use])
+        else:
+            try:
+                cls = import_dotted(use, arb.search_dirs)
+            except ImportError as e:
+                raise ConfigError("%s: use = %s cannot be imported: %s" % (where, use, e)) from None
+            if not (isinstance(cls, type) and issubclass(cls, Plugin)):
+                raise ConfigError("%s: %s is not a subclass of circus.Plugin (see the README)" % (where, use))
+            try:
+                plugin = cls(**conf)
+            except Exception as e:
+                raise ConfigError("%s: %s(%s) failed: %s: %s" % (where, use, ", ".join(conf), type(e).__name__, e)) from None
+            arb.add_plugin(name, plugin)
+
+
+# ---------------------------------------------------------------------------
+# 9. Arbiter
+# ---------------------------------------------------------------------------
+
+class _RingLogHandler:
+    """Keeps the daemon's log lines for `ctl maintail` and publishes them when followed."""
+
+    level = 0
+
+    def __init__(self, arbiter):
+        self.arbiter = arbiter
+        self.formatter = logging.Formatter(_LOG_FORMAT, "%Y-%m-%d %H:%M:%S")
+
+    def handle(self, record):
+        line = self.formatter.format(record) + "\n"
+        arb = self.arbiter
+        if arb.loop_thread == __import__("threading").get_ident():
+            self._publish(line)
+        elif arb.loop is not None and not arb.loop.is_closed():     # e.g. a ThreadedStream's log
+            arb.loop.call_soon_threadsafe(self._publish, line)
+
+    def _publish(self, line):
+        self.arbiter.log_ring.append(line.encode("utf-8", "replace"))
+        self.arbiter.publish_followed("log", lambda: {"data": line, "time": time.time()})
+
+    def __getattr__(self, name):        # the rest of the Handler interface: no-ops
+        return lambda *a, **k: None
+
+
+def _not_reloaded(e: Exception) -> CommandError:
+    return CommandError("config not reloaded, nothing changed: %s" % e, E_MESSAGE_ERROR)
+
+
+class _ConfigDiff:
+    """What moving the arbiter to a new config changes (reloadconfig, reread, update).
+
+    What the file says now against what it said when last loaded: a runtime
+    incr/set on a watcher the file did not change stays. Sockets:
+    ``changed_socks`` (names, changed or gone) close, ``added_socks`` (new or
+    changed) are bound. Watchers: ``removed`` go, ``changed`` ((watcher, new
+    conf) pairs, incl. those using a changed socket) are replaced, ``resized``
+    only take the new numprocesses, ``added`` are new confs; ``to_build`` are
+    the confs of the watchers to create, in the file's order.
+    """
+
+    def __init__(self, old: CircusConfig, watchers, new: CircusConfig):
+        self._sockets(old.sockets, new.sockets)
+        old_w = {w.name.lower(): w for w in watchers}
+        new_w = {wc.name.lower(): wc for wc in new.watchers}
+        self.removed = [w for n, w in old_w.items() if n not in new_w]
+        self.changed, self.resized = [], []
+        for n, wc in new_w.items():
+            if n in old_w:
+                self._compare(old_w[n], wc)
+        self.added = [wc for n, wc in new_w.items() if n not in old_w]
+        renew = {w.name.lower() for w, _ in self.changed}
+        self.to_build = [wc for wc in new.watchers
+                         if wc.name.lower() not in old_w or wc.name.lower() in renew]
+
+    def _sockets(self, old: list, new: list):
+        old_socks = {s.name: s for s in old}
+        new_socks = {s.name: s for s in new}
+        self.changed_socks = {n for n in old_socks if n not in new_socks or
+                              old_socks[n].key() != new_socks[n].key()}
+        self.added_socks = [s for n, s in new_socks.items()
+                            if n not in old_socks or n in self.changed_socks]
+
+    def _compare(self, w, wc):
+        was = w.file_conf or w.conf     # what the file said, not what incr/set made of it
+        if any(self._uses(w, s) for s in self.changed_socks) or self._differs_beyond_numprocesses(was, wc):
+            self.changed.append((w, wc))
+        elif was.options["numprocesses"] != wc.options["numprocesses"]:
+            self.resized.append((w, wc))
+
+    @staticmethod
+    def _uses(w, sock_name) -> bool:
+        o = w.conf.options
+        return ("sockets." + sock_name) in (o["cmd"] + str(o["args"])).lower() or \
+            o["use_sockets"] or (o["stdin_socket"] or "").lower() == sock_name
+
+    @staticmethod
+    def _differs_beyond_numprocesses(a: WatcherConfig, b: WatcherConfig) -> bool:
+        na, nb = a.options["numprocesses"], b.options["numprocesses"]
+        try:
+            a.options["numprocesses"] = nb
+            return a.key() != b.key()
+        finally:
+            a.options["numprocesses"] = na
+
+    def names(self) -> dict:
+        """Names added, changed (incl. resized) and removed, for reread/update."""
+        return {"added": sorted(wc.name for wc in self.added),
+                "changed": sorted(w.name for w, _ in self.changed + self.resized),
+                "removed": sorted(w.name for w in self.removed)}
+
+
+class _OnDemand:
+    """on_demand watchers start on the first connection to one of their sockets.
+
+    At start-up the arbiter arms such a watcher instead of starting it: the
+    loop watches its listening sockets, and the first readable one (a
+    connection in the backlog) disarms them all and starts it, unless it was
+    removed or started meanwhile. Stopping it (stop, quit, reloadconfig)
+    disarms them too.
+    """
+
+    def __init__(self, arbiter):
+        self.arbiter = arbiter
+
+    def arm(self, w) -> bool:
+        """Watch the sockets ``w`` uses; False (start it now) if it uses none."""
+        o = w.conf.options
+        text = (o["cmd"] + " " + str(o["args"] or "")).lower()
+        fds = [s.fileno() for name, s in self.arbiter.sockets.items() if s.sock is not None and
+               (o["use_sockets"] or ("sockets." + name) in text)]
+        if not fds:
+            _log().warning("watcher %s: on_demand needs a socket it uses; started now", w.name)
+            return False
+        for fd in fds:
+            self.arbiter.loop.add_reader(fd, self._fire, w)
+        w.on_demand_fds = fds
+        return True
+
+    def disarm(self, w) -> None:
+        for fd in getattr(w, "on_demand_fds", ()):
+            self.arbiter.loop.remove_reader(fd)
+        w.on_demand_fds = []
+
+    def _fire(self, w):
+        self.disarm(w)
+        arb = self.arbiter
+        if w in arb.watchers and w.state == ProcState.STOPPED:
+            _log().info("watcher %s: activity on its socket, starting (on_demand)", w.name)
+            arb.loop.create_task(arb._guarded(_locked(w, w.start)))
+
+
+class _HupReloads:
+    """The SIGHUP handler: reloadconfig, then a graceful reload of the watchers it did
+    not start afresh (a plain reload for an arbiter with no config file).
+
+    SIGHUPs that come during a pass merge into one more pass after it, however
+    many came. A broken file changes nothing (one error line). Under systemd
+    each pass is framed by RELOADING=1 (with MONOTONIC_USEC, for
+    Type=notify-reload) and READY=1.
+    """
+
+    def __init__(self, arbiter):
+        self.arbiter = arbiter
+        self.task = None        # the pass under way
+        self.again = False      # SIGHUPs came meanwhile
+
+    def __call__(self):
+        arb = self.arbiter
+        if arb.stopping:
+            return
+        if self.task is not None and not self.task.done():
+            _log().info("got SIGHUP: merged into the reload under way (one more pass follows it)")
+            self.again = True
+            return
+        _log().info("got SIGHUP: reloading the config, then the watchers it did not change")
+        self.task = arb.loop.create_task(self._passes())
+
+    async def _passes(self):
+        arb = self.arbiter
+        again = True
+        while again and not arb.stopping:
+            self.again = False
+            arb.sd_notify("RELOADING=1\nMONOTONIC_USEC=%d" % (time.monotonic_ns() // 1000))
+            try:
+                if arb.config is not None and arb.config.path:
+                    await arb._guarded(arb.reload_config(reload_rest=True))
+                else:
+                    await arb._guarded(arb.reload())
+            finally:
+                if not arb.stopping:
+                    arb.sd_notify("READY=1")
+            again = self.again
+
+
+#: What builds the daemon's channels (control, pub/sub, stats, /metrics, dashboard): async
+#: functions arbiter -> [channel], run by Arbiter.start(). The channels section at the end
+#: registers start_channels here.
+CHANNEL_STARTERS: list = []
+
+
+class Arbiter:
+    """Many watchers and sockets, one event loop, the control and pub/sub channels.
+
+    ``run()`` blocks in its own loop (with signal handlers: TERM/INT/QUIT
+    quit, HUP reloads), and so does ``start()`` called outside a running loop
+    (Circus's library use); ``await start()`` / ``await stop()`` run it inside
+    the caller's loop. Events reach every callable in ``listeners`` as
+    ``(topic, payload)``; the pub/sub channel is one of them.
+    """
+
+    def __init__(self, watchers=(), endpoint: str | None = DEFAULT_ENDPOINT,
+                 pubsub_endpoint: str | None = DEFAULT_PUBSUB, *, sockets=(), check_delay=1.0,
+                 warmup_delay=0, multicast_endpoint=None, stats_endpoint=None,
+                 endpoint_owner=None, config: CircusConfig | None = None, umask=None):
+        self.endpoint = endpoint
+        self.pubsub_endpoint = pubsub_endpoint
+        self.stats_endpoint = stats_endpoint
+        self.multicast_endpoint = multicast_endpoint
+        self.endpoint_owner = endpoint_owner
+        self.check_delay = check_delay
+        self.warmup_delay = warmup_delay
+        self.umask = umask
+        self.config = config
+        self.search_dirs = (os.path.dirname(config.path),) if config and config.path else ()
+        self.listeners: list = []
+        self.flapping_plugin = None     # [plugin:x] use = ...Flapping settings: defaults for all
+        self.plugin_runners: list = []
+        self.watchdogs: dict = {}       # watcher -> Watchdog (watchers with max_rss / max_cpu)
+        self.plugin_limits: dict = {}   # watcher name -> limits from a ResourceWatcher section
+        self.metrics_cache: dict = {}   # psutil objects of /metrics scrapes
+        self.max_processes = 10000      # per watcher, for add/incr/set over the control channel
+        self.allow_insecure_endpoint = False    # a TCP endpoint off this host, with no auth
+        self.curve_secret_key = None    # CurveZMQ on every channel when set (see CurveServer)
+        self.curve_authorized_keys = None
+        self.curve_owner_keys = None    # their clients get endpoint_owner's rights only
+        self.statsd = False             # publish the stats channel on stats_endpoint
+        self.metrics_endpoint = None
+        self.httpd = None               # (host, port, token): the web dashboard
+        self.snapshot_cache: dict = {}  # psutil objects of `snapshot` (the dashboard's CPU %)
+        self.started = None             # epoch time of start()
+        self.log_ring = RingBuffer()    # the daemon's recent log, for `ctl maintail`
+        self.loop_thread = None
+        self._log_handler = None
+        self.sockets: dict = {}
+        self.watchers: list = []
+        self.channels: list = []
+        self.loop = None
+        self._lock = None           # serialises arbiter-wide operations (start-up included)
+        self.stopping = False       # quit has begun: nothing spawns any more
+        self.on_demand = _OnDemand(self)
+        self._done = None
+        self._socket_confs = list(sockets)
+        for w in watchers:
+            self._attach(w if isinstance(w, Watcher) else self._make_watcher(w))
+
+    @classmethod
+    def from_config(cls, cfg: CircusConfig) -> "Arbiter":
+        """An Arbiter for a CircusConfig (from load_config)."""
+        arb = cls(endpoint=cfg.endpoint, pubsub_endpoint=cfg.pubsub_endpoint,
+                  check_delay=cfg.check_delay, warmup_delay=cfg.warmup_delay,
+                  multicast_endpoint=cfg.multicast_endpoint or None,
+                  stats_endpoint=cfg.stats_endpoint, endpoint_owner=cfg.endpoint_owner,
+                  config=cfg, umask=cfg.umask, sockets=cfg.sockets)
+        arb.statsd, arb.metrics_endpoint = cfg.statsd, cfg.metrics_endpoint
+        arb.httpd = (cfg.httpd_host, cfg.httpd_port, cfg.httpd_token) if cfg.httpd else None
+        arb.allow_insecure_endpoint = cfg.allow_insecure_endpoint
+        arb.curve_secret_key, arb.curve_authorized_keys = cfg.curve_secret_key, cfg.curve_authorized_keys
+        arb.curve_owner_keys = cfg.curve_owner_keys
+        arb.max_processes = cfg.max_processes
+        arb.flapping_plugin, arb.plugin_limits = flapping_defaults(cfg), plugin_limits(cfg)
+        for wc in cfg.watchers:
+            arb._attach(arb._make_watcher(wc))
+        configure_plugins(arb, cfg)
+        return arb
+
+    def add_plugin(self, name: str, plugin: "Plugin") -> None:
+        """Run ``plugin`` in this arbiter: it gets every event (from start on)."""
+        plugin.name = name
+        runner = _PluginRunner(plugin, self)
+        self.plugin_runners.append(runner)
+        self.listeners.append(runner)
+        if self.loop is not None:
+            runner.start()
+
+    def _watch_resources(self, w):
+        """(Re)create the watchdog of ``w``; none once it is removed or has no limits."""
+        old = self.watchdogs.pop(w, None)
+        if old is not None:
+            old.stop()
+        o = dict(w.conf.options)
+        o.update(self.plugin_limits.get(w.name.lower(), {}))
+        if (o["max_rss"] is not None or o["max_cpu"] is not None) and w in self.watchers:
+            dog = self.watchdogs[w] = Watchdog(w, o)
+            if self.loop is not None:
+                dog.start(self.loop)
+
+    def _prune_watchdogs(self):
+        for w in [w for w in self.watchdogs if w not in self.watchers]:
+            self.watchdogs.pop(w).stop()
+
+    def _make_watcher(self, spec) -> Watcher:
+        if isinstance(spec, WatcherConfig):
+            import copy
+            try:        # a hook or stream class that cannot be imported
+                w = Watcher(spec.name, config=copy.deepcopy(spec), search_dirs=self.search_dirs)
+            except ValueError as e:
+                raise ConfigError("%s: %s" % (spec.where or "watcher " + spec.name, e)) from None
+            w.file_conf = spec
+            return w
+        spec = dict(spec)
+        name = spec.pop("name")
+        return Watcher(name, spec.pop("cmd", None), spec.pop("args", None),
+                       search_dirs=self.search_dirs, **spec)
+
+    def _attach(self, w: Watcher):
+        w.on_event = self.emit
+        w.on_output_event = self._publish_output
+        w.sockets = self.sockets
+        w.arbiter = self
+        w.flapping = Flapping.from_settings(self.flapping_plugin, w.conf.free) \
+            if w.conf.options["check_flapping"] else None
+        self.watchers.append(w)
+        if self.loop is not None:
+            w.lock = asyncio.Lock()
+        self._watch_resources(w)
+
+    # -- lookups ---------------------------------------------------------------
+    def get_watcher(self, name) -> Watcher:
+        """A watcher by name, any case; MessageError if there is none."""
+        low = str(name).lower()
+        for w in self.watchers:
+            if w.name.lower() == low:
+                return w
+        raise MessageError("program %s not found" % name)
+
+    def iter_watchers(self, reverse=False) -> list:
+        """By priority, highest first (stable on config order); reverse for stopping."""
+        ws = sorted(self.watchers, key=lambda w: -w.boot_priority)
+        return list(reversed(ws)) if reverse else ws
+
+    def publish_followed(self, topic: str, make_payload) -> None:
+        """Send to listeners that follow ``topic`` (output, log), only if someone does.
+
+        ``make_payload()`` builds the payload: it is not even called (no decoding
+        of output) while nobody follows, which is the usual case on this hot path.
+        """
+        followers = [l for l in self.listeners if getattr(l, "prefixes", None)]
+        if not followers:
+            return
+        raw, payload = topic.encode(), None
+        for listener in followers:
+            if listener.wants(raw):
+                payload = payload or make_payload()
+                listener(topic, payload)
+
+    def _publish_output(self, w, chunk):
+        self.publish_followed("output.%s.%s" % (w.topic_name, chunk["name"]),
+                              lambda: {"data": chunk["data"].decode("utf-8", "replace"),
+                                       "pid": chunk["pid"], "time": time.time()})
+
+    def emit(self, topic, payload) -> None:
+        """Hand an event to every listener (the pub/sub channel is one)."""
+        for listener in list(self.listeners):
+            try:
+                listener(topic, payload)
+            except Exception:
+                _log().exception("event listener %r failed", listener)
+
+    # -- lifecycle ---------------------------------------------------------------
+    def run(self) -> int:
+        """Block until quit; returns the exit code (0).
+
+        Under systemd (``Type=notify``: $NOTIFY_SOCKET) it reports READY=1
+        once started and STOPPING=1 on quit; the variable is not passed on.
+        """
+        self._notify_socket = os.environ.pop("NOTIFY_SOCKET", None)
+        return asyncio.run(self._serve())
+
+    async def _serve(self):
+        import threading        # signal handlers can only be set from the main thread
+        await self._start(handle_signals=threading.current_thread() is threading.main_thread())
+        if not self.stopping:       # a quit during start-up already said STOPPING=1
+            self.sd_notify("READY=1\nMAINPID=%d" % os.getpid())
+        await self._done
+        return 0
+
+    _notify_socket = None
+
+    def sd_notify(self, message: str) -> None:
+        """Send one sd_notify(3) message, if the daemon was started with $NOTIFY_SOCKET."""
+        path = self._notify_socket
+        if not path:
+            return
+        import socket
+        if path.startswith("@"):
+            path = "\0" + path[1:]         # the abstract namespace
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+                s.connect(path)
+                s.send(message.encode())
+        except OSError as e:
+            _log().warning("NOTIFY_SOCKET %s: %s", self._notify_socket, e)
+
+    def start(self, handle_signals=False):
+        """Bind sockets and channels, then start the watchers in priority order.
+
+        Inside a running loop: ``await arbiter.start()`` returns once started.
+        Outside one, as in Circus: runs the arbiter here until it is stopped (a
+        signal, the quit command, ``stop()`` from another thread or a callback).
+        """
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return self.run()
+        return self._start(handle_signals)
+
+    async def _start(self, handle_signals=False) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.loop_thread = __import__("threading").get_ident()
+        self.started = time.time()
+        self.stopping = False
+        self._lock = asyncio.Lock()
+        self._log_handler = _RingLogHandler(self)
+        _log().addHandler(self._log_handler)
+        self._done = self.loop.create_future()
+        for w in self.watchers:
+            w.lock = asyncio.Lock()
+        if self.umask is not None:
+            os.umask(self.umask)
+        self._bind_sockets(self._socket_confs)
+        await self._start_channels()
+        for runner in self.plugin_runners:
+            runner.start()
+        for dog in self.watchdogs.values():
+            dog.start(self.loop)
+        if self.config is not None and self.config.user:
+            drop_privileges(self.config.user)       # after binding, as supervisord does
+        if handle_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+                self.loop.add_signal_handler(sig, self._on_quit_signal, sig)
+            self.loop.add_signal_handler(signal.SIGHUP, _HupReloads(self))
+            if hasattr(signal, "SIGWINCH"):
+                signal.signal(signal.SIGWINCH, signal.SIG_IGN)
+            if hasattr(signal, "SIGXFSZ"):      # a file size limit: EFBIG, not death
+                signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        # under the arbiter lock, as reload/reloadconfig/quit are: none of them acts on a
+        # half-started arbiter (read-only commands take no lock and answer meanwhile)
+        async with self._lock:
+            await self.start_watchers()
+        if not self.stopping:
+            _log().info("arbiter ready: %d watchers, control on %s", len(self.watchers), self.endpoint)
+
+    def _bind_sockets(self, confs):
+        for conf in confs:
+            s = CircusSocket(conf)
+            try:
+                s.bind_and_listen()
+            except OSError as e:
+                self._close_sockets()
+                raise CircusError("socket %s (%s): cannot bind: %s" % (
+                    conf.name, conf.path or "%s:%s" % (conf.host, conf.port), e.strerror or e)) from None
+            self.sockets[conf.name] = s
+            _log().info("socket %s bound: %s", s.name, s.info())
+
+    async def _start_channels(self):
+        if self.endpoint or self.pubsub_endpoint or self.multicast_endpoint or self.statsd \
+                or self.metrics_endpoint or self.httpd:
+            for start in CHANNEL_STARTERS:      # start_channels, registered by its section
+                self.channels += await start(self)
+
+    async def start_watchers(self, names=None) -> None:
+        """Start the autostart watchers (or those given) by priority."""
+        ws = self.iter_watchers() if names is None else \
+            sorted((w for w in self.watchers if w in names), key=lambda w: -w.priority)
+        for w in ws:
+            if self.stopping:           # a quit came in: it stops what did start
+                break
+            if names is not None or w.conf.options["autostart"]:
+                if names is None and w.conf.options["on_demand"] and self.on_demand.arm(w):
+                    continue
+                async with w.lock:
+                    try:
+                        await w.start()
+                    except CircusError as e:    # one broken watcher never stops the others
+                        _log().error("%s", e)
+                if self.warmup_delay:
+                    await asyncio.sleep(self.warmup_delay)
+
+    async def stop_watchers(self, watchers=None) -> None:
+        """Stop in reverse priority order; watchers of equal priority stop together.
+        Supervisor's `stop g:*` / `stop all` go lowest priority first, as its start."""
+        if watchers is None:
+            ws, prio = self.iter_watchers(reverse=True), (lambda w: w.boot_priority)
+        else:
+            ws, prio = sorted(watchers, key=lambda w: -w.priority if w.conf.group else w.priority), \
+                (lambda w: w.priority)
+        i, errors = 0, []
+        while i < len(ws):
+            group = [w for w in ws[i:] if prio(w) == prio(ws[i])]
+            i += len(group)
+
+            async def stop_one(w):
+                self.on_demand.disarm(w)
+                async with w.lock:
+                    await w.stop()
+            # one watcher's failure neither stops the others nor the lower priorities
+            results = await asyncio.gather(*(stop_one(w) for w in group), return_exceptions=True)
+            errors += [e for e in results if isinstance(e, Exception)]
+        if errors:
+            raise errors[0]
+
+    def stop(self):
+        """Stop every watcher, close sockets and channels; run() then returns.
+
+        In the arbiter's loop it returns a task (``await arbiter.stop()``, or
+        fire and forget from a callback). From another thread it waits until
+        the arbiter is down; once stopped (or never started) it does nothing.
+        """
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is not None and running is self.loop:
+            return running.create_task(self._stop(asyncio.current_task()))
+        if self.loop is None or self.loop.is_closed() or self._done is None or self._done.done():
+            return None
+        import concurrent.futures
+        try:
+            return asyncio.run_coroutine_threadsafe(self._stop(None), self.loop).result()
+        except (RuntimeError, concurrent.futures.CancelledError, asyncio.CancelledError):
+            return None         # it stopped meanwhile (a quit, a signal)
+
+    async def _stop(self, caller) -> None:
+        # Called by the quit command's own handler (``caller``), it returns once the
+        # watchers are down, so the handler can still send its reply; the channels
+        # close right after.
+        self.sd_notify("STOPPING=1")
+        self.stopping = True        # a start-up or top-up in progress ends at its next spawn
+        async with self._lock:
+            try:
+                await self.stop_watchers()
+            except Exception:       # logged; the daemon still exits
+                _log().exception("while stopping the watchers")
+        finish = self.loop.create_task(self._finish())
+        if not any(ch.owns(caller) for ch in self.channels):
+            await finish
+
+    async def _finish(self):
+        for w in self.watchers:
+            w._close_streams(final=True)
+        for runner in self.plugin_runners:
+            runner.stop()
+        for dog in self.watchdogs.values():
+            dog.stop()
+        if self._log_handler is not None:
+            _log().removeHandler(self._log_handler)
+            self._log_handler = None
+        for ch in self.channels:
+            await ch.close()
+        self.channels = []
+        self._close_sockets()
+        nl = _NOTIFY_LISTENERS.pop(self.loop, None)
+        if nl is not None:
+            nl.close()
+        cw = _CHILD_WATCHERS.pop(self.loop, None)
+        if cw is not None:
+            cw.close()
+        if _CLOSING_STREAMS:        # user streams finish their queue (bounded) before we exit
+            await self.loop.run_in_executor(None, join_streams, 5.0)
+        if self._done is not None and not self._done.done():
+            self._done.set_result(True)
+
+    def _on_quit_signal(self, sig):
+        _log().info("got %s: stopping", signame(sig))
+        self.stop()      # a task of its own
+
+    async def _guarded(self, coro):
+        try:
+            return await coro
+        except CircusError as e:
+            _log().error("%s", e)
+        except Exception:
+            _log().exception("unexpected error")
+
+    async def reload(self, graceful=True, sequential=False) -> None:
+        """Reload every running watcher (stopped ones stay stopped: Circus bug 5)."""
+        async with self._lock:
+            self._refuse_if_quitting("reload")
+            await self._reload_watchers(graceful, sequential)
+
+    def _refuse_if_quitting(self, what):
+        if self.stopping:       # queued before a quit (e.g. a SIGHUP storm): dropped
+            raise CommandError("%s dropped: the daemon is quitting" % what)
+
+    async def _reload_watchers(self, graceful=True, sequential=False, skip=()) -> None:
+        errors = []
+        for w in self.iter_watchers():
+            if self.stopping:
+                break
+            if w.state == ProcState.STOPPED or w in skip:
+                continue
+            async with w.lock:
+                try:
+                    await w.reload(graceful=graceful, sequential=sequential)
+                except CommandError as e:   # one aborted reload does not stop the others
+                    errors.append(str(e))
+            if self.warmup_delay:
+                await asyncio.sleep(self.warmup_delay)
+        if errors:
+            raise CommandError("; ".join(errors), E_COMMAND_ERROR)
+
+    # -- watchers at runtime -----------------------------------------------------
+    def add_watcher(self, name, cmd, args=None, options=None) -> Watcher:
+        """Create and attach a watcher (not started). Raises CommandError/MessageError."""
+        if any(w.name.lower() == str(name).lower() for w in self.watchers):
+            raise CommandError("%r already exist" % name)
+        try:
+            w = Watcher(name, cmd, args, search_dirs=self.search_dirs, **(options or {}))
+        except ValueError as e:
+            raise MessageError(str(e)) from None
+        self._attach(w)
+        self.emit("watcher.%s.add" % w.topic_name, {"time": time.time()})
+        return w
+
+    def rm_watcher(self, w: Watcher, nostop=False) -> object:
+        """Detach a watcher; returns a coroutine that stops it (nothing with nostop)."""
+        self.watchers.remove(w)
+        self._watch_resources(w)
+        w._user_action(False)           # no flapping retry for a removed watcher
+        self.emit("watcher.%s.remove" % w.topic_name, {"time": time.time()})
+        if nostop:
+            for p in list(w.processes.values()):
+                p.on_exit = None        # left running, no longer ours to respawn
+            w._close_streams(final=True)
+            return _none(asyncio.sleep(0))
+
+        async def stop_and_close():
+            await w.stop()
+            w._close_streams(final=True)
+        return _none(_locked(w, stop_and_close))
+
+    # -- config reload: parse completely (errors change nothing), diff, apply the differences
+    def _load_new_config(self) -> CircusConfig:
+        if not self.config or not self.config.path:
+            raise CommandError("no config file to reload: this arbiter was built in Python")
+        try:
+            new = load_config(self.config.path)
+            plugin_limits(new)      # a ResourceWatcher section is checked too, before any reply
+            return new
+        except ConfigError as e:
+            raise _not_reloaded(e) from None
+
+    def config_diff(self, new: CircusConfig) -> dict:
+        """Names added, changed (incl. resized) and removed, for reread/update."""
+        return _ConfigDiff(self.config, self.watchers, new).names()
+
+    async def reload_config(self, new: CircusConfig | None = None, reload_rest=False) -> None:
+        """Re-read the file; apply only what changed. A broken file changes nothing.
+
+        ``reload_rest`` (SIGHUP): then a graceful reload of every running
+        watcher this did not start afresh.
+        """
+        new, plugin_settings = self._parse_new_config(new)         # 1. parse
+        async with self._lock:
+            self._refuse_if_quitting("reloadconfig")
+            diff = _ConfigDiff(self.config, self.watchers, new)     # 2. diff
+            try:        # built before anything stops: a hook that cannot be imported changes nothing
+                fresh = [self._make_watcher(wc) for wc in diff.to_build]
+            except ConfigError as e:
+                raise _not_reloaded(e) from None
+            await self._apply_config(new, plugin_settings, diff, fresh)     # 3. apply
+            if reload_rest:
+                await self._reload_watchers(skip=fresh)
+
+    def _parse_new_config(self, new: CircusConfig | None):
+        """The new file, parsed completely, and its plugin settings (flapping, limits)."""
+        new = new or self._load_new_config()
+        try:
+            plugin_settings = flapping_defaults(new), plugin_limits(new)
+        except ConfigError as e:
+            raise _not_reloaded(e) from None
+        for w in new.warnings:
+            _log().warning("%s", w)
+        return new, plugin_settings
+
+    async def _apply_config(self, new: CircusConfig, plugin_settings, diff: _ConfigDiff, fresh) -> None:
+        """Only the differences: what goes stops before its sockets close, the new
+        sockets are bound before the ``fresh`` watchers start."""
+        self._take_globals(new)
+        self.flapping_plugin, self.plugin_limits = plugin_settings
+        gone = diff.removed + [w for w, _ in diff.changed]
+        for w in gone:
+            self.watchers.remove(w)
+            self.emit("watcher.%s.remove" % w.topic_name, {"time": time.time()})
+        await self.stop_watchers(gone)
+        self._let_go(gone)
+        self._close_sockets(diff.changed_socks)
+        self._bind_sockets(diff.added_socks)
+        self.config = new
+        for w, wc in diff.resized:
+            w.file_conf = wc
+            async with w.lock:
+                await w.set_numprocesses(wc.options["numprocesses"])
+        for w in fresh:
+            self._attach(w)
+            self.emit("watcher.%s.add" % w.topic_name, {"time": time.time()})
+        await self.start_watchers([w for w in fresh if w.conf.options["autostart"]])
+
+    def _take_globals(self, new: CircusConfig) -> None:
+        old = self.config
+        if new.globals_key() == old.globals_key():
+            return
+        self.check_delay, self.warmup_delay = new.check_delay, new.warmup_delay
+        for k in ("endpoint", "pubsub_endpoint", "multicast_endpoint", "curve_secret_key",
+                  "curve_owner_keys", "endpoint_owner"):
+            if getattr(new, k) != getattr(old, k):
+                _log().warning("reloadconfig: %s changed; it takes effect at the next "
+                               "daemon start (a restart keeps the old one)", k)
+
+    def _let_go(self, ws) -> None:
+        """Of stopped watchers no longer ours: no flapping retry, streams closed, no watchdog."""
+        for w in ws:
+            w._user_action(False)
+            w._close_streams(final=True)
+        self._prune_watchdogs()
+
+    def _close_sockets(self, names=None) -> None:
+        for n in list(self.sockets) if names is None else names:
+            s = self.sockets.pop(n, None)
+            if s is not None:
+                s.close()
+
+    async def restart(self) -> None:
+        """Full restart in this process: stop all, re-read the config, rebind, start.
+
+        If the file is now broken, the old config is started again (nothing lost).
+        """
+        try:
+            new = self._load_new_config() if self.config and self.config.path else None
+        except CommandError as e:
+            _log().error("%s; restarting with the previous config", e)
+            new = None
+        async with self._lock:
+            await self.stop_watchers()
+            if new is not None:
+                self._close_sockets()
+                self.config = new
+                old, self.watchers = self.watchers, []
+                self._let_go(old)
+                try:
+                    self.flapping_plugin, self.plugin_limits = flapping_defaults(new), plugin_limits(new)
+                except ConfigError as e:
+                    _log().error("%s", e)
+                for wc in new.watchers:
+                    self._attach(self._make_watcher(wc))
+                self._bind_sockets(new.sockets)
+            await self.start_watchers()
+
+
+def get_arbiter(watchers, controller=DEFAULT_ENDPOINT, pubsub_endpoint=DEFAULT_PUBSUB,
+                sockets=(), check_delay=1.0, warmup_delay=0, **kw) -> Arbiter:
+    """Build an Arbiter from dicts, like Circus's ``get_arbiter``.
+
+    ``watchers`` are dicts with ``cmd`` and any watcher option; ``name`` defaults to the
+    command's base name, as in Circus (``{"cmd": "python app.py"}`` is ``python``);
+    ``sockets`` are dicts with ``name`` and socket keys (host, port, path...).
+    Pass ``controller=None, pubsub_endpoint=None`` for no ZeroMQ channels.
+    """
+    watchers = [dict(w, name=os.path.basename(str(w.get("cmd") or "").split(" ")[0]))
+                if isinstance(w, dict) and "name" not in w else w for w in watchers]
+    socks = [s if isinstance(s, SocketConfig) else SocketConfig(**s) for s in sockets]
+    return Arbiter(watchers, controller, pubsub_endpoint, sockets=socks,
+                   check_delay=check_delay, warmup_delay=warmup_delay, **kw)
+
+
 # ---------------------------------------------------------------------------
 # 11. ZeroMQ channels (control, pub/sub, multicast discovery)
 # ---------------------------------------------------------------------------
@@ -7029,7 +7099,7 @@ def check_endpoint(endpoint: str, what: str, allow_insecure=False, curve=False) 
                        "(allow_insecure_endpoint = true)", what, endpoint)
 
 
-# -- CurveZMQ: key files and the daemon's authenticator ------------------------
+# -- CurveZMQ: the daemon's authenticator (the key files: section 3)  ------------------------
 
 
 
@@ -7262,64 +7332,6 @@ class ControlChannel:
             self.sock.close(linger=100)
             self.sock = self._frames = None
             _unlink_ipc(self.endpoint)
-
-
-def _error_reply(reason, errno_, msg_id, tb=None):
-    return {"status": "error", "reason": reason, "tb": tb, "time": time.time(),
-            "errno": errno_, "id": msg_id}
-
-
-async def dispatch(arbiter, body: bytes, peer=None):
-    """One request body -> the reply dict (None for casts). Never raises.
-
-    ``peer``: who sent it (a Peer), None for the daemon's own callers and
-    connections whose user is unknown (see check_peer)."""
-    msg_id, cast = None, False
-    try:
-        try:
-            msg = json.loads(body.decode("utf-8").strip())
-        except (UnicodeDecodeError, ValueError):
-            return _error_reply("json invalid", E_INVALID_JSON, None)
-        if not isinstance(msg, dict):
-            return _error_reply("message invalid: a JSON object is expected", E_MESSAGE_ERROR, None)
-        msg_id = msg.get("id")
-        cast = msg.get("msg_type") == "cast"
-        name = msg.get("command")
-        if not isinstance(name, str) or not name:
-            raise MessageError("message invalid 'command' is missing")
-        cmd = COMMANDS.get(name.lower())
-        if cmd is None or cmd.run is None:     # help: ctl's own
-            raise CommandError("unknown command: %r" % name, E_UNKNOWN_COMMAND)
-        props = msg.get("properties")
-        if props is None:
-            props = {}
-        if not isinstance(props, dict):
-            raise MessageError("'properties' should be an object")
-        check_peer(arbiter, peer, cmd.name, props)
-        result = cmd.run(arbiter, props)
-        if isinstance(result, _Await):
-            result = await result.awaitable
-        elif asyncio.iscoroutine(result):
-            if _waiting(props):
-                result = await result
-            else:
-                asyncio.get_running_loop().create_task(arbiter._guarded(result))
-                result = {}
-        reply = {"status": "ok", "time": time.time()}
-        reply.update(result)
-        reply["id"] = msg_id
-    except CommandError as e:
-        reply = _error_reply(str(e), e.errno, msg_id)
-    except CircusError as e:
-        reply = _error_reply(str(e), E_COMMAND_ERROR, msg_id)
-    except OSError as e:
-        reply = _error_reply(str(e), E_OS_ERROR, msg_id)
-    except Exception as e:      # a bug of ours: log it, answer, stay up
-        import traceback
-        _log().exception("command failed: %r", body[:200])
-        reply = _error_reply("command %r: %s" % (body[:200], e), E_COMMAND_ERROR, msg_id,
-                             traceback.format_exc())
-    return None if cast else reply
 
 
 class _XPubChannel:
@@ -8237,7 +8249,7 @@ def _shell(g) -> int:
 
 
 # ---------------------------------------------------------------------------
-# 13. HTTP: /metrics and the web dashboard
+# 13. HTTP: a small asyncio server (for /metrics and the dashboard)
 # ---------------------------------------------------------------------------
 # One small HTTP/1.1 server on asyncio streams (one request per connection)
 # serves /metrics (``metrics_endpoint``) and the dashboard (``httpd = true``,
@@ -8433,6 +8445,11 @@ class HttpServer:
             await asyncio.wait(pending, timeout=2.0)
 
 
+# ---------------------------------------------------------------------------
+# 13b. /metrics: Prometheus text for the arbiter
+# ---------------------------------------------------------------------------
+
+
 _METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -8501,6 +8518,11 @@ class MetricsServer(HttpServer):
 
 
 # -- hubs: how the dashboard reaches a daemon ----------------------------------------
+
+# ---------------------------------------------------------------------------
+# 13c. The web dashboard
+# ---------------------------------------------------------------------------
+
 
 class LocalHub:
     """Inside the daemon: commands go straight to the command table, events
@@ -9027,315 +9049,9 @@ class WebServer(HttpServer):
                 pass
 
 
-# -- the page: HTML, CSS and JS, served as three files (a CSP with no inline code) --------
-
-_DASHBOARD_HTML = """<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="csrf-token" content="{{csrf}}">
-<title>circus.py dashboard</title>
-<link rel="icon" href="data:,">
-<link rel="stylesheet" href="dashboard.css">
-</head>
-<body>
-<header>
-  <h1>circus.py</h1>
-  <span id="daemon" class="muted"></span>
-  <span id="conn" class="conn down">connecting</span>
-</header>
-<main>
-  <div id="result" role="status" aria-live="polite"></div>
-  <table id="watchers">
-    <thead><tr><th>watcher</th><th>state</th><th>processes · pid</th><th>CPU</th><th>memory</th>
-      <th>restarts · uptime</th><th title="CPU (blue) and memory (orange), last minute">history</th><th>actions</th></tr></thead>
-  </table>
-  <p id="empty" class="muted" hidden>No watchers.</p>
-  <section id="tailbox" hidden>
-    <h2>output of <span id="tailname"></span> <button id="tailclose" type="button">close</button></h2>
-    <pre id="tail"></pre>
-  </section>
-  <section>
-    <h2>events</h2>
-    <ol id="events"></ol>
-  </section>
-</main>
-<footer class="muted">circus.py {{version}}: live over Server-Sent Events; actions are POST /api/COMMAND</footer>
-<script src="dashboard.js"></script>
-</body>
-</html>
-"""
-
-_DASHBOARD_CSS = """
-:root { --bg: #fff; --fg: #1d2330; --muted: #6b7280; --line: #e5e7eb; --row: #f8fafc;
-  --ok: #15803d; --warn: #b45309; --bad: #b91c1c; --cpu: #2563eb; --mem: #ea580c; }
-@media (prefers-color-scheme: dark) { :root { --bg: #111418; --fg: #e5e7eb; --muted: #9ca3af;
-  --line: #2a2f37; --row: #171b21; --ok: #4ade80; --warn: #fbbf24; --bad: #f87171; } }
-* { box-sizing: border-box; }
-body { margin: 0; font: 14px/1.4 system-ui, sans-serif; background: var(--bg); color: var(--fg); }
-header { display: flex; gap: 1em; align-items: baseline; padding: .6em 1em; border-bottom: 1px solid var(--line); }
-h1 { font-size: 1.2em; margin: 0; } h2 { font-size: 1em; margin: 1.2em 0 .4em; }
-main { padding: 0 1em 1em; } footer { padding: .5em 1em; font-size: .85em; }
-.muted { color: var(--muted); }
-.conn { margin-left: auto; font-size: .85em; } .conn.up { color: var(--ok); } .conn.down { color: var(--bad); }
-#result { min-height: 1.6em; margin: .5em 0; font-family: ui-monospace, monospace; }
-#result.ok { color: var(--ok); } #result.error { color: var(--bad); } #result.pending { color: var(--muted); }
-table { border-collapse: collapse; width: 100%; }
-th { text-align: left; font-weight: 600; color: var(--muted); border-bottom: 1px solid var(--line); padding: .3em .5em; }
-td { padding: .25em .5em; border-bottom: 1px solid var(--line); vertical-align: middle; white-space: nowrap; }
-tbody tr.watcher td { background: var(--row); font-weight: 600; }
-tr.process td { font-size: .92em; } tr.process td:first-child { padding-left: 1.6em; font-weight: normal; }
-.state { font-weight: 600; text-transform: lowercase; }
-.state.active, .state.running { color: var(--ok); }
-.state.starting, .state.stopping, .state.backoff { color: var(--warn); }
-.state.stopped, .state.exited, .state.fatal, .state.flapping { color: var(--bad); }
-.num { text-align: right; font-variant-numeric: tabular-nums; }
-.error { color: var(--bad); font-weight: normal; white-space: normal; }
-button, select { font: inherit; font-size: .85em; padding: .1em .5em; margin: 0 .1em; border: 1px solid var(--line);
-  border-radius: 4px; background: var(--bg); color: var(--fg); cursor: pointer; }
-button:hover { border-color: var(--cpu); } button:disabled { opacity: .5; cursor: wait; }
-svg.spark { width: 120px; height: 24px; display: block; }
-svg.spark polyline { fill: none; stroke-width: 1.5; }
-svg.spark .cpu { stroke: var(--cpu); } svg.spark .mem { stroke: var(--mem); }
-#tail { max-height: 24em; overflow: auto; background: var(--row); border: 1px solid var(--line);
-  padding: .5em; margin: 0; white-space: pre-wrap; word-break: break-all; }
-#tail .stderr { color: var(--bad); }
-#events { list-style: none; padding: 0; margin: 0; font-family: ui-monospace, monospace; font-size: .85em;
-  max-height: 16em; overflow: auto; }
-#events li { padding: .1em 0; border-bottom: 1px dotted var(--line); }
-"""
-
-_DASHBOARD_JS = r"""
-"use strict";
-// Everything that comes from the daemon is put on the page as text (textContent), never as HTML.
-const csrf = document.querySelector('meta[name="csrf-token"]').content;
-const table = document.getElementById("watchers");
-const SIGNALS = ["HUP", "TERM", "INT", "QUIT", "USR1", "USR2", "KILL"];
-const HISTORY = 60;
-const watchers = new Map();     // name -> {body, cells, cpu: [], rss: [], procs: Map(pid -> row)}
-let tail = null;                // the EventSource of the output being followed
-
-function el(tag, props, ...kids) {
-  const e = document.createElement(tag);
-  for (const [k, v] of Object.entries(props || {})) {
-    if (k === "text") e.textContent = v;
-    else if (k === "dataset") Object.assign(e.dataset, v);
-    else if (k.startsWith("on")) e.addEventListener(k.slice(2), v);
-    else e.setAttribute(k, v);
-  }
-  for (const kid of kids) e.append(kid);
-  return e;
-}
-
-function bytes(n) {
-  if (n === null || n === undefined) return "–";
-  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
-  let i = 0;
-  while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
-  return (i ? n.toFixed(1) : String(n)) + " " + units[i];
-}
-const percent = x => (x === null || x === undefined) ? "–" : x.toFixed(1) + " %";
-function age(seconds) {
-  if (!(seconds >= 0)) return "";
-  const s = Math.floor(seconds), d = Math.floor(s / 86400), h = Math.floor(s % 86400 / 3600),
-        m = Math.floor(s % 3600 / 60);
-  return d ? d + "d " + h + "h" : h ? h + "h " + m + "m" : m ? m + "m " + s % 60 + "s" : s + "s";
-}
-function setState(cell, text) {
-  cell.textContent = text;
-  cell.className = "state " + String(text).toLowerCase();
-}
-
-function show(text, kind) {
-  const r = document.getElementById("result");
-  r.textContent = text;
-  r.className = kind;
-}
-
-async function act(command, props, label, button) {
-  show(label + " …", "pending");
-  if (button) button.disabled = true;
-  try {
-    const response = await fetch("api/" + command, {
-      method: "POST", credentials: "same-origin",
-      headers: {"Content-Type": "application/json", "X-CSRF-Token": csrf},
-      body: JSON.stringify(props)});
-    const reply = await response.json().catch(() => ({status: "error", reason: response.status + " " + response.statusText}));
-    if (reply.status === "ok") {
-      const n = reply.numprocesses !== undefined ? " (" + reply.numprocesses + " processes)" : "";
-      show(label + ": ok" + n, "ok");
-    } else {
-      show(label + ": " + (reply.reason || "error"), "error");
-    }
-  } catch (e) {
-    show(label + ": " + e, "error");
-  } finally {
-    if (button) button.disabled = false;
-  }
-}
-
-function sparkline(values, cls, max) {
-  const ns = "http://www.w3.org/2000/svg";
-  const line = document.createElementNS(ns, "polyline");
-  line.setAttribute("class", cls);
-  const top = Math.max(max, 1e-9);
-  const step = 120 / (HISTORY - 1), first = HISTORY - values.length;     // newest on the right
-  line.setAttribute("points", values.map((v, i) =>
-    ((first + i) * step).toFixed(1) + "," + (23 - 22 * (v || 0) / top).toFixed(1)).join(" "));
-  return line;
-}
-
-function drawHistory(w) {
-  const ns = "http://www.w3.org/2000/svg";
-  const svg = document.createElementNS(ns, "svg");
-  svg.setAttribute("class", "spark");
-  svg.setAttribute("viewBox", "0 0 120 24");
-  svg.append(sparkline(w.cpu, "cpu", Math.max(...w.cpu, 5)), sparkline(w.rss, "mem", 1.25 * Math.max(...w.rss)));
-  const title = document.createElementNS(ns, "title");
-  title.textContent = "CPU now " + percent(w.cpu[w.cpu.length - 1]) + ", memory now " + bytes(w.rss[w.rss.length - 1]);
-  svg.append(title);
-  w.cells.history.replaceChildren(svg);
-}
-
-function addWatcher(name) {
-  const cells = {name: el("td", {text: name}), state: el("td", {class: "state"}), count: el("td", {class: "num"}),
-                 cpu: el("td", {class: "num"}), rss: el("td", {class: "num"}), restarts: el("td", {class: "num"}),
-                 history: el("td"), actions: el("td")};
-  const signal = el("select", {"aria-label": "signal", dataset: {role: "signal"}},
-                    ...SIGNALS.map(s => el("option", {value: s, text: s})));
-  const button = (action, label, props, title) => el("button", {type: "button", text: label, title: title || action,
-    dataset: {action: action}, onclick: ev => act(action, Object.assign({name: name}, props), action + " " + name, ev.target)});
-  cells.actions.append(
-    button("start", "start", {waiting: true}), button("stop", "stop", {waiting: true}),
-    button("restart", "restart", {waiting: true}), button("reload", "reload", {waiting: true}),
-    button("incr", "+1", {waiting: true}, "one more process"), button("decr", "−1", {waiting: true}, "one process less"),
-    signal,
-    el("button", {type: "button", text: "send", title: "send the signal to every process", dataset: {action: "signal"},
-      onclick: ev => act("signal", {name: name, signum: signal.value}, "signal " + signal.value + " to " + name, ev.target)}),
-    el("button", {type: "button", text: "tail", title: "follow the output", dataset: {action: "tail"},
-      onclick: () => follow(name)}));
-  const head = el("tr", {class: "watcher"}, cells.name, cells.state, cells.count, cells.cpu, cells.rss,
-                  cells.restarts, cells.history, cells.actions);
-  const error = el("td", {colspan: "8", class: "error"});
-  const errorRow = el("tr", {class: "problem", hidden: ""}, error);
-  const body = el("tbody", {dataset: {watcher: name}}, head, errorRow);
-  table.append(body);
-  const w = {body, cells, signal, error, errorRow, cpu: [], rss: [], procs: new Map()};
-  watchers.set(name, w);
-  return w;
-}
-
-function processRow(w, name, p) {
-  const cells = {name: el("td"), state: el("td", {class: "state"}), pid: el("td", {class: "num pid"}),
-                 cpu: el("td", {class: "num"}), rss: el("td", {class: "num"}), uptime: el("td", {class: "num"}),
-                 actions: el("td")};
-  cells.actions.append(el("button", {type: "button", text: "signal", title: "send the signal selected above to this process",
-    dataset: {action: "signal-pid"},
-    onclick: ev => act("signal", {name: name, pid: p.pid, signum: w.signal.value},
-                       "signal " + w.signal.value + " to pid " + p.pid, ev.target)}));
-  const row = el("tr", {class: "process", dataset: {pid: String(p.pid)}}, cells.name, cells.state, cells.pid,
-                 cells.cpu, cells.rss, cells.uptime, el("td"), cells.actions);
-  row.cells_ = cells;
-  return row;
-}
-
-function render(snap) {
-  const d = snap.daemon;
-  document.getElementById("daemon").textContent =
-    (d.pid ? "daemon pid " + d.pid + ", " + bytes(d.rss) + ", up " + age(snap.time - d.started) : "a circusd") +
-    ", " + snap.watchers.length + " watchers";
-  const seen = new Set();
-  for (const s of snap.watchers) {
-    seen.add(s.name);
-    const w = watchers.get(s.name) || addWatcher(s.name);
-    setState(w.cells.state, s.flapping ? "flapping" : s.status);
-    const running = s.processes.filter(p => p.state !== "STOPPING").length;
-    w.cells.count.textContent = running + " / " + s.numprocesses;
-    w.cells.cpu.textContent = percent(s.cpu);
-    w.cells.rss.textContent = bytes(s.rss);
-    w.cells.restarts.textContent = s.restarts === null ? "–" : String(s.restarts);
-    w.cpu.push(s.cpu || 0); w.rss.push(s.rss || 0);
-    if (w.cpu.length > HISTORY) { w.cpu.shift(); w.rss.shift(); }
-    drawHistory(w);
-    w.error.textContent = s.last_error || "";
-    w.errorRow.hidden = !s.last_error;
-    const pids = new Set();
-    let after = w.errorRow;
-    for (const p of s.processes) {
-      pids.add(p.pid);
-      let row = w.procs.get(p.pid);
-      if (!row) { row = processRow(w, s.name, p); w.procs.set(p.pid, row); }
-      if (after.nextSibling !== row) after.after(row);
-      after = row;
-      const c = row.cells_;
-      c.name.textContent = s.name + ":" + p.wid;
-      setState(c.state, p.state);
-      c.pid.textContent = "pid " + p.pid;
-      c.cpu.textContent = percent(p.cpu);
-      c.rss.textContent = bytes(p.rss);
-      c.uptime.textContent = age(snap.time - p.started);
-    }
-    for (const [pid, row] of w.procs) if (!pids.has(pid)) { row.remove(); w.procs.delete(pid); }
-  }
-  for (const [name, w] of watchers) if (!seen.has(name)) { w.body.remove(); watchers.delete(name); }
-  document.getElementById("empty").hidden = snap.watchers.length > 0;
-}
-
-function addEvent(e) {
-  const list = document.getElementById("events");
-  const time = new Date((e.payload.time || Date.now() / 1000) * 1000).toLocaleTimeString();
-  const rest = Object.entries(e.payload).filter(([k]) => k !== "time").map(([k, v]) => k + "=" + JSON.stringify(v)).join(" ");
-  list.prepend(el("li", {text: time + "  " + e.topic + "  " + rest}));
-  while (list.children.length > 100) list.lastChild.remove();
-}
-
-function follow(name) {
-  if (tail) tail.close();
-  const box = document.getElementById("tailbox"), pre = document.getElementById("tail");
-  document.getElementById("tailname").textContent = name;
-  pre.replaceChildren();
-  box.hidden = false;
-  tail = new EventSource("tail?name=" + encodeURIComponent(name));
-  tail.addEventListener("history", ev => {     // first, and again after a reconnection
-    const h = JSON.parse(ev.data);
-    pre.replaceChildren(h.data);
-    if (h.note) pre.append(el("span", {class: "muted", text: h.note}));
-    pre.scrollTop = pre.scrollHeight;
-  });
-  tail.addEventListener("output", ev => {
-    const chunk = JSON.parse(ev.data);
-    const stick = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
-    pre.append(chunk.stream === "stderr" ? el("span", {class: "stderr", text: chunk.data}) : chunk.data);
-    while (pre.textContent.length > 65536 && pre.firstChild) pre.firstChild.remove();
-    if (stick) pre.scrollTop = pre.scrollHeight;
-  });
-  tail.onerror = () => { if (tail.readyState === EventSource.CLOSED) show("tail " + name + ": not available", "error"); };
-}
-
-document.getElementById("tailclose").addEventListener("click", () => {
-  if (tail) tail.close();
-  tail = null;
-  document.getElementById("tailbox").hidden = true;
-});
-
-function connect() {
-  const conn = document.getElementById("conn");
-  const events = new EventSource("events");
-  events.addEventListener("snapshot", ev => { conn.textContent = "live"; conn.className = "conn up"; render(JSON.parse(ev.data)); });
-  events.addEventListener("circus", ev => addEvent(JSON.parse(ev.data)));
-  events.addEventListener("problem", ev => { conn.textContent = "daemon: " + JSON.parse(ev.data); conn.className = "conn down"; });
-  events.onopen = () => { conn.textContent = "live"; conn.className = "conn up"; };
-  events.onerror = () => { conn.textContent = "reconnecting"; conn.className = "conn down"; };
-}
-connect();
-"""
-
-_DASHBOARD_FILES = {
-    "/": ("text/html; charset=utf-8", _DASHBOARD_HTML),
-    "/dashboard.css": ("text/css; charset=utf-8", _DASHBOARD_CSS),
-    "/dashboard.js": ("text/javascript; charset=utf-8", _DASHBOARD_JS),
-}
+#: The page's files: path -> (content type, text). The appendix at the end of this file
+#: fills it in (as bottle keeps its templates), so the code reads without 300 lines of page.
+_DASHBOARD_FILES: dict = {}
 _DASHBOARD_CSP = ("Content-Security-Policy: default-src 'none'; script-src 'self'; style-src 'self'; "
                   "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
                   "frame-ancestors 'none'")
@@ -9405,6 +9121,11 @@ async def _remote_metrics(hub) -> str:
     return metrics_text(snap)
 
 
+# ---------------------------------------------------------------------------
+# 13d. Channels: what the daemon serves, started for the Arbiter
+# ---------------------------------------------------------------------------
+
+
 def check_endpoints(arbiter) -> None:
     """The ZeroMQ endpoints' safety rules (check_endpoint), before anything binds."""
     for what, ep in (("control endpoint", arbiter.endpoint), ("pubsub endpoint", arbiter.pubsub_endpoint),
@@ -9457,6 +9178,9 @@ async def start_channels(arbiter) -> list:
     if curve is not None:   # closed last: a CURVE socket with no ZAP handler admits any key
         channels.append(curve)
     return channels
+
+
+CHANNEL_STARTERS.append(start_channels)
 
 
 # ---------------------------------------------------------------------------
@@ -9857,6 +9581,326 @@ def _lean_restart(argv) -> None:
         return
     flags = subprocess._args_from_interpreter_flags()
     os.execv(sys.executable, [sys.executable] + flags + [pyc, _SOURCE_ARG + src] + list(argv))
+
+
+# ---------------------------------------------------------------------------
+# 15. Appendix: the dashboard's page (HTML, CSS and JS, served as three files; a CSP
+#     with no inline code). The dashboard section reads them from _DASHBOARD_FILES.
+# ---------------------------------------------------------------------------
+
+
+_DASHBOARD_HTML = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="csrf-token" content="{{csrf}}">
+<title>circus.py dashboard</title>
+<link rel="icon" href="data:,">
+<link rel="stylesheet" href="dashboard.css">
+</head>
+<body>
+<header>
+  <h1>circus.py</h1>
+  <span id="daemon" class="muted"></span>
+  <span id="conn" class="conn down">connecting</span>
+</header>
+<main>
+  <div id="result" role="status" aria-live="polite"></div>
+  <table id="watchers">
+    <thead><tr><th>watcher</th><th>state</th><th>processes · pid</th><th>CPU</th><th>memory</th>
+      <th>restarts · uptime</th><th title="CPU (blue) and memory (orange), last minute">history</th><th>actions</th></tr></thead>
+  </table>
+  <p id="empty" class="muted" hidden>No watchers.</p>
+  <section id="tailbox" hidden>
+    <h2>output of <span id="tailname"></span> <button id="tailclose" type="button">close</button></h2>
+    <pre id="tail"></pre>
+  </section>
+  <section>
+    <h2>events</h2>
+    <ol id="events"></ol>
+  </section>
+</main>
+<footer class="muted">circus.py {{version}}: live over Server-Sent Events; actions are POST /api/COMMAND</footer>
+<script src="dashboard.js"></script>
+</body>
+</html>
+"""
+
+
+_DASHBOARD_CSS = """
+:root { --bg: #fff; --fg: #1d2330; --muted: #6b7280; --line: #e5e7eb; --row: #f8fafc;
+  --ok: #15803d; --warn: #b45309; --bad: #b91c1c; --cpu: #2563eb; --mem: #ea580c; }
+@media (prefers-color-scheme: dark) { :root { --bg: #111418; --fg: #e5e7eb; --muted: #9ca3af;
+  --line: #2a2f37; --row: #171b21; --ok: #4ade80; --warn: #fbbf24; --bad: #f87171; } }
+* { box-sizing: border-box; }
+body { margin: 0; font: 14px/1.4 system-ui, sans-serif; background: var(--bg); color: var(--fg); }
+header { display: flex; gap: 1em; align-items: baseline; padding: .6em 1em; border-bottom: 1px solid var(--line); }
+h1 { font-size: 1.2em; margin: 0; } h2 { font-size: 1em; margin: 1.2em 0 .4em; }
+main { padding: 0 1em 1em; } footer { padding: .5em 1em; font-size: .85em; }
+.muted { color: var(--muted); }
+.conn { margin-left: auto; font-size: .85em; } .conn.up { color: var(--ok); } .conn.down { color: var(--bad); }
+#result { min-height: 1.6em; margin: .5em 0; font-family: ui-monospace, monospace; }
+#result.ok { color: var(--ok); } #result.error { color: var(--bad); } #result.pending { color: var(--muted); }
+table { border-collapse: collapse; width: 100%; }
+th { text-align: left; font-weight: 600; color: var(--muted); border-bottom: 1px solid var(--line); padding: .3em .5em; }
+td { padding: .25em .5em; border-bottom: 1px solid var(--line); vertical-align: middle; white-space: nowrap; }
+tbody tr.watcher td { background: var(--row); font-weight: 600; }
+tr.process td { font-size: .92em; } tr.process td:first-child { padding-left: 1.6em; font-weight: normal; }
+.state { font-weight: 600; text-transform: lowercase; }
+.state.active, .state.running { color: var(--ok); }
+.state.starting, .state.stopping, .state.backoff { color: var(--warn); }
+.state.stopped, .state.exited, .state.fatal, .state.flapping { color: var(--bad); }
+.num { text-align: right; font-variant-numeric: tabular-nums; }
+.error { color: var(--bad); font-weight: normal; white-space: normal; }
+button, select { font: inherit; font-size: .85em; padding: .1em .5em; margin: 0 .1em; border: 1px solid var(--line);
+  border-radius: 4px; background: var(--bg); color: var(--fg); cursor: pointer; }
+button:hover { border-color: var(--cpu); } button:disabled { opacity: .5; cursor: wait; }
+svg.spark { width: 120px; height: 24px; display: block; }
+svg.spark polyline { fill: none; stroke-width: 1.5; }
+svg.spark .cpu { stroke: var(--cpu); } svg.spark .mem { stroke: var(--mem); }
+#tail { max-height: 24em; overflow: auto; background: var(--row); border: 1px solid var(--line);
+  padding: .5em; margin: 0; white-space: pre-wrap; word-break: break-all; }
+#tail .stderr { color: var(--bad); }
+#events { list-style: none; padding: 0; margin: 0; font-family: ui-monospace, monospace; font-size: .85em;
+  max-height: 16em; overflow: auto; }
+#events li { padding: .1em 0; border-bottom: 1px dotted var(--line); }
+"""
+
+
+_DASHBOARD_JS = r"""
+"use strict";
+// Everything that comes from the daemon is put on the page as text (textContent), never as HTML.
+const csrf = document.querySelector('meta[name="csrf-token"]').content;
+const table = document.getElementById("watchers");
+const SIGNALS = ["HUP", "TERM", "INT", "QUIT", "USR1", "USR2", "KILL"];
+const HISTORY = 60;
+const watchers = new Map();     // name -> {body, cells, cpu: [], rss: [], procs: Map(pid -> row)}
+let tail = null;                // the EventSource of the output being followed
+
+function el(tag, props, ...kids) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(props || {})) {
+    if (k === "text") e.textContent = v;
+    else if (k === "dataset") Object.assign(e.dataset, v);
+    else if (k.startsWith("on")) e.addEventListener(k.slice(2), v);
+    else e.setAttribute(k, v);
+  }
+  for (const kid of kids) e.append(kid);
+  return e;
+}
+
+function bytes(n) {
+  if (n === null || n === undefined) return "–";
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+  return (i ? n.toFixed(1) : String(n)) + " " + units[i];
+}
+const percent = x => (x === null || x === undefined) ? "–" : x.toFixed(1) + " %";
+function age(seconds) {
+  if (!(seconds >= 0)) return "";
+  const s = Math.floor(seconds), d = Math.floor(s / 86400), h = Math.floor(s % 86400 / 3600),
+        m = Math.floor(s % 3600 / 60);
+  return d ? d + "d " + h + "h" : h ? h + "h " + m + "m" : m ? m + "m " + s % 60 + "s" : s + "s";
+}
+function setState(cell, text) {
+  cell.textContent = text;
+  cell.className = "state " + String(text).toLowerCase();
+}
+
+function show(text, kind) {
+  const r = document.getElementById("result");
+  r.textContent = text;
+  r.className = kind;
+}
+
+async function act(command, props, label, button) {
+  show(label + " …", "pending");
+  if (button) button.disabled = true;
+  try {
+    const response = await fetch("api/" + command, {
+      method: "POST", credentials: "same-origin",
+      headers: {"Content-Type": "application/json", "X-CSRF-Token": csrf},
+      body: JSON.stringify(props)});
+    const reply = await response.json().catch(() => ({status: "error", reason: response.status + " " + response.statusText}));
+    if (reply.status === "ok") {
+      const n = reply.numprocesses !== undefined ? " (" + reply.numprocesses + " processes)" : "";
+      show(label + ": ok" + n, "ok");
+    } else {
+      show(label + ": " + (reply.reason || "error"), "error");
+    }
+  } catch (e) {
+    show(label + ": " + e, "error");
+  } finally {
+    if (button) button.disabled = false;
+  }
+}
+
+function sparkline(values, cls, max) {
+  const ns = "http://www.w3.org/2000/svg";
+  const line = document.createElementNS(ns, "polyline");
+  line.setAttribute("class", cls);
+  const top = Math.max(max, 1e-9);
+  const step = 120 / (HISTORY - 1), first = HISTORY - values.length;     // newest on the right
+  line.setAttribute("points", values.map((v, i) =>
+    ((first + i) * step).toFixed(1) + "," + (23 - 22 * (v || 0) / top).toFixed(1)).join(" "));
+  return line;
+}
+
+function drawHistory(w) {
+  const ns = "http://www.w3.org/2000/svg";
+  const svg = document.createElementNS(ns, "svg");
+  svg.setAttribute("class", "spark");
+  svg.setAttribute("viewBox", "0 0 120 24");
+  svg.append(sparkline(w.cpu, "cpu", Math.max(...w.cpu, 5)), sparkline(w.rss, "mem", 1.25 * Math.max(...w.rss)));
+  const title = document.createElementNS(ns, "title");
+  title.textContent = "CPU now " + percent(w.cpu[w.cpu.length - 1]) + ", memory now " + bytes(w.rss[w.rss.length - 1]);
+  svg.append(title);
+  w.cells.history.replaceChildren(svg);
+}
+
+function addWatcher(name) {
+  const cells = {name: el("td", {text: name}), state: el("td", {class: "state"}), count: el("td", {class: "num"}),
+                 cpu: el("td", {class: "num"}), rss: el("td", {class: "num"}), restarts: el("td", {class: "num"}),
+                 history: el("td"), actions: el("td")};
+  const signal = el("select", {"aria-label": "signal", dataset: {role: "signal"}},
+                    ...SIGNALS.map(s => el("option", {value: s, text: s})));
+  const button = (action, label, props, title) => el("button", {type: "button", text: label, title: title || action,
+    dataset: {action: action}, onclick: ev => act(action, Object.assign({name: name}, props), action + " " + name, ev.target)});
+  cells.actions.append(
+    button("start", "start", {waiting: true}), button("stop", "stop", {waiting: true}),
+    button("restart", "restart", {waiting: true}), button("reload", "reload", {waiting: true}),
+    button("incr", "+1", {waiting: true}, "one more process"), button("decr", "−1", {waiting: true}, "one process less"),
+    signal,
+    el("button", {type: "button", text: "send", title: "send the signal to every process", dataset: {action: "signal"},
+      onclick: ev => act("signal", {name: name, signum: signal.value}, "signal " + signal.value + " to " + name, ev.target)}),
+    el("button", {type: "button", text: "tail", title: "follow the output", dataset: {action: "tail"},
+      onclick: () => follow(name)}));
+  const head = el("tr", {class: "watcher"}, cells.name, cells.state, cells.count, cells.cpu, cells.rss,
+                  cells.restarts, cells.history, cells.actions);
+  const error = el("td", {colspan: "8", class: "error"});
+  const errorRow = el("tr", {class: "problem", hidden: ""}, error);
+  const body = el("tbody", {dataset: {watcher: name}}, head, errorRow);
+  table.append(body);
+  const w = {body, cells, signal, error, errorRow, cpu: [], rss: [], procs: new Map()};
+  watchers.set(name, w);
+  return w;
+}
+
+function processRow(w, name, p) {
+  const cells = {name: el("td"), state: el("td", {class: "state"}), pid: el("td", {class: "num pid"}),
+                 cpu: el("td", {class: "num"}), rss: el("td", {class: "num"}), uptime: el("td", {class: "num"}),
+                 actions: el("td")};
+  cells.actions.append(el("button", {type: "button", text: "signal", title: "send the signal selected above to this process",
+    dataset: {action: "signal-pid"},
+    onclick: ev => act("signal", {name: name, pid: p.pid, signum: w.signal.value},
+                       "signal " + w.signal.value + " to pid " + p.pid, ev.target)}));
+  const row = el("tr", {class: "process", dataset: {pid: String(p.pid)}}, cells.name, cells.state, cells.pid,
+                 cells.cpu, cells.rss, cells.uptime, el("td"), cells.actions);
+  row.cells_ = cells;
+  return row;
+}
+
+function render(snap) {
+  const d = snap.daemon;
+  document.getElementById("daemon").textContent =
+    (d.pid ? "daemon pid " + d.pid + ", " + bytes(d.rss) + ", up " + age(snap.time - d.started) : "a circusd") +
+    ", " + snap.watchers.length + " watchers";
+  const seen = new Set();
+  for (const s of snap.watchers) {
+    seen.add(s.name);
+    const w = watchers.get(s.name) || addWatcher(s.name);
+    setState(w.cells.state, s.flapping ? "flapping" : s.status);
+    const running = s.processes.filter(p => p.state !== "STOPPING").length;
+    w.cells.count.textContent = running + " / " + s.numprocesses;
+    w.cells.cpu.textContent = percent(s.cpu);
+    w.cells.rss.textContent = bytes(s.rss);
+    w.cells.restarts.textContent = s.restarts === null ? "–" : String(s.restarts);
+    w.cpu.push(s.cpu || 0); w.rss.push(s.rss || 0);
+    if (w.cpu.length > HISTORY) { w.cpu.shift(); w.rss.shift(); }
+    drawHistory(w);
+    w.error.textContent = s.last_error || "";
+    w.errorRow.hidden = !s.last_error;
+    const pids = new Set();
+    let after = w.errorRow;
+    for (const p of s.processes) {
+      pids.add(p.pid);
+      let row = w.procs.get(p.pid);
+      if (!row) { row = processRow(w, s.name, p); w.procs.set(p.pid, row); }
+      if (after.nextSibling !== row) after.after(row);
+      after = row;
+      const c = row.cells_;
+      c.name.textContent = s.name + ":" + p.wid;
+      setState(c.state, p.state);
+      c.pid.textContent = "pid " + p.pid;
+      c.cpu.textContent = percent(p.cpu);
+      c.rss.textContent = bytes(p.rss);
+      c.uptime.textContent = age(snap.time - p.started);
+    }
+    for (const [pid, row] of w.procs) if (!pids.has(pid)) { row.remove(); w.procs.delete(pid); }
+  }
+  for (const [name, w] of watchers) if (!seen.has(name)) { w.body.remove(); watchers.delete(name); }
+  document.getElementById("empty").hidden = snap.watchers.length > 0;
+}
+
+function addEvent(e) {
+  const list = document.getElementById("events");
+  const time = new Date((e.payload.time || Date.now() / 1000) * 1000).toLocaleTimeString();
+  const rest = Object.entries(e.payload).filter(([k]) => k !== "time").map(([k, v]) => k + "=" + JSON.stringify(v)).join(" ");
+  list.prepend(el("li", {text: time + "  " + e.topic + "  " + rest}));
+  while (list.children.length > 100) list.lastChild.remove();
+}
+
+function follow(name) {
+  if (tail) tail.close();
+  const box = document.getElementById("tailbox"), pre = document.getElementById("tail");
+  document.getElementById("tailname").textContent = name;
+  pre.replaceChildren();
+  box.hidden = false;
+  tail = new EventSource("tail?name=" + encodeURIComponent(name));
+  tail.addEventListener("history", ev => {     // first, and again after a reconnection
+    const h = JSON.parse(ev.data);
+    pre.replaceChildren(h.data);
+    if (h.note) pre.append(el("span", {class: "muted", text: h.note}));
+    pre.scrollTop = pre.scrollHeight;
+  });
+  tail.addEventListener("output", ev => {
+    const chunk = JSON.parse(ev.data);
+    const stick = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
+    pre.append(chunk.stream === "stderr" ? el("span", {class: "stderr", text: chunk.data}) : chunk.data);
+    while (pre.textContent.length > 65536 && pre.firstChild) pre.firstChild.remove();
+    if (stick) pre.scrollTop = pre.scrollHeight;
+  });
+  tail.onerror = () => { if (tail.readyState === EventSource.CLOSED) show("tail " + name + ": not available", "error"); };
+}
+
+document.getElementById("tailclose").addEventListener("click", () => {
+  if (tail) tail.close();
+  tail = null;
+  document.getElementById("tailbox").hidden = true;
+});
+
+function connect() {
+  const conn = document.getElementById("conn");
+  const events = new EventSource("events");
+  events.addEventListener("snapshot", ev => { conn.textContent = "live"; conn.className = "conn up"; render(JSON.parse(ev.data)); });
+  events.addEventListener("circus", ev => addEvent(JSON.parse(ev.data)));
+  events.addEventListener("problem", ev => { conn.textContent = "daemon: " + JSON.parse(ev.data); conn.className = "conn down"; });
+  events.onopen = () => { conn.textContent = "live"; conn.className = "conn up"; };
+  events.onerror = () => { conn.textContent = "reconnecting"; conn.className = "conn down"; };
+}
+connect();
+"""
+
+
+_DASHBOARD_FILES.update({
+    "/": ("text/html; charset=utf-8", _DASHBOARD_HTML),
+    "/dashboard.css": ("text/css; charset=utf-8", _DASHBOARD_CSS),
+    "/dashboard.js": ("text/javascript; charset=utf-8", _DASHBOARD_JS),
+})
+
+
 
 
 if __name__ == "__main__":
