@@ -20,14 +20,19 @@ Public API (``__all__``): Process, Watcher, Arbiter, get_arbiter, Client,
 subscribe, load_config, default_endpoint, Plugin, CircusError, ConfigError,
 CommandError, MessageError, and the stream classes.
 
-Sections, in order:
- 1. Header and lazy imports        8. Watcher
- 2. Constants, states, errors      9. Arbiter (9b: monitoring)
- 3. Pure helpers                  10. Command table
- 4. Config                        11. ZeroMQ channels (control, pub/sub)
- 5. Sockets                       12. Client and ctl
- 6. Streams and logging           13. HTTP: /metrics and the web dashboard
- 7. Process                       14. CLI (daemon, ctl, web, argv dispatch)
+Sections, in order (each uses only what is above it; the appendix fills a
+table the dashboard reads at run time):
+ 1. Header and lazy imports       12. Command table
+ 2. Constants, states, errors     13. Plugins
+ 3. Pure helpers                  14. Arbiter
+ 4. Config: options, objects      15. ZeroMQ channels (control, pub/sub)
+ 5. Sockets                       16. Client and ctl
+ 6. Streams and logging           17. HTTP server
+ 7. Supervisor's format           18. /metrics
+ 8. Reading a config file         19. Web dashboard
+ 9. Process                       20. Channels, started for the Arbiter
+10. Watcher                       21. CLI (daemon, ctl, web, argv dispatch)
+11. Monitoring                    22. Appendix: the dashboard's page
 """
 from __future__ import annotations
 
@@ -383,6 +388,21 @@ def parse_autorestart(value) -> str:
     return "true" if to_bool(text) else "false"
 
 
+def parse_mem_limit(value) -> int:
+    """``200M``, ``1.5G``, ``512K``, ``1048576`` (bytes) or ``25%`` of the machine's memory."""
+    text = str(value).strip().upper()
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(%|B|K|KB|M|MB|G|GB|T|TB)?", text)
+    if not m:
+        raise ValueError("%r is not a memory size (e.g. 200M, 1G, 25%%)" % (value,))
+    num, unit = ranged(float)(m.group(1)), (m.group(2) or "B").rstrip("B") or "B"
+    if unit == "%":
+        return int(_psutil.virtual_memory().total * num / 100)
+    return int(num * {"B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[unit])
+
+
+# -- users: who a process or the daemon runs as -------------------------------
+
+
 def resolve_user(uid, gid):
     """Names or numbers -> (uid, gid, supplementary groups); clear errors."""
     import grp
@@ -407,16 +427,27 @@ def resolve_user(uid, gid):
     return out_uid, out_gid, groups
 
 
-def parse_mem_limit(value) -> int:
-    """``200M``, ``1.5G``, ``512K``, ``1048576`` (bytes) or ``25%`` of the machine's memory."""
-    text = str(value).strip().upper()
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(%|B|K|KB|M|MB|G|GB|T|TB)?", text)
-    if not m:
-        raise ValueError("%r is not a memory size (e.g. 200M, 1G, 25%%)" % (value,))
-    num, unit = ranged(float)(m.group(1)), (m.group(2) or "B").rstrip("B") or "B"
-    if unit == "%":
-        return int(_psutil.virtual_memory().total * num / 100)
-    return int(num * {"B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[unit])
+def drop_privileges(user):
+    """Become ``user`` (name or uid) with its groups: [supervisord] user."""
+    uid, gid, groups = resolve_user(user, None)
+    if uid == os.geteuid():
+        return
+    import importlib    # the interpreter may live where the new user cannot read: import now
+    for mod in ("shlex", "subprocess", "heapq", "random", "glob", "fnmatch", "tempfile", "resource",
+                "grp", "pwd", "traceback", "platform", "queue", "threading", "collections", "psutil",
+                "logging.handlers", "logging.config", "urllib.parse", "json", "socket", "struct"):
+        importlib.import_module(mod)
+    try:
+        if groups is not None:
+            os.setgroups(groups)
+        os.setgid(gid)
+        os.setuid(uid)
+    except OSError as e:
+        raise CircusError("cannot switch to user %r: %s (the daemon must start as root)"
+                          % (user, e.strerror)) from None
+
+
+# -- CurveZMQ key files: checked by the config, loaded by the daemon and ctl ----------
 
 
 def load_curve_key(path: str, secret=False) -> tuple:
@@ -461,28 +492,8 @@ def authorized_keys(location: str, problems=None) -> set:
     return keys
 
 
-def drop_privileges(user):
-    """Become ``user`` (name or uid) with its groups: [supervisord] user."""
-    uid, gid, groups = resolve_user(user, None)
-    if uid == os.geteuid():
-        return
-    import importlib    # the interpreter may live where the new user cannot read: import now
-    for mod in ("shlex", "subprocess", "heapq", "random", "glob", "fnmatch", "tempfile", "resource",
-                "grp", "pwd", "traceback", "platform", "queue", "threading", "collections", "psutil",
-                "logging.handlers", "logging.config", "urllib.parse", "json", "socket", "struct"):
-        importlib.import_module(mod)
-    try:
-        if groups is not None:
-            os.setgroups(groups)
-        os.setgid(gid)
-        os.setuid(uid)
-    except OSError as e:
-        raise CircusError("cannot switch to user %r: %s (the daemon must start as root)"
-                          % (user, e.strerror)) from None
-
-
 # ---------------------------------------------------------------------------
-# 4. Config
+# 4. Config: options, converters, the config objects
 # ---------------------------------------------------------------------------
 # An INI reader with Circus's dialect (first definition wins, `#` inline is
 # data, `;` inline after white space is a comment, case kept), then typed,
@@ -2085,7 +2096,7 @@ def setup_logging(level="info", output="-", echo=False):
 
 
 # ---------------------------------------------------------------------------
-# 4b. Supervisor's format: [program:x] and friends, translated to watchers
+# 7. Supervisor's format: [program:x] and friends, translated to watchers
 # ---------------------------------------------------------------------------
 
 _SV_FORMAT = re.compile(r"%(%|\((?P<name>[^)]*)\)(?P<spec>[-#0 +]*\d*(?:\.\d+)?[diouxXeEfFgGcrsa])|)")
@@ -2504,7 +2515,7 @@ class _SvProgram:
 
 
 # ---------------------------------------------------------------------------
-# 4c. Reading a config file: a Circus INI (with any Supervisor sections in it)
+# 8. Reading a config file: a Circus INI (with any Supervisor sections in it)
 # ---------------------------------------------------------------------------
 
 
@@ -2752,7 +2763,7 @@ def plugin_key_warnings(ini, section, conf) -> list:
 
 
 # ---------------------------------------------------------------------------
-# 7. Process
+# 9. Process
 # ---------------------------------------------------------------------------
 
 class ChildWatcher:
@@ -3503,7 +3514,7 @@ class Process:
 
 
 # ---------------------------------------------------------------------------
-# 8. Watcher
+# 10. Watcher
 # ---------------------------------------------------------------------------
 
 class RingBuffer:
@@ -4737,7 +4748,7 @@ class Watcher:
 
 
 # ---------------------------------------------------------------------------
-# 9b. Monitoring: resource watchdog, plugins, stats channel, /metrics
+# 11. Monitoring: process stats, resource watchdog, stats records, /metrics text
 # ---------------------------------------------------------------------------
 # Each part runs only when configured, and the samplers only while someone
 # looks: an idle daemon still never wakes up.
@@ -5018,9 +5029,8 @@ def metrics_text(snap: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-
 # ---------------------------------------------------------------------------
-# 10. Command table
+# 12. Command table
 # ---------------------------------------------------------------------------
 # One entry per command holds every fact about it: the server side (runs in the daemon:
 # returns a dict, or a coroutine for work that `waiting` may wait for; None: ctl's own), the
@@ -5998,7 +6008,7 @@ async def dispatch(arbiter, body: bytes, peer=None):
 
 
 # ---------------------------------------------------------------------------
-# 10b. Plugins: your code fed the events, and Circus's built-in ones
+# 13. Plugins: your code fed the events, and Circus's built-in ones
 # ---------------------------------------------------------------------------
 
 
@@ -6213,7 +6223,7 @@ def configure_plugins(arb, cfg: CircusConfig) -> None:
 
 
 # ---------------------------------------------------------------------------
-# 9. Arbiter
+# 14. Arbiter
 # ---------------------------------------------------------------------------
 
 class _RingLogHandler:
@@ -6973,7 +6983,7 @@ def get_arbiter(watchers, controller=DEFAULT_ENDPOINT, pubsub_endpoint=DEFAULT_P
 
 
 # ---------------------------------------------------------------------------
-# 11. ZeroMQ channels (control, pub/sub, multicast discovery)
+# 15. ZeroMQ channels (control, pub/sub, multicast discovery)
 # ---------------------------------------------------------------------------
 
 def _ipc_in_use(path: str) -> bool:
@@ -7099,8 +7109,7 @@ def check_endpoint(endpoint: str, what: str, allow_insecure=False, curve=False) 
                        "(allow_insecure_endpoint = true)", what, endpoint)
 
 
-# -- CurveZMQ: the daemon's authenticator (the key files: section 3)  ------------------------
-
+# -- CurveZMQ: the daemon's authenticator (the key files: in the pure helpers) ---------
 
 
 class CurveServer:
@@ -7474,7 +7483,7 @@ class MulticastChannel:
 
 
 # ---------------------------------------------------------------------------
-# 12. Client and ctl
+# 16. Client and ctl
 # ---------------------------------------------------------------------------
 
 class CallError(CircusError):
@@ -8249,7 +8258,7 @@ def _shell(g) -> int:
 
 
 # ---------------------------------------------------------------------------
-# 13. HTTP: a small asyncio server (for /metrics and the dashboard)
+# 17. HTTP: a small asyncio server (for /metrics and the dashboard)
 # ---------------------------------------------------------------------------
 # One small HTTP/1.1 server on asyncio streams (one request per connection)
 # serves /metrics (``metrics_endpoint``) and the dashboard (``httpd = true``,
@@ -8446,7 +8455,7 @@ class HttpServer:
 
 
 # ---------------------------------------------------------------------------
-# 13b. /metrics: Prometheus text for the arbiter
+# 18. /metrics: Prometheus text for the arbiter
 # ---------------------------------------------------------------------------
 
 
@@ -8520,7 +8529,7 @@ class MetricsServer(HttpServer):
 # -- hubs: how the dashboard reaches a daemon ----------------------------------------
 
 # ---------------------------------------------------------------------------
-# 13c. The web dashboard
+# 19. The web dashboard
 # ---------------------------------------------------------------------------
 
 
@@ -9122,7 +9131,7 @@ async def _remote_metrics(hub) -> str:
 
 
 # ---------------------------------------------------------------------------
-# 13d. Channels: what the daemon serves, started for the Arbiter
+# 20. Channels: what the daemon serves, started for the Arbiter
 # ---------------------------------------------------------------------------
 
 
@@ -9184,7 +9193,7 @@ CHANNEL_STARTERS.append(start_channels)
 
 
 # ---------------------------------------------------------------------------
-# 14. CLI: daemon, ctl, web, argv dispatch
+# 21. CLI: daemon, ctl, web, argv dispatch
 # ---------------------------------------------------------------------------
 
 class Pidfile:
@@ -9584,7 +9593,7 @@ def _lean_restart(argv) -> None:
 
 
 # ---------------------------------------------------------------------------
-# 15. Appendix: the dashboard's page (HTML, CSS and JS, served as three files; a CSP
+# 22. Appendix: the dashboard's page (HTML, CSS and JS, served as three files; a CSP
 #     with no inline code). The dashboard section reads them from _DASHBOARD_FILES.
 # ---------------------------------------------------------------------------
 
@@ -9899,8 +9908,6 @@ _DASHBOARD_FILES.update({
     "/dashboard.css": ("text/css; charset=utf-8", _DASHBOARD_CSS),
     "/dashboard.js": ("text/javascript; charset=utf-8", _DASHBOARD_JS),
 })
-
-
 
 
 if __name__ == "__main__":
