@@ -5536,7 +5536,7 @@ def cmd_set(arb, props):
         probe.check()
         for which in ("stdout_stream", "stderr_stream"):
             if any(k.startswith(which) for k in options):
-                w._check_stream(getattr(probe, which))      # as add does: class, log folder
+                w.output.check(getattr(probe, which))      # as add does: class, log folder
         Flapping.from_settings(arb.flapping_plugin, probe.free)
     except ValueError as e:
         raise MessageError(str(e)) from None
