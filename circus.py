@@ -20,14 +20,19 @@ Public API (``__all__``): Process, Watcher, Arbiter, get_arbiter, Client,
 subscribe, load_config, default_endpoint, Plugin, CircusError, ConfigError,
 CommandError, MessageError, and the stream classes.
 
-Sections, in order:
- 1. Header and lazy imports        8. Watcher
- 2. Constants, states, errors      9. Arbiter (9b: monitoring)
- 3. Pure helpers                  10. Command table
- 4. Config                        11. ZeroMQ channels (control, pub/sub)
- 5. Sockets                       12. Client and ctl
- 6. Streams and logging           13. HTTP: /metrics and the web dashboard
- 7. Process                       14. CLI (daemon, ctl, web, argv dispatch)
+Sections, in order (each uses only what is above it; the appendix fills a
+table the dashboard reads at run time):
+ 1. Header and lazy imports       12. Command table
+ 2. Constants, states, errors     13. Plugins
+ 3. Pure helpers                  14. Arbiter
+ 4. Config: options, objects      15. ZeroMQ channels (control, pub/sub)
+ 5. Sockets                       16. Client and ctl
+ 6. Streams and logging           17. HTTP server
+ 7. Supervisor's format           18. /metrics
+ 8. Reading a config file         19. Web dashboard
+ 9. Process                       20. Channels, started for the Arbiter
+10. Watcher                       21. CLI (daemon, ctl, web, argv dispatch)
+11. Monitoring                    22. Appendix: the dashboard's page
 """
 from __future__ import annotations
 
@@ -364,8 +369,131 @@ def import_dotted(path: str, extra_dirs=()):
         raise ImportError("module %r has no %r" % (modname, attr)) from None
 
 
+def parse_exitcodes(value) -> list:
+    codes = []
+    for part in str(value).split(","):
+        part = part.strip()
+        if part:
+            code = to_int(part)
+            if not 0 <= code <= 255:
+                raise ValueError("exit code %d is not in 0..255" % code)
+            codes.append(code)
+    return codes
+
+
+def parse_autorestart(value) -> str:
+    text = str(value).strip().lower()
+    if text == "unexpected":
+        return text
+    return "true" if to_bool(text) else "false"
+
+
+def parse_mem_limit(value) -> int:
+    """``200M``, ``1.5G``, ``512K``, ``1048576`` (bytes) or ``25%`` of the machine's memory."""
+    text = str(value).strip().upper()
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(%|B|K|KB|M|MB|G|GB|T|TB)?", text)
+    if not m:
+        raise ValueError("%r is not a memory size (e.g. 200M, 1G, 25%%)" % (value,))
+    num, unit = ranged(float)(m.group(1)), (m.group(2) or "B").rstrip("B") or "B"
+    if unit == "%":
+        return int(_psutil.virtual_memory().total * num / 100)
+    return int(num * {"B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[unit])
+
+
+# -- users: who a process or the daemon runs as -------------------------------
+
+
+def resolve_user(uid, gid):
+    """Names or numbers -> (uid, gid, supplementary groups); clear errors."""
+    import grp
+    import pwd
+    out_uid = out_gid = groups = None
+    if uid is not None and str(uid) != "":
+        try:
+            pw = pwd.getpwuid(int(uid)) if str(uid).isdigit() else pwd.getpwnam(str(uid))
+        except KeyError:
+            raise ValueError("unknown user %r" % (uid,)) from None
+        out_uid = pw.pw_uid
+        out_gid = pw.pw_gid
+        try:
+            groups = os.getgrouplist(pw.pw_name, pw.pw_gid)
+        except OSError:
+            groups = None
+    if gid is not None and str(gid) != "":
+        try:
+            out_gid = int(gid) if str(gid).isdigit() else grp.getgrnam(str(gid)).gr_gid
+        except KeyError:
+            raise ValueError("unknown group %r" % (gid,)) from None
+    return out_uid, out_gid, groups
+
+
+def drop_privileges(user):
+    """Become ``user`` (name or uid) with its groups: [supervisord] user."""
+    uid, gid, groups = resolve_user(user, None)
+    if uid == os.geteuid():
+        return
+    import importlib    # the interpreter may live where the new user cannot read: import now
+    for mod in ("shlex", "subprocess", "heapq", "random", "glob", "fnmatch", "tempfile", "resource",
+                "grp", "pwd", "traceback", "platform", "queue", "threading", "collections", "psutil",
+                "logging.handlers", "logging.config", "urllib.parse", "json", "socket", "struct"):
+        importlib.import_module(mod)
+    try:
+        if groups is not None:
+            os.setgroups(groups)
+        os.setgid(gid)
+        os.setuid(uid)
+    except OSError as e:
+        raise CircusError("cannot switch to user %r: %s (the daemon must start as root)"
+                          % (user, e.strerror)) from None
+
+
+# -- CurveZMQ key files: checked by the config, loaded by the daemon and ctl ----------
+
+
+def load_curve_key(path: str, secret=False) -> tuple:
+    """(public, secret) z85 keys from a key file written by `ctl keygen` (zmq.auth's format)."""
+    import zmq.auth
+    try:
+        public, secret_key = zmq.auth.load_certificate(path)
+    except (OSError, ValueError) as e:
+        raise CircusError("cannot read CurveZMQ key %s: %s (create one with `python circus.py "
+                          "ctl keygen`)" % (path, getattr(e, "strerror", None) or e)) from None
+    if secret and not secret_key:
+        raise CircusError("%s holds no secret key: give the .key_secret file, not the public "
+                          ".key" % path)
+    return public, secret_key
+
+
+def _key_files(location: str) -> list:
+    if os.path.isdir(location):
+        return sorted(e.path for e in os.scandir(location) if e.name.endswith(".key") and e.is_file())
+    return [location] if os.path.exists(location) else []
+
+
+def authorized_keys(location: str, problems=None) -> set:
+    """The public keys (z85) of a folder of .key files, or of one key file.
+
+    With a ``problems`` list, unreadable files are skipped and described
+    there; without it the first one raises CircusError.
+    """
+    if not os.path.exists(location):
+        if problems is None:
+            raise CircusError("curve_authorized_keys %s does not exist" % location)
+        problems.append("%s does not exist: no client is let in" % location)
+        return set()
+    keys = set()
+    for path in _key_files(location):
+        try:
+            keys.add(load_curve_key(path)[0])
+        except CircusError as e:
+            if problems is None:
+                raise
+            problems.append(str(e))
+    return keys
+
+
 # ---------------------------------------------------------------------------
-# 4. Config
+# 4. Config: options, converters, the config objects
 # ---------------------------------------------------------------------------
 # An INI reader with Circus's dialect (first definition wins, `#` inline is
 # data, `;` inline after white space is a comment, case kept), then typed,
@@ -710,6 +838,10 @@ HOOK_NAMES = ("before_start", "after_start", "before_spawn", "after_spawn",
 
 RLIMITS = ("as", "core", "cpu", "data", "fsize", "memlock", "msgqueue", "nice",
            "nofile", "nproc", "rss", "rtprio", "rttime", "sigpending", "stack")
+
+#: flapping.* keys (a watcher's, or a [plugin:x] Flapping section's) and their converters.
+FLAPPING_OPTIONS = {"attempts": ranged(to_int, 1), "window": _seconds, "retry_in": _seconds,
+                    "max_retry": ranged(to_int, -1), "active": to_bool}
 
 
 def _rotate_when(value) -> str:
@@ -1088,7 +1220,7 @@ def _watcher_key_names() -> list:
     """Every key a watcher section can hold, the families by their usual members (for hints)."""
     streams = ("class", "filename", "max_bytes", "backup_count", "time_format")
     return (list(WATCHER_OPTIONS) + ["env"] + ["hooks." + h for h in HOOK_NAMES]
-            + ["rlimit_" + r for r in RLIMITS] + ["flapping." + k for k in Flapping.KEYS]
+            + ["rlimit_" + r for r in RLIMITS] + ["flapping." + k for k in FLAPPING_OPTIONS]
             + [w + "." + k for w in ("stdout_stream", "stderr_stream") for k in streams])
 
 
@@ -1099,70 +1231,8 @@ def _free_key_warnings(ini, section, wc) -> list:
     return [_unknown_key(ini.where(section, key), _watcher_key_names(),
                          "unknown key, kept as a free-form option for hooks and plugins")
             for key in wc.free
-            if not (key.startswith("flapping.") and key[9:] in Flapping.KEYS)
+            if not (key.startswith("flapping.") and key[9:] in FLAPPING_OPTIONS)
             and "circus.%s" % key.lower() not in text]
-
-
-def _read_with_includes(path: str, environ, warnings: list) -> IniFile:
-    import glob
-    ini = IniFile()
-    ini.read(path)
-    base = os.path.dirname(os.path.abspath(path))
-    main = ini.items("circus")
-    patterns = main.get("include", "").split()
-    for d in main.get("include_dir", "").split():
-        patterns.append(os.path.join(d, "*.ini"))
-    if "files" in ini.items("include"):      # Supervisor's [include] files = globs
-        import platform
-        names = _sv_env_names(environ)
-        names.update(here=base, host_node_name=platform.node())
-        patterns += sv_expand(ini.items("include")["files"], names, ini.where("include", "files")).split()
-    for pat in patterns:
-        full = pat if os.path.isabs(pat) else os.path.join(base, pat)
-        found = sorted(glob.glob(full))
-        if not found:
-            warnings.append("%s: include %r matches no file" % (path, pat))
-        for f in found:
-            if os.path.abspath(f) != os.path.abspath(path):
-                ini.read(f)
-    return ini
-
-
-def _check_curve_conf(cfg, ini) -> None:
-    """Both CurveZMQ keys or neither; paths are relative to the config file; keys must load."""
-    base = os.path.dirname(cfg.path or ".")
-    for key in ("curve_secret_key", "curve_authorized_keys", "curve_owner_keys"):
-        if getattr(cfg, key):
-            setattr(cfg, key, os.path.join(base, os.path.expanduser(getattr(cfg, key))))
-    if bool(cfg.curve_secret_key) != bool(cfg.curve_authorized_keys):
-        have, need = (("curve_secret_key", "curve_authorized_keys") if cfg.curve_secret_key
-                      else ("curve_authorized_keys", "curve_secret_key"))
-        raise ConfigError("%s: %s needs %s too (the folder of client .key files; see "
-                          "`python circus.py ctl keygen`)" % (ini.where("circus", have), have, need))
-    if cfg.curve_owner_keys and not (cfg.curve_secret_key and cfg.endpoint_owner):
-        raise ConfigError("%s: curve_owner_keys needs curve_secret_key and endpoint_owner (its "
-                          "keys get endpoint_owner's rights)"
-                          % ini.where("circus", "curve_owner_keys"))
-    if cfg.curve_secret_key:
-        try:
-            load_curve_key(cfg.curve_secret_key, secret=True)
-            authorized_keys(cfg.curve_authorized_keys)
-            if cfg.curve_owner_keys:
-                authorized_keys(cfg.curve_owner_keys)
-        except CircusError as e:
-            raise ConfigError("%s: %s" % (ini.where("circus"), e)) from None
-
-
-def _check_httpd_conf(cfg, ini) -> None:
-    """The dashboard stays on loopback unless a token guards it."""
-    try:
-        check_token(cfg.httpd_token)
-    except ValueError as e:
-        raise ConfigError("%s: %s" % (ini.where("circus", "httpd_token"), e)) from None
-    if cfg.httpd and not cfg.httpd_token and not is_loopback(cfg.httpd_host):
-        raise ConfigError("%s: the dashboard on %s would be open to other hosts: set httpd_token "
-                          "(16+ characters) or use httpd_host = 127.0.0.1"
-                          % (ini.where("circus", "httpd_host"), cfg.httpd_host))
 
 
 def _check_max_processes(cfg, n, where) -> None:
@@ -1187,583 +1257,6 @@ class _Reader:
 
     def warn_unknown(self, section, key, known, what="unknown key, ignored"):
         self.cfg.warnings.append(_unknown_key(self.ini.where(section, key), known, what))
-
-
-class _CircusReader(_Reader):
-    """Circus's sections: [env] and [env:PATTERNS], [circus], [socket:x], [watcher:x], [plugin:x]."""
-
-    def __init__(self, ini, cfg, environ):
-        super().__init__(ini, cfg, environ)
-        self.seen = {}          # watcher names by their lower case; Supervisor's programs too
-        # [env] and [env:PATTERNS]: $NAME and $(circus.env.X) come from the daemon's environment
-        # ([env:...] also sees [env]; circusd leaves $(circus.env.X) literal there: a difference)
-        self.table = {"env." + k.lower(): v for k, v in environ.items()}
-        self.global_env = self._env_values("env")
-        self.table.update({"env." + k.lower(): v for k, v in self.global_env.items()})
-        self.env_sections = [([p.strip() for p in name[4:].split(",") if p.strip()], self._env_values(name))
-                             for name in ini.sections if name.startswith("env:")]
-
-    def _env_values(self, name):
-        return {k: replace_circus_vars(expand_env_refs(v, self.environ), self.table)
-                for k, v in self.ini.items(name).items()}
-
-    def expand(self, value, table=None):
-        return replace_circus_vars(value, self.table if table is None else table) \
-            if isinstance(value, str) else value
-
-    def read(self) -> CircusConfig:
-        self.read_circus()
-        # sockets, watchers and plugins, sorted by name as Circus does
-        for kind, read in (("socket:", self.read_socket), ("watcher:", self.read_watcher),
-                           ("plugin:", self.read_plugin)):
-            for name in sorted(n for n in self.ini.sections if n.startswith(kind)):
-                if self.ini.items(name):
-                    read(name)
-        if any(is_supervisor_section(n) for n in self.ini.sections):
-            _SupervisorReader(self.ini, self.cfg, self.environ, self.seen).read()
-        for name in self.ini.sections:
-            if name != "circus" and not name.startswith(("socket:", "watcher:", "plugin:", "env")) \
-                    and not is_supervisor_section(name):
-                self.cfg.warnings.append("%s: unknown section, ignored" % self.ini.where(name))
-        self._check_socket_refs()
-        return self.cfg
-
-    def read_circus(self):
-        cfg, items = self.cfg, self.ini.items("circus")
-        for key, value in items.items():
-            if key not in _CIRCUS_KEYS:
-                self.warn_unknown("circus", key, _CIRCUS_KEYS, "unknown [circus] key, ignored")
-            elif key not in ("include", "include_dir"):     # read by _read_with_includes
-                setattr(cfg, key, self.conv("circus", key, self.expand(value), _CIRCUS_KEYS[key]))
-        if "stats_endpoint" in items:
-            cfg.statsd = True
-        _check_curve_conf(cfg, self.ini)
-        _check_httpd_conf(cfg, self.ini)
-
-    def read_socket(self, name):
-        items = self.ini.items(name)
-        for key in [k for k in items if k not in _SOCKET_KEYS]:     # circusd ignores them too
-            self.warn_unknown(name, key, _SOCKET_KEYS, "unknown socket key, ignored")
-            del items[key]
-        try:
-            self.cfg.sockets.append(SocketConfig(name[7:], **{k: self.expand(v) for k, v in items.items()}))
-        except (ValueError, TypeError) as e:
-            w = self.ini.where(name, getattr(e, "key", None))
-            raise ConfigError("%s:%s [%s] %s" % (w.file, w.line, name, e)) from None
-
-    def read_watcher(self, name):
-        ini, cfg = self.ini, self.cfg
-        wname = self._watcher_name(name)
-        wc = WatcherConfig(wname)
-        wc.where = str(ini.where(name))
-        wenv = self._watcher_env(wname)
-        wtable = dict(self.table)
-        wtable.update({"env." + k.lower(): v for k, v in wenv.items()})
-        for key, value in ini.items(name).items():
-            self.conv(name, key, self._expand_option(key, value, wtable), lambda v, k=key: wc.set(k, v))
-        wc.env = wenv           # the [env] sections win over an `env` key
-        cfg.warnings += _free_key_warnings(ini, name, wc)
-        if not wc.options["cmd"]:
-            wc.options["cmd"] = ""
-            cfg.warnings.append("%s: no 'cmd': this watcher cannot start until one is set"
-                                % ini.where(name))
-        self.conv(name, None, wc, WatcherConfig.check)
-        _check_max_processes(cfg, wc.options["numprocesses"], ini.where(name, "numprocesses"))
-        for which in ("stdout_stream", "stderr_stream"):
-            why = log_folder_error(getattr(wc, which))
-            if why:
-                raise ConfigError("%s: %s" % (ini.where(name, which + ".filename"), why))
-        cfg.watchers.append(wc)
-
-    def _watcher_name(self, name):
-        wname = name[8:].strip()
-        if not wname:
-            raise ConfigError("%s: a watcher needs a name: [watcher:NAME]" % self.ini.where(name))
-        if wname.lower() in self.seen:
-            raise ConfigError("%s: watcher names are case-insensitive; %r clashes with %r"
-                              % (self.ini.where(name), wname, self.seen[wname.lower()]))
-        self.seen[wname.lower()] = wname
-        return wname
-
-    def _watcher_env(self, wname):
-        """[env] with the [env:PATTERNS] sections matching the watcher's name over it."""
-        import fnmatch
-        wenv = dict(self.global_env)
-        for pats, values in self.env_sections:
-            if pats and any(fnmatch.fnmatchcase(wname, p) for p in pats):
-                wenv.update(values)
-        return wenv
-
-    def _expand_option(self, key, value, wtable):
-        """$(circus.X) in a watcher's value: text and free-form keys see the watcher's own
-        env, typed options the global one; hooks, rlimits and stop_signal are never expanded,
-        as in Circus."""
-        if key.startswith(("hooks.", "rlimit_")) or key == "stop_signal":
-            return value
-        typed = key in WATCHER_OPTIONS and WATCHER_OPTIONS[key][0] not in (str, _str_or_none, _args)
-        return self.expand(value, self.table if typed else wtable)
-
-    def read_plugin(self, name):
-        conf = {k: self.expand(v) for k, v in self.ini.items(name).items()}
-        self.cfg.warnings += plugin_key_warnings(self.ini, name, conf)
-        self.cfg.plugins.append((name[7:], conf))
-
-    def _check_socket_refs(self):
-        sockets = {s.name for s in self.cfg.sockets}
-        for wc in self.cfg.watchers:
-            for ref in re.findall(r"circus\.sockets\.([\w.\-]+)", wc.options["cmd"] + " " +
-                                  str(wc.options["args"] or ""), re.IGNORECASE):
-                if ref.lower() not in sockets:
-                    self.cfg.warnings.append("%s: refers to socket %r but there is no [socket:%s] "
-                                             "section; the text is passed on as it is"
-                                             % (self.ini.where("watcher:" + wc.name, "cmd"), ref, ref))
-
-
-def load_config(path: str, environ=None) -> CircusConfig:
-    """Read and validate a Circus INI file (with its includes).
-
-    Raises ConfigError with one line naming file, section, key and the fix.
-    """
-    environ = dict(os.environ if environ is None else environ)
-    cfg = CircusConfig(os.path.abspath(path))
-    ini = _read_with_includes(path, environ, cfg.warnings)
-    return _CircusReader(ini, cfg, environ).read()
-
-
-# -- 4b. Supervisor's format: [program:x] and friends, translated to watchers --
-
-_SV_FORMAT = re.compile(r"%(%|\((?P<name>[^)]*)\)(?P<spec>[-#0 +]*\d*(?:\.\d+)?[diouxXeEfFgGcrsa])|)")
-
-
-def sv_expand(value: str, names: dict, where) -> str:
-    """Supervisor's ``%(name)s`` expansion, with its rules made strict.
-
-    ``%%`` is a percent sign; ``%(name)X`` a lookup; any other ``%`` is an
-    error (Supervisor silently formats a bare ``%s`` with its whole table).
-    """
-    def sub(m):
-        if m.group(1) == "%":
-            return "%"
-        name = m.group("name")
-        if name is None:
-            raise ConfigError("%s: stray '%%' in %r: write %%%% for a percent sign" % (where, value))
-        if name not in names:
-            avail = ", ".join(sorted(k for k in names if not k.startswith("ENV_"))) + ", ENV_*"
-            raise ConfigError("%s: unknown name %%(%s) in %r (available here: %s)"
-                              % (where, name, value, avail))
-        try:
-            return ("%" + m.group("spec")) % (names[name],)
-        except (TypeError, ValueError) as e:
-            raise ConfigError("%s: %%(%s)%s: %s" % (where, name, m.group("spec"), e)) from None
-    return _SV_FORMAT.sub(sub, value)
-
-
-def _sv_env_names(environ) -> dict:
-    return {"ENV_" + k: v for k, v in environ.items()}
-
-
-_SV_ENV_WORD = re.compile(r"[\w/.+\-():]*")
-
-
-def parse_sv_environment(text: str, where) -> dict:
-    """``KEY=val,KEY2="a b"`` as Supervisor means it.
-
-    Where Supervisor's tokenizer silently mangles a value (an unquoted space,
-    ``$``, ``?``, ``@``, ``=``, a backslash in quotes, ``"x"y``), this stops
-    with a line saying how to quote it instead.
-    """
-    out, pos, n = {}, 0, len(text)
-
-    def fail(why):
-        raise ConfigError("%s: environment %r: %s" % (where, text, why))
-    while True:
-        while pos < n and text[pos] in " \t\n":
-            pos += 1
-        if pos >= n:
-            return out
-        m = re.compile(r"[A-Za-z_][\w.]*").match(text, pos)
-        if not m:
-            fail("expected KEY=value at %r" % text[pos:pos + 20])
-        key, pos = m.group(0), m.end()
-        if pos >= n or text[pos] != "=":
-            fail("%s has no '=value' (write KEY=value, pairs separated by commas)" % key)
-        pos += 1
-        if pos < n and text[pos] in "\"'":
-            q = text[pos]
-            end = text.find(q, pos + 1)
-            if end < 0:
-                fail("unclosed %s quote in %s's value" % (q, key))
-            value = text[pos + 1:end]
-            if "\\" in value:
-                fail("a backslash in %s's quoted value is read differently by Supervisor "
-                     "4.3 and 4.4; avoid it" % key)
-            pos = end + 1
-        else:
-            value = _SV_ENV_WORD.match(text, pos).group(0)
-            pos += len(value)
-            if not value:
-                fail("%s= has no value (write %s=\"\" for an empty one)" % (key, key))
-        rest = text[pos:].lstrip(" \t\n")
-        if rest and rest[0] not in ",;":
-            fail("after %s=%s comes %r, which Supervisor would silently drop or mangle: quote "
-                 "the value (%s=\"...\") and separate pairs with commas" % (key, value, rest[:12], key))
-        out[key] = value
-        pos = n - len(rest) + (1 if rest else 0)
-
-
-def parse_byte_size(value) -> int:
-    m = re.fullmatch(r"\s*(\d+)\s*(KB|MB|GB)?\s*", str(value), re.IGNORECASE)
-    if not m:
-        raise ValueError("%r is not a size (use digits with an optional KB, MB or GB)" % (value,))
-    return int(m.group(1)) * {None: 1, "KB": 1024, "MB": 1024 ** 2, "GB": 1024 ** 3}[
-        (m.group(2) or "").upper() or None]
-
-
-def parse_exitcodes(value) -> list:
-    codes = []
-    for part in str(value).split(","):
-        part = part.strip()
-        if part:
-            code = to_int(part)
-            if not 0 <= code <= 255:
-                raise ValueError("exit code %d is not in 0..255" % code)
-            codes.append(code)
-    return codes
-
-
-def parse_autorestart(value) -> str:
-    text = str(value).strip().lower()
-    if text == "unexpected":
-        return text
-    return "true" if to_bool(text) else "false"
-
-
-_SV_LOGLEVELS = {"critical": "critical", "error": "error", "warn": "warning", "info": "info",
-                 "debug": "debug", "trace": "debug", "blather": "debug"}
-
-_SV_PROGRAM_KEYS = {
-    "command", "process_name", "numprocs", "numprocs_start", "priority", "autostart", "startsecs",
-    "startretries", "autorestart", "exitcodes", "stopsignal", "stopwaitsecs", "stopasgroup",
-    "killasgroup", "user", "redirect_stderr", "environment", "directory", "umask", "serverurl",
-    "stdout_logfile", "stdout_logfile_maxbytes", "stdout_logfile_backups", "stdout_capture_maxbytes",
-    "stdout_events_enabled", "stdout_syslog", "stderr_logfile", "stderr_logfile_maxbytes",
-    "stderr_logfile_backups", "stderr_capture_maxbytes", "stderr_events_enabled", "stderr_syslog",
-    # fcgi-program
-    "socket", "socket_backlog", "socket_owner", "socket_mode",
-}
-#: Keys read once per section (no %(process_num)); the others are per process.
-_SV_PER_SECTION = {"priority", "autostart", "autorestart", "startsecs", "startretries", "stopsignal",
-                   "stopwaitsecs", "stopasgroup", "killasgroup", "exitcodes", "redirect_stderr",
-                   "numprocs", "numprocs_start", "user", "umask", "serverurl",
-                   "stdout_capture_maxbytes", "stderr_capture_maxbytes", "stdout_events_enabled",
-                   "stderr_events_enabled"}
-def _sv_path(value) -> str:
-    return os.path.abspath(os.path.expanduser(value))
-
-
-def _sv_logfile(value) -> str:
-    return "syslog:///dev/log?daemon" if value.lower() == "syslog" else _sv_path(value)
-
-
-def _sv_loglevel(value) -> str:
-    if value.lower() not in _SV_LOGLEVELS:
-        raise ValueError("loglevel %r: use critical, error, warn, info, debug, trace or blather" % value)
-    return _SV_LOGLEVELS[value.lower()]
-
-
-def _sv_user(value) -> str:
-    resolve_user(value, None)           # raises when there is no such user
-    return value
-
-
-#: [supervisord] keys: name -> (CircusConfig attribute, converter), set unless [circus]
-#: already gave it; attribute None: checked only; no rule: accepted and ignored.
-#: environment and childlogdir are read by _SupervisorReader itself.
-_SV_SUPERVISORD_KEYS = {
-    "environment": None, "logfile": ("logoutput", _sv_logfile), "pidfile": ("pidfile", _sv_path),
-    "loglevel": ("loglevel", _sv_loglevel), "umask": ("umask", _umask), "minfds": ("minfds", _count),
-    "directory": ("directory", os.path.expanduser), "user": ("user", _sv_user),
-    "nodaemon": (None, to_bool), "logfile_maxbytes": None, "logfile_backups": None, "silent": None,
-    "minprocs": None, "nocleanup": None, "childlogdir": None, "strip_ansi": None, "identifier": None,
-}
-#: Other sections' keys, for unknown-key warnings.
-_SV_SECTION_KEYS = {"group:": ("programs", "priority"), "include": ("files",)}
-_SV_IGNORED = {
-    "unix_http_server": "circus.py is controlled over ZeroMQ ([circus] endpoint), not XML-RPC",
-    "inet_http_server": "circus.py is controlled over ZeroMQ ([circus] endpoint), not XML-RPC; "
-                        "its web page is [circus] httpd = true",
-    "supervisorctl": "use `python circus.py ctl` (see README, Coming from Supervisor)",
-    "rpcinterface:": "there is no XML-RPC interface",
-    "ctlplugin:": "supervisorctl plugins do not apply to ctl",
-    "eventlistener:": "event listeners are not supported; subscribe to the pub/sub channel instead",
-}
-#: Program keys that map straight onto a watcher option: key -> (default, converter, option).
-_SV_PLAIN_KEYS = {
-    "autostart": ("true", to_bool, "autostart"),
-    "autorestart": ("unexpected", parse_autorestart, "autorestart"),
-    "exitcodes": ("0", parse_exitcodes, "exitcodes"),
-    "stopsignal": ("TERM", to_signum, "stop_signal"),
-    "stopwaitsecs": ("10", _seconds, "graceful_timeout"),
-    "redirect_stderr": ("false", to_bool, "redirect_stderr"),
-}
-
-
-class _SupervisorReader(_Reader):
-    """Translates Supervisor's sections into cfg: [supervisord] globals, then each
-    [program:x] and [fcgi-program:x], once per group it is in, as watchers."""
-
-    def __init__(self, ini, cfg, environ, seen: dict):
-        import platform
-        super().__init__(ini, cfg, environ)
-        self.seen = seen                # watcher names taken (lower case -> name)
-        self.host = platform.node()
-        self.names = _sv_env_names(environ)     # %(ENV_X)s; [supervisord] environment adds to it
-        self.sv_env = {}                # [supervisord] environment, for every program
-        self.childlogdir = None
-
-    def value(self, section, key, extra, default=None):
-        """A key's value with %(name)s expanded (``here``: the folder of its file)."""
-        items = self.ini.items(section)
-        if key not in items:
-            return default
-        w = self.ini.where(section, key)
-        table = dict(self.names)
-        table["here"] = os.path.dirname(os.path.abspath(w.file)) if w.file not in (None, "?") \
-            else os.path.dirname(self.cfg.path)
-        table.update(extra)
-        return sv_expand(items[key], table, w)
-
-    def read(self) -> None:
-        if "supervisord" in self.ini.sections:
-            self.read_supervisord()
-        self.childlogdir = self.value("supervisord", "childlogdir", {}) or __import__("tempfile").gettempdir()
-        self._warn_sections()
-        group_of, group_prio, rank = self._read_groups()
-        for (gname, pname), name, fcgi in self._program_jobs(group_of, rank):
-            _SvProgram(self, name, pname, gname, fcgi).read(group_prio.get(gname))
-
-    def read_supervisord(self):
-        sd, cfg = "supervisord", self.cfg
-        env_text = self.value(sd, "environment", {})
-        if env_text:
-            self.sv_env = parse_sv_environment(env_text, self.ini.where(sd, "environment"))
-            self.names.update({"ENV_" + k: v for k, v in self.sv_env.items()})
-        for key, rule in _SV_SUPERVISORD_KEYS.items():
-            text = self.value(sd, key, {}) if rule else None
-            if not text or (rule[0] and getattr(cfg, rule[0]) is not None):
-                continue
-            value = self.conv(sd, key, text, rule[1])
-            if rule[0]:
-                setattr(cfg, rule[0], value)
-            if key == "logfile":        # echoed on stdout in the foreground unless silent
-                cfg.log_echo = not self.conv(sd, "silent", self.value(sd, "silent", {}, "false"), to_bool)
-        for key in self.ini.items(sd):
-            if key not in _SV_SUPERVISORD_KEYS:
-                self.warn_unknown(sd, key, _SV_SUPERVISORD_KEYS, "unknown [supervisord] key, ignored")
-
-    def _warn_sections(self):
-        for name in self.ini.sections:
-            known = _SV_SECTION_KEYS.get("group:" if name.startswith("group:") else name)
-            for key in self.ini.items(name) if known else ():
-                if key not in known:
-                    self.warn_unknown(name, key, known)
-            for prefix, why in _SV_IGNORED.items():
-                if name.startswith(prefix):
-                    self.cfg.warnings.append("%s: ignored: %s" % (self.ini.where(name), why))
-
-    def _read_groups(self):
-        """[group:x] programs = a,b -> (groups of each program, group priorities, start ranks)."""
-        group_of, group_prio, rank = {}, {}, {}
-        for pos, name in enumerate(self.ini.sections):
-            if not name.startswith("group:"):
-                continue
-            gname = name[6:].strip()
-            prio = self.value(name, "priority", {"group_name": gname})
-            group_prio[gname] = self.conv(name, "priority", prio, _priority) if prio else 999
-            for prog in (self.value(name, "programs", {"group_name": gname}) or "").split(","):
-                prog = prog.strip()
-                if not prog:
-                    continue
-                if not {"program:" + prog, "fcgi-program:" + prog} & set(self.ini.sections):
-                    raise ConfigError("%s: programs: no [program:%s] section"
-                                      % (self.ini.where(name, "programs"), prog))
-                group_of.setdefault(prog, []).append(gname)
-                rank.setdefault((gname, prog), (pos, len(rank)))
-        return group_of, group_prio, rank
-
-    def _program_jobs(self, group_of, rank):
-        """((group, program), section, fcgi) for each program in each of its groups."""
-        jobs, pos = [], {name: i for i, name in enumerate(self.ini.sections)}
-        for name in self.ini.sections:
-            fcgi = name.startswith("fcgi-program:")
-            if not (name.startswith("program:") or fcgi):
-                continue
-            pname = name.split(":", 1)[1].strip()
-            if not pname or re.search(r"[\s:/]", pname):
-                raise ConfigError("%s: a program name cannot be empty or contain spaces, ':' or '/'"
-                                  % self.ini.where(name))
-            for key in self.ini.items(name):
-                if key not in _SV_PROGRAM_KEYS:
-                    self.warn_unknown(name, key, _SV_PROGRAM_KEYS, "unknown program key, ignored")
-            for gname in group_of.get(pname, [pname]):
-                jobs.append(((gname, pname), name, fcgi))
-        # supervisord starts a group's members in the order of its programs=
-        jobs.sort(key=lambda job: rank.get(job[0], (pos[job[1]], 0)))
-        return jobs
-
-
-def socket_somaxconn() -> int:
-    import socket
-    return getattr(socket, "SOMAXCONN", 128)
-
-
-class _SvProgram:
-    """One [program:x] (or [fcgi-program:x]) in one group: its watchers, one per process."""
-
-    def __init__(self, reader: _SupervisorReader, section, pname, gname, fcgi):
-        self.r, self.ini, self.cfg = reader, reader.ini, reader.cfg
-        self.section, self.pname, self.gname, self.fcgi = section, pname, gname, fcgi
-        self.base = {"program_name": pname, "group_name": gname, "host_node_name": reader.host}
-
-    def get(self, key, default=None, names=None):
-        return self.r.value(self.section, key, self.base if names is None else names, default)
-
-    def conv(self, key, text, func):
-        return self.r.conv(self.section, key, text, func)
-
-    def where(self, key=None):
-        return self.ini.where(self.section, key)
-
-    def read(self, gprio) -> None:
-        if "command" not in self.ini.items(self.section):
-            raise ConfigError("%s: 'command' is required" % self.where())
-        numprocs, start = self._numprocs()
-        common = self._options()
-        for num in range(start, start + numprocs):
-            self.cfg.watchers.append(self._process(num, numprocs, common, gprio).check())
-
-    def _numprocs(self):
-        numprocs = self.conv("numprocs", self.get("numprocs", "1"), _count)
-        _check_max_processes(self.cfg, numprocs, self.where("numprocs"))
-        start = self.conv("numprocs_start", self.get("numprocs_start", "0"), _count)
-        template = self.ini.items(self.section).get("process_name", "%(program_name)s")
-        if numprocs > 1 and "%(process_num)" not in template:
-            raise ConfigError("%s: numprocs = %d needs %%(process_num) in process_name, e.g. "
-                              "process_name = %%(program_name)s_%%(process_num)02d"
-                              % (self.where("process_name"), numprocs))
-        return numprocs, start
-
-    def _options(self) -> dict:
-        """The watcher options every process of the program shares."""
-        startsecs = self.conv("startsecs", self.get("startsecs", "1"), _count)
-        startretries = self.conv("startretries", self.get("startretries", "3"), _count)
-        stopasgroup = self.conv("stopasgroup", self.get("stopasgroup", "false"), to_bool)
-        killasgroup = self.conv("killasgroup", self.get("killasgroup", str(stopasgroup)), to_bool)
-        if stopasgroup and not killasgroup:
-            raise ConfigError("%s: stopasgroup = true needs killasgroup = true (or leave it out)"
-                              % self.where("killasgroup"))
-        prio = self.conv("priority", self.get("priority", "999"), _priority)
-        common = {
-            # Supervisor starts the lowest priority first, Circus the highest: negate
-            "priority": -prio, "startsecs": startsecs, "max_retry": max(startretries + 1, 1),
-            "stopasgroup": stopasgroup, "killasgroup": killasgroup,
-            "copy_env": True,       # Supervisor children inherit its environment
-            "close_child_stdin": not self.fcgi,
-        }
-        for key, (default, func, option) in _SV_PLAIN_KEYS.items():
-            common[option] = self.conv(key, self.get(key, default), func)
-        user = self.get("user")
-        if user:
-            common["uid"] = self.conv("user", user, _sv_user)
-        umask = self.get("umask")
-        if umask:
-            common["umask"] = self.conv("umask", umask, _umask)
-        if self.fcgi:
-            common["stdin_socket"] = self._fcgi_socket()
-        return common
-
-    def _fcgi_socket(self) -> str:
-        """The [fcgi-program:x] socket, added to cfg.sockets once; returns its name."""
-        sock = self.get("socket")
-        if not sock:
-            raise ConfigError("%s: fcgi-program needs socket = tcp://HOST:PORT or unix:///PATH"
-                              % self.where())
-        sockname = "fcgi-" + self.pname.lower()
-        opts = {"backlog": self.conv("socket_backlog", self.get("socket_backlog", str(socket_somaxconn())),
-                                     _backlog),
-                "blocking": True}       # as Supervisor hands it over: a blocking socket
-        if sock.startswith("unix://"):
-            path = sock[7:]
-            if not os.path.isabs(path):
-                raise ConfigError("%s: unix socket path must be absolute" % self.where("socket"))
-            mode = self.conv("socket_mode", self.get("socket_mode", "0700"), _umask)
-            opts.update(path=path, umask=0o777 & ~mode, replace=True)
-        elif sock.startswith("tcp://"):
-            host, _, port = sock[6:].rpartition(":")
-            opts.update(host=host or "0.0.0.0", port=self.conv("socket", port, _port))
-        else:
-            raise ConfigError("%s: socket %r: use tcp://HOST:PORT or unix:///PATH"
-                              % (self.where("socket"), sock))
-        if sockname not in {s.name for s in self.cfg.sockets}:
-            self.cfg.sockets.append(self.conv("socket", sockname, lambda n: SocketConfig(n, **opts)))
-        return sockname
-
-    def _process(self, num, numprocs, common, gprio) -> WatcherConfig:
-        gname = self.gname
-        per = dict(self.base, process_num=num, numprocs=numprocs)
-        env_text = self.get("environment", names=per)
-        prog_env = parse_sv_environment(env_text, self.where("environment")) if env_text else {}
-        # as Supervisor: the program's environment is there for command, directory, logfiles, process_name
-        per.update({"ENV_" + k: v for k, v in prog_env.items()})
-        procname = self.get("process_name", "%(program_name)s", per) \
-            if "process_name" in self.ini.items(self.section) else self.pname
-        wname = procname if gname == procname else "%s:%s" % (gname, procname)
-        if wname.lower() in self.r.seen:
-            raise ConfigError("%s: process %r is defined twice" % (self.where(), wname))
-        self.r.seen[wname.lower()] = wname
-        wc = WatcherConfig(wname, common)
-        wc.set("cmd", self.get("command", names=per))
-        directory = self.get("directory", names=per)
-        if directory:
-            wc.set("working_dir", os.path.expanduser(directory))
-        env = dict(SUPERVISOR_ENABLED="1", SUPERVISOR_PROCESS_NAME=procname, SUPERVISOR_GROUP_NAME=gname)
-        env.update(self.r.sv_env)
-        env.update(prog_env)
-        wc.env = env
-        wc.group = gname
-        if gprio is not None and gname != self.pname:
-            wc.group_priority = -gprio
-        wc.forward_output = False       # no logfile means discarded (kept for `ctl tail` only)
-        for which in ("stdout", "stderr"):
-            if not (which == "stderr" and common["redirect_stderr"]):     # stderr in stdout's log
-                self._logfile(wc, which, per)
-        return wc
-
-    def _logfile(self, wc, which, per) -> None:
-        """stdout_logfile and friends as a FileStream (AUTO: in childlogdir)."""
-        logfile = self.get(which + "_logfile", "AUTO", per)
-        size = self.get(which + "_logfile_maxbytes", "50MB", per)
-        backups = self.get(which + "_logfile_backups", "10", per)
-        if logfile.upper() in ("NONE", "OFF", ""):
-            return
-        if logfile.upper() == "SYSLOG":
-            self.cfg.warnings.append("%s: syslog logging is not supported; output kept for `ctl tail` only"
-                                     % self.where(which + "_logfile"))
-            return
-        if logfile.upper() == "AUTO":
-            logfile = os.path.join(self.r.childlogdir,
-                                   "%s-%s---supervisor.log" % (wc.name.replace(":", "_"), which))
-        else:
-            logfile = os.path.abspath(os.path.expanduser(logfile))
-        wc.set(which + "_stream.class", "FileStream")
-        wc.set(which + "_stream.filename", logfile)
-        why = log_folder_error(getattr(wc, which + "_stream"))
-        if why:
-            raise ConfigError("%s: %s" % (self.where(which + "_logfile"), why))
-        wc.set(which + "_stream.max_bytes", self.conv(which + "_logfile_maxbytes", size, parse_byte_size))
-        wc.set(which + "_stream.backup_count", self.conv(which + "_logfile_backups", backups, _count))
-        if getattr(wc, which + "_stream")["backup_count"] == 0:
-            wc.set(which + "_stream.truncate", True)     # Supervisor empties a full log with no backups
 
 
 # ---------------------------------------------------------------------------
@@ -2603,7 +2096,674 @@ def setup_logging(level="info", output="-", echo=False):
 
 
 # ---------------------------------------------------------------------------
-# 7. Process
+# 7. Supervisor's format: [program:x] and friends, translated to watchers
+# ---------------------------------------------------------------------------
+
+_SV_FORMAT = re.compile(r"%(%|\((?P<name>[^)]*)\)(?P<spec>[-#0 +]*\d*(?:\.\d+)?[diouxXeEfFgGcrsa])|)")
+
+
+def sv_expand(value: str, names: dict, where) -> str:
+    """Supervisor's ``%(name)s`` expansion, with its rules made strict.
+
+    ``%%`` is a percent sign; ``%(name)X`` a lookup; any other ``%`` is an
+    error (Supervisor silently formats a bare ``%s`` with its whole table).
+    """
+    def sub(m):
+        if m.group(1) == "%":
+            return "%"
+        name = m.group("name")
+        if name is None:
+            raise ConfigError("%s: stray '%%' in %r: write %%%% for a percent sign" % (where, value))
+        if name not in names:
+            avail = ", ".join(sorted(k for k in names if not k.startswith("ENV_"))) + ", ENV_*"
+            raise ConfigError("%s: unknown name %%(%s) in %r (available here: %s)"
+                              % (where, name, value, avail))
+        try:
+            return ("%" + m.group("spec")) % (names[name],)
+        except (TypeError, ValueError) as e:
+            raise ConfigError("%s: %%(%s)%s: %s" % (where, name, m.group("spec"), e)) from None
+    return _SV_FORMAT.sub(sub, value)
+
+
+def _sv_env_names(environ) -> dict:
+    return {"ENV_" + k: v for k, v in environ.items()}
+
+
+_SV_ENV_WORD = re.compile(r"[\w/.+\-():]*")
+
+
+def parse_sv_environment(text: str, where) -> dict:
+    """``KEY=val,KEY2="a b"`` as Supervisor means it.
+
+    Where Supervisor's tokenizer silently mangles a value (an unquoted space,
+    ``$``, ``?``, ``@``, ``=``, a backslash in quotes, ``"x"y``), this stops
+    with a line saying how to quote it instead.
+    """
+    out, pos, n = {}, 0, len(text)
+
+    def fail(why):
+        raise ConfigError("%s: environment %r: %s" % (where, text, why))
+    while True:
+        while pos < n and text[pos] in " \t\n":
+            pos += 1
+        if pos >= n:
+            return out
+        m = re.compile(r"[A-Za-z_][\w.]*").match(text, pos)
+        if not m:
+            fail("expected KEY=value at %r" % text[pos:pos + 20])
+        key, pos = m.group(0), m.end()
+        if pos >= n or text[pos] != "=":
+            fail("%s has no '=value' (write KEY=value, pairs separated by commas)" % key)
+        pos += 1
+        if pos < n and text[pos] in "\"'":
+            q = text[pos]
+            end = text.find(q, pos + 1)
+            if end < 0:
+                fail("unclosed %s quote in %s's value" % (q, key))
+            value = text[pos + 1:end]
+            if "\\" in value:
+                fail("a backslash in %s's quoted value is read differently by Supervisor "
+                     "4.3 and 4.4; avoid it" % key)
+            pos = end + 1
+        else:
+            value = _SV_ENV_WORD.match(text, pos).group(0)
+            pos += len(value)
+            if not value:
+                fail("%s= has no value (write %s=\"\" for an empty one)" % (key, key))
+        rest = text[pos:].lstrip(" \t\n")
+        if rest and rest[0] not in ",;":
+            fail("after %s=%s comes %r, which Supervisor would silently drop or mangle: quote "
+                 "the value (%s=\"...\") and separate pairs with commas" % (key, value, rest[:12], key))
+        out[key] = value
+        pos = n - len(rest) + (1 if rest else 0)
+
+
+def parse_byte_size(value) -> int:
+    m = re.fullmatch(r"\s*(\d+)\s*(KB|MB|GB)?\s*", str(value), re.IGNORECASE)
+    if not m:
+        raise ValueError("%r is not a size (use digits with an optional KB, MB or GB)" % (value,))
+    return int(m.group(1)) * {None: 1, "KB": 1024, "MB": 1024 ** 2, "GB": 1024 ** 3}[
+        (m.group(2) or "").upper() or None]
+
+
+_SV_LOGLEVELS = {"critical": "critical", "error": "error", "warn": "warning", "info": "info",
+                 "debug": "debug", "trace": "debug", "blather": "debug"}
+
+_SV_PROGRAM_KEYS = {
+    "command", "process_name", "numprocs", "numprocs_start", "priority", "autostart", "startsecs",
+    "startretries", "autorestart", "exitcodes", "stopsignal", "stopwaitsecs", "stopasgroup",
+    "killasgroup", "user", "redirect_stderr", "environment", "directory", "umask", "serverurl",
+    "stdout_logfile", "stdout_logfile_maxbytes", "stdout_logfile_backups", "stdout_capture_maxbytes",
+    "stdout_events_enabled", "stdout_syslog", "stderr_logfile", "stderr_logfile_maxbytes",
+    "stderr_logfile_backups", "stderr_capture_maxbytes", "stderr_events_enabled", "stderr_syslog",
+    # fcgi-program
+    "socket", "socket_backlog", "socket_owner", "socket_mode",
+}
+#: Keys read once per section (no %(process_num)); the others are per process.
+_SV_PER_SECTION = {"priority", "autostart", "autorestart", "startsecs", "startretries", "stopsignal",
+                   "stopwaitsecs", "stopasgroup", "killasgroup", "exitcodes", "redirect_stderr",
+                   "numprocs", "numprocs_start", "user", "umask", "serverurl",
+                   "stdout_capture_maxbytes", "stderr_capture_maxbytes", "stdout_events_enabled",
+                   "stderr_events_enabled"}
+def _sv_path(value) -> str:
+    return os.path.abspath(os.path.expanduser(value))
+
+
+def _sv_logfile(value) -> str:
+    return "syslog:///dev/log?daemon" if value.lower() == "syslog" else _sv_path(value)
+
+
+def _sv_loglevel(value) -> str:
+    if value.lower() not in _SV_LOGLEVELS:
+        raise ValueError("loglevel %r: use critical, error, warn, info, debug, trace or blather" % value)
+    return _SV_LOGLEVELS[value.lower()]
+
+
+def _sv_user(value) -> str:
+    resolve_user(value, None)           # raises when there is no such user
+    return value
+
+
+#: [supervisord] keys: name -> (CircusConfig attribute, converter), set unless [circus]
+#: already gave it; attribute None: checked only; no rule: accepted and ignored.
+#: environment and childlogdir are read by _SupervisorReader itself.
+_SV_SUPERVISORD_KEYS = {
+    "environment": None, "logfile": ("logoutput", _sv_logfile), "pidfile": ("pidfile", _sv_path),
+    "loglevel": ("loglevel", _sv_loglevel), "umask": ("umask", _umask), "minfds": ("minfds", _count),
+    "directory": ("directory", os.path.expanduser), "user": ("user", _sv_user),
+    "nodaemon": (None, to_bool), "logfile_maxbytes": None, "logfile_backups": None, "silent": None,
+    "minprocs": None, "nocleanup": None, "childlogdir": None, "strip_ansi": None, "identifier": None,
+}
+#: Other sections' keys, for unknown-key warnings.
+_SV_SECTION_KEYS = {"group:": ("programs", "priority"), "include": ("files",)}
+_SV_IGNORED = {
+    "unix_http_server": "circus.py is controlled over ZeroMQ ([circus] endpoint), not XML-RPC",
+    "inet_http_server": "circus.py is controlled over ZeroMQ ([circus] endpoint), not XML-RPC; "
+                        "its web page is [circus] httpd = true",
+    "supervisorctl": "use `python circus.py ctl` (see README, Coming from Supervisor)",
+    "rpcinterface:": "there is no XML-RPC interface",
+    "ctlplugin:": "supervisorctl plugins do not apply to ctl",
+    "eventlistener:": "event listeners are not supported; subscribe to the pub/sub channel instead",
+}
+#: Program keys that map straight onto a watcher option: key -> (default, converter, option).
+_SV_PLAIN_KEYS = {
+    "autostart": ("true", to_bool, "autostart"),
+    "autorestart": ("unexpected", parse_autorestart, "autorestart"),
+    "exitcodes": ("0", parse_exitcodes, "exitcodes"),
+    "stopsignal": ("TERM", to_signum, "stop_signal"),
+    "stopwaitsecs": ("10", _seconds, "graceful_timeout"),
+    "redirect_stderr": ("false", to_bool, "redirect_stderr"),
+}
+
+
+class _SupervisorReader(_Reader):
+    """Translates Supervisor's sections into cfg: [supervisord] globals, then each
+    [program:x] and [fcgi-program:x], once per group it is in, as watchers."""
+
+    def __init__(self, ini, cfg, environ, seen: dict):
+        import platform
+        super().__init__(ini, cfg, environ)
+        self.seen = seen                # watcher names taken (lower case -> name)
+        self.host = platform.node()
+        self.names = _sv_env_names(environ)     # %(ENV_X)s; [supervisord] environment adds to it
+        self.sv_env = {}                # [supervisord] environment, for every program
+        self.childlogdir = None
+
+    def value(self, section, key, extra, default=None):
+        """A key's value with %(name)s expanded (``here``: the folder of its file)."""
+        items = self.ini.items(section)
+        if key not in items:
+            return default
+        w = self.ini.where(section, key)
+        table = dict(self.names)
+        table["here"] = os.path.dirname(os.path.abspath(w.file)) if w.file not in (None, "?") \
+            else os.path.dirname(self.cfg.path)
+        table.update(extra)
+        return sv_expand(items[key], table, w)
+
+    def read(self) -> None:
+        if "supervisord" in self.ini.sections:
+            self.read_supervisord()
+        self.childlogdir = self.value("supervisord", "childlogdir", {}) or __import__("tempfile").gettempdir()
+        self._warn_sections()
+        group_of, group_prio, rank = self._read_groups()
+        for (gname, pname), name, fcgi in self._program_jobs(group_of, rank):
+            _SvProgram(self, name, pname, gname, fcgi).read(group_prio.get(gname))
+
+    def read_supervisord(self):
+        sd, cfg = "supervisord", self.cfg
+        env_text = self.value(sd, "environment", {})
+        if env_text:
+            self.sv_env = parse_sv_environment(env_text, self.ini.where(sd, "environment"))
+            self.names.update({"ENV_" + k: v for k, v in self.sv_env.items()})
+        for key, rule in _SV_SUPERVISORD_KEYS.items():
+            text = self.value(sd, key, {}) if rule else None
+            if not text or (rule[0] and getattr(cfg, rule[0]) is not None):
+                continue
+            value = self.conv(sd, key, text, rule[1])
+            if rule[0]:
+                setattr(cfg, rule[0], value)
+            if key == "logfile":        # echoed on stdout in the foreground unless silent
+                cfg.log_echo = not self.conv(sd, "silent", self.value(sd, "silent", {}, "false"), to_bool)
+        for key in self.ini.items(sd):
+            if key not in _SV_SUPERVISORD_KEYS:
+                self.warn_unknown(sd, key, _SV_SUPERVISORD_KEYS, "unknown [supervisord] key, ignored")
+
+    def _warn_sections(self):
+        for name in self.ini.sections:
+            known = _SV_SECTION_KEYS.get("group:" if name.startswith("group:") else name)
+            for key in self.ini.items(name) if known else ():
+                if key not in known:
+                    self.warn_unknown(name, key, known)
+            for prefix, why in _SV_IGNORED.items():
+                if name.startswith(prefix):
+                    self.cfg.warnings.append("%s: ignored: %s" % (self.ini.where(name), why))
+
+    def _read_groups(self):
+        """[group:x] programs = a,b -> (groups of each program, group priorities, start ranks)."""
+        group_of, group_prio, rank = {}, {}, {}
+        for pos, name in enumerate(self.ini.sections):
+            if not name.startswith("group:"):
+                continue
+            gname = name[6:].strip()
+            prio = self.value(name, "priority", {"group_name": gname})
+            group_prio[gname] = self.conv(name, "priority", prio, _priority) if prio else 999
+            for prog in (self.value(name, "programs", {"group_name": gname}) or "").split(","):
+                prog = prog.strip()
+                if not prog:
+                    continue
+                if not {"program:" + prog, "fcgi-program:" + prog} & set(self.ini.sections):
+                    raise ConfigError("%s: programs: no [program:%s] section"
+                                      % (self.ini.where(name, "programs"), prog))
+                group_of.setdefault(prog, []).append(gname)
+                rank.setdefault((gname, prog), (pos, len(rank)))
+        return group_of, group_prio, rank
+
+    def _program_jobs(self, group_of, rank):
+        """((group, program), section, fcgi) for each program in each of its groups."""
+        jobs, pos = [], {name: i for i, name in enumerate(self.ini.sections)}
+        for name in self.ini.sections:
+            fcgi = name.startswith("fcgi-program:")
+            if not (name.startswith("program:") or fcgi):
+                continue
+            pname = name.split(":", 1)[1].strip()
+            if not pname or re.search(r"[\s:/]", pname):
+                raise ConfigError("%s: a program name cannot be empty or contain spaces, ':' or '/'"
+                                  % self.ini.where(name))
+            for key in self.ini.items(name):
+                if key not in _SV_PROGRAM_KEYS:
+                    self.warn_unknown(name, key, _SV_PROGRAM_KEYS, "unknown program key, ignored")
+            for gname in group_of.get(pname, [pname]):
+                jobs.append(((gname, pname), name, fcgi))
+        # supervisord starts a group's members in the order of its programs=
+        jobs.sort(key=lambda job: rank.get(job[0], (pos[job[1]], 0)))
+        return jobs
+
+
+def socket_somaxconn() -> int:
+    import socket
+    return getattr(socket, "SOMAXCONN", 128)
+
+
+class _SvProgram:
+    """One [program:x] (or [fcgi-program:x]) in one group: its watchers, one per process."""
+
+    def __init__(self, reader: _SupervisorReader, section, pname, gname, fcgi):
+        self.r, self.ini, self.cfg = reader, reader.ini, reader.cfg
+        self.section, self.pname, self.gname, self.fcgi = section, pname, gname, fcgi
+        self.base = {"program_name": pname, "group_name": gname, "host_node_name": reader.host}
+
+    def get(self, key, default=None, names=None):
+        return self.r.value(self.section, key, self.base if names is None else names, default)
+
+    def conv(self, key, text, func):
+        return self.r.conv(self.section, key, text, func)
+
+    def where(self, key=None):
+        return self.ini.where(self.section, key)
+
+    def read(self, gprio) -> None:
+        if "command" not in self.ini.items(self.section):
+            raise ConfigError("%s: 'command' is required" % self.where())
+        numprocs, start = self._numprocs()
+        common = self._options()
+        for num in range(start, start + numprocs):
+            self.cfg.watchers.append(self._process(num, numprocs, common, gprio).check())
+
+    def _numprocs(self):
+        numprocs = self.conv("numprocs", self.get("numprocs", "1"), _count)
+        _check_max_processes(self.cfg, numprocs, self.where("numprocs"))
+        start = self.conv("numprocs_start", self.get("numprocs_start", "0"), _count)
+        template = self.ini.items(self.section).get("process_name", "%(program_name)s")
+        if numprocs > 1 and "%(process_num)" not in template:
+            raise ConfigError("%s: numprocs = %d needs %%(process_num) in process_name, e.g. "
+                              "process_name = %%(program_name)s_%%(process_num)02d"
+                              % (self.where("process_name"), numprocs))
+        return numprocs, start
+
+    def _options(self) -> dict:
+        """The watcher options every process of the program shares."""
+        startsecs = self.conv("startsecs", self.get("startsecs", "1"), _count)
+        startretries = self.conv("startretries", self.get("startretries", "3"), _count)
+        stopasgroup = self.conv("stopasgroup", self.get("stopasgroup", "false"), to_bool)
+        killasgroup = self.conv("killasgroup", self.get("killasgroup", str(stopasgroup)), to_bool)
+        if stopasgroup and not killasgroup:
+            raise ConfigError("%s: stopasgroup = true needs killasgroup = true (or leave it out)"
+                              % self.where("killasgroup"))
+        prio = self.conv("priority", self.get("priority", "999"), _priority)
+        common = {
+            # Supervisor starts the lowest priority first, Circus the highest: negate
+            "priority": -prio, "startsecs": startsecs, "max_retry": max(startretries + 1, 1),
+            "stopasgroup": stopasgroup, "killasgroup": killasgroup,
+            "copy_env": True,       # Supervisor children inherit its environment
+            "close_child_stdin": not self.fcgi,
+        }
+        for key, (default, func, option) in _SV_PLAIN_KEYS.items():
+            common[option] = self.conv(key, self.get(key, default), func)
+        user = self.get("user")
+        if user:
+            common["uid"] = self.conv("user", user, _sv_user)
+        umask = self.get("umask")
+        if umask:
+            common["umask"] = self.conv("umask", umask, _umask)
+        if self.fcgi:
+            common["stdin_socket"] = self._fcgi_socket()
+        return common
+
+    def _fcgi_socket(self) -> str:
+        """The [fcgi-program:x] socket, added to cfg.sockets once; returns its name."""
+        sock = self.get("socket")
+        if not sock:
+            raise ConfigError("%s: fcgi-program needs socket = tcp://HOST:PORT or unix:///PATH"
+                              % self.where())
+        sockname = "fcgi-" + self.pname.lower()
+        opts = {"backlog": self.conv("socket_backlog", self.get("socket_backlog", str(socket_somaxconn())),
+                                     _backlog),
+                "blocking": True}       # as Supervisor hands it over: a blocking socket
+        if sock.startswith("unix://"):
+            path = sock[7:]
+            if not os.path.isabs(path):
+                raise ConfigError("%s: unix socket path must be absolute" % self.where("socket"))
+            mode = self.conv("socket_mode", self.get("socket_mode", "0700"), _umask)
+            opts.update(path=path, umask=0o777 & ~mode, replace=True)
+        elif sock.startswith("tcp://"):
+            host, _, port = sock[6:].rpartition(":")
+            opts.update(host=host or "0.0.0.0", port=self.conv("socket", port, _port))
+        else:
+            raise ConfigError("%s: socket %r: use tcp://HOST:PORT or unix:///PATH"
+                              % (self.where("socket"), sock))
+        if sockname not in {s.name for s in self.cfg.sockets}:
+            self.cfg.sockets.append(self.conv("socket", sockname, lambda n: SocketConfig(n, **opts)))
+        return sockname
+
+    def _process(self, num, numprocs, common, gprio) -> WatcherConfig:
+        gname = self.gname
+        per = dict(self.base, process_num=num, numprocs=numprocs)
+        env_text = self.get("environment", names=per)
+        prog_env = parse_sv_environment(env_text, self.where("environment")) if env_text else {}
+        # as Supervisor: the program's environment is there for command, directory, logfiles, process_name
+        per.update({"ENV_" + k: v for k, v in prog_env.items()})
+        procname = self.get("process_name", "%(program_name)s", per) \
+            if "process_name" in self.ini.items(self.section) else self.pname
+        wname = procname if gname == procname else "%s:%s" % (gname, procname)
+        if wname.lower() in self.r.seen:
+            raise ConfigError("%s: process %r is defined twice" % (self.where(), wname))
+        self.r.seen[wname.lower()] = wname
+        wc = WatcherConfig(wname, common)
+        wc.set("cmd", self.get("command", names=per))
+        directory = self.get("directory", names=per)
+        if directory:
+            wc.set("working_dir", os.path.expanduser(directory))
+        env = dict(SUPERVISOR_ENABLED="1", SUPERVISOR_PROCESS_NAME=procname, SUPERVISOR_GROUP_NAME=gname)
+        env.update(self.r.sv_env)
+        env.update(prog_env)
+        wc.env = env
+        wc.group = gname
+        if gprio is not None and gname != self.pname:
+            wc.group_priority = -gprio
+        wc.forward_output = False       # no logfile means discarded (kept for `ctl tail` only)
+        for which in ("stdout", "stderr"):
+            if not (which == "stderr" and common["redirect_stderr"]):     # stderr in stdout's log
+                self._logfile(wc, which, per)
+        return wc
+
+    def _logfile(self, wc, which, per) -> None:
+        """stdout_logfile and friends as a FileStream (AUTO: in childlogdir)."""
+        logfile = self.get(which + "_logfile", "AUTO", per)
+        size = self.get(which + "_logfile_maxbytes", "50MB", per)
+        backups = self.get(which + "_logfile_backups", "10", per)
+        if logfile.upper() in ("NONE", "OFF", ""):
+            return
+        if logfile.upper() == "SYSLOG":
+            self.cfg.warnings.append("%s: syslog logging is not supported; output kept for `ctl tail` only"
+                                     % self.where(which + "_logfile"))
+            return
+        if logfile.upper() == "AUTO":
+            logfile = os.path.join(self.r.childlogdir,
+                                   "%s-%s---supervisor.log" % (wc.name.replace(":", "_"), which))
+        else:
+            logfile = os.path.abspath(os.path.expanduser(logfile))
+        wc.set(which + "_stream.class", "FileStream")
+        wc.set(which + "_stream.filename", logfile)
+        why = log_folder_error(getattr(wc, which + "_stream"))
+        if why:
+            raise ConfigError("%s: %s" % (self.where(which + "_logfile"), why))
+        wc.set(which + "_stream.max_bytes", self.conv(which + "_logfile_maxbytes", size, parse_byte_size))
+        wc.set(which + "_stream.backup_count", self.conv(which + "_logfile_backups", backups, _count))
+        if getattr(wc, which + "_stream")["backup_count"] == 0:
+            wc.set(which + "_stream.truncate", True)     # Supervisor empties a full log with no backups
+
+
+# ---------------------------------------------------------------------------
+# 8. Reading a config file: a Circus INI (with any Supervisor sections in it)
+# ---------------------------------------------------------------------------
+
+
+def _read_with_includes(path: str, environ, warnings: list) -> IniFile:
+    import glob
+    ini = IniFile()
+    ini.read(path)
+    base = os.path.dirname(os.path.abspath(path))
+    main = ini.items("circus")
+    patterns = main.get("include", "").split()
+    for d in main.get("include_dir", "").split():
+        patterns.append(os.path.join(d, "*.ini"))
+    if "files" in ini.items("include"):      # Supervisor's [include] files = globs
+        import platform
+        names = _sv_env_names(environ)
+        names.update(here=base, host_node_name=platform.node())
+        patterns += sv_expand(ini.items("include")["files"], names, ini.where("include", "files")).split()
+    for pat in patterns:
+        full = pat if os.path.isabs(pat) else os.path.join(base, pat)
+        found = sorted(glob.glob(full))
+        if not found:
+            warnings.append("%s: include %r matches no file" % (path, pat))
+        for f in found:
+            if os.path.abspath(f) != os.path.abspath(path):
+                ini.read(f)
+    return ini
+
+
+def _check_curve_conf(cfg, ini) -> None:
+    """Both CurveZMQ keys or neither; paths are relative to the config file; keys must load."""
+    base = os.path.dirname(cfg.path or ".")
+    for key in ("curve_secret_key", "curve_authorized_keys", "curve_owner_keys"):
+        if getattr(cfg, key):
+            setattr(cfg, key, os.path.join(base, os.path.expanduser(getattr(cfg, key))))
+    if bool(cfg.curve_secret_key) != bool(cfg.curve_authorized_keys):
+        have, need = (("curve_secret_key", "curve_authorized_keys") if cfg.curve_secret_key
+                      else ("curve_authorized_keys", "curve_secret_key"))
+        raise ConfigError("%s: %s needs %s too (the folder of client .key files; see "
+                          "`python circus.py ctl keygen`)" % (ini.where("circus", have), have, need))
+    if cfg.curve_owner_keys and not (cfg.curve_secret_key and cfg.endpoint_owner):
+        raise ConfigError("%s: curve_owner_keys needs curve_secret_key and endpoint_owner (its "
+                          "keys get endpoint_owner's rights)"
+                          % ini.where("circus", "curve_owner_keys"))
+    if cfg.curve_secret_key:
+        try:
+            load_curve_key(cfg.curve_secret_key, secret=True)
+            authorized_keys(cfg.curve_authorized_keys)
+            if cfg.curve_owner_keys:
+                authorized_keys(cfg.curve_owner_keys)
+        except CircusError as e:
+            raise ConfigError("%s: %s" % (ini.where("circus"), e)) from None
+
+
+def _check_httpd_conf(cfg, ini) -> None:
+    """The dashboard stays on loopback unless a token guards it."""
+    try:
+        check_token(cfg.httpd_token)
+    except ValueError as e:
+        raise ConfigError("%s: %s" % (ini.where("circus", "httpd_token"), e)) from None
+    if cfg.httpd and not cfg.httpd_token and not is_loopback(cfg.httpd_host):
+        raise ConfigError("%s: the dashboard on %s would be open to other hosts: set httpd_token "
+                          "(16+ characters) or use httpd_host = 127.0.0.1"
+                          % (ini.where("circus", "httpd_host"), cfg.httpd_host))
+
+
+class _CircusReader(_Reader):
+    """Circus's sections: [env] and [env:PATTERNS], [circus], [socket:x], [watcher:x], [plugin:x]."""
+
+    def __init__(self, ini, cfg, environ):
+        super().__init__(ini, cfg, environ)
+        self.seen = {}          # watcher names by their lower case; Supervisor's programs too
+        # [env] and [env:PATTERNS]: $NAME and $(circus.env.X) come from the daemon's environment
+        # ([env:...] also sees [env]; circusd leaves $(circus.env.X) literal there: a difference)
+        self.table = {"env." + k.lower(): v for k, v in environ.items()}
+        self.global_env = self._env_values("env")
+        self.table.update({"env." + k.lower(): v for k, v in self.global_env.items()})
+        self.env_sections = [([p.strip() for p in name[4:].split(",") if p.strip()], self._env_values(name))
+                             for name in ini.sections if name.startswith("env:")]
+
+    def _env_values(self, name):
+        return {k: replace_circus_vars(expand_env_refs(v, self.environ), self.table)
+                for k, v in self.ini.items(name).items()}
+
+    def expand(self, value, table=None):
+        return replace_circus_vars(value, self.table if table is None else table) \
+            if isinstance(value, str) else value
+
+    def read(self) -> CircusConfig:
+        self.read_circus()
+        # sockets, watchers and plugins, sorted by name as Circus does
+        for kind, read in (("socket:", self.read_socket), ("watcher:", self.read_watcher),
+                           ("plugin:", self.read_plugin)):
+            for name in sorted(n for n in self.ini.sections if n.startswith(kind)):
+                if self.ini.items(name):
+                    read(name)
+        if any(is_supervisor_section(n) for n in self.ini.sections):
+            _SupervisorReader(self.ini, self.cfg, self.environ, self.seen).read()
+        for name in self.ini.sections:
+            if name != "circus" and not name.startswith(("socket:", "watcher:", "plugin:", "env")) \
+                    and not is_supervisor_section(name):
+                self.cfg.warnings.append("%s: unknown section, ignored" % self.ini.where(name))
+        self._check_socket_refs()
+        return self.cfg
+
+    def read_circus(self):
+        cfg, items = self.cfg, self.ini.items("circus")
+        for key, value in items.items():
+            if key not in _CIRCUS_KEYS:
+                self.warn_unknown("circus", key, _CIRCUS_KEYS, "unknown [circus] key, ignored")
+            elif key not in ("include", "include_dir"):     # read by _read_with_includes
+                setattr(cfg, key, self.conv("circus", key, self.expand(value), _CIRCUS_KEYS[key]))
+        if "stats_endpoint" in items:
+            cfg.statsd = True
+        _check_curve_conf(cfg, self.ini)
+        _check_httpd_conf(cfg, self.ini)
+
+    def read_socket(self, name):
+        items = self.ini.items(name)
+        for key in [k for k in items if k not in _SOCKET_KEYS]:     # circusd ignores them too
+            self.warn_unknown(name, key, _SOCKET_KEYS, "unknown socket key, ignored")
+            del items[key]
+        try:
+            self.cfg.sockets.append(SocketConfig(name[7:], **{k: self.expand(v) for k, v in items.items()}))
+        except (ValueError, TypeError) as e:
+            w = self.ini.where(name, getattr(e, "key", None))
+            raise ConfigError("%s:%s [%s] %s" % (w.file, w.line, name, e)) from None
+
+    def read_watcher(self, name):
+        ini, cfg = self.ini, self.cfg
+        wname = self._watcher_name(name)
+        wc = WatcherConfig(wname)
+        wc.where = str(ini.where(name))
+        wenv = self._watcher_env(wname)
+        wtable = dict(self.table)
+        wtable.update({"env." + k.lower(): v for k, v in wenv.items()})
+        for key, value in ini.items(name).items():
+            self.conv(name, key, self._expand_option(key, value, wtable), lambda v, k=key: wc.set(k, v))
+        wc.env = wenv           # the [env] sections win over an `env` key
+        cfg.warnings += _free_key_warnings(ini, name, wc)
+        if not wc.options["cmd"]:
+            wc.options["cmd"] = ""
+            cfg.warnings.append("%s: no 'cmd': this watcher cannot start until one is set"
+                                % ini.where(name))
+        self.conv(name, None, wc, WatcherConfig.check)
+        _check_max_processes(cfg, wc.options["numprocesses"], ini.where(name, "numprocesses"))
+        for which in ("stdout_stream", "stderr_stream"):
+            why = log_folder_error(getattr(wc, which))
+            if why:
+                raise ConfigError("%s: %s" % (ini.where(name, which + ".filename"), why))
+        cfg.watchers.append(wc)
+
+    def _watcher_name(self, name):
+        wname = name[8:].strip()
+        if not wname:
+            raise ConfigError("%s: a watcher needs a name: [watcher:NAME]" % self.ini.where(name))
+        if wname.lower() in self.seen:
+            raise ConfigError("%s: watcher names are case-insensitive; %r clashes with %r"
+                              % (self.ini.where(name), wname, self.seen[wname.lower()]))
+        self.seen[wname.lower()] = wname
+        return wname
+
+    def _watcher_env(self, wname):
+        """[env] with the [env:PATTERNS] sections matching the watcher's name over it."""
+        import fnmatch
+        wenv = dict(self.global_env)
+        for pats, values in self.env_sections:
+            if pats and any(fnmatch.fnmatchcase(wname, p) for p in pats):
+                wenv.update(values)
+        return wenv
+
+    def _expand_option(self, key, value, wtable):
+        """$(circus.X) in a watcher's value: text and free-form keys see the watcher's own
+        env, typed options the global one; hooks, rlimits and stop_signal are never expanded,
+        as in Circus."""
+        if key.startswith(("hooks.", "rlimit_")) or key == "stop_signal":
+            return value
+        typed = key in WATCHER_OPTIONS and WATCHER_OPTIONS[key][0] not in (str, _str_or_none, _args)
+        return self.expand(value, self.table if typed else wtable)
+
+    def read_plugin(self, name):
+        conf = {k: self.expand(v) for k, v in self.ini.items(name).items()}
+        self.cfg.warnings += plugin_key_warnings(self.ini, name, conf)
+        self.cfg.plugins.append((name[7:], conf))
+
+    def _check_socket_refs(self):
+        sockets = {s.name for s in self.cfg.sockets}
+        for wc in self.cfg.watchers:
+            for ref in re.findall(r"circus\.sockets\.([\w.\-]+)", wc.options["cmd"] + " " +
+                                  str(wc.options["args"] or ""), re.IGNORECASE):
+                if ref.lower() not in sockets:
+                    self.cfg.warnings.append("%s: refers to socket %r but there is no [socket:%s] "
+                                             "section; the text is passed on as it is"
+                                             % (self.ini.where("watcher:" + wc.name, "cmd"), ref, ref))
+
+
+def load_config(path: str, environ=None) -> CircusConfig:
+    """Read and validate a Circus INI file (with its includes).
+
+    Raises ConfigError with one line naming file, section, key and the fix.
+    """
+    environ = dict(os.environ if environ is None else environ)
+    cfg = CircusConfig(os.path.abspath(path))
+    ini = _read_with_includes(path, environ, cfg.warnings)
+    return _CircusReader(ini, cfg, environ).read()
+
+
+#: Circus's own plugins: built in here, or why not.
+CIRCUS_PLUGINS = {
+    "circus.plugins.flapping.Flapping": "flapping",
+    "circus.plugins.resource_watcher.ResourceWatcher": "watchdog",
+    "circus.plugins.statsd.StatsdEmitter": "statsd",
+}
+
+
+UNSUPPORTED_PLUGINS = {
+    "circus.plugins.watchdog.WatchDog": "UDP heartbeats are not supported; use max_rss / max_cpu, "
+                                        "or a plugin of yours",
+    "circus.plugins.statsd.FullStats": "use the stats channel (stats_endpoint) or /metrics instead",
+    "circus.plugins.command_reloader.CommandReloader": "not supported; `ctl reload NAME` after a deploy",
+    "circus.plugins.http_observer.HttpObserver": "not supported (it is broken in Circus 0.19 too)",
+    "circus.plugins.redis_observer.RedisObserver": "not supported",
+}
+
+
+#: Keys Circus's own plugins read (besides use and priority, which every plugin has).
+_PLUGIN_KEYS = {
+    "flapping": tuple(FLAPPING_OPTIONS),
+    "watchdog": ("watcher", "service", "max_mem", "max_cpu", "loop_rate", "max_count", "min_cpu",
+                 "min_mem", "health_threshold", "process_children", "child_signal"),
+    "statsd": ("host", "port", "sample_rate", "application_name"),
+}
+
+
+def plugin_key_warnings(ini, section, conf) -> list:
+    """A built-in plugin: any key it does not read. Your own plugin reads what it likes:
+    only near-misses of use/priority are worth a word."""
+    builtin = CIRCUS_PLUGINS.get(conf.get("use"))
+    if conf.get("use") in UNSUPPORTED_PLUGINS:
+        return []           # the whole section gets its own warning
+    known = ("use", "priority") + _PLUGIN_KEYS.get(builtin, ())
+    what = "unknown key, ignored" if builtin else "unknown key, passed to the plugin as it is"
+    out = [_unknown_key(ini.where(section, key), known, what, hint_only=builtin is None)
+           for key in conf if key not in known]
+    return [w for w in out if w]
+
+
+# ---------------------------------------------------------------------------
+# 9. Process
 # ---------------------------------------------------------------------------
 
 class ChildWatcher:
@@ -2783,6 +2943,95 @@ def _listening(pid: int, inherited: set) -> bool:
     except _psutil.Error:
         pass
     return False
+
+
+_NOFILE: list = []     # [soft RLIMIT_NOFILE], read once (None: unlimited)
+
+
+_START_NOFILE: list = []    # [(soft, hard)] children get: the daemon's at start, lifted to minfds
+
+
+_CHILD_NOFILE: list = []    # the same, once ensure_fds lifted the daemon's own above it
+
+
+_NOFILE_TOP: list = []      # [the highest soft limit the daemon can have], once reached
+
+
+def child_nofile():
+    """The open files limit (soft, hard) a child must be given back, or None: the
+    daemon's raised limit is for its own fds; children get the one it started with
+    (lifted to [supervisord] minfds, as supervisord's children get)."""
+    return _CHILD_NOFILE[0] if _CHILD_NOFILE else None
+
+
+def fd_limit():
+    """The soft limit of open files (None when unlimited), as ensure_fds left it."""
+    if not _NOFILE:
+        import resource
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        _NOFILE.append(None if soft == resource.RLIM_INFINITY else soft)
+    return _NOFILE[0]
+
+
+def _raise_nofile(minfds=None):
+    """At start (daemon mode): remember the open files limit children get, and apply
+    [supervisord] minfds to it, as supervisord does. The daemon lifts its own limit
+    only when its processes need it (ensure_fds): until then children inherit theirs
+    and spawn with nothing exec'd in front."""
+    import resource
+    inf = resource.RLIM_INFINITY
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if minfds and hard != inf and minfds > hard:
+        if os.geteuid() != 0:
+            raise CircusError("[supervisord] minfds = %d is above the hard limit of open files (%d): "
+                              "raise it (ulimit -Hn, LimitNOFILE=) or lower minfds" % (minfds, hard))
+        hard = minfds
+    if minfds and soft != inf and minfds > soft:
+        soft = minfds
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        except (ValueError, OSError) as e:
+            raise CircusError("[supervisord] minfds = %d: cannot raise the limit of open files: %s"
+                              % (minfds, e)) from None
+    _START_NOFILE[:] = [(soft, hard)]
+    _CHILD_NOFILE.clear()
+    _NOFILE_TOP.clear()
+    _NOFILE.clear()
+
+
+def ensure_fds(needed: int) -> None:
+    """Lift the daemon's soft limit of open files (as root, the hard one up to the
+    kernel's nr_open) so that ``needed`` fit twice over. Only a daemon that had to
+    gives its children their start limit back (prlimit in front of the command)."""
+    soft = fd_limit()
+    if not _START_NOFILE or soft is None or needed <= soft or soft in _NOFILE_TOP:
+        return
+    import resource
+    inf = resource.RLIM_INFINITY
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 2 * needed
+    if hard != inf and want > hard and os.geteuid() == 0:
+        try:
+            with open("/proc/sys/fs/nr_open") as f:
+                hard = max(hard, min(int(f.read()), 1 << 20))
+        except (OSError, ValueError):
+            pass
+    want = want if hard == inf else min(want, hard)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(want, soft), hard))
+    except (ValueError, OSError):
+        return
+    _NOFILE.clear()
+    now = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if now[0] == hard:
+        _NOFILE_TOP[:] = [hard]     # as high as it goes: not asked again at every spawn
+    _CHILD_NOFILE[:] = [_START_NOFILE[0]] if now != _START_NOFILE[0] else []
+
+
+def fds_needed(processes: int) -> int:
+    """The fds the daemon wants for ``processes``: a pidfd and two pipes each, and room
+    for its own (log files, sockets, control and HTTP clients)."""
+    return 3 * processes + 256
 
 
 def _rlimit_setter(rlimits: dict, nofile=None):
@@ -3264,32 +3513,8 @@ class Process:
                 "started": self.started, "age": time.time() - self.started if self.started else 0}
 
 
-def resolve_user(uid, gid):
-    """Names or numbers -> (uid, gid, supplementary groups); clear errors."""
-    import grp
-    import pwd
-    out_uid = out_gid = groups = None
-    if uid is not None and str(uid) != "":
-        try:
-            pw = pwd.getpwuid(int(uid)) if str(uid).isdigit() else pwd.getpwnam(str(uid))
-        except KeyError:
-            raise ValueError("unknown user %r" % (uid,)) from None
-        out_uid = pw.pw_uid
-        out_gid = pw.pw_gid
-        try:
-            groups = os.getgrouplist(pw.pw_name, pw.pw_gid)
-        except OSError:
-            groups = None
-    if gid is not None and str(gid) != "":
-        try:
-            out_gid = int(gid) if str(gid).isdigit() else grp.getgrnam(str(gid)).gr_gid
-        except KeyError:
-            raise ValueError("unknown group %r" % (gid,)) from None
-    return out_uid, out_gid, groups
-
-
 # ---------------------------------------------------------------------------
-# 8. Watcher
+# 10. Watcher
 # ---------------------------------------------------------------------------
 
 class RingBuffer:
@@ -3360,8 +3585,7 @@ class Flapping:
     wins: a retry never undoes it (Circus #965, #809).
     """
 
-    KEYS = {"attempts": ranged(to_int, 1), "window": _seconds, "retry_in": _seconds,
-            "max_retry": ranged(to_int, -1), "active": to_bool}
+    KEYS = FLAPPING_OPTIONS
 
     def __init__(self, attempts=2, window=1.0, retry_in=7.0, max_retry=5):
         import collections
@@ -3913,6 +4137,20 @@ class Readiness:
             if await self.loop.run_in_executor(None, _listening, p.pid, inherited):
                 return self.ready()
             await asyncio.sleep(0.05)
+
+
+async def _locked(w, coro_fn):
+    """Run ``coro_fn()`` holding the watcher's lock (commands on one watcher queue)."""
+    if w.lock is None:
+        w.lock = asyncio.Lock()
+    async with w.lock:
+        return await coro_fn()
+
+
+async def _none(coro):
+    """Await ``coro``; the command's reply has no fields of its own."""
+    await coro
+    return {}
 
 
 #: Where a watcher may go from where (Circus's `status` is CIRCUS_STATUS of it), and
@@ -4510,774 +4748,7 @@ class Watcher:
 
 
 # ---------------------------------------------------------------------------
-# 9. Arbiter
-# ---------------------------------------------------------------------------
-
-class _RingLogHandler:
-    """Keeps the daemon's log lines for `ctl maintail` and publishes them when followed."""
-
-    level = 0
-
-    def __init__(self, arbiter):
-        self.arbiter = arbiter
-        self.formatter = logging.Formatter(_LOG_FORMAT, "%Y-%m-%d %H:%M:%S")
-
-    def handle(self, record):
-        line = self.formatter.format(record) + "\n"
-        arb = self.arbiter
-        if arb.loop_thread == __import__("threading").get_ident():
-            self._publish(line)
-        elif arb.loop is not None and not arb.loop.is_closed():     # e.g. a ThreadedStream's log
-            arb.loop.call_soon_threadsafe(self._publish, line)
-
-    def _publish(self, line):
-        self.arbiter.log_ring.append(line.encode("utf-8", "replace"))
-        self.arbiter.publish_followed("log", lambda: {"data": line, "time": time.time()})
-
-    def __getattr__(self, name):        # the rest of the Handler interface: no-ops
-        return lambda *a, **k: None
-
-
-async def _locked(w, coro_fn):
-    """Run ``coro_fn()`` holding the watcher's lock (commands on one watcher queue)."""
-    if w.lock is None:
-        w.lock = asyncio.Lock()
-    async with w.lock:
-        return await coro_fn()
-
-
-async def _none(coro):
-    """Await ``coro``; the command's reply has no fields of its own."""
-    await coro
-    return {}
-
-
-def _not_reloaded(e: Exception) -> CommandError:
-    return CommandError("config not reloaded, nothing changed: %s" % e, E_MESSAGE_ERROR)
-
-
-class _ConfigDiff:
-    """What moving the arbiter to a new config changes (reloadconfig, reread, update).
-
-    What the file says now against what it said when last loaded: a runtime
-    incr/set on a watcher the file did not change stays. Sockets:
-    ``changed_socks`` (names, changed or gone) close, ``added_socks`` (new or
-    changed) are bound. Watchers: ``removed`` go, ``changed`` ((watcher, new
-    conf) pairs, incl. those using a changed socket) are replaced, ``resized``
-    only take the new numprocesses, ``added`` are new confs; ``to_build`` are
-    the confs of the watchers to create, in the file's order.
-    """
-
-    def __init__(self, old: CircusConfig, watchers, new: CircusConfig):
-        self._sockets(old.sockets, new.sockets)
-        old_w = {w.name.lower(): w for w in watchers}
-        new_w = {wc.name.lower(): wc for wc in new.watchers}
-        self.removed = [w for n, w in old_w.items() if n not in new_w]
-        self.changed, self.resized = [], []
-        for n, wc in new_w.items():
-            if n in old_w:
-                self._compare(old_w[n], wc)
-        self.added = [wc for n, wc in new_w.items() if n not in old_w]
-        renew = {w.name.lower() for w, _ in self.changed}
-        self.to_build = [wc for wc in new.watchers
-                         if wc.name.lower() not in old_w or wc.name.lower() in renew]
-
-    def _sockets(self, old: list, new: list):
-        old_socks = {s.name: s for s in old}
-        new_socks = {s.name: s for s in new}
-        self.changed_socks = {n for n in old_socks if n not in new_socks or
-                              old_socks[n].key() != new_socks[n].key()}
-        self.added_socks = [s for n, s in new_socks.items()
-                            if n not in old_socks or n in self.changed_socks]
-
-    def _compare(self, w, wc):
-        was = w.file_conf or w.conf     # what the file said, not what incr/set made of it
-        if any(self._uses(w, s) for s in self.changed_socks) or self._differs_beyond_numprocesses(was, wc):
-            self.changed.append((w, wc))
-        elif was.options["numprocesses"] != wc.options["numprocesses"]:
-            self.resized.append((w, wc))
-
-    @staticmethod
-    def _uses(w, sock_name) -> bool:
-        o = w.conf.options
-        return ("sockets." + sock_name) in (o["cmd"] + str(o["args"])).lower() or \
-            o["use_sockets"] or (o["stdin_socket"] or "").lower() == sock_name
-
-    @staticmethod
-    def _differs_beyond_numprocesses(a: WatcherConfig, b: WatcherConfig) -> bool:
-        na, nb = a.options["numprocesses"], b.options["numprocesses"]
-        try:
-            a.options["numprocesses"] = nb
-            return a.key() != b.key()
-        finally:
-            a.options["numprocesses"] = na
-
-    def names(self) -> dict:
-        """Names added, changed (incl. resized) and removed, for reread/update."""
-        return {"added": sorted(wc.name for wc in self.added),
-                "changed": sorted(w.name for w, _ in self.changed + self.resized),
-                "removed": sorted(w.name for w in self.removed)}
-
-
-class _OnDemand:
-    """on_demand watchers start on the first connection to one of their sockets.
-
-    At start-up the arbiter arms such a watcher instead of starting it: the
-    loop watches its listening sockets, and the first readable one (a
-    connection in the backlog) disarms them all and starts it, unless it was
-    removed or started meanwhile. Stopping it (stop, quit, reloadconfig)
-    disarms them too.
-    """
-
-    def __init__(self, arbiter):
-        self.arbiter = arbiter
-
-    def arm(self, w) -> bool:
-        """Watch the sockets ``w`` uses; False (start it now) if it uses none."""
-        o = w.conf.options
-        text = (o["cmd"] + " " + str(o["args"] or "")).lower()
-        fds = [s.fileno() for name, s in self.arbiter.sockets.items() if s.sock is not None and
-               (o["use_sockets"] or ("sockets." + name) in text)]
-        if not fds:
-            _log().warning("watcher %s: on_demand needs a socket it uses; started now", w.name)
-            return False
-        for fd in fds:
-            self.arbiter.loop.add_reader(fd, self._fire, w)
-        w.on_demand_fds = fds
-        return True
-
-    def disarm(self, w) -> None:
-        for fd in getattr(w, "on_demand_fds", ()):
-            self.arbiter.loop.remove_reader(fd)
-        w.on_demand_fds = []
-
-    def _fire(self, w):
-        self.disarm(w)
-        arb = self.arbiter
-        if w in arb.watchers and w.state == ProcState.STOPPED:
-            _log().info("watcher %s: activity on its socket, starting (on_demand)", w.name)
-            arb.loop.create_task(arb._guarded(_locked(w, w.start)))
-
-
-class _HupReloads:
-    """The SIGHUP handler: reloadconfig, then a graceful reload of the watchers it did
-    not start afresh (a plain reload for an arbiter with no config file).
-
-    SIGHUPs that come during a pass merge into one more pass after it, however
-    many came. A broken file changes nothing (one error line). Under systemd
-    each pass is framed by RELOADING=1 (with MONOTONIC_USEC, for
-    Type=notify-reload) and READY=1.
-    """
-
-    def __init__(self, arbiter):
-        self.arbiter = arbiter
-        self.task = None        # the pass under way
-        self.again = False      # SIGHUPs came meanwhile
-
-    def __call__(self):
-        arb = self.arbiter
-        if arb.stopping:
-            return
-        if self.task is not None and not self.task.done():
-            _log().info("got SIGHUP: merged into the reload under way (one more pass follows it)")
-            self.again = True
-            return
-        _log().info("got SIGHUP: reloading the config, then the watchers it did not change")
-        self.task = arb.loop.create_task(self._passes())
-
-    async def _passes(self):
-        arb = self.arbiter
-        again = True
-        while again and not arb.stopping:
-            self.again = False
-            arb.sd_notify("RELOADING=1\nMONOTONIC_USEC=%d" % (time.monotonic_ns() // 1000))
-            try:
-                if arb.config is not None and arb.config.path:
-                    await arb._guarded(arb.reload_config(reload_rest=True))
-                else:
-                    await arb._guarded(arb.reload())
-            finally:
-                if not arb.stopping:
-                    arb.sd_notify("READY=1")
-            again = self.again
-
-
-class Arbiter:
-    """Many watchers and sockets, one event loop, the control and pub/sub channels.
-
-    ``run()`` blocks in its own loop (with signal handlers: TERM/INT/QUIT
-    quit, HUP reloads), and so does ``start()`` called outside a running loop
-    (Circus's library use); ``await start()`` / ``await stop()`` run it inside
-    the caller's loop. Events reach every callable in ``listeners`` as
-    ``(topic, payload)``; the pub/sub channel is one of them.
-    """
-
-    def __init__(self, watchers=(), endpoint: str | None = DEFAULT_ENDPOINT,
-                 pubsub_endpoint: str | None = DEFAULT_PUBSUB, *, sockets=(), check_delay=1.0,
-                 warmup_delay=0, multicast_endpoint=None, stats_endpoint=None,
-                 endpoint_owner=None, config: CircusConfig | None = None, umask=None):
-        self.endpoint = endpoint
-        self.pubsub_endpoint = pubsub_endpoint
-        self.stats_endpoint = stats_endpoint
-        self.multicast_endpoint = multicast_endpoint
-        self.endpoint_owner = endpoint_owner
-        self.check_delay = check_delay
-        self.warmup_delay = warmup_delay
-        self.umask = umask
-        self.config = config
-        self.search_dirs = (os.path.dirname(config.path),) if config and config.path else ()
-        self.listeners: list = []
-        self.flapping_plugin = None     # [plugin:x] use = ...Flapping settings: defaults for all
-        self.plugin_runners: list = []
-        self.watchdogs: dict = {}       # watcher -> Watchdog (watchers with max_rss / max_cpu)
-        self.plugin_limits: dict = {}   # watcher name -> limits from a ResourceWatcher section
-        self.metrics_cache: dict = {}   # psutil objects of /metrics scrapes
-        self.max_processes = 10000      # per watcher, for add/incr/set over the control channel
-        self.allow_insecure_endpoint = False    # a TCP endpoint off this host, with no auth
-        self.curve_secret_key = None    # CurveZMQ on every channel when set (see CurveServer)
-        self.curve_authorized_keys = None
-        self.curve_owner_keys = None    # their clients get endpoint_owner's rights only
-        self.statsd = False             # publish the stats channel on stats_endpoint
-        self.metrics_endpoint = None
-        self.httpd = None               # (host, port, token): the web dashboard
-        self.snapshot_cache: dict = {}  # psutil objects of `snapshot` (the dashboard's CPU %)
-        self.started = None             # epoch time of start()
-        self.log_ring = RingBuffer()    # the daemon's recent log, for `ctl maintail`
-        self.loop_thread = None
-        self._log_handler = None
-        self.sockets: dict = {}
-        self.watchers: list = []
-        self.channels: list = []
-        self.loop = None
-        self._lock = None           # serialises arbiter-wide operations (start-up included)
-        self.stopping = False       # quit has begun: nothing spawns any more
-        self.on_demand = _OnDemand(self)
-        self._done = None
-        self._socket_confs = list(sockets)
-        for w in watchers:
-            self._attach(w if isinstance(w, Watcher) else self._make_watcher(w))
-
-    @classmethod
-    def from_config(cls, cfg: CircusConfig) -> "Arbiter":
-        """An Arbiter for a CircusConfig (from load_config)."""
-        arb = cls(endpoint=cfg.endpoint, pubsub_endpoint=cfg.pubsub_endpoint,
-                  check_delay=cfg.check_delay, warmup_delay=cfg.warmup_delay,
-                  multicast_endpoint=cfg.multicast_endpoint or None,
-                  stats_endpoint=cfg.stats_endpoint, endpoint_owner=cfg.endpoint_owner,
-                  config=cfg, umask=cfg.umask, sockets=cfg.sockets)
-        arb.statsd, arb.metrics_endpoint = cfg.statsd, cfg.metrics_endpoint
-        arb.httpd = (cfg.httpd_host, cfg.httpd_port, cfg.httpd_token) if cfg.httpd else None
-        arb.allow_insecure_endpoint = cfg.allow_insecure_endpoint
-        arb.curve_secret_key, arb.curve_authorized_keys = cfg.curve_secret_key, cfg.curve_authorized_keys
-        arb.curve_owner_keys = cfg.curve_owner_keys
-        arb.max_processes = cfg.max_processes
-        arb.flapping_plugin, arb.plugin_limits = flapping_defaults(cfg), plugin_limits(cfg)
-        for wc in cfg.watchers:
-            arb._attach(arb._make_watcher(wc))
-        configure_plugins(arb, cfg)
-        return arb
-
-    def add_plugin(self, name: str, plugin: "Plugin") -> None:
-        """Run ``plugin`` in this arbiter: it gets every event (from start on)."""
-        plugin.name = name
-        runner = _PluginRunner(plugin, self)
-        self.plugin_runners.append(runner)
-        self.listeners.append(runner)
-        if self.loop is not None:
-            runner.start()
-
-    def _watch_resources(self, w):
-        """(Re)create the watchdog of ``w``; none once it is removed or has no limits."""
-        old = self.watchdogs.pop(w, None)
-        if old is not None:
-            old.stop()
-        o = dict(w.conf.options)
-        o.update(self.plugin_limits.get(w.name.lower(), {}))
-        if (o["max_rss"] is not None or o["max_cpu"] is not None) and w in self.watchers:
-            dog = self.watchdogs[w] = Watchdog(w, o)
-            if self.loop is not None:
-                dog.start(self.loop)
-
-    def _prune_watchdogs(self):
-        for w in [w for w in self.watchdogs if w not in self.watchers]:
-            self.watchdogs.pop(w).stop()
-
-    def _make_watcher(self, spec) -> Watcher:
-        if isinstance(spec, WatcherConfig):
-            import copy
-            try:        # a hook or stream class that cannot be imported
-                w = Watcher(spec.name, config=copy.deepcopy(spec), search_dirs=self.search_dirs)
-            except ValueError as e:
-                raise ConfigError("%s: %s" % (spec.where or "watcher " + spec.name, e)) from None
-            w.file_conf = spec
-            return w
-        spec = dict(spec)
-        name = spec.pop("name")
-        return Watcher(name, spec.pop("cmd", None), spec.pop("args", None),
-                       search_dirs=self.search_dirs, **spec)
-
-    def _attach(self, w: Watcher):
-        w.on_event = self.emit
-        w.on_output_event = self._publish_output
-        w.sockets = self.sockets
-        w.arbiter = self
-        w.flapping = Flapping.from_settings(self.flapping_plugin, w.conf.free) \
-            if w.conf.options["check_flapping"] else None
-        self.watchers.append(w)
-        if self.loop is not None:
-            w.lock = asyncio.Lock()
-        self._watch_resources(w)
-
-    # -- lookups ---------------------------------------------------------------
-    def get_watcher(self, name) -> Watcher:
-        """A watcher by name, any case; MessageError if there is none."""
-        low = str(name).lower()
-        for w in self.watchers:
-            if w.name.lower() == low:
-                return w
-        raise MessageError("program %s not found" % name)
-
-    def iter_watchers(self, reverse=False) -> list:
-        """By priority, highest first (stable on config order); reverse for stopping."""
-        ws = sorted(self.watchers, key=lambda w: -w.boot_priority)
-        return list(reversed(ws)) if reverse else ws
-
-    def publish_followed(self, topic: str, make_payload) -> None:
-        """Send to listeners that follow ``topic`` (output, log), only if someone does.
-
-        ``make_payload()`` builds the payload: it is not even called (no decoding
-        of output) while nobody follows, which is the usual case on this hot path.
-        """
-        followers = [l for l in self.listeners if getattr(l, "prefixes", None)]
-        if not followers:
-            return
-        raw, payload = topic.encode(), None
-        for listener in followers:
-            if listener.wants(raw):
-                payload = payload or make_payload()
-                listener(topic, payload)
-
-    def _publish_output(self, w, chunk):
-        self.publish_followed("output.%s.%s" % (w.topic_name, chunk["name"]),
-                              lambda: {"data": chunk["data"].decode("utf-8", "replace"),
-                                       "pid": chunk["pid"], "time": time.time()})
-
-    def emit(self, topic, payload) -> None:
-        """Hand an event to every listener (the pub/sub channel is one)."""
-        for listener in list(self.listeners):
-            try:
-                listener(topic, payload)
-            except Exception:
-                _log().exception("event listener %r failed", listener)
-
-    # -- lifecycle ---------------------------------------------------------------
-    def run(self) -> int:
-        """Block until quit; returns the exit code (0).
-
-        Under systemd (``Type=notify``: $NOTIFY_SOCKET) it reports READY=1
-        once started and STOPPING=1 on quit; the variable is not passed on.
-        """
-        self._notify_socket = os.environ.pop("NOTIFY_SOCKET", None)
-        return asyncio.run(self._serve())
-
-    async def _serve(self):
-        import threading        # signal handlers can only be set from the main thread
-        await self._start(handle_signals=threading.current_thread() is threading.main_thread())
-        if not self.stopping:       # a quit during start-up already said STOPPING=1
-            self.sd_notify("READY=1\nMAINPID=%d" % os.getpid())
-        await self._done
-        return 0
-
-    _notify_socket = None
-
-    def sd_notify(self, message: str) -> None:
-        """Send one sd_notify(3) message, if the daemon was started with $NOTIFY_SOCKET."""
-        path = self._notify_socket
-        if not path:
-            return
-        import socket
-        if path.startswith("@"):
-            path = "\0" + path[1:]         # the abstract namespace
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-                s.connect(path)
-                s.send(message.encode())
-        except OSError as e:
-            _log().warning("NOTIFY_SOCKET %s: %s", self._notify_socket, e)
-
-    def start(self, handle_signals=False):
-        """Bind sockets and channels, then start the watchers in priority order.
-
-        Inside a running loop: ``await arbiter.start()`` returns once started.
-        Outside one, as in Circus: runs the arbiter here until it is stopped (a
-        signal, the quit command, ``stop()`` from another thread or a callback).
-        """
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return self.run()
-        return self._start(handle_signals)
-
-    async def _start(self, handle_signals=False) -> None:
-        self.loop = asyncio.get_running_loop()
-        self.loop_thread = __import__("threading").get_ident()
-        self.started = time.time()
-        self.stopping = False
-        self._lock = asyncio.Lock()
-        self._log_handler = _RingLogHandler(self)
-        _log().addHandler(self._log_handler)
-        self._done = self.loop.create_future()
-        for w in self.watchers:
-            w.lock = asyncio.Lock()
-        if self.umask is not None:
-            os.umask(self.umask)
-        self._bind_sockets(self._socket_confs)
-        await self._start_channels()
-        for runner in self.plugin_runners:
-            runner.start()
-        for dog in self.watchdogs.values():
-            dog.start(self.loop)
-        if self.config is not None and self.config.user:
-            drop_privileges(self.config.user)       # after binding, as supervisord does
-        if handle_signals:
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
-                self.loop.add_signal_handler(sig, self._on_quit_signal, sig)
-            self.loop.add_signal_handler(signal.SIGHUP, _HupReloads(self))
-            if hasattr(signal, "SIGWINCH"):
-                signal.signal(signal.SIGWINCH, signal.SIG_IGN)
-            if hasattr(signal, "SIGXFSZ"):      # a file size limit: EFBIG, not death
-                signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        # under the arbiter lock, as reload/reloadconfig/quit are: none of them acts on a
-        # half-started arbiter (read-only commands take no lock and answer meanwhile)
-        async with self._lock:
-            await self.start_watchers()
-        if not self.stopping:
-            _log().info("arbiter ready: %d watchers, control on %s", len(self.watchers), self.endpoint)
-
-    def _bind_sockets(self, confs):
-        for conf in confs:
-            s = CircusSocket(conf)
-            try:
-                s.bind_and_listen()
-            except OSError as e:
-                self._close_sockets()
-                raise CircusError("socket %s (%s): cannot bind: %s" % (
-                    conf.name, conf.path or "%s:%s" % (conf.host, conf.port), e.strerror or e)) from None
-            self.sockets[conf.name] = s
-            _log().info("socket %s bound: %s", s.name, s.info())
-
-    async def _start_channels(self):
-        if self.endpoint or self.pubsub_endpoint or self.multicast_endpoint or self.statsd \
-                or self.metrics_endpoint or self.httpd:
-            self.channels = await start_channels(self)
-
-    async def start_watchers(self, names=None) -> None:
-        """Start the autostart watchers (or those given) by priority."""
-        ws = self.iter_watchers() if names is None else \
-            sorted((w for w in self.watchers if w in names), key=lambda w: -w.priority)
-        for w in ws:
-            if self.stopping:           # a quit came in: it stops what did start
-                break
-            if names is not None or w.conf.options["autostart"]:
-                if names is None and w.conf.options["on_demand"] and self.on_demand.arm(w):
-                    continue
-                async with w.lock:
-                    try:
-                        await w.start()
-                    except CircusError as e:    # one broken watcher never stops the others
-                        _log().error("%s", e)
-                if self.warmup_delay:
-                    await asyncio.sleep(self.warmup_delay)
-
-    async def stop_watchers(self, watchers=None) -> None:
-        """Stop in reverse priority order; watchers of equal priority stop together.
-        Supervisor's `stop g:*` / `stop all` go lowest priority first, as its start."""
-        if watchers is None:
-            ws, prio = self.iter_watchers(reverse=True), (lambda w: w.boot_priority)
-        else:
-            ws, prio = sorted(watchers, key=lambda w: -w.priority if w.conf.group else w.priority), \
-                (lambda w: w.priority)
-        i, errors = 0, []
-        while i < len(ws):
-            group = [w for w in ws[i:] if prio(w) == prio(ws[i])]
-            i += len(group)
-
-            async def stop_one(w):
-                self.on_demand.disarm(w)
-                async with w.lock:
-                    await w.stop()
-            # one watcher's failure neither stops the others nor the lower priorities
-            results = await asyncio.gather(*(stop_one(w) for w in group), return_exceptions=True)
-            errors += [e for e in results if isinstance(e, Exception)]
-        if errors:
-            raise errors[0]
-
-    def stop(self):
-        """Stop every watcher, close sockets and channels; run() then returns.
-
-        In the arbiter's loop it returns a task (``await arbiter.stop()``, or
-        fire and forget from a callback). From another thread it waits until
-        the arbiter is down; once stopped (or never started) it does nothing.
-        """
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is not None and running is self.loop:
-            return running.create_task(self._stop(asyncio.current_task()))
-        if self.loop is None or self.loop.is_closed() or self._done is None or self._done.done():
-            return None
-        import concurrent.futures
-        try:
-            return asyncio.run_coroutine_threadsafe(self._stop(None), self.loop).result()
-        except (RuntimeError, concurrent.futures.CancelledError, asyncio.CancelledError):
-            return None         # it stopped meanwhile (a quit, a signal)
-
-    async def _stop(self, caller) -> None:
-        # Called by the quit command's own handler (``caller``), it returns once the
-        # watchers are down, so the handler can still send its reply; the channels
-        # close right after.
-        self.sd_notify("STOPPING=1")
-        self.stopping = True        # a start-up or top-up in progress ends at its next spawn
-        async with self._lock:
-            try:
-                await self.stop_watchers()
-            except Exception:       # logged; the daemon still exits
-                _log().exception("while stopping the watchers")
-        finish = self.loop.create_task(self._finish())
-        if not any(ch.owns(caller) for ch in self.channels):
-            await finish
-
-    async def _finish(self):
-        for w in self.watchers:
-            w._close_streams(final=True)
-        for runner in self.plugin_runners:
-            runner.stop()
-        for dog in self.watchdogs.values():
-            dog.stop()
-        if self._log_handler is not None:
-            _log().removeHandler(self._log_handler)
-            self._log_handler = None
-        for ch in self.channels:
-            await ch.close()
-        self.channels = []
-        self._close_sockets()
-        nl = _NOTIFY_LISTENERS.pop(self.loop, None)
-        if nl is not None:
-            nl.close()
-        cw = _CHILD_WATCHERS.pop(self.loop, None)
-        if cw is not None:
-            cw.close()
-        if _CLOSING_STREAMS:        # user streams finish their queue (bounded) before we exit
-            await self.loop.run_in_executor(None, join_streams, 5.0)
-        if self._done is not None and not self._done.done():
-            self._done.set_result(True)
-
-    def _on_quit_signal(self, sig):
-        _log().info("got %s: stopping", signame(sig))
-        self.stop()      # a task of its own
-
-    async def _guarded(self, coro):
-        try:
-            return await coro
-        except CircusError as e:
-            _log().error("%s", e)
-        except Exception:
-            _log().exception("unexpected error")
-
-    async def reload(self, graceful=True, sequential=False) -> None:
-        """Reload every running watcher (stopped ones stay stopped: Circus bug 5)."""
-        async with self._lock:
-            self._refuse_if_quitting("reload")
-            await self._reload_watchers(graceful, sequential)
-
-    def _refuse_if_quitting(self, what):
-        if self.stopping:       # queued before a quit (e.g. a SIGHUP storm): dropped
-            raise CommandError("%s dropped: the daemon is quitting" % what)
-
-    async def _reload_watchers(self, graceful=True, sequential=False, skip=()) -> None:
-        errors = []
-        for w in self.iter_watchers():
-            if self.stopping:
-                break
-            if w.state == ProcState.STOPPED or w in skip:
-                continue
-            async with w.lock:
-                try:
-                    await w.reload(graceful=graceful, sequential=sequential)
-                except CommandError as e:   # one aborted reload does not stop the others
-                    errors.append(str(e))
-            if self.warmup_delay:
-                await asyncio.sleep(self.warmup_delay)
-        if errors:
-            raise CommandError("; ".join(errors), E_COMMAND_ERROR)
-
-    # -- watchers at runtime -----------------------------------------------------
-    def add_watcher(self, name, cmd, args=None, options=None) -> Watcher:
-        """Create and attach a watcher (not started). Raises CommandError/MessageError."""
-        if any(w.name.lower() == str(name).lower() for w in self.watchers):
-            raise CommandError("%r already exist" % name)
-        try:
-            w = Watcher(name, cmd, args, search_dirs=self.search_dirs, **(options or {}))
-        except ValueError as e:
-            raise MessageError(str(e)) from None
-        self._attach(w)
-        self.emit("watcher.%s.add" % w.topic_name, {"time": time.time()})
-        return w
-
-    def rm_watcher(self, w: Watcher, nostop=False) -> object:
-        """Detach a watcher; returns a coroutine that stops it (nothing with nostop)."""
-        self.watchers.remove(w)
-        self._watch_resources(w)
-        w._user_action(False)           # no flapping retry for a removed watcher
-        self.emit("watcher.%s.remove" % w.topic_name, {"time": time.time()})
-        if nostop:
-            for p in list(w.processes.values()):
-                p.on_exit = None        # left running, no longer ours to respawn
-            w._close_streams(final=True)
-            return _none(asyncio.sleep(0))
-
-        async def stop_and_close():
-            await w.stop()
-            w._close_streams(final=True)
-        return _none(_locked(w, stop_and_close))
-
-    # -- config reload: parse completely (errors change nothing), diff, apply the differences
-    def _load_new_config(self) -> CircusConfig:
-        if not self.config or not self.config.path:
-            raise CommandError("no config file to reload: this arbiter was built in Python")
-        try:
-            new = load_config(self.config.path)
-            plugin_limits(new)      # a ResourceWatcher section is checked too, before any reply
-            return new
-        except ConfigError as e:
-            raise _not_reloaded(e) from None
-
-    def config_diff(self, new: CircusConfig) -> dict:
-        """Names added, changed (incl. resized) and removed, for reread/update."""
-        return _ConfigDiff(self.config, self.watchers, new).names()
-
-    async def reload_config(self, new: CircusConfig | None = None, reload_rest=False) -> None:
-        """Re-read the file; apply only what changed. A broken file changes nothing.
-
-        ``reload_rest`` (SIGHUP): then a graceful reload of every running
-        watcher this did not start afresh.
-        """
-        new, plugin_settings = self._parse_new_config(new)         # 1. parse
-        async with self._lock:
-            self._refuse_if_quitting("reloadconfig")
-            diff = _ConfigDiff(self.config, self.watchers, new)     # 2. diff
-            try:        # built before anything stops: a hook that cannot be imported changes nothing
-                fresh = [self._make_watcher(wc) for wc in diff.to_build]
-            except ConfigError as e:
-                raise _not_reloaded(e) from None
-            await self._apply_config(new, plugin_settings, diff, fresh)     # 3. apply
-            if reload_rest:
-                await self._reload_watchers(skip=fresh)
-
-    def _parse_new_config(self, new: CircusConfig | None):
-        """The new file, parsed completely, and its plugin settings (flapping, limits)."""
-        new = new or self._load_new_config()
-        try:
-            plugin_settings = flapping_defaults(new), plugin_limits(new)
-        except ConfigError as e:
-            raise _not_reloaded(e) from None
-        for w in new.warnings:
-            _log().warning("%s", w)
-        return new, plugin_settings
-
-    async def _apply_config(self, new: CircusConfig, plugin_settings, diff: _ConfigDiff, fresh) -> None:
-        """Only the differences: what goes stops before its sockets close, the new
-        sockets are bound before the ``fresh`` watchers start."""
-        self._take_globals(new)
-        self.flapping_plugin, self.plugin_limits = plugin_settings
-        gone = diff.removed + [w for w, _ in diff.changed]
-        for w in gone:
-            self.watchers.remove(w)
-            self.emit("watcher.%s.remove" % w.topic_name, {"time": time.time()})
-        await self.stop_watchers(gone)
-        self._let_go(gone)
-        self._close_sockets(diff.changed_socks)
-        self._bind_sockets(diff.added_socks)
-        self.config = new
-        for w, wc in diff.resized:
-            w.file_conf = wc
-            async with w.lock:
-                await w.set_numprocesses(wc.options["numprocesses"])
-        for w in fresh:
-            self._attach(w)
-            self.emit("watcher.%s.add" % w.topic_name, {"time": time.time()})
-        await self.start_watchers([w for w in fresh if w.conf.options["autostart"]])
-
-    def _take_globals(self, new: CircusConfig) -> None:
-        old = self.config
-        if new.globals_key() == old.globals_key():
-            return
-        self.check_delay, self.warmup_delay = new.check_delay, new.warmup_delay
-        for k in ("endpoint", "pubsub_endpoint", "multicast_endpoint", "curve_secret_key",
-                  "curve_owner_keys", "endpoint_owner"):
-            if getattr(new, k) != getattr(old, k):
-                _log().warning("reloadconfig: %s changed; it takes effect at the next "
-                               "daemon start (a restart keeps the old one)", k)
-
-    def _let_go(self, ws) -> None:
-        """Of stopped watchers no longer ours: no flapping retry, streams closed, no watchdog."""
-        for w in ws:
-            w._user_action(False)
-            w._close_streams(final=True)
-        self._prune_watchdogs()
-
-    def _close_sockets(self, names=None) -> None:
-        for n in list(self.sockets) if names is None else names:
-            s = self.sockets.pop(n, None)
-            if s is not None:
-                s.close()
-
-    async def restart(self) -> None:
-        """Full restart in this process: stop all, re-read the config, rebind, start.
-
-        If the file is now broken, the old config is started again (nothing lost).
-        """
-        try:
-            new = self._load_new_config() if self.config and self.config.path else None
-        except CommandError as e:
-            _log().error("%s; restarting with the previous config", e)
-            new = None
-        async with self._lock:
-            await self.stop_watchers()
-            if new is not None:
-                self._close_sockets()
-                self.config = new
-                old, self.watchers = self.watchers, []
-                self._let_go(old)
-                try:
-                    self.flapping_plugin, self.plugin_limits = flapping_defaults(new), plugin_limits(new)
-                except ConfigError as e:
-                    _log().error("%s", e)
-                for wc in new.watchers:
-                    self._attach(self._make_watcher(wc))
-                self._bind_sockets(new.sockets)
-            await self.start_watchers()
-
-
-def get_arbiter(watchers, controller=DEFAULT_ENDPOINT, pubsub_endpoint=DEFAULT_PUBSUB,
-                sockets=(), check_delay=1.0, warmup_delay=0, **kw) -> Arbiter:
-    """Build an Arbiter from dicts, like Circus's ``get_arbiter``.
-
-    ``watchers`` are dicts with ``cmd`` and any watcher option; ``name`` defaults to the
-    command's base name, as in Circus (``{"cmd": "python app.py"}`` is ``python``);
-    ``sockets`` are dicts with ``name`` and socket keys (host, port, path...).
-    Pass ``controller=None, pubsub_endpoint=None`` for no ZeroMQ channels.
-    """
-    watchers = [dict(w, name=os.path.basename(str(w.get("cmd") or "").split(" ")[0]))
-                if isinstance(w, dict) and "name" not in w else w for w in watchers]
-    socks = [s if isinstance(s, SocketConfig) else SocketConfig(**s) for s in sockets]
-    return Arbiter(watchers, controller, pubsub_endpoint, sockets=socks,
-                   check_delay=check_delay, warmup_delay=warmup_delay, **kw)
-
-
-# ---------------------------------------------------------------------------
-# 9b. Monitoring: resource watchdog, plugins, stats channel, /metrics
+# 11. Monitoring: process stats, resource watchdog, stats records, /metrics text
 # ---------------------------------------------------------------------------
 # Each part runs only when configured, and the samplers only while someone
 # looks: an idle daemon still never wakes up.
@@ -5331,18 +4802,6 @@ def process_stats(pid: int, kids_of=None, cache=None) -> dict:
     except _psutil.NoSuchProcess:
         cache.pop(pid, None)
         return "No such process (stopped?)"
-
-
-def parse_mem_limit(value) -> int:
-    """``200M``, ``1.5G``, ``512K``, ``1048576`` (bytes) or ``25%`` of the machine's memory."""
-    text = str(value).strip().upper()
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(%|B|K|KB|M|MB|G|GB|T|TB)?", text)
-    if not m:
-        raise ValueError("%r is not a memory size (e.g. 200M, 1G, 25%%)" % (value,))
-    num, unit = ranged(float)(m.group(1)), (m.group(2) or "B").rstrip("B") or "B"
-    if unit == "%":
-        return int(_psutil.virtual_memory().total * num / 100)
-    return int(num * {"B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[unit])
 
 
 def _sample(pids, cache: dict) -> dict:
@@ -5448,254 +4907,6 @@ class Watchdog:
                 self._loop.create_task(w.arbiter_guard(_locked(w, restart)))
         if self._loop is not None and not self._loop.is_closed():
             self._handle = self._loop.call_later(self.interval, self._tick)
-
-
-class Plugin:
-    """Base class for plugins: ``[plugin:NAME] use = package.module.MyPlugin``.
-
-    A plugin runs in the daemon, in a thread of its own (it may block), and
-    sees every event. Override what you need::
-
-        class Alert(circus.Plugin):
-            def handle_event(self, topic, payload):
-                if topic.endswith(".flapping"):
-                    self.call("stop", name=topic.split(".")[1])
-
-    The section's other keys are in ``self.options`` (strings) and
-    ``self.name`` is NAME. ``call()`` runs a control command and returns its
-    reply; ``cast()`` sends one without waiting.
-    """
-
-    def __init__(self, **options):
-        self.options = options
-        self.name = None
-        self._arbiter = None
-
-    def handle_init(self) -> None:
-        """Called once, in the plugin's thread, before the first event."""
-
-    def handle_event(self, topic: str, payload: dict) -> None:
-        """Called for every event (``watcher.NAME.EVENT``), in order."""
-
-    def handle_stop(self) -> None:
-        """Called once when the daemon stops."""
-
-    def call(self, command: str, **props) -> dict:
-        body = json.dumps({"command": command, "properties": props}).encode()
-        fut = asyncio.run_coroutine_threadsafe(dispatch(self._arbiter, body), self._arbiter.loop)
-        return fut.result(60)
-
-    def cast(self, command: str, **props) -> None:
-        body = json.dumps({"command": command, "properties": props, "msg_type": "cast"}).encode()
-        asyncio.run_coroutine_threadsafe(dispatch(self._arbiter, body), self._arbiter.loop)
-
-
-class _PluginRunner:
-    """Feeds one plugin its events through a bounded queue, in its own thread."""
-
-    MAX_QUEUED = 10000
-
-    def __init__(self, plugin: Plugin, arbiter):
-        import queue
-        import threading
-        plugin._arbiter = arbiter
-        self.plugin = plugin
-        self.queue = queue.Queue(self.MAX_QUEUED)
-        self.dropped = 0
-        self.dead = False
-        self.thread = threading.Thread(target=self._run, name="plugin " + str(plugin.name), daemon=True)
-
-    def start(self):
-        self.thread.start()
-
-    def __call__(self, topic, payload):
-        if self.dead:
-            return
-        try:       # its own copy: a plugin that changes the dict changes nothing else
-            self.queue.put_nowait((topic, json.loads(json.dumps(payload))))
-        except __import__("queue").Full:
-            if not self.dropped:
-                _log().warning("plugin %s is too slow: events dropped", self.plugin.name)
-            self.dropped += 1
-
-    def _guard(self, what, *args) -> bool:
-        try:
-            getattr(self.plugin, what)(*args)
-            return True
-        except (Exception, SystemExit) as e:
-            _log().error("plugin %s: %s failed: %s: %s", self.plugin.name, what, type(e).__name__, e)
-            return False
-
-    def _run(self):
-        if not self._guard("handle_init"):
-            self.dead = True
-            _log().error("plugin %s disabled", self.plugin.name)
-            return
-        while True:
-            item = self.queue.get()
-            if item is None:
-                break
-            self._guard("handle_event", *item)
-        self._guard("handle_stop")
-
-    def stop(self):
-        """Ask it to finish (handle_stop); the daemon waits for it, bounded, at exit.
-
-        Never blocks the loop: with its queue full, the oldest event makes room for the
-        end mark (only the loop puts, so there is room then).
-        """
-        import queue
-        if not self.dead and self.thread.is_alive():
-            self.dead = True            # no event after the end mark
-            try:
-                self.queue.put_nowait(None)
-            except queue.Full:
-                try:
-                    self.queue.get_nowait()
-                    self.dropped += 1
-                except queue.Empty:
-                    pass
-                self.queue.put_nowait(None)
-            _CLOSING_STREAMS.add(self.thread)
-
-
-class StatsdEmitter(Plugin):
-    """Counts every event on a statsd server (UDP): ``circus.APP.watcher.NAME.EVENT:1|c``.
-
-    Options (Circus's): host (localhost), port (8125), sample_rate (1.0),
-    application_name (app).
-    """
-
-    def handle_init(self):
-        import random
-        import socket
-        self.addr = (self.options.get("host", "localhost"), _port(self.options.get("port", 8125)))
-        self.rate = ranged(to_float, 0, 1)(self.options.get("sample_rate", 1.0))
-        self.prefix = "circus.%s." % self.options.get("application_name", "app")
-        self.random = random.random
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-
-    def handle_event(self, topic, payload):
-        if self.rate < 1 and self.random() > self.rate:
-            return
-        line = "%s%s:1|c%s" % (self.prefix, topic, "" if self.rate >= 1 else "|@%s" % self.rate)
-        try:
-            self.sock.sendto(line.encode(), self.addr)
-        except OSError:
-            pass
-
-    def handle_stop(self):
-        self.sock.close()
-
-
-#: Circus's own plugins: built in here, or why not.
-CIRCUS_PLUGINS = {
-    "circus.plugins.flapping.Flapping": "flapping",
-    "circus.plugins.resource_watcher.ResourceWatcher": "watchdog",
-    "circus.plugins.statsd.StatsdEmitter": StatsdEmitter,
-}
-UNSUPPORTED_PLUGINS = {
-    "circus.plugins.watchdog.WatchDog": "UDP heartbeats are not supported; use max_rss / max_cpu, "
-                                        "or a plugin of yours",
-    "circus.plugins.statsd.FullStats": "use the stats channel (stats_endpoint) or /metrics instead",
-    "circus.plugins.command_reloader.CommandReloader": "not supported; `ctl reload NAME` after a deploy",
-    "circus.plugins.http_observer.HttpObserver": "not supported (it is broken in Circus 0.19 too)",
-    "circus.plugins.redis_observer.RedisObserver": "not supported",
-}
-
-
-#: Keys Circus's own plugins read (besides use and priority, which every plugin has).
-_PLUGIN_KEYS = {
-    "flapping": tuple(Flapping.KEYS),
-    "watchdog": ("watcher", "service", "max_mem", "max_cpu", "loop_rate", "max_count", "min_cpu",
-                 "min_mem", "health_threshold", "process_children", "child_signal"),
-    StatsdEmitter: ("host", "port", "sample_rate", "application_name"),
-}
-
-
-def plugin_key_warnings(ini, section, conf) -> list:
-    """A built-in plugin: any key it does not read. Your own plugin reads what it likes:
-    only near-misses of use/priority are worth a word."""
-    builtin = CIRCUS_PLUGINS.get(conf.get("use"))
-    if conf.get("use") in UNSUPPORTED_PLUGINS:
-        return []           # the whole section gets its own warning
-    known = ("use", "priority") + _PLUGIN_KEYS.get(builtin, ())
-    what = "unknown key, ignored" if builtin else "unknown key, passed to the plugin as it is"
-    out = [_unknown_key(ini.where(section, key), known, what, hint_only=builtin is None)
-           for key in conf if key not in known]
-    return [w for w in out if w]
-
-
-def plugin_limits(cfg: CircusConfig) -> dict:
-    """ResourceWatcher sections -> {watcher name (lower case): watchdog option overrides}.
-
-    Circus's ``max_mem`` and ``max_cpu`` are percentages (a bare number);
-    a size with a unit (``200M``) is taken as bytes.
-    """
-    limits = {}
-    for name, conf in cfg.plugins:
-        if CIRCUS_PLUGINS.get(conf.get("use")) != "watchdog":
-            continue
-        where = "[plugin:%s]" % name
-        target = conf.get("watcher") or conf.get("service")
-        if not target or target.lower() not in {w.name.lower() for w in cfg.watchers}:
-            raise ConfigError("%s: watcher %r (the 'watcher' key) does not exist" % (where, target))
-        mem = str(conf.get("max_mem", "90")).strip()
-        opts = {"max_rss": mem + "%" if re.fullmatch(r"\d+(\.\d+)?", mem) else mem,
-                "max_cpu": conf.get("max_cpu", 90),
-                "watchdog_interval": conf.get("loop_rate", 60)}
-        for key in ("min_cpu", "min_mem", "health_threshold", "process_children", "child_signal"):
-            if key in conf:
-                _log().warning("%s: %s is not supported by the built-in watchdog; ignored", where, key)
-        try:
-            opts["watchdog_grace"] = _count(conf.get("max_count", 3)) + 1
-            probe = WatcherConfig(target)
-            for key, value in opts.items():
-                probe.set(key, value)
-        except ValueError as e:
-            raise ConfigError("%s: %s" % (where, e)) from None
-        limits[target.lower()] = {k: probe.options[k] for k in opts}
-    return limits
-
-
-def flapping_defaults(cfg: CircusConfig):
-    """The [plugin:...] Flapping section's keys (defaults for every watcher), or None."""
-    for name, conf in cfg.plugins:
-        if CIRCUS_PLUGINS.get(conf.get("use")) == "flapping":
-            return {k: v for k, v in conf.items() if k != "use"}
-    return None
-
-
-def configure_plugins(arb, cfg: CircusConfig) -> None:
-    """Map [plugin:NAME] sections onto built-ins, user plugins, or one warning each."""
-    for name, conf in cfg.plugins:
-        conf = dict(conf)
-        use = conf.pop("use", None)
-        where = "[plugin:%s]" % name
-        if not use:
-            _log().warning("%s: no 'use = package.module.Class': ignored", where)
-            continue
-        builtin = CIRCUS_PLUGINS.get(use)
-        if builtin == "flapping":
-            arb.flapping_plugin = conf
-        elif builtin == "watchdog":
-            continue            # see plugin_limits(): kept apart, re-read with the config
-        elif builtin is not None:
-            arb.add_plugin(name, builtin(**conf))
-        elif use in UNSUPPORTED_PLUGINS:
-            _log().warning("%s (use = %s): %s; ignored", where, use, UNSUPPORTED_PLUGINS[use])
-        else:
-            try:
-                cls = import_dotted(use, arb.search_dirs)
-            except ImportError as e:
-                raise ConfigError("%s: use = %s cannot be imported: %s" % (where, use, e)) from None
-            if not (isinstance(cls, type) and issubclass(cls, Plugin)):
-                raise ConfigError("%s: %s is not a subclass of circus.Plugin (see the README)" % (where, use))
-            try:
-                plugin = cls(**conf)
-            except Exception as e:
-                raise ConfigError("%s: %s(%s) failed: %s: %s" % (where, use, ", ".join(conf), type(e).__name__, e)) from None
-            arb.add_plugin(name, plugin)
 
 
 def _stats_records(watchers, cache: dict) -> list:
@@ -5818,9 +5029,8 @@ def metrics_text(snap: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-
 # ---------------------------------------------------------------------------
-# 10. Command table
+# 12. Command table
 # ---------------------------------------------------------------------------
 # One entry per command holds every fact about it: the server side (runs in the daemon:
 # returns a dict, or a coroutine for work that `waiting` may wait for; None: ctl's own), the
@@ -6496,7 +5706,7 @@ def cmd_globaloptions(arb, props):
             "pubsub_endpoint": arb.pubsub_endpoint, "check_delay": arb.check_delay,
             "multicast_endpoint": arb.multicast_endpoint or ""}
     if arb.metrics_endpoint:        # only when configured: Circus clients see Circus's keys
-        ms = [c for c in arb.channels if isinstance(c, MetricsServer)]
+        ms = [c for c in arb.channels if getattr(c, "what", None) == "metrics endpoint"]   # MetricsServer
         opts["metrics_endpoint"] = "%s:%s" % (ms[0].host, ms[0].port) if ms else arb.metrics_endpoint
     key = props.get("option")
     if key:
@@ -6739,8 +5949,1041 @@ def cmd_help(arb, props):
     """Show the commands, or one command's usage (answered by ctl itself)."""
 
 
+def _error_reply(reason, errno_, msg_id, tb=None):
+    return {"status": "error", "reason": reason, "tb": tb, "time": time.time(),
+            "errno": errno_, "id": msg_id}
+
+
+async def dispatch(arbiter, body: bytes, peer=None):
+    """One request body -> the reply dict (None for casts). Never raises.
+
+    ``peer``: who sent it (a Peer), None for the daemon's own callers and
+    connections whose user is unknown (see check_peer)."""
+    msg_id, cast = None, False
+    try:
+        try:
+            msg = json.loads(body.decode("utf-8").strip())
+        except (UnicodeDecodeError, ValueError):
+            return _error_reply("json invalid", E_INVALID_JSON, None)
+        if not isinstance(msg, dict):
+            return _error_reply("message invalid: a JSON object is expected", E_MESSAGE_ERROR, None)
+        msg_id = msg.get("id")
+        cast = msg.get("msg_type") == "cast"
+        name = msg.get("command")
+        if not isinstance(name, str) or not name:
+            raise MessageError("message invalid 'command' is missing")
+        cmd = COMMANDS.get(name.lower())
+        if cmd is None or cmd.run is None:     # help: ctl's own
+            raise CommandError("unknown command: %r" % name, E_UNKNOWN_COMMAND)
+        props = msg.get("properties")
+        if props is None:
+            props = {}
+        if not isinstance(props, dict):
+            raise MessageError("'properties' should be an object")
+        check_peer(arbiter, peer, cmd.name, props)
+        result = cmd.run(arbiter, props)
+        if isinstance(result, _Await):
+            result = await result.awaitable
+        elif asyncio.iscoroutine(result):
+            if _waiting(props):
+                result = await result
+            else:
+                asyncio.get_running_loop().create_task(arbiter._guarded(result))
+                result = {}
+        reply = {"status": "ok", "time": time.time()}
+        reply.update(result)
+        reply["id"] = msg_id
+    except CommandError as e:
+        reply = _error_reply(str(e), e.errno, msg_id)
+    except CircusError as e:
+        reply = _error_reply(str(e), E_COMMAND_ERROR, msg_id)
+    except OSError as e:
+        reply = _error_reply(str(e), E_OS_ERROR, msg_id)
+    except Exception as e:      # a bug of ours: log it, answer, stay up
+        import traceback
+        _log().exception("command failed: %r", body[:200])
+        reply = _error_reply("command %r: %s" % (body[:200], e), E_COMMAND_ERROR, msg_id,
+                             traceback.format_exc())
+    return None if cast else reply
+
+
 # ---------------------------------------------------------------------------
-# 11. ZeroMQ channels (control, pub/sub, multicast discovery)
+# 13. Plugins: your code fed the events, and Circus's built-in ones
+# ---------------------------------------------------------------------------
+
+
+class Plugin:
+    """Base class for plugins: ``[plugin:NAME] use = package.module.MyPlugin``.
+
+    A plugin runs in the daemon, in a thread of its own (it may block), and
+    sees every event. Override what you need::
+
+        class Alert(circus.Plugin):
+            def handle_event(self, topic, payload):
+                if topic.endswith(".flapping"):
+                    self.call("stop", name=topic.split(".")[1])
+
+    The section's other keys are in ``self.options`` (strings) and
+    ``self.name`` is NAME. ``call()`` runs a control command and returns its
+    reply; ``cast()`` sends one without waiting.
+    """
+
+    def __init__(self, **options):
+        self.options = options
+        self.name = None
+        self._arbiter = None
+
+    def handle_init(self) -> None:
+        """Called once, in the plugin's thread, before the first event."""
+
+    def handle_event(self, topic: str, payload: dict) -> None:
+        """Called for every event (``watcher.NAME.EVENT``), in order."""
+
+    def handle_stop(self) -> None:
+        """Called once when the daemon stops."""
+
+    def call(self, command: str, **props) -> dict:
+        body = json.dumps({"command": command, "properties": props}).encode()
+        fut = asyncio.run_coroutine_threadsafe(dispatch(self._arbiter, body), self._arbiter.loop)
+        return fut.result(60)
+
+    def cast(self, command: str, **props) -> None:
+        body = json.dumps({"command": command, "properties": props, "msg_type": "cast"}).encode()
+        asyncio.run_coroutine_threadsafe(dispatch(self._arbiter, body), self._arbiter.loop)
+
+
+class _PluginRunner:
+    """Feeds one plugin its events through a bounded queue, in its own thread."""
+
+    MAX_QUEUED = 10000
+
+    def __init__(self, plugin: Plugin, arbiter):
+        import queue
+        import threading
+        plugin._arbiter = arbiter
+        self.plugin = plugin
+        self.queue = queue.Queue(self.MAX_QUEUED)
+        self.dropped = 0
+        self.dead = False
+        self.thread = threading.Thread(target=self._run, name="plugin " + str(plugin.name), daemon=True)
+
+    def start(self):
+        self.thread.start()
+
+    def __call__(self, topic, payload):
+        if self.dead:
+            return
+        try:       # its own copy: a plugin that changes the dict changes nothing else
+            self.queue.put_nowait((topic, json.loads(json.dumps(payload))))
+        except __import__("queue").Full:
+            if not self.dropped:
+                _log().warning("plugin %s is too slow: events dropped", self.plugin.name)
+            self.dropped += 1
+
+    def _guard(self, what, *args) -> bool:
+        try:
+            getattr(self.plugin, what)(*args)
+            return True
+        except (Exception, SystemExit) as e:
+            _log().error("plugin %s: %s failed: %s: %s", self.plugin.name, what, type(e).__name__, e)
+            return False
+
+    def _run(self):
+        if not self._guard("handle_init"):
+            self.dead = True
+            _log().error("plugin %s disabled", self.plugin.name)
+            return
+        while True:
+            item = self.queue.get()
+            if item is None:
+                break
+            self._guard("handle_event", *item)
+        self._guard("handle_stop")
+
+    def stop(self):
+        """Ask it to finish (handle_stop); the daemon waits for it, bounded, at exit.
+
+        Never blocks the loop: with its queue full, the oldest event makes room for the
+        end mark (only the loop puts, so there is room then).
+        """
+        import queue
+        if not self.dead and self.thread.is_alive():
+            self.dead = True            # no event after the end mark
+            try:
+                self.queue.put_nowait(None)
+            except queue.Full:
+                try:
+                    self.queue.get_nowait()
+                    self.dropped += 1
+                except queue.Empty:
+                    pass
+                self.queue.put_nowait(None)
+            _CLOSING_STREAMS.add(self.thread)
+
+
+class StatsdEmitter(Plugin):
+    """Counts every event on a statsd server (UDP): ``circus.APP.watcher.NAME.EVENT:1|c``.
+
+    Options (Circus's): host (localhost), port (8125), sample_rate (1.0),
+    application_name (app).
+    """
+
+    def handle_init(self):
+        import random
+        import socket
+        self.addr = (self.options.get("host", "localhost"), _port(self.options.get("port", 8125)))
+        self.rate = ranged(to_float, 0, 1)(self.options.get("sample_rate", 1.0))
+        self.prefix = "circus.%s." % self.options.get("application_name", "app")
+        self.random = random.random
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+
+    def handle_event(self, topic, payload):
+        if self.rate < 1 and self.random() > self.rate:
+            return
+        line = "%s%s:1|c%s" % (self.prefix, topic, "" if self.rate >= 1 else "|@%s" % self.rate)
+        try:
+            self.sock.sendto(line.encode(), self.addr)
+        except OSError:
+            pass
+
+    def handle_stop(self):
+        self.sock.close()
+
+
+def plugin_limits(cfg: CircusConfig) -> dict:
+    """ResourceWatcher sections -> {watcher name (lower case): watchdog option overrides}.
+
+    Circus's ``max_mem`` and ``max_cpu`` are percentages (a bare number);
+    a size with a unit (``200M``) is taken as bytes.
+    """
+    limits = {}
+    for name, conf in cfg.plugins:
+        if CIRCUS_PLUGINS.get(conf.get("use")) != "watchdog":
+            continue
+        where = "[plugin:%s]" % name
+        target = conf.get("watcher") or conf.get("service")
+        if not target or target.lower() not in {w.name.lower() for w in cfg.watchers}:
+            raise ConfigError("%s: watcher %r (the 'watcher' key) does not exist" % (where, target))
+        mem = str(conf.get("max_mem", "90")).strip()
+        opts = {"max_rss": mem + "%" if re.fullmatch(r"\d+(\.\d+)?", mem) else mem,
+                "max_cpu": conf.get("max_cpu", 90),
+                "watchdog_interval": conf.get("loop_rate", 60)}
+        for key in ("min_cpu", "min_mem", "health_threshold", "process_children", "child_signal"):
+            if key in conf:
+                _log().warning("%s: %s is not supported by the built-in watchdog; ignored", where, key)
+        try:
+            opts["watchdog_grace"] = _count(conf.get("max_count", 3)) + 1
+            probe = WatcherConfig(target)
+            for key, value in opts.items():
+                probe.set(key, value)
+        except ValueError as e:
+            raise ConfigError("%s: %s" % (where, e)) from None
+        limits[target.lower()] = {k: probe.options[k] for k in opts}
+    return limits
+
+
+def flapping_defaults(cfg: CircusConfig):
+    """The [plugin:...] Flapping section's keys (defaults for every watcher), or None."""
+    for name, conf in cfg.plugins:
+        if CIRCUS_PLUGINS.get(conf.get("use")) == "flapping":
+            return {k: v for k, v in conf.items() if k != "use"}
+    return None
+
+
+def configure_plugins(arb, cfg: CircusConfig) -> None:
+    """Map [plugin:NAME] sections onto built-ins, user plugins, or one warning each."""
+    for name, conf in cfg.plugins:
+        conf = dict(conf)
+        use = conf.pop("use", None)
+        where = "[plugin:%s]" % name
+        if not use:
+            _log().warning("%s: no 'use = package.module.Class': ignored", where)
+            continue
+        builtin = CIRCUS_PLUGINS.get(use)
+        if builtin == "flapping":
+            arb.flapping_plugin = conf
+        elif builtin == "watchdog":
+            continue            # see plugin_limits(): kept apart, re-read with the config
+        elif builtin == "statsd":
+            arb.add_plugin(name, StatsdEmitter(**conf))
+        elif use in UNSUPPORTED_PLUGINS:
+            _log().warning("%s (use = %s): %s; ignored", where, use, UNSUPPORTED_PLUGINS[use])
+        else:
+            try:
+                cls = import_dotted(use, arb.search_dirs)
+            except ImportError as e:
+                raise ConfigError("%s: use = %s cannot be imported: %s" % (where, use, e)) from None
+            if not (isinstance(cls, type) and issubclass(cls, Plugin)):
+                raise ConfigError("%s: %s is not a subclass of circus.Plugin (see the README)" % (where, use))
+            try:
+                plugin = cls(**conf)
+            except Exception as e:
+                raise ConfigError("%s: %s(%s) failed: %s: %s" % (where, use, ", ".join(conf), type(e).__name__, e)) from None
+            arb.add_plugin(name, plugin)
+
+
+# ---------------------------------------------------------------------------
+# 14. Arbiter
+# ---------------------------------------------------------------------------
+
+class _RingLogHandler:
+    """Keeps the daemon's log lines for `ctl maintail` and publishes them when followed."""
+
+    level = 0
+
+    def __init__(self, arbiter):
+        self.arbiter = arbiter
+        self.formatter = logging.Formatter(_LOG_FORMAT, "%Y-%m-%d %H:%M:%S")
+
+    def handle(self, record):
+        line = self.formatter.format(record) + "\n"
+        arb = self.arbiter
+        if arb.loop_thread == __import__("threading").get_ident():
+            self._publish(line)
+        elif arb.loop is not None and not arb.loop.is_closed():     # e.g. a ThreadedStream's log
+            arb.loop.call_soon_threadsafe(self._publish, line)
+
+    def _publish(self, line):
+        self.arbiter.log_ring.append(line.encode("utf-8", "replace"))
+        self.arbiter.publish_followed("log", lambda: {"data": line, "time": time.time()})
+
+    def __getattr__(self, name):        # the rest of the Handler interface: no-ops
+        return lambda *a, **k: None
+
+
+def _not_reloaded(e: Exception) -> CommandError:
+    return CommandError("config not reloaded, nothing changed: %s" % e, E_MESSAGE_ERROR)
+
+
+class _ConfigDiff:
+    """What moving the arbiter to a new config changes (reloadconfig, reread, update).
+
+    What the file says now against what it said when last loaded: a runtime
+    incr/set on a watcher the file did not change stays. Sockets:
+    ``changed_socks`` (names, changed or gone) close, ``added_socks`` (new or
+    changed) are bound. Watchers: ``removed`` go, ``changed`` ((watcher, new
+    conf) pairs, incl. those using a changed socket) are replaced, ``resized``
+    only take the new numprocesses, ``added`` are new confs; ``to_build`` are
+    the confs of the watchers to create, in the file's order.
+    """
+
+    def __init__(self, old: CircusConfig, watchers, new: CircusConfig):
+        self._sockets(old.sockets, new.sockets)
+        old_w = {w.name.lower(): w for w in watchers}
+        new_w = {wc.name.lower(): wc for wc in new.watchers}
+        self.removed = [w for n, w in old_w.items() if n not in new_w]
+        self.changed, self.resized = [], []
+        for n, wc in new_w.items():
+            if n in old_w:
+                self._compare(old_w[n], wc)
+        self.added = [wc for n, wc in new_w.items() if n not in old_w]
+        renew = {w.name.lower() for w, _ in self.changed}
+        self.to_build = [wc for wc in new.watchers
+                         if wc.name.lower() not in old_w or wc.name.lower() in renew]
+
+    def _sockets(self, old: list, new: list):
+        old_socks = {s.name: s for s in old}
+        new_socks = {s.name: s for s in new}
+        self.changed_socks = {n for n in old_socks if n not in new_socks or
+                              old_socks[n].key() != new_socks[n].key()}
+        self.added_socks = [s for n, s in new_socks.items()
+                            if n not in old_socks or n in self.changed_socks]
+
+    def _compare(self, w, wc):
+        was = w.file_conf or w.conf     # what the file said, not what incr/set made of it
+        if any(self._uses(w, s) for s in self.changed_socks) or self._differs_beyond_numprocesses(was, wc):
+            self.changed.append((w, wc))
+        elif was.options["numprocesses"] != wc.options["numprocesses"]:
+            self.resized.append((w, wc))
+
+    @staticmethod
+    def _uses(w, sock_name) -> bool:
+        o = w.conf.options
+        return ("sockets." + sock_name) in (o["cmd"] + str(o["args"])).lower() or \
+            o["use_sockets"] or (o["stdin_socket"] or "").lower() == sock_name
+
+    @staticmethod
+    def _differs_beyond_numprocesses(a: WatcherConfig, b: WatcherConfig) -> bool:
+        na, nb = a.options["numprocesses"], b.options["numprocesses"]
+        try:
+            a.options["numprocesses"] = nb
+            return a.key() != b.key()
+        finally:
+            a.options["numprocesses"] = na
+
+    def names(self) -> dict:
+        """Names added, changed (incl. resized) and removed, for reread/update."""
+        return {"added": sorted(wc.name for wc in self.added),
+                "changed": sorted(w.name for w, _ in self.changed + self.resized),
+                "removed": sorted(w.name for w in self.removed)}
+
+
+class _OnDemand:
+    """on_demand watchers start on the first connection to one of their sockets.
+
+    At start-up the arbiter arms such a watcher instead of starting it: the
+    loop watches its listening sockets, and the first readable one (a
+    connection in the backlog) disarms them all and starts it, unless it was
+    removed or started meanwhile. Stopping it (stop, quit, reloadconfig)
+    disarms them too.
+    """
+
+    def __init__(self, arbiter):
+        self.arbiter = arbiter
+
+    def arm(self, w) -> bool:
+        """Watch the sockets ``w`` uses; False (start it now) if it uses none."""
+        o = w.conf.options
+        text = (o["cmd"] + " " + str(o["args"] or "")).lower()
+        fds = [s.fileno() for name, s in self.arbiter.sockets.items() if s.sock is not None and
+               (o["use_sockets"] or ("sockets." + name) in text)]
+        if not fds:
+            _log().warning("watcher %s: on_demand needs a socket it uses; started now", w.name)
+            return False
+        for fd in fds:
+            self.arbiter.loop.add_reader(fd, self._fire, w)
+        w.on_demand_fds = fds
+        return True
+
+    def disarm(self, w) -> None:
+        for fd in getattr(w, "on_demand_fds", ()):
+            self.arbiter.loop.remove_reader(fd)
+        w.on_demand_fds = []
+
+    def _fire(self, w):
+        self.disarm(w)
+        arb = self.arbiter
+        if w in arb.watchers and w.state == ProcState.STOPPED:
+            _log().info("watcher %s: activity on its socket, starting (on_demand)", w.name)
+            arb.loop.create_task(arb._guarded(_locked(w, w.start)))
+
+
+class _HupReloads:
+    """The SIGHUP handler: reloadconfig, then a graceful reload of the watchers it did
+    not start afresh (a plain reload for an arbiter with no config file).
+
+    SIGHUPs that come during a pass merge into one more pass after it, however
+    many came. A broken file changes nothing (one error line). Under systemd
+    each pass is framed by RELOADING=1 (with MONOTONIC_USEC, for
+    Type=notify-reload) and READY=1.
+    """
+
+    def __init__(self, arbiter):
+        self.arbiter = arbiter
+        self.task = None        # the pass under way
+        self.again = False      # SIGHUPs came meanwhile
+
+    def __call__(self):
+        arb = self.arbiter
+        if arb.stopping:
+            return
+        if self.task is not None and not self.task.done():
+            _log().info("got SIGHUP: merged into the reload under way (one more pass follows it)")
+            self.again = True
+            return
+        _log().info("got SIGHUP: reloading the config, then the watchers it did not change")
+        self.task = arb.loop.create_task(self._passes())
+
+    async def _passes(self):
+        arb = self.arbiter
+        again = True
+        while again and not arb.stopping:
+            self.again = False
+            arb.sd_notify("RELOADING=1\nMONOTONIC_USEC=%d" % (time.monotonic_ns() // 1000))
+            try:
+                if arb.config is not None and arb.config.path:
+                    await arb._guarded(arb.reload_config(reload_rest=True))
+                else:
+                    await arb._guarded(arb.reload())
+            finally:
+                if not arb.stopping:
+                    arb.sd_notify("READY=1")
+            again = self.again
+
+
+#: What builds the daemon's channels (control, pub/sub, stats, /metrics, dashboard): async
+#: functions arbiter -> [channel], run by Arbiter.start(). The channels section at the end
+#: registers start_channels here.
+CHANNEL_STARTERS: list = []
+
+
+class Arbiter:
+    """Many watchers and sockets, one event loop, the control and pub/sub channels.
+
+    ``run()`` blocks in its own loop (with signal handlers: TERM/INT/QUIT
+    quit, HUP reloads), and so does ``start()`` called outside a running loop
+    (Circus's library use); ``await start()`` / ``await stop()`` run it inside
+    the caller's loop. Events reach every callable in ``listeners`` as
+    ``(topic, payload)``; the pub/sub channel is one of them.
+    """
+
+    def __init__(self, watchers=(), endpoint: str | None = DEFAULT_ENDPOINT,
+                 pubsub_endpoint: str | None = DEFAULT_PUBSUB, *, sockets=(), check_delay=1.0,
+                 warmup_delay=0, multicast_endpoint=None, stats_endpoint=None,
+                 endpoint_owner=None, config: CircusConfig | None = None, umask=None):
+        self.endpoint = endpoint
+        self.pubsub_endpoint = pubsub_endpoint
+        self.stats_endpoint = stats_endpoint
+        self.multicast_endpoint = multicast_endpoint
+        self.endpoint_owner = endpoint_owner
+        self.check_delay = check_delay
+        self.warmup_delay = warmup_delay
+        self.umask = umask
+        self.config = config
+        self.search_dirs = (os.path.dirname(config.path),) if config and config.path else ()
+        self.listeners: list = []
+        self.flapping_plugin = None     # [plugin:x] use = ...Flapping settings: defaults for all
+        self.plugin_runners: list = []
+        self.watchdogs: dict = {}       # watcher -> Watchdog (watchers with max_rss / max_cpu)
+        self.plugin_limits: dict = {}   # watcher name -> limits from a ResourceWatcher section
+        self.metrics_cache: dict = {}   # psutil objects of /metrics scrapes
+        self.max_processes = 10000      # per watcher, for add/incr/set over the control channel
+        self.allow_insecure_endpoint = False    # a TCP endpoint off this host, with no auth
+        self.curve_secret_key = None    # CurveZMQ on every channel when set (see CurveServer)
+        self.curve_authorized_keys = None
+        self.curve_owner_keys = None    # their clients get endpoint_owner's rights only
+        self.statsd = False             # publish the stats channel on stats_endpoint
+        self.metrics_endpoint = None
+        self.httpd = None               # (host, port, token): the web dashboard
+        self.snapshot_cache: dict = {}  # psutil objects of `snapshot` (the dashboard's CPU %)
+        self.started = None             # epoch time of start()
+        self.log_ring = RingBuffer()    # the daemon's recent log, for `ctl maintail`
+        self.loop_thread = None
+        self._log_handler = None
+        self.sockets: dict = {}
+        self.watchers: list = []
+        self.channels: list = []
+        self.loop = None
+        self._lock = None           # serialises arbiter-wide operations (start-up included)
+        self.stopping = False       # quit has begun: nothing spawns any more
+        self.on_demand = _OnDemand(self)
+        self._done = None
+        self._socket_confs = list(sockets)
+        for w in watchers:
+            self._attach(w if isinstance(w, Watcher) else self._make_watcher(w))
+
+    @classmethod
+    def from_config(cls, cfg: CircusConfig) -> "Arbiter":
+        """An Arbiter for a CircusConfig (from load_config)."""
+        arb = cls(endpoint=cfg.endpoint, pubsub_endpoint=cfg.pubsub_endpoint,
+                  check_delay=cfg.check_delay, warmup_delay=cfg.warmup_delay,
+                  multicast_endpoint=cfg.multicast_endpoint or None,
+                  stats_endpoint=cfg.stats_endpoint, endpoint_owner=cfg.endpoint_owner,
+                  config=cfg, umask=cfg.umask, sockets=cfg.sockets)
+        arb.statsd, arb.metrics_endpoint = cfg.statsd, cfg.metrics_endpoint
+        arb.httpd = (cfg.httpd_host, cfg.httpd_port, cfg.httpd_token) if cfg.httpd else None
+        arb.allow_insecure_endpoint = cfg.allow_insecure_endpoint
+        arb.curve_secret_key, arb.curve_authorized_keys = cfg.curve_secret_key, cfg.curve_authorized_keys
+        arb.curve_owner_keys = cfg.curve_owner_keys
+        arb.max_processes = cfg.max_processes
+        arb.flapping_plugin, arb.plugin_limits = flapping_defaults(cfg), plugin_limits(cfg)
+        for wc in cfg.watchers:
+            arb._attach(arb._make_watcher(wc))
+        configure_plugins(arb, cfg)
+        return arb
+
+    def add_plugin(self, name: str, plugin: "Plugin") -> None:
+        """Run ``plugin`` in this arbiter: it gets every event (from start on)."""
+        plugin.name = name
+        runner = _PluginRunner(plugin, self)
+        self.plugin_runners.append(runner)
+        self.listeners.append(runner)
+        if self.loop is not None:
+            runner.start()
+
+    def _watch_resources(self, w):
+        """(Re)create the watchdog of ``w``; none once it is removed or has no limits."""
+        old = self.watchdogs.pop(w, None)
+        if old is not None:
+            old.stop()
+        o = dict(w.conf.options)
+        o.update(self.plugin_limits.get(w.name.lower(), {}))
+        if (o["max_rss"] is not None or o["max_cpu"] is not None) and w in self.watchers:
+            dog = self.watchdogs[w] = Watchdog(w, o)
+            if self.loop is not None:
+                dog.start(self.loop)
+
+    def _prune_watchdogs(self):
+        for w in [w for w in self.watchdogs if w not in self.watchers]:
+            self.watchdogs.pop(w).stop()
+
+    def _make_watcher(self, spec) -> Watcher:
+        if isinstance(spec, WatcherConfig):
+            import copy
+            try:        # a hook or stream class that cannot be imported
+                w = Watcher(spec.name, config=copy.deepcopy(spec), search_dirs=self.search_dirs)
+            except ValueError as e:
+                raise ConfigError("%s: %s" % (spec.where or "watcher " + spec.name, e)) from None
+            w.file_conf = spec
+            return w
+        spec = dict(spec)
+        name = spec.pop("name")
+        return Watcher(name, spec.pop("cmd", None), spec.pop("args", None),
+                       search_dirs=self.search_dirs, **spec)
+
+    def _attach(self, w: Watcher):
+        w.on_event = self.emit
+        w.on_output_event = self._publish_output
+        w.sockets = self.sockets
+        w.arbiter = self
+        w.flapping = Flapping.from_settings(self.flapping_plugin, w.conf.free) \
+            if w.conf.options["check_flapping"] else None
+        self.watchers.append(w)
+        if self.loop is not None:
+            w.lock = asyncio.Lock()
+        self._watch_resources(w)
+
+    # -- lookups ---------------------------------------------------------------
+    def get_watcher(self, name) -> Watcher:
+        """A watcher by name, any case; MessageError if there is none."""
+        low = str(name).lower()
+        for w in self.watchers:
+            if w.name.lower() == low:
+                return w
+        raise MessageError("program %s not found" % name)
+
+    def iter_watchers(self, reverse=False) -> list:
+        """By priority, highest first (stable on config order); reverse for stopping."""
+        ws = sorted(self.watchers, key=lambda w: -w.boot_priority)
+        return list(reversed(ws)) if reverse else ws
+
+    def publish_followed(self, topic: str, make_payload) -> None:
+        """Send to listeners that follow ``topic`` (output, log), only if someone does.
+
+        ``make_payload()`` builds the payload: it is not even called (no decoding
+        of output) while nobody follows, which is the usual case on this hot path.
+        """
+        followers = [l for l in self.listeners if getattr(l, "prefixes", None)]
+        if not followers:
+            return
+        raw, payload = topic.encode(), None
+        for listener in followers:
+            if listener.wants(raw):
+                payload = payload or make_payload()
+                listener(topic, payload)
+
+    def _publish_output(self, w, chunk):
+        self.publish_followed("output.%s.%s" % (w.topic_name, chunk["name"]),
+                              lambda: {"data": chunk["data"].decode("utf-8", "replace"),
+                                       "pid": chunk["pid"], "time": time.time()})
+
+    def emit(self, topic, payload) -> None:
+        """Hand an event to every listener (the pub/sub channel is one)."""
+        for listener in list(self.listeners):
+            try:
+                listener(topic, payload)
+            except Exception:
+                _log().exception("event listener %r failed", listener)
+
+    # -- lifecycle ---------------------------------------------------------------
+    def run(self) -> int:
+        """Block until quit; returns the exit code (0).
+
+        Under systemd (``Type=notify``: $NOTIFY_SOCKET) it reports READY=1
+        once started and STOPPING=1 on quit; the variable is not passed on.
+        """
+        self._notify_socket = os.environ.pop("NOTIFY_SOCKET", None)
+        return asyncio.run(self._serve())
+
+    async def _serve(self):
+        import threading        # signal handlers can only be set from the main thread
+        await self._start(handle_signals=threading.current_thread() is threading.main_thread())
+        if not self.stopping:       # a quit during start-up already said STOPPING=1
+            self.sd_notify("READY=1\nMAINPID=%d" % os.getpid())
+        await self._done
+        return 0
+
+    _notify_socket = None
+
+    def sd_notify(self, message: str) -> None:
+        """Send one sd_notify(3) message, if the daemon was started with $NOTIFY_SOCKET."""
+        path = self._notify_socket
+        if not path:
+            return
+        import socket
+        if path.startswith("@"):
+            path = "\0" + path[1:]         # the abstract namespace
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+                s.connect(path)
+                s.send(message.encode())
+        except OSError as e:
+            _log().warning("NOTIFY_SOCKET %s: %s", self._notify_socket, e)
+
+    def start(self, handle_signals=False):
+        """Bind sockets and channels, then start the watchers in priority order.
+
+        Inside a running loop: ``await arbiter.start()`` returns once started.
+        Outside one, as in Circus: runs the arbiter here until it is stopped (a
+        signal, the quit command, ``stop()`` from another thread or a callback).
+        """
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return self.run()
+        return self._start(handle_signals)
+
+    async def _start(self, handle_signals=False) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.loop_thread = __import__("threading").get_ident()
+        self.started = time.time()
+        self.stopping = False
+        self._lock = asyncio.Lock()
+        self._log_handler = _RingLogHandler(self)
+        _log().addHandler(self._log_handler)
+        self._done = self.loop.create_future()
+        for w in self.watchers:
+            w.lock = asyncio.Lock()
+        if self.umask is not None:
+            os.umask(self.umask)
+        self._bind_sockets(self._socket_confs)
+        await self._start_channels()
+        for runner in self.plugin_runners:
+            runner.start()
+        for dog in self.watchdogs.values():
+            dog.start(self.loop)
+        if self.config is not None and self.config.user:
+            drop_privileges(self.config.user)       # after binding, as supervisord does
+        if handle_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+                self.loop.add_signal_handler(sig, self._on_quit_signal, sig)
+            self.loop.add_signal_handler(signal.SIGHUP, _HupReloads(self))
+            if hasattr(signal, "SIGWINCH"):
+                signal.signal(signal.SIGWINCH, signal.SIG_IGN)
+            if hasattr(signal, "SIGXFSZ"):      # a file size limit: EFBIG, not death
+                signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        # under the arbiter lock, as reload/reloadconfig/quit are: none of them acts on a
+        # half-started arbiter (read-only commands take no lock and answer meanwhile)
+        async with self._lock:
+            await self.start_watchers()
+        if not self.stopping:
+            _log().info("arbiter ready: %d watchers, control on %s", len(self.watchers), self.endpoint)
+
+    def _bind_sockets(self, confs):
+        for conf in confs:
+            s = CircusSocket(conf)
+            try:
+                s.bind_and_listen()
+            except OSError as e:
+                self._close_sockets()
+                raise CircusError("socket %s (%s): cannot bind: %s" % (
+                    conf.name, conf.path or "%s:%s" % (conf.host, conf.port), e.strerror or e)) from None
+            self.sockets[conf.name] = s
+            _log().info("socket %s bound: %s", s.name, s.info())
+
+    async def _start_channels(self):
+        if self.endpoint or self.pubsub_endpoint or self.multicast_endpoint or self.statsd \
+                or self.metrics_endpoint or self.httpd:
+            for start in CHANNEL_STARTERS:      # start_channels, registered by its section
+                self.channels += await start(self)
+
+    async def start_watchers(self, names=None) -> None:
+        """Start the autostart watchers (or those given) by priority."""
+        ws = self.iter_watchers() if names is None else \
+            sorted((w for w in self.watchers if w in names), key=lambda w: -w.priority)
+        for w in ws:
+            if self.stopping:           # a quit came in: it stops what did start
+                break
+            if names is not None or w.conf.options["autostart"]:
+                if names is None and w.conf.options["on_demand"] and self.on_demand.arm(w):
+                    continue
+                async with w.lock:
+                    try:
+                        await w.start()
+                    except CircusError as e:    # one broken watcher never stops the others
+                        _log().error("%s", e)
+                if self.warmup_delay:
+                    await asyncio.sleep(self.warmup_delay)
+
+    async def stop_watchers(self, watchers=None) -> None:
+        """Stop in reverse priority order; watchers of equal priority stop together.
+        Supervisor's `stop g:*` / `stop all` go lowest priority first, as its start."""
+        if watchers is None:
+            ws, prio = self.iter_watchers(reverse=True), (lambda w: w.boot_priority)
+        else:
+            ws, prio = sorted(watchers, key=lambda w: -w.priority if w.conf.group else w.priority), \
+                (lambda w: w.priority)
+        i, errors = 0, []
+        while i < len(ws):
+            group = [w for w in ws[i:] if prio(w) == prio(ws[i])]
+            i += len(group)
+
+            async def stop_one(w):
+                self.on_demand.disarm(w)
+                async with w.lock:
+                    await w.stop()
+            # one watcher's failure neither stops the others nor the lower priorities
+            results = await asyncio.gather(*(stop_one(w) for w in group), return_exceptions=True)
+            errors += [e for e in results if isinstance(e, Exception)]
+        if errors:
+            raise errors[0]
+
+    def stop(self):
+        """Stop every watcher, close sockets and channels; run() then returns.
+
+        In the arbiter's loop it returns a task (``await arbiter.stop()``, or
+        fire and forget from a callback). From another thread it waits until
+        the arbiter is down; once stopped (or never started) it does nothing.
+        """
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is not None and running is self.loop:
+            return running.create_task(self._stop(asyncio.current_task()))
+        if self.loop is None or self.loop.is_closed() or self._done is None or self._done.done():
+            return None
+        import concurrent.futures
+        try:
+            return asyncio.run_coroutine_threadsafe(self._stop(None), self.loop).result()
+        except (RuntimeError, concurrent.futures.CancelledError, asyncio.CancelledError):
+            return None         # it stopped meanwhile (a quit, a signal)
+
+    async def _stop(self, caller) -> None:
+        # Called by the quit command's own handler (``caller``), it returns once the
+        # watchers are down, so the handler can still send its reply; the channels
+        # close right after.
+        self.sd_notify("STOPPING=1")
+        self.stopping = True        # a start-up or top-up in progress ends at its next spawn
+        async with self._lock:
+            try:
+                await self.stop_watchers()
+            except Exception:       # logged; the daemon still exits
+                _log().exception("while stopping the watchers")
+        finish = self.loop.create_task(self._finish())
+        if not any(ch.owns(caller) for ch in self.channels):
+            await finish
+
+    async def _finish(self):
+        for w in self.watchers:
+            w._close_streams(final=True)
+        for runner in self.plugin_runners:
+            runner.stop()
+        for dog in self.watchdogs.values():
+            dog.stop()
+        if self._log_handler is not None:
+            _log().removeHandler(self._log_handler)
+            self._log_handler = None
+        for ch in self.channels:
+            await ch.close()
+        self.channels = []
+        self._close_sockets()
+        nl = _NOTIFY_LISTENERS.pop(self.loop, None)
+        if nl is not None:
+            nl.close()
+        cw = _CHILD_WATCHERS.pop(self.loop, None)
+        if cw is not None:
+            cw.close()
+        if _CLOSING_STREAMS:        # user streams finish their queue (bounded) before we exit
+            await self.loop.run_in_executor(None, join_streams, 5.0)
+        if self._done is not None and not self._done.done():
+            self._done.set_result(True)
+
+    def _on_quit_signal(self, sig):
+        _log().info("got %s: stopping", signame(sig))
+        self.stop()      # a task of its own
+
+    async def _guarded(self, coro):
+        try:
+            return await coro
+        except CircusError as e:
+            _log().error("%s", e)
+        except Exception:
+            _log().exception("unexpected error")
+
+    async def reload(self, graceful=True, sequential=False) -> None:
+        """Reload every running watcher (stopped ones stay stopped: Circus bug 5)."""
+        async with self._lock:
+            self._refuse_if_quitting("reload")
+            await self._reload_watchers(graceful, sequential)
+
+    def _refuse_if_quitting(self, what):
+        if self.stopping:       # queued before a quit (e.g. a SIGHUP storm): dropped
+            raise CommandError("%s dropped: the daemon is quitting" % what)
+
+    async def _reload_watchers(self, graceful=True, sequential=False, skip=()) -> None:
+        errors = []
+        for w in self.iter_watchers():
+            if self.stopping:
+                break
+            if w.state == ProcState.STOPPED or w in skip:
+                continue
+            async with w.lock:
+                try:
+                    await w.reload(graceful=graceful, sequential=sequential)
+                except CommandError as e:   # one aborted reload does not stop the others
+                    errors.append(str(e))
+            if self.warmup_delay:
+                await asyncio.sleep(self.warmup_delay)
+        if errors:
+            raise CommandError("; ".join(errors), E_COMMAND_ERROR)
+
+    # -- watchers at runtime -----------------------------------------------------
+    def add_watcher(self, name, cmd, args=None, options=None) -> Watcher:
+        """Create and attach a watcher (not started). Raises CommandError/MessageError."""
+        if any(w.name.lower() == str(name).lower() for w in self.watchers):
+            raise CommandError("%r already exist" % name)
+        try:
+            w = Watcher(name, cmd, args, search_dirs=self.search_dirs, **(options or {}))
+        except ValueError as e:
+            raise MessageError(str(e)) from None
+        self._attach(w)
+        self.emit("watcher.%s.add" % w.topic_name, {"time": time.time()})
+        return w
+
+    def rm_watcher(self, w: Watcher, nostop=False) -> object:
+        """Detach a watcher; returns a coroutine that stops it (nothing with nostop)."""
+        self.watchers.remove(w)
+        self._watch_resources(w)
+        w._user_action(False)           # no flapping retry for a removed watcher
+        self.emit("watcher.%s.remove" % w.topic_name, {"time": time.time()})
+        if nostop:
+            for p in list(w.processes.values()):
+                p.on_exit = None        # left running, no longer ours to respawn
+            w._close_streams(final=True)
+            return _none(asyncio.sleep(0))
+
+        async def stop_and_close():
+            await w.stop()
+            w._close_streams(final=True)
+        return _none(_locked(w, stop_and_close))
+
+    # -- config reload: parse completely (errors change nothing), diff, apply the differences
+    def _load_new_config(self) -> CircusConfig:
+        if not self.config or not self.config.path:
+            raise CommandError("no config file to reload: this arbiter was built in Python")
+        try:
+            new = load_config(self.config.path)
+            plugin_limits(new)      # a ResourceWatcher section is checked too, before any reply
+            return new
+        except ConfigError as e:
+            raise _not_reloaded(e) from None
+
+    def config_diff(self, new: CircusConfig) -> dict:
+        """Names added, changed (incl. resized) and removed, for reread/update."""
+        return _ConfigDiff(self.config, self.watchers, new).names()
+
+    async def reload_config(self, new: CircusConfig | None = None, reload_rest=False) -> None:
+        """Re-read the file; apply only what changed. A broken file changes nothing.
+
+        ``reload_rest`` (SIGHUP): then a graceful reload of every running
+        watcher this did not start afresh.
+        """
+        new, plugin_settings = self._parse_new_config(new)         # 1. parse
+        async with self._lock:
+            self._refuse_if_quitting("reloadconfig")
+            diff = _ConfigDiff(self.config, self.watchers, new)     # 2. diff
+            try:        # built before anything stops: a hook that cannot be imported changes nothing
+                fresh = [self._make_watcher(wc) for wc in diff.to_build]
+            except ConfigError as e:
+                raise _not_reloaded(e) from None
+            await self._apply_config(new, plugin_settings, diff, fresh)     # 3. apply
+            if reload_rest:
+                await self._reload_watchers(skip=fresh)
+
+    def _parse_new_config(self, new: CircusConfig | None):
+        """The new file, parsed completely, and its plugin settings (flapping, limits)."""
+        new = new or self._load_new_config()
+        try:
+            plugin_settings = flapping_defaults(new), plugin_limits(new)
+        except ConfigError as e:
+            raise _not_reloaded(e) from None
+        for w in new.warnings:
+            _log().warning("%s", w)
+        return new, plugin_settings
+
+    async def _apply_config(self, new: CircusConfig, plugin_settings, diff: _ConfigDiff, fresh) -> None:
+        """Only the differences: what goes stops before its sockets close, the new
+        sockets are bound before the ``fresh`` watchers start."""
+        self._take_globals(new)
+        self.flapping_plugin, self.plugin_limits = plugin_settings
+        gone = diff.removed + [w for w, _ in diff.changed]
+        for w in gone:
+            self.watchers.remove(w)
+            self.emit("watcher.%s.remove" % w.topic_name, {"time": time.time()})
+        await self.stop_watchers(gone)
+        self._let_go(gone)
+        self._close_sockets(diff.changed_socks)
+        self._bind_sockets(diff.added_socks)
+        self.config = new
+        for w, wc in diff.resized:
+            w.file_conf = wc
+            async with w.lock:
+                await w.set_numprocesses(wc.options["numprocesses"])
+        for w in fresh:
+            self._attach(w)
+            self.emit("watcher.%s.add" % w.topic_name, {"time": time.time()})
+        await self.start_watchers([w for w in fresh if w.conf.options["autostart"]])
+
+    def _take_globals(self, new: CircusConfig) -> None:
+        old = self.config
+        if new.globals_key() == old.globals_key():
+            return
+        self.check_delay, self.warmup_delay = new.check_delay, new.warmup_delay
+        for k in ("endpoint", "pubsub_endpoint", "multicast_endpoint", "curve_secret_key",
+                  "curve_owner_keys", "endpoint_owner"):
+            if getattr(new, k) != getattr(old, k):
+                _log().warning("reloadconfig: %s changed; it takes effect at the next "
+                               "daemon start (a restart keeps the old one)", k)
+
+    def _let_go(self, ws) -> None:
+        """Of stopped watchers no longer ours: no flapping retry, streams closed, no watchdog."""
+        for w in ws:
+            w._user_action(False)
+            w._close_streams(final=True)
+        self._prune_watchdogs()
+
+    def _close_sockets(self, names=None) -> None:
+        for n in list(self.sockets) if names is None else names:
+            s = self.sockets.pop(n, None)
+            if s is not None:
+                s.close()
+
+    async def restart(self) -> None:
+        """Full restart in this process: stop all, re-read the config, rebind, start.
+
+        If the file is now broken, the old config is started again (nothing lost).
+        """
+        try:
+            new = self._load_new_config() if self.config and self.config.path else None
+        except CommandError as e:
+            _log().error("%s; restarting with the previous config", e)
+            new = None
+        async with self._lock:
+            await self.stop_watchers()
+            if new is not None:
+                self._close_sockets()
+                self.config = new
+                old, self.watchers = self.watchers, []
+                self._let_go(old)
+                try:
+                    self.flapping_plugin, self.plugin_limits = flapping_defaults(new), plugin_limits(new)
+                except ConfigError as e:
+                    _log().error("%s", e)
+                for wc in new.watchers:
+                    self._attach(self._make_watcher(wc))
+                self._bind_sockets(new.sockets)
+            await self.start_watchers()
+
+
+def get_arbiter(watchers, controller=DEFAULT_ENDPOINT, pubsub_endpoint=DEFAULT_PUBSUB,
+                sockets=(), check_delay=1.0, warmup_delay=0, **kw) -> Arbiter:
+    """Build an Arbiter from dicts, like Circus's ``get_arbiter``.
+
+    ``watchers`` are dicts with ``cmd`` and any watcher option; ``name`` defaults to the
+    command's base name, as in Circus (``{"cmd": "python app.py"}`` is ``python``);
+    ``sockets`` are dicts with ``name`` and socket keys (host, port, path...).
+    Pass ``controller=None, pubsub_endpoint=None`` for no ZeroMQ channels.
+    """
+    watchers = [dict(w, name=os.path.basename(str(w.get("cmd") or "").split(" ")[0]))
+                if isinstance(w, dict) and "name" not in w else w for w in watchers]
+    socks = [s if isinstance(s, SocketConfig) else SocketConfig(**s) for s in sockets]
+    return Arbiter(watchers, controller, pubsub_endpoint, sockets=socks,
+                   check_delay=check_delay, warmup_delay=warmup_delay, **kw)
+
+
+# ---------------------------------------------------------------------------
+# 15. ZeroMQ channels (control, pub/sub, multicast discovery)
 # ---------------------------------------------------------------------------
 
 def _ipc_in_use(path: str) -> bool:
@@ -6866,48 +7109,7 @@ def check_endpoint(endpoint: str, what: str, allow_insecure=False, curve=False) 
                        "(allow_insecure_endpoint = true)", what, endpoint)
 
 
-# -- CurveZMQ: key files and the daemon's authenticator ------------------------
-
-def load_curve_key(path: str, secret=False) -> tuple:
-    """(public, secret) z85 keys from a key file written by `ctl keygen` (zmq.auth's format)."""
-    import zmq.auth
-    try:
-        public, secret_key = zmq.auth.load_certificate(path)
-    except (OSError, ValueError) as e:
-        raise CircusError("cannot read CurveZMQ key %s: %s (create one with `python circus.py "
-                          "ctl keygen`)" % (path, getattr(e, "strerror", None) or e)) from None
-    if secret and not secret_key:
-        raise CircusError("%s holds no secret key: give the .key_secret file, not the public "
-                          ".key" % path)
-    return public, secret_key
-
-
-def _key_files(location: str) -> list:
-    if os.path.isdir(location):
-        return sorted(e.path for e in os.scandir(location) if e.name.endswith(".key") and e.is_file())
-    return [location] if os.path.exists(location) else []
-
-
-def authorized_keys(location: str, problems=None) -> set:
-    """The public keys (z85) of a folder of .key files, or of one key file.
-
-    With a ``problems`` list, unreadable files are skipped and described
-    there; without it the first one raises CircusError.
-    """
-    if not os.path.exists(location):
-        if problems is None:
-            raise CircusError("curve_authorized_keys %s does not exist" % location)
-        problems.append("%s does not exist: no client is let in" % location)
-        return set()
-    keys = set()
-    for path in _key_files(location):
-        try:
-            keys.add(load_curve_key(path)[0])
-        except CircusError as e:
-            if problems is None:
-                raise
-            problems.append(str(e))
-    return keys
+# -- CurveZMQ: the daemon's authenticator (the key files: in the pure helpers) ---------
 
 
 class CurveServer:
@@ -7141,64 +7343,6 @@ class ControlChannel:
             _unlink_ipc(self.endpoint)
 
 
-def _error_reply(reason, errno_, msg_id, tb=None):
-    return {"status": "error", "reason": reason, "tb": tb, "time": time.time(),
-            "errno": errno_, "id": msg_id}
-
-
-async def dispatch(arbiter, body: bytes, peer=None):
-    """One request body -> the reply dict (None for casts). Never raises.
-
-    ``peer``: who sent it (a Peer), None for the daemon's own callers and
-    connections whose user is unknown (see check_peer)."""
-    msg_id, cast = None, False
-    try:
-        try:
-            msg = json.loads(body.decode("utf-8").strip())
-        except (UnicodeDecodeError, ValueError):
-            return _error_reply("json invalid", E_INVALID_JSON, None)
-        if not isinstance(msg, dict):
-            return _error_reply("message invalid: a JSON object is expected", E_MESSAGE_ERROR, None)
-        msg_id = msg.get("id")
-        cast = msg.get("msg_type") == "cast"
-        name = msg.get("command")
-        if not isinstance(name, str) or not name:
-            raise MessageError("message invalid 'command' is missing")
-        cmd = COMMANDS.get(name.lower())
-        if cmd is None or cmd.run is None:     # help: ctl's own
-            raise CommandError("unknown command: %r" % name, E_UNKNOWN_COMMAND)
-        props = msg.get("properties")
-        if props is None:
-            props = {}
-        if not isinstance(props, dict):
-            raise MessageError("'properties' should be an object")
-        check_peer(arbiter, peer, cmd.name, props)
-        result = cmd.run(arbiter, props)
-        if isinstance(result, _Await):
-            result = await result.awaitable
-        elif asyncio.iscoroutine(result):
-            if _waiting(props):
-                result = await result
-            else:
-                asyncio.get_running_loop().create_task(arbiter._guarded(result))
-                result = {}
-        reply = {"status": "ok", "time": time.time()}
-        reply.update(result)
-        reply["id"] = msg_id
-    except CommandError as e:
-        reply = _error_reply(str(e), e.errno, msg_id)
-    except CircusError as e:
-        reply = _error_reply(str(e), E_COMMAND_ERROR, msg_id)
-    except OSError as e:
-        reply = _error_reply(str(e), E_OS_ERROR, msg_id)
-    except Exception as e:      # a bug of ours: log it, answer, stay up
-        import traceback
-        _log().exception("command failed: %r", body[:200])
-        reply = _error_reply("command %r: %s" % (body[:200], e), E_COMMAND_ERROR, msg_id,
-                             traceback.format_exc())
-    return None if cast else reply
-
-
 class _XPubChannel:
     """An XPUB socket (a PUB that hears subscriptions): knows who listens to what."""
 
@@ -7339,7 +7483,7 @@ class MulticastChannel:
 
 
 # ---------------------------------------------------------------------------
-# 12. Client and ctl
+# 16. Client and ctl
 # ---------------------------------------------------------------------------
 
 class CallError(CircusError):
@@ -8114,7 +8258,7 @@ def _shell(g) -> int:
 
 
 # ---------------------------------------------------------------------------
-# 13. HTTP: /metrics and the web dashboard
+# 17. HTTP: a small asyncio server (for /metrics and the dashboard)
 # ---------------------------------------------------------------------------
 # One small HTTP/1.1 server on asyncio streams (one request per connection)
 # serves /metrics (``metrics_endpoint``) and the dashboard (``httpd = true``,
@@ -8310,6 +8454,11 @@ class HttpServer:
             await asyncio.wait(pending, timeout=2.0)
 
 
+# ---------------------------------------------------------------------------
+# 18. /metrics: Prometheus text for the arbiter
+# ---------------------------------------------------------------------------
+
+
 _METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -8378,6 +8527,11 @@ class MetricsServer(HttpServer):
 
 
 # -- hubs: how the dashboard reaches a daemon ----------------------------------------
+
+# ---------------------------------------------------------------------------
+# 19. The web dashboard
+# ---------------------------------------------------------------------------
+
 
 class LocalHub:
     """Inside the daemon: commands go straight to the command table, events
@@ -8904,315 +9058,9 @@ class WebServer(HttpServer):
                 pass
 
 
-# -- the page: HTML, CSS and JS, served as three files (a CSP with no inline code) --------
-
-_DASHBOARD_HTML = """<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="csrf-token" content="{{csrf}}">
-<title>circus.py dashboard</title>
-<link rel="icon" href="data:,">
-<link rel="stylesheet" href="dashboard.css">
-</head>
-<body>
-<header>
-  <h1>circus.py</h1>
-  <span id="daemon" class="muted"></span>
-  <span id="conn" class="conn down">connecting</span>
-</header>
-<main>
-  <div id="result" role="status" aria-live="polite"></div>
-  <table id="watchers">
-    <thead><tr><th>watcher</th><th>state</th><th>processes · pid</th><th>CPU</th><th>memory</th>
-      <th>restarts · uptime</th><th title="CPU (blue) and memory (orange), last minute">history</th><th>actions</th></tr></thead>
-  </table>
-  <p id="empty" class="muted" hidden>No watchers.</p>
-  <section id="tailbox" hidden>
-    <h2>output of <span id="tailname"></span> <button id="tailclose" type="button">close</button></h2>
-    <pre id="tail"></pre>
-  </section>
-  <section>
-    <h2>events</h2>
-    <ol id="events"></ol>
-  </section>
-</main>
-<footer class="muted">circus.py {{version}}: live over Server-Sent Events; actions are POST /api/COMMAND</footer>
-<script src="dashboard.js"></script>
-</body>
-</html>
-"""
-
-_DASHBOARD_CSS = """
-:root { --bg: #fff; --fg: #1d2330; --muted: #6b7280; --line: #e5e7eb; --row: #f8fafc;
-  --ok: #15803d; --warn: #b45309; --bad: #b91c1c; --cpu: #2563eb; --mem: #ea580c; }
-@media (prefers-color-scheme: dark) { :root { --bg: #111418; --fg: #e5e7eb; --muted: #9ca3af;
-  --line: #2a2f37; --row: #171b21; --ok: #4ade80; --warn: #fbbf24; --bad: #f87171; } }
-* { box-sizing: border-box; }
-body { margin: 0; font: 14px/1.4 system-ui, sans-serif; background: var(--bg); color: var(--fg); }
-header { display: flex; gap: 1em; align-items: baseline; padding: .6em 1em; border-bottom: 1px solid var(--line); }
-h1 { font-size: 1.2em; margin: 0; } h2 { font-size: 1em; margin: 1.2em 0 .4em; }
-main { padding: 0 1em 1em; } footer { padding: .5em 1em; font-size: .85em; }
-.muted { color: var(--muted); }
-.conn { margin-left: auto; font-size: .85em; } .conn.up { color: var(--ok); } .conn.down { color: var(--bad); }
-#result { min-height: 1.6em; margin: .5em 0; font-family: ui-monospace, monospace; }
-#result.ok { color: var(--ok); } #result.error { color: var(--bad); } #result.pending { color: var(--muted); }
-table { border-collapse: collapse; width: 100%; }
-th { text-align: left; font-weight: 600; color: var(--muted); border-bottom: 1px solid var(--line); padding: .3em .5em; }
-td { padding: .25em .5em; border-bottom: 1px solid var(--line); vertical-align: middle; white-space: nowrap; }
-tbody tr.watcher td { background: var(--row); font-weight: 600; }
-tr.process td { font-size: .92em; } tr.process td:first-child { padding-left: 1.6em; font-weight: normal; }
-.state { font-weight: 600; text-transform: lowercase; }
-.state.active, .state.running { color: var(--ok); }
-.state.starting, .state.stopping, .state.backoff { color: var(--warn); }
-.state.stopped, .state.exited, .state.fatal, .state.flapping { color: var(--bad); }
-.num { text-align: right; font-variant-numeric: tabular-nums; }
-.error { color: var(--bad); font-weight: normal; white-space: normal; }
-button, select { font: inherit; font-size: .85em; padding: .1em .5em; margin: 0 .1em; border: 1px solid var(--line);
-  border-radius: 4px; background: var(--bg); color: var(--fg); cursor: pointer; }
-button:hover { border-color: var(--cpu); } button:disabled { opacity: .5; cursor: wait; }
-svg.spark { width: 120px; height: 24px; display: block; }
-svg.spark polyline { fill: none; stroke-width: 1.5; }
-svg.spark .cpu { stroke: var(--cpu); } svg.spark .mem { stroke: var(--mem); }
-#tail { max-height: 24em; overflow: auto; background: var(--row); border: 1px solid var(--line);
-  padding: .5em; margin: 0; white-space: pre-wrap; word-break: break-all; }
-#tail .stderr { color: var(--bad); }
-#events { list-style: none; padding: 0; margin: 0; font-family: ui-monospace, monospace; font-size: .85em;
-  max-height: 16em; overflow: auto; }
-#events li { padding: .1em 0; border-bottom: 1px dotted var(--line); }
-"""
-
-_DASHBOARD_JS = r"""
-"use strict";
-// Everything that comes from the daemon is put on the page as text (textContent), never as HTML.
-const csrf = document.querySelector('meta[name="csrf-token"]').content;
-const table = document.getElementById("watchers");
-const SIGNALS = ["HUP", "TERM", "INT", "QUIT", "USR1", "USR2", "KILL"];
-const HISTORY = 60;
-const watchers = new Map();     // name -> {body, cells, cpu: [], rss: [], procs: Map(pid -> row)}
-let tail = null;                // the EventSource of the output being followed
-
-function el(tag, props, ...kids) {
-  const e = document.createElement(tag);
-  for (const [k, v] of Object.entries(props || {})) {
-    if (k === "text") e.textContent = v;
-    else if (k === "dataset") Object.assign(e.dataset, v);
-    else if (k.startsWith("on")) e.addEventListener(k.slice(2), v);
-    else e.setAttribute(k, v);
-  }
-  for (const kid of kids) e.append(kid);
-  return e;
-}
-
-function bytes(n) {
-  if (n === null || n === undefined) return "–";
-  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
-  let i = 0;
-  while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
-  return (i ? n.toFixed(1) : String(n)) + " " + units[i];
-}
-const percent = x => (x === null || x === undefined) ? "–" : x.toFixed(1) + " %";
-function age(seconds) {
-  if (!(seconds >= 0)) return "";
-  const s = Math.floor(seconds), d = Math.floor(s / 86400), h = Math.floor(s % 86400 / 3600),
-        m = Math.floor(s % 3600 / 60);
-  return d ? d + "d " + h + "h" : h ? h + "h " + m + "m" : m ? m + "m " + s % 60 + "s" : s + "s";
-}
-function setState(cell, text) {
-  cell.textContent = text;
-  cell.className = "state " + String(text).toLowerCase();
-}
-
-function show(text, kind) {
-  const r = document.getElementById("result");
-  r.textContent = text;
-  r.className = kind;
-}
-
-async function act(command, props, label, button) {
-  show(label + " …", "pending");
-  if (button) button.disabled = true;
-  try {
-    const response = await fetch("api/" + command, {
-      method: "POST", credentials: "same-origin",
-      headers: {"Content-Type": "application/json", "X-CSRF-Token": csrf},
-      body: JSON.stringify(props)});
-    const reply = await response.json().catch(() => ({status: "error", reason: response.status + " " + response.statusText}));
-    if (reply.status === "ok") {
-      const n = reply.numprocesses !== undefined ? " (" + reply.numprocesses + " processes)" : "";
-      show(label + ": ok" + n, "ok");
-    } else {
-      show(label + ": " + (reply.reason || "error"), "error");
-    }
-  } catch (e) {
-    show(label + ": " + e, "error");
-  } finally {
-    if (button) button.disabled = false;
-  }
-}
-
-function sparkline(values, cls, max) {
-  const ns = "http://www.w3.org/2000/svg";
-  const line = document.createElementNS(ns, "polyline");
-  line.setAttribute("class", cls);
-  const top = Math.max(max, 1e-9);
-  const step = 120 / (HISTORY - 1), first = HISTORY - values.length;     // newest on the right
-  line.setAttribute("points", values.map((v, i) =>
-    ((first + i) * step).toFixed(1) + "," + (23 - 22 * (v || 0) / top).toFixed(1)).join(" "));
-  return line;
-}
-
-function drawHistory(w) {
-  const ns = "http://www.w3.org/2000/svg";
-  const svg = document.createElementNS(ns, "svg");
-  svg.setAttribute("class", "spark");
-  svg.setAttribute("viewBox", "0 0 120 24");
-  svg.append(sparkline(w.cpu, "cpu", Math.max(...w.cpu, 5)), sparkline(w.rss, "mem", 1.25 * Math.max(...w.rss)));
-  const title = document.createElementNS(ns, "title");
-  title.textContent = "CPU now " + percent(w.cpu[w.cpu.length - 1]) + ", memory now " + bytes(w.rss[w.rss.length - 1]);
-  svg.append(title);
-  w.cells.history.replaceChildren(svg);
-}
-
-function addWatcher(name) {
-  const cells = {name: el("td", {text: name}), state: el("td", {class: "state"}), count: el("td", {class: "num"}),
-                 cpu: el("td", {class: "num"}), rss: el("td", {class: "num"}), restarts: el("td", {class: "num"}),
-                 history: el("td"), actions: el("td")};
-  const signal = el("select", {"aria-label": "signal", dataset: {role: "signal"}},
-                    ...SIGNALS.map(s => el("option", {value: s, text: s})));
-  const button = (action, label, props, title) => el("button", {type: "button", text: label, title: title || action,
-    dataset: {action: action}, onclick: ev => act(action, Object.assign({name: name}, props), action + " " + name, ev.target)});
-  cells.actions.append(
-    button("start", "start", {waiting: true}), button("stop", "stop", {waiting: true}),
-    button("restart", "restart", {waiting: true}), button("reload", "reload", {waiting: true}),
-    button("incr", "+1", {waiting: true}, "one more process"), button("decr", "−1", {waiting: true}, "one process less"),
-    signal,
-    el("button", {type: "button", text: "send", title: "send the signal to every process", dataset: {action: "signal"},
-      onclick: ev => act("signal", {name: name, signum: signal.value}, "signal " + signal.value + " to " + name, ev.target)}),
-    el("button", {type: "button", text: "tail", title: "follow the output", dataset: {action: "tail"},
-      onclick: () => follow(name)}));
-  const head = el("tr", {class: "watcher"}, cells.name, cells.state, cells.count, cells.cpu, cells.rss,
-                  cells.restarts, cells.history, cells.actions);
-  const error = el("td", {colspan: "8", class: "error"});
-  const errorRow = el("tr", {class: "problem", hidden: ""}, error);
-  const body = el("tbody", {dataset: {watcher: name}}, head, errorRow);
-  table.append(body);
-  const w = {body, cells, signal, error, errorRow, cpu: [], rss: [], procs: new Map()};
-  watchers.set(name, w);
-  return w;
-}
-
-function processRow(w, name, p) {
-  const cells = {name: el("td"), state: el("td", {class: "state"}), pid: el("td", {class: "num pid"}),
-                 cpu: el("td", {class: "num"}), rss: el("td", {class: "num"}), uptime: el("td", {class: "num"}),
-                 actions: el("td")};
-  cells.actions.append(el("button", {type: "button", text: "signal", title: "send the signal selected above to this process",
-    dataset: {action: "signal-pid"},
-    onclick: ev => act("signal", {name: name, pid: p.pid, signum: w.signal.value},
-                       "signal " + w.signal.value + " to pid " + p.pid, ev.target)}));
-  const row = el("tr", {class: "process", dataset: {pid: String(p.pid)}}, cells.name, cells.state, cells.pid,
-                 cells.cpu, cells.rss, cells.uptime, el("td"), cells.actions);
-  row.cells_ = cells;
-  return row;
-}
-
-function render(snap) {
-  const d = snap.daemon;
-  document.getElementById("daemon").textContent =
-    (d.pid ? "daemon pid " + d.pid + ", " + bytes(d.rss) + ", up " + age(snap.time - d.started) : "a circusd") +
-    ", " + snap.watchers.length + " watchers";
-  const seen = new Set();
-  for (const s of snap.watchers) {
-    seen.add(s.name);
-    const w = watchers.get(s.name) || addWatcher(s.name);
-    setState(w.cells.state, s.flapping ? "flapping" : s.status);
-    const running = s.processes.filter(p => p.state !== "STOPPING").length;
-    w.cells.count.textContent = running + " / " + s.numprocesses;
-    w.cells.cpu.textContent = percent(s.cpu);
-    w.cells.rss.textContent = bytes(s.rss);
-    w.cells.restarts.textContent = s.restarts === null ? "–" : String(s.restarts);
-    w.cpu.push(s.cpu || 0); w.rss.push(s.rss || 0);
-    if (w.cpu.length > HISTORY) { w.cpu.shift(); w.rss.shift(); }
-    drawHistory(w);
-    w.error.textContent = s.last_error || "";
-    w.errorRow.hidden = !s.last_error;
-    const pids = new Set();
-    let after = w.errorRow;
-    for (const p of s.processes) {
-      pids.add(p.pid);
-      let row = w.procs.get(p.pid);
-      if (!row) { row = processRow(w, s.name, p); w.procs.set(p.pid, row); }
-      if (after.nextSibling !== row) after.after(row);
-      after = row;
-      const c = row.cells_;
-      c.name.textContent = s.name + ":" + p.wid;
-      setState(c.state, p.state);
-      c.pid.textContent = "pid " + p.pid;
-      c.cpu.textContent = percent(p.cpu);
-      c.rss.textContent = bytes(p.rss);
-      c.uptime.textContent = age(snap.time - p.started);
-    }
-    for (const [pid, row] of w.procs) if (!pids.has(pid)) { row.remove(); w.procs.delete(pid); }
-  }
-  for (const [name, w] of watchers) if (!seen.has(name)) { w.body.remove(); watchers.delete(name); }
-  document.getElementById("empty").hidden = snap.watchers.length > 0;
-}
-
-function addEvent(e) {
-  const list = document.getElementById("events");
-  const time = new Date((e.payload.time || Date.now() / 1000) * 1000).toLocaleTimeString();
-  const rest = Object.entries(e.payload).filter(([k]) => k !== "time").map(([k, v]) => k + "=" + JSON.stringify(v)).join(" ");
-  list.prepend(el("li", {text: time + "  " + e.topic + "  " + rest}));
-  while (list.children.length > 100) list.lastChild.remove();
-}
-
-function follow(name) {
-  if (tail) tail.close();
-  const box = document.getElementById("tailbox"), pre = document.getElementById("tail");
-  document.getElementById("tailname").textContent = name;
-  pre.replaceChildren();
-  box.hidden = false;
-  tail = new EventSource("tail?name=" + encodeURIComponent(name));
-  tail.addEventListener("history", ev => {     // first, and again after a reconnection
-    const h = JSON.parse(ev.data);
-    pre.replaceChildren(h.data);
-    if (h.note) pre.append(el("span", {class: "muted", text: h.note}));
-    pre.scrollTop = pre.scrollHeight;
-  });
-  tail.addEventListener("output", ev => {
-    const chunk = JSON.parse(ev.data);
-    const stick = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
-    pre.append(chunk.stream === "stderr" ? el("span", {class: "stderr", text: chunk.data}) : chunk.data);
-    while (pre.textContent.length > 65536 && pre.firstChild) pre.firstChild.remove();
-    if (stick) pre.scrollTop = pre.scrollHeight;
-  });
-  tail.onerror = () => { if (tail.readyState === EventSource.CLOSED) show("tail " + name + ": not available", "error"); };
-}
-
-document.getElementById("tailclose").addEventListener("click", () => {
-  if (tail) tail.close();
-  tail = null;
-  document.getElementById("tailbox").hidden = true;
-});
-
-function connect() {
-  const conn = document.getElementById("conn");
-  const events = new EventSource("events");
-  events.addEventListener("snapshot", ev => { conn.textContent = "live"; conn.className = "conn up"; render(JSON.parse(ev.data)); });
-  events.addEventListener("circus", ev => addEvent(JSON.parse(ev.data)));
-  events.addEventListener("problem", ev => { conn.textContent = "daemon: " + JSON.parse(ev.data); conn.className = "conn down"; });
-  events.onopen = () => { conn.textContent = "live"; conn.className = "conn up"; };
-  events.onerror = () => { conn.textContent = "reconnecting"; conn.className = "conn down"; };
-}
-connect();
-"""
-
-_DASHBOARD_FILES = {
-    "/": ("text/html; charset=utf-8", _DASHBOARD_HTML),
-    "/dashboard.css": ("text/css; charset=utf-8", _DASHBOARD_CSS),
-    "/dashboard.js": ("text/javascript; charset=utf-8", _DASHBOARD_JS),
-}
+#: The page's files: path -> (content type, text). The appendix at the end of this file
+#: fills it in (as bottle keeps its templates), so the code reads without 300 lines of page.
+_DASHBOARD_FILES: dict = {}
 _DASHBOARD_CSP = ("Content-Security-Policy: default-src 'none'; script-src 'self'; style-src 'self'; "
                   "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
                   "frame-ancestors 'none'")
@@ -9282,6 +9130,11 @@ async def _remote_metrics(hub) -> str:
     return metrics_text(snap)
 
 
+# ---------------------------------------------------------------------------
+# 20. Channels: what the daemon serves, started for the Arbiter
+# ---------------------------------------------------------------------------
+
+
 def check_endpoints(arbiter) -> None:
     """The ZeroMQ endpoints' safety rules (check_endpoint), before anything binds."""
     for what, ep in (("control endpoint", arbiter.endpoint), ("pubsub endpoint", arbiter.pubsub_endpoint),
@@ -9336,8 +9189,11 @@ async def start_channels(arbiter) -> list:
     return channels
 
 
+CHANNEL_STARTERS.append(start_channels)
+
+
 # ---------------------------------------------------------------------------
-# 14. CLI: daemon, ctl, web, argv dispatch
+# 21. CLI: daemon, ctl, web, argv dispatch
 # ---------------------------------------------------------------------------
 
 class Pidfile:
@@ -9394,89 +9250,6 @@ class Pidfile:
             pass
 
 
-_NOFILE: list = []     # [soft RLIMIT_NOFILE], read once (None: unlimited)
-_START_NOFILE: list = []    # [(soft, hard)] children get: the daemon's at start, lifted to minfds
-_CHILD_NOFILE: list = []    # the same, once ensure_fds lifted the daemon's own above it
-_NOFILE_TOP: list = []      # [the highest soft limit the daemon can have], once reached
-
-
-def child_nofile():
-    """The open files limit (soft, hard) a child must be given back, or None: the
-    daemon's raised limit is for its own fds; children get the one it started with
-    (lifted to [supervisord] minfds, as supervisord's children get)."""
-    return _CHILD_NOFILE[0] if _CHILD_NOFILE else None
-
-
-def fd_limit():
-    """The soft limit of open files (None when unlimited), as ensure_fds left it."""
-    if not _NOFILE:
-        import resource
-        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        _NOFILE.append(None if soft == resource.RLIM_INFINITY else soft)
-    return _NOFILE[0]
-
-
-def _raise_nofile(minfds=None):
-    """At start (daemon mode): remember the open files limit children get, and apply
-    [supervisord] minfds to it, as supervisord does. The daemon lifts its own limit
-    only when its processes need it (ensure_fds): until then children inherit theirs
-    and spawn with nothing exec'd in front."""
-    import resource
-    inf = resource.RLIM_INFINITY
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if minfds and hard != inf and minfds > hard:
-        if os.geteuid() != 0:
-            raise CircusError("[supervisord] minfds = %d is above the hard limit of open files (%d): "
-                              "raise it (ulimit -Hn, LimitNOFILE=) or lower minfds" % (minfds, hard))
-        hard = minfds
-    if minfds and soft != inf and minfds > soft:
-        soft = minfds
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-        except (ValueError, OSError) as e:
-            raise CircusError("[supervisord] minfds = %d: cannot raise the limit of open files: %s"
-                              % (minfds, e)) from None
-    _START_NOFILE[:] = [(soft, hard)]
-    _CHILD_NOFILE.clear()
-    _NOFILE_TOP.clear()
-    _NOFILE.clear()
-
-
-def ensure_fds(needed: int) -> None:
-    """Lift the daemon's soft limit of open files (as root, the hard one up to the
-    kernel's nr_open) so that ``needed`` fit twice over. Only a daemon that had to
-    gives its children their start limit back (prlimit in front of the command)."""
-    soft = fd_limit()
-    if not _START_NOFILE or soft is None or needed <= soft or soft in _NOFILE_TOP:
-        return
-    import resource
-    inf = resource.RLIM_INFINITY
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = 2 * needed
-    if hard != inf and want > hard and os.geteuid() == 0:
-        try:
-            with open("/proc/sys/fs/nr_open") as f:
-                hard = max(hard, min(int(f.read()), 1 << 20))
-        except (OSError, ValueError):
-            pass
-    want = want if hard == inf else min(want, hard)
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (max(want, soft), hard))
-    except (ValueError, OSError):
-        return
-    _NOFILE.clear()
-    now = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if now[0] == hard:
-        _NOFILE_TOP[:] = [hard]     # as high as it goes: not asked again at every spawn
-    _CHILD_NOFILE[:] = [_START_NOFILE[0]] if now != _START_NOFILE[0] else []
-
-
-def fds_needed(processes: int) -> int:
-    """The fds the daemon wants for ``processes``: a pidfd and two pipes each, and room
-    for its own (log files, sockets, control and HTTP clients)."""
-    return 3 * processes + 256
-
-
 def _check_fd_budget(cfg) -> None:
     """One clear line when the config's processes don't fit the fd limit.
 
@@ -9503,26 +9276,6 @@ def _check_fd_budget(cfg) -> None:
     else:
         _log().error("%d processes need at least %d open files but the limit is %d: about %d of them "
                      "can start; %s", wanted, least, soft, max(0, (soft - 64) * wanted // (least - 64)), how)
-
-
-def drop_privileges(user):
-    """Become ``user`` (name or uid) with its groups: [supervisord] user."""
-    uid, gid, groups = resolve_user(user, None)
-    if uid == os.geteuid():
-        return
-    import importlib    # the interpreter may live where the new user cannot read: import now
-    for mod in ("shlex", "subprocess", "heapq", "random", "glob", "fnmatch", "tempfile", "resource",
-                "grp", "pwd", "traceback", "platform", "queue", "threading", "collections", "psutil",
-                "logging.handlers", "logging.config", "urllib.parse", "json", "socket", "struct"):
-        importlib.import_module(mod)
-    try:
-        if groups is not None:
-            os.setgroups(groups)
-        os.setgid(gid)
-        os.setuid(uid)
-    except OSError as e:
-        raise CircusError("cannot switch to user %r: %s (the daemon must start as root)"
-                          % (user, e.strerror)) from None
 
 
 def daemonize():
@@ -9837,6 +9590,324 @@ def _lean_restart(argv) -> None:
         return
     flags = subprocess._args_from_interpreter_flags()
     os.execv(sys.executable, [sys.executable] + flags + [pyc, _SOURCE_ARG + src] + list(argv))
+
+
+# ---------------------------------------------------------------------------
+# 22. Appendix: the dashboard's page (HTML, CSS and JS, served as three files; a CSP
+#     with no inline code). The dashboard section reads them from _DASHBOARD_FILES.
+# ---------------------------------------------------------------------------
+
+
+_DASHBOARD_HTML = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="csrf-token" content="{{csrf}}">
+<title>circus.py dashboard</title>
+<link rel="icon" href="data:,">
+<link rel="stylesheet" href="dashboard.css">
+</head>
+<body>
+<header>
+  <h1>circus.py</h1>
+  <span id="daemon" class="muted"></span>
+  <span id="conn" class="conn down">connecting</span>
+</header>
+<main>
+  <div id="result" role="status" aria-live="polite"></div>
+  <table id="watchers">
+    <thead><tr><th>watcher</th><th>state</th><th>processes · pid</th><th>CPU</th><th>memory</th>
+      <th>restarts · uptime</th><th title="CPU (blue) and memory (orange), last minute">history</th><th>actions</th></tr></thead>
+  </table>
+  <p id="empty" class="muted" hidden>No watchers.</p>
+  <section id="tailbox" hidden>
+    <h2>output of <span id="tailname"></span> <button id="tailclose" type="button">close</button></h2>
+    <pre id="tail"></pre>
+  </section>
+  <section>
+    <h2>events</h2>
+    <ol id="events"></ol>
+  </section>
+</main>
+<footer class="muted">circus.py {{version}}: live over Server-Sent Events; actions are POST /api/COMMAND</footer>
+<script src="dashboard.js"></script>
+</body>
+</html>
+"""
+
+
+_DASHBOARD_CSS = """
+:root { --bg: #fff; --fg: #1d2330; --muted: #6b7280; --line: #e5e7eb; --row: #f8fafc;
+  --ok: #15803d; --warn: #b45309; --bad: #b91c1c; --cpu: #2563eb; --mem: #ea580c; }
+@media (prefers-color-scheme: dark) { :root { --bg: #111418; --fg: #e5e7eb; --muted: #9ca3af;
+  --line: #2a2f37; --row: #171b21; --ok: #4ade80; --warn: #fbbf24; --bad: #f87171; } }
+* { box-sizing: border-box; }
+body { margin: 0; font: 14px/1.4 system-ui, sans-serif; background: var(--bg); color: var(--fg); }
+header { display: flex; gap: 1em; align-items: baseline; padding: .6em 1em; border-bottom: 1px solid var(--line); }
+h1 { font-size: 1.2em; margin: 0; } h2 { font-size: 1em; margin: 1.2em 0 .4em; }
+main { padding: 0 1em 1em; } footer { padding: .5em 1em; font-size: .85em; }
+.muted { color: var(--muted); }
+.conn { margin-left: auto; font-size: .85em; } .conn.up { color: var(--ok); } .conn.down { color: var(--bad); }
+#result { min-height: 1.6em; margin: .5em 0; font-family: ui-monospace, monospace; }
+#result.ok { color: var(--ok); } #result.error { color: var(--bad); } #result.pending { color: var(--muted); }
+table { border-collapse: collapse; width: 100%; }
+th { text-align: left; font-weight: 600; color: var(--muted); border-bottom: 1px solid var(--line); padding: .3em .5em; }
+td { padding: .25em .5em; border-bottom: 1px solid var(--line); vertical-align: middle; white-space: nowrap; }
+tbody tr.watcher td { background: var(--row); font-weight: 600; }
+tr.process td { font-size: .92em; } tr.process td:first-child { padding-left: 1.6em; font-weight: normal; }
+.state { font-weight: 600; text-transform: lowercase; }
+.state.active, .state.running { color: var(--ok); }
+.state.starting, .state.stopping, .state.backoff { color: var(--warn); }
+.state.stopped, .state.exited, .state.fatal, .state.flapping { color: var(--bad); }
+.num { text-align: right; font-variant-numeric: tabular-nums; }
+.error { color: var(--bad); font-weight: normal; white-space: normal; }
+button, select { font: inherit; font-size: .85em; padding: .1em .5em; margin: 0 .1em; border: 1px solid var(--line);
+  border-radius: 4px; background: var(--bg); color: var(--fg); cursor: pointer; }
+button:hover { border-color: var(--cpu); } button:disabled { opacity: .5; cursor: wait; }
+svg.spark { width: 120px; height: 24px; display: block; }
+svg.spark polyline { fill: none; stroke-width: 1.5; }
+svg.spark .cpu { stroke: var(--cpu); } svg.spark .mem { stroke: var(--mem); }
+#tail { max-height: 24em; overflow: auto; background: var(--row); border: 1px solid var(--line);
+  padding: .5em; margin: 0; white-space: pre-wrap; word-break: break-all; }
+#tail .stderr { color: var(--bad); }
+#events { list-style: none; padding: 0; margin: 0; font-family: ui-monospace, monospace; font-size: .85em;
+  max-height: 16em; overflow: auto; }
+#events li { padding: .1em 0; border-bottom: 1px dotted var(--line); }
+"""
+
+
+_DASHBOARD_JS = r"""
+"use strict";
+// Everything that comes from the daemon is put on the page as text (textContent), never as HTML.
+const csrf = document.querySelector('meta[name="csrf-token"]').content;
+const table = document.getElementById("watchers");
+const SIGNALS = ["HUP", "TERM", "INT", "QUIT", "USR1", "USR2", "KILL"];
+const HISTORY = 60;
+const watchers = new Map();     // name -> {body, cells, cpu: [], rss: [], procs: Map(pid -> row)}
+let tail = null;                // the EventSource of the output being followed
+
+function el(tag, props, ...kids) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(props || {})) {
+    if (k === "text") e.textContent = v;
+    else if (k === "dataset") Object.assign(e.dataset, v);
+    else if (k.startsWith("on")) e.addEventListener(k.slice(2), v);
+    else e.setAttribute(k, v);
+  }
+  for (const kid of kids) e.append(kid);
+  return e;
+}
+
+function bytes(n) {
+  if (n === null || n === undefined) return "–";
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+  return (i ? n.toFixed(1) : String(n)) + " " + units[i];
+}
+const percent = x => (x === null || x === undefined) ? "–" : x.toFixed(1) + " %";
+function age(seconds) {
+  if (!(seconds >= 0)) return "";
+  const s = Math.floor(seconds), d = Math.floor(s / 86400), h = Math.floor(s % 86400 / 3600),
+        m = Math.floor(s % 3600 / 60);
+  return d ? d + "d " + h + "h" : h ? h + "h " + m + "m" : m ? m + "m " + s % 60 + "s" : s + "s";
+}
+function setState(cell, text) {
+  cell.textContent = text;
+  cell.className = "state " + String(text).toLowerCase();
+}
+
+function show(text, kind) {
+  const r = document.getElementById("result");
+  r.textContent = text;
+  r.className = kind;
+}
+
+async function act(command, props, label, button) {
+  show(label + " …", "pending");
+  if (button) button.disabled = true;
+  try {
+    const response = await fetch("api/" + command, {
+      method: "POST", credentials: "same-origin",
+      headers: {"Content-Type": "application/json", "X-CSRF-Token": csrf},
+      body: JSON.stringify(props)});
+    const reply = await response.json().catch(() => ({status: "error", reason: response.status + " " + response.statusText}));
+    if (reply.status === "ok") {
+      const n = reply.numprocesses !== undefined ? " (" + reply.numprocesses + " processes)" : "";
+      show(label + ": ok" + n, "ok");
+    } else {
+      show(label + ": " + (reply.reason || "error"), "error");
+    }
+  } catch (e) {
+    show(label + ": " + e, "error");
+  } finally {
+    if (button) button.disabled = false;
+  }
+}
+
+function sparkline(values, cls, max) {
+  const ns = "http://www.w3.org/2000/svg";
+  const line = document.createElementNS(ns, "polyline");
+  line.setAttribute("class", cls);
+  const top = Math.max(max, 1e-9);
+  const step = 120 / (HISTORY - 1), first = HISTORY - values.length;     // newest on the right
+  line.setAttribute("points", values.map((v, i) =>
+    ((first + i) * step).toFixed(1) + "," + (23 - 22 * (v || 0) / top).toFixed(1)).join(" "));
+  return line;
+}
+
+function drawHistory(w) {
+  const ns = "http://www.w3.org/2000/svg";
+  const svg = document.createElementNS(ns, "svg");
+  svg.setAttribute("class", "spark");
+  svg.setAttribute("viewBox", "0 0 120 24");
+  svg.append(sparkline(w.cpu, "cpu", Math.max(...w.cpu, 5)), sparkline(w.rss, "mem", 1.25 * Math.max(...w.rss)));
+  const title = document.createElementNS(ns, "title");
+  title.textContent = "CPU now " + percent(w.cpu[w.cpu.length - 1]) + ", memory now " + bytes(w.rss[w.rss.length - 1]);
+  svg.append(title);
+  w.cells.history.replaceChildren(svg);
+}
+
+function addWatcher(name) {
+  const cells = {name: el("td", {text: name}), state: el("td", {class: "state"}), count: el("td", {class: "num"}),
+                 cpu: el("td", {class: "num"}), rss: el("td", {class: "num"}), restarts: el("td", {class: "num"}),
+                 history: el("td"), actions: el("td")};
+  const signal = el("select", {"aria-label": "signal", dataset: {role: "signal"}},
+                    ...SIGNALS.map(s => el("option", {value: s, text: s})));
+  const button = (action, label, props, title) => el("button", {type: "button", text: label, title: title || action,
+    dataset: {action: action}, onclick: ev => act(action, Object.assign({name: name}, props), action + " " + name, ev.target)});
+  cells.actions.append(
+    button("start", "start", {waiting: true}), button("stop", "stop", {waiting: true}),
+    button("restart", "restart", {waiting: true}), button("reload", "reload", {waiting: true}),
+    button("incr", "+1", {waiting: true}, "one more process"), button("decr", "−1", {waiting: true}, "one process less"),
+    signal,
+    el("button", {type: "button", text: "send", title: "send the signal to every process", dataset: {action: "signal"},
+      onclick: ev => act("signal", {name: name, signum: signal.value}, "signal " + signal.value + " to " + name, ev.target)}),
+    el("button", {type: "button", text: "tail", title: "follow the output", dataset: {action: "tail"},
+      onclick: () => follow(name)}));
+  const head = el("tr", {class: "watcher"}, cells.name, cells.state, cells.count, cells.cpu, cells.rss,
+                  cells.restarts, cells.history, cells.actions);
+  const error = el("td", {colspan: "8", class: "error"});
+  const errorRow = el("tr", {class: "problem", hidden: ""}, error);
+  const body = el("tbody", {dataset: {watcher: name}}, head, errorRow);
+  table.append(body);
+  const w = {body, cells, signal, error, errorRow, cpu: [], rss: [], procs: new Map()};
+  watchers.set(name, w);
+  return w;
+}
+
+function processRow(w, name, p) {
+  const cells = {name: el("td"), state: el("td", {class: "state"}), pid: el("td", {class: "num pid"}),
+                 cpu: el("td", {class: "num"}), rss: el("td", {class: "num"}), uptime: el("td", {class: "num"}),
+                 actions: el("td")};
+  cells.actions.append(el("button", {type: "button", text: "signal", title: "send the signal selected above to this process",
+    dataset: {action: "signal-pid"},
+    onclick: ev => act("signal", {name: name, pid: p.pid, signum: w.signal.value},
+                       "signal " + w.signal.value + " to pid " + p.pid, ev.target)}));
+  const row = el("tr", {class: "process", dataset: {pid: String(p.pid)}}, cells.name, cells.state, cells.pid,
+                 cells.cpu, cells.rss, cells.uptime, el("td"), cells.actions);
+  row.cells_ = cells;
+  return row;
+}
+
+function render(snap) {
+  const d = snap.daemon;
+  document.getElementById("daemon").textContent =
+    (d.pid ? "daemon pid " + d.pid + ", " + bytes(d.rss) + ", up " + age(snap.time - d.started) : "a circusd") +
+    ", " + snap.watchers.length + " watchers";
+  const seen = new Set();
+  for (const s of snap.watchers) {
+    seen.add(s.name);
+    const w = watchers.get(s.name) || addWatcher(s.name);
+    setState(w.cells.state, s.flapping ? "flapping" : s.status);
+    const running = s.processes.filter(p => p.state !== "STOPPING").length;
+    w.cells.count.textContent = running + " / " + s.numprocesses;
+    w.cells.cpu.textContent = percent(s.cpu);
+    w.cells.rss.textContent = bytes(s.rss);
+    w.cells.restarts.textContent = s.restarts === null ? "–" : String(s.restarts);
+    w.cpu.push(s.cpu || 0); w.rss.push(s.rss || 0);
+    if (w.cpu.length > HISTORY) { w.cpu.shift(); w.rss.shift(); }
+    drawHistory(w);
+    w.error.textContent = s.last_error || "";
+    w.errorRow.hidden = !s.last_error;
+    const pids = new Set();
+    let after = w.errorRow;
+    for (const p of s.processes) {
+      pids.add(p.pid);
+      let row = w.procs.get(p.pid);
+      if (!row) { row = processRow(w, s.name, p); w.procs.set(p.pid, row); }
+      if (after.nextSibling !== row) after.after(row);
+      after = row;
+      const c = row.cells_;
+      c.name.textContent = s.name + ":" + p.wid;
+      setState(c.state, p.state);
+      c.pid.textContent = "pid " + p.pid;
+      c.cpu.textContent = percent(p.cpu);
+      c.rss.textContent = bytes(p.rss);
+      c.uptime.textContent = age(snap.time - p.started);
+    }
+    for (const [pid, row] of w.procs) if (!pids.has(pid)) { row.remove(); w.procs.delete(pid); }
+  }
+  for (const [name, w] of watchers) if (!seen.has(name)) { w.body.remove(); watchers.delete(name); }
+  document.getElementById("empty").hidden = snap.watchers.length > 0;
+}
+
+function addEvent(e) {
+  const list = document.getElementById("events");
+  const time = new Date((e.payload.time || Date.now() / 1000) * 1000).toLocaleTimeString();
+  const rest = Object.entries(e.payload).filter(([k]) => k !== "time").map(([k, v]) => k + "=" + JSON.stringify(v)).join(" ");
+  list.prepend(el("li", {text: time + "  " + e.topic + "  " + rest}));
+  while (list.children.length > 100) list.lastChild.remove();
+}
+
+function follow(name) {
+  if (tail) tail.close();
+  const box = document.getElementById("tailbox"), pre = document.getElementById("tail");
+  document.getElementById("tailname").textContent = name;
+  pre.replaceChildren();
+  box.hidden = false;
+  tail = new EventSource("tail?name=" + encodeURIComponent(name));
+  tail.addEventListener("history", ev => {     // first, and again after a reconnection
+    const h = JSON.parse(ev.data);
+    pre.replaceChildren(h.data);
+    if (h.note) pre.append(el("span", {class: "muted", text: h.note}));
+    pre.scrollTop = pre.scrollHeight;
+  });
+  tail.addEventListener("output", ev => {
+    const chunk = JSON.parse(ev.data);
+    const stick = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
+    pre.append(chunk.stream === "stderr" ? el("span", {class: "stderr", text: chunk.data}) : chunk.data);
+    while (pre.textContent.length > 65536 && pre.firstChild) pre.firstChild.remove();
+    if (stick) pre.scrollTop = pre.scrollHeight;
+  });
+  tail.onerror = () => { if (tail.readyState === EventSource.CLOSED) show("tail " + name + ": not available", "error"); };
+}
+
+document.getElementById("tailclose").addEventListener("click", () => {
+  if (tail) tail.close();
+  tail = null;
+  document.getElementById("tailbox").hidden = true;
+});
+
+function connect() {
+  const conn = document.getElementById("conn");
+  const events = new EventSource("events");
+  events.addEventListener("snapshot", ev => { conn.textContent = "live"; conn.className = "conn up"; render(JSON.parse(ev.data)); });
+  events.addEventListener("circus", ev => addEvent(JSON.parse(ev.data)));
+  events.addEventListener("problem", ev => { conn.textContent = "daemon: " + JSON.parse(ev.data); conn.className = "conn down"; });
+  events.onopen = () => { conn.textContent = "live"; conn.className = "conn up"; };
+  events.onerror = () => { conn.textContent = "reconnecting"; conn.className = "conn down"; };
+}
+connect();
+"""
+
+
+_DASHBOARD_FILES.update({
+    "/": ("text/html; charset=utf-8", _DASHBOARD_HTML),
+    "/dashboard.css": ("text/css; charset=utf-8", _DASHBOARD_CSS),
+    "/dashboard.js": ("text/javascript; charset=utf-8", _DASHBOARD_JS),
+})
 
 
 if __name__ == "__main__":

@@ -2298,6 +2298,39 @@ def test_all_is_the_documented_contract():
         assert obj.__doc__ and obj.__doc__.strip(), name
 
 
+def test_each_section_uses_only_what_is_above_it():
+    """circus.py reads top down: no module-level name is used above the section that
+    defines it (the dashboard's page, last, fills a table the dashboard reads)."""
+    import ast
+    src = CIRCUS_PY.read_text()
+    starts = [i for i, ln in enumerate(src.splitlines(), 1) if re.match(r"# \d+\. \S", ln)]
+    tree = ast.parse(src)
+    defined = {}
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            defined.setdefault(node.name, node.lineno)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            for t in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                if isinstance(t, ast.Name):
+                    defined.setdefault(t.id, node.lineno)
+
+    def loads(node, local):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            a = node.args
+            local = local | {x.arg for x in a.posonlyargs + a.args + a.kwonlyargs + [a.vararg, a.kwarg] if x}
+            local |= {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load) and node.id not in local:
+            yield node
+        for child in ast.iter_child_nodes(node):
+            yield from loads(child, local)
+
+    def section(line):
+        return sum(s <= line for s in starts)
+    forward = sorted({(n.lineno, n.id) for n in loads(tree, frozenset())
+                      if n.id in defined and section(defined[n.id]) > section(n.lineno)})
+    assert len(starts) > 10 and forward == []
+
+
 def test_get_arbiter_names_a_watcher_after_its_command_as_circus_does():
     spec = {"cmd": "/bin/sleep 120", "numprocesses": 2}     # Circus's documented example: no name
     arb = circus.get_arbiter([spec], controller=None, pubsub_endpoint=None)
