@@ -6124,10 +6124,11 @@ class _Capture:
     def __init__(self, maxbytes):
         self.maxbytes, self.on, self.held, self.text = maxbytes, False, b"", b""
 
-    def feed(self, data: bytes):
-        """(the output less the tokens, as PROCESS_LOG sends it; [completed messages])."""
+    def feed(self, data: bytes) -> list:
+        """[("log", output) or ("comm", a completed message)], in order; output is all but
+        the tokens, cut at them (supervisord sends a PROCESS_LOG event per piece)."""
         data, self.held = self.held + data, b""
-        plain, done = b"", []
+        out = []
         while data:
             token = _SV_COMM_END if self.on else _SV_COMM_BEGIN
             before, found, data = data.partition(token)
@@ -6135,15 +6136,16 @@ class _Capture:
                 keep = next((i for i in range(min(len(token) - 1, len(before)), 0, -1)
                              if token.startswith(before[-i:])), 0)
                 before, self.held = (before[:-keep], before[-keep:]) if keep else (before, b"")
-            plain += before
+            if before:
+                out.append(("log", before))
             if self.on:
                 self.text = (self.text + before)[-self.maxbytes:]
             if found:
                 if self.on:
-                    done.append(self.text)
+                    out.append(("comm", self.text))
                     self.text = b""
                 self.on = not self.on
-        return plain, done
+        return out
 
 
 class SvEventHub:
@@ -6307,17 +6309,15 @@ class SvEventHub:
             return
         if not sv:
             return
-        pname, group = _sv_names(w)
+        head = "processname:%s groupname:%s pid:%s" % (_sv_names(w) + (chunk["pid"],))
         cap = sv.get(channel + "_capture")
-        if cap:
-            capture = self.captures.setdefault((w.name, channel), _Capture(cap))
-            data, done = capture.feed(data)
-            for text in done:
-                self.notify("PROCESS_COMMUNICATION_" + channel.upper(), "processname:%s groupname:%s pid:%s\n%s"
-                            % (pname, group, chunk["pid"], _sv_text(text)))
-        if data and sv.get(channel + "_events"):
-            self.notify("PROCESS_LOG_" + channel.upper(), "processname:%s groupname:%s pid:%s channel:%s\n%s"
-                        % (pname, group, chunk["pid"], channel, _sv_text(data)))
+        pieces = self.captures.setdefault((w.name, channel), _Capture(cap)).feed(data) if cap \
+            else [("log", data)]
+        for kind, text in pieces:
+            if kind == "comm":
+                self.notify("PROCESS_COMMUNICATION_" + channel.upper(), "%s\n%s" % (head, _sv_text(text)))
+            elif sv.get(channel + "_events"):
+                self.notify("PROCESS_LOG_" + channel.upper(), "%s channel:%s\n%s" % (head, channel, _sv_text(text)))
 
 
 def _sv_names(w):

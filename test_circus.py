@@ -5240,26 +5240,41 @@ def test_sv_listener_pool_protocol_without_processes():
     assert [e.serial for e in pool.buffer] == [3, 4, 5]
     assert len(sent["b"]) == 1
     cap = circus._Capture(100)
-    assert cap.feed(b"a<!--XSUPERVISOR:BEG") == (b"a", [])
-    assert cap.feed(b"IN-->hello<!--XSUPERVISOR:END-->b") == (b"hellob", [b"hello"])   # as PROCESS_LOG sees it
+    assert cap.feed(b"a<!--XSUPERVISOR:BEG") == [("log", b"a")]
+    assert cap.feed(b"IN-->hello<!--XSUPERVISOR:END-->b") == [("log", b"hello"), ("comm", b"hello"),
+                                                               ("log", b"b")]
+    # REMOTE_COMMUNICATION: what supervisor.sendRemoteCommEvent has the arbiter emit
+    class NoArbiter:
+        watchers, loop = [], None
+    hub = circus.SvEventHub(NoArbiter())
+    hub.pools["ev"] = pool = circus.ListenerPool("ev", ["REMOTE_COMMUNICATION"])
+    got = []
+    pool.add("c", "ev_c", got.append)
+    pool.running("c")
+    pool.feed("c", b"READY\n")
+    hub("remote_communication", {"type": "deploy", "data": "v2 is out"})
+    assert got == [b"ver:3.0 server:supervisor serial:0 pool:ev poolserial:0 "
+                   b"eventname:REMOTE_COMMUNICATION len:21\ntype:deploy\nv2 is out"]
 
 
-def _sv_listener_run(supervisor_bin, conf_text, until, collect=lambda run: None, timeout=LONG):
-    """Run ``conf_text`` (@RUN@: its folder) under supervisord, then under circus.py; for each,
-    wait for ``until(run, daemon)`` and give (``collect(run)``, daemon exit code or None)."""
+def _sv_listener_run(supervisor_bin, conf_text, until, collect=lambda run: None, files=None):
+    """Run ``conf_text`` (@RUN@: its folder, with ``files``) under supervisord, then under
+    circus.py; for each, wait for ``until(run, daemon)`` and give (``collect(run)``, exit code)."""
     root = pathlib.Path(tempfile.mkdtemp(prefix="svl", dir="/tmp"))
     out = {}
     try:
         for kind in ("supervisor", "ours"):
             run = root / kind
             run.mkdir()
+            for name, text in (files or {}).items():
+                (run / name).write_text(text)
             conf = run / "supervisord.conf"
             conf.write_text(textwrap.dedent(conf_text).replace("@RUN@", str(run)))
             program = [supervisor_bin / "supervisord", "-c"] if kind == "supervisor" else None
             d = Daemon(run, name=str(conf), program=program, label=kind, endpoint="ipc://%s/c.sock" % run)
             d.start(wait=False)
             try:
-                wait_for(lambda: until(run, d), timeout=timeout, what=lambda: "%s: %s" % (kind, d.describe()))
+                wait_for(lambda: until(run, d), timeout=LONG, what=lambda: "%s: %s" % (kind, d.describe()))
                 out[kind] = (collect(run), d.proc.poll())
             finally:
                 d.stop()
@@ -5340,6 +5355,38 @@ def test_e2e_superlance_memmon_same_restart_under_both(superlance_bin):
                              lambda run: re.findall(r"Subject: .*", _read(run / "mail.txt"))[:1])
     subjects = {k: subject for k, (subject, _) in mails.items()}
     assert subjects["ours"] == subjects["supervisor"] == ["Subject: memmon: process hog restarted"]
+
+
+SV_RECORDER = """\
+import sys
+while True:
+    sys.stdout.write("READY\\n"); sys.stdout.flush()
+    head = dict(f.split(":", 1) for f in sys.stdin.readline().split())
+    body = sys.stdin.read(int(head["len"]))
+    with open(sys.argv[1], "a") as out:
+        out.write("%s|%s\\n" % (head["eventname"], body))
+    sys.stdout.write("RESULT 2\\nOK"); sys.stdout.flush()
+"""
+
+
+def test_e2e_sv_listener_log_and_communication_events_as_supervisord(supervisor_bin):
+    """stdout_events_enabled and stdout_capture_maxbytes: the same events, cut the same way."""
+    conf = SV_LISTENER_HEAD + """\
+    [eventlistener:rec]
+    command = %s @RUN@/rec.py @RUN@/events.txt
+    events = PROCESS_LOG_STDOUT,PROCESS_COMMUNICATION
+    [program:talker]
+    command = sh -c 'printf "hello\\n<!--XSUPERVISOR:BEGIN-->msg<!--XSUPERVISOR:END-->\\nbye, with a line long enough\\n"; sleep 120'
+    startsecs = 0
+    stdout_events_enabled = true
+    stdout_capture_maxbytes = 1KB
+    """ % sys.executable
+
+    got = _sv_listener_run(supervisor_bin, conf, lambda run, d: "long enough" in _read(run / "events.txt"),
+                           lambda run: re.sub(r"pid:\d+", "pid:N", _read(run / "events.txt")),
+                           files={"rec.py": SV_RECORDER})
+    assert got["ours"][0] == got["supervisor"][0]
+    assert "PROCESS_COMMUNICATION_STDOUT|processname:talker groupname:talker pid:N\nmsg\n" in got["ours"][0]
 
 
 def _read(path) -> str:
