@@ -6272,15 +6272,16 @@ class SvEventHub:
     def _process_state(self, w, event, payload) -> None:
         """PROCESS_STATE_* from the watcher's events, each move once, as supervisord sends it."""
         state = payload.get("state")
-        if event == "spawn_failed":
-            self._move(w, ProcState.STARTING, None, payload)
-            self._move(w, ProcState.BACKOFF, None, payload)
+        if event == "spawn_failed":         # counted already: this start was try n - 1
+            tries = payload.get("failures", 1)
+            self._move(w, ProcState.STARTING, None, payload, tries - 1)
+            self._move(w, ProcState.BACKOFF, None, payload, tries)
         elif event in ("spawn", "state", "reap") and state is not None:
             self._move(w, state, payload.get("process_pid"), payload)
         elif event == "stop" and state in _SV_PROCESS_STATES:
             self._move(w, state, None, payload)
 
-    def _move(self, w, to, pid, payload) -> None:
+    def _move(self, w, to, pid, payload, tries=None) -> None:
         frm, old_pid = self.last.get(w.name, (ProcState.STOPPED, 0))
         if to == frm:
             return
@@ -6289,9 +6290,9 @@ class SvEventHub:
         fields = [("processname", pname), ("groupname", group), ("from_state", frm)]
         failures = w.policy.failures
         if to == ProcState.STARTING:
-            fields.append(("tries", failures))
-        elif to == ProcState.BACKOFF:
-            fields.append(("tries", failures + (1 if payload.get("exit_code") is not None else 0)))
+            fields.append(("tries", failures if tries is None else tries))
+        elif to == ProcState.BACKOFF:      # a reap comes before the policy counts it
+            fields.append(("tries", failures + 1 if tries is None else tries))
         elif to == ProcState.EXITED:
             expected = payload.get("exit_code") in w.conf.options["exitcodes"]
             fields += [("expected", int(expected)), ("pid", pid or old_pid)]
