@@ -5908,11 +5908,11 @@ class SvEvent:
 
 class _Listener:
     """One listener process as its pool sees it."""
-    __slots__ = ("name", "write", "state", "running", "buf", "resultlen", "result", "event")
+    __slots__ = ("name", "write", "phase", "running", "buf", "resultlen", "result", "event")
 
     def __init__(self, name, write):
         self.name, self.write = name, write
-        self.state = "ACKNOWLEDGED"     # busy until it says READY
+        self.phase = "ACKNOWLEDGED"     # busy until it says READY
         self.running = False            # its process is RUNNING (startsecs passed)
         self.buf, self.resultlen, self.result, self.event = b"", None, b"", None
 
@@ -5963,7 +5963,7 @@ class ListenerPool:
         while self.buffer:
             event = self.buffer[0]
             for listener in self.listeners.values():
-                if listener.running and listener.state == "READY" and self._send(listener, event):
+                if listener.running and listener.phase == "READY" and self._send(listener, event):
                     break
             else:
                 return
@@ -5977,7 +5977,7 @@ class ListenerPool:
             listener.write((head + event.payload).encode("utf-8"))
         except OSError:         # its stdin is gone: it is exiting, the next one gets it
             return False
-        listener.state, listener.event = "BUSY", event
+        listener.phase, listener.event = "BUSY", event
         return True
 
     def feed(self, key, data: bytes) -> None:
@@ -5991,15 +5991,15 @@ class ListenerPool:
 
     def _advance(self, l) -> None:
         while l.buf:
-            if l.state == "UNKNOWN":
+            if l.phase == "UNKNOWN":
                 l.buf = b""
-            elif l.state == "ACKNOWLEDGED":
+            elif l.phase == "ACKNOWLEDGED":
                 if len(l.buf) < 6:
                     return
                 ok = l.buf.startswith(b"READY\n")
                 l.buf = l.buf[6:] if ok else b""
                 self._enter(l, "READY" if ok else "UNKNOWN")
-            elif l.state == "READY":        # it spoke out of turn
+            elif l.phase == "READY":        # it spoke out of turn
                 l.buf = b""
                 self._enter(l, "UNKNOWN")
             elif not self._result(l):
@@ -6039,9 +6039,10 @@ class ListenerPool:
             self.accept(l.event, head=True)
             l.event = None
 
-    def _enter(self, l, state) -> None:
-        l.state = state
-        if state == "UNKNOWN":
+    def _enter(self, l, phase) -> None:
+        """Its protocol phase: ACKNOWLEDGED, READY, BUSY or UNKNOWN (supervisord's names)."""
+        l.phase = phase
+        if phase == "UNKNOWN":
             _log().warning("%s: has entered the UNKNOWN state and will no longer receive events, "
                            "this usually indicates the process violated the eventlistener protocol",
                            l.name)

@@ -5222,11 +5222,11 @@ def test_sv_listener_pool_protocol_without_processes():
                          b"processname:x groupname:x from_state:BACKOFF"]
     pool.feed("a", b"RESULT 4\nFA")             # a rejection, in pieces
     pool.feed("a", b"IL")
-    assert pool.listeners["a"].state == "ACKNOWLEDGED" and len(pool.buffer) == 1
+    assert pool.listeners["a"].phase == "ACKNOWLEDGED" and len(pool.buffer) == 1
     pool.feed("a", b"READY\n")                  # the rejected event comes again
     assert sent["a"][1] == sent["a"][0]
     pool.feed("a", b"RESULT 2\nOKREADY\n")
-    assert pool.buffer == [] and pool.listeners["a"].state == "READY"
+    assert pool.buffer == [] and pool.listeners["a"].phase == "READY"
     event(1, "TICK_5", "when:1700000000")
     assert sent["a"][2].endswith(b"eventname:TICK_5 len:15\nwhen:1700000000")
     pool.remove("a")                            # died while BUSY: its event goes to another
@@ -5234,7 +5234,7 @@ def test_sv_listener_pool_protocol_without_processes():
     pool.feed("b", b"READY\n")
     assert sent["b"] == [sent["a"][2]]
     pool.feed("b", b"garbage\n")                # breaks the protocol: UNKNOWN, no more events
-    assert pool.listeners["b"].state == "UNKNOWN" and len(pool.buffer) == 1
+    assert pool.listeners["b"].phase == "UNKNOWN" and len(pool.buffer) == 1
     for n in range(2, 6):                       # buffer_size 3: the oldest are dropped
         event(n)
     assert [e.serial for e in pool.buffer] == [3, 4, 5]
