@@ -5389,6 +5389,28 @@ def test_e2e_sv_listener_log_and_communication_events_as_supervisord(supervisor_
     assert "PROCESS_COMMUNICATION_STDOUT|processname:talker groupname:talker pid:N\nmsg\n" in got["ours"][0]
 
 
+def test_e2e_sv_listener_group_events(daemon, shortdir):
+    """PROCESS_GROUP_ADDED for each group at start (after it SUPERVISOR_STATE_CHANGE_RUNNING),
+    then for `add`, PROCESS_GROUP_REMOVED for `rm`."""
+    events = pathlib.Path(shortdir) / "events.txt"
+    (pathlib.Path(shortdir) / "rec.py").write_text(SV_RECORDER)
+    d = daemon("""
+        [eventlistener:rec]
+        command = %s %s/rec.py %s
+        events = PROCESS_GROUP,SUPERVISOR_STATE_CHANGE
+        startsecs = 0
+        [program:p]
+        command = sleep 120
+        startsecs = 0
+        """ % (sys.executable, shortdir, events))
+    assert d.call("rm", name="p")["status"] == "ok"
+    assert d.call("add", name="q", cmd="sleep 121")["status"] == "ok"
+    wait_for(lambda: "groupname:q" in _read(events), timeout=LONG, what=lambda: _read(events))
+    assert _read(events) == ("PROCESS_GROUP_ADDED|groupname:rec\n\nPROCESS_GROUP_ADDED|groupname:p\n\n"
+                             "SUPERVISOR_STATE_CHANGE_RUNNING|\nPROCESS_GROUP_REMOVED|groupname:p\n\n"
+                             "PROCESS_GROUP_ADDED|groupname:q\n\n")
+
+
 def _read(path) -> str:
     try:
         return pathlib.Path(path).read_text(errors="replace")
