@@ -3194,6 +3194,9 @@ class Process:
         self.enter(ProcState.STOPPED if self.stopping else
                    ProcState.BACKOFF if self._state == ProcState.STARTING else ProcState.EXITED)
         self.drain()
+        if self.stdin_pipe is not None:     # nobody took our end of its stdin
+            os.close(self.stdin_pipe)
+            self.stdin_pipe = None
         if self._exited is not None and not self._exited.done():
             self._exited.set_result(self.returncode)
         if self.on_exit is not None:
@@ -6167,8 +6170,10 @@ class SvEventHub:
     def _sync_pools(self) -> None:
         for w in self.arb.watchers:
             sv = w.conf.sv or {}
-            if "pool" in sv and sv["pool"] not in self.pools:
-                self.pools[sv["pool"]] = ListenerPool(sv["pool"], sv["events"], sv["buffer_size"])
+            if "pool" not in sv:
+                continue
+            pool = self.pools.setdefault(sv["pool"], ListenerPool(sv["pool"], sv["events"], sv["buffer_size"]))
+            pool.events, pool.buffer_size = set(sv["events"]), sv["buffer_size"]     # a reload may change them
         now = time.time()
         self.ticks = {n: self.ticks.get(n, int(now - now % n)) for n in _SV_TICKS}
         self._arm_tick()
