@@ -5258,12 +5258,12 @@ def test_sv_listener_pool_protocol_without_processes():
 
 
 def _sv_listener_run(supervisor_bin, conf_text, until, collect=lambda run: None, files=None):
-    """Run ``conf_text`` (@RUN@: its folder, with ``files``) under supervisord, then under
-    circus.py; for each, wait for ``until(run, daemon)`` and give (``collect(run)``, exit code)."""
+    """Run ``conf_text`` (@RUN@: its folder, with ``files``) under circus.py, then under
+    supervisord; for each, wait for ``until(run, daemon)`` and give (``collect(run)``, exit code)."""
     root = pathlib.Path(tempfile.mkdtemp(prefix="svl", dir="/tmp"))
     out = {}
     try:
-        for kind in ("supervisor", "ours"):
+        for kind in ("ours", "supervisor"):
             run = root / kind
             run.mkdir()
             for name, text in (files or {}).items():
