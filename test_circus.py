@@ -5286,6 +5286,7 @@ def _sv_listener_run(supervisor_bin, conf_text, until, collect=lambda run: None,
 SV_LISTENER_HEAD = """\
     [circus]
     endpoint = ipc://@RUN@/c.sock
+    pubsub_endpoint = ipc://@RUN@/pub.sock
     [supervisord]
     nodaemon = true
     logfile = @RUN@/supervisord.log
