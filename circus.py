@@ -1543,9 +1543,8 @@ class _SupervisorReader(_Reader):
         for (gname, pname), name, fcgi in self._program_jobs(group_of, rank):
             _SvProgram(self, name, pname, gname, fcgi).read(group_prio.get(gname))
         for name in self.ini.sections:
-            if name.startswith("eventlistener:"):
-                self._check_name(name)
-                pname = name.split(":", 1)[1].strip()
+            if name.startswith("eventlistener:"):      # a pool is its own group
+                pname = self._check_name(name)
                 _SvProgram(self, name, pname, pname, False).read(None)
 
     def serverurl(self):
@@ -6059,17 +6058,17 @@ def sv_listener_settings(prog) -> dict:
         raise ConfigError("%s: an event listener needs events = (e.g. PROCESS_STATE_FATAL)" % where())
     for n in names:
         if n not in SV_EVENT_TYPES:
-            raise ConfigError("%s: events: unknown event type %s (known: %s)"
+            raise ConfigError("%s: unknown event type %s (known: %s)"
                               % (where("events"), n, ", ".join(sorted(SV_EVENT_TYPES))))
     size = prog.conv("buffer_size", prog.get("buffer_size", "10"), _count)
     if size < 1:
-        raise ConfigError("%s: buffer_size must be 1 or more" % where("buffer_size"))
+        raise ConfigError("%s: must be 1 or more" % where("buffer_size"))
     handler = prog.get("result_handler", "supervisor.dispatchers:default_handler")
     if handler != "supervisor.dispatchers:default_handler":
         raise ConfigError("%s: only the default result_handler (OK accepts, anything else "
                           "rejects) is supported" % where("result_handler"))
     if prog.conv("redirect_stderr", prog.get("redirect_stderr", "false"), to_bool):
-        raise ConfigError("%s: redirect_stderr = true would mix stderr into the listener protocol"
+        raise ConfigError("%s: true would mix stderr into the listener protocol: leave it out"
                           % where("redirect_stderr"))
     return {"pool": prog.pname, "events": sorted(set(names)), "buffer_size": size}
 

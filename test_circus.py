@@ -319,6 +319,9 @@ _LONG_PATH = "/tmp/" + "d" * 120 + ".sock"
     ("[fcgi-program:f]\ncommand = x\nsocket = unix:///tmp/f.sock\nsocket_mode = 1777\n", 4,
      "socket_mode: 1777"),
     ("[fcgi-program:f]\ncommand = x\nsocket = unix://%s\n" % _LONG_PATH, 3, "longer than a unix"),
+    ("[eventlistener:e]\ncommand = x\n", 1, "an event listener needs events ="),
+    ("[eventlistener:e]\ncommand = x\nevents = TICK_5, NOPE\n", 3, "events: unknown event type NOPE"),
+    ("[eventlistener:e]\ncommand = x\nevents = TICK_5\nbuffer_size = 0\n", 4, "buffer_size: must be 1"),
 ])
 def test_out_of_range_values_are_config_errors_at_load(tmp_path, body, line, needle):
     """Values that used to pass and fail later (a traceback, a watcher stuck starting,
