@@ -1009,6 +1009,7 @@ class WatcherConfig:
         self.free: dict = {}
         self.added = False              # created by the `add` command
         self.group = None               # Supervisor group name ([program:x] / [group:x])
+        self.sv = None                  # Supervisor events: listener pool, *_events_enabled...
         self.group_priority = None      # a [group:x]'s priority (Circus's sense): boot, shutdown
         self.forward_output = True      # no stream: pass output on to the daemon's stdout/stderr
         self.where = None               # "file:line [section]", for errors found after loading
@@ -2199,6 +2200,7 @@ _SV_PROGRAM_KEYS = {
     # fcgi-program
     "socket", "socket_backlog", "socket_owner", "socket_mode",
 }
+_SV_LISTENER_KEYS = {"events", "buffer_size", "result_handler"}
 #: Keys read once per section (no %(process_num)); the others are per process.
 _SV_PER_SECTION = {"priority", "autostart", "autorestart", "startsecs", "startretries", "stopsignal",
                    "stopwaitsecs", "stopasgroup", "killasgroup", "exitcodes", "redirect_stderr",
@@ -2243,7 +2245,6 @@ _SV_IGNORED = {
     "supervisorctl": "use `python circus.py ctl` (see README, Coming from Supervisor)",
     "rpcinterface:": "there is no XML-RPC interface",
     "ctlplugin:": "supervisorctl plugins do not apply to ctl",
-    "eventlistener:": "event listeners are not supported; subscribe to the pub/sub channel instead",
 }
 #: Program keys that map straight onto a watcher option: key -> (default, converter, option).
 _SV_PLAIN_KEYS = {
@@ -2289,6 +2290,20 @@ class _SupervisorReader(_Reader):
         group_of, group_prio, rank = self._read_groups()
         for (gname, pname), name, fcgi in self._program_jobs(group_of, rank):
             _SvProgram(self, name, pname, gname, fcgi).read(group_prio.get(gname))
+        for name in self.ini.sections:
+            if name.startswith("eventlistener:"):      # a pool is its own group
+                pname = self._check_name(name)
+                _SvProgram(self, name, pname, pname, False).read(None)
+
+    def serverurl(self):
+        """SUPERVISOR_SERVER_URL as supervisord gives it: its unix socket, else its http port."""
+        if "unix_http_server" in self.ini.sections and self.value("unix_http_server", "file", {}):
+            return "unix://" + _sv_path(self.value("unix_http_server", "file", {}))
+        port = self.value("inet_http_server", "port", {}) if "inet_http_server" in self.ini.sections else None
+        if port:
+            host, _, num = port.rpartition(":")
+            return "http://%s:%s" % (host or "localhost", num)
+        return None
 
     def read_supervisord(self):
         sd, cfg = "supervisord", self.cfg
@@ -2339,6 +2354,17 @@ class _SupervisorReader(_Reader):
                 rank.setdefault((gname, prog), (pos, len(rank)))
         return group_of, group_prio, rank
 
+    def _check_name(self, name) -> str:
+        pname = name.split(":", 1)[1].strip()
+        if not pname or re.search(r"[\s:/]", pname):
+            raise ConfigError("%s: a program name cannot be empty or contain spaces, ':' or '/'"
+                              % self.ini.where(name))
+        known = _SV_PROGRAM_KEYS | (_SV_LISTENER_KEYS if name.startswith("eventlistener:") else set())
+        for key in self.ini.items(name):
+            if key not in known:
+                self.warn_unknown(name, key, known, "unknown program key, ignored")
+        return pname
+
     def _program_jobs(self, group_of, rank):
         """((group, program), section, fcgi) for each program in each of its groups."""
         jobs, pos = [], {name: i for i, name in enumerate(self.ini.sections)}
@@ -2346,13 +2372,7 @@ class _SupervisorReader(_Reader):
             fcgi = name.startswith("fcgi-program:")
             if not (name.startswith("program:") or fcgi):
                 continue
-            pname = name.split(":", 1)[1].strip()
-            if not pname or re.search(r"[\s:/]", pname):
-                raise ConfigError("%s: a program name cannot be empty or contain spaces, ':' or '/'"
-                                  % self.ini.where(name))
-            for key in self.ini.items(name):
-                if key not in _SV_PROGRAM_KEYS:
-                    self.warn_unknown(name, key, _SV_PROGRAM_KEYS, "unknown program key, ignored")
+            pname = self._check_name(name)
             for gname in group_of.get(pname, [pname]):
                 jobs.append(((gname, pname), name, fcgi))
         # supervisord starts a group's members in the order of its programs=
@@ -2371,6 +2391,7 @@ class _SvProgram:
     def __init__(self, reader: _SupervisorReader, section, pname, gname, fcgi):
         self.r, self.ini, self.cfg = reader, reader.ini, reader.cfg
         self.section, self.pname, self.gname, self.fcgi = section, pname, gname, fcgi
+        self.listener = section.startswith("eventlistener:")
         self.base = {"program_name": pname, "group_name": gname, "host_node_name": reader.host}
 
     def get(self, key, default=None, names=None):
@@ -2387,6 +2408,7 @@ class _SvProgram:
             raise ConfigError("%s: 'command' is required" % self.where())
         numprocs, start = self._numprocs()
         common = self._options()
+        self.sv = sv_listener_settings(self) if self.listener else sv_output_settings(self)
         for num in range(start, start + numprocs):
             self.cfg.watchers.append(self._process(num, numprocs, common, gprio).check())
 
@@ -2410,7 +2432,8 @@ class _SvProgram:
         if stopasgroup and not killasgroup:
             raise ConfigError("%s: stopasgroup = true needs killasgroup = true (or leave it out)"
                               % self.where("killasgroup"))
-        prio = self.conv("priority", self.get("priority", "999"), _priority)
+        # listeners start first and stop last (supervisord's default priority -1)
+        prio = self.conv("priority", self.get("priority", "-1" if self.listener else "999"), _priority)
         common = {
             # Supervisor starts the lowest priority first, Circus the highest: negate
             "priority": -prio, "startsecs": startsecs, "max_retry": max(startretries + 1, 1),
@@ -2475,10 +2498,15 @@ class _SvProgram:
         if directory:
             wc.set("working_dir", os.path.expanduser(directory))
         env = dict(SUPERVISOR_ENABLED="1", SUPERVISOR_PROCESS_NAME=procname, SUPERVISOR_GROUP_NAME=gname)
+        url = self.get("serverurl", "AUTO", per)
+        url = self.r.serverurl() if url.strip().upper() == "AUTO" else url
+        if url:
+            env["SUPERVISOR_SERVER_URL"] = url
         env.update(self.r.sv_env)
         env.update(prog_env)
         wc.env = env
         wc.group = gname
+        wc.sv = self.sv or None
         if gprio is not None and gname != self.pname:
             wc.group_priority = -gprio
         wc.forward_output = False       # no logfile means discarded (kept for `ctl tail` only)
@@ -2512,6 +2540,60 @@ class _SvProgram:
         wc.set(which + "_stream.backup_count", self.conv(which + "_logfile_backups", backups, _count))
         if getattr(wc, which + "_stream")["backup_count"] == 0:
             wc.set(which + "_stream.truncate", True)     # Supervisor empties a full log with no backups
+
+
+# -- [eventlistener:x]: the event types a pool may subscribe to, and its own keys --
+
+_SV_PROCESS_STATES = ("STOPPED", "STARTING", "RUNNING", "BACKOFF", "STOPPING", "EXITED", "FATAL",
+                      "UNKNOWN")
+#: Supervisor's event types: name -> its parent type (a pool subscribed to a parent gets all).
+SV_EVENT_TYPES = dict(
+    [("EVENT", None), ("PROCESS_STATE", "EVENT"), ("PROCESS_COMMUNICATION", "EVENT"),
+     ("PROCESS_LOG", "EVENT"), ("REMOTE_COMMUNICATION", "EVENT"), ("SUPERVISOR_STATE_CHANGE", "EVENT"),
+     ("TICK", "EVENT"), ("PROCESS_GROUP", "EVENT"),
+     ("SUPERVISOR_STATE_CHANGE_RUNNING", "SUPERVISOR_STATE_CHANGE"),
+     ("SUPERVISOR_STATE_CHANGE_STOPPING", "SUPERVISOR_STATE_CHANGE"),
+     ("PROCESS_GROUP_ADDED", "PROCESS_GROUP"), ("PROCESS_GROUP_REMOVED", "PROCESS_GROUP")]
+    + [("PROCESS_STATE_" + s, "PROCESS_STATE") for s in _SV_PROCESS_STATES]
+    + [("PROCESS_%s_%s" % (k, ch), "PROCESS_" + k) for k in ("LOG", "COMMUNICATION")
+       for ch in ("STDOUT", "STDERR")]
+    + [("TICK_%d" % n, "TICK") for n in (5, 60, 3600)])
+
+
+def sv_listener_settings(prog) -> dict:
+    """[eventlistener:x]'s own keys, checked as supervisord checks them."""
+    where = prog.where
+    names = [n.strip().upper() for n in re.split(r"[,\s]+", prog.get("events", "")) if n.strip()]
+    if not names:
+        raise ConfigError("%s: an event listener needs events = (e.g. PROCESS_STATE_FATAL)" % where())
+    for n in names:
+        if n not in SV_EVENT_TYPES:
+            raise ConfigError("%s: unknown event type %s (known: %s)"
+                              % (where("events"), n, ", ".join(sorted(SV_EVENT_TYPES))))
+    size = prog.conv("buffer_size", prog.get("buffer_size", "10"), _count)
+    if size < 1:
+        raise ConfigError("%s: must be 1 or more" % where("buffer_size"))
+    handler = prog.get("result_handler", "supervisor.dispatchers:default_handler")
+    if handler != "supervisor.dispatchers:default_handler":
+        raise ConfigError("%s: only the default result_handler (OK accepts, anything else "
+                          "rejects) is supported" % where("result_handler"))
+    if prog.conv("redirect_stderr", prog.get("redirect_stderr", "false"), to_bool):
+        raise ConfigError("%s: true would mix stderr into the listener protocol: leave it out"
+                          % where("redirect_stderr"))
+    return {"pool": prog.pname, "events": sorted(set(names)), "buffer_size": size}
+
+
+def sv_output_settings(prog) -> dict:
+    """*_events_enabled and *_capture_maxbytes of a program, only those that are on."""
+    out = {}
+    for ch in ("stdout", "stderr"):
+        if prog.conv(ch + "_events_enabled", prog.get(ch + "_events_enabled", "false"), to_bool):
+            out[ch + "_events"] = True
+        cap = prog.conv(ch + "_capture_maxbytes", prog.get(ch + "_capture_maxbytes", "0"),
+                        parse_byte_size)
+        if cap:
+            out[ch + "_capture"] = cap
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -3186,7 +3268,7 @@ class Process:
                  "rlimits", "executable", "pass_fds", "stdout", "stderr", "close_child_stdin",
                  "stdin", "umask", "death_signal", "on_output", "on_exit", "on_state", "loop",
                  "watcher_name", "pid", "started", "returncode", "_state", "since", "stopping", "promote", "ready",
-                 "unready", "signalled", "_pipes", "_big", "_exited")
+                 "unready", "signalled", "_pipes", "_big", "_exited", "stdin_pipe")
 
     def __init__(self, wid: int, cmd: str, args=None, *, working_dir=None, shell=False,
                  shell_args=None, uid=None, gid=None, env=None, rlimits=None,
@@ -3227,6 +3309,7 @@ class Process:
         self._pipes: dict = {}          # read end fd -> "stdout" / "stderr"
         self._big = ()                  # pipes already widened
         self._exited = None             # future resolved on exit
+        self.stdin_pipe = None          # our end of its stdin when stdin=subprocess.PIPE
 
     def __repr__(self):
         return "<Process wid=%s pid=%s state=%s rc=%s>" % (self.wid, self.pid, self._state, self.returncode)
@@ -3274,6 +3357,7 @@ class Process:
         self.started = time.time()
         self.enter(ProcState.STARTING if starting else ProcState.RUNNING)
         self._exited = loop.create_future()
+        self.stdin_pipe = pipes.pop("stdin", (None,))[0]
         for name, (fd, _) in pipes.items():
             os.set_blocking(fd, False)
             self._pipes[fd] = name
@@ -3348,9 +3432,9 @@ class Process:
         1000 processes) for reads we do with os.read anyway."""
         pipes, popen = {}, None
         try:
-            for name in ("stdout", "stderr"):
-                if kw[name] == subprocess.PIPE:
-                    pipes[name] = os.pipe()
+            for name in ("stdin", "stdout", "stderr"):
+                if kw[name] == subprocess.PIPE:     # (ours, the child's): stdin's reversed
+                    pipes[name] = os.pipe()[::-1] if name == "stdin" else os.pipe()
                     kw[name] = pipes[name][1]
             popen = subprocess.Popen(argv, **kw)
         finally:
@@ -3412,6 +3496,9 @@ class Process:
         self.enter(ProcState.STOPPED if self.stopping else
                    ProcState.BACKOFF if self._state == ProcState.STARTING else ProcState.EXITED)
         self.drain()
+        if self.stdin_pipe is not None:     # nobody took our end of its stdin
+            os.close(self.stdin_pipe)
+            self.stdin_pipe = None
         if self._exited is not None and not self._exited.done():
             self._exited.set_result(self.returncode)
         if self.on_exit is not None:
@@ -4080,7 +4167,8 @@ class Launcher:
                        shell=o["shell"], shell_args=shell_args, uid=o["uid"], gid=o["gid"],
                        env=self.env(), rlimits=w.conf.rlimits, executable=o["executable"],
                        pass_fds=fds.values(), stdout=piped["stdout"], stderr=piped["stderr"],
-                       close_child_stdin=o["close_child_stdin"], stdin=self.stdin_fd(),
+                       close_child_stdin=o["close_child_stdin"],
+                       stdin=subprocess.PIPE if "pool" in (w.conf.sv or {}) else self.stdin_fd(),
                        on_output=w.output.write, on_exit=w._on_exit, on_state=w._on_process_state,
                        watcher_name=w.name, umask=o["umask"], death_signal=self.death_signal())
 
@@ -5027,6 +5115,430 @@ def metrics_text(snap: dict) -> str:
     family("circus_daemon_rss_bytes", "gauge", "the daemon's resident memory",
            [({}, snap["daemon"]["rss"] or 0)])
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------
+# 11b. Supervisor event listeners
+# ---------------------------------------------------------------------------
+# [eventlistener:x] pools speak Supervisor's protocol on their stdin/stdout. The hub
+# is one more arbiter listener: it turns the arbiter's events (and the output of
+# programs with *_events_enabled or *_capture_maxbytes) into Supervisor's events,
+# numbered and buffered per pool as supervisord does. With no pool it does nothing.
+
+_SV_TICKS = (5, 60, 3600)
+_SV_COMM_BEGIN, _SV_COMM_END = b"<!--XSUPERVISOR:BEGIN-->", b"<!--XSUPERVISOR:END-->"
+
+
+def sv_event_is(name: str, wanted: str) -> bool:
+    """True if event type ``name`` is ``wanted`` or one of its children."""
+    while name is not None:
+        if name == wanted:
+            return True
+        name = SV_EVENT_TYPES[name]
+    return False
+
+
+def _sv_text(data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "Undecodable: %r" % (data,)
+
+
+class SvEvent:
+    __slots__ = ("name", "payload", "serial", "pool_serials")
+
+    def __init__(self, name: str, payload: str):
+        self.name, self.payload = name, payload
+        self.serial, self.pool_serials = None, {}
+
+
+class _Listener:
+    """One listener process as its pool sees it."""
+    __slots__ = ("name", "write", "phase", "running", "buf", "resultlen", "result", "event")
+
+    def __init__(self, name, write):
+        self.name, self.write = name, write
+        self.phase = "ACKNOWLEDGED"     # busy until it says READY
+        self.running = False            # its process is RUNNING (startsecs passed)
+        self.buf, self.resultlen, self.result, self.event = b"", None, b"", None
+
+
+class ListenerPool:
+    """One [eventlistener:x]: its event buffer and the protocol with each process.
+
+    No process work here: ``add(key, name, write)`` gives a listener a ``write(bytes)``,
+    ``feed(key, data)`` hands over what it printed. Usable on its own (the tests do).
+    """
+
+    def __init__(self, name, events, buffer_size=10, server="supervisor"):
+        self.name, self.events, self.buffer_size, self.server = name, set(events), buffer_size, server
+        self.buffer: list = []
+        self.serial = -1
+        self.listeners: dict = {}
+
+    def wants(self, event_name: str) -> bool:
+        return any(sv_event_is(event_name, e) for e in self.events)
+
+    def accept(self, event: SvEvent, head=False) -> None:
+        """Buffer an event (a full buffer drops its oldest, as supervisord does)."""
+        if self.name not in event.pool_serials:
+            self.serial += 1
+            event.pool_serials[self.name] = self.serial
+        if len(self.buffer) >= self.buffer_size and self.buffer:
+            lost = self.buffer.pop(0)
+            _log().error("pool %s event buffer overflowed, discarding event %s", self.name, lost.serial)
+        self.buffer.insert(0, event) if head else self.buffer.append(event)
+
+    def add(self, key, name, write) -> None:
+        self.listeners[key] = _Listener(name, write)
+
+    def running(self, key) -> None:
+        if key in self.listeners:
+            self.listeners[key].running = True
+            self.dispatch()
+
+    def remove(self, key) -> None:
+        """A listener process ended: the event it held goes out again (first)."""
+        listener = self.listeners.pop(key, None)
+        if listener is not None and listener.event is not None:
+            self.accept(listener.event, head=True)
+            self.dispatch()
+
+    def dispatch(self) -> None:
+        """Send the oldest buffered events to READY listeners, one each."""
+        while self.buffer:
+            event = self.buffer[0]
+            for listener in self.listeners.values():
+                if listener.running and listener.phase == "READY" and self._send(listener, event):
+                    break
+            else:
+                return
+            self.buffer.pop(0)
+
+    def _send(self, listener, event) -> bool:
+        head = ("ver:3.0 server:%s serial:%s pool:%s poolserial:%s eventname:%s len:%d\n"
+                % (self.server, event.serial, self.name, event.pool_serials[self.name], event.name,
+                   len(event.payload)))
+        try:
+            listener.write((head + event.payload).encode("utf-8"))
+        except OSError:         # its stdin is gone: it is exiting, the next one gets it
+            return False
+        listener.phase, listener.event = "BUSY", event
+        return True
+
+    def feed(self, key, data: bytes) -> None:
+        """What a listener printed on its stdout: READY, RESULT n\\n + n bytes."""
+        listener = self.listeners.get(key)
+        if listener is None:
+            return
+        listener.buf += data
+        self._advance(listener)
+        self.dispatch()
+
+    def _advance(self, l) -> None:
+        while l.buf:
+            if l.phase == "UNKNOWN":
+                l.buf = b""
+            elif l.phase == "ACKNOWLEDGED":
+                if len(l.buf) < 6:
+                    return
+                ok = l.buf.startswith(b"READY\n")
+                l.buf = l.buf[6:] if ok else b""
+                self._enter(l, "READY" if ok else "UNKNOWN")
+            elif l.phase == "READY":        # it spoke out of turn
+                l.buf = b""
+                self._enter(l, "UNKNOWN")
+            elif not self._result(l):
+                return
+
+    def _result(self, l) -> bool:
+        """BUSY: read ``RESULT n`` and n bytes; False while more is needed."""
+        if l.resultlen is None:
+            pos = l.buf.find(b"\n")
+            if pos < 0:
+                return False
+            line, l.buf = l.buf[:pos], l.buf[pos + 1:]
+            try:
+                l.resultlen = int(line[7:])
+            except ValueError:
+                _log().warning("%s: bad result line: '%s'", l.name, _sv_text(line))
+                l.buf = b""
+                self._enter(l, "UNKNOWN")
+                self._rejected(l)
+                return False
+        need = l.resultlen - len(l.result)
+        l.result, l.buf = l.result + l.buf[:need], l.buf[need:]
+        if len(l.result) < l.resultlen:
+            return False
+        result = l.result
+        l.result, l.resultlen = b"", None
+        self._enter(l, "ACKNOWLEDGED")
+        if result == b"OK":
+            l.event = None
+        else:
+            _log().warning("%s: event was rejected", l.name)
+            self._rejected(l)
+        return True
+
+    def _rejected(self, l) -> None:
+        if l.event is not None:
+            self.accept(l.event, head=True)
+            l.event = None
+
+    def _enter(self, l, phase) -> None:
+        """Its protocol phase: ACKNOWLEDGED, READY, BUSY or UNKNOWN (supervisord's names)."""
+        l.phase = phase
+        if phase == "UNKNOWN":
+            _log().warning("%s: has entered the UNKNOWN state and will no longer receive events, "
+                           "this usually indicates the process violated the eventlistener protocol",
+                           l.name)
+
+
+class _PipeWriter:
+    """A listener's stdin: non-blocking writes, the rest queued, so a stuck listener
+    never blocks the daemon."""
+
+    def __init__(self, loop, fd):
+        self.loop, self.fd, self.pending = loop, fd, bytearray()
+        os.set_blocking(fd, False)
+
+    def __call__(self, data: bytes) -> None:
+        if self.fd is None:
+            raise BrokenPipeError("closed")
+        self.pending += data
+        self.flush()
+
+    def flush(self) -> None:
+        try:
+            n = os.write(self.fd, self.pending) if self.pending else 0
+        except BlockingIOError:
+            n = 0
+        except OSError:
+            self.close()
+            return
+        del self.pending[:n]
+        if self.pending:
+            self.loop.add_writer(self.fd, self.flush)
+        else:
+            self.loop.remove_writer(self.fd)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            self.loop.remove_writer(self.fd)
+            os.close(self.fd)
+            self.fd = None
+
+
+class _Capture:
+    """``<!--XSUPERVISOR:BEGIN-->...<!--XSUPERVISOR:END-->`` in one output stream."""
+
+    def __init__(self, maxbytes):
+        self.maxbytes, self.on, self.held, self.text = maxbytes, False, b"", b""
+
+    def feed(self, data: bytes) -> list:
+        """[("log", output) or ("comm", a completed message)], in order; output is all but
+        the tokens, cut at them (supervisord sends a PROCESS_LOG event per piece)."""
+        data, self.held = self.held + data, b""
+        out = []
+        while data:
+            token = _SV_COMM_END if self.on else _SV_COMM_BEGIN
+            before, found, data = data.partition(token)
+            if not found:       # keep what may be the start of a token for next time
+                keep = next((i for i in range(min(len(token) - 1, len(before)), 0, -1)
+                             if token.startswith(before[-i:])), 0)
+                before, self.held = (before[:-keep], before[-keep:]) if keep else (before, b"")
+            if before:
+                out.append(("log", before))
+            if self.on:
+                self.text = (self.text + before)[-self.maxbytes:]
+            if found:
+                if self.on:
+                    out.append(("comm", self.text))
+                    self.text = b""
+                self.on = not self.on
+        return out
+
+
+class SvEventHub:
+    """The arbiter's events as Supervisor's, handed to the [eventlistener:x] pools."""
+
+    def __init__(self, arbiter):
+        self.arb = arbiter
+        self.pools: dict = {}           # pool name -> ListenerPool
+        self.serial = -1
+        self.last: dict = {}            # watcher name -> its Supervisor process state
+        self.writers: dict = {}         # listener pid -> _PipeWriter
+        self.captures: dict = {}        # (watcher name, channel) -> _Capture
+        self.ticks: dict = {}
+        self.tick_timer = None
+        self.groups: list = []          # the group names announced ADDED
+
+    # -- pools ---------------------------------------------------------------
+    def _sync_pools(self) -> None:
+        for w in self.arb.watchers:
+            sv = w.conf.sv or {}
+            if "pool" not in sv:
+                continue
+            pool = self.pools.setdefault(sv["pool"], ListenerPool(sv["pool"], sv["events"], sv["buffer_size"]))
+            pool.events, pool.buffer_size = set(sv["events"]), sv["buffer_size"]     # a reload may change them
+        now = time.time()
+        self.ticks = {n: self.ticks.get(n, int(now - now % n)) for n in _SV_TICKS}
+        self._arm_tick()
+
+    def notify(self, name: str, payload: str) -> None:
+        """Offer one event to every pool that subscribes to it."""
+        pools = [p for p in self.pools.values() if p.wants(name)]
+        if not pools:
+            return
+        event = SvEvent(name, payload)
+        self.serial += 1
+        event.serial = self.serial
+        for pool in pools:
+            pool.accept(event)
+            pool.dispatch()
+
+    # -- daemon ----------------------------------------------------------------
+    def start(self) -> None:
+        """Before the programs start: each group ADDED, then SUPERVISOR RUNNING."""
+        self._sync_pools()
+        self._groups_changed()
+        self.notify("SUPERVISOR_STATE_CHANGE_RUNNING", "")
+
+    def stopping(self) -> None:
+        self.notify("SUPERVISOR_STATE_CHANGE_STOPPING", "")
+        if self.tick_timer is not None:
+            self.tick_timer.cancel()
+            self.tick_timer = None
+
+    def _arm_tick(self) -> None:
+        """Ticks only while some pool wants them: an idle daemon otherwise never wakes."""
+        if self.tick_timer is not None or self.arb.loop is None or \
+                not any(p.wants("TICK_%d" % n) for p in self.pools.values() for n in _SV_TICKS):
+            return
+        now = time.time()
+        self.tick_timer = self.arb.loop.call_later(5 - now % 5 + 0.01, self._tick)
+
+    def _tick(self) -> None:
+        self.tick_timer = None
+        now = time.time()
+        for n in _SV_TICKS:
+            when = int(now - now % n)
+            if self.ticks.get(n) != when:
+                self.ticks[n] = when
+                self.notify("TICK_%d" % n, "when:%d" % when)
+        self._arm_tick()
+
+    # -- arbiter events --------------------------------------------------------
+    def __call__(self, topic: str, payload: dict) -> None:
+        if topic == "remote_communication":
+            self.notify("REMOTE_COMMUNICATION", "type:%s\n%s" % (payload.get("type"), payload.get("data")))
+            return
+        parts = topic.split(".")
+        if parts[0] != "watcher" or len(parts) < 3:
+            return
+        event = parts[-1]
+        if event in ("add", "remove"):
+            self._sync_pools()
+            self._groups_changed()
+            return
+        w = self._watcher(".".join(parts[1:-1])) if self.pools else None
+        if w is not None:
+            self._listener_event(w, event, payload)
+            self._process_state(w, event, payload)
+
+    def _watcher(self, topic_name):
+        return next((w for w in self.arb.watchers if w.topic_name == topic_name), None)
+
+    def _groups_changed(self) -> None:
+        """PROCESS_GROUP_ADDED / _REMOVED for the groups that came or went."""
+        now = list(dict.fromkeys(_sv_names(w)[1] for w in self.arb.iter_watchers()))
+        for group in now:
+            if group not in self.groups:
+                self.notify("PROCESS_GROUP_ADDED", "groupname:%s\n" % group)
+        for group in self.groups:
+            if group not in now:
+                self.notify("PROCESS_GROUP_REMOVED", "groupname:%s\n" % group)
+        self.groups = now
+
+    def _listener_event(self, w, event, payload) -> None:
+        pool = self.pools.get((w.conf.sv or {}).get("pool"))
+        pid = payload.get("process_pid")
+        if pool is None or pid is None:
+            return
+        if event == "spawn":
+            p = w.processes.get(pid)
+            fd = getattr(p, "stdin_pipe", None)
+            if fd is not None:
+                self.writers[pid] = _PipeWriter(self.arb.loop, fd)
+                p.stdin_pipe = None
+                pool.add(pid, _sv_names(w)[0], self.writers[pid])
+            if payload.get("state") == ProcState.RUNNING:
+                pool.running(pid)
+        elif event == "state" and payload.get("state") == ProcState.RUNNING:
+            pool.running(pid)
+        elif event == "reap":
+            writer = self.writers.pop(pid, None)
+            if writer is not None:
+                writer.close()
+            pool.remove(pid)
+
+    def _process_state(self, w, event, payload) -> None:
+        """PROCESS_STATE_* from the watcher's events, each move once, as supervisord sends it."""
+        state = payload.get("state")
+        if event == "spawn_failed":         # counted already: this start was try n - 1
+            tries = payload.get("failures", 1)
+            self._move(w, ProcState.STARTING, None, payload, tries - 1)
+            self._move(w, ProcState.BACKOFF, None, payload, tries)
+        elif event in ("spawn", "state", "reap") and state is not None:
+            self._move(w, state, payload.get("process_pid"), payload)
+        elif event == "stop" and state in _SV_PROCESS_STATES:
+            self._move(w, state, None, payload)
+
+    def _move(self, w, to, pid, payload, tries=None) -> None:
+        frm, old_pid = self.last.get(w.name, (ProcState.STOPPED, 0))
+        if to == frm:
+            return
+        self.last[w.name] = (to, pid or 0)
+        pname, group = _sv_names(w)
+        fields = [("processname", pname), ("groupname", group), ("from_state", frm)]
+        failures = w.policy.failures
+        if to == ProcState.STARTING:
+            fields.append(("tries", failures if tries is None else tries))
+        elif to == ProcState.BACKOFF:      # a reap comes before the policy counts it
+            fields.append(("tries", failures + 1 if tries is None else tries))
+        elif to == ProcState.EXITED:
+            expected = payload.get("exit_code") in w.conf.options["exitcodes"]
+            fields += [("expected", int(expected)), ("pid", pid or old_pid)]
+        elif to in (ProcState.RUNNING, ProcState.STOPPING, ProcState.STOPPED):
+            fields.append(("pid", pid or 0))
+        self.notify("PROCESS_STATE_" + to, " ".join("%s:%s" % f for f in fields))
+
+    # -- output ----------------------------------------------------------------
+    def output(self, w, chunk) -> None:
+        """A listener's stdout is its protocol; a program's may make LOG/COMMUNICATION events."""
+        sv, channel, data = w.conf.sv or {}, chunk["name"], chunk["data"]
+        if "pool" in sv:
+            if channel == "stdout" and sv["pool"] in self.pools:
+                self.pools[sv["pool"]].feed(chunk["pid"], data)
+            return
+        if not sv:
+            return
+        head = "processname:%s groupname:%s pid:%s" % (_sv_names(w) + (chunk["pid"],))
+        cap = sv.get(channel + "_capture")
+        pieces = self.captures.setdefault((w.name, channel), _Capture(cap)).feed(data) if cap \
+            else [("log", data)]
+        for kind, text in pieces:
+            if kind == "comm":
+                self.notify("PROCESS_COMMUNICATION_" + channel.upper(), "%s\n%s" % (head, _sv_text(text)))
+            elif sv.get(channel + "_events"):
+                self.notify("PROCESS_LOG_" + channel.upper(), "%s channel:%s\n%s" % (head, channel, _sv_text(text)))
+
+
+def _sv_names(w):
+    """(process name, group name) as Supervisor calls them."""
+    group = w.conf.group or w.name
+    return (w.name[len(group) + 1:] if w.name.startswith(group + ":") else w.name), group
 
 
 # ---------------------------------------------------------------------------
@@ -6431,7 +6943,8 @@ class Arbiter:
         self.umask = umask
         self.config = config
         self.search_dirs = (os.path.dirname(config.path),) if config and config.path else ()
-        self.listeners: list = []
+        self.sv_events = SvEventHub(self)      # [eventlistener:x] pools; idle without one
+        self.listeners: list = [self.sv_events]
         self.flapping_plugin = None     # [plugin:x] use = ...Flapping settings: defaults for all
         self.plugin_runners: list = []
         self.watchdogs: dict = {}       # watcher -> Watchdog (watchers with max_rss / max_cpu)
@@ -6563,6 +7076,8 @@ class Arbiter:
                 listener(topic, payload)
 
     def _publish_output(self, w, chunk):
+        if w.conf.sv:
+            self.sv_events.output(w, chunk)
         self.publish_followed("output.%s.%s" % (w.topic_name, chunk["name"]),
                               lambda: {"data": chunk["data"].decode("utf-8", "replace"),
                                        "pid": chunk["pid"], "time": time.time()})
@@ -6654,6 +7169,7 @@ class Arbiter:
                 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         # under the arbiter lock, as reload/reloadconfig/quit are: none of them acts on a
         # half-started arbiter (read-only commands take no lock and answer meanwhile)
+        self.sv_events.start()
         async with self._lock:
             await self.start_watchers()
         if not self.stopping:
@@ -6744,6 +7260,7 @@ class Arbiter:
         # watchers are down, so the handler can still send its reply; the channels
         # close right after.
         self.sd_notify("STOPPING=1")
+        self.sv_events.stopping()
         self.stopping = True        # a start-up or top-up in progress ends at its next spawn
         async with self._lock:
             try:

@@ -319,6 +319,9 @@ _LONG_PATH = "/tmp/" + "d" * 120 + ".sock"
     ("[fcgi-program:f]\ncommand = x\nsocket = unix:///tmp/f.sock\nsocket_mode = 1777\n", 4,
      "socket_mode: 1777"),
     ("[fcgi-program:f]\ncommand = x\nsocket = unix://%s\n" % _LONG_PATH, 3, "longer than a unix"),
+    ("[eventlistener:e]\ncommand = x\n", 1, "an event listener needs events ="),
+    ("[eventlistener:e]\ncommand = x\nevents = TICK_5, NOPE\n", 3, "events: unknown event type NOPE"),
+    ("[eventlistener:e]\ncommand = x\nevents = TICK_5\nbuffer_size = 0\n", 4, "buffer_size: must be 1"),
 ])
 def test_out_of_range_values_are_config_errors_at_load(tmp_path, body, line, needle):
     """Values that used to pass and fail later (a traceback, a watcher stuck starting,
@@ -5226,6 +5229,266 @@ def test_e2e_sv_same_config_under_real_supervisor(supervisor_bin):
     finally:
         wait_for(lambda: not procs_mentioning(str(root)), TIMEOUT, "processes of %s to exit" % root)
         shutil.rmtree(root, ignore_errors=True)
+
+
+# --- Supervisor event listeners ([eventlistener:x]) -----------------------------
+
+def test_sv_listener_pool_protocol_without_processes():
+    """The pool's side of Supervisor's listener protocol, driven by hand."""
+    assert circus.sv_event_is("PROCESS_STATE_FATAL", "PROCESS_STATE")
+    assert circus.sv_event_is("TICK_60", "EVENT") and not circus.sv_event_is("TICK_60", "PROCESS_STATE")
+    pool = circus.ListenerPool("ev", ["PROCESS_STATE", "TICK_5"], buffer_size=3)
+    assert pool.wants("PROCESS_STATE_EXITED") and not pool.wants("PROCESS_LOG_STDOUT")
+    sent = {"a": [], "b": []}
+    pool.add("a", "ev_a", sent["a"].append)
+    pool.add("b", "ev_b", sent["b"].append)
+
+    def event(n, name="PROCESS_STATE_FATAL", payload="processname:x groupname:x from_state:BACKOFF"):
+        e = circus.SvEvent(name, payload)
+        e.serial = n
+        pool.accept(e)
+        pool.dispatch()
+        return e
+    event(0)
+    pool.feed("a", b"READY\n")
+    assert sent["a"] == []                      # READY but not RUNNING yet: nothing sent
+    pool.running("a")
+    assert sent["a"] == [b"ver:3.0 server:supervisor serial:0 pool:ev poolserial:0 "
+                         b"eventname:PROCESS_STATE_FATAL len:44\n"
+                         b"processname:x groupname:x from_state:BACKOFF"]
+    pool.feed("a", b"RESULT 4\nFA")             # a rejection, in pieces
+    pool.feed("a", b"IL")
+    assert pool.listeners["a"].phase == "ACKNOWLEDGED" and len(pool.buffer) == 1
+    pool.feed("a", b"READY\n")                  # the rejected event comes again
+    assert sent["a"][1] == sent["a"][0]
+    pool.feed("a", b"RESULT 2\nOKREADY\n")
+    assert pool.buffer == [] and pool.listeners["a"].phase == "READY"
+    event(1, "TICK_5", "when:1700000000")
+    assert sent["a"][2].endswith(b"eventname:TICK_5 len:15\nwhen:1700000000")
+    pool.remove("a")                            # died while BUSY: its event goes to another
+    pool.running("b")
+    pool.feed("b", b"READY\n")
+    assert sent["b"] == [sent["a"][2]]
+    pool.feed("b", b"garbage\n")                # breaks the protocol: UNKNOWN, no more events
+    assert pool.listeners["b"].phase == "UNKNOWN" and len(pool.buffer) == 1
+    for n in range(2, 6):                       # buffer_size 3: the oldest are dropped
+        event(n)
+    assert [e.serial for e in pool.buffer] == [3, 4, 5]
+    assert len(sent["b"]) == 1
+    cap = circus._Capture(100)
+    assert cap.feed(b"a<!--XSUPERVISOR:BEG") == [("log", b"a")]
+    assert cap.feed(b"IN-->hello<!--XSUPERVISOR:END-->b") == [("log", b"hello"), ("comm", b"hello"),
+                                                               ("log", b"b")]
+    # REMOTE_COMMUNICATION: what supervisor.sendRemoteCommEvent has the arbiter emit
+    class NoArbiter:
+        watchers, loop = [], None
+    hub = circus.SvEventHub(NoArbiter())
+    hub.pools["ev"] = pool = circus.ListenerPool("ev", ["REMOTE_COMMUNICATION"])
+    got = []
+    pool.add("c", "ev_c", got.append)
+    pool.running("c")
+    pool.feed("c", b"READY\n")
+    hub("remote_communication", {"type": "deploy", "data": "v2 is out"})
+    assert got == [b"ver:3.0 server:supervisor serial:0 pool:ev poolserial:0 "
+                   b"eventname:REMOTE_COMMUNICATION len:21\ntype:deploy\nv2 is out"]
+
+
+def _sv_listener_run(supervisor_bin, conf_text, until, collect=lambda run: None, files=None):
+    """Run ``conf_text`` (@RUN@: its folder, with ``files``) under circus.py, then under
+    supervisord; for each, wait for ``until(run, daemon)`` and give (``collect(run)``, exit code)."""
+    root = pathlib.Path(tempfile.mkdtemp(prefix="svl", dir="/tmp"))
+    out = {}
+    try:
+        for kind in ("ours", "supervisor"):
+            run = root / kind
+            run.mkdir()
+            for name, text in (files or {}).items():
+                (run / name).write_text(text)
+            conf = run / "supervisord.conf"
+            conf.write_text(textwrap.dedent(conf_text).replace("@RUN@", str(run)))
+            program = [supervisor_bin / "supervisord", "-c"] if kind == "supervisor" else None
+            d = Daemon(run, name=str(conf), program=program, label=kind, endpoint="ipc://%s/c.sock" % run)
+            d.start(wait=False)
+            try:
+                wait_for(lambda: until(run, d), timeout=LONG, what=lambda: "%s: %s" % (kind, d.describe()))
+                out[kind] = (collect(run), d.proc.poll())
+            finally:
+                d.stop()
+        return out
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+SV_LISTENER_HEAD = """\
+    [circus]
+    endpoint = ipc://@RUN@/c.sock
+    pubsub_endpoint = ipc://@RUN@/pub.sock
+    [supervisord]
+    nodaemon = true
+    logfile = @RUN@/supervisord.log
+    pidfile = @RUN@/supervisord.pid
+    childlogdir = @RUN@
+    [unix_http_server]
+    file = @RUN@/supervisor.sock
+    [rpcinterface:supervisor]
+    supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
+    [supervisorctl]
+    serverurl = unix://@RUN@/supervisor.sock
+    [program:crash]
+    command = sh -c 'exit 3'
+    startsecs = 1
+    startretries = 0
+"""
+
+
+def test_e2e_sv_listener_stop_on_fatal_exits_like_supervisord(supervisor_bin):
+    """The container pattern: a shell listener kills the daemon (pidfile) when a program goes FATAL."""
+    conf = SV_LISTENER_HEAD + """\
+    [eventlistener:quit_on_fatal]
+    command = sh -c 'printf "READY\\n"; while read line; do echo "got $line" >&2; kill -QUIT $(cat @RUN@/supervisord.pid); done < /dev/stdin'
+    events = PROCESS_STATE_FATAL
+    """
+    done = _sv_listener_run(supervisor_bin, conf, lambda run, d: d.proc.poll() is not None)
+    assert done["ours"][1] == done["supervisor"][1] == 0
+
+
+def test_e2e_superlance_crashmail_same_mail_under_both(superlance_bin):
+    conf = SV_LISTENER_HEAD + """\
+    [eventlistener:crashmail]
+    command = %s/crashmail -a -m ops@example.com -s "sh -c 'cat >> @RUN@/mail.txt'"
+    events = PROCESS_STATE_EXITED
+    [program:oneshot]
+    command = sh -c 'sleep 1.5; exit 7'
+    startsecs = 1
+    autorestart = false
+    """ % superlance_bin
+    mails = _sv_listener_run(superlance_bin, conf,
+                             lambda run, d: "exited unexpectedly" in _read(run / "mail.txt"),
+                             lambda run: re.sub(r"pid \d+|\d{4}-\d\d-\d\d [\d:,]+", "N", _read(run / "mail.txt")))
+    norm = {k: mail for k, (mail, _) in mails.items()}
+    assert norm["ours"] == norm["supervisor"]
+    assert "Process oneshot in group oneshot exited unexpectedly (N) from state RUNNING" in norm["ours"]
+
+
+def test_e2e_superlance_memmon_same_restart_under_both(superlance_bin):
+    conf = SV_LISTENER_HEAD + """\
+    [eventlistener:memmon]
+    command = %s/memmon -p hog=1MB -m ops@example.com -s "sh -c 'cat >> @RUN@/mail.txt'"
+    events = TICK_5
+    [program:hog]
+    command = %s -c "import time; time.sleep(120)"
+    startsecs = 0
+    """ % (superlance_bin, sys.executable)
+
+    def restarted(run, d):
+        if not d.ours:
+            return "restarted" in _read(run / "mail.txt")
+        r = subprocess.run([str(superlance_bin / "supervisorctl"), "-c", str(run / "supervisord.conf"), "pid"],
+                           capture_output=True, text=True, timeout=LONG, stdin=subprocess.DEVNULL)
+        if r.returncode != 0 and (run / "c.sock").exists():
+            pytest.skip("this build serves no Supervisor XML-RPC, which memmon needs: %s" % r.stdout[-200:])
+        return "restarted" in _read(run / "mail.txt")
+    mails = _sv_listener_run(superlance_bin, conf, restarted,
+                             lambda run: re.findall(r"Subject: .*", _read(run / "mail.txt"))[:1])
+    subjects = {k: subject for k, (subject, _) in mails.items()}
+    assert subjects["ours"] == subjects["supervisor"] == ["Subject: memmon: process hog restarted"]
+
+
+SV_RECORDER = """\
+import sys
+while True:
+    sys.stdout.write("READY\\n"); sys.stdout.flush()
+    head = dict(f.split(":", 1) for f in sys.stdin.readline().split())
+    body = sys.stdin.read(int(head["len"]))
+    with open(sys.argv[1], "a") as out:
+        out.write("%s|%s\\n" % (head["eventname"], body))
+    sys.stdout.write("RESULT 2\\nOK"); sys.stdout.flush()
+"""
+
+
+def test_e2e_sv_listener_log_and_communication_events_as_supervisord(supervisor_bin):
+    """stdout_events_enabled and stdout_capture_maxbytes: the same events, cut the same way."""
+    conf = SV_LISTENER_HEAD + """\
+    [eventlistener:rec]
+    command = %s @RUN@/rec.py @RUN@/events.txt
+    events = PROCESS_LOG_STDOUT,PROCESS_COMMUNICATION
+    [program:talker]
+    command = sh -c 'printf "hello\\n<!--XSUPERVISOR:BEGIN-->msg<!--XSUPERVISOR:END-->\\nbye, with a line long enough\\n"; sleep 120'
+    startsecs = 0
+    stdout_events_enabled = true
+    stdout_capture_maxbytes = 1KB
+    """ % sys.executable
+
+    got = _sv_listener_run(supervisor_bin, conf, lambda run, d: "long enough" in _read(run / "events.txt"),
+                           lambda run: re.sub(r"pid:\d+", "pid:N", _read(run / "events.txt")),
+                           files={"rec.py": SV_RECORDER})
+    assert got["ours"][0] == got["supervisor"][0]
+    assert "PROCESS_COMMUNICATION_STDOUT|processname:talker groupname:talker pid:N\nmsg\n" in got["ours"][0]
+
+
+def test_e2e_sv_listener_group_events(daemon, shortdir):
+    """PROCESS_GROUP_ADDED for each group at start (after it SUPERVISOR_STATE_CHANGE_RUNNING),
+    then for `add`, PROCESS_GROUP_REMOVED for `rm`."""
+    events = pathlib.Path(shortdir) / "events.txt"
+    (pathlib.Path(shortdir) / "rec.py").write_text(SV_RECORDER)
+    d = daemon("""
+        [eventlistener:rec]
+        command = %s %s/rec.py %s
+        events = PROCESS_GROUP,SUPERVISOR_STATE_CHANGE
+        startsecs = 0
+        [program:p]
+        command = sleep 120
+        startsecs = 0
+        """ % (sys.executable, shortdir, events))
+    assert d.call("rm", name="p")["status"] == "ok"
+    assert d.call("add", name="q", cmd="sleep 121")["status"] == "ok"
+    wait_for(lambda: "groupname:q" in _read(events), timeout=LONG, what=lambda: _read(events))
+    assert _read(events) == ("PROCESS_GROUP_ADDED|groupname:rec\n\nPROCESS_GROUP_ADDED|groupname:p\n\n"
+                             "SUPERVISOR_STATE_CHANGE_RUNNING|\nPROCESS_GROUP_REMOVED|groupname:p\n\n"
+                             "PROCESS_GROUP_ADDED|groupname:q\n\n")
+
+
+def _read(path) -> str:
+    try:
+        return pathlib.Path(path).read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+@pytest.fixture(scope="session")
+def superlance_bin(supervisor_bin):
+    """supervisor_bin with superlance's crashmail and memmon (.ci/run installs it there)."""
+    if not (supervisor_bin / "crashmail").exists():
+        r = subprocess.run([str(supervisor_bin / "pip"), "install", "-q", "superlance"], capture_output=True,
+                           text=True, timeout=INSTALL, stdin=subprocess.DEVNULL)
+        if r.returncode != 0 or not (supervisor_bin / "crashmail").exists():
+            pytest.skip("superlance cannot be installed next to supervisor (%s): %s"
+                        % (supervisor_bin, r.stderr[-300:]))
+    return supervisor_bin
+
+
+def test_e2e_sv_listener_breaking_protocol_logged_restarted(daemon, shortdir):
+    """A listener that prints garbage is logged (UNKNOWN) and, when it exits, started again;
+    events then go to the new one; the daemon stays up."""
+    marks = pathlib.Path(shortdir) / "starts"
+    script = pathlib.Path(shortdir) / "l.sh"
+    script.write_text('echo x >> %s\nprintf "READY\\n"\nread line\necho "oops, a traceback"\nexit 1\n' % marks)
+    d = daemon("""
+        [supervisord]
+        logfile = %s/sv.log
+        [eventlistener:bad]
+        command = sh %s
+        events = PROCESS_STATE
+        startsecs = 0
+        [program:p]
+        command = sleep 120
+        startsecs = 0
+        """ % (shortdir, script))
+    wait_for(lambda: _read(marks).count("x") >= 3, timeout=LONG, what=lambda: d.describe())
+    log = _read(d.log) + _read(pathlib.Path(shortdir) / "sv.log")
+    assert "bad: has entered the UNKNOWN state and will no longer receive events" in log
+    d.check_running()
+    assert d.call("status", name="p")["status"] == "active"
 
 
 def test_e2e_sv_group_and_fcgi_program(daemon, shortdir):
