@@ -5195,6 +5195,225 @@ def test_e2e_sv_same_config_under_real_supervisor(supervisor_bin):
         shutil.rmtree(root, ignore_errors=True)
 
 
+SV_RPC_CONF = """\
+[circus]
+endpoint = ipc://@RUN@/circus.sock
+pubsub_endpoint = ipc://@RUN@/circus-pub.sock
+
+[supervisord]
+nodaemon = true
+logfile = %(here)s/supervisord.log
+pidfile = %(here)s/supervisord.pid
+childlogdir = %(here)s
+
+[unix_http_server]
+file = %(here)s/supervisor.sock
+chmod = 0770
+username = user
+password = {SHA}@SHA@
+
+[inet_http_server]
+port = 127.0.0.1:@PORT@
+username = user
+password = secret
+
+[supervisorctl]
+serverurl = unix://%(here)s/supervisor.sock
+username = user
+password = secret
+
+[rpcinterface:supervisor]
+supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
+
+[program:talk]
+command = sh -c 'echo hello; echo oops >&2; exec %(here)s/bin/sleep 120'
+startsecs = 1
+stdout_logfile = %(here)s/talk.out
+stderr_logfile = %(here)s/talk.err
+
+[program:crash]
+command = sh -c 'exit 3'
+startsecs = 1
+startretries = 1
+
+[program:manual]
+command = %(here)s/bin/sleep 121
+autostart = false
+priority = 5
+
+[program:multi]
+command = %(here)s/bin/sleep 122
+process_name = %(program_name)s_%(process_num)d
+numprocs = 2
+startsecs = 0
+"""
+
+SV_EXTRA_PROGRAM = """
+[program:extra]
+command = %(here)s/bin/sleep 123
+startsecs = 0
+"""
+
+#: supervisorctl commands run against both daemons, in this order.
+SV_CTL_SCRIPT = [
+    "status", "status talk", "status nosuch", "status multi:*", "status talk nosuch", "pid talk",
+    "pid", "version", "avail", "start manual", "start manual", "stop manual", "stop manual",
+    "start nosuch", "stop nosuch", "stop multi:*", "start multi:*", "restart multi:multi_0",
+    "signal HUP manual", "signal FOO talk", "signal WINCH multi:*", "restart talk", "tail talk", "tail -3 talk",
+    "tail talk stderr", "tail nosuch", "tail crash", "maintail -0", "clear talk", "tail talk", "reread",
+    "@edit", "reread", "update", "avail", "status", "start all", "stop all", "status",
+    "remove extra", "avail", "add extra", "add extra", "remove talk", "start all", "status",
+]
+
+
+def _sv_normal(text, run):
+    text = text.replace(str(run), "RUN")
+    text = re.sub(r"RUN/\S+?-(stdout|stderr)---supervisor\S*\.log", r"AUTO-\1", text)   # AUTO logs
+    text = re.sub(r"pid \d+, uptime \d+:\d\d:\d\d", "pid N, uptime U", text)
+    text = re.sub(r"[A-Z][a-z]{2} \d\d \d\d:\d\d [AP]M", "DATE", text)
+    return re.sub(r"^\d+$", "PID", text, flags=re.M)
+
+
+def _sv_rpc_normal(value, run):
+    """Pids, times and per-daemon paths out of an XML-RPC reply."""
+    if isinstance(value, list):
+        value = [_sv_rpc_normal(v, run) for v in value]
+        # results of a many-process call come in the order they finish: by timing
+        return sorted(value, key=lambda r: r["name"]) if all(isinstance(r, dict) and "status" in r
+                                                             for r in value) else value
+    if isinstance(value, dict):
+        return {k: ("X" if k in ("pid", "start", "stop", "now") and v else _sv_rpc_normal(v, run))
+                for k, v in value.items()}
+    if isinstance(value, str):
+        return _sv_normal(value, run)
+    return value
+
+
+def _sv_pair(supervisor_bin, root):
+    """Supervisor 4.3.0 and our daemon on the same config, each in a folder of its own."""
+    import hashlib
+    (root / "bin").mkdir()
+    (root / "bin" / "sleep").symlink_to(shutil.which("sleep"))
+    daemons = {}
+    for kind, port in zip(("supervisor", "ours"), free_ports(2)):
+        run = root / kind
+        shutil.copytree(root / "bin", run / "bin", symlinks=True)
+        conf = run / "supervisord.conf"
+        conf.write_text(SV_RPC_CONF.replace("@RUN@", str(run)).replace("@PORT@", str(port))
+                        .replace("@SHA@", hashlib.sha1(b"secret").hexdigest()))
+        program, label = ([supervisor_bin / "supervisord", "-c"], "supervisord") if kind == "supervisor" \
+            else (None, "our daemon")
+        d = Daemon(run, name=str(conf), program=program, label=label, endpoint="ipc://%s/circus.sock" % run)
+        d.run, d.port, d.conf_path = run, port, conf
+        daemons[kind] = d.start(wait=False)
+    return daemons
+
+
+def _supervisorctl(supervisor_bin, d, *args):
+    r = subprocess.run([str(supervisor_bin / "supervisorctl"), "-c", str(d.conf_path)] + list(args),
+                       capture_output=True, text=True, timeout=LONG, stdin=subprocess.DEVNULL)
+    return r.returncode, _sv_normal(r.stdout + r.stderr, d.run)
+
+
+def _sv_settled(supervisor_bin, d):
+    """Once crash is FATAL and the others RUNNING: the state both daemons reach."""
+    rc, out = _supervisorctl(supervisor_bin, d, "status")
+    states = {line.split()[0]: line.split()[1] for line in out.splitlines() if len(line.split()) > 1}
+    return states.get("crash") == "FATAL" and states.get("talk") == "RUNNING" and \
+        states.get("multi:multi_1") == "RUNNING"
+
+
+def test_e2e_sv_supervisorctl_and_xmlrpc_same_as_supervisord(supervisor_bin):
+    """The real supervisorctl 4.3.0 and xmlrpc.client get the same answers (pids and times
+    aside) from our daemon as from supervisord on the same config."""
+    import xmlrpc.client
+    root = pathlib.Path(tempfile.mkdtemp(prefix="svr", dir="/tmp"))
+    daemons = {}
+    try:
+        daemons = _sv_pair(supervisor_bin, root)
+        for kind, d in daemons.items():
+            wait_for(lambda: _sv_settled(supervisor_bin, d), timeout=LONG, what="%s settled" % kind)
+        # every method through xmlrpc.client (TCP, Basic auth)
+        rpc_calls = [
+            ("supervisor.getAPIVersion",), ("supervisor.getSupervisorVersion",),
+            ("supervisor.getIdentification",), ("supervisor.getState",), ("system.listMethods",),
+            ("supervisor.getProcessInfo", "talk"), ("supervisor.getProcessInfo", "nosuch"),
+            ("supervisor.getProcessInfo", "multi:multi_0"), ("supervisor.getAllProcessInfo",),
+            ("supervisor.readProcessStdoutLog", "talk", 0, 0), ("supervisor.readProcessStdoutLog", "talk", -3, 0),
+            ("supervisor.readProcessStdoutLog", "talk", -3, 1), ("supervisor.readProcessStderrLog", "talk", 0, 3),
+            ("supervisor.readProcessStdoutLog", "crash", 0, 0),
+            ("supervisor.tailProcessStdoutLog", "talk", 0, 3), ("supervisor.tailProcessStderrLog", "talk", 2, 100),
+            ("supervisor.startProcess", "talk"), ("supervisor.startProcess", "manual", False),
+            ("supervisor.stopProcess", "manual"), ("supervisor.stopProcess", "manual"),
+            ("supervisor.startProcessGroup", "multi"), ("supervisor.stopProcessGroup", "multi"),
+            ("supervisor.startProcessGroup", "nosuch"), ("supervisor.startProcess", "multi:*"),
+            ("supervisor.signalProcess", "talk", "WINCH"), ("supervisor.signalProcess", "talk", "NOPE"),
+            ("supervisor.signalProcess", "manual", "HUP"), ("supervisor.signalProcessGroup", "multi", "WINCH"),
+            ("supervisor.signalAllProcesses", 28), ("supervisor.sendProcessStdin", "manual", "x"),
+            ("supervisor.sendRemoteCommEvent", "type", "data"), ("supervisor.clearProcessLogs", "talk"),
+            ("supervisor.readProcessStdoutLog", "talk", 0, 0), ("supervisor.reloadConfig",),
+            ("supervisor.addProcessGroup", "talk"), ("supervisor.removeProcessGroup", "talk"),
+            ("supervisor.removeProcessGroup", "nosuch"), ("supervisor.startProcess",),
+            ("supervisor.noSuchMethod",), ("system.methodSignature", "supervisor.getProcessInfo"),
+            ("system.methodSignature", "supervisor.nope"),
+            ("system.multicall", [{"methodName": "supervisor.getAPIVersion", "params": []},
+                                  {"methodName": "supervisor.getProcessInfo", "params": ["nosuch"]},
+                                  {"methodName": "system.multicall", "params": [[]]}, {"params": []}]),
+            ("supervisor.stopAllProcesses",), ("supervisor.startAllProcesses",),
+            ("supervisor.clearAllProcessLogs",), ("supervisor.readLog", 0, -1),
+        ]
+        replies = {}
+        for kind, d in daemons.items():
+            proxy = xmlrpc.client.ServerProxy("http://user:secret@127.0.0.1:%d/RPC2" % d.port)
+            replies[kind] = []
+            for method, *params in rpc_calls:
+                try:
+                    value = _sv_rpc_normal(getattr(proxy, method)(*params), d.run)
+                except xmlrpc.client.Fault as f:
+                    value = ("fault", f.faultCode, f.faultString)
+                replies[kind].append((method, params, value))
+        for ours, theirs in zip(replies["ours"], replies["supervisor"]):
+            assert ours == theirs
+        # bad credentials: 401 with a challenge; on the unix socket too
+        denied = {}
+        for kind, d in daemons.items():
+            with pytest.raises(xmlrpc.client.ProtocolError) as e:
+                xmlrpc.client.ServerProxy("http://user:wrong@127.0.0.1:%d/RPC2" % d.port).supervisor.getPID()
+            assert e.value.errcode == 401 and "Basic" in e.value.headers.get("WWW-Authenticate", "")
+            denied[kind] = _supervisorctl(supervisor_bin, d, "-u", "user", "-p", "bad", "pid")
+        assert denied["ours"] == denied["supervisor"]
+        assert denied["ours"][0] == 1 and "Server requires authentication" in denied["ours"][1]
+        # the supervisorctl script, against both
+        outputs = {}
+        for kind, d in daemons.items():
+            wait_for(lambda: _sv_settled(supervisor_bin, d), timeout=LONG, what="%s settled" % kind)
+            outputs[kind] = []
+            for cmd in SV_CTL_SCRIPT:
+                if cmd == "@edit":
+                    text = d.conf_path.read_text()
+                    text = text.replace("[program:manual]\ncommand = %(here)s/bin/sleep 121\n",
+                                        "[program:manual]\ncommand = %(here)s/bin/sleep 124\n")
+                    text = re.sub(r"\[program:crash\].*?\n\n", "", text, flags=re.S)
+                    d.conf_path.write_text(text + SV_EXTRA_PROGRAM)
+                    continue
+                rc, out = _supervisorctl(supervisor_bin, d, *cmd.split())
+                if cmd.endswith(("all", "*")):        # the order they finish in, by timing
+                    out = "".join(sorted(out.splitlines(True)))
+                if cmd.startswith("maintail"):       # the daemons' own logs differ
+                    out = ""
+                outputs[kind].append((cmd, rc, out))
+        for ours, theirs in zip(outputs["ours"], outputs["supervisor"]):
+            assert ours == theirs
+        for kind, d in daemons.items():
+            assert _supervisorctl(supervisor_bin, d, "shutdown") == (0, "Shut down\n")
+            wait_for(lambda: d.proc.poll() is not None, timeout=SLOW, what="%s to exit" % kind)
+    finally:
+        for d in daemons.values():
+            d.stop()
+        wait_for(lambda: not procs_mentioning(str(root)), TIMEOUT, "processes of %s to exit" % root)
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def test_e2e_sv_group_and_fcgi_program(daemon, shortdir):
     server = pathlib.Path(shortdir) / "fcgi.py"
     server.write_text(textwrap.dedent("""\
