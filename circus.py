@@ -10060,6 +10060,8 @@ class SvRpcServer(HttpServer):
             except ValueError as e:
                 await self.send(writer, 413, "%s\n" % e)
                 return
+            except asyncio.IncompleteReadError:
+                return          # the client went away mid-body
             await self._rpc(body, writer)
         elif req.method == "GET" and (req.path.startswith("/logtail/") or req.path == "/mainlogtail"):
             await self._logtail(req, writer)

@@ -1636,7 +1636,43 @@ def test_sv_program_translation(tmp_path, monkeypatch):
     assert (solo.options["priority"], solo.group_priority) == (-999, -50) and solo.stdout_stream == {}
     assert solo.stderr_stream["filename"].endswith("solo-stderr---supervisor.log")      # AUTO
     assert cfg.logoutput == str(tmp_path / "logs" / "sd.log")
-    assert any("[unix_http_server]: ignored" in x for x in cfg.warnings)
+    (http,) = cfg.sv_http       # served as Supervisor's XML-RPC now
+    assert (http.path, http.chmod, http.username) == ("/tmp/x.sock", 0o700, None)
+
+
+def test_sv_http_server_sections(tmp_path):
+    conf = write(tmp_path / "supervisord.conf", """\
+        [unix_http_server]
+        file = %(here)s/s.sock
+        chmod = 0770
+        username = u
+        password = {SHA}abc
+
+        [inet_http_server]
+        port = 127.0.0.1:9001
+        username = u
+        password = p
+
+        [supervisorctl]
+        serverurl = unix://%(here)s/s.sock
+
+        [rpcinterface:supervisor]
+        supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
+        """)
+    cfg = circus.load_config(conf)
+    unix, inet = cfg.sv_http
+    assert (unix.path, unix.chmod, unix.username, unix.password) == (str(tmp_path / "s.sock"), 0o770, "u", "{SHA}abc")
+    assert (inet.host, inet.port, inet.password) == ("127.0.0.1", 9001, "p")
+    assert not [w for w in cfg.warnings if "http_server" in w or "supervisorctl" in w or "rpcinterface" in w]
+    assert circus.sv_password_ok("secret", "{SHA}" + __import__("hashlib").sha1(b"secret").hexdigest())
+    assert not circus.sv_password_ok("secret", "{SHA}00") and circus.sv_password_ok("p", "p")
+    for body, needle in [("[inet_http_server]\nport = 9001\nusername = u\n", "set both username and password"),
+                         ("[inet_http_server]\nport = x\n", "[inet_http_server] port"),
+                         ("[unix_http_server]\nchmod = 0700\n", "'file' is required"),
+                         ("[unix_http_server]\nfile = /tmp/a.sock\nchmod = 9z\n", "chmod")]:
+        write(tmp_path / "bad.conf", body)
+        with pytest.raises(circus.ConfigError, match=re.escape(needle)):
+            circus.load_config(tmp_path / "bad.conf")
 
 
 @pytest.mark.parametrize("body,needle", [
@@ -5326,6 +5362,8 @@ def _sv_settled(supervisor_bin, d):
 def test_e2e_sv_supervisorctl_and_xmlrpc_same_as_supervisord(supervisor_bin):
     """The real supervisorctl 4.3.0 and xmlrpc.client get the same answers (pids and times
     aside) from our daemon as from supervisord on the same config."""
+    import base64
+    import stat
     import xmlrpc.client
     root = pathlib.Path(tempfile.mkdtemp(prefix="svr", dir="/tmp"))
     daemons = {}
@@ -5383,6 +5421,23 @@ def test_e2e_sv_supervisorctl_and_xmlrpc_same_as_supervisord(supervisor_bin):
             denied[kind] = _supervisorctl(supervisor_bin, d, "-u", "user", "-p", "bad", "pid")
         assert denied["ours"] == denied["supervisor"]
         assert denied["ours"][0] == 1 and "Server requires authentication" in denied["ours"][1]
+        # malformed requests get what supervisord answers; a half-sent one blocks nobody
+        for kind, d in daemons.items():
+            assert stat.S_IMODE(os.stat(d.run / "supervisor.sock").st_mode) == 0o770
+            auth = base64.b64encode(b"user:secret").decode()
+            half = socket.create_connection(("127.0.0.1", d.port), timeout=TIMEOUT)
+            try:
+                half.sendall(b"POST /RPC2 HTTP/1.1\r\nAuthorization: Basic %s\r\nContent-Length: 500\r\n"
+                             b"\r\n<?xml" % auth.encode())
+                proxy = xmlrpc.client.ServerProxy("http://user:secret@127.0.0.1:%d/RPC2" % d.port)
+                assert proxy.supervisor.getState()["statename"] == "RUNNING"
+                for body in (b"hello", b"<methodCall><methodName>supervisor.getPID</methodName><params><param>"
+                             b"<value><int>x</int></value></param></params></methodCall>"):
+                    with pytest.raises(xmlrpc.client.ProtocolError) as e:
+                        xmlrpc.client.Transport().request("user:secret@127.0.0.1:%d" % d.port, "/RPC2", body)
+                    assert e.value.errcode == 400
+            finally:
+                half.close()
         # the supervisorctl script, against both
         outputs = {}
         for kind, d in daemons.items():
