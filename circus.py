@@ -6786,9 +6786,10 @@ def _ipc_folder(path: str, what: str, endpoint: str, sticky_ok=True) -> int:
 
 
 def _give_socket(dir_fd: int, name: str, owner, endpoint: str) -> None:
-    """chown the socket we just bound to endpoint_owner: by folder fd, never through a link."""
+    """chown the socket we just bound to endpoint_owner (or a (user, group)): by folder fd,
+    never through a link."""
     import stat
-    uid, gid, _ = resolve_user(owner, None)
+    uid, gid, _ = resolve_user(*owner) if isinstance(owner, tuple) else resolve_user(owner, None)
     try:
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.geteuid():
@@ -10017,7 +10018,8 @@ class SvRpcServer(HttpServer):
             finally:
                 os.umask(old)
             if self.conf.chown:
-                _give_socket(dir_fd, os.path.basename(path), self.conf.chown.split(":")[0], path)
+                user, _, group = self.conf.chown.partition(":")
+                _give_socket(dir_fd, os.path.basename(path), (user, group or None), path)
             sock.listen(socket_somaxconn())
             return sock
         finally:

@@ -5412,6 +5412,18 @@ def test_e2e_sv_supervisorctl_and_xmlrpc_same_as_supervisord(supervisor_bin):
                 replies[kind].append((method, params, value))
         for ours, theirs in zip(replies["ours"], replies["supervisor"]):
             assert ours == theirs
+        # sendRemoteCommEvent goes out on our pub/sub channel too
+        sub = zmq.Context.instance().socket(zmq.SUB)
+        try:
+            sub.setsockopt(zmq.LINGER, 0)
+            sub.setsockopt(zmq.SUBSCRIBE, b"remote_communication")
+            sub.connect("ipc://%s/circus-pub.sock" % daemons["ours"].run)
+            proxy = xmlrpc.client.ServerProxy("http://user:secret@127.0.0.1:%d/RPC2" % daemons["ours"].port)
+            got = wait_for(lambda: proxy.supervisor.sendRemoteCommEvent("t", "d") and sub.poll(100)
+                           and sub.recv_multipart(), what="remote_communication on pub/sub")
+            assert got == [b"remote_communication", json.dumps({"type": "t", "data": "d"}).encode()]
+        finally:
+            sub.close(0)
         # bad credentials: 401 with a challenge; on the unix socket too
         denied = {}
         for kind, d in daemons.items():
