@@ -9999,7 +9999,7 @@ class SvRpcServer(HttpServer):
     def _bind_unix(self):
         """The socket file born with its mode (umask), chowned by folder fd: never by path."""
         import socket
-        path, what = self.conf.path, "%s [unix_http_server] file" % self.conf.where
+        path, what = self.conf.path, "%s file" % self.conf.where
         dir_fd = _ipc_folder(path, what, path, sticky_ok=self.conf.chown is None)
         try:
             if _ipc_in_use(path):

@@ -21,6 +21,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -5359,11 +5360,32 @@ def _sv_settled(supervisor_bin, d):
         states.get("multi:multi_1") == "RUNNING"
 
 
+def test_sv_unix_http_socket_made_safely(tmp_path):
+    """Born with its chmod (no chmod by path), a stale file replaced, a live one and a
+    folder others can write refused."""
+    import types
+    arb = types.SimpleNamespace(listeners=[], config=None)
+    conf = circus.SvHttpConf("f:1 [unix_http_server]", path=str(tmp_path / "s.sock"), chmod=0o660)
+    sock = circus.SvRpcServer(arb, conf)._bind_unix()
+    try:
+        assert stat.S_IMODE(os.stat(conf.path).st_mode) == 0o660
+        with pytest.raises(circus.CircusError, match="already running there"):
+            circus.SvRpcServer(arb, conf)._bind_unix()
+    finally:
+        sock.close()
+    circus.SvRpcServer(arb, conf)._bind_unix().close()      # the stale file is replaced
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    conf.path = str(shared / "s.sock")
+    with pytest.raises(circus.CircusError, match=r"f:1 \[unix_http_server\] file .* writable by others"):
+        circus.SvRpcServer(arb, conf)._bind_unix()
+    assert not os.path.exists(conf.path)
+
 def test_e2e_sv_supervisorctl_and_xmlrpc_same_as_supervisord(supervisor_bin):
     """The real supervisorctl 4.3.0 and xmlrpc.client get the same answers (pids and times
     aside) from our daemon as from supervisord on the same config."""
     import base64
-    import stat
     import xmlrpc.client
     root = pathlib.Path(tempfile.mkdtemp(prefix="svr", dir="/tmp"))
     daemons = {}
