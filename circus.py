@@ -9551,8 +9551,7 @@ class SvRpc:
         stream = getattr(conf, which + "_stream", None) or {}
         if which == "stderr" and conf.options.get("redirect_stderr"):
             return ""
-        return stream.get("filename") or "" if stream.get("class") in ("FileStream", "file") else \
-            stream.get("filename") or ""
+        return stream.get("filename") or ""
 
     def _result(self, w, fault=None) -> dict:
         return {"name": self.proc_name(w), "group": self.group_of(w),
@@ -9800,15 +9799,21 @@ class SvRpc:
     def _config_info(self, conf, w, inuse) -> dict:
         o = conf.options
         gprio = -conf.group_priority if conf.group_priority is not None else -(o.get("priority") or 0)
-        info = {"autostart": bool(o.get("autostart")), "directory": o.get("working_dir"),
-                "uid": None, "command": " ".join(filter(None, [str(o.get("cmd") or ""), str(o.get("args") or "")])),
+        try:
+            uid = resolve_user(o["uid"], None)[0] if o.get("uid") is not None else None
+        except (ValueError, KeyError, CircusError):     # a user deleted since
+            uid = None
+        command = " ".join(str(part) for part in (o.get("cmd"), o.get("args")) if part)
+        info = {"autostart": bool(o.get("autostart")), "directory": o.get("working_dir") or "none",
+                "uid": "none" if uid is None else uid, "command": command,
                 "exitcodes": list(o.get("exitcodes") or [0]), "group": self.group_of(w),
                 "group_prio": gprio, "inuse": inuse, "killasgroup": bool(o.get("killasgroup")),
                 "name": self.proc_name(w), "process_prio": -(o.get("priority") or 0),
                 "redirect_stderr": bool(o.get("redirect_stderr")),
                 "startretries": max((o.get("max_retry") or 1) - 1, 0), "startsecs": o.get("startsecs") or 0,
-                "stopsignal": int(o.get("stop_signal") or 15), "stopwaitsecs": int(o.get("graceful_timeout") or 0),
-                "serverurl": "AUTO"}
+                "stopsignal": int(o.get("stop_signal") or 15),
+                "stopwaitsecs": int(o.get("graceful_timeout") or 0),
+                "serverurl": "none"}       # (supervisord sends its None values as "none")
         for which in ("stdout", "stderr"):
             stream = getattr(conf, which + "_stream", None) or {}
             info.update({which + "_capture_maxbytes": 0, which + "_events_enabled": False,
@@ -9816,7 +9821,7 @@ class SvRpc:
                          which + "_logfile_backups": int(stream.get("backup_count") or 0),
                          which + "_logfile_maxbytes": int(stream.get("max_bytes") or 0),
                          which + "_syslog": False})
-        return {k: v for k, v in info.items() if v is not None}
+        return info
 
     # -- logs ------------------------------------------------------------------
     def _log_data(self, w, which) -> bytes:

@@ -5398,7 +5398,7 @@ def test_e2e_sv_supervisorctl_and_xmlrpc_same_as_supervisord(supervisor_bin):
             ("supervisor.getAPIVersion",), ("supervisor.getSupervisorVersion",),
             ("supervisor.getIdentification",), ("supervisor.getState",), ("system.listMethods",),
             ("supervisor.getProcessInfo", "talk"), ("supervisor.getProcessInfo", "nosuch"),
-            ("supervisor.getProcessInfo", "multi:multi_0"), ("supervisor.getAllProcessInfo",),
+            ("supervisor.getProcessInfo", "multi:multi_0"), ("supervisor.getAllProcessInfo",), ("supervisor.getAllConfigInfo",),
             ("supervisor.readProcessStdoutLog", "talk", 0, 0), ("supervisor.readProcessStdoutLog", "talk", -3, 0),
             ("supervisor.readProcessStdoutLog", "talk", -3, 1), ("supervisor.readProcessStderrLog", "talk", 0, 3),
             ("supervisor.readProcessStdoutLog", "crash", 0, 0),
