@@ -10036,6 +10036,8 @@ class SvRpcServer(HttpServer):
 
     async def close(self):
         await super().close()
+        if self.rpc._on_event in self.arbiter.listeners:
+            self.arbiter.listeners.remove(self.rpc._on_event)
         if self.conf.path:
             _unlink_ipc("ipc://" + self.conf.path)
 

@@ -5382,6 +5382,17 @@ def test_sv_unix_http_socket_made_safely(tmp_path):
         circus.SvRpcServer(arb, conf)._bind_unix()
     assert not os.path.exists(conf.path)
 
+def test_sv_unix_http_socket_chown(other_user, tmp_path):
+    import grp
+    import types
+    arb = types.SimpleNamespace(listeners=[], config=None)
+    group = grp.getgrgid(os.getgid()).gr_name
+    conf = circus.SvHttpConf("f:1 [unix_http_server]", path=str(tmp_path / "s.sock"),
+                             chown="%s:%s" % (other_user.pw_name, group))
+    circus.SvRpcServer(arb, conf)._bind_unix().close()
+    st = os.stat(conf.path)
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (other_user.pw_uid, os.getgid(), 0o700)
+
 def test_e2e_sv_supervisorctl_and_xmlrpc_same_as_supervisord(supervisor_bin):
     """The real supervisorctl 4.3.0 and xmlrpc.client get the same answers (pids and times
     aside) from our daemon as from supervisord on the same config."""
