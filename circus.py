@@ -9410,20 +9410,47 @@ SV_API_VERSION, SV_VERSION = "3.0", "4.3.0"
 _SV_RUNNING = (ProcState.RUNNING, ProcState.STARTING, ProcState.BACKOFF)
 
 
-def sv_read_slice(data: bytes, offset: int, length: int) -> bytes:
+class SvLog:
+    """A log read in slices: its file (never read whole unless asked), or, without
+    one, what the daemon keeps in memory."""
+
+    def __init__(self, path=None, ring=None):
+        self.path, self.ring = path, ring
+
+    def size(self) -> int:
+        if self.path:
+            try:
+                return os.path.getsize(self.path)
+            except OSError:
+                return 0
+        return len(self.ring.tail(None))
+
+    def read(self, pos: int, n: int = -1) -> bytes:
+        if not self.path:
+            data = self.ring.tail(None)
+            return data[pos:] if n < 0 else data[pos:pos + n]
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(pos)
+                return f.read(n)
+        except OSError:
+            return b""
+
+
+def sv_read_slice(log: SvLog, offset: int, length: int) -> str:
     """Supervisor's readLog arithmetic: a negative offset with length 0 is a tail."""
     if offset < 0:
         if length:
             raise SvFault("BAD_ARGUMENTS")
-        return data[max(len(data) + offset, 0):]
+        return _text(log.read(max(log.size() + offset, 0)))
     if length < 0:
         raise SvFault("BAD_ARGUMENTS")
-    return data[offset:] if length == 0 else data[offset:offset + length]
+    return _text(log.read(offset, length or -1))
 
 
-def sv_tail_slice(data: bytes, offset: int, length: int) -> list:
+def sv_tail_slice(log: SvLog, offset: int, length: int) -> list:
     """Supervisor's tail arithmetic: [text, new offset, overflow]."""
-    size, overflow = len(data), False
+    size, overflow = log.size(), False
     if size > offset + length:
         overflow, offset = True, size - 1
     if offset + length > size:
@@ -9431,8 +9458,11 @@ def sv_tail_slice(data: bytes, offset: int, length: int) -> list:
             length = 0
         offset = size - length
     offset, length = max(offset, 0), max(length, 0)
-    text = data[offset:offset + length] if length else b""
-    return [text.decode("utf-8", "replace"), size, overflow]
+    return [_text(log.read(offset, length)) if length else "", size, overflow]
+
+
+def _text(data: bytes) -> str:
+    return data.decode("utf-8", "replace")
 
 
 class SvRpc:
@@ -9594,15 +9624,12 @@ class SvRpc:
     def getPID(self):
         return os.getpid()
 
-    def _main_log(self) -> bytes:
+    def _main_log(self) -> SvLog:
         path = self.arb.config.logoutput if self.arb.config else None
-        if path and os.path.isfile(path):
-            with open(path, "rb") as f:
-                return f.read()
-        return self.arb.log_ring.tail(None)
+        return SvLog(path) if path and os.path.isfile(path) else SvLog(ring=self.arb.log_ring)
 
     def readLog(self, offset, length):
-        return sv_read_slice(self._main_log(), int(offset), int(length)).decode("utf-8", "replace")
+        return sv_read_slice(self._main_log(), int(offset), int(length))
 
     def clearLog(self):
         path = self.arb.config.logoutput if self.arb.config else None
@@ -9824,15 +9851,11 @@ class SvRpc:
         return info
 
     # -- logs ------------------------------------------------------------------
-    def _log_data(self, w, which) -> bytes:
+    def _log(self, w, which) -> SvLog:
         path = self.logfile(w, which)
         if not path:
             raise SvFault("NO_FILE", "None")
-        try:
-            with open(path, "rb") as f:
-                return f.read()
-        except OSError:
-            return w.tails[which].tail(None)
+        return SvLog(path) if os.path.isfile(path) else SvLog(ring=w.tails[which])
 
     def readProcessStdoutLog(self, name, offset, length):
         return self._read(name, "stdout", offset, length)
@@ -9841,14 +9864,13 @@ class SvRpc:
         return self._read(name, "stderr", offset, length)
 
     def _read(self, name, which, offset, length):
-        data = self._log_data(self.one(name), which)
-        return sv_read_slice(data, int(offset), int(length)).decode("utf-8", "replace")
+        return sv_read_slice(self._log(self.one(name), which), int(offset), int(length))
 
     def tailProcessStdoutLog(self, name, offset, length):
-        return sv_tail_slice(self._log_data(self.one(name), "stdout"), int(offset), int(length))
+        return sv_tail_slice(self._log(self.one(name), "stdout"), int(offset), int(length))
 
     def tailProcessStderrLog(self, name, offset, length):
-        return sv_tail_slice(self._log_data(self.one(name), "stderr"), int(offset), int(length))
+        return sv_tail_slice(self._log(self.one(name), "stderr"), int(offset), int(length))
 
     def _clear(self, w):
         for which in ("stdout", "stderr"):
@@ -10099,33 +10121,28 @@ class SvRpcServer(HttpServer):
         parts = req.path.split("/")[2:]
         try:
             if req.path == "/mainlogtail":
-                read = self.rpc._main_log
+                log = self.rpc._main_log()
             else:
-                w = self.rpc.one(parts[0])
                 which = parts[1] if len(parts) > 1 and parts[1] in ("stdout", "stderr") else "stdout"
-                read = lambda: self.rpc._log_data(w, which)     # noqa: E731
-            data = read()
+                log = self.rpc._log(self.rpc.one(parts[0]), which)
         except SvFault as f:
             await self.send(writer, 404, f.text + "\n")
             return
-        me = asyncio.current_task()
-        self._streams.add(me)
+        self._streams.add(asyncio.current_task())
         writer.write(http_head(200, "text/plain; charset=utf-8"))
-        pos = max(len(data) - 1024, 0)
-        while True:
-            if len(data) < pos:
+        pos = max(log.size() - 1024, 0)
+        while not writer.is_closing():
+            size = log.size()
+            if size < pos:
                 pos = 0         # the log was cleared or rotated
-            if len(data) > pos:
-                writer.write(data[pos:])
-                pos = len(data)
+            while size > pos:       # (64 KB at a time, each taken before the next)
+                chunk = log.read(pos, min(size - pos, 64 << 10))
+                if not chunk:
+                    break
+                writer.write(chunk)
+                pos += len(chunk)
                 await asyncio.wait_for(writer.drain(), 30)
             await asyncio.sleep(0.5)
-            if writer.is_closing():
-                return
-            try:
-                data = read()
-            except SvFault:
-                return
 
 
 def _sv_plain(params):
