@@ -5296,7 +5296,7 @@ SV_CTL_SCRIPT = [
     "status", "status talk", "status nosuch", "status multi:*", "status talk nosuch", "pid talk",
     "pid", "version", "avail", "start manual", "start manual", "stop manual", "stop manual",
     "start nosuch", "stop nosuch", "stop multi:*", "start multi:*", "restart multi:multi_0",
-    "signal HUP manual", "signal FOO talk", "signal WINCH multi:*", "restart talk", "tail talk", "tail -3 talk",
+    "signal HUP manual", "signal FOO talk", "signal WINCH multi:*", "restart talk", "tail talk", "@tail -f talk", "tail -3 talk",
     "tail talk stderr", "tail nosuch", "tail crash", "maintail -0", "clear talk", "tail talk", "reread",
     "@edit", "reread", "update", "avail", "status", "start all", "stop all", "status",
     "remove extra", "avail", "add extra", "add extra", "remove talk", "start all", "status",
@@ -5350,6 +5350,27 @@ def _supervisorctl(supervisor_bin, d, *args):
     r = subprocess.run([str(supervisor_bin / "supervisorctl"), "-c", str(d.conf_path)] + list(args),
                        capture_output=True, text=True, timeout=LONG, stdin=subprocess.DEVNULL)
     return r.returncode, _sv_normal(r.stdout + r.stderr, d.run)
+
+
+def _supervisorctl_follow(supervisor_bin, d, *args, until=b"hello\n"):
+    """``supervisorctl tail -f``: its output once ``until`` came, then it is killed."""
+    p = subprocess.Popen([str(supervisor_bin / "supervisorctl"), "-c", str(d.conf_path)] + list(args),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                         start_new_session=True)
+    out = b""
+    try:
+        os.set_blocking(p.stdout.fileno(), False)
+
+        def got():
+            nonlocal out
+            out += p.stdout.read() or b""
+            return until in out
+        wait_for(got, what=lambda: "%s: %s to print %r (so far %r)" % (d.label, args, until, out))
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait(TIMEOUT)
+        p.stdout.close()
+    return _sv_normal(out.decode(), d.run)
 
 
 def _sv_settled(supervisor_bin, d):
@@ -5495,6 +5516,9 @@ def test_e2e_sv_supervisorctl_and_xmlrpc_same_as_supervisord(supervisor_bin):
                                         "[program:manual]\ncommand = %(here)s/bin/sleep 124\n")
                     text = re.sub(r"\[program:crash\].*?\n\n", "", text, flags=re.S)
                     d.conf_path.write_text(text + SV_EXTRA_PROGRAM)
+                    continue
+                if cmd.startswith("@tail -f"):
+                    outputs[kind].append((cmd, _supervisorctl_follow(supervisor_bin, d, *cmd[1:].split())))
                     continue
                 rc, out = _supervisorctl(supervisor_bin, d, *cmd.split())
                 if cmd.endswith(("all", "*")):        # the order they finish in, by timing
