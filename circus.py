@@ -10008,6 +10008,7 @@ class SvRpcServer(HttpServer):
         super().__init__(conf.host or "127.0.0.1", conf.port or 0)
         self.conf, self.rpc = conf, SvRpc(arbiter)
         self.arbiter = arbiter
+        self.names: set = set()         # this machine's names (checked in Host without a password)
 
     async def start(self):
         if self.conf.path is None:
@@ -10015,6 +10016,11 @@ class SvRpcServer(HttpServer):
             if not self.conf.password:
                 _log().warning("%s: XML-RPC on %s with no password: anyone who reaches it controls "
                                "the daemon", self.conf.where, self.address)
+                try:        # (a slow resolver must not hold the start-up)
+                    self.names = await asyncio.wait_for(
+                        asyncio.get_running_loop().run_in_executor(None, _own_names), 5)
+                except (asyncio.TimeoutError, OSError):
+                    pass
             return
         sock = self._bind_unix()
         try:
@@ -10082,6 +10088,9 @@ class SvRpcServer(HttpServer):
             except (ValueError, asyncio.IncompleteReadError):
                 pass
             await self.send(writer, 401, "Unauthorized\n", extra=['WWW-Authenticate: Basic realm="default"'])
+        elif not (self.conf.path or self.conf.username or self._from_a_client(req)):
+            await self.send(writer, 403, "with no password set, XML-RPC takes Content-Type text/xml "
+                            "and a Host naming this machine (a web page can send neither)\n")
         elif req.path.startswith("/RPC2"):
             if req.method != "POST":
                 await self.send(writer, 400, "XML-RPC needs POST\n")
@@ -10098,6 +10107,13 @@ class SvRpcServer(HttpServer):
             await self._logtail(req, writer)
         else:
             await self.send(writer, 404, "not found: XML-RPC is at /RPC2\n")
+
+    def _from_a_client(self, req) -> bool:
+        """Not a web page: with no password, a page in a local browser could otherwise post
+        to us (text/plain needs no CORS preflight) or reach us by DNS rebinding."""
+        if not host_is_ours(req.headers.get("host"), self.names):
+            return False
+        return req.method == "GET" or req.headers.get("content-type", "").split(";")[0].strip() == "text/xml"
 
     async def _rpc(self, body, writer):
         import xmlrpc.client

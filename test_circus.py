@@ -5403,6 +5403,17 @@ def test_sv_unix_http_socket_made_safely(tmp_path):
         circus.SvRpcServer(arb, conf)._bind_unix()
     assert not os.path.exists(conf.path)
 
+def test_sv_rpc_without_password_refuses_web_pages():
+    """A page in a local browser can post text/plain without a CORS preflight, or come back
+    under its own name by DNS rebinding: neither reaches an [inet_http_server] with no password."""
+    import types
+    srv = circus.SvRpcServer(types.SimpleNamespace(listeners=[], config=None),
+                             circus.SvHttpConf("w", host="127.0.0.1", port=0))
+    req = lambda host, ctype: circus.HttpRequest("POST", "/RPC2", {}, {"host": host, "content-type": ctype})  # noqa
+    assert srv._from_a_client(req("127.0.0.1:9001", "text/xml")) and srv._from_a_client(req(None, "text/xml"))
+    assert not srv._from_a_client(req("127.0.0.1:9001", "text/plain"))
+    assert not srv._from_a_client(req("evil.example:9001", "text/xml"))
+
 def test_sv_unix_http_socket_chown(other_user, tmp_path):
     import grp
     import types
