@@ -5487,6 +5487,13 @@ def test_e2e_sv_supervisorctl_and_xmlrpc_same_as_supervisord(supervisor_bin):
             got = wait_for(lambda: proxy.supervisor.sendRemoteCommEvent("t", "d") and sub.poll(100)
                            and sub.recv_multipart(), what="remote_communication on pub/sub")
             assert got == [b"remote_communication", json.dumps({"type": "t", "data": "d"}).encode()]
+            # what XML-RPC does goes out on the Circus topics too, and ctl still drives the daemon
+            sub.setsockopt(zmq.SUBSCRIBE, b"watcher.manual.stop")
+            assert proxy.supervisor.stopProcess("manual") is True
+            wait_for(lambda: sub.poll(100) and sub.recv_multipart()[0] == b"watcher.manual.stop",
+                     what="watcher.manual.stop on pub/sub")
+            assert daemons["ours"].ctl("start", "manual").returncode == 0
+            assert proxy.supervisor.getProcessInfo("manual")["statename"] in ("STARTING", "RUNNING")
         finally:
             sub.close(0)
         # bad credentials: 401 with a challenge; on the unix socket too
