@@ -9442,10 +9442,10 @@ def sv_read_slice(log: SvLog, offset: int, length: int) -> str:
     if offset < 0:
         if length:
             raise SvFault("BAD_ARGUMENTS")
-        return _text(log.read(max(log.size() + offset, 0)))
+        return _sv_decode(log.read(max(log.size() + offset, 0)))
     if length < 0:
         raise SvFault("BAD_ARGUMENTS")
-    return _text(log.read(offset, length or -1))
+    return _sv_decode(log.read(offset, length or -1))
 
 
 def sv_tail_slice(log: SvLog, offset: int, length: int) -> list:
@@ -9458,10 +9458,10 @@ def sv_tail_slice(log: SvLog, offset: int, length: int) -> list:
             length = 0
         offset = size - length
     offset, length = max(offset, 0), max(length, 0)
-    return [_text(log.read(offset, length)) if length else "", size, overflow]
+    return [_sv_decode(log.read(offset, length)) if length else "", size, overflow]
 
 
-def _text(data: bytes) -> str:
+def _sv_decode(data: bytes) -> str:
     return data.decode("utf-8", "replace")
 
 
