@@ -1140,6 +1140,7 @@ class CircusConfig:
         self.loglevel = None
         self.logoutput = None
         self.log_echo = False           # [supervisord] logfile: also on stdout in the foreground
+        self.sv_http = []               # [unix_http_server]/[inet_http_server]: SvHttpConf, XML-RPC
         self.loggerconfig = None
         self.fqdn_prefix = None
         self.metrics_endpoint = None    # HOST:PORT serving Prometheus /metrics
@@ -2238,12 +2239,10 @@ _SV_SUPERVISORD_KEYS = {
 }
 #: Other sections' keys, for unknown-key warnings.
 _SV_SECTION_KEYS = {"group:": ("programs", "priority"), "include": ("files",)}
+_SV_SECTION_KEYS.update({"unix_http_server": ("file", "chmod", "chown", "username", "password"),
+                         "inet_http_server": ("port", "username", "password"),
+                         "supervisorctl": ("serverurl", "username", "password", "prompt", "history_file")})
 _SV_IGNORED = {
-    "unix_http_server": "circus.py is controlled over ZeroMQ ([circus] endpoint), not XML-RPC",
-    "inet_http_server": "circus.py is controlled over ZeroMQ ([circus] endpoint), not XML-RPC; "
-                        "its web page is [circus] httpd = true",
-    "supervisorctl": "use `python circus.py ctl` (see README, Coming from Supervisor)",
-    "rpcinterface:": "there is no XML-RPC interface",
     "ctlplugin:": "supervisorctl plugins do not apply to ctl",
 }
 #: Program keys that map straight onto a watcher option: key -> (default, converter, option).
@@ -2287,6 +2286,9 @@ class _SupervisorReader(_Reader):
             self.read_supervisord()
         self.childlogdir = self.value("supervisord", "childlogdir", {}) or __import__("tempfile").gettempdir()
         self._warn_sections()
+        for name in self.ini.sections:
+            if name.startswith(("unix_http_server", "inet_http_server")):
+                self.cfg.sv_http.append(sv_http_conf(self, name))
         group_of, group_prio, rank = self._read_groups()
         for (gname, pname), name, fcgi in self._program_jobs(group_of, rank):
             _SvProgram(self, name, pname, gname, fcgi).read(group_prio.get(gname))
@@ -2326,7 +2328,8 @@ class _SupervisorReader(_Reader):
 
     def _warn_sections(self):
         for name in self.ini.sections:
-            known = _SV_SECTION_KEYS.get("group:" if name.startswith("group:") else name)
+            known = _SV_SECTION_KEYS.get("group:" if name.startswith("group:") else
+                                         re.sub(r"^((?:unix|inet)_http_server).*", r"\1", name))
             for key in self.ini.items(name) if known else ():
                 if key not in known:
                     self.warn_unknown(name, key, known)
@@ -2594,6 +2597,45 @@ def sv_output_settings(prog) -> dict:
         if cap:
             out[ch + "_capture"] = cap
     return out
+
+
+# -- [unix_http_server] / [inet_http_server]: where Supervisor's XML-RPC is served --
+
+class SvHttpConf:
+    __slots__ = ("where", "path", "host", "port", "chmod", "chown", "username", "password")
+
+    def __init__(self, where, **kw):
+        self.where, self.path, self.host, self.port = where, None, None, None
+        self.chmod, self.chown, self.username, self.password = 0o700, None, None, None
+        for k, v in kw.items():
+            setattr(self, k, v)
+
+
+def sv_http_conf(reader, section) -> SvHttpConf:
+    """One [unix_http_server] / [inet_http_server] section, checked."""
+    get = lambda key, default=None: reader.value(section, key, {}, default)     # noqa: E731
+    where = reader.ini.where(section)
+    conf = SvHttpConf(where, username=get("username"), password=get("password"))
+    if bool(conf.username) != bool(conf.password):
+        raise ConfigError("%s: set both username and password, or neither" % where)
+    if section.startswith("unix_http_server"):
+        path = get("file")
+        if not path:
+            raise ConfigError("%s: 'file' is required: the socket's path" % where)
+        conf.path = os.path.abspath(os.path.expanduser(path))
+        conf.chmod = reader.conv(section, "chmod", get("chmod", "0700"), lambda v: int(v, 8) & 0o777)
+        conf.chown = get("chown")
+        if conf.chown:
+            reader.conv(section, "chown", conf.chown, lambda v: resolve_user(*(v.split(":", 1) + [None])[:2]))
+    else:
+        port = get("port")
+        if not port:
+            raise ConfigError("%s: 'port' is required: HOST:PORT or PORT" % where)
+        host, _, num = port.rpartition(":")
+        conf.host, conf.port = host or "0.0.0.0", reader.conv(section, "port", num, _port)
+        if host in ("", "*"):
+            conf.host = "0.0.0.0"
+    return conf
 
 
 # ---------------------------------------------------------------------------
@@ -6958,6 +7000,7 @@ class Arbiter:
         self.statsd = False             # publish the stats channel on stats_endpoint
         self.metrics_endpoint = None
         self.httpd = None               # (host, port, token): the web dashboard
+        self.sv_http = []               # SvHttpConf: Supervisor's XML-RPC servers
         self.snapshot_cache: dict = {}  # psutil objects of `snapshot` (the dashboard's CPU %)
         self.started = None             # epoch time of start()
         self.log_ring = RingBuffer()    # the daemon's recent log, for `ctl maintail`
@@ -6985,6 +7028,7 @@ class Arbiter:
                   config=cfg, umask=cfg.umask, sockets=cfg.sockets)
         arb.statsd, arb.metrics_endpoint = cfg.statsd, cfg.metrics_endpoint
         arb.httpd = (cfg.httpd_host, cfg.httpd_port, cfg.httpd_token) if cfg.httpd else None
+        arb.sv_http = cfg.sv_http
         arb.allow_insecure_endpoint = cfg.allow_insecure_endpoint
         arb.curve_secret_key, arb.curve_authorized_keys = cfg.curve_secret_key, cfg.curve_authorized_keys
         arb.curve_owner_keys = cfg.curve_owner_keys
@@ -7189,7 +7233,7 @@ class Arbiter:
 
     async def _start_channels(self):
         if self.endpoint or self.pubsub_endpoint or self.multicast_endpoint or self.statsd \
-                or self.metrics_endpoint or self.httpd:
+                or self.metrics_endpoint or self.httpd or self.sv_http:
             for start in CHANNEL_STARTERS:      # start_channels, registered by its section
                 self.channels += await start(self)
 
@@ -7541,9 +7585,10 @@ def _ipc_folder(path: str, what: str, endpoint: str, sticky_ok=True) -> int:
 
 
 def _give_socket(dir_fd: int, name: str, owner, endpoint: str) -> None:
-    """chown the socket we just bound to endpoint_owner: by folder fd, never through a link."""
+    """chown the socket we just bound to endpoint_owner (or a (user, group)): by folder fd,
+    never through a link."""
     import stat
-    uid, gid, _ = resolve_user(owner, None)
+    uid, gid, _ = resolve_user(*owner) if isinstance(owner, tuple) else resolve_user(owner, None)
     try:
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.geteuid():
@@ -9648,6 +9693,798 @@ async def _remote_metrics(hub) -> str:
 
 
 # ---------------------------------------------------------------------------
+# 19b. Supervisor XML-RPC: [unix_http_server] / [inet_http_server] at /RPC2
+# ---------------------------------------------------------------------------
+# Supervisor's own API, so the real supervisorctl and XML-RPC tools drive the
+# daemon. A Supervisor "process" is one watcher (a [program:x] with numprocs
+# becomes one watcher per process); its group is the watcher's ``group``.
+
+class SvFault(Exception):
+    """An XML-RPC fault with Supervisor's code and text."""
+
+    def __init__(self, name, text=None):
+        super().__init__(name)
+        self.code = SV_FAULTS[name]
+        self.text = name if text is None else "%s: %s" % (name, text)
+
+
+SV_FAULTS = {"UNKNOWN_METHOD": 1, "INCORRECT_PARAMETERS": 2, "BAD_ARGUMENTS": 3,
+             "SIGNATURE_UNSUPPORTED": 4, "SHUTDOWN_STATE": 6, "BAD_NAME": 10, "BAD_SIGNAL": 11,
+             "NO_FILE": 20, "NOT_EXECUTABLE": 21, "FAILED": 30, "ABNORMAL_TERMINATION": 40,
+             "SPAWN_ERROR": 50, "ALREADY_STARTED": 60, "NOT_RUNNING": 70, "SUCCESS": 80,
+             "ALREADY_ADDED": 90, "STILL_RUNNING": 91, "CANT_REREAD": 92}
+SV_STATE_CODES = {ProcState.STOPPED: 0, ProcState.STARTING: 10, ProcState.RUNNING: 20,
+                  ProcState.BACKOFF: 30, ProcState.STOPPING: 40, ProcState.EXITED: 100,
+                  ProcState.FATAL: 200}
+SV_API_VERSION, SV_VERSION = "3.0", "4.3.0"
+#: What supervisorctl checks in statuses: a process that may be stopped.
+_SV_RUNNING = (ProcState.RUNNING, ProcState.STARTING, ProcState.BACKOFF)
+
+
+class SvLog:
+    """A log read in slices: its file (never read whole unless asked), or, without
+    one, what the daemon keeps in memory."""
+
+    def __init__(self, path=None, ring=None):
+        self.path, self.ring = path, ring
+
+    def size(self) -> int:
+        if self.path:
+            try:
+                return os.path.getsize(self.path)
+            except OSError:
+                return 0
+        return len(self.ring.tail(None))
+
+    def read(self, pos: int, n: int = -1) -> bytes:
+        if not self.path:
+            data = self.ring.tail(None)
+            return data[pos:] if n < 0 else data[pos:pos + n]
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(pos)
+                return f.read(n)
+        except OSError:
+            return b""
+
+
+def sv_read_slice(log: SvLog, offset: int, length: int) -> str:
+    """Supervisor's readLog arithmetic: a negative offset with length 0 is a tail."""
+    if offset < 0:
+        if length:
+            raise SvFault("BAD_ARGUMENTS")
+        return _sv_decode(log.read(max(log.size() + offset, 0)))
+    if length < 0:
+        raise SvFault("BAD_ARGUMENTS")
+    return _sv_decode(log.read(offset, length or -1))
+
+
+def sv_tail_slice(log: SvLog, offset: int, length: int) -> list:
+    """Supervisor's tail arithmetic: [text, new offset, overflow]."""
+    size, overflow = log.size(), False
+    if size > offset + length:
+        overflow, offset = True, size - 1
+    if offset + length > size:
+        if offset > size - 1:
+            length = 0
+        offset = size - length
+    offset, length = max(offset, 0), max(length, 0)
+    return [_sv_decode(log.read(offset, length)) if length else "", size, overflow]
+
+
+def _sv_decode(data: bytes) -> str:
+    return data.decode("utf-8", "replace")
+
+
+class SvRpc:
+    """Supervisor's XML-RPC methods over the arbiter; each returns what supervisord returns."""
+
+    def __init__(self, arbiter):
+        self.arb = arbiter
+        self.exits: dict = {}           # watcher name -> last exit status (Supervisor's sense)
+        self.starts: dict = {}          # watcher name -> time of its last spawn
+        self.known = arbiter.config     # the config as last read (start, reloadConfig): what add adds
+        arbiter.listeners.append(self._on_event)
+
+    def _on_event(self, topic, payload):
+        """Supervisor's exitstatus (none for a start that failed; -1 for a signal) and laststart."""
+        event = topic.rpartition(".")[2]
+        if not (topic.startswith("watcher.") and event in ("reap", "spawn") and isinstance(payload, dict)):
+            return
+        w = next((w for w in self.arb.watchers if w.topic_name == topic[8:-len(event) - 1]), None)
+        if w is None:
+            return
+        if event == "spawn":
+            self.starts[w.name] = payload.get("time") or time.time()
+        elif isinstance(payload.get("exit_code"), int):
+            # a start that failed (within startsecs, not stopped) leaves none
+            failed = w.state != ProcState.STOPPING and (payload.get("time") or time.time()) \
+                - self.starts.get(w.name, 0) < (w.conf.options.get("startsecs") or 0)
+            self.exits[w.name] = 0 if failed else max(payload["exit_code"], -1)
+
+    # -- names ---------------------------------------------------------------
+    @staticmethod
+    def group_of(w) -> str:
+        """Of a watcher or a WatcherConfig."""
+        conf = getattr(w, "conf", w)
+        return conf.group or w.name
+
+    def proc_name(self, w) -> str:
+        g = self.group_of(w)
+        return w.name[len(g) + 1:] if w.name.startswith(g + ":") else w.name
+
+    def namespec(self, w) -> str:
+        g, n = self.group_of(w), self.proc_name(w)
+        return n if g == n else "%s:%s" % (g, n)
+
+    def groups(self) -> dict:
+        out: dict = {}
+        for w in self.arb.watchers:
+            out.setdefault(self.group_of(w), []).append(w)
+        return out
+
+    def lookup(self, name):
+        """``group:proc``, ``proc`` or ``group:*`` -> (group's watchers, the watcher or None)."""
+        name = str(name)
+        group, sep, proc = name.partition(":")
+        if not sep:
+            proc = name
+        ws = self.groups().get(group)
+        if ws is None:
+            raise SvFault("BAD_NAME", name)
+        if proc == "*" and sep:
+            return ws, None
+        for w in ws:
+            if self.proc_name(w) == proc:
+                return ws, w
+        raise SvFault("BAD_NAME", name)
+
+    def one(self, name):
+        ws, w = self.lookup(name)
+        if w is None:
+            raise SvFault("BAD_NAME", name)
+        return w
+
+    def ordered(self, ws=None) -> list:
+        """Supervisor's order: by group priority, group name, process priority, name."""
+        def key(w):
+            prio = -(w.conf.options.get("priority") or 0)
+            gprio = prio if w.conf.group_priority is None else -w.conf.group_priority
+            return gprio, self.group_of(w), prio, self.proc_name(w)
+        return sorted(self.arb.watchers if ws is None else ws, key=key)
+
+    # -- state ---------------------------------------------------------------
+    def state_of(self, w):
+        rows = process_rows(w)
+        return rows[0]["state"], rows[0]["pid"] or 0
+
+    def _check_state(self):
+        if self.arb.stopping:
+            raise SvFault("SHUTDOWN_STATE")
+
+    def info(self, w) -> dict:
+        state, pid = self.state_of(w)
+        now = time.time()
+        proc = next((p for p in w.processes.values()), None)
+        start = int(proc.started) if proc else int(self.starts.get(w.name, 0))
+        stop = int(w.sv_since or 0) if state in (ProcState.STOPPED, ProcState.EXITED, ProcState.FATAL) \
+            or not proc else 0
+        spawnerr = (w.last_error or "") if state in (ProcState.BACKOFF, ProcState.FATAL) else ""
+        out, err = self.logfile(w, "stdout"), self.logfile(w, "stderr")
+        info = {"name": self.proc_name(w), "group": self.group_of(w), "start": start, "stop": stop,
+                "now": int(now), "state": SV_STATE_CODES.get(state, 1000), "statename": state,
+                "spawnerr": spawnerr, "exitstatus": self.exits.get(w.name, 0),
+                "logfile": out, "stdout_logfile": out, "stderr_logfile": err, "pid": pid}
+        if state == ProcState.RUNNING:
+            desc = "pid %d, uptime %s" % (pid, _uptime(max(now - proc.started, 0)))
+        elif state in (ProcState.BACKOFF, ProcState.FATAL):
+            desc = spawnerr or 'unknown error (try "tail %s")' % info["name"]
+        elif state in (ProcState.STOPPED, ProcState.EXITED):
+            desc = time.strftime("%b %d %I:%M %p", time.localtime(stop)) if start else "Not started"
+        else:
+            desc = ""
+        info["description"] = desc
+        return info
+
+    @staticmethod
+    def logfile(w, which) -> str:
+        conf = getattr(w, "conf", w)
+        stream = getattr(conf, which + "_stream", None) or {}
+        if which == "stderr" and conf.options.get("redirect_stderr"):
+            return ""
+        return stream.get("filename") or ""
+
+    def _result(self, w, fault=None) -> dict:
+        return {"name": self.proc_name(w), "group": self.group_of(w),
+                "status": fault.code if fault else SV_FAULTS["SUCCESS"],
+                "description": fault.text if fault else "OK"}
+
+    async def _each(self, ws, act, wanted) -> list:
+        """``act`` on each wanted watcher at once; results in the order they finish, as
+        supervisord's (a refusal at once, in process order)."""
+        results: list = []
+
+        async def run(w):
+            try:
+                await act(w)
+                results.append(self._result(w))
+            except SvFault as f:
+                results.append(self._result(w, f))
+        tasks = [asyncio.ensure_future(run(w)) for w in ws if wanted(w)]
+        if tasks:
+            await asyncio.gather(*tasks)
+        return results
+
+    # -- supervisor.* ------------------------------------------------------------
+    def getAPIVersion(self):
+        return SV_API_VERSION
+
+    getVersion = getAPIVersion
+
+    def getSupervisorVersion(self):
+        return SV_VERSION
+
+    def getIdentification(self):
+        return "supervisor"
+
+    def getState(self):
+        if self.arb.stopping:
+            return {"statecode": -1, "statename": "SHUTDOWN"}
+        return {"statecode": 1, "statename": "RUNNING"}
+
+    def getPID(self):
+        return os.getpid()
+
+    def _main_log(self) -> SvLog:
+        path = self.arb.config.logoutput if self.arb.config else None
+        return SvLog(path) if path and os.path.isfile(path) else SvLog(ring=self.arb.log_ring)
+
+    def readLog(self, offset, length):
+        return sv_read_slice(self._main_log(), int(offset), int(length))
+
+    def clearLog(self):
+        path = self.arb.config.logoutput if self.arb.config else None
+        if path and os.path.isfile(path):
+            with open(path, "r+b") as f:
+                f.truncate(0)
+        self.arb.log_ring = RingBuffer(self.arb.log_ring.size)
+        return True
+
+    async def shutdown(self):
+        self._check_state()
+        self.arb.loop.create_task(self.arb._guarded(self.arb.stop()))
+        return True
+
+    async def restart(self):
+        self._check_state()
+        self.arb.loop.create_task(self.arb._guarded(self.arb.restart()))
+        return True
+
+    def _new_groups(self):
+        try:
+            new = self.arb._load_new_config()
+        except CommandError:
+            raise SvFault("CANT_REREAD", "could not reread config") from None
+        out: dict = {}
+        for wc in new.watchers:
+            out.setdefault(wc.group or wc.name, []).append(wc)
+        return new, out
+
+    def reloadConfig(self):
+        self._check_state()
+        new, groups = self._new_groups()
+        self.known = new
+        diff = self.arb.config_diff(new)
+        touched = set(diff.get("added", [])) | set(diff.get("changed", [])) | set(diff.get("removed", []))
+        old = self.groups()
+        added = sorted(g for g in groups if g not in old)
+        removed = sorted(g for g in old if g not in groups)
+        changed = sorted(g for g in groups if g in old and (
+            {wc.name for wc in groups[g]} != {w.name for w in old[g]}
+            or any(n.name in touched for n in groups[g])))
+        return [[added, changed, removed]]
+
+    def _known_groups(self) -> dict:
+        out: dict = {}
+        for wc in self.known.watchers if self.known else ():
+            out.setdefault(self.group_of(wc), []).append(wc)
+        return out
+
+    async def addProcessGroup(self, name):
+        self._check_state()
+        groups = self._known_groups()
+        if name in self.groups():
+            raise SvFault("ALREADY_ADDED", name)
+        if name not in groups:
+            raise SvFault("BAD_NAME", name)
+        fresh = [self.arb._make_watcher(wc) for wc in groups[name]]
+        for w in fresh:
+            self.arb._attach(w)
+            self.arb.emit("watcher.%s.add" % w.topic_name, {"time": time.time()})
+        await self.arb.start_watchers([w for w in fresh if w.conf.options["autostart"]])
+        return True
+
+    async def removeProcessGroup(self, name):
+        self._check_state()
+        ws = self.groups().get(name)
+        if ws is None:
+            raise SvFault("BAD_NAME", name)
+        if any(self.state_of(w)[0] in _SV_RUNNING + (ProcState.STOPPING,) for w in ws):
+            raise SvFault("STILL_RUNNING", name)
+        for w in ws:
+            self.arb.watchers.remove(w)
+            self.starts.pop(w.name, None)
+            self.exits.pop(w.name, None)
+            self.arb.emit("watcher.%s.remove" % w.topic_name, {"time": time.time()})
+        self.arb._let_go(ws)
+        return True
+
+    async def _start(self, w, wait=True):
+        if self.state_of(w)[0] in (ProcState.RUNNING, ProcState.STARTING):
+            raise SvFault("ALREADY_STARTED", self.namespec(w))
+        await _locked(w, w.start)
+        if not wait:
+            return
+        try:
+            await w.until_running()
+        except CommandError:
+            pass
+        if self.state_of(w)[0] in (ProcState.STOPPED, ProcState.EXITED):
+            raise SvFault("ABNORMAL_TERMINATION", self.namespec(w))
+        if self.state_of(w)[0] not in (ProcState.RUNNING, ProcState.STARTING):
+            raise SvFault("SPAWN_ERROR", self.namespec(w))
+
+    async def startProcess(self, name, wait=True):
+        self._check_state()
+        ws, w = self.lookup(name)
+        if w is None:
+            return await self.startProcessGroup(name.partition(":")[0], wait)
+        await self._start(w, wait)
+        return True
+
+    def _not_running(self, w):
+        return self.state_of(w)[0] not in (ProcState.RUNNING, ProcState.STARTING)
+
+    async def startProcessGroup(self, name, wait=True):
+        self._check_state()
+        ws = self.groups().get(name)
+        if ws is None:
+            raise SvFault("BAD_NAME", name)
+        return await self._each(self.ordered(ws), lambda w: self._start(w, wait), self._not_running)
+
+    async def startAllProcesses(self, wait=True):
+        self._check_state()
+        return await self._each(self.ordered(), lambda w: self._start(w, wait), self._not_running)
+
+    async def _stop(self, w, wait=True):
+        if self.state_of(w)[0] not in _SV_RUNNING:
+            raise SvFault("NOT_RUNNING", self.namespec(w))
+        task = asyncio.ensure_future(_locked(w, w.stop))
+        if wait:
+            await task
+
+    def _running(self, w):
+        return self.state_of(w)[0] in _SV_RUNNING
+
+    async def stopProcess(self, name, wait=True):
+        self._check_state()
+        ws, w = self.lookup(name)
+        if w is None:
+            return await self.stopProcessGroup(name.partition(":")[0], wait)
+        await self._stop(w, wait)
+        return True
+
+    async def stopProcessGroup(self, name, wait=True):
+        self._check_state()
+        ws = self.groups().get(name)
+        if ws is None:
+            raise SvFault("BAD_NAME", name)
+        return await self._each(self.ordered(ws), lambda w: self._stop(w, wait), self._running)
+
+    async def stopAllProcesses(self, wait=True):
+        self._check_state()
+        return await self._each(self.ordered(), lambda w: self._stop(w, wait), self._running)
+
+    async def _signal(self, w, sig):
+        if self.state_of(w)[0] not in _SV_RUNNING or not w.processes:
+            raise SvFault("NOT_RUNNING", self.namespec(w))
+        w.send_signal(sig)
+
+    @staticmethod
+    def _signum(sig):
+        try:
+            return to_signum(sig)
+        except ValueError:
+            raise SvFault("BAD_SIGNAL", str(sig)) from None
+
+    async def signalProcess(self, name, signal):
+        self._check_state()
+        ws, w = self.lookup(name)
+        sig = self._signum(signal)
+        if w is None:
+            return await self.signalProcessGroup(name.partition(":")[0], signal)
+        await self._signal(w, sig)
+        return True
+
+    async def signalProcessGroup(self, name, signal):
+        self._check_state()
+        ws = self.groups().get(name)
+        if ws is None:
+            raise SvFault("BAD_NAME", name)
+        sig = self._signum(signal)
+        return await self._each(self.ordered(ws), lambda w: self._signal(w, sig), self._running)
+
+    async def signalAllProcesses(self, signal):
+        self._check_state()
+        sig = self._signum(signal)
+        return await self._each(self.ordered(), lambda w: self._signal(w, sig), self._running)
+
+    def getProcessInfo(self, name):
+        return self.info(self.one(name))
+
+    def getAllProcessInfo(self):
+        ws = sorted(self.arb.watchers, key=lambda w: (self.group_of(w), self.proc_name(w)))
+        return [self.info(w) for w in ws]
+
+    def getAllConfigInfo(self):
+        """The processes in use and those of the config last read that are not."""
+        used = self.groups()
+        spare = [wc for g, wcs in self._known_groups().items() if g not in used for wc in wcs]
+        key = lambda w: (self.group_of(w), self.proc_name(w))      # noqa: E731
+        return [self._config_info(getattr(w, "conf", w), w, w in self.arb.watchers)
+                for w in sorted(self.arb.watchers + spare, key=key)]
+
+    def _config_info(self, conf, w, inuse) -> dict:
+        o = conf.options
+        gprio = -conf.group_priority if conf.group_priority is not None else -(o.get("priority") or 0)
+        try:
+            uid = resolve_user(o["uid"], None)[0] if o.get("uid") is not None else None
+        except (ValueError, KeyError, CircusError):     # a user deleted since
+            uid = None
+        command = " ".join(str(part) for part in (o.get("cmd"), o.get("args")) if part)
+        info = {"autostart": bool(o.get("autostart")), "directory": o.get("working_dir") or "none",
+                "uid": "none" if uid is None else uid, "command": command,
+                "exitcodes": list(o.get("exitcodes") or [0]), "group": self.group_of(w),
+                "group_prio": gprio, "inuse": inuse, "killasgroup": bool(o.get("killasgroup")),
+                "name": self.proc_name(w), "process_prio": -(o.get("priority") or 0),
+                "redirect_stderr": bool(o.get("redirect_stderr")),
+                "startretries": max((o.get("max_retry") or 1) - 1, 0), "startsecs": o.get("startsecs") or 0,
+                "stopsignal": int(o.get("stop_signal") or 15),
+                "stopwaitsecs": int(o.get("graceful_timeout") or 0),
+                "serverurl": "none"}       # (supervisord sends its None values as "none")
+        for which in ("stdout", "stderr"):
+            stream = getattr(conf, which + "_stream", None) or {}
+            info.update({which + "_capture_maxbytes": 0, which + "_events_enabled": False,
+                         which + "_logfile": self.logfile(w, which),
+                         which + "_logfile_backups": int(stream.get("backup_count") or 0),
+                         which + "_logfile_maxbytes": int(stream.get("max_bytes") or 0),
+                         which + "_syslog": False})
+        return info
+
+    # -- logs ------------------------------------------------------------------
+    def _log(self, w, which) -> SvLog:
+        path = self.logfile(w, which)
+        if not path:
+            raise SvFault("NO_FILE", "None")
+        return SvLog(path) if os.path.isfile(path) else SvLog(ring=w.tails[which])
+
+    def readProcessStdoutLog(self, name, offset, length):
+        return self._read(name, "stdout", offset, length)
+
+    def readProcessStderrLog(self, name, offset, length):
+        return self._read(name, "stderr", offset, length)
+
+    def _read(self, name, which, offset, length):
+        return sv_read_slice(self._log(self.one(name), which), int(offset), int(length))
+
+    def tailProcessStdoutLog(self, name, offset, length):
+        return sv_tail_slice(self._log(self.one(name), "stdout"), int(offset), int(length))
+
+    def tailProcessStderrLog(self, name, offset, length):
+        return sv_tail_slice(self._log(self.one(name), "stderr"), int(offset), int(length))
+
+    def _clear(self, w):
+        for which in ("stdout", "stderr"):
+            path = self.logfile(w, which)
+            if path and os.path.isfile(path):
+                try:
+                    with open(path, "r+b") as f:
+                        f.truncate(0)
+                except OSError:
+                    raise SvFault("FAILED", self.namespec(w)) from None
+
+    def clearProcessLogs(self, name):
+        self._clear(self.one(name))
+        return True
+
+    clearProcessLog = clearProcessLogs
+
+    async def clearAllProcessLogs(self):
+        async def act(w):
+            self._clear(w)
+        return await self._each(self.ordered(), act, lambda w: True)
+
+    def sendProcessStdin(self, name, chars):
+        w = self.one(name)
+        if not isinstance(chars, (str, bytes)):
+            raise SvFault("INCORRECT_PARAMETERS", "chars not a string or bytes")
+        if self.state_of(w)[0] not in _SV_RUNNING or not w.processes:
+            raise SvFault("NOT_RUNNING", name)
+        raise SvFault("NO_FILE", "Process has no stdin channel")
+
+    def sendRemoteCommEvent(self, type, data):
+        """Published as the "remote_communication" event (listeners take it from there)."""
+        self.arb.emit("remote_communication", {"type": type, "data": data})
+        return True
+
+    # -- system.* ------------------------------------------------------------------
+    def listMethods(self):
+        return sorted(["supervisor." + m for m in SV_SIGNATURES if m not in _SV_SYSTEM]
+                      + ["system." + m for m in _SV_SYSTEM] + list(_SV_ALIASES))
+
+    def methodHelp(self, name):
+        fn = self._method(name, SvFault("SIGNATURE_UNSUPPORTED"))
+        return (fn.__doc__ or "").strip() or name
+
+    def methodSignature(self, name):
+        self._method(name, SvFault("SIGNATURE_UNSUPPORTED"))
+        return SV_SIGNATURES[_SV_ALIASES.get(name, name).partition(".")[2]]
+
+    async def multicall(self, calls):
+        if not isinstance(calls, list):
+            raise SvFault("INCORRECT_PARAMETERS")
+        results = []
+        for call in calls:
+            try:
+                if not isinstance(call, dict) or call.get("methodName") is None:
+                    raise SvFault("INCORRECT_PARAMETERS", "No methodName")
+                if call["methodName"] == "system.multicall":
+                    raise SvFault("INCORRECT_PARAMETERS", "Recursive system.multicall forbidden")
+                results.append(await self.call(call["methodName"], call.get("params", [])))
+            except SvFault as f:
+                results.append({"faultCode": f.code, "faultString": f.text})
+        return results
+
+    def _method(self, name, unknown=None):
+        ns, _, meth = _SV_ALIASES.get(name, str(name)).partition(".")
+        if meth not in SV_SIGNATURES or (ns == "system") != (meth in _SV_SYSTEM) or \
+                ns not in ("system", "supervisor"):
+            raise unknown or SvFault("UNKNOWN_METHOD")
+        return getattr(self, meth)
+
+    async def call(self, name, params):
+        import inspect
+        fn = self._method(name)
+        try:
+            inspect.signature(fn).bind(*params)
+        except TypeError:
+            raise SvFault("INCORRECT_PARAMETERS") from None
+        try:
+            value = fn(*params)
+            if inspect.isawaitable(value):
+                value = await value
+        except CommandError as e:
+            raise SvFault("FAILED", str(e)) from None
+        except (ValueError, TypeError) as e:
+            raise SvFault("BAD_ARGUMENTS", str(e)) from None
+        return value
+
+
+#: Each method's XML-RPC signature: the return type, then the parameters' types.
+SV_SIGNATURES = {
+    "getAPIVersion": ["string"], "getVersion": ["string"], "getSupervisorVersion": ["string"],
+    "getIdentification": ["string"], "getState": ["struct"], "getPID": ["int"],
+    "readLog": ["string", "int", "int"], "clearLog": ["boolean"], "shutdown": ["boolean"],
+    "restart": ["boolean"], "reloadConfig": ["array"], "addProcessGroup": ["boolean", "string"],
+    "removeProcessGroup": ["boolean", "string"], "startProcess": ["boolean", "string", "boolean"],
+    "startProcessGroup": ["array", "string", "boolean"], "startAllProcesses": ["array", "boolean"],
+    "stopProcess": ["boolean", "string", "boolean"], "stopProcessGroup": ["array", "string", "boolean"],
+    "stopAllProcesses": ["array", "boolean"], "signalProcess": ["boolean", "string", "string"],
+    "signalProcessGroup": ["array", "string", "string"], "signalAllProcesses": ["array", "string"],
+    "getProcessInfo": ["struct", "string"], "getAllProcessInfo": ["array"], "getAllConfigInfo": ["array"],
+    "readProcessStdoutLog": ["string", "string", "int", "int"],
+    "readProcessStderrLog": ["string", "string", "int", "int"],
+    "tailProcessStdoutLog": ["array", "string", "int", "int"],
+    "tailProcessStderrLog": ["array", "string", "int", "int"],
+    "clearProcessLogs": ["boolean", "string"], "clearProcessLog": ["boolean", "string"],
+    "clearAllProcessLogs": ["array"], "sendProcessStdin": ["boolean", "string", "string"],
+    "sendRemoteCommEvent": ["boolean", "string", "string"],
+    "listMethods": ["array"], "methodHelp": ["string", "string"], "methodSignature": ["array", "string"],
+    "multicall": ["array", "array"],
+}
+_SV_SYSTEM = ("listMethods", "methodHelp", "methodSignature", "multicall")
+#: Older names supervisord still answers to.
+_SV_ALIASES = {"supervisor.readMainLog": "supervisor.readLog",
+               "supervisor.readProcessLog": "supervisor.readProcessStdoutLog",
+               "supervisor.tailProcessLog": "supervisor.tailProcessStdoutLog"}
+
+
+def sv_password_ok(given: str, want: str) -> bool:
+    """Basic auth password check; ``{SHA}hex`` is a SHA-1 of the password, as Supervisor has it."""
+    import hashlib
+    import hmac
+    if want.startswith("{SHA}"):
+        given, want = hashlib.sha1(given.encode()).hexdigest(), want[5:].lower()
+    return hmac.compare_digest(given.encode(), want.encode())
+
+
+class SvRpcServer(HttpServer):
+    """POST /RPC2 (XML-RPC) and GET /logtail/NAME[/stderr], /mainlogtail, on a unix socket
+    ([unix_http_server]) or TCP ([inet_http_server]), with Basic auth when configured."""
+
+    MAX_BODY = 1 << 20
+    what = "supervisor http server"
+
+    def __init__(self, arbiter, conf: SvHttpConf):
+        super().__init__(conf.host or "127.0.0.1", conf.port or 0)
+        self.conf, self.rpc = conf, SvRpc(arbiter)
+        self.arbiter = arbiter
+        self.names: set = set()         # this machine's names (checked in Host without a password)
+
+    async def start(self):
+        if self.conf.path is None:
+            await super().start()
+            if not self.conf.password:
+                _log().warning("%s: XML-RPC on %s with no password: anyone who reaches it controls "
+                               "the daemon", self.conf.where, self.address)
+                try:        # (a slow resolver must not hold the start-up)
+                    self.names = await asyncio.wait_for(
+                        asyncio.get_running_loop().run_in_executor(None, _own_names), 5)
+                except (asyncio.TimeoutError, OSError):
+                    pass
+            return
+        sock = self._bind_unix()
+        try:
+            self.server = await asyncio.start_unix_server(self._serve, sock=sock, limit=MAX_HEAD)
+        except OSError as e:
+            sock.close()
+            raise CircusError("%s %s: %s" % (self.what, self.conf.path, e.strerror or e)) from None
+
+    def _bind_unix(self):
+        """The socket file born with its mode (umask), chowned by folder fd: never by path."""
+        import socket
+        path, what = self.conf.path, "%s file" % self.conf.where
+        dir_fd = _ipc_folder(path, what, path, sticky_ok=self.conf.chown is None)
+        try:
+            if _ipc_in_use(path):
+                raise CircusError("%s %s: a server is already running there" % (what, path))
+            try:
+                os.unlink(os.path.basename(path), dir_fd=dir_fd)
+            except FileNotFoundError:
+                pass
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            old = os.umask(0o777 & ~self.conf.chmod)
+            try:
+                sock.bind(path)
+            except OSError as e:
+                sock.close()
+                raise CircusError("%s %s: cannot bind: %s" % (what, path, e.strerror)) from None
+            finally:
+                os.umask(old)
+            if self.conf.chown:
+                user, _, group = self.conf.chown.partition(":")
+                _give_socket(dir_fd, os.path.basename(path), (user, group or None), path)
+            sock.listen(socket_somaxconn())
+            return sock
+        finally:
+            os.close(dir_fd)
+
+    @property
+    def address(self) -> str:
+        return "unix://" + self.conf.path if self.conf.path else super().address
+
+    async def close(self):
+        await super().close()
+        if self.rpc._on_event in self.arbiter.listeners:
+            self.arbiter.listeners.remove(self.rpc._on_event)
+        if self.conf.path:
+            _unlink_ipc("ipc://" + self.conf.path)
+
+    def _authorized(self, req) -> bool:
+        import base64
+        if not self.conf.username:
+            return True
+        kind, _, cred = req.headers.get("authorization", "").partition(" ")
+        try:
+            user, _, pw = base64.b64decode(cred, validate=True).decode("utf-8").partition(":")
+        except (ValueError, UnicodeDecodeError):
+            return False
+        return kind.lower() == "basic" and user == self.conf.username and \
+            sv_password_ok(pw, self.conf.password)
+
+    async def handle(self, req, reader, writer):
+        if not self._authorized(req):
+            try:        # taken, so the client gets to read the 401
+                await read_body(reader, req, self.MAX_BODY)
+            except (ValueError, asyncio.IncompleteReadError):
+                pass
+            await self.send(writer, 401, "Unauthorized\n", extra=['WWW-Authenticate: Basic realm="default"'])
+        elif not (self.conf.path or self.conf.username or self._from_a_client(req)):
+            await self.send(writer, 403, "with no password set, XML-RPC takes Content-Type text/xml "
+                            "and a Host naming this machine (a web page can send neither)\n")
+        elif req.path.startswith("/RPC2"):
+            if req.method != "POST":
+                await self.send(writer, 400, "XML-RPC needs POST\n")
+                return
+            try:
+                body = await read_body(reader, req, self.MAX_BODY)
+            except ValueError as e:
+                await self.send(writer, 413, "%s\n" % e)
+                return
+            except asyncio.IncompleteReadError:
+                return          # the client went away mid-body
+            await self._rpc(body, writer)
+        elif req.method == "GET" and (req.path.startswith("/logtail/") or req.path == "/mainlogtail"):
+            await self._logtail(req, writer)
+        else:
+            await self.send(writer, 404, "not found: XML-RPC is at /RPC2\n")
+
+    def _from_a_client(self, req) -> bool:
+        """Not a web page: with no password, a page in a local browser could otherwise post
+        to us (text/plain needs no CORS preflight) or reach us by DNS rebinding."""
+        if not host_is_ours(req.headers.get("host"), self.names):
+            return False
+        return req.method == "GET" or req.headers.get("content-type", "").split(";")[0].strip() == "text/xml"
+
+    async def _rpc(self, body, writer):
+        import xmlrpc.client
+        try:
+            params, method = xmlrpc.client.loads(body, use_builtin_types=False)
+        except Exception:       # any malformed XML: what supervisord answers, 400
+            await self.send(writer, 400, "bad XML-RPC request\n")
+            return
+        if not method:
+            await self.send(writer, 400, "no method name\n")
+            return
+        try:
+            value = await self.rpc.call(method, _sv_plain(params or ()))
+            reply = xmlrpc.client.dumps((value,), methodresponse=True, allow_none=True)
+        except SvFault as f:
+            reply = xmlrpc.client.dumps(xmlrpc.client.Fault(f.code, f.text), methodresponse=True)
+        await self.send(writer, 200, reply.encode("utf-8"), "text/xml")
+
+    async def _logtail(self, req, writer):
+        """supervisorctl tail -f / maintail -f: the last 1 KB, then what follows, until it hangs up."""
+        parts = req.path.split("/")[2:]
+        try:
+            if req.path == "/mainlogtail":
+                log = self.rpc._main_log()
+            else:
+                which = parts[1] if len(parts) > 1 and parts[1] in ("stdout", "stderr") else "stdout"
+                log = self.rpc._log(self.rpc.one(parts[0]), which)
+        except SvFault as f:
+            await self.send(writer, 404, f.text + "\n")
+            return
+        self._streams.add(asyncio.current_task())
+        writer.write(http_head(200, "text/plain; charset=utf-8"))
+        pos = max(log.size() - 1024, 0)
+        while not writer.is_closing():
+            size = log.size()
+            if size < pos:
+                pos = 0         # the log was cleared or rotated
+            while size > pos:       # (64 KB at a time, each taken before the next)
+                chunk = log.read(pos, min(size - pos, 64 << 10))
+                if not chunk:
+                    break
+                writer.write(chunk)
+                pos += len(chunk)
+                await asyncio.wait_for(writer.drain(), 30)
+            await asyncio.sleep(0.5)
+
+
+def _sv_plain(params):
+    """XML-RPC values as plain Python (a Binary's bytes as text)."""
+    import xmlrpc.client
+    if isinstance(params, (list, tuple)):
+        return [_sv_plain(p) for p in params]
+    if isinstance(params, dict):
+        return {k: _sv_plain(v) for k, v in params.items()}
+    if isinstance(params, xmlrpc.client.Binary):
+        return params.data.decode("utf-8", "replace")
+    return params
+
+
+# ---------------------------------------------------------------------------
 # 20. Channels: what the daemon serves, started for the Arbiter
 # ---------------------------------------------------------------------------
 
@@ -9695,6 +10532,10 @@ async def start_channels(arbiter) -> list:
             web = WebServer(LocalHub(arbiter), host, port, token, metrics=lambda: arbiter_metrics(arbiter))
             await web.start()
             channels.append(web)
+        for conf in arbiter.sv_http:
+            rpc = SvRpcServer(arbiter, conf)
+            await rpc.start()
+            channels.append(rpc)
     except BaseException:
         for ch in channels:
             await ch.close()

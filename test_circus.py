@@ -21,6 +21,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -1639,7 +1640,43 @@ def test_sv_program_translation(tmp_path, monkeypatch):
     assert (solo.options["priority"], solo.group_priority) == (-999, -50) and solo.stdout_stream == {}
     assert solo.stderr_stream["filename"].endswith("solo-stderr---supervisor.log")      # AUTO
     assert cfg.logoutput == str(tmp_path / "logs" / "sd.log")
-    assert any("[unix_http_server]: ignored" in x for x in cfg.warnings)
+    (http,) = cfg.sv_http       # served as Supervisor's XML-RPC now
+    assert (http.path, http.chmod, http.username) == ("/tmp/x.sock", 0o700, None)
+
+
+def test_sv_http_server_sections(tmp_path):
+    conf = write(tmp_path / "supervisord.conf", """\
+        [unix_http_server]
+        file = %(here)s/s.sock
+        chmod = 0770
+        username = u
+        password = {SHA}abc
+
+        [inet_http_server]
+        port = 127.0.0.1:9001
+        username = u
+        password = p
+
+        [supervisorctl]
+        serverurl = unix://%(here)s/s.sock
+
+        [rpcinterface:supervisor]
+        supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
+        """)
+    cfg = circus.load_config(conf)
+    unix, inet = cfg.sv_http
+    assert (unix.path, unix.chmod, unix.username, unix.password) == (str(tmp_path / "s.sock"), 0o770, "u", "{SHA}abc")
+    assert (inet.host, inet.port, inet.password) == ("127.0.0.1", 9001, "p")
+    assert not [w for w in cfg.warnings if "http_server" in w or "supervisorctl" in w or "rpcinterface" in w]
+    assert circus.sv_password_ok("secret", "{SHA}" + __import__("hashlib").sha1(b"secret").hexdigest())
+    assert not circus.sv_password_ok("secret", "{SHA}00") and circus.sv_password_ok("p", "p")
+    for body, needle in [("[inet_http_server]\nport = 9001\nusername = u\n", "set both username and password"),
+                         ("[inet_http_server]\nport = x\n", "[inet_http_server] port"),
+                         ("[unix_http_server]\nchmod = 0700\n", "'file' is required"),
+                         ("[unix_http_server]\nfile = /tmp/a.sock\nchmod = 9z\n", "chmod")]:
+        write(tmp_path / "bad.conf", body)
+        with pytest.raises(circus.ConfigError, match=re.escape(needle)):
+            circus.load_config(tmp_path / "bad.conf")
 
 
 @pytest.mark.parametrize("body,needle", [
@@ -5489,6 +5526,330 @@ def test_e2e_sv_listener_breaking_protocol_logged_restarted(daemon, shortdir):
     assert "bad: has entered the UNKNOWN state and will no longer receive events" in log
     d.check_running()
     assert d.call("status", name="p")["status"] == "active"
+
+
+SV_RPC_CONF = """\
+[circus]
+endpoint = ipc://@RUN@/circus.sock
+pubsub_endpoint = ipc://@RUN@/circus-pub.sock
+
+[supervisord]
+nodaemon = true
+logfile = %(here)s/supervisord.log
+pidfile = %(here)s/supervisord.pid
+childlogdir = %(here)s
+
+[unix_http_server]
+file = %(here)s/supervisor.sock
+chmod = 0770
+username = user
+password = {SHA}@SHA@
+
+[inet_http_server]
+port = 127.0.0.1:@PORT@
+username = user
+password = secret
+
+[supervisorctl]
+serverurl = unix://%(here)s/supervisor.sock
+username = user
+password = secret
+
+[rpcinterface:supervisor]
+supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
+
+[program:talk]
+command = sh -c 'echo hello; echo oops >&2; exec %(here)s/bin/sleep 120'
+startsecs = 1
+stdout_logfile = %(here)s/talk.out
+stderr_logfile = %(here)s/talk.err
+
+[program:crash]
+command = sh -c 'exit 3'
+startsecs = 1
+startretries = 1
+
+[program:manual]
+command = %(here)s/bin/sleep 121
+autostart = false
+priority = 5
+
+[program:multi]
+command = %(here)s/bin/sleep 122
+process_name = %(program_name)s_%(process_num)d
+numprocs = 2
+startsecs = 0
+"""
+
+SV_EXTRA_PROGRAM = """
+[program:extra]
+command = %(here)s/bin/sleep 123
+startsecs = 0
+"""
+
+#: supervisorctl commands run against both daemons, in this order.
+SV_CTL_SCRIPT = [
+    "status", "status talk", "status nosuch", "status multi:*", "status talk nosuch", "pid talk",
+    "pid", "version", "avail", "start manual", "start manual", "stop manual", "stop manual",
+    "start nosuch", "stop nosuch", "stop multi:*", "start multi:*", "restart multi:multi_0",
+    "signal HUP manual", "signal FOO talk", "signal WINCH multi:*", "restart talk", "tail talk", "@tail -f talk", "tail -3 talk",
+    "tail talk stderr", "tail nosuch", "tail crash", "maintail -0", "clear talk", "tail talk", "reread",
+    "@edit", "reread", "update", "avail", "status", "start all", "stop all", "status",
+    "remove extra", "avail", "add extra", "add extra", "remove talk", "start all", "status",
+]
+
+
+def _sv_normal(text, run):
+    text = text.replace(str(run), "RUN")
+    text = re.sub(r"RUN/\S+?-(stdout|stderr)---supervisor\S*\.log", r"AUTO-\1", text)   # AUTO logs
+    text = re.sub(r"pid \d+, uptime \d+:\d\d:\d\d", "pid N, uptime U", text)
+    text = re.sub(r"[A-Z][a-z]{2} \d\d \d\d:\d\d [AP]M", "DATE", text)
+    return re.sub(r"^\d+$", "PID", text, flags=re.M)
+
+
+def _sv_rpc_normal(value, run):
+    """Pids, times and per-daemon paths out of an XML-RPC reply."""
+    if isinstance(value, list):
+        value = [_sv_rpc_normal(v, run) for v in value]
+        # results of a many-process call come in the order they finish: by timing
+        return sorted(value, key=lambda r: r["name"]) if all(isinstance(r, dict) and "status" in r
+                                                             for r in value) else value
+    if isinstance(value, dict):
+        return {k: ("X" if k in ("pid", "start", "stop", "now") and v else _sv_rpc_normal(v, run))
+                for k, v in value.items()}
+    if isinstance(value, str):
+        return _sv_normal(value, run)
+    return value
+
+
+def _sv_pair(supervisor_bin, root):
+    """Supervisor 4.3.0 and our daemon on the same config, each in a folder of its own."""
+    import hashlib
+    (root / "bin").mkdir()
+    (root / "bin" / "sleep").symlink_to(shutil.which("sleep"))
+    daemons = {}
+    for kind, port in zip(("supervisor", "ours"), free_ports(2)):
+        run = root / kind
+        shutil.copytree(root / "bin", run / "bin", symlinks=True)
+        conf = run / "supervisord.conf"
+        conf.write_text(SV_RPC_CONF.replace("@RUN@", str(run)).replace("@PORT@", str(port))
+                        .replace("@SHA@", hashlib.sha1(b"secret").hexdigest()))
+        program, label = ([supervisor_bin / "supervisord", "-c"], "supervisord") if kind == "supervisor" \
+            else (None, "our daemon")
+        d = Daemon(run, name=str(conf), program=program, label=label, endpoint="ipc://%s/circus.sock" % run)
+        d.run, d.port, d.conf_path = run, port, conf
+        daemons[kind] = d.start(wait=False)
+    return daemons
+
+
+def _supervisorctl(supervisor_bin, d, *args):
+    r = subprocess.run([str(supervisor_bin / "supervisorctl"), "-c", str(d.conf_path)] + list(args),
+                       capture_output=True, text=True, timeout=LONG, stdin=subprocess.DEVNULL)
+    return r.returncode, _sv_normal(r.stdout + r.stderr, d.run)
+
+
+def _supervisorctl_follow(supervisor_bin, d, *args, until=b"hello\n"):
+    """``supervisorctl tail -f``: its output once ``until`` came, then it is killed."""
+    p = subprocess.Popen([str(supervisor_bin / "supervisorctl"), "-c", str(d.conf_path)] + list(args),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                         start_new_session=True)
+    out = b""
+    try:
+        os.set_blocking(p.stdout.fileno(), False)
+
+        def got():
+            nonlocal out
+            out += p.stdout.read() or b""
+            return until in out
+        wait_for(got, what=lambda: "%s: %s to print %r (so far %r)" % (d.label, args, until, out))
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait(TIMEOUT)
+        p.stdout.close()
+    return _sv_normal(out.decode(), d.run)
+
+
+def _sv_settled(supervisor_bin, d):
+    """Once crash is FATAL and the others RUNNING: the state both daemons reach."""
+    rc, out = _supervisorctl(supervisor_bin, d, "status")
+    states = {line.split()[0]: line.split()[1] for line in out.splitlines() if len(line.split()) > 1}
+    return states.get("crash") == "FATAL" and states.get("talk") == "RUNNING" and \
+        states.get("multi:multi_1") == "RUNNING"
+
+
+def test_sv_unix_http_socket_made_safely(tmp_path):
+    """Born with its chmod (no chmod by path), a stale file replaced, a live one and a
+    folder others can write refused."""
+    import types
+    arb = types.SimpleNamespace(listeners=[], config=None)
+    conf = circus.SvHttpConf("f:1 [unix_http_server]", path=str(tmp_path / "s.sock"), chmod=0o660)
+    sock = circus.SvRpcServer(arb, conf)._bind_unix()
+    try:
+        assert stat.S_IMODE(os.stat(conf.path).st_mode) == 0o660
+        with pytest.raises(circus.CircusError, match="already running there"):
+            circus.SvRpcServer(arb, conf)._bind_unix()
+    finally:
+        sock.close()
+    circus.SvRpcServer(arb, conf)._bind_unix().close()      # the stale file is replaced
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    conf.path = str(shared / "s.sock")
+    with pytest.raises(circus.CircusError, match=r"f:1 \[unix_http_server\] file .* writable by others"):
+        circus.SvRpcServer(arb, conf)._bind_unix()
+    assert not os.path.exists(conf.path)
+
+def test_sv_rpc_without_password_refuses_web_pages():
+    """A page in a local browser can post text/plain without a CORS preflight, or come back
+    under its own name by DNS rebinding: neither reaches an [inet_http_server] with no password."""
+    import types
+    srv = circus.SvRpcServer(types.SimpleNamespace(listeners=[], config=None),
+                             circus.SvHttpConf("w", host="127.0.0.1", port=0))
+    req = lambda host, ctype: circus.HttpRequest("POST", "/RPC2", {}, {"host": host, "content-type": ctype})  # noqa
+    assert srv._from_a_client(req("127.0.0.1:9001", "text/xml")) and srv._from_a_client(req(None, "text/xml"))
+    assert not srv._from_a_client(req("127.0.0.1:9001", "text/plain"))
+    assert not srv._from_a_client(req("evil.example:9001", "text/xml"))
+
+def test_sv_unix_http_socket_chown(other_user, tmp_path):
+    import grp
+    import types
+    arb = types.SimpleNamespace(listeners=[], config=None)
+    group = grp.getgrgid(os.getgid()).gr_name
+    conf = circus.SvHttpConf("f:1 [unix_http_server]", path=str(tmp_path / "s.sock"),
+                             chown="%s:%s" % (other_user.pw_name, group))
+    circus.SvRpcServer(arb, conf)._bind_unix().close()
+    st = os.stat(conf.path)
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (other_user.pw_uid, os.getgid(), 0o700)
+
+def test_e2e_sv_supervisorctl_and_xmlrpc_same_as_supervisord(supervisor_bin):
+    """The real supervisorctl 4.3.0 and xmlrpc.client get the same answers (pids and times
+    aside) from our daemon as from supervisord on the same config."""
+    import base64
+    import xmlrpc.client
+    root = pathlib.Path(tempfile.mkdtemp(prefix="svr", dir="/tmp"))
+    daemons = {}
+    try:
+        daemons = _sv_pair(supervisor_bin, root)
+        for kind, d in daemons.items():
+            wait_for(lambda: _sv_settled(supervisor_bin, d), timeout=LONG, what="%s settled" % kind)
+        # every method through xmlrpc.client (TCP, Basic auth)
+        rpc_calls = [
+            ("supervisor.getAPIVersion",), ("supervisor.getSupervisorVersion",),
+            ("supervisor.getIdentification",), ("supervisor.getState",), ("system.listMethods",),
+            ("supervisor.getProcessInfo", "talk"), ("supervisor.getProcessInfo", "nosuch"),
+            ("supervisor.getProcessInfo", "multi:multi_0"), ("supervisor.getAllProcessInfo",), ("supervisor.getAllConfigInfo",),
+            ("supervisor.readProcessStdoutLog", "talk", 0, 0), ("supervisor.readProcessStdoutLog", "talk", -3, 0),
+            ("supervisor.readProcessStdoutLog", "talk", -3, 1), ("supervisor.readProcessStderrLog", "talk", 0, 3),
+            ("supervisor.readProcessStdoutLog", "crash", 0, 0),
+            ("supervisor.tailProcessStdoutLog", "talk", 0, 3), ("supervisor.tailProcessStderrLog", "talk", 2, 100),
+            ("supervisor.startProcess", "talk"), ("supervisor.startProcess", "manual", False),
+            ("supervisor.stopProcess", "manual"), ("supervisor.stopProcess", "manual"),
+            ("supervisor.startProcessGroup", "multi"), ("supervisor.stopProcessGroup", "multi"),
+            ("supervisor.startProcessGroup", "nosuch"), ("supervisor.startProcess", "multi:*"),
+            ("supervisor.signalProcess", "talk", "WINCH"), ("supervisor.signalProcess", "talk", "NOPE"),
+            ("supervisor.signalProcess", "manual", "HUP"), ("supervisor.signalProcessGroup", "multi", "WINCH"),
+            ("supervisor.signalAllProcesses", 28), ("supervisor.sendProcessStdin", "manual", "x"),
+            ("supervisor.sendRemoteCommEvent", "type", "data"), ("supervisor.clearProcessLogs", "talk"),
+            ("supervisor.readProcessStdoutLog", "talk", 0, 0), ("supervisor.reloadConfig",),
+            ("supervisor.addProcessGroup", "talk"), ("supervisor.removeProcessGroup", "talk"),
+            ("supervisor.removeProcessGroup", "nosuch"), ("supervisor.startProcess",),
+            ("supervisor.noSuchMethod",), ("system.methodSignature", "supervisor.getProcessInfo"),
+            ("system.methodSignature", "supervisor.nope"),
+            ("system.multicall", [{"methodName": "supervisor.getAPIVersion", "params": []},
+                                  {"methodName": "supervisor.getProcessInfo", "params": ["nosuch"]},
+                                  {"methodName": "system.multicall", "params": [[]]}, {"params": []}]),
+            ("supervisor.stopAllProcesses",), ("supervisor.startAllProcesses",),
+            ("supervisor.clearAllProcessLogs",), ("supervisor.readLog", 0, -1),
+        ]
+        replies = {}
+        for kind, d in daemons.items():
+            proxy = xmlrpc.client.ServerProxy("http://user:secret@127.0.0.1:%d/RPC2" % d.port)
+            replies[kind] = []
+            for method, *params in rpc_calls:
+                try:
+                    value = _sv_rpc_normal(getattr(proxy, method)(*params), d.run)
+                except xmlrpc.client.Fault as f:
+                    value = ("fault", f.faultCode, f.faultString)
+                replies[kind].append((method, params, value))
+        for ours, theirs in zip(replies["ours"], replies["supervisor"]):
+            assert ours == theirs
+        # sendRemoteCommEvent goes out on our pub/sub channel too
+        sub = zmq.Context.instance().socket(zmq.SUB)
+        try:
+            sub.setsockopt(zmq.LINGER, 0)
+            sub.setsockopt(zmq.SUBSCRIBE, b"remote_communication")
+            sub.connect("ipc://%s/circus-pub.sock" % daemons["ours"].run)
+            proxy = xmlrpc.client.ServerProxy("http://user:secret@127.0.0.1:%d/RPC2" % daemons["ours"].port)
+            got = wait_for(lambda: proxy.supervisor.sendRemoteCommEvent("t", "d") and sub.poll(100)
+                           and sub.recv_multipart(), what="remote_communication on pub/sub")
+            assert got == [b"remote_communication", json.dumps({"type": "t", "data": "d"}).encode()]
+            # what XML-RPC does goes out on the Circus topics too, and ctl still drives the daemon
+            sub.setsockopt(zmq.SUBSCRIBE, b"watcher.manual.stop")
+            assert proxy.supervisor.stopProcess("manual") is True
+            wait_for(lambda: sub.poll(100) and sub.recv_multipart()[0] == b"watcher.manual.stop",
+                     what="watcher.manual.stop on pub/sub")
+            assert daemons["ours"].ctl("start", "manual").returncode == 0
+            assert proxy.supervisor.getProcessInfo("manual")["statename"] in ("STARTING", "RUNNING")
+        finally:
+            sub.close(0)
+        # bad credentials: 401 with a challenge; on the unix socket too
+        denied = {}
+        for kind, d in daemons.items():
+            with pytest.raises(xmlrpc.client.ProtocolError) as e:
+                xmlrpc.client.ServerProxy("http://user:wrong@127.0.0.1:%d/RPC2" % d.port).supervisor.getPID()
+            assert e.value.errcode == 401 and "Basic" in e.value.headers.get("WWW-Authenticate", "")
+            denied[kind] = _supervisorctl(supervisor_bin, d, "-u", "user", "-p", "bad", "pid")
+        assert denied["ours"] == denied["supervisor"]
+        assert denied["ours"][0] == 1 and "Server requires authentication" in denied["ours"][1]
+        # malformed requests get what supervisord answers; a half-sent one blocks nobody
+        for kind, d in daemons.items():
+            assert stat.S_IMODE(os.stat(d.run / "supervisor.sock").st_mode) == 0o770
+            auth = base64.b64encode(b"user:secret").decode()
+            half = socket.create_connection(("127.0.0.1", d.port), timeout=TIMEOUT)
+            try:
+                half.sendall(b"POST /RPC2 HTTP/1.1\r\nAuthorization: Basic %s\r\nContent-Length: 500\r\n"
+                             b"\r\n<?xml" % auth.encode())
+                proxy = xmlrpc.client.ServerProxy("http://user:secret@127.0.0.1:%d/RPC2" % d.port)
+                assert proxy.supervisor.getState()["statename"] == "RUNNING"
+                for body in (b"hello", b"<methodCall><methodName>supervisor.getPID</methodName><params><param>"
+                             b"<value><int>x</int></value></param></params></methodCall>"):
+                    with pytest.raises(xmlrpc.client.ProtocolError) as e:
+                        xmlrpc.client.Transport().request("user:secret@127.0.0.1:%d" % d.port, "/RPC2", body)
+                    assert e.value.errcode == 400
+            finally:
+                half.close()
+        # the supervisorctl script, against both
+        outputs = {}
+        for kind, d in daemons.items():
+            wait_for(lambda: _sv_settled(supervisor_bin, d), timeout=LONG, what="%s settled" % kind)
+            outputs[kind] = []
+            for cmd in SV_CTL_SCRIPT:
+                if cmd == "@edit":
+                    text = d.conf_path.read_text()
+                    text = text.replace("[program:manual]\ncommand = %(here)s/bin/sleep 121\n",
+                                        "[program:manual]\ncommand = %(here)s/bin/sleep 124\n")
+                    text = re.sub(r"\[program:crash\].*?\n\n", "", text, flags=re.S)
+                    d.conf_path.write_text(text + SV_EXTRA_PROGRAM)
+                    continue
+                if cmd.startswith("@tail -f"):
+                    outputs[kind].append((cmd, _supervisorctl_follow(supervisor_bin, d, *cmd[1:].split())))
+                    continue
+                rc, out = _supervisorctl(supervisor_bin, d, *cmd.split())
+                if cmd.endswith(("all", "*")):        # the order they finish in, by timing
+                    out = "".join(sorted(out.splitlines(True)))
+                if cmd.startswith("maintail"):       # the daemons' own logs differ
+                    out = ""
+                outputs[kind].append((cmd, rc, out))
+        for ours, theirs in zip(outputs["ours"], outputs["supervisor"]):
+            assert ours == theirs
+        for kind, d in daemons.items():
+            assert _supervisorctl(supervisor_bin, d, "shutdown") == (0, "Shut down\n")
+            wait_for(lambda: d.proc.poll() is not None, timeout=SLOW, what="%s to exit" % kind)
+    finally:
+        for d in daemons.values():
+            d.stop()
+        wait_for(lambda: not procs_mentioning(str(root)), TIMEOUT, "processes of %s to exit" % root)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_e2e_sv_group_and_fcgi_program(daemon, shortdir):
