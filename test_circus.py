@@ -5428,7 +5428,8 @@ def test_e2e_superlance_memmon_same_restart_under_both(superlance_bin):
     mails = _sv_listener_run(superlance_bin, conf, restarted,
                              lambda run: re.findall(r"Subject: .*", _read(run / "mail.txt"))[:1])
     subjects = {k: subject for k, (subject, _) in mails.items()}
-    assert subjects["ours"] == subjects["supervisor"] == ["Subject: memmon: process hog restarted"]
+    # memmon names the process group:name, and itself after its pool (as supervisord runs it)
+    assert subjects["ours"] == subjects["supervisor"] == ["Subject: memmon [hog]: process hog:hog restarted"]
 
 
 SV_RECORDER = """\
