@@ -5319,6 +5319,7 @@ def test_e2e_readme_event_client(daemon):
 
 
 STREAMS_PY = """\
+import os
 import time
 
 
@@ -5341,11 +5342,14 @@ class Broken:
 
 
 class Slow:
-    def __init__(self, **kw):
-        pass
+    # 2 s a chunk until the test is done with it (then the daemon's exit need not wait for it)
+    def __init__(self, released, **kw):
+        self.released = released
 
     def __call__(self, chunk):
-        time.sleep(2)
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline and not os.path.exists(self.released):
+            time.sleep(0.01)
 """
 
 
@@ -5364,9 +5368,10 @@ def test_e2e_user_streams_lossless_failing_and_slow(daemon, shortdir):
         [watcher:slow]
         cmd = sh -c 'while true; do echo y; sleep 0.01; done'
         stdout_stream.class = streams.Slow
+        stdout_stream.released = %s/released
         [watcher:victim]
         cmd = sleep 120
-        """ % (sys.executable, root))
+        """ % (sys.executable, root, root))
     # lossless and in order, across restarts: every run of `counter` wrote 0..49999
     wait_for(lambda: len(list((root / "out").glob("*.out"))) >= 3, timeout=SLOW, what="three runs of counter")
     expected = "".join("%d\n" % i for i in range(50000))
@@ -5385,6 +5390,7 @@ def test_e2e_user_streams_lossless_failing_and_slow(daemon, shortdir):
     assert spawn["time"] - t0 < 0.5
     assert d.call("status")["statuses"]["slow"] == "active"
     ev.close()
+    (root / "released").write_text("")
 
 
 
