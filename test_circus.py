@@ -6469,6 +6469,7 @@ def test_keygen_and_key_errors(tmp_path, capsys):
 
 
 def test_e2e_curve_auth_on_every_channel(daemon, shortdir):
+    import concurrent.futures
     root = pathlib.Path(shortdir)
     keys = root / "keys"
     env = dict(os.environ, XDG_CONFIG_HOME=str(root / "cfg"))
@@ -6499,11 +6500,14 @@ def test_e2e_curve_auth_on_every_channel(daemon, shortdir):
     shutil.rmtree(root / "cfg")
     # no key, or an unknown one: no answer at all; each unknown key logged once
     assert d.raw(b'{"command": "status", "id": "x"}', timeout=QUIET) is None
-    r = ctl("status")
-    assert r.returncode == 1 and "Timed out" in r.stderr
-    for _ in range(2):
-        r = ctl("--key", mallory, "--server-key", server, "status")
-        assert r.returncode == 1 and "curve_authorized_keys" in r.stderr and r.stdout == ""
+    # each of these waits out its --timeout: side by side, the waits overlap
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        nokey = pool.submit(ctl, "status")
+        unknown = [pool.submit(ctl, "--key", mallory, "--server-key", server, "status") for _ in range(2)]
+        r = nokey.result()
+        assert r.returncode == 1 and "Timed out" in r.stderr
+        for r in (f.result() for f in unknown):
+            assert r.returncode == 1 and "curve_authorized_keys" in r.stderr and r.stdout == ""
     wait_for(lambda: "refused CURVE key" in d.log.read_text(), what="the refusal in the log")
     mkey = circus.load_curve_key(mallory)[0].decode()
     assert d.log.read_text().count("refused CURVE key %s" % mkey) == 1
