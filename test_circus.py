@@ -4480,16 +4480,33 @@ def test_e2e_interop_our_ctl_matches_real_ctl_readonly(env, real_ctl, our_ctl):
     import concurrent.futures
     d = env.launch("real")
     ep = d.endpoint
-    # the commands are read-only, so their runs are independent: run them side by side
-    # (ctl start-up is most of the time)
-    runs = [(ctl, args, j) for args in READONLY_CASES for j in (False, True) for ctl in (real_ctl, our_ctl)]
+    (beta_pid,) = _ask(ep, "list", "beta")["pids"]
+    (dead,) = free_ports(1)
+    dead_ep = "tcp://127.0.0.1:%d" % dead
+    usage = [("bogus",), ("--bogus-option", "list")]
+    stats = [("stats",), ("stats", "beta"), ("stats", "beta", str(beta_pid)), ("dstats",)]
+    # every command here is read-only, so the runs are independent: side by side, they take
+    # a fraction of the time (a ctl's start-up is most of it)
+    runs = [(ep, args, j) for args in READONLY_CASES for j in (False, True)]
+    runs += [(ep, args, False) for args in usage + stats] + [(dead_ep, ("list",), False)]
+    runs = [(ctl,) + run for run in runs for ctl in (real_ctl, our_ctl)]
+
+    def run(r):
+        ctl, where, args, j = r
+        return ctl(where, *args, json_out=j, timeout=1 if where == dead_ep else CTL_TIMEOUT)
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        done = dict(zip(((ctl.label, args, j) for ctl, args, j in runs),
-                        pool.map(lambda run: run[0](ep, *run[1], json_out=run[2]), runs)))
+        done = dict(zip(((ctl.label, where, args, j) for ctl, where, args, j in runs), pool.map(run, runs)))
+
+    def real(*args, json_out=False, where=ep):
+        return done[real_ctl.label, where, args, json_out]
+
+    def ours(*args, json_out=False, where=ep):
+        return done[our_ctl.label, where, args, json_out]
+
     for args in READONLY_CASES:
-        want, got = done[real_ctl.label, args, False], done[our_ctl.label, args, False]
+        want, got = real(*args), ours(*args)
         assert got.triple() == want.triple(), "ctl %s" % " ".join(args)
-        wj, gj = done[real_ctl.label, args, True], done[our_ctl.label, args, True]
+        wj, gj = real(*args, json_out=True), ours(*args, json_out=True)
         assert gj.rc == wj.rc, "ctl --json %s: %r vs %r" % (" ".join(args), gj, wj)
         if wj.rc == 0:
             assert _strip_json(gj.out) == _strip_json(wj.out), "ctl --json %s" % " ".join(args)
@@ -4497,30 +4514,27 @@ def test_e2e_interop_our_ctl_matches_real_ctl_readonly(env, real_ctl, our_ctl):
             assert gj.triple() == wj.triple(), "ctl --json %s" % " ".join(args)
 
     # spot checks that the comparison above compared something meaningful
-    assert real_ctl(ep, "options", "beta").out == expected_options(env, "beta")
-    assert real_ctl(ep, "options", "Sleeper").out == expected_options(env, "Sleeper")
-    assert real_ctl(ep, "options").triple() == (1, "", "number of arguments invalid\n")
-    assert real_ctl(ep, "status", "a", "b").triple() == (1, "", "message invalid\n")
-    assert real_ctl(ep, "get", "beta").triple() == (1, "", "Invalid number of arguments\n")
+    assert real("options", "beta").out == expected_options(env, "beta")
+    assert real("options", "Sleeper").out == expected_options(env, "Sleeper")
+    assert real("options").triple() == (1, "", "number of arguments invalid\n")
+    assert real("status", "a", "b").triple() == (1, "", "message invalid\n")
+    assert real("get", "beta").triple() == (1, "", "Invalid number of arguments\n")
+    assert real("list", "beta").out == "%d\n" % beta_pid
 
     # usage errors: rc 2 and a message on stderr (argparse wording may differ)
-    for args in [("bogus",), ("--bogus-option", "list")]:
-        want, got = real_ctl(ep, *args), our_ctl(ep, *args)
+    for args in usage:
+        want, got = real(*args), ours(*args)
         assert want.rc == 2 and want.out == "" and want.err, want
         assert got.rc == 2 and got.out == "" and got.err, got
 
     # stats/dstats: same shape, volatile numbers blanked
-    (beta_pid,) = real_ctl.pids(ep, "beta")
-    for args in [("stats",), ("stats", "beta"), ("stats", "beta", str(beta_pid)), ("dstats",)]:
-        want, got = real_ctl(ep, *args), our_ctl(ep, *args)
+    for args in stats:
+        want, got = real(*args), ours(*args)
         assert (got.rc, got.err) == (want.rc, want.err) == (0, ""), (args, got, want)
         assert _normalize_stats(got.out) == _normalize_stats(want.out), args
 
     # timeout against an endpoint nobody serves
-    (dead,) = free_ports(1)
-    dead_ep = "tcp://127.0.0.1:%d" % dead
-    want = real_ctl(dead_ep, "list", timeout=1)
-    got = our_ctl(dead_ep, "list", timeout=1)
+    want, got = real("list", where=dead_ep), ours("list", where=dead_ep)
     assert want.rc == 1 and want.out == "" and want.err.startswith("Timed out.\n"), want
     assert got.rc == 1 and got.out == "" and got.err.startswith("Timed out.\n"), got
 
