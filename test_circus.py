@@ -5199,17 +5199,21 @@ def test_e2e_sv_same_config_under_real_supervisor(supervisor_bin):
     try:
         (root / "bin").mkdir()
         (root / "bin" / "sleep").symlink_to(shutil.which("sleep"))
-        results = {}
-        for kind in ("supervisor", "ours"):
-            run = root / kind
-            shutil.copytree(root / "bin", run / "bin", symlinks=True)
-            conf = run / "supervisord.conf"
-            conf.write_text(SV_COMPARE_CONF.replace("@RUN@", str(run)))     # supervisord ignores [circus]
-            program, label = ([supervisor_bin / "supervisord", "-c"], "supervisord") if kind == "supervisor" \
-                else (None, "our daemon")
-            d = Daemon(run, name=str(conf), program=program, label=label, endpoint="ipc://%s/circus.sock" % run)
-            d.start(wait=False)
-            try:
+        results, daemons = {}, {}
+        try:
+            # both run side by side, each in its own folder: their start-retry backoffs overlap
+            for kind in ("supervisor", "ours"):
+                run = root / kind
+                shutil.copytree(root / "bin", run / "bin", symlinks=True)
+                conf = run / "supervisord.conf"
+                conf.write_text(SV_COMPARE_CONF.replace("@RUN@", str(run)))     # supervisord ignores [circus]
+                program, label = ([supervisor_bin / "supervisord", "-c"], "supervisord") \
+                    if kind == "supervisor" else (None, "our daemon")
+                d = daemons[kind] = Daemon(run, name=str(conf), program=program, label=label,
+                                           endpoint="ipc://%s/circus.sock" % run)
+                d.start(wait=False)
+            for kind, d in daemons.items():
+                run, conf = d.root, d.conf
                 if kind == "supervisor":
                     states = lambda: _sv_states_from_supervisorctl(supervisor_bin, conf)  # noqa: E731
                 else:
@@ -5228,7 +5232,8 @@ def test_e2e_sv_same_config_under_real_supervisor(supervisor_bin):
                         env = p.environ()
                 results[kind] = (final, (run / "crash.count").read_text().count("x"),
                                  env.get("GREETING"), env.get("EMPTY"), env.get("SUPERVISOR_PROCESS_NAME"))
-            finally:
+        finally:
+            for d in daemons.values():
                 d.stop()
         assert results["ours"][0] == results["supervisor"][0] == {
             "ok": "RUNNING", "crash": "FATAL", "manual": "STOPPED",
