@@ -6986,6 +6986,7 @@ def test_e2e_private_default_endpoints_and_insecure_ones(shortdir):
         out, _ = second.communicate(timeout=LONG)
         assert second.returncode == 1 and "already running" in out and "Traceback" not in out
         assert ctl("status").stdout == "w: active\n"
+        assert first.poll() is None
         # TCP off this host without authentication: refused at start, saying how to fix it
         bad = root / "public.ini"
         bad.write_text("[circus]\nendpoint = tcp://0.0.0.0:0\npubsub_endpoint = ipc://%s/p2.sock\n"
