@@ -9790,8 +9790,20 @@ class SvRpc:
         self.arb = arbiter
         self.exits: dict = {}           # watcher name -> last exit status (Supervisor's sense)
         self.starts: dict = {}          # watcher name -> time of its last spawn
-        self.known = arbiter.config     # the config as last read (start, reloadConfig): what add adds
+        self._known = self._applied = arbiter.config   # see ``known``
         arbiter.listeners.append(self._on_event)
+
+    @property
+    def known(self):
+        """The config as last read (reloadConfig, or the one the arbiter applied since: start,
+        SIGHUP, reloadconfig, restart): what addProcessGroup adds."""
+        if self.arb.config is not self._applied:
+            self._known = self._applied = self.arb.config
+        return self._known
+
+    @known.setter
+    def known(self, config):
+        self._known = config
 
     def _on_event(self, topic, payload):
         """Supervisor's exitstatus (none for a start that failed; -1 for a signal) and laststart."""

@@ -5854,6 +5854,25 @@ def test_sv_rpc_start_in_backoff_is_already_started(tmp_path):
     assert code == circus.SV_FAULTS["ALREADY_STARTED"] and results == [] and not starts
 
 
+def test_sv_rpc_add_follows_a_config_the_arbiter_applied(tmp_path):
+    """After a SIGHUP (or reloadconfig, restart) applied a new file, supervisorctl `add` adds what
+    that file says: a program it removed is no longer addable, one it brought is."""
+    import asyncio
+    text = "[supervisord]\n[program:a]\ncommand = sleep 60\nautostart = false\n"
+    arb = circus.Arbiter.from_config(circus.load_config(write(tmp_path / "s.conf", text)))
+    rpc = circus.SvRpc(arb)
+    arb.watchers.remove(arb.get_watcher("a"))       # the file lost a and gained b: applied
+    arb.config = circus.load_config(write(tmp_path / "s.conf", text.replace("program:a", "program:b")))
+
+    async def run():
+        arb.loop, arb._lock = asyncio.get_running_loop(), asyncio.Lock()
+        with pytest.raises(circus.SvFault) as e:
+            await rpc.addProcessGroup("a")
+        return e.value.code, await rpc.addProcessGroup("b")
+    assert asyncio.run(run()) == (circus.SV_FAULTS["BAD_NAME"], True)
+    assert [w.name for w in arb.watchers] == ["b"]
+
+
 def test_sv_unix_http_socket_chown(other_user, tmp_path):
     import grp
     import types
