@@ -3778,7 +3778,7 @@ class RestartPolicy:
     rules and acts through its watcher: top_up(), stop(), start(), _enter().
     """
 
-    def __init__(self, watcher, clock=None, before=None):
+    def __init__(self, watcher, clock=None):
         self.w = watcher
         self.clock = clock or CLOCK
         self.failures = 0           # consecutive failed starts (max_retry)
@@ -3787,16 +3787,17 @@ class RestartPolicy:
         self._flap_timer = None     # timer of flapping's retry
         self._user_gen = 0          # bumped by every start/stop not made by flapping
         self.stop_pending = False   # _stop_soon queued a stop: spawn no more meanwhile
-        if before is not None:      # the rules changed (`set startsecs`): counters and timers go on
-            self.__dict__.update(before.__dict__)
 
     @staticmethod
     def of(watcher, clock=None, before=None):
         """The policy for ``watcher``'s options: Supervisor's when it has startsecs."""
         cls = SupervisorPolicy if watcher.conf.options["startsecs"] is not None else RestartPolicy
-        if type(before) is cls:
+        if before is not None:
+            # the rules changed (`set startsecs`): the same object under the new class, so the
+            # counters go on and a pending timer or queued stop, bound to it, still clears its flag
+            before.__class__ = cls
             return before
-        return cls(watcher, clock or (before.clock if before is not None else None), before)
+        return cls(watcher, clock)
 
     # -- what the watcher tells it -------------------------------------------
     @property
@@ -5483,6 +5484,8 @@ class SvEventHub:
         if event in ("add", "remove"):
             self._sync_pools()
             self._groups_changed()
+            names = {w.name for w in self.arb.watchers}     # one added again starts from STOPPED
+            self.last = {n: v for n, v in self.last.items() if n in names}
             return
         w = self._watcher(".".join(parts[1:-1])) if self.pools else None
         if w is not None:
@@ -7303,6 +7306,10 @@ class Arbiter:
         # Called by the quit command's own handler (``caller``), it returns once the
         # watchers are down, so the handler can still send its reply; the channels
         # close right after.
+        if self.stopping:       # a second quit (signal, command): the first one is under way
+            if not any(ch.owns(caller) for ch in self.channels):
+                await asyncio.shield(self._done)
+            return
         self.sd_notify("STOPPING=1")
         self.sv_events.stopping()
         self.stopping = True        # a start-up or top-up in progress ends at its next spawn
@@ -9783,8 +9790,20 @@ class SvRpc:
         self.arb = arbiter
         self.exits: dict = {}           # watcher name -> last exit status (Supervisor's sense)
         self.starts: dict = {}          # watcher name -> time of its last spawn
-        self.known = arbiter.config     # the config as last read (start, reloadConfig): what add adds
+        self._known = self._applied = arbiter.config   # see ``known``
         arbiter.listeners.append(self._on_event)
+
+    @property
+    def known(self):
+        """The config as last read (reloadConfig, or the one the arbiter applied since: start,
+        SIGHUP, reloadconfig, restart): what addProcessGroup adds."""
+        if self.arb.config is not self._applied:
+            self._known = self._applied = self.arb.config
+        return self._known
+
+    @known.setter
+    def known(self, config):
+        self._known = config
 
     def _on_event(self, topic, payload):
         """Supervisor's exitstatus (none for a start that failed; -1 for a signal) and laststart."""
@@ -9992,35 +10011,40 @@ class SvRpc:
 
     async def addProcessGroup(self, name):
         self._check_state()
-        groups = self._known_groups()
-        if name in self.groups():
-            raise SvFault("ALREADY_ADDED", name)
-        if name not in groups:
-            raise SvFault("BAD_NAME", name)
-        fresh = [self.arb._make_watcher(wc) for wc in groups[name]]
-        for w in fresh:
-            self.arb._attach(w)
-            self.arb.emit("watcher.%s.add" % w.topic_name, {"time": time.time()})
-        await self.arb.start_watchers([w for w in fresh if w.conf.options["autostart"]])
+        # in turn with reloadconfig and restart (the arbiter's lock), as `add`: a reload
+        # that also adds this group must not make two watchers of one name
+        async with self.arb._lock:
+            self._check_state()
+            groups = self._known_groups()
+            if name in self.groups():
+                raise SvFault("ALREADY_ADDED", name)
+            if name not in groups:
+                raise SvFault("BAD_NAME", name)
+            fresh = [self.arb._make_watcher(wc) for wc in groups[name]]
+            for w in fresh:
+                self.arb._attach(w)
+                self.arb.emit("watcher.%s.add" % w.topic_name, {"time": time.time()})
+            await self.arb.start_watchers([w for w in fresh if w.conf.options["autostart"]])
         return True
 
     async def removeProcessGroup(self, name):
         self._check_state()
-        ws = self.groups().get(name)
-        if ws is None:
-            raise SvFault("BAD_NAME", name)
-        if any(self.state_of(w)[0] in _SV_RUNNING + (ProcState.STOPPING,) for w in ws):
-            raise SvFault("STILL_RUNNING", name)
-        for w in ws:
-            self.arb.watchers.remove(w)
-            self.starts.pop(w.name, None)
-            self.exits.pop(w.name, None)
-            self.arb.emit("watcher.%s.remove" % w.topic_name, {"time": time.time()})
-        self.arb._let_go(ws)
+        async with self.arb._lock:      # as addProcessGroup
+            ws = self.groups().get(name)
+            if ws is None:
+                raise SvFault("BAD_NAME", name)
+            if any(self.state_of(w)[0] in _SV_RUNNING + (ProcState.STOPPING,) for w in ws):
+                raise SvFault("STILL_RUNNING", name)
+            for w in ws:
+                self.arb.watchers.remove(w)
+                self.starts.pop(w.name, None)
+                self.exits.pop(w.name, None)
+                self.arb.emit("watcher.%s.remove" % w.topic_name, {"time": time.time()})
+            self.arb._let_go(ws)
         return True
 
     async def _start(self, w, wait=True):
-        if self.state_of(w)[0] in (ProcState.RUNNING, ProcState.STARTING):
+        if self.state_of(w)[0] in _SV_RUNNING:     # BACKOFF too: its retry is on its way
             raise SvFault("ALREADY_STARTED", self.namespec(w))
         await _locked(w, w.start)
         if not wait:
@@ -10043,7 +10067,7 @@ class SvRpc:
         return True
 
     def _not_running(self, w):
-        return self.state_of(w)[0] not in (ProcState.RUNNING, ProcState.STARTING)
+        return self.state_of(w)[0] not in _SV_RUNNING
 
     async def startProcessGroup(self, name, wait=True):
         self._check_state()

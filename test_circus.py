@@ -2230,6 +2230,31 @@ def test_library_arbiter_in_callers_loop(tmp_path):
     assert not psutil.pid_exists(pids[0])
 
 
+def test_second_quit_while_quitting_stops_once(monkeypatch):
+    """A second quit (SIGINT after SIGTERM, `quit` during a quit) joins the first: one
+    STOPPING=1 for systemd, one SUPERVISOR_STATE_CHANGE_STOPPING for the event listeners,
+    the watchers stopped and the channels closed once."""
+    import asyncio
+
+    async def run():
+        arb = circus.get_arbiter([{"name": "s", "cmd": "sleep 30"}], controller=None, pubsub_endpoint=None)
+        await arb.start()
+        notes, stopping, finishes = [], [], []
+        monkeypatch.setattr(arb, "sd_notify", notes.append)
+        monkeypatch.setattr(arb.sv_events, "stopping", lambda: stopping.append(1))
+        finish = arb._finish
+
+        async def counted_finish():
+            finishes.append(1)
+            await finish()
+        monkeypatch.setattr(arb, "_finish", counted_finish)
+        first, second = arb.stop(), arb.stop()
+        await asyncio.wait_for(asyncio.gather(first, second), TIMEOUT)
+        return notes, stopping, finishes, arb._done.done()
+    notes, stopping, finishes, done = asyncio.run(run())
+    assert notes == ["STOPPING=1"] and stopping == [1] and finishes == [1] and done
+
+
 def test_reloadconfig_diff_sorts_every_change_and_touches_nothing(tmp_path):
     """Issue 15: reloadconfig's diff is a step of its own, computed from the parsed file before
     anything changes: a changed socket renews every watcher using it (named in cmd, stdin_socket,
@@ -5381,6 +5406,30 @@ def test_sv_listener_pool_protocol_without_processes():
                    b"eventname:REMOTE_COMMUNICATION len:21\ntype:deploy\nv2 is out"]
 
 
+def test_sv_events_a_group_added_again_starts_from_stopped():
+    """A program removed in EXITED or FATAL and added again is a new process to supervisord:
+    its first PROCESS_STATE event says from_state:STOPPED, not the state the old one ended in."""
+    class Arb:
+        watchers, loop = [], None
+
+        def iter_watchers(self):
+            return self.watchers
+    arb = Arb()
+    hub = circus.SvEventHub(arb)
+    hub.pools["ev"] = pool = circus.ListenerPool("ev", ["PROCESS_STATE"], 10)
+    w = circus.Watcher("a", "true")
+    arb.watchers = [w]
+    hub("watcher.a.reap", {"process_pid": 7, "state": circus.ProcState.EXITED, "exit_code": 1})
+    arb.watchers = []
+    hub("watcher.a.remove", {})
+    arb.watchers = [circus.Watcher("a", "true")]
+    hub("watcher.a.add", {})
+    hub("watcher.a.spawn", {"process_pid": 8, "state": circus.ProcState.STARTING})
+    names = [(e.name, e.payload) for e in pool.buffer if e.name.startswith("PROCESS_STATE")]
+    assert names[0][0] == "PROCESS_STATE_EXITED"
+    assert names[-1][0] == "PROCESS_STATE_STARTING" and "from_state:STOPPED" in names[-1][1]
+
+
 def _sv_listener_run(supervisor_bin, conf_text, until, collect=lambda run: None, files=None):
     """Run ``conf_text`` (@RUN@: its folder, with ``files``) under circus.py, then under
     supervisord; for each, wait for ``until(run, daemon)`` and give (``collect(run)``, exit code)."""
@@ -5755,6 +5804,74 @@ def test_sv_rpc_without_password_refuses_web_pages():
     assert srv._from_a_client(req("127.0.0.1:9001", "text/xml")) and srv._from_a_client(req(None, "text/xml"))
     assert not srv._from_a_client(req("127.0.0.1:9001", "text/plain"))
     assert not srv._from_a_client(req("evil.example:9001", "text/xml"))
+
+def test_sv_rpc_add_and_remove_group_wait_for_a_reload(tmp_path):
+    """addProcessGroup / removeProcessGroup take the arbiter's lock, as `add` does: one that
+    comes while a reloadconfig (or restart) is applying waits for it, so the two never both add
+    a group (two watchers of one name) nor does one remove what the other is working on."""
+    import asyncio
+    text = "[supervisord]\n[program:a]\ncommand = sleep 60\nautostart = false\n" \
+        "[program:b]\ncommand = sleep 60\nautostart = false\n"
+    arb = circus.Arbiter.from_config(circus.load_config(write(tmp_path / "s.conf", text)))
+    rpc = circus.SvRpc(arb)
+    arb.watchers.remove(arb.get_watcher("b"))       # as `remove b` leaves it
+
+    async def run():
+        arb.loop, arb._lock = asyncio.get_running_loop(), asyncio.Lock()
+        async with arb._lock:                       # a reload applying
+            add = asyncio.ensure_future(rpc.addProcessGroup("b"))
+            remove = asyncio.ensure_future(rpc.removeProcessGroup("a"))
+            for _ in range(5):
+                await asyncio.sleep(0)
+            waited = not add.done() and not remove.done() and \
+                sorted(w.name for w in arb.watchers) == ["a"]
+        assert await asyncio.wait_for(add, TIMEOUT) and await asyncio.wait_for(remove, TIMEOUT)
+        return waited
+    assert asyncio.run(run())
+    assert [w.name for w in arb.watchers] == ["b"]
+
+
+def test_sv_rpc_start_in_backoff_is_already_started(tmp_path):
+    """As supervisord: a process in BACKOFF (its retry pending) is one of the running states, so
+    startProcess answers ALREADY_STARTED and startAllProcesses leaves it alone."""
+    import asyncio
+    text = "[supervisord]\n[program:a]\ncommand = sleep 60\nautostart = false\n"
+    arb = circus.Arbiter.from_config(circus.load_config(write(tmp_path / "s.conf", text)))
+    rpc, w, starts = circus.SvRpc(arb), arb.get_watcher("a"), []
+
+    async def start(*a, **kw):
+        starts.append(1)
+        return {"started": [], "kept": []}
+    w.start = start
+    w._enter(shown=circus.ProcState.BACKOFF)
+    assert rpc.info(w)["statename"] == "BACKOFF"
+
+    async def run():
+        with pytest.raises(circus.SvFault) as e:
+            await rpc.startProcess("a", False)
+        return e.value.code, await rpc.startAllProcesses(False)
+    code, results = asyncio.run(run())
+    assert code == circus.SV_FAULTS["ALREADY_STARTED"] and results == [] and not starts
+
+
+def test_sv_rpc_add_follows_a_config_the_arbiter_applied(tmp_path):
+    """After a SIGHUP (or reloadconfig, restart) applied a new file, supervisorctl `add` adds what
+    that file says: a program it removed is no longer addable, one it brought is."""
+    import asyncio
+    text = "[supervisord]\n[program:a]\ncommand = sleep 60\nautostart = false\n"
+    arb = circus.Arbiter.from_config(circus.load_config(write(tmp_path / "s.conf", text)))
+    rpc = circus.SvRpc(arb)
+    arb.watchers.remove(arb.get_watcher("a"))       # the file lost a and gained b: applied
+    arb.config = circus.load_config(write(tmp_path / "s.conf", text.replace("program:a", "program:b")))
+
+    async def run():
+        arb.loop, arb._lock = asyncio.get_running_loop(), asyncio.Lock()
+        with pytest.raises(circus.SvFault) as e:
+            await rpc.addProcessGroup("a")
+        return e.value.code, await rpc.addProcessGroup("b")
+    assert asyncio.run(run()) == (circus.SV_FAULTS["BAD_NAME"], True)
+    assert [w.name for w in arb.watchers] == ["b"]
+
 
 def test_sv_unix_http_socket_chown(other_user, tmp_path):
     import grp
@@ -7373,6 +7490,24 @@ def test_restart_policies_back_off_on_an_injected_clock():
     w.conf.set("startsecs", None)       # `set startsecs`: Circus's rules, same counters
     w.policy = circus.RestartPolicy.of(w, before=w.policy)
     assert type(w.policy) is circus.RestartPolicy and w.policy.clock is clock
+
+
+def test_set_startsecs_during_a_backoff_keeps_respawning():
+    """`set startsecs` switches Circus's and Supervisor's rules while a backoff is pending:
+    that backoff's timer still tops the watcher up and clears the pending flag, so the next
+    failed start is retried too (the watcher is not left without processes for good)."""
+    clock = FakeClock(1000.0)
+    w = _policy_watcher(clock, max_retry=10)
+    _exited(w, clock, 1, 0.01)          # a quick crash: a failed start, its retry pending
+    assert w.policy.pending and not w.done
+    w.conf.set("startsecs", 1)
+    w.policy = circus.RestartPolicy.of(w, before=w.policy)
+    assert type(w.policy) is circus.SupervisorPolicy and w.policy.failures == 1
+    clock.advance(10)
+    assert [what for what, _ in w.done] == ["top_up"] and not w.policy.pending
+    _exited(w, clock, 3, 0.2, state=circus.ProcState.BACKOFF)      # died while STARTING
+    clock.advance(10)
+    assert [what for what, _ in w.done] == ["top_up", "top_up"] and w.policy.failures == 2
 
 
 def test_flapping_retry_is_armed_on_the_clock():
