@@ -5581,8 +5581,8 @@ class SvEventHub:
 
 
 def _sv_names(w):
-    """(process name, group name) as Supervisor calls them."""
-    group = w.conf.group or w.name
+    """(process name, group name) as Supervisor calls them, of a watcher or a WatcherConfig."""
+    group = getattr(w, "conf", w).group or w.name
     return (w.name[len(group) + 1:] if w.name.startswith(group + ":") else w.name), group
 
 
@@ -9825,16 +9825,22 @@ class SvRpc:
     @staticmethod
     def group_of(w) -> str:
         """Of a watcher or a WatcherConfig."""
-        conf = getattr(w, "conf", w)
-        return conf.group or w.name
+        return _sv_names(w)[1]
 
-    def proc_name(self, w) -> str:
-        g = self.group_of(w)
-        return w.name[len(g) + 1:] if w.name.startswith(g + ":") else w.name
+    @staticmethod
+    def proc_name(w) -> str:
+        return _sv_names(w)[0]
 
     def namespec(self, w) -> str:
         g, n = self.group_of(w), self.proc_name(w)
         return n if g == n else "%s:%s" % (g, n)
+
+    def group(self, name) -> list:
+        """The watchers of group ``name``; BAD_NAME when there is none."""
+        ws = self.groups().get(name)
+        if ws is None:
+            raise SvFault("BAD_NAME", name)
+        return ws
 
     def groups(self) -> dict:
         out: dict = {}
@@ -10030,9 +10036,7 @@ class SvRpc:
     async def removeProcessGroup(self, name):
         self._check_state()
         async with self.arb._lock:      # as addProcessGroup
-            ws = self.groups().get(name)
-            if ws is None:
-                raise SvFault("BAD_NAME", name)
+            ws = self.group(name)
             if any(self.state_of(w)[0] in _SV_RUNNING + (ProcState.STOPPING,) for w in ws):
                 raise SvFault("STILL_RUNNING", name)
             for w in ws:
@@ -10071,9 +10075,7 @@ class SvRpc:
 
     async def startProcessGroup(self, name, wait=True):
         self._check_state()
-        ws = self.groups().get(name)
-        if ws is None:
-            raise SvFault("BAD_NAME", name)
+        ws = self.group(name)
         return await self._each(self.ordered(ws), lambda w: self._start(w, wait), self._not_running)
 
     async def startAllProcesses(self, wait=True):
@@ -10100,9 +10102,7 @@ class SvRpc:
 
     async def stopProcessGroup(self, name, wait=True):
         self._check_state()
-        ws = self.groups().get(name)
-        if ws is None:
-            raise SvFault("BAD_NAME", name)
+        ws = self.group(name)
         return await self._each(self.ordered(ws), lambda w: self._stop(w, wait), self._running)
 
     async def stopAllProcesses(self, wait=True):
@@ -10132,9 +10132,7 @@ class SvRpc:
 
     async def signalProcessGroup(self, name, signal):
         self._check_state()
-        ws = self.groups().get(name)
-        if ws is None:
-            raise SvFault("BAD_NAME", name)
+        ws = self.group(name)
         sig = self._signum(signal)
         return await self._each(self.ordered(ws), lambda w: self._signal(w, sig), self._running)
 

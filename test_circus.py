@@ -5242,7 +5242,8 @@ def supervisor_bin():
     return bindir
 
 
-SV_COMPARE_CONF = """\
+#: What both daemons read first: our endpoints, supervisord in the foreground, its socket.
+SV_BOTH_HEAD = """\
 [circus]
 endpoint = ipc://@RUN@/circus.sock
 pubsub_endpoint = ipc://@RUN@/circus-pub.sock
@@ -5255,6 +5256,8 @@ childlogdir = %(here)s
 
 [unix_http_server]
 file = %(here)s/supervisor.sock
+"""
+SV_COMPARE_CONF = SV_BOTH_HEAD + """\
 
 [supervisorctl]
 serverurl = unix://%(here)s/supervisor.sock
@@ -5623,19 +5626,7 @@ def test_e2e_sv_listener_breaking_protocol_logged_restarted(daemon, shortdir):
     assert d.call("status", name="p")["status"] == "active"
 
 
-SV_RPC_CONF = """\
-[circus]
-endpoint = ipc://@RUN@/circus.sock
-pubsub_endpoint = ipc://@RUN@/circus-pub.sock
-
-[supervisord]
-nodaemon = true
-logfile = %(here)s/supervisord.log
-pidfile = %(here)s/supervisord.pid
-childlogdir = %(here)s
-
-[unix_http_server]
-file = %(here)s/supervisor.sock
+SV_RPC_CONF = SV_BOTH_HEAD + """\
 chmod = 0770
 username = user
 password = {SHA}@SHA@
