@@ -279,6 +279,72 @@ def expand_env_refs(text: str, environ) -> str:
     return _ENV_REF.sub(lambda m: environ.get(m.group(1), ""), text)
 
 
+# An environment file (environment_file): systemd's EnvironmentFile= syntax, with
+# docker-compose's trailing comments on unquoted values.
+_ENV_ASSIGN = re.compile(r"[ \t]*(?:export[ \t]+)?([A-Za-z_][A-Za-z0-9_]*)[ \t]*=[ \t]*")
+_ENV_QUOTED = {'"': re.compile(r'"((?:[^"\\]|\\.)*)"', re.S), "'": re.compile(r"'([^']*)'")}
+_ENV_AFTER_QUOTE = re.compile(r"[ \t]*(?:#[^\n]*)?(?:\n|\Z)")
+
+
+def _env_unescape(text: str) -> str:
+    """Double quotes: \\" \\\\ \\$ \\` stand for the character, a backslash before a newline
+    joins the lines; any other backslash is kept (systemd's rules)."""
+    return re.sub(r'\\(\n|["\\`$])', lambda m: "" if m.group(1) == "\n" else m.group(1), text)
+
+
+def _env_line_error(line: str) -> str:
+    name = line.split("=", 1)[0].strip()
+    if "=" not in line:
+        return "%r has no '=': write NAME=value (a comment starts with #)" % line[:60]
+    return "%r is not a variable name (letters, digits and _, not starting with a digit)" % name[:60]
+
+
+def parse_env_file(text: str, path: str) -> dict:
+    """The ``NAME=value`` lines of an environment file; ValueError ``path:line: why``.
+
+    Blank lines and lines starting with ``#`` are skipped; ``export`` before a
+    name is allowed. An unquoted value is trimmed and ends at `` #`` (a ``#``
+    inside a word stays); a double-quoted one takes backslash escapes, a
+    single-quoted one is literal; both may span lines, and only a comment may
+    follow the closing quote. No ``$VAR`` expansion: values are taken as written.
+    """
+    if "\0" in text:
+        raise ValueError("%s: holds a NUL byte: not a text file of NAME=value lines" % path)
+    text = text.replace("\r\n", "\n")
+    out, pos, line = {}, 0, 1
+    while pos < len(text):
+        end = text.find("\n", pos)
+        end = len(text) if end < 0 else end
+        body = text[pos:end].strip()
+        nxt = end + 1
+        if body and not body.startswith("#"):
+            m = _ENV_ASSIGN.match(text, pos, end)
+            if not m:
+                raise ValueError("%s:%d: %s" % (path, line, _env_line_error(body)))
+            quote = text[m.end():m.end() + 1]
+            if quote in _ENV_QUOTED:
+                value, nxt = _env_quoted(text, m, quote, "%s:%d" % (path, line))
+            else:
+                value = re.split(r"[ \t]#", text[m.end():end], maxsplit=1)[0].strip()
+            out[m.group(1)] = value
+        line += text.count("\n", pos, nxt)
+        pos = nxt
+    return out
+
+
+def _env_quoted(text: str, m, quote: str, where: str):
+    """The quoted value after assignment ``m``, and where the next line starts."""
+    v = _ENV_QUOTED[quote].match(text, m.end())
+    if not v:
+        raise ValueError("%s: the %s quote of %s's value is never closed" % (where, quote, m.group(1)))
+    after = _ENV_AFTER_QUOTE.match(text, v.end())
+    if not after:
+        junk = text[v.end():].split("\n", 1)[0].strip()
+        raise ValueError("%s: %r after the closing quote of %s's value: quote the whole value "
+                         "(a comment after it starts with #)" % (where, junk[:40], m.group(1)))
+    return (v.group(1) if quote == "'" else _env_unescape(v.group(1))), after.end()
+
+
 def human_size(n) -> str:
     """Circus's size format: ``512B``, ``1.50K``, ``3.20M``..."""
     try:
@@ -759,6 +825,16 @@ def _death_signal(value) -> int:
     return to_signum(value)
 
 
+def _env_file_spec(value):
+    """``PATH[, -PATH...]`` (environment_file), checked and written one way; None: none."""
+    if value is None or not str(value).strip():
+        return None
+    parts = [p.strip() for p in str(value).split(",")]
+    if not all(p.lstrip("-").strip() for p in parts):
+        raise ValueError("%r: an empty path; list files as PATH, -OPTIONAL_PATH" % (value,))
+    return ", ".join(parts)
+
+
 def _args(value):
     if value is None or isinstance(value, list):
         return value
@@ -782,12 +858,16 @@ WATCHER_OPTIONS = {
     "stop_signal": (to_signum, int(signal.SIGTERM)),
     "stop_children": (to_bool, False),
     "max_retry": (ranged(to_int, -1), 5),     # -1: retry forever
+    # longest delay between failed starts (jittered); None: the policy's own cap
+    "backoff_max": (lambda v: None if v in (None, "") else ranged(to_float, 0.1)(v), None),
     "graceful_timeout": (_seconds, 30.0),
     "priority": (_priority, 0),
     "singleton": (to_bool, False),
     "use_sockets": (to_bool, False),
     "copy_env": (to_bool, False),
     "copy_path": (to_bool, False),
+    # files of NAME=value lines, read at (re)load into WatcherConfig.env_file; "-PATH": optional
+    "environment_file": (_env_file_spec, None),
     "on_demand": (to_bool, False),
     "respawn": (to_bool, True),
     "autostart": (to_bool, True),
@@ -1002,6 +1082,7 @@ class WatcherConfig:
         self.name = name
         self.options = {k: list(d) if isinstance(d, list) else d for k, (c, d) in WATCHER_OPTIONS.items()}
         self.env: dict = {}
+        self.env_file: dict = {}        # what environment_file's files say (the config reader reads them)
         self.hooks: dict = {}
         self.rlimits: dict = {}
         self.stdout_stream: dict = {}
@@ -1106,7 +1187,7 @@ class WatcherConfig:
 
     def key(self):
         """Everything that defines this watcher, for reloadconfig diffs."""
-        return json.dumps([self.options, self.env, self.hooks, self.rlimits,
+        return json.dumps([self.options, self.env, self.env_file, self.hooks, self.rlimits,
                            self.stdout_stream, self.stderr_stream, self.free],
                           sort_keys=True, default=str)
 
@@ -1663,16 +1744,7 @@ def _open_link(dir_fd: int, name: str, flags: int, path: str, mode, hops) -> int
     """The file symlink ``name`` points to, for root: only a link root owns is followed
     (``/dev/stdout``, an admin's link), its target walked the same safe way; /proc's own
     links (``/proc/self/fd/1``) are left to the kernel."""
-    import stat
-    lfd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-    try:
-        st = os.fstat(lfd)
-        target = os.readlink("", dir_fd=lfd) if stat.S_ISLNK(st.st_mode) else None
-    finally:
-        os.close(lfd)
-    if target is None or st.st_uid != 0 or hops >= 8:
-        raise OSError(errno.ELOOP, "a symlink%s, which the daemon does not write through: name "
-                      "the real file" % (" owned by uid %d" % st.st_uid if st.st_uid else ""), path)
+    target = _root_link(dir_fd, name, path, hops, "write")
     if os.fstat(dir_fd).st_dev == os.stat("/proc").st_dev:
         try:
             return _writable(os.open(name, flags, mode, dir_fd=dir_fd), path)
@@ -1684,6 +1756,79 @@ def _open_link(dir_fd: int, name: str, flags: int, path: str, mode, hops) -> int
         return _open_in(d, os.path.basename(target), flags, full, mode, hops + 1)
     finally:
         os.close(d)
+
+
+def _root_link(dir_fd: int, name: str, path: str, hops: int, use: str) -> str:
+    """The target of symlink ``name`` in ``dir_fd``, which root may follow only when root
+    owns the link, 8 hops at most; else an ELOOP error naming ``path``."""
+    import stat
+    lfd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        st = os.fstat(lfd)
+        target = os.readlink("", dir_fd=lfd) if stat.S_ISLNK(st.st_mode) else None
+    finally:
+        os.close(lfd)
+    if target is None or st.st_uid != 0 or hops >= 8:
+        raise OSError(errno.ELOOP, "a symlink%s, which the daemon does not %s through: name "
+                      "the real file" % (" owned by uid %d" % st.st_uid if st.st_uid else "", use), path)
+    return target
+
+
+#: The most an environment_file may hold (it is read into every spawn's environment).
+ENV_FILE_MAX = 1024 * 1024
+
+
+def read_small_file(path: str, limit: int, hops=0) -> bytes:
+    """A regular file's bytes, at most ``limit``, read the way a root daemon must read a
+    file others may control: folders walked by _open_folder, the file opened without
+    following a symlink another user made, never a FIFO or device (no blocking open)."""
+    import stat
+    folder, name = os.path.split(path)
+    d = _open_folder(folder or ".")
+    try:
+        root = os.geteuid() == 0
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (os.O_NOFOLLOW if root else 0),
+                         dir_fd=d)
+        except OSError as e:
+            if e.errno != errno.ELOOP or not root:
+                raise type(e)(e.errno, e.strerror, path) from None
+            target = _root_link(d, name, path, hops, "read")
+            return read_small_file(os.path.join(folder, target), limit, hops + 1)
+    finally:
+        os.close(d)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", path)
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(limit + 1)
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise OSError(errno.EFBIG, "larger than %s" % human_size(limit), path)
+    return data
+
+
+def read_env_files(spec: str, base: str) -> dict:
+    """The variables of environment_file ``spec`` (see _env_file_spec), later files winning;
+    a relative path is taken from folder ``base``. ValueError ``file[:line]: why``."""
+    env: dict = {}
+    for item in (spec or "").split(","):
+        item = item.strip()
+        optional = item.startswith("-")
+        path = os.path.join(base, os.path.expanduser(item.lstrip("-").strip()))
+        try:
+            text = read_small_file(path, ENV_FILE_MAX).decode("utf-8")
+        except FileNotFoundError:
+            if optional:
+                continue
+            raise ValueError("%s: no such file (a leading '-' makes it optional: -%s)" % (path, item)) from None
+        except OSError as e:
+            raise ValueError(os_error_text(e)) from None
+        except UnicodeDecodeError as e:
+            raise ValueError("%s: not UTF-8 text (%s)" % (path, e.reason)) from None
+        env.update(parse_env_file(text, path))
+    return env
 
 
 def open_log(path: str) -> int:
@@ -2180,6 +2325,16 @@ def parse_sv_environment(text: str, where) -> dict:
         pos = n - len(rest) + (1 if rest else 0)
 
 
+def env_file_values(reader, section: str, spec) -> dict:
+    """What a section's environment_file ``spec`` sets (relative paths: from the folder of
+    the file holding the key); a problem is a ConfigError naming both files' lines."""
+    if not spec:
+        return {}
+    w = reader.ini.where(section, "environment_file")
+    base = os.path.dirname(os.path.abspath(w.file if w.file not in (None, "?") else reader.cfg.path or "."))
+    return reader.conv(section, "environment_file", spec, lambda s: read_env_files(_env_file_spec(s), base))
+
+
 def parse_byte_size(value) -> int:
     m = re.fullmatch(r"\s*(\d+)\s*(KB|MB|GB)?\s*", str(value), re.IGNORECASE)
     if not m:
@@ -2194,7 +2349,8 @@ _SV_LOGLEVELS = {"critical": "critical", "error": "error", "warn": "warning", "i
 _SV_PROGRAM_KEYS = {
     "command", "process_name", "numprocs", "numprocs_start", "priority", "autostart", "startsecs",
     "startretries", "autorestart", "exitcodes", "stopsignal", "stopwaitsecs", "stopasgroup",
-    "killasgroup", "user", "redirect_stderr", "environment", "directory", "umask", "serverurl",
+    "killasgroup", "user", "redirect_stderr", "environment", "environment_file", "backoff_max",
+    "directory", "umask", "serverurl",
     "stdout_logfile", "stdout_logfile_maxbytes", "stdout_logfile_backups", "stdout_capture_maxbytes",
     "stdout_events_enabled", "stdout_syslog", "stderr_logfile", "stderr_logfile_maxbytes",
     "stderr_logfile_backups", "stderr_capture_maxbytes", "stderr_events_enabled", "stderr_syslog",
@@ -2253,6 +2409,7 @@ _SV_PLAIN_KEYS = {
     "stopsignal": ("TERM", to_signum, "stop_signal"),
     "stopwaitsecs": ("10", _seconds, "graceful_timeout"),
     "redirect_stderr": ("false", to_bool, "redirect_stderr"),
+    "backoff_max": (None, WATCHER_OPTIONS["backoff_max"][0], "backoff_max"),
 }
 
 
@@ -2429,7 +2586,7 @@ class _SvProgram:
     def _options(self) -> dict:
         """The watcher options every process of the program shares."""
         startsecs = self.conv("startsecs", self.get("startsecs", "1"), _count)
-        startretries = self.conv("startretries", self.get("startretries", "3"), _count)
+        startretries = self.conv("startretries", self.get("startretries", "3"), ranged(to_int, -1))
         stopasgroup = self.conv("stopasgroup", self.get("stopasgroup", "false"), to_bool)
         killasgroup = self.conv("killasgroup", self.get("killasgroup", str(stopasgroup)), to_bool)
         if stopasgroup and not killasgroup:
@@ -2439,7 +2596,8 @@ class _SvProgram:
         prio = self.conv("priority", self.get("priority", "-1" if self.listener else "999"), _priority)
         common = {
             # Supervisor starts the lowest priority first, Circus the highest: negate
-            "priority": -prio, "startsecs": startsecs, "max_retry": max(startretries + 1, 1),
+            # startretries = -1: retry forever (max_retry = -1)
+            "priority": -prio, "startsecs": startsecs, "max_retry": startretries + 1 or -1,
             "stopasgroup": stopasgroup, "killasgroup": killasgroup,
             "copy_env": True,       # Supervisor children inherit its environment
             "close_child_stdin": not self.fcgi,
@@ -2508,6 +2666,9 @@ class _SvProgram:
         env.update(self.r.sv_env)
         env.update(prog_env)
         wc.env = env
+        files = self.get("environment_file", names=per)
+        wc.set("environment_file", files)
+        wc.env_file = env_file_values(self.r, self.section, files)
         wc.group = gname
         wc.sv = self.sv or None
         if gprio is not None and gname != self.pname:
@@ -2778,6 +2939,7 @@ class _CircusReader(_Reader):
         for key, value in ini.items(name).items():
             self.conv(name, key, self._expand_option(key, value, wtable), lambda v, k=key: wc.set(k, v))
         wc.env = wenv           # the [env] sections win over an `env` key
+        wc.env_file = env_file_values(self, name, wc.options["environment_file"])
         cfg.warnings += _free_key_warnings(ini, name, wc)
         if not wc.options["cmd"]:
             wc.options["cmd"] = ""
@@ -3694,14 +3856,20 @@ def _is_crash(code: int) -> bool:
 _RESOURCE_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM)
 
 
-def _doubling(first: float, n: int) -> float:
-    """``first`` doubled n times, at most 5 s (n is capped: no float overflow)."""
-    return min(first * 2 ** min(n, 10), 5.0)
+def _doubling(first: float, n: int, cap=5.0) -> float:
+    """``first`` doubled n times, at most ``cap`` s (n is capped: no float overflow)."""
+    return min(first * 2 ** min(n, 40), cap)
 
 
-def _backoff(failures: int) -> float:
-    """Delay before retry n: 0 for the first, then 0.1 s doubling up to 5 s."""
-    return 0.0 if failures <= 1 else _doubling(0.1, failures - 2)
+def _backoff(failures: int, cap=5.0) -> float:
+    """Delay before retry n: 0 for the first, then 0.1 s doubling up to ``cap``."""
+    return 0.0 if failures <= 1 else _doubling(0.1, failures - 2, cap)
+
+
+#: Retrying forever (max_retry / startretries = -1) without backoff_max: the longest delay
+#: (Supervisor's 1, 2, 3 s... would grow without end), and the most failed starts counted.
+_FOREVER_CAP = 60.0
+_FOREVER_COUNT = 1000
 
 
 class Flapping:
@@ -3753,10 +3921,12 @@ class Flapping:
 
 
 class Clock:
-    """The time and timers of a restart policy: the wall clock and the event loop's
-    timers. Unit tests pass a fake one that they move forward by hand."""
+    """The time, timers and randomness (backoff jitter) of a restart policy: the wall
+    clock, the event loop's timers, ``random.random``. Unit tests pass a fake one that
+    they move forward by hand."""
 
     time = staticmethod(time.time)
+    random = staticmethod(__import__("random").random)
 
     @staticmethod
     def call_later(delay: float, callback):
@@ -3874,22 +4044,34 @@ class RestartPolicy:
             self._respawn_in(0)
 
     def _retry_delay(self) -> float:
-        """Circus watchers retry soon: 0, then 0.1 s doubling up to 5 s."""
-        return _backoff(self.failures)
+        """Circus watchers retry soon: 0, then 0.1 s doubling up to 5 s (up to backoff_max
+        when set)."""
+        return _backoff(self.failures, self.w.conf.options["backoff_max"] or 5.0)
 
     def _failed_start(self) -> None:
         if self.stop_pending:
             return          # already given up: the stop is on its way
-        self.failures += 1
-        self.w._enter(shown=ProcState.BACKOFF)
         limit = self.w.conf.options["max_retry"]
+        # retrying forever (-1): the count stops growing where the delay no longer does
+        self.failures = self.failures + 1 if limit >= 0 else min(self.failures + 1, _FOREVER_COUNT)
+        self.w._enter(shown=ProcState.BACKOFF)
         if limit >= 0 and self.failures >= max(limit, 1):
             # speak the file's own key: a Supervisor program counts retries after the first start
             key = "startretries = %d" % (limit - 1) if self.w.conf.group is not None else \
                 "max_retry = %d" % limit
             self.give_up("%d failed starts in a row (%s); last: %s" % (self.failures, key, self.w.last_error))
             return
-        self._respawn_in(self._retry_delay())
+        self._respawn_in(self._capped(self._retry_delay()))
+
+    def _capped(self, delay: float) -> float:
+        """backoff_max, when set, caps the delay, and a random 0-20 % is taken off it (so
+        watchers failing together spread out, and the cap is never passed); without it a
+        Supervisor program retrying forever stops growing at _FOREVER_CAP."""
+        cap = self.w.conf.options["backoff_max"]
+        if cap is None:
+            forever = self.w.conf.options["max_retry"] < 0
+            return min(delay, _FOREVER_CAP) if forever else delay
+        return min(delay, cap) * (1.0 - 0.2 * self.clock.random())
 
     def _short_of_resources(self) -> None:
         """EMFILE, EAGAIN from fork...: the host's trouble, not the program's. Keep what
@@ -4081,6 +4263,7 @@ class Launcher:
         env = dict(os.environ) if o["copy_env"] else {}
         if o["copy_path"]:
             env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        env.update(self.w.conf.env_file)       # environment_file: over the inherited environment
         env.update(self.w.conf.env)
         if o["virtualenv"]:
             venv = o["virtualenv"]
@@ -5675,7 +5858,7 @@ def _waiting(props) -> bool:
 _OPTION_OBJECTS = ("env", "hooks", "rlimits", "stdout_stream", "stderr_stream", "retry_in")
 _OPTION_PREFIXES = ("stdout_stream.", "stderr_stream.", "hooks.", "rlimit_")
 #: Fixed when a watcher is made: `add` and `set` refuse them (Circus's rule).
-_FIXED_KEYS = ("priority", "use_sockets", "on_demand", "autostart")
+_FIXED_KEYS = ("priority", "use_sockets", "on_demand", "autostart", "environment_file")
 
 
 def _check_option_name(key, w=None) -> None:
@@ -10170,7 +10353,7 @@ class SvRpc:
                 "group_prio": gprio, "inuse": inuse, "killasgroup": bool(o.get("killasgroup")),
                 "name": self.proc_name(w), "process_prio": -(o.get("priority") or 0),
                 "redirect_stderr": bool(o.get("redirect_stderr")),
-                "startretries": max((o.get("max_retry") or 1) - 1, 0), "startsecs": o.get("startsecs") or 0,
+                "startretries": max((o.get("max_retry") or 1) - 1, -1), "startsecs": o.get("startsecs") or 0,
                 "stopsignal": int(o.get("stop_signal") or 15),
                 "stopwaitsecs": int(o.get("graceful_timeout") or 0),
                 "serverurl": "none"}       # (supervisord sends its None values as "none")

@@ -264,6 +264,8 @@ _LONG_PATH = "/tmp/" + "d" * 120 + ".sock"
     ("[watcher:a]\ncmd = x\nready_timeout = inf\n", 3, "is not a finite number"),
     ("[watcher:a]\ncmd = x\nwarmup_delay = -2\n", 3, "warmup_delay: -2"),
     ("[watcher:a]\ncmd = x\nmax_retry = -2\n", 3, "max_retry: -2 is out of range (use -1 or more)"),
+    ("[watcher:a]\ncmd = x\nbackoff_max = 0\n", 3, "backoff_max: 0 is out of range (use 0.1 or more)"),
+    ("[watcher:a]\ncmd = x\nenvironment_file = a.env, -\n", 3, "environment_file: 'a.env, -': an empty path"),
     ("[watcher:a]\ncmd = x\npriority = 99999999999\n", 3, "priority: 99999999999 is out of range"),
     ("[watcher:a]\ncmd = x\nmax_age = -1\n", 3, "max_age: -1"),
     ("[watcher:a]\ncmd = x\nmax_age_variance = -1\n", 3, "max_age_variance: -1"),
@@ -313,7 +315,8 @@ _LONG_PATH = "/tmp/" + "d" * 120 + ".sock"
     ("[program:p]\ncommand = x\nnumprocs = 20000\nprocess_name = p%(process_num)d\n", 3,
      "above max_processes"),
     ("[program:p]\ncommand = x\nstopwaitsecs = -1\n", 3, "stopwaitsecs: -1"),
-    ("[program:p]\ncommand = x\nstartretries = -1\n", 3, "startretries: -1"),
+    ("[program:p]\ncommand = x\nstartretries = -2\n", 3, "startretries: -2 is out of range (use -1 or more)"),
+    ("[program:p]\ncommand = x\nbackoff_max = nan\n", 3, "backoff_max: 'nan' is not a finite number"),
     ("[program:p]\ncommand = x\npriority = 1%s\n" % ("0" * 20), 3, "priority"),
     ("[program:p]\ncommand = x\nstdout_logfile_backups = -1\n", 3, "stdout_logfile_backups: -1"),
     ("[fcgi-program:f]\ncommand = x\nsocket = tcp://127.0.0.1:70000\n", 3, "socket: 70000"),
@@ -3501,6 +3504,97 @@ def test_e2e_reloadconfig_never_removes_a_watcher_for_a_file_with_errors(daemon)
     assert r["status"] == "error" and "c.ini:6 [watcher:keep]: hook 'nosuch_mod_f.fn'" in r["reason"], r
     assert d.pids("keep") == keep and d.ctl("list").stdout == "base,keep\n"
     assert "Traceback" not in d.log.read_text()
+
+def test_environment_file_parser_quotes_export_comments_and_errors():
+    """Issue 18 item 5: systemd's EnvironmentFile= syntax, docker-compose's trailing comments."""
+    text = ('# a comment\n\nexport A=1\n  B = two words  # a comment\nC=a#b\n'
+            'D="q \\"x\\" \\\\ \\$y \\n"  # after the quote\nE=\'lit \\n $x\'\n'
+            'F="two\nlines"\nG=\nH=""\r\nexport_x=3\n')
+    assert circus.parse_env_file(text, "e.env") == {
+        "A": "1", "B": "two words", "C": "a#b", "D": 'q "x" \\ $y \\n', "E": "lit \\n $x",
+        "F": "two\nlines", "G": "", "H": "", "export_x": "3"}
+    for bad, why in [("A=1\nJUNK\n", "e.env:2: 'JUNK' has no '='"),
+                     ("A=1\n\n1X=2\n", "e.env:3: '1X' is not a variable name"),
+                     ("A=1\nB='open\n", "e.env:2: the ' quote of B's value is never closed"),
+                     ('A="x\ny" z\n', "e.env:1: 'z' after the closing quote of A's value"),
+                     ("A=\0\n", "e.env: holds a NUL byte")]:
+        with pytest.raises(ValueError) as e:
+            circus.parse_env_file(bad, "e.env")
+        assert str(e.value).startswith(why), e.value
+
+
+def test_environment_file_config_errors_and_optional_files(tmp_path):
+    """Later files win; `-PATH` may be missing; a missing file or a bad line is one line
+    naming the config's file:line and the env file's; both formats."""
+    (tmp_path / "one.env").write_text("A=one\nB=one\n")
+    (tmp_path / "two.env").write_text("B=two\n")
+    conf = write(tmp_path / "c.ini", "[watcher:w]\ncmd = x\nenvironment_file = one.env, two.env, "
+                 "-nope.env\n[program:p]\ncommand = x\nenvironment_file = %(here)s/two.env\n"
+                 "environment = B=prog\n")
+    w, p = circus.load_config(conf).watchers
+    assert w.env_file == {"A": "one", "B": "two"} and p.env_file == {"B": "two"}
+    assert p.env["B"] == "prog"             # environment= is applied over the file
+    for body, why in [("[watcher:w]\ncmd = x\nenvironment_file = nope.env\n",
+                       "c.ini:3 [watcher:w] environment_file: %s: no such file (a leading '-' "
+                       "makes it optional: -nope.env)" % (tmp_path / "nope.env")),
+                      ("[program:p]\ncommand = x\nenvironment_file = bad.env\n",
+                       "c.ini:3 [program:p] environment_file: %s:2: 'oops' has no '='" % (tmp_path / "bad.env"))]:
+        (tmp_path / "bad.env").write_text("A=1\noops\n")
+        write(tmp_path / "c.ini", body)
+        with pytest.raises(circus.ConfigError) as e:
+            circus.load_config(conf)
+        assert why in str(e.value), e.value
+    # ctl add / set cannot point the root daemon at a file: the config file's key only
+    assert "environment_file" in circus._FIXED_KEYS
+
+
+def test_environment_file_as_root_never_reads_through_a_users_symlink(hostile_folder):
+    logs, secret, victim = hostile_folder
+    victim.write_text("SECRET=1\n")
+    _plant(logs / "app.env", victim)
+    with pytest.raises(ValueError, match="a symlink owned by uid 54321, which the daemon does not read"):
+        circus.read_env_files("app.env", str(logs))
+    os.mkfifo(str(logs / "fifo.env"))       # never a blocking open
+    with pytest.raises(ValueError, match="not a regular file"):
+        circus.read_env_files("fifo.env", str(logs))
+    (logs / "big.env").write_bytes(b"A=" + b"x" * circus.ENV_FILE_MAX)
+    with pytest.raises(ValueError, match="larger than"):
+        circus.read_env_files("big.env", str(logs))
+    os.symlink(str(victim), str(logs / "root.env"))        # root's own link is followed
+    assert circus.read_env_files(str(logs / "root.env"), "/") == {"SECRET": "1"}
+
+
+def test_e2e_environment_file_precedence_and_reloadconfig(daemon, shortdir):
+    """Issue 18 item 5: inherited < file 1 < file 2 < [env:w], seen in the process; a changed
+    file restarts that watcher only; a broken one is an error reply and changes nothing."""
+    root = pathlib.Path(shortdir)
+    (root / "one.env").write_text("A=one\nB=one\nC=one\n")
+    (root / "two.env").write_text("export B='two'\nC=two\n")
+    d = daemon("""
+        [watcher:w]
+        cmd = sleep 120
+        copy_env = true
+        environment_file = one.env, two.env, -missing.env
+        [env:w]
+        C = section
+        [watcher:other]
+        cmd = sleep 120
+        """, start=False)
+    d.start(env=dict(os.environ, PWD=shortdir, A="inherited", D="inherited"))
+    pid, other = d.pids("w"), d.pids("other")
+    env = psutil.Process(pid[0]).environ()
+    assert [env.get(k) for k in "ABCD"] == ["one", "two", "section", "inherited"], env
+    (root / "two.env").write_text("B=changed\n")
+    assert d.call("reloadconfig", waiting=True)["status"] == "ok"
+    new = d.pids("w")
+    assert new != pid and d.pids("other") == other
+    assert psutil.Process(new[0]).environ()["B"] == "changed"
+    (root / "two.env").write_text("B=changed\nbroken line\n")
+    r = d.call("reloadconfig", waiting=True)
+    assert r["status"] == "error" and "c.ini:8 [watcher:w] environment_file: %s:2: 'broken line' " \
+        "has no '='" % (root / "two.env") in r["reason"], r
+    assert d.pids("w") == new
+
 
 def test_e2e_quit_leaves_nothing(daemon):
     d = daemon("[watcher:w]\ncmd = sleep 120\nnumprocesses = 5\n")
@@ -7499,6 +7593,50 @@ def test_set_startsecs_during_a_backoff_keeps_respawning():
     _exited(w, clock, 3, 0.2, state=circus.ProcState.BACKOFF)      # died while STARTING
     clock.advance(10)
     assert [what for what, _ in w.done] == ["top_up", "top_up"] and w.policy.failures == 2
+
+
+def test_backoff_max_caps_the_growing_delay_with_jitter():
+    """Issue 18 item 6: backoff_max caps the delay between failed starts (either policy),
+    less a random 0-20 % (the clock's random source); without it, today's delays."""
+    for random, factor in ((lambda: 0.0, 1.0), (lambda: 0.999, 0.8002)):
+        clock = FakeClock(1000.0)
+        clock.random = random
+        w = _policy_watcher(clock, max_retry=20, backoff_max=1.5)
+        for _ in range(8):
+            _exited(w, clock, 1, 0.01)
+            clock.advance(10)
+        want = [0.0, 0.1, 0.2, 0.4, 0.8, 1.5, 1.5, 1.5]
+        assert clock.delays == pytest.approx([x * factor for x in want], abs=1e-3)
+    clock = FakeClock(1000.0)
+    clock.random = iter([0.0, 0.5, 0.999] * 2).__next__
+    w = _policy_watcher(clock, startsecs=1, max_retry=20, backoff_max=3)
+    for _ in range(6):                  # Supervisor's 1, 2, 3, 4... s, capped at 3 s, jittered
+        _exited(w, clock, 3, 0.2, state=circus.ProcState.BACKOFF)
+        clock.advance(10)
+    assert clock.delays == pytest.approx([1.0, 1.8, 2.4, 3.0, 2.7, 2.4], abs=1e-2)
+    assert all(0.8 * min(n, 3) - 1e-9 <= t <= min(n, 3) for n, t in enumerate(clock.delays, 1))
+    clock = FakeClock(1000.0)
+    w = _policy_watcher(clock, max_retry=20)        # no backoff_max: no jitter, 5 s cap
+    for _ in range(10):
+        _exited(w, clock, 1, 0.01)
+        clock.advance(10)
+    assert clock.delays[-1] == 5.0 and clock.delays[:3] == [0.0, 0.1, 0.2]
+
+
+def test_retry_forever_with_minus_one_in_both_formats(tmp_path):
+    """max_retry = -1 and startretries = -1 never give up; the count and delay stop growing."""
+    conf = write(tmp_path / "c.ini", "[program:p]\ncommand = x\nstartretries = -1\n")
+    wc = circus.load_config(conf).watchers[0]
+    assert wc.options["max_retry"] == -1
+    for options, state, top in (({"max_retry": -1}, circus.ProcState.EXITED, 5.0),
+                                (wc.options, circus.ProcState.BACKOFF, circus._FOREVER_CAP)):
+        clock = FakeClock(1000.0)
+        w = _policy_watcher(clock, **{k: v for k, v in options.items() if k in ("max_retry", "startsecs")})
+        for _ in range(circus._FOREVER_COUNT + 50):
+            _exited(w, clock, 3, 0.2, state=state)
+            clock.advance(100)
+        assert all(what == "top_up" for what, _ in w.done) and len(w.done) == circus._FOREVER_COUNT + 50
+        assert w.policy.failures == circus._FOREVER_COUNT and max(clock.delays) == clock.delays[-1] == top
 
 
 def test_flapping_retry_is_armed_on_the_clock():
