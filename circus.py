@@ -782,7 +782,7 @@ def _cron_value(text, field) -> int:
     name, lo, hi, names = field
     if text.lower() in names:
         return names.index(text.lower()) + lo
-    if not text.isdigit():
+    if not text.isdecimal():
         raise ValueError("%s field %r is not a number%s" % (
             name, text, " or a name (%s-%s)" % (names[0], names[-1]) if names else ""))
     if not lo <= int(text) <= hi:
@@ -796,7 +796,7 @@ def _cron_field(text, field) -> set:
     out = set()
     for part in text.split(","):
         span, _, step = part.partition("/")
-        if step and not (step.isdigit() and int(step) > 0):
+        if step and not (step.isdecimal() and int(step) > 0):
             raise ValueError("%s field %r: the step after '/' must be a number of 1 or more" % (name, part))
         if span == "*":
             first, last = lo, (6 if name == "day-of-week" else hi)     # 7 is Sunday again
