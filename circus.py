@@ -841,6 +841,101 @@ def _args(value):
     return str(value)
 
 
+# -- cron schedules: `cron` and `restart_cron` -------------------------------------
+
+_CRON_MONTHS = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
+_CRON_DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
+#: The five fields: name, lowest and highest value, names (the first one is `lowest`).
+_CRON_FIELDS = (("minute", 0, 59, ()), ("hour", 0, 23, ()), ("day-of-month", 1, 31, ()),
+                ("month", 1, 12, _CRON_MONTHS), ("day-of-week", 0, 7, _CRON_DAYS))
+_CRON_ALIASES = {"@hourly": "0 * * * *", "@daily": "0 0 * * *", "@midnight": "0 0 * * *",
+                 "@weekly": "0 0 * * 0", "@monthly": "0 0 1 * *", "@yearly": "0 0 1 1 *",
+                 "@annually": "0 0 1 1 *"}
+_MONTH_DAYS = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
+
+
+def _cron_value(text, field) -> int:
+    name, lo, hi, names = field
+    if text.lower() in names:
+        return names.index(text.lower()) + lo
+    if not text.isdecimal():
+        raise ValueError("%s field %r is not a number%s" % (
+            name, text, " or a name (%s-%s)" % (names[0], names[-1]) if names else ""))
+    if not lo <= int(text) <= hi:
+        raise ValueError("%s field '%s' out of range %d-%d" % (name, text, lo, hi))
+    return int(text)
+
+
+def _cron_field(text, field) -> set:
+    """One field's values: `*`, N, A-B, with /STEP (N/STEP: N to the highest), lists of them."""
+    name, lo, hi = field[:3]
+    out = set()
+    for part in text.split(","):
+        span, _, step = part.partition("/")
+        if step and not (step.isdecimal() and int(step) > 0):
+            raise ValueError("%s field %r: the step after '/' must be a number of 1 or more" % (name, part))
+        if span == "*":
+            first, last = lo, (6 if name == "day-of-week" else hi)     # 7 is Sunday again
+        elif "-" in span:
+            first, last = (_cron_value(v, field) for v in span.split("-", 1))
+            if first > last:
+                raise ValueError("%s field %r: the range goes backwards" % (name, part))
+        else:
+            first = _cron_value(span, field)
+            last = hi if step else first
+        out.update(range(first, last + 1, int(step or 1)))
+    return out
+
+
+class CronSpec:
+    """A cron schedule, ``MIN HOUR DOM MON DOW`` (or @daily...), parsed; ValueError names
+    the bad field. Days follow cron's rule: when both day fields are restricted (neither
+    starts with `*`), a day matches if either does; else it must match both."""
+
+    def __init__(self, text: str):
+        words = _CRON_ALIASES.get(text.strip().lower(), text).split()
+        if len(words) != 5:
+            raise ValueError("%r has %d fields: use MIN HOUR DOM MON DOW (e.g. '30 3 * * *' for "
+                             "03:30 every day) or @hourly/@daily/@weekly/@monthly/@yearly"
+                             % (text, len(words)))
+        fields = [_cron_field(w, f) for w, f in zip(words, _CRON_FIELDS)]
+        self.minutes, self.hours = sorted(fields[0]), sorted(fields[1])
+        self.doms, self.months = fields[2], fields[3]
+        self.dows = {d % 7 for d in fields[4]}
+        self.either_day = not words[2].startswith("*") and not words[4].startswith("*")
+        if not self.either_day and not any(d <= _MONTH_DAYS[m - 1] for m in self.months for d in self.doms):
+            raise ValueError("%r never runs: no month chosen has that day" % text)
+
+    def day_matches(self, day) -> bool:
+        dom, dow = day.day in self.doms, day.isoweekday() % 7 in self.dows
+        return (dom or dow) if self.either_day else (dom and dow)
+
+    def next_after(self, when):
+        """The first matching minute after ``when`` (naive local datetimes); None if
+        none within 9 years (only a 29 February can be that far)."""
+        import datetime as dt
+        start = when.replace(second=0, microsecond=0) + dt.timedelta(minutes=1)
+        day = start.date()
+        for _ in range(9 * 366):
+            if day.month in self.months and self.day_matches(day):
+                for h in self.hours:
+                    for m in self.minutes:
+                        cand = dt.datetime(day.year, day.month, day.day, h, m)
+                        if cand >= start:
+                            return cand
+            day += dt.timedelta(days=1)
+        return None
+
+
+def _cron(value):
+    """A cron schedule, checked; kept as its text (None: none)."""
+    if value is None or str(value).strip() == "":
+        return None
+    text = " ".join(str(value).split())
+    CronSpec(text)
+    return text
+
+
 #: Watcher options: name -> (converter, default). One table serves the INI
 #: parser, `add`, `set`, `options` and `get`.
 WATCHER_OPTIONS = {
@@ -880,6 +975,9 @@ WATCHER_OPTIONS = {
     "virtualenv_py_ver": (_str_or_none, None),
     "stdin_socket": (_str_or_none, None),
     "check_flapping": (to_bool, True),
+    # schedules (local time): cron starts it at each match (not at boot), restart_cron restarts it
+    "cron": (_cron, None),
+    "restart_cron": (_cron, None),
     # signal for the processes if the daemon dies (Linux): default stop_signal, "none" opts out
     "parent_death_signal": (lambda v: None if v is None else _death_signal(v), None),
     # readiness: "notify" (sd_notify READY=1), "listen" (a listening socket of its own) or
@@ -1158,6 +1256,11 @@ class WatcherConfig:
         if isinstance(o["ready"], float) and o["ready"] >= o["ready_timeout"]:
             raise ValueError("ready = %g can never happen within ready_timeout = %g: raise "
                              "ready_timeout" % (o["ready"], o["ready_timeout"]))
+        if o["cron"] and o["restart_cron"]:
+            err = ValueError("cron and restart_cron exclude each other: cron runs a task on schedule, "
+                             "restart_cron restarts a long-running watcher")
+            err.key = "restart_cron"
+            raise err
         self._check_spawnable()
         for which in ("stdout_stream", "stderr_stream"):
             conf = getattr(self, which)
@@ -1165,6 +1268,11 @@ class WatcherConfig:
                 raise ValueError("%s.* needs %s.class (e.g. FileStream) or %s.filename"
                                  % (which, which, which))
         return self
+
+    @property
+    def starts_at_boot(self) -> bool:
+        """autostart, unless a `cron` schedule starts it."""
+        return self.options["autostart"] and not self.options["cron"]
 
     def _check_spawnable(self):
         """What every spawn would trip on (an open quote, a NUL in env): an error now, not a
@@ -2356,6 +2464,8 @@ _SV_PROGRAM_KEYS = {
     "stderr_logfile_backups", "stderr_capture_maxbytes", "stderr_events_enabled", "stderr_syslog",
     # fcgi-program
     "socket", "socket_backlog", "socket_owner", "socket_mode",
+    # circus.py's own: schedules
+    "cron", "restart_cron",
 }
 _SV_LISTENER_KEYS = {"events", "buffer_size", "result_handler"}
 #: Keys read once per section (no %(process_num)); the others are per process.
@@ -2363,7 +2473,7 @@ _SV_PER_SECTION = {"priority", "autostart", "autorestart", "startsecs", "startre
                    "stopwaitsecs", "stopasgroup", "killasgroup", "exitcodes", "redirect_stderr",
                    "numprocs", "numprocs_start", "user", "umask", "serverurl",
                    "stdout_capture_maxbytes", "stderr_capture_maxbytes", "stdout_events_enabled",
-                   "stderr_events_enabled"}
+                   "stderr_events_enabled", "cron", "restart_cron"}
 def _sv_path(value) -> str:
     return os.path.abspath(os.path.expanduser(value))
 
@@ -2410,6 +2520,8 @@ _SV_PLAIN_KEYS = {
     "stopwaitsecs": ("10", _seconds, "graceful_timeout"),
     "redirect_stderr": ("false", to_bool, "redirect_stderr"),
     "backoff_max": (None, WATCHER_OPTIONS["backoff_max"][0], "backoff_max"),
+    "cron": (None, _cron, "cron"),
+    "restart_cron": (None, _cron, "restart_cron"),
 }
 
 
@@ -3938,6 +4050,99 @@ class Clock:
 CLOCK = Clock()
 
 
+def local_minute(epoch: float, tz=None):
+    """The local wall-clock time of ``epoch`` as a naive datetime (``tz``: a tzinfo such
+    as zoneinfo's; None: the system's zone, $TZ)."""
+    import datetime as dt
+    return dt.datetime.fromtimestamp(epoch, tz).replace(tzinfo=None)
+
+
+def wall_epoch(when, tz=None, not_before=None) -> float:
+    """When local wall-clock time ``when`` (naive) comes. A time the clocks skip (spring
+    forward) comes at the first minute after the gap; one they pass twice (fall back) at
+    its first pass, or its second if the first is before ``not_before``."""
+    import datetime as dt
+    first = when.replace(tzinfo=tz, fold=0).timestamp()
+    t = when
+    for _ in range(3 * 24 * 60):       # a gap: the first minute that exists (gaps are < a day)
+        at = t.replace(tzinfo=tz, fold=0).timestamp()
+        if local_minute(at, tz) == t:
+            break
+        t += dt.timedelta(minutes=1)
+    if t != when:
+        return at
+    if not_before is not None and first < not_before:
+        return max(first, when.replace(tzinfo=tz, fold=1).timestamp())
+    return first
+
+
+#: The longest a schedule's timer sleeps before it reads the wall clock again: a clock
+#: set forward, or a machine that slept, is noticed within this.
+SCHEDULE_RECHECK = 3600.0
+
+
+class Schedule:
+    """Calls ``action()`` at each local minute a cron spec matches (``cron`` and
+    ``restart_cron``).
+
+    The next run is a local wall-clock minute; one event-loop (monotonic) timer waits for
+    it, and on waking the wall clock is read again: still early (the clock went back)
+    waits again; a minute already run never runs again (the last one is remembered);
+    late (the clock jumped forward, the machine slept) runs once, then goes on from
+    now, without making up the runs in between. See wall_epoch for DST.
+    """
+
+    def __init__(self, spec: str, action, kind="cron", clock=None, tz=None):
+        self.spec = CronSpec(spec)
+        self.kind = kind                # "cron" or "restart_cron", for status
+        self.action = action
+        self.clock = clock or CLOCK
+        self.tz = tz
+        self.last = None                # the local minute last run (naive datetime)
+        self.due = None                 # (local minute, epoch) of the next run
+        self._timer = None
+
+    def start(self) -> None:
+        if self._timer is None:
+            self._arm()
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.due = None
+
+    def next_run(self) -> str | None:
+        """The next run as an ISO 8601 local time with its UTC offset, or None."""
+        import datetime as dt
+        if self.due is None:
+            return None
+        return dt.datetime.fromtimestamp(self.due[1], self.tz).astimezone(self.tz).isoformat(timespec="seconds")
+
+    def _arm(self) -> None:
+        now = self.clock.time()
+        after = local_minute(now, self.tz)
+        if self.last is not None and self.last > after:     # the clock went back
+            after = self.last
+        minute = self.spec.next_after(after)
+        if minute is None:
+            self.due = None
+            return
+        self.due = (minute, wall_epoch(minute, self.tz, now))
+        delay = min(max(self.due[1] - now, 0.001), SCHEDULE_RECHECK)
+        self._timer = self.clock.call_later(delay, self._wake)
+
+    def _wake(self) -> None:
+        self._timer = None
+        minute, at = self.due
+        if self.clock.time() >= at and (self.last is None or minute > self.last):
+            self.last = minute
+            try:
+                self.action()
+            except Exception:
+                _log().exception("scheduled %s failed", self.kind)
+        self._arm()
+
+
 class RestartPolicy:
     """What a watcher does when a spawn fails or one of its processes exits.
 
@@ -5267,6 +5472,7 @@ def snapshot_skeleton(arbiter) -> dict:
                    "flapping": bool(w.last_error and w.last_error.startswith("flapping")
                                     and w.state == ProcState.STOPPED),
                    "last_error": w.last_error or None,
+                   "next_run": arbiter.schedules[w].next_run() if w in arbiter.schedules else None,
                    "processes": [{"wid": p.wid, "pid": p.pid, "state": p.state, "started": p.started}
                                  for p in procs]})
     return {"time": time.time(), "watchers": ws,
@@ -6285,6 +6491,7 @@ def cmd_set(arb, props):
         await _locked(w, lambda: w.set_options(options))
         w.flapping = Flapping.from_settings(arb.flapping_plugin, w.conf.free)
         arb._watch_resources(w)
+        arb._schedule(w)
     return _none(run())
 
 
@@ -6296,7 +6503,18 @@ def _fmt_status(reply):
     if "statuses" in reply:
         st = reply["statuses"]
         return "\n".join("%s: %s" % (k, st[k]) for k in sorted(st))
+    if reply.get("next_run"):       # circus.py's own field: circusctl shows `status` alone
+        return "%s; next %s: %s (%s)" % (reply.get("status"), "restart" if reply["schedule"] == "restart_cron"
+                                         else "run", reply["next_run"][:16].replace("T", " "), reply["schedule"])
     return str(reply.get("status"))
+
+
+def _next_run(arb, w) -> dict:
+    """A scheduled watcher's next run (ISO local time) and which key set it."""
+    sched = arb.schedules.get(w)
+    if sched is None or sched.next_run() is None:
+        return {}
+    return {"next_run": sched.next_run(), "schedule": sched.kind}
 
 
 def _status_exit_code(reply) -> int:
@@ -6316,7 +6534,7 @@ def cmd_status(arb, props):
         found = _match(arb, props) if long else [_watcher(arb, props)]
         if long:
             return {"status": "ok", "processes": [r for w in found for r in process_rows(w)]}
-        return {"status": found[0].status}
+        return dict({"status": found[0].status}, **_next_run(arb, found[0]))
     if long:
         return {"processes": [r for w in arb.watchers for r in process_rows(w)]}
     return {"statuses": {w.name: w.status for w in arb.watchers}}
@@ -7176,6 +7394,7 @@ class Arbiter:
         self.flapping_plugin = None     # [plugin:x] use = ...Flapping settings: defaults for all
         self.plugin_runners: list = []
         self.watchdogs: dict = {}       # watcher -> Watchdog (watchers with max_rss / max_cpu)
+        self.schedules: dict = {}       # watcher -> Schedule (watchers with cron / restart_cron)
         self.plugin_limits: dict = {}   # watcher name -> limits from a ResourceWatcher section
         self.metrics_cache: dict = {}   # psutil objects of /metrics scrapes
         self.max_processes = 10000      # per watcher, for add/incr/set over the control channel
@@ -7249,6 +7468,41 @@ class Arbiter:
     def _prune_watchdogs(self):
         for w in [w for w in self.watchdogs if w not in self.watchers]:
             self.watchdogs.pop(w).stop()
+        for w in [w for w in self.schedules if w not in self.watchers]:
+            self.schedules.pop(w).stop()
+
+    def _schedule(self, w):
+        """(Re)arm the cron / restart_cron timer of ``w``; none once it is removed or has none."""
+        old = self.schedules.pop(w, None)
+        if old is not None:
+            old.stop()
+        o = w.conf.options
+        kind = "cron" if o["cron"] else "restart_cron"
+        if o[kind] and w in self.watchers:
+            s = self.schedules[w] = Schedule(o[kind], lambda: self._scheduled(w, kind), kind)
+            s.last = old.last if old is not None else None      # `set`: a minute still runs once
+            if self.loop is not None:
+                s.start()
+
+    def _scheduled(self, w, kind):
+        """The time came: ``cron`` starts ``w`` as `start NAME` does (not while a run is still
+        going: no stacking), ``restart_cron`` restarts it as `restart NAME` (not if stopped)."""
+        async def run():
+            if self.stopping or w not in self.watchers:
+                return
+            if kind == "restart_cron":
+                if w.state == ProcState.STOPPED:
+                    _log().info("watcher %s: restart_cron: stopped, left so", w.name)
+                    return
+                _log().info("watcher %s: restart_cron: restarting", w.name)
+                return await w.restart()
+            if w.state != ProcState.STOPPED and any(p.alive for p in w.processes.values()):
+                _log().warning("watcher %s: cron: the last run is still going; this run is skipped",
+                               w.name)
+                return
+            _log().info("watcher %s: cron: starting", w.name)
+            return await w.start()
+        self.loop.create_task(self._guarded(_locked(w, run)))
 
     def _make_watcher(self, spec) -> Watcher:
         if isinstance(spec, WatcherConfig):
@@ -7275,6 +7529,7 @@ class Arbiter:
         if self.loop is not None:
             w.lock = asyncio.Lock()
         self._watch_resources(w)
+        self._schedule(w)
 
     # -- lookups ---------------------------------------------------------------
     def get_watcher(self, name) -> Watcher:
@@ -7387,6 +7642,8 @@ class Arbiter:
             runner.start()
         for dog in self.watchdogs.values():
             dog.start(self.loop)
+        for sched in self.schedules.values():
+            sched.start()
         if self.config is not None and self.config.user:
             drop_privileges(self.config.user)       # after binding, as supervisord does
         if handle_signals:
@@ -7430,7 +7687,7 @@ class Arbiter:
         for w in ws:
             if self.stopping:           # a quit came in: it stops what did start
                 break
-            if names is not None or w.conf.options["autostart"]:
+            if names is not None or w.conf.starts_at_boot:
                 if names is None and w.conf.options["on_demand"] and self.on_demand.arm(w):
                     continue
                 async with w.lock:
@@ -7512,6 +7769,8 @@ class Arbiter:
             runner.stop()
         for dog in self.watchdogs.values():
             dog.stop()
+        for sched in self.schedules.values():
+            sched.stop()
         if self._log_handler is not None:
             _log().removeHandler(self._log_handler)
             self._log_handler = None
@@ -7586,6 +7845,7 @@ class Arbiter:
         """Detach a watcher; returns a coroutine that stops it (nothing with nostop)."""
         self.watchers.remove(w)
         self._watch_resources(w)
+        self._schedule(w)
         w._user_action(False)           # no flapping retry for a removed watcher
         self.emit("watcher.%s.remove" % w.topic_name, {"time": time.time()})
         if nostop:
@@ -7664,7 +7924,7 @@ class Arbiter:
         for w in fresh:
             self._attach(w)
             self.emit("watcher.%s.add" % w.topic_name, {"time": time.time()})
-        await self.start_watchers([w for w in fresh if w.conf.options["autostart"]])
+        await self.start_watchers([w for w in fresh if w.conf.starts_at_boot])
 
     def _take_globals(self, new: CircusConfig) -> None:
         old = self.config
@@ -10213,7 +10473,7 @@ class SvRpc:
             for w in fresh:
                 self.arb._attach(w)
                 self.arb.emit("watcher.%s.add" % w.topic_name, {"time": time.time()})
-            await self.arb.start_watchers([w for w in fresh if w.conf.options["autostart"]])
+            await self.arb.start_watchers([w for w in fresh if w.conf.starts_at_boot])
         return True
 
     async def removeProcessGroup(self, name):

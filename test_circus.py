@@ -7460,9 +7460,14 @@ class FakeClock:
     def __init__(self, now=None):
         self.now = time.time() if now is None else now
         self.timers, self.delays = [], []
+        self.skew = 0.0         # the wall clock set by hand: timers (monotonic) don't move
 
     def time(self):
-        return self.now
+        return self.now + self.skew
+
+    def jump(self, seconds):
+        """Set the wall clock ``seconds`` on (or back); the timers' clock goes on as it was."""
+        self.skew += seconds
 
     def call_later(self, delay, callback):
         self.delays.append(delay)
@@ -7659,6 +7664,183 @@ def test_flapping_retry_is_armed_on_the_clock():
     w.policy.user_action(False)         # a user's start or stop: the queued retry is void
     asyncio.run(w.done[-1][1]())
     assert w.status == "stopped"
+
+
+# -- schedules: cron and restart_cron (issue 18 item 4) --------------------------------
+
+def _zone(name):
+    """A zoneinfo zone for the DST tests, or a loud skip where tzdata is missing."""
+    try:
+        from zoneinfo import ZoneInfo
+        return ZoneInfo(name)
+    except Exception as e:          # no zoneinfo module, or no tzdata for it
+        pytest.skip("no time zone data for %s (%s): the DST tests need tzdata" % (name, e))
+
+
+def test_cron_spec_fields_names_ranges_steps_lists():
+    c = circus.CronSpec("*/15 9-17/4 1,15 JAN-mar,Dec mon-FRI")
+    assert c.minutes == [0, 15, 30, 45] and c.hours == [9, 13, 17]
+    assert c.doms == {1, 15} and c.months == {1, 2, 3, 12} and c.dows == {1, 2, 3, 4, 5}
+    assert circus.CronSpec("0 0 * * 7").dows == {0} == circus.CronSpec("0 0 * * sun").dows
+    assert circus.CronSpec("0 0 * * */2").dows == {0, 2, 4, 6}
+    assert circus.CronSpec("5/20 * * * *").minutes == [5, 25, 45]
+    assert circus.CronSpec("@daily").hours == [0] and circus.CronSpec("  1   2 * * * ").minutes == [1]
+
+
+def test_cron_day_rule_either_day_field_when_both_are_restricted():
+    import datetime as dt
+    either = circus.CronSpec("0 12 13 * fri")       # the 13th, and every Friday
+    start = dt.datetime(2026, 12, 6, 18, 0)         # a Sunday
+    assert either.next_after(start) == dt.datetime(2026, 12, 11, 12, 0)      # a Friday
+    assert either.next_after(dt.datetime(2026, 12, 11, 12, 0)) == dt.datetime(2026, 12, 13, 12, 0)
+    both = circus.CronSpec("0 12 */2 * fri")        # `*...`: not restricted, so both must match
+    assert both.next_after(start) == dt.datetime(2026, 12, 11, 12, 0)
+    assert both.next_after(dt.datetime(2026, 12, 11, 12, 0)) == dt.datetime(2026, 12, 25, 12, 0)
+    assert circus.CronSpec("0 0 29 2 *").next_after(start) == dt.datetime(2028, 2, 29)
+
+
+@pytest.mark.parametrize("spec,needle", [
+    ("61 * * * *", "minute field '61' out of range 0-59"),
+    ("* 24 * * *", "hour field '24' out of range 0-23"),
+    ("* * 0 * *", "day-of-month field '0' out of range 1-31"),
+    ("* * * 13 *", "month field '13' out of range 1-12"),
+    ("* * * * 8", "day-of-week field '8' out of range 0-7"),
+    ("* * * foo *", "month field 'foo' is not a number or a name (jan-dec)"),
+    ("*/0 * * * *", "minute field '*/0': the step"),
+    ("30-10 * * * *", "minute field '30-10': the range goes backwards"),
+    ("* * * *", "has 4 fields: use MIN HOUR DOM MON DOW"),
+    ("0 0 31 4,6 *", "never runs"),
+])
+def test_cron_errors_name_the_field_at_load(tmp_path, spec, needle):
+    for body, line in (("[watcher:job]\ncmd = true\ncron = %s\n" % spec, 3),
+                       ("[program:web]\ncommand = true\nrestart_cron = %s\n" % spec, 3)):
+        with pytest.raises(circus.ConfigError) as e:
+            circus.load_config(write(tmp_path / "c.ini", body))
+        assert str(e.value).startswith("%s:%d " % (tmp_path / "c.ini", line)) and needle in str(e.value), e.value
+    with pytest.raises(circus.ConfigError, match=r"c.ini:4 .*cron and restart_cron exclude each other"):
+        circus.load_config(write(tmp_path / "c.ini", "[watcher:j]\ncmd = true\ncron = @daily\n"
+                                 "restart_cron = @daily\n"))
+
+
+def _run_schedule(spec, start, hours, tz, jumps=()):
+    """A Schedule on a FakeClock from ``start`` (epoch) for ``hours``, stepping 20 s;
+    ``jumps``: {step: seconds} moves of the wall clock. Returns (run times, timer delays)."""
+    clock, runs = FakeClock(start), []
+    sched = circus.Schedule(spec, lambda: runs.append(clock.time()), clock=clock, tz=tz)
+    sched.start()
+    for step in range(int(hours * 180)):
+        if step in dict(jumps):
+            clock.jump(dict(jumps)[step])
+        clock.advance(20)
+    return runs, clock.delays, sched
+
+
+def test_cron_next_run_across_dst_days():
+    """Spring forward: a time in the gap runs once, at the first minute after it; fall back:
+    a time the clock passes twice runs once, at its first pass; no busy timer either way."""
+    import datetime as dt
+    berlin, ny = _zone("Europe/Berlin"), _zone("America/New_York")
+    at = lambda tz, *a, fold=0: dt.datetime(*a, tzinfo=tz, fold=fold).timestamp()
+    # 2026-03-29 in Berlin: 02:00 CET -> 03:00 CEST
+    assert circus.wall_epoch(dt.datetime(2026, 3, 29, 2, 30), berlin) == at(berlin, 2026, 3, 29, 3, 0)
+    runs, delays, _ = _run_schedule("30 2 * * *", at(berlin, 2026, 3, 28, 12, 0), 40, berlin)
+    assert runs == [at(berlin, 2026, 3, 29, 3, 0), at(berlin, 2026, 3, 30, 2, 30)]
+    runs, delays, _ = _run_schedule("*/30 * * * *", at(berlin, 2026, 3, 29, 1, 10), 3, berlin)
+    local = [dt.datetime.fromtimestamp(r, berlin).strftime("%H:%M") for r in runs]
+    assert local == ["01:30", "03:00", "03:30", "04:00", "04:30", "05:00"]   # 02:00-03:00: one run
+    assert min(delays) > 1
+    # 2026-11-01 in New York: 02:00 EDT -> 01:00 EST, 01:00-01:59 twice
+    runs, delays, _ = _run_schedule("30 1 * * *", at(ny, 2026, 10, 31, 12, 0), 40, ny)
+    assert runs == [at(ny, 2026, 11, 1, 1, 30), at(ny, 2026, 11, 2, 1, 30)]
+    runs, delays, sched = _run_schedule("*/30 * * * *", at(ny, 2026, 11, 1, 0, 10), 4, ny)
+    assert runs == [at(ny, 2026, 11, 1, 0, 30), at(ny, 2026, 11, 1, 1, 0), at(ny, 2026, 11, 1, 1, 30),
+                    at(ny, 2026, 11, 1, 2, 0), at(ny, 2026, 11, 1, 2, 30), at(ny, 2026, 11, 1, 3, 0)]
+    assert min(delays) > 1 and sched.next_run() == "2026-11-01T03:30:00-05:00"
+    # a daemon started in the second pass runs the time at the second pass
+    assert circus.wall_epoch(dt.datetime(2026, 11, 1, 1, 30), ny, not_before=at(ny, 2026, 11, 1, 1, 10, fold=1)) \
+        == at(ny, 2026, 11, 1, 1, 30, fold=1)
+
+
+def test_schedule_runs_each_minute_once_whatever_the_wall_clock_does():
+    """On the fake clock: once per scheduled minute; after the wall clock goes back half an
+    hour no minute runs twice (it waits, with one timer); after it jumps forward 5 hours the
+    missed run happens once, then every minute again: no catching up, no busy loop."""
+    import datetime as dt
+    utc = dt.timezone.utc
+    start = dt.datetime(2026, 12, 6, 10, 0, 30, tzinfo=utc).timestamp()
+    runs, delays, sched = _run_schedule("* * * * *", start, 0.5, utc)
+    assert len(runs) == 30 and len(set(int(r // 60) for r in runs)) == 30
+    assert all(r % 60 < 20 for r in runs)          # each within a step of its minute
+    runs, delays, sched = _run_schedule("* * * * *", start, 1, utc, jumps={30: -1800})    # at 10:10
+    minutes = [int(r // 60) for r in runs]
+    assert minutes == sorted(set(minutes))          # never the same minute twice, never backwards
+    # 10:01-10:10, back to 09:40:30, then nothing until 10:11; the hour ends at wall 10:30:30
+    assert len(runs) == 10 + 20 and sched.last == dt.datetime(2026, 12, 6, 10, 30)
+    assert len(delays) < 2 * len(runs) + 5 and min(delays) > 0
+    runs, delays, sched = _run_schedule("*/10 * * * *", start, 1, utc, jumps={30: 5 * 3600})
+    local = [dt.datetime.fromtimestamp(r, utc).strftime("%H:%M") for r in runs]
+    # the 10:20 timer wakes at wall 15:20: that late run once, then on from there
+    assert local == ["10:10", "15:20", "15:30", "15:40", "15:50", "16:00"]
+    assert len(delays) < 15
+
+
+def test_cron_watcher_waits_for_its_time_and_restart_cron_restarts(caplog):
+    """The scheduler's fire function: cron starts the watcher as `start` does (not stacked on
+    a run still going), restart_cron restarts it as `restart` does (the old process gets its
+    stop signal); neither starts at boot except the long-running one."""
+    import asyncio
+
+    async def run():
+        arb = circus.get_arbiter([{"name": "job", "cmd": "sleep 30", "cron": "0 3 * * *"},
+                                  {"name": "web", "cmd": "sleep 30", "restart_cron": "0 4 * * *"}],
+                                 controller=None, pubsub_endpoint=None)
+        await arb.start()
+        job, web = arb.get_watcher("job"), arb.get_watcher("web")
+        booted = (job.status, list(job.processes), web.status, arb.schedules[job].next_run())
+        old = list(web.processes)
+        arb.schedules[job].action()
+        arb.schedules[web].action()
+        for _ in range(500):
+            if job.processes and web.processes and list(web.processes) != old:
+                break
+            await asyncio.sleep(0.01)
+        first = list(job.processes)
+        arb.schedules[job].action()         # still running: skipped
+        for _ in range(500):
+            if "still going" in caplog.text:
+                break
+            await asyncio.sleep(0.01)
+        after = list(job.processes), list(web.processes)
+        await arb.stop()
+        return booted, old, first, after
+    with caplog.at_level("INFO", logger="circus"):
+        (status, procs, web_status, next_run), old, first, (again, new) = asyncio.run(run())
+    assert status == "stopped" and procs == [] and web_status == "active" and "T03:00:00" in next_run
+    assert len(first) == 1 and again == first and "cron: the last run is still going" in caplog.text
+    assert len(new) == 1 and new != old and not psutil.pid_exists(old[0])
+
+
+def test_e2e_cron_watcher_is_not_started_and_status_shows_its_next_run(daemon):
+    import datetime as dt
+    d = daemon("""
+        [watcher:nightly]
+        cmd = sleep 30
+        cron = 0 3 * * *
+        [program:web]
+        command = sleep 30
+        startsecs = 0
+        restart_cron = 30 4 * * sun
+        """)
+    when = [circus.CronSpec(s).next_after(dt.datetime.now()).strftime("%Y-%m-%d %H:%M")
+            for s in ("0 3 * * *", "30 4 * * sun")]
+    assert d.pids("nightly") == [] and len(d.pids("web")) == 1
+    r = d.ctl("status", "nightly")
+    assert r.returncode == 0 and r.stdout == "stopped; next run: %s (cron)\n" % when[0], r.stdout
+    assert d.ctl("status", "web").stdout == "active; next restart: %s (restart_cron)\n" % when[1]
+    reply = d.call("status", name="nightly")
+    assert reply["status"] == "stopped" and reply["next_run"].startswith(when[0].replace(" ", "T"))
+    snap = {w["name"]: w for w in d.call("snapshot")["watchers"]}
+    assert snap["nightly"]["next_run"] == reply["next_run"] and snap["web"]["next_run"]
 
 
 def test_state_changes_go_through_one_checked_method():
