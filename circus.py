@@ -4770,6 +4770,30 @@ class Watcher:
         """Starting or started: processes are kept alive."""
         return self._state in (ProcState.STARTING, ProcState.RUNNING)
 
+    def _up(self) -> int:
+        """Its processes up and ready: RUNNING, which a process reaches at spawn, after
+        startsecs, or once ready (`ready = notify|listen|delay`) as the case may be."""
+        return sum(1 for p in self.processes.values() if p.alive and p.state == ProcState.RUNNING)
+
+    def ready_now(self) -> bool:
+        """Every process the watcher should have is up and ready."""
+        return self.running and self._up() >= self.numprocesses
+
+    def not_ready_reason(self) -> str | None:
+        """Why a probe should wait for it (`ready`, /readyz), or None. A watcher stopped by a
+        user, never started, or ended by itself (EXITED: respawn/autorestart off) is not
+        waited for; one that gave up (FATAL) or stopped flapping (BACKOFF) is."""
+        if self._state == ProcState.STOPPED:
+            if self._shown in (ProcState.FATAL, ProcState.BACKOFF):
+                return "%s: %s" % (self._shown, self.last_error or "no reason recorded")
+            return None
+        if self._state == ProcState.STOPPING or self.ready_now():
+            return None
+        why = "%d of %d processes ready" % (self._up(), self.numprocesses)
+        if self._shown == ProcState.BACKOFF and self.last_error:
+            why += " (%s)" % self.last_error
+        return why
+
     def _enter(self, to: str | None = None, shown: str | None = None, **payload) -> None:
         """The one way its state changes: to state ``to``, checked against WATCHER_TRANSITIONS,
         and/or ``shown`` (Supervisor's view of an empty slot); timestamped; the event
@@ -6623,6 +6647,38 @@ def cmd_numwatchers(arb, props):
     return {"numwatchers": len(arb.watchers)}
 
 
+def readiness(arb, watchers) -> list:
+    """What is not ready among ``watchers``, and why: [{"watcher": NAME or None (the daemon
+    itself), "reason": TEXT}]. The one judgement `ready`, /readyz and HEALTHCHECKs share."""
+    waiting = []
+    if arb.stopping:
+        waiting.append({"watcher": None, "reason": "the daemon is shutting down"})
+    for w in watchers:
+        if arb.booting and w.state == ProcState.STOPPED and w.opt("autostart") and not w.on_demand_fds:
+            why = "not started yet (the daemon is starting)"
+        else:
+            why = w.not_ready_reason()
+        if why:
+            waiting.append({"watcher": w.name, "reason": why})
+    return waiting
+
+
+def _fmt_ready(reply):
+    return "\n".join("%s: %s" % (r["watcher"] or "daemon", r["reason"]) for r in reply["waiting"]) or "ready"
+
+
+@command("ready", "[names...]", _fmt_ready, read_only=True,
+         exit_code=lambda reply: 0 if reply.get("ready") else 1)
+def cmd_ready(arb, props):
+    """Are all watchers (or those named) that should run up and ready? exit 1 with the reasons if not."""
+    names = props.get("names") or []
+    names = [names] if isinstance(names, str) else names     # (one name, as GET /api/ready?names=x)
+    if not isinstance(names, list):
+        raise MessageError("names: a list of watcher names is expected")
+    waiting = readiness(arb, [arb.get_watcher(n) for n in names] if names else arb.watchers)
+    return {"ready": not waiting, "waiting": waiting}
+
+
 def _opt_str(key, value):
     if key == "env" and isinstance(value, dict):
         return ",".join("%s=%s" % (k, value[k]) for k in sorted(value))
@@ -6963,6 +7019,12 @@ async def dispatch(arbiter, body: bytes, peer=None):
         reply = _error_reply("command %r: %s" % (body[:200], e), E_COMMAND_ERROR, msg_id,
                              traceback.format_exc())
     return None if cast else reply
+
+
+async def call_local(arbiter, command: str, props=None) -> dict:
+    """Run one command in the daemon itself (the dashboard, the probes): its reply."""
+    body = json.dumps({"command": command, "properties": props or {}, "id": os.urandom(8).hex()})
+    return await dispatch(arbiter, body.encode())
 
 
 # ---------------------------------------------------------------------------
@@ -7417,6 +7479,7 @@ class Arbiter:
         self.loop = None
         self._lock = None           # serialises arbiter-wide operations (start-up included)
         self.stopping = False       # quit has begun: nothing spawns any more
+        self.booting = True         # start-up has yet to start the autostart watchers (`ready`)
         self.on_demand = _OnDemand(self)
         self._done = None
         self._socket_confs = list(sockets)
@@ -7627,7 +7690,7 @@ class Arbiter:
         self.loop = asyncio.get_running_loop()
         self.loop_thread = __import__("threading").get_ident()
         self.started = time.time()
-        self.stopping = False
+        self.stopping, self.booting = False, True
         self._lock = asyncio.Lock()
         self._log_handler = _RingLogHandler(self)
         _log().addHandler(self._log_handler)
@@ -7659,6 +7722,7 @@ class Arbiter:
         self.sv_events.start()
         async with self._lock:
             await self.start_watchers()
+        self.booting = False
         if not self.stopping:
             _log().info("arbiter ready: %d watchers, control on %s", len(self.watchers), self.endpoint)
 
@@ -9504,6 +9568,44 @@ def _own_names() -> set:
     return {n.lower().rstrip(".") for n in (socket.gethostname(), socket.getfqdn()) if n}
 
 
+async def own_names() -> set:
+    """_own_names off the loop, within 5 s (a slow resolver must not hold anything up)."""
+    try:
+        return await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, _own_names), 5)
+    except (asyncio.TimeoutError, OSError):
+        return set()
+
+
+def not_ours_text(host) -> str:
+    return ("Host %r is not a name of this machine: ask by IP address, localhost or the host's "
+            "own name\n" % host)
+
+
+#: The probes: open to anyone who reaches the port, no token (see answer_probe).
+PROBES = ("/healthz", "/readyz")
+
+
+async def answer_probe(req, writer, call) -> None:
+    """GET or HEAD /healthz: 200 while the daemon answers (``call``: its command table, on its
+    own loop, or `web`'s link to it). /readyz: 200 when `ready` says so, else 503; its JSON
+    body is `ready`'s verdict and nothing else: {"ready": bool, "waiting": [{"watcher": NAME
+    or null (the daemon), "reason": TEXT}]}."""
+    if req.path == "/healthz":
+        ok = (await call("numwatchers")).get("status") == "ok"
+        status, ctype = (200 if ok else 503), "text/plain; charset=utf-8"
+        body = b"ok\n" if ok else b"the daemon does not answer\n"
+    else:
+        reply = await call("ready")
+        if reply.get("status") != "ok":     # no daemon, or a real circusd: no details leak out
+            why = "the daemon has no ready command (not circus.py)" if reply.get("errno") == E_UNKNOWN_COMMAND \
+                else "the daemon does not answer"
+            reply = {"ready": False, "waiting": [{"watcher": None, "reason": why}]}
+        status, ctype = (200 if reply["ready"] else 503), "application/json"
+        body = json.dumps({"ready": reply["ready"], "waiting": reply["waiting"]}).encode()
+    writer.write(http_head(status, ctype, len(body)) + (body if req.method != "HEAD" else b""))
+    await asyncio.wait_for(writer.drain(), 30)
+
+
 class MetricsServer(HttpServer):
     """``GET /metrics`` only: ``[circus] metrics_endpoint = HOST:PORT``.
 
@@ -9523,19 +9625,17 @@ class MetricsServer(HttpServer):
         await super().start()
         if not is_loopback(self.host):
             _log().warning("metrics on %s can be read by anyone who reaches that address", self.address)
-        try:        # (a slow resolver must not hold the start-up)
-            self.names = await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, _own_names), 5)
-        except (asyncio.TimeoutError, OSError):
-            pass
+        self.names = await own_names()
 
     async def handle(self, req, reader, writer):
         if not host_is_ours(req.headers.get("host"), self.names):
-            await self.send(writer, 421, "Host %r is not a name of this machine: ask for /metrics by IP "
-                            "address, localhost or the host's own name\n" % req.headers.get("host"))
+            await self.send(writer, 421, not_ours_text(req.headers.get("host")))
         elif req.method == "GET" and req.path == "/metrics":
             await self.send(writer, 200, await arbiter_metrics(self.arbiter), _METRICS_TYPE)
+        elif req.method in ("GET", "HEAD") and req.path in PROBES:
+            await answer_probe(req, writer, lambda command: call_local(self.arbiter, command))
         else:
-            await self.send(writer, 404, "not found: try /metrics\n")
+            await self.send(writer, 404, "not found: try /metrics, /healthz or /readyz\n")
 
 
 # -- hubs: how the dashboard reaches a daemon ----------------------------------------
@@ -9559,8 +9659,7 @@ class LocalHub:
         self.arbiter.listeners.append(self)
 
     async def call(self, command: str, props=None) -> dict:
-        body = json.dumps({"command": command, "properties": props or {}, "id": os.urandom(8).hex()})
-        return await dispatch(self.arbiter, body.encode())
+        return await call_local(self.arbiter, command, props)
 
     def wants(self, topic: bytes) -> bool:
         return topic in self.prefixes
@@ -9795,6 +9894,7 @@ class WebServer(HttpServer):
         self.watchers: set = set()      # _Followers of /events
         self.tails: dict = {}           # output topic -> set of _Followers
         self.last = None                # the latest snapshot, sent first to a new browser
+        self.names = None               # this machine's names, looked up for the first probe that needs them
         self._ticker = None
         self._kick = None
 
@@ -9993,6 +10093,9 @@ class WebServer(HttpServer):
         if req.headers.get("sec-fetch-site") in ("cross-site", "same-site"):
             await self.send(writer, 403, "refused: a request from another site\n")
             return
+        if req.method in ("GET", "HEAD") and req.path in PROBES:
+            await self._probe(req, writer)
+            return
         sid = self.session(req)
         if sid is None and not self._token_ok(self._given_token(req)):
             await self.send(writer, 401, "this dashboard needs its token: open the address with "
@@ -10030,6 +10133,17 @@ class WebServer(HttpServer):
                 await self.send(writer, 503, "%s\n" % e)
         else:
             await self.send(writer, 404, "not found\n")
+
+    async def _probe(self, req, writer):
+        """/healthz and /readyz need no token; as /metrics, the Host must name this machine
+        (a DNS-rebinding page reads no watcher names)."""
+        host = req.headers.get("host")
+        if self.names is None and not host_is_ours(host):
+            self.names = await own_names()
+        if host_is_ours(host, self.names or ()):
+            await answer_probe(req, writer, self.hub.call)
+        else:
+            await self.send(writer, 421, not_ours_text(host))
 
     async def _api(self, req, reader, writer, name):
         def refuse(status, reason, errno_=E_MESSAGE_ERROR, extra=()):

@@ -2083,7 +2083,7 @@ def test_command_table_holds_every_fact():
     # what an endpoint_owner and a dashboard GET may run, read from the table alone
     assert {n for n, c in C.items() if c.peer == circus.ANYONE} == {
         "status", "list", "numprocesses", "numwatchers", "globaloptions", "listsockets", "stats",
-        "dstats", "snapshot", "pid", "maintail", "reread", "top", "listen", "help"}
+        "dstats", "snapshot", "pid", "maintail", "reread", "top", "listen", "help", "ready"}
     assert {n for n, c in C.items() if c.peer == circus.OWN} == {
         "start", "stop", "restart", "reload", "incr", "decr", "signal", "kill", "rm", "set",
         "options", "get", "tail", "add"}
@@ -2118,6 +2118,49 @@ def test_command_facts_drive_ctl(monkeypatch, capsys):
     assert seen == [("probe", ["x"], 2.0)]
     assert circus.main(["ctl", "probe", "--help"]) == 0
     assert "usage: python circus.py ctl probe NAME [EXTRA]" in capsys.readouterr().out
+
+
+def test_ready_is_one_judgement_of_every_watcher():
+    """`ready` (ctl ready, /readyz): who is not up and ready, and why; who is not meant to
+    run (stopped by a user, autostart = false, EXITED) is not waited for."""
+    import types
+    S = circus.ProcState
+
+    def up(state=S.RUNNING, alive=True):
+        return types.SimpleNamespace(alive=alive, state=state)
+    web, idle, off = (circus.Watcher(n, "sleep 1", numprocesses=2, autostart=n != "off")
+                      for n in ("web", "idle", "off"))
+    arb = circus.Arbiter([web, idle, off], endpoint=None, pubsub_endpoint=None)
+    ready = lambda **props: circus.cmd_ready(arb, props)    # noqa: E731
+    assert ready()["waiting"] == [{"watcher": n, "reason": "not started yet (the daemon is starting)"}
+                                  for n in ("web", "idle")]
+    arb.booting = False
+    web._state, web.processes = S.RUNNING, {1: up(), 2: up(S.STARTING), 3: up(alive=False)}
+    idle._state, idle._shown, idle.last_error = S.STOPPED, S.FATAL, "3 failed starts in a row"
+    assert ready() == {"ready": False, "waiting": [
+        {"watcher": "web", "reason": "1 of 2 processes ready"},
+        {"watcher": "idle", "reason": "FATAL: 3 failed starts in a row"}]}
+    assert not web.ready_now() and not idle.ready_now() and not off.ready_now()
+    web._shown, web.last_error = S.BACKOFF, "spawn failed: boom"
+    assert web.not_ready_reason() == "1 of 2 processes ready (spawn failed: boom)"
+    web.processes[2] = up()
+    for shown in (S.STOPPED, S.EXITED):        # stopped by a user, or ended by itself
+        idle._shown = shown
+        assert idle.not_ready_reason() is None
+    assert web.ready_now() and ready() == {"ready": True, "waiting": []}
+    assert ready(names=["WEB", "off"])["ready"] and ready(names="web")["ready"]
+    with pytest.raises(circus.MessageError, match="program nosuch not found"):
+        ready(names=["web", "nosuch"])
+    with pytest.raises(circus.MessageError, match="a list of watcher names"):
+        ready(names=3)
+    arb.stopping = True
+    reply = ready(names=["web"])
+    assert reply["waiting"] == [{"watcher": None, "reason": "the daemon is shutting down"}]
+    cmd = circus.COMMANDS["ready"]
+    assert (cmd.fmt(reply), cmd.exit_code(reply)) == ("daemon: the daemon is shutting down", 1)
+    assert (cmd.fmt({"ready": True, "waiting": []}), cmd.exit_code({"ready": True})) == ("ready", 0)
+    assert circus.build_request("ready", ["a", "b"])["properties"] == {"names": ["a", "b"]}
+    assert circus.build_request("ready", [])["properties"] == {}
 
 
 @pytest.mark.parametrize("argv,text", [
@@ -8637,6 +8680,63 @@ def test_e2e_dashboard_with_a_configured_token(daemon):
     assert http(port, "GET", "/api/list", headers=dict(basic, Cookie="x" * 17000))[0] == 431
 
 
+GATED_NOTIFY = """
+import os, socket, sys, time
+while not os.path.exists(sys.argv[1]):
+    time.sleep(0.02)
+addr = os.environ["NOTIFY_SOCKET"]
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.connect("\\0" + addr[1:] if addr.startswith("@") else addr)
+s.send(b"READY=1")
+time.sleep(120)
+"""
+
+
+def test_e2e_probes_answer_without_a_token_and_readyz_flips_when_ready(daemon, shortdir):
+    """/healthz and /readyz on both HTTP ports, no token; `ctl ready` says the same."""
+    gate = pathlib.Path(shortdir) / "gate.py"
+    gate.write_text(GATED_NOTIFY)
+    go = pathlib.Path(shortdir) / "go"
+    port, = free_ports(1)
+    d = daemon("""
+        httpd = true
+        httpd_port = %d
+        metrics_endpoint = 127.0.0.1:0
+        [watcher:slow]
+        cmd = %s %s %s
+        numprocesses = 2
+        ready = notify
+        [watcher:fast]
+        cmd = sleep 120
+        [watcher:off]
+        cmd = sleep 120
+        autostart = false
+        """ % (port, sys.executable, gate, go))
+    metrics = int(d.call("globaloptions")["options"]["metrics_endpoint"].rpartition(":")[2])
+    assert d.call("stop", name="fast", waiting=True)["status"] == "ok"     # stopped: not waited for
+    waiting = {"ready": False, "waiting": [{"watcher": "slow", "reason": "0 of 2 processes ready"}]}
+    for p in (port, metrics):
+        assert http(p, "GET", "/healthz")[::2] == (200, b"ok\n")
+        assert http(p, "HEAD", "/healthz")[::2] == (200, b"")
+        status, head, body = http(p, "GET", "/readyz")
+        assert (status, head["content-type"], json.loads(body)) == (503, "application/json", waiting)
+        assert http(p, "HEAD", "/readyz")[::2] == (503, b"")
+        assert http(p, "GET", "/readyz", headers={"Host": "evil.example.com"})[0] == 421
+    for path in ("/", "/api/status", "/api/ready", "/metrics", "/healthz/x"):   # the rest: token only
+        assert http(port, "GET", path)[0] == 401, path
+    r = d.ctl("ready")
+    assert (r.returncode, r.stdout) == (1, "slow: 0 of 2 processes ready\n"), r
+    r = d.ctl("ready", "fast", "OFF")
+    assert (r.returncode, r.stdout) == (0, "ready\n"), r
+    r = d.ctl("ready", "slow", "nosuch")
+    assert (r.returncode, r.stdout, r.stderr) == (3, "", "error: program nosuch not found\n"), r
+    go.touch()
+    for p in (port, metrics):
+        wait_for(lambda: http(p, "GET", "/readyz")[0] == 200, what="/readyz 200 on %d" % p)
+        assert json.loads(http(p, "GET", "/readyz")[2]) == {"ready": True, "waiting": []}
+    assert d.ctl("ready").returncode == 0
+
+
 def _start_web(args, cwd):
     import select
     log = pathlib.Path(cwd) / "web.log"
@@ -8686,9 +8786,13 @@ def test_e2e_web_attaches_to_a_running_daemon(daemon, shortdir):
             sse.close()
         assert d.call("status", name="a")["status"] == "stopped"
         assert 'circus_watcher_active{watcher="a"} 0' in http(port, "GET", "/metrics", headers=auth)[2].decode()
+        # the probes ask the daemon, no token needed ("a" was stopped by a user: not waited for)
+        assert http(port, "GET", "/healthz")[0] == 200
+        assert json.loads(http(port, "GET", "/readyz")[2]) == {"ready": True, "waiting": []}
         # the daemon goes away: the dashboard says so and stays up; a click made meanwhile
         # is not run when the daemon comes back
         d.stop()
+        assert http(port, "GET", "/healthz", timeout=SLOW)[::2] == (503, b"the daemon does not answer\n")
         status, _, body = http(port, "POST", "/api/stop", {"name": "a"}, auth, timeout=SLOW)
         assert status == 400 and ("no answer from" in json.loads(body)["reason"]
                                   or "cannot reach" in json.loads(body)["reason"]), body
