@@ -10806,15 +10806,23 @@ def _logger_config(path):
         logging.config.fileConfig(path, disable_existing_loggers=False)
 
 
+def _missing_dependency() -> str | None:
+    """The one line to say when pyzmq or psutil is not installed (fail early), else None."""
+    try:
+        import psutil  # noqa: F401
+        import zmq  # noqa: F401
+    except ImportError as e:
+        return "%s: install the dependencies with: python -m pip install pyzmq psutil" % e
+    return None
+
+
 def daemon_main(argv) -> int:
     """``daemon``: read the config (errors -> one line, exit 1), then run."""
     args = _daemon_parser().parse_args(argv)
     err = sys.stderr
-    try:
-        import psutil  # noqa: F401  (fail early with one line)
-        import zmq  # noqa: F401
-    except ImportError as e:
-        err.write("error: %s: install the dependencies with: python -m pip install pyzmq psutil\n" % e)
+    missing = _missing_dependency()
+    if missing:
+        err.write("error: %s\n" % missing)
         return 1
     try:
         cfg = load_config(args.config)
@@ -11153,6 +11161,10 @@ def _start_parser():
 def start_main(argv) -> int:
     """``start``: a Procfile run, serving ctl on the default endpoint."""
     args = _start_parser().parse_args(argv)
+    missing = _missing_dependency()
+    if missing:
+        sys.stderr.write("error: %s\n" % missing)
+        return 1
     try:
         cfg, width = procfile_config(args)
         _procfile_logging(args, width)
