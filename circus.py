@@ -3376,7 +3376,7 @@ class Process:
         self.stdin = stdin              # an fd for the child's stdin (stdin_socket)
         self.umask = umask
         self.death_signal = death_signal    # sent to it if the daemon dies (Linux), 0: none
-        self.on_output = on_output      # callable({"data", "pid", "name"}), like a stream
+        self.on_output = on_output      # callable({"data", "pid", "name", "wid", "watcher"}), like a stream
         self.on_exit = on_exit          # callable(process)
         self.on_state = on_state        # callable(process, event) for the moves the table announces
         self.loop = loop
@@ -3570,7 +3570,7 @@ class Process:
                     break
                 try:
                     self.on_output({"data": data, "pid": self.pid, "name": name, "wid": self.wid,
-                            "watcher": self.watcher_name})
+                                    "watcher": self.watcher_name})
                 except Exception:
                     _log().exception("output handler of %s failed", self)
             del self._pipes[fd]

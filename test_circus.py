@@ -7698,6 +7698,31 @@ def test_restart_policies_back_off_on_an_injected_clock():
     assert type(w.policy) is circus.RestartPolicy and w.policy.clock is clock
 
 
+def test_a_critical_watcher_that_will_not_run_on_calls_critical_exit_with_its_status():
+    """Each way a watcher gives up ends in one Arbiter.critical_exit(name, code, reason)
+    call when it is critical, and in none when it is not."""
+    import types
+
+    def watcher(**options):
+        w = _policy_watcher(clock, **options)
+        w.arbiter = types.SimpleNamespace(critical_exit=lambda *a: calls.append(a[:2]))
+        return w
+    clock, calls = FakeClock(1000.0), []
+    _exited(watcher(respawn=False, critical=True), clock, -9, 5)            # killed by SIGKILL
+    _exited(watcher(startsecs=1, autorestart="false", critical=True), clock, 2, 5)
+    _exited(watcher(startsecs=1, autorestart="unexpected", critical=True), clock, 0, 5)
+    w = watcher(max_retry=2, critical=True)
+    for _ in range(2):                  # FATAL after max_retry: its last exit code
+        _exited(w, clock, 3, 0.01)
+        clock.advance(10)
+    w = watcher(critical=True, **{"flapping.attempts": 2, "flapping.window": 10})
+    w.flapping = circus.Flapping.from_settings(None, w.conf.free)
+    for _ in range(2):
+        _exited(w, clock, 4, 5)
+    assert calls == [("w", 137), ("w", 2), ("w", 0), ("w", 3), ("w", 4)]
+    _exited(watcher(respawn=False), clock, 1, 5)                            # not critical
+    assert len(calls) == 5
+
 def test_set_startsecs_during_a_backoff_keeps_respawning():
     """`set startsecs` switches Circus's and Supervisor's rules while a backoff is pending:
     that backoff's timer still tops the watcher up and clears the pending flag, so the next
