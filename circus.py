@@ -253,6 +253,11 @@ def describe_exit(code: int) -> str:
     return "killed by %s" % signame(-code) if code < 0 else "exit code %d" % code
 
 
+def exit_status(code: int) -> int:
+    """A returncode as a shell reports it: the code, or 128+N when signal N killed it."""
+    return 128 - code if code < 0 else code
+
+
 _CIRCUS_VAR = re.compile(r"(?:\$\(|\(\()circus\.([\w.\-]+)(?:\)\)|\))", re.IGNORECASE)
 
 
@@ -978,6 +983,10 @@ WATCHER_OPTIONS = {
     # schedules (local time): cron starts it at each match (not at boot), restart_cron restarts it
     "cron": (_cron, None),
     "restart_cron": (_cron, None),
+    # the daemon stops everything and exits when this watcher gives up (Arbiter.critical_exit)
+    "critical": (to_bool, False),
+    # each process gets PORT = port_base + wid - 1 in its environment (Procfile mode)
+    "port_base": (lambda v: None if v in (None, "") else _port(v), None),
     # signal for the processes if the daemon dies (Linux): default stop_signal, "none" opts out
     "parent_death_signal": (lambda v: None if v is None else _death_signal(v), None),
     # readiness: "notify" (sd_notify READY=1), "listen" (a listening socket of its own) or
@@ -1334,6 +1343,7 @@ class CircusConfig:
         self.fqdn_prefix = None
         self.metrics_endpoint = None    # HOST:PORT serving Prometheus /metrics
         self.max_processes = 10000      # add/incr/set may not ask for more per watcher
+        self.shutdown_timeout = None    # seconds a quit may take before SIGKILL to all left
         self.minfds = None              # [supervisord] minfds: raise RLIMIT_NOFILE to it
         self.directory = None           # [supervisord] directory: chdir at start
         self.user = None                # [supervisord] user: drop privileges at start
@@ -1388,6 +1398,7 @@ _CIRCUS_KEYS = {
     "debug_gc": to_bool, "pidfile": str, "loglevel": _loglevel, "logoutput": _logoutput,
     "loggerconfig": str, "fqdn_prefix": str, "include": str, "include_dir": str,
     "metrics_endpoint": host_port, "max_processes": _count, "allow_insecure_endpoint": to_bool,
+    "shutdown_timeout": _seconds,
     "curve_secret_key": str, "curve_authorized_keys": str, "curve_owner_keys": str,
     # Documented by Circus but not read by it; accepted for the same files.
     "statsd_close_outputs": to_bool, "httpd_close_outputs": to_bool, "stream_backend": str,
@@ -2149,6 +2160,36 @@ _STREAM_CLASSES = {c.__name__: c for c in (StdoutStream, FancyStdoutStream, File
                                            WatchedFileStream, TimedRotatingFileStream, QueueStream)}
 
 
+# ---- SHIM (branch wip-b, delete at merge): stand-ins for the stream helper's
+# PrefixStdoutStream and JSONStdoutStream, with the agreed options, so Procfile mode
+# runs on this branch. No line buffering across chunks: theirs does it properly.
+class PrefixStdoutStream(StdoutStream):
+    def __init__(self, width=0, colour="auto", time_format="%H:%M:%S", **_):
+        super().__init__()
+        self.width, self.time_format = int(width), time_format
+        self.colour = sys.stdout.isatty() if str(colour).lower() == "auto" else to_bool(colour)
+
+    def __call__(self, data: dict) -> None:
+        label = ("%s.%s" % (data.get("watcher"), data.get("wid"))).ljust(self.width)
+        if self.colour:
+            label = "\033[%dm%s\033[0m" % (31 + sum(label.encode()) % 6, label)
+        head = ("%s %s | " % (time.strftime(self.time_format), label)).encode()
+        _console(1).write(b"".join(head + line for line in data["data"].splitlines(True)))
+
+
+class JSONStdoutStream(StdoutStream):
+    def __call__(self, data: dict) -> None:
+        _console(1).write(b"".join(json.dumps({
+            "time": time.time(), "name": data.get("watcher"), "wid": data.get("wid"),
+            "pid": data.get("pid"), "stream": data["name"],
+            "line": line.decode("utf-8", "replace")}).encode() + b"\n"
+            for line in data["data"].splitlines()))
+
+
+_STREAM_CLASSES.update(PrefixStdoutStream=PrefixStdoutStream, JSONStdoutStream=JSONStdoutStream)
+# ---- END SHIM
+
+
 class ThreadedStream:
     """Runs a user's stream class in a thread of its own.
 
@@ -2462,6 +2503,7 @@ _SV_PROGRAM_KEYS = {
     "stdout_logfile", "stdout_logfile_maxbytes", "stdout_logfile_backups", "stdout_capture_maxbytes",
     "stdout_events_enabled", "stdout_syslog", "stderr_logfile", "stderr_logfile_maxbytes",
     "stderr_logfile_backups", "stderr_capture_maxbytes", "stderr_events_enabled", "stderr_syslog",
+    "critical",
     # fcgi-program
     "socket", "socket_backlog", "socket_owner", "socket_mode",
     # circus.py's own: schedules
@@ -2473,7 +2515,7 @@ _SV_PER_SECTION = {"priority", "autostart", "autorestart", "startsecs", "startre
                    "stopwaitsecs", "stopasgroup", "killasgroup", "exitcodes", "redirect_stderr",
                    "numprocs", "numprocs_start", "user", "umask", "serverurl",
                    "stdout_capture_maxbytes", "stderr_capture_maxbytes", "stdout_events_enabled",
-                   "stderr_events_enabled", "cron", "restart_cron"}
+                   "stderr_events_enabled", "cron", "restart_cron", "critical"}
 def _sv_path(value) -> str:
     return os.path.abspath(os.path.expanduser(value))
 
@@ -2522,6 +2564,7 @@ _SV_PLAIN_KEYS = {
     "backoff_max": (None, WATCHER_OPTIONS["backoff_max"][0], "backoff_max"),
     "cron": (None, _cron, "cron"),
     "restart_cron": (None, _cron, "restart_cron"),
+    "critical": ("false", to_bool, "critical"),
 }
 
 
@@ -3607,7 +3650,7 @@ class Process:
         self.stdin = stdin              # an fd for the child's stdin (stdin_socket)
         self.umask = umask
         self.death_signal = death_signal    # sent to it if the daemon dies (Linux), 0: none
-        self.on_output = on_output      # callable({"data", "pid", "name"}), like a stream
+        self.on_output = on_output      # callable({"data", "pid", "name", "wid", "watcher"}), like a stream
         self.on_exit = on_exit          # callable(process)
         self.on_state = on_state        # callable(process, event) for the moves the table announces
         self.loop = loop
@@ -3782,7 +3825,8 @@ class Process:
             _widen_pipe(fd)     # a full default pipe: a heavy writer, fewer wake-ups for it
             self._big += (fd,)
         try:
-            self.on_output({"data": data, "pid": self.pid, "name": name})
+            self.on_output({"data": data, "pid": self.pid, "name": name, "wid": self.wid,
+                            "watcher": self.watcher_name})
         except Exception:       # a broken stream never breaks the process
             _log().exception("output handler of %s failed", self)
 
@@ -3799,7 +3843,8 @@ class Process:
                 if not data:
                     break
                 try:
-                    self.on_output({"data": data, "pid": self.pid, "name": name})
+                    self.on_output({"data": data, "pid": self.pid, "name": name, "wid": self.wid,
+                                    "watcher": self.watcher_name})
                 except Exception:
                     _log().exception("output handler of %s failed", self)
             del self._pipes[fd]
@@ -4162,6 +4207,7 @@ class RestartPolicy:
         self._flap_timer = None     # timer of flapping's retry
         self._user_gen = 0          # bumped by every start/stop not made by flapping
         self.stop_pending = False   # _stop_soon queued a stop: spawn no more meanwhile
+        self.last_code = None       # returncode of the last process that exited by itself
 
     @staticmethod
     def of(watcher, clock=None, before=None):
@@ -4219,6 +4265,7 @@ class RestartPolicy:
         w = self.w
         w._enter(shown=p.state)
         w.restarts += 1
+        self.last_code = p.returncode
         # an exit the user caused with `signal` is neither a failed start nor flapping
         if not p.signalled and w.flapping is not None and w.flapping.record(now):
             self._flap()
@@ -4230,12 +4277,24 @@ class RestartPolicy:
                      self.w.name, why, self.w.name)
         if self.w.running:
             self._stop_soon(ProcState.FATAL)
+        self._critical("gave up (FATAL)")
+
+    def _critical(self, what: str) -> bool:
+        """A critical watcher that will not run on ends the daemon, with the exit
+        status of its last process (1 when none ran); True if it was critical."""
+        w, code = self.w, self.last_code
+        if not w.conf.options["critical"] or w.arbiter is None:
+            return False
+        w.arbiter.critical_exit(w.name, 1 if code is None else exit_status(code), what)
+        return True
 
     # -- the rules ---------------------------------------------------------------
     def _after_exit(self, p: Process, now: float) -> None:
         """Circus: respawn, unless respawn is off or it died at once (a failed start)."""
         w = self.w
         if not w.conf.options["respawn"]:
+            if self._critical("pid %d exited (%s) and respawn = false" % (p.pid, describe_exit(p.returncode))):
+                return
             if not w.processes:
                 self._stop_soon(ProcState.EXITED)
         elif p.signalled:
@@ -4297,6 +4356,8 @@ class RestartPolicy:
 
     def _flap(self) -> None:
         w, f = self.w, self.w.flapping
+        if self._critical("is flapping (%d deaths within %g s)" % (f.attempts, f.window)):
+            return
         if f.max_retry != -1 and f.tries > f.max_retry:
             w.last_error = "flapping: stopped for good after %d tries" % (f.tries - 1)
             _log().error("watcher %s: %s; `ctl start %s` to try again", w.name, w.last_error, w.name)
@@ -4355,6 +4416,8 @@ class SupervisorPolicy(RestartPolicy):
             # Supervisor restarts from EXITED on its next 1 s tick; a program that
             # dies at once is restarted about once a second, never in a busy loop
             self._respawn_in(max(0.0, MIN_UPTIME - (now - p.started)))
+        elif self._critical("pid %d exited (%s) and autorestart = %s" % (p.pid, describe_exit(p.returncode), mode)):
+            return
         elif not self.w.processes:
             self._stop_soon(ProcState.EXITED)
 
@@ -4594,9 +4657,12 @@ class Launcher:
             args = [replace_circus_vars(str(a), table) for a in args]
         shell_args = replace_circus_vars(o["shell_args"], table) if o["shell_args"] else None
         piped = self.stdio()
+        env = self.env()
+        if o["port_base"] is not None:      # Procfile mode: one port per process
+            env = dict(env, PORT=str(o["port_base"] + wid - 1))
         return Process(wid, replace_circus_vars(o["cmd"], table), args, working_dir=o["working_dir"],
                        shell=o["shell"], shell_args=shell_args, uid=o["uid"], gid=o["gid"],
-                       env=self.env(), rlimits=w.conf.rlimits, executable=o["executable"],
+                       env=env, rlimits=w.conf.rlimits, executable=o["executable"],
                        pass_fds=fds.values(), stdout=piped["stdout"], stderr=piped["stderr"],
                        close_child_stdin=o["close_child_stdin"],
                        stdin=subprocess.PIPE if "pool" in (w.conf.sv or {}) else self.stdin_fd(),
@@ -7480,6 +7546,8 @@ class Arbiter:
         self._lock = None           # serialises arbiter-wide operations (start-up included)
         self.stopping = False       # quit has begun: nothing spawns any more
         self.booting = True         # start-up has yet to start the autostart watchers (`ready`)
+        self.shutdown_timeout = None    # a quit's budget: then SIGKILL to what is left
+        self.exit_code = None       # set by critical_exit: what run() returns (else 0)
         self.on_demand = _OnDemand(self)
         self._done = None
         self._socket_confs = list(sockets)
@@ -7500,7 +7568,7 @@ class Arbiter:
         arb.allow_insecure_endpoint = cfg.allow_insecure_endpoint
         arb.curve_secret_key, arb.curve_authorized_keys = cfg.curve_secret_key, cfg.curve_authorized_keys
         arb.curve_owner_keys = cfg.curve_owner_keys
-        arb.max_processes = cfg.max_processes
+        arb.max_processes, arb.shutdown_timeout = cfg.max_processes, cfg.shutdown_timeout
         arb.flapping_plugin, arb.plugin_limits = flapping_defaults(cfg), plugin_limits(cfg)
         for wc in cfg.watchers:
             arb._attach(arb._make_watcher(wc))
@@ -7640,7 +7708,7 @@ class Arbiter:
 
     # -- lifecycle ---------------------------------------------------------------
     def run(self) -> int:
-        """Block until quit; returns the exit code (0).
+        """Block until quit; returns the exit code (0, or critical_exit's code).
 
         Under systemd (``Type=notify``: $NOTIFY_SOCKET) it reports READY=1
         once started and STOPPING=1 on quit; the variable is not passed on.
@@ -7654,7 +7722,7 @@ class Arbiter:
         if not self.stopping:       # a quit during start-up already said STOPPING=1
             self.sd_notify("READY=1\nMAINPID=%d" % os.getpid())
         await self._done
-        return 0
+        return 0 if self.exit_code is None else self.exit_code
 
     _notify_socket = None
 
@@ -7691,6 +7759,7 @@ class Arbiter:
         self.loop_thread = __import__("threading").get_ident()
         self.started = time.time()
         self.stopping, self.booting = False, True
+        self.exit_code = None
         self._lock = asyncio.Lock()
         self._log_handler = _RingLogHandler(self)
         _log().addHandler(self._log_handler)
@@ -7817,14 +7886,49 @@ class Arbiter:
         self.sd_notify("STOPPING=1")
         self.sv_events.stopping()
         self.stopping = True        # a start-up or top-up in progress ends at its next spawn
-        async with self._lock:
-            try:
-                await self.stop_watchers()
-            except Exception:       # logged; the daemon still exits
-                _log().exception("while stopping the watchers")
+        await self._stop_all_within(self.shutdown_timeout)
         finish = self.loop.create_task(self._finish())
         if not any(ch.owns(caller) for ch in self.channels):
             await finish
+
+    async def _stop_all_within(self, timeout) -> None:
+        """Stop every watcher; once ``timeout`` s (shutdown_timeout) have passed, SIGKILL
+        what is left and go on (its reaping gets a moment, the rest is abandoned)."""
+        async def stop_all():
+            async with self._lock:
+                try:
+                    await self.stop_watchers()
+                except Exception:       # logged; the daemon still exits
+                    _log().exception("while stopping the watchers")
+        task = self.loop.create_task(stop_all())
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+        if done:
+            return
+        _log().warning("shutdown_timeout (%g s) reached: SIGKILL to the %d processes still running",
+                       timeout, self._kill_left())
+        done, _ = await asyncio.wait({task}, timeout=2.0)
+        if not done:
+            task.cancel()
+
+    def _kill_left(self) -> int:
+        """SIGKILL to every process of ours still alive, and its group; how many there were."""
+        left = [p for w in self.watchers for p in list(w.processes.values()) + list(w.retiring.values())
+                if p.alive]
+        for p in left:
+            p.signal_group(signal.SIGKILL)
+            p.send_signal(signal.SIGKILL)
+        return len(left)
+
+    def critical_exit(self, watcher_name: str, code: int, reason: str):
+        """A critical watcher gave up (or a health check says so): stop everything, in
+        reverse priority, then the daemon exits with ``code`` (run() returns it). The
+        first call wins; during a quit it does nothing. Returns the stop task, or None."""
+        if self.stopping or self.exit_code is not None:
+            return None
+        self.exit_code = code
+        _log().error("watcher %s is critical and %s: stopping everything, then exiting with code %d",
+                     watcher_name, reason, code)
+        return self.stop()
 
     async def _finish(self):
         for w in self.watchers:
@@ -7995,6 +8099,7 @@ class Arbiter:
         if new.globals_key() == old.globals_key():
             return
         self.check_delay, self.warmup_delay = new.check_delay, new.warmup_delay
+        self.shutdown_timeout = new.shutdown_timeout
         for k in ("endpoint", "pubsub_endpoint", "multicast_endpoint", "curve_secret_key",
                   "curve_owner_keys", "endpoint_owner"):
             if getattr(new, k) != getattr(old, k):
@@ -11258,15 +11363,23 @@ def _logger_config(path):
         logging.config.fileConfig(path, disable_existing_loggers=False)
 
 
+def _missing_dependency() -> str | None:
+    """The one line to say when pyzmq or psutil is not installed (fail early), else None."""
+    try:
+        import psutil  # noqa: F401
+        import zmq  # noqa: F401
+    except ImportError as e:
+        return "%s: install the dependencies with: python -m pip install pyzmq psutil" % e
+    return None
+
+
 def daemon_main(argv) -> int:
     """``daemon``: read the config (errors -> one line, exit 1), then run."""
     args = _daemon_parser().parse_args(argv)
     err = sys.stderr
-    try:
-        import psutil  # noqa: F401  (fail early with one line)
-        import zmq  # noqa: F401
-    except ImportError as e:
-        err.write("error: %s: install the dependencies with: python -m pip install pyzmq psutil\n" % e)
+    missing = _missing_dependency()
+    if missing:
+        err.write("error: %s\n" % missing)
         return 1
     try:
         cfg = load_config(args.config)
@@ -11286,11 +11399,16 @@ def daemon_main(argv) -> int:
     if error:
         err.write("error: %s\n" % error)
         return 1
+    return _run_arbiter(arbiter, pidfile)
+
+
+def _run_arbiter(arbiter, pidfile=None) -> int:
+    """Run until quit; the daemon's exit code (critical_exit's, 0, or 1 on an error)."""
     try:
         return arbiter.run()
     except CircusError as e:
         _log().error("%s", e)
-        err.write("error: %s\n" % e)
+        sys.stderr.write("error: %s\n" % e)
         return 1
     except KeyboardInterrupt:
         return 0
@@ -11373,8 +11491,10 @@ def check_main(argv) -> int:
     p = argparse.ArgumentParser(prog="python circus.py check", description=(
         "Load and check a config file as the daemon would, starting and binding nothing: "
         "every warning and error, then exit 0 (it would start) or 1."))
-    p.add_argument("config", help="the config file (Circus INI or Supervisor)")
+    p.add_argument("config", help="the config file (Circus INI or Supervisor), or a Procfile")
     args = p.parse_args(argv)
+    if os.path.basename(args.config).startswith("Procfile"):
+        return check_procfile(args.config)
     said = []
 
     class Collect(logging.Handler):     # what the daemon would log while it builds itself
@@ -11415,9 +11535,219 @@ def check_main(argv) -> int:
     return 0
 
 
+# -- Procfile mode (honcho/foreman): `start [PROCESS...]` and `check Procfile` ----------------
+
+_PROCFILE_LINE = re.compile(r"([A-Za-z0-9_-]+):\s*(\S.*)$")
+
+
+def parse_procfile(path: str) -> dict:
+    """``name: command`` lines (blank and ``#`` lines skipped): {name: command} in file
+    order. ConfigError, one line, for a missing file, a bad line or a name given twice
+    (names compare as watcher names do: any case)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError("Procfile %s: %s (give another with -f)" % (path, e.strerror or e)) from None
+    procs, lines = {}, {}
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        m = _PROCFILE_LINE.match(line)
+        if m is None:
+            raise ConfigError("%s:%d: %r is not a `name: command` line (names: letters, digits, _ and -)"
+                              % (path, n, line.strip()))
+        name = m.group(1)
+        if name.lower() in lines:
+            raise ConfigError("%s:%d: process type %r is already defined on line %d"
+                              % (path, n, name, lines[name.lower()]))
+        procs[name], lines[name.lower()] = m.group(2).strip(), n
+    if not procs:
+        raise ConfigError("Procfile %s: no process types in it (lines are `name: command`)" % path)
+    return procs
+
+
+_DOTENV_LINE = re.compile(r"\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*)$")
+
+
+def parse_dotenv(text: str) -> dict:
+    """A .env file as honcho reads it: NAME=value lines, the rest ignored; a value in
+    single quotes is literal, in double quotes it takes \\n, \\t and \\-escapes, bare it
+    ends at a `` #`` comment."""
+    values = {}
+    for line in text.splitlines():
+        m = _DOTENV_LINE.match(line)
+        if m is None:
+            continue
+        raw = m.group(2).strip()
+        if len(raw) >= 2 and raw[0] in "'\"" and raw[-1] == raw[0]:
+            value = raw[1:-1]
+            if raw[0] == '"':
+                value = re.sub(r"\\(.)", lambda e: {"n": "\n", "t": "\t"}.get(e.group(1), e.group(1)), value)
+        else:
+            value = re.split(r"\s+#", raw, maxsplit=1)[0]
+        values[m.group(1)] = value
+    return values
+
+
+def _read_env_files(spec: str | None) -> dict:
+    """-e FILE[,FILE...] merged (a later file wins); .env when not given and present."""
+    files = [f.strip() for f in (spec or ".env").split(",") if f.strip()]
+    env = {}
+    for path in files:
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                env.update(parse_dotenv(f.read()))
+        except FileNotFoundError:
+            if spec:        # named on the command line: it must be there
+                raise ConfigError("env file %s: no such file (-e)" % path) from None
+        except OSError as e:
+            raise ConfigError("env file %s: %s" % (path, e.strerror or e)) from None
+    return env
+
+
+def _concurrency(spec: list, names) -> dict:
+    """-c/-m web=2,worker=1 (``all=N`` for every type): {name: N}, 1 for the rest."""
+    counts = dict.fromkeys(names, 1)
+    for item in ",".join(spec or ()).split(","):
+        if not item.strip():
+            continue
+        name, _, n = item.partition("=")
+        name = name.strip()
+        try:
+            count = _count(n)
+        except ValueError:
+            raise ConfigError("-c/-m %s: give name=N with N a number >= 0" % item.strip()) from None
+        if name == "all":
+            counts = dict.fromkeys(counts, count)
+        elif name in counts:
+            counts[name] = count
+        else:
+            raise ConfigError("-c/-m %s: no process type %r in the Procfile (%s)"
+                              % (item.strip(), name, ", ".join(counts)))
+    return counts
+
+
+def procfile_config(args) -> tuple:
+    """The CircusConfig a Procfile run makes (one critical watcher per process type, no
+    respawn) and the width of its labels; ConfigError for bad input."""
+    procs = parse_procfile(args.procfile)
+    for name in args.processes:
+        if name not in procs:
+            raise ConfigError("no process type %r in %s (it has %s)" % (name, args.procfile, ", ".join(procs)))
+    names = list(dict.fromkeys(args.processes)) or list(procs)
+    env = _read_env_files(args.env)
+    port = env.pop("PORT", None) or args.port or os.environ.get("PORT") or 5000
+    try:
+        port = _port(port)
+    except ValueError as e:
+        raise ConfigError("PORT %s: %s" % (port, e)) from None
+    counts = _concurrency(args.concurrency, names)
+    width = max([len("system")] + [len("%s.%d" % (n, counts[n])) for n in names])
+    cfg = CircusConfig()
+    cfg.shutdown_timeout = args.timeout
+    stream = {"class": "JSONStdoutStream"} if args.json else {"class": "StdoutStream"} if args.no_prefix \
+        else {"class": "PrefixStdoutStream", "width": width, "colour": "false" if args.no_colour else "auto"}
+    for i, name in enumerate(names):
+        try:
+            wc = WatcherConfig(name, {
+                "cmd": procs[name], "shell": True, "numprocesses": counts[name], "respawn": False,
+                "critical": True, "copy_env": True, "env": env, "port_base": port + 100 * i,
+                "stopasgroup": True, "killasgroup": True, "graceful_timeout": args.timeout,
+                "stdout_stream": stream, "stderr_stream": stream})
+            cfg.watchers.append(wc.check())
+        except ValueError as e:
+            raise ConfigError("%s: %s" % (name, e)) from None
+    return cfg, width
+
+
+class _ProcfileSays:
+    """The daemon's own lines in Procfile mode, as honcho words them: ``web.1 started
+    (pid=123)``, ``web.1 stopped (rc=3)`` (an arbiter listener)."""
+
+    def __init__(self, arbiter):
+        self.arbiter = arbiter
+        self.labels = {}        # pid -> "web.1"
+        self.log = logging.getLogger("circus.procfile")
+        self.log.setLevel(logging.INFO)     # these lines, while the daemon's own say warnings only
+
+    def __call__(self, topic, payload):
+        parts = topic.split(".")
+        pid = payload.get("process_pid") if isinstance(payload, dict) else None
+        if parts[0] != "watcher" or pid is None:
+            return
+        if parts[-1] == "spawn":
+            for w in self.arbiter.watchers:
+                p = w.processes.get(pid)
+                if p is not None and w.topic_name == ".".join(parts[1:-1]):
+                    self.labels[pid] = "%s.%d" % (w.name, p.wid)
+                    self.log.info("%s started (pid=%d)", self.labels[pid], pid)
+        elif parts[-1] == "reap" and pid in self.labels:
+            self.log.info("%s stopped (rc=%s)", self.labels.pop(pid), payload.get("exit_code"))
+
+
+def _procfile_logging(args, width) -> None:
+    """``HH:MM:SS system | ...`` lines on stdout (stderr with --json: stdout is JSON lines)."""
+    setup_logging("warning", "stderr" if args.json else "stdout")
+    for h in _log().handlers:
+        h.setFormatter(logging.Formatter("%%(asctime)s %s | %%(message)s" % "system".ljust(width), "%H:%M:%S"))
+
+
+def _start_parser():
+    import argparse
+    p = argparse.ArgumentParser(
+        prog="python circus.py start",
+        description="Run the processes of a Procfile (as honcho and foreman do): when one exits, "
+                    "all stop and its exit code is ours; Ctrl-C or SIGTERM stop all (exit 0).")
+    p.add_argument("processes", nargs="*", metavar="PROCESS", help="process types to run (default: all)")
+    p.add_argument("-f", "--procfile", default="Procfile", help="the Procfile (default: ./Procfile)")
+    p.add_argument("-e", "--env", help="env files, comma-separated, later ones win (default: .env if present)")
+    p.add_argument("-c", "--concurrency", "-m", "--formation", action="append", metavar="NAME=N,...",
+                   help="how many of each type (default 1 each; all=N for every type)")
+    p.add_argument("-p", "--port", type=_port, help="base port: PORT is this + 100 per type + 1 per "
+                   "process (default: PORT from the env file, then from the environment, then 5000)")
+    p.add_argument("-t", "--timeout", type=_seconds, default=5.0,
+                   help="seconds to stop in before SIGKILL (shutdown_timeout; default 5)")
+    p.add_argument("--no-prefix", action="store_true", help="output lines as they are, no prefix")
+    p.add_argument("--no-colour", "--no-color", action="store_true", help="no colours in the prefixes")
+    p.add_argument("--json", action="store_true", help="output as JSON lines (time, name, wid, pid, "
+                   "stream, line); the daemon's own lines go to stderr")
+    return p
+
+
+def start_main(argv) -> int:
+    """``start``: a Procfile run, serving ctl on the default endpoint."""
+    args = _start_parser().parse_args(argv)
+    missing = _missing_dependency()
+    if missing:
+        sys.stderr.write("error: %s\n" % missing)
+        return 1
+    try:
+        cfg, width = procfile_config(args)
+        _procfile_logging(args, width)
+        arbiter = Arbiter.from_config(cfg)
+    except (CircusError, ValueError) as e:
+        sys.stderr.write("error: %s\n" % e)
+        return 1
+    arbiter.listeners.append(_ProcfileSays(arbiter))
+    return _run_arbiter(arbiter)
+
+
+def check_procfile(path: str) -> int:
+    """``check Procfile``: one line, exit 0 (with a summary) or 1."""
+    try:
+        procs = parse_procfile(path)
+    except ConfigError as e:
+        sys.stderr.write("error: %s\n" % e)
+        return 1
+    sys.stdout.write("%s: ok (%d process types: %s)\n" % (path, len(procs), ", ".join(procs)))
+    return 0
+
+
 _MAIN_USAGE = """\
 usage: python circus.py daemon CONFIG [--daemon] [--pidfile F] [--log-level L] [--log-output F]
-       python circus.py check CONFIG
+       python circus.py check CONFIG|Procfile
+       python circus.py start [PROCESS...] [-f Procfile] [-e .env] [-c web=2] [-p 5000] [--json]
        python circus.py ctl [--endpoint E] [--timeout S] [--json] COMMAND [ARGS]
        python circus.py web [--endpoint E] [--host H] [--port P] [--token-file F]
        python circus.py --version
@@ -11447,10 +11777,12 @@ def main(argv=None) -> int:
         return web_main(rest)
     if mode == "check":
         return check_main(rest)
+    if mode == "start":
+        return start_main(rest)
     if os.path.isfile(mode) or (mode.startswith("-") and any(os.path.isfile(a) for a in rest)):
         return daemon_main(argv)            # `python circus.py [--daemon...] FILE`, as circusd
-    sys.stderr.write("error: no such file: %r (give a config file, or the mode daemon, ctl, web or "
-                     "check; see python circus.py --help)\n" % mode)
+    sys.stderr.write("error: no such file: %r (give a config file, or the mode daemon, ctl, web, "
+                     "check or start; see python circus.py --help)\n" % mode)
     return 2
 
 

@@ -3658,6 +3658,221 @@ def test_e2e_sigterm_quits(daemon):
     assert not any(psutil.pid_exists(p) for p in pids)
 
 
+def test_critical_and_shutdown_timeout_keys_in_both_formats(tmp_path):
+    cfg = circus.load_config(write(tmp_path / "c.ini", """
+        [circus]
+        shutdown_timeout = 8
+        [watcher:w]
+        cmd = sleep 1
+        critical = true
+        [program:p]
+        command = sleep 1
+        critical = true
+        [program:q]
+        command = sleep 1
+        """))
+    assert cfg.shutdown_timeout == 8.0
+    assert [w.options["critical"] for w in cfg.watchers] == [True, True, False]
+    assert circus.Arbiter.from_config(cfg).shutdown_timeout == 8.0
+    with pytest.raises(circus.ConfigError, match="shutdown_timeout"):
+        circus.load_config(write(tmp_path / "d.ini", "[circus]\nshutdown_timeout = -1\n"))
+    assert [circus.exit_status(c) for c in (0, 42, -9, -15)] == [0, 42, 137, 143]
+
+
+def _wait_exit(d):
+    d.proc.wait(TIMEOUT)
+    return d.proc.returncode
+
+
+def test_e2e_critical_watcher_exit_code_ends_the_daemon(daemon):
+    d = daemon("""
+        [watcher:late]
+        cmd = sleep 120
+        [watcher:crit]
+        cmd = sh -c 'exit 42'
+        respawn = false
+        critical = true
+        """, start=False).start(wait=False)
+    assert _wait_exit(d) == 42
+    log = d.log.read_text()
+    assert "watcher crit is critical" in log and "exiting with code 42" in log
+    assert "watcher late stopped" in log
+
+
+def test_e2e_critical_watcher_killed_by_a_signal_exits_128_plus_n_and_others_do_not_count(daemon):
+    d = daemon("""
+        [watcher:other]
+        cmd = sh -c 'exit 5'
+        respawn = false
+        [watcher:crit]
+        cmd = sleep 120
+        critical = true
+        respawn = false
+        """)
+    wait_for(lambda: d.call("status", name="other")["status"] == "stopped", what="other to exit")
+    assert d.ready()        # a watcher that is not critical ends by itself: the daemon stays
+    os.kill(d.pids("crit")[0], signal.SIGKILL)
+    assert _wait_exit(d) == 137
+
+
+def test_e2e_critical_watcher_fatal_after_retries_exits_with_its_code(daemon):
+    d = daemon("""
+        [watcher:crit]
+        cmd = sh -c 'exit 3'
+        max_retry = 2
+        critical = true
+        """, start=False).start(wait=False)
+    assert _wait_exit(d) == 3
+    assert "gave up (FATAL)" in d.log.read_text()
+
+
+def test_e2e_shutdown_timeout_sigkills_what_ignores_sigterm_and_quit_exits_0(daemon):
+    d = daemon("""
+        shutdown_timeout = 0.3
+        [watcher:deaf]
+        cmd = sh -c 'trap "" TERM; exec sleep 120'
+        graceful_timeout = 60
+        """)        # the first line goes in the [circus] section the fixture writes
+    pid = d.pids("deaf")[0]
+    assert d.ctl("quit").stdout == "ok\n"
+    assert _wait_exit(d) == 0
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert "shutdown_timeout (0.3 s) reached: SIGKILL to the 1 processes" in d.log.read_text()
+
+
+def _start_args(*argv):
+    return circus._start_parser().parse_args(list(argv))
+
+
+def test_procfile_and_env_files_parse_as_honcho_reads_them(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PORT", raising=False)
+    write(tmp_path / "Procfile", """
+        # a comment, then a blank line
+
+        web: python -m http.server $PORT
+        worker_2: sh -c 'echo  a: b'
+        clock-x:run
+        """)
+    assert circus.parse_procfile("Procfile") == {
+        "web": "python -m http.server $PORT", "worker_2": "sh -c 'echo  a: b'", "clock-x": "run"}
+    assert circus.parse_dotenv(textwrap.dedent("""
+        A=1
+        export B = two words # a comment
+        C='single $x # kept'
+        D="line\\nnext \\"q\\""
+        # E=no
+        not a line
+        """)) == {"A": "1", "B": "two words", "C": "single $x # kept", "D": 'line\nnext "q"'}
+    write(tmp_path / ".env", "GREETING=hi\nPORT=6000\n")
+    write(tmp_path / "more.env", "GREETING=later wins\n")
+    # types counted in the order they start (those named, in that order), 100 apart; .env's
+    # PORT beats -p; -c and -m both take name=N
+    cfg, width = circus.procfile_config(_start_args("worker_2", "web", "-p", "7000", "-m", "web=2",
+                                                    "-e", ".env,more.env"))
+    assert [(w.name, w.options["numprocesses"], w.options["port_base"]) for w in cfg.watchers] == \
+        [("worker_2", 1, 6000), ("web", 2, 6100)]
+    assert width == len("worker_2.1")
+    w = cfg.watchers[1]
+    assert w.options["critical"] and not w.options["respawn"] and w.stdout_stream["class"] == "PrefixStdoutStream"
+    assert w.env["GREETING"] == "later wins" and "PORT" not in w.env
+    launcher = circus.Watcher("web", config=w).launcher
+    assert [launcher.process(wid, {}).env["PORT"] for wid in (1, 2)] == ["6100", "6101"]
+    (tmp_path / ".env").unlink()
+    cfg, _ = circus.procfile_config(_start_args("-c", "all=0,web=3", "--json"))
+    assert [(w.options["numprocesses"], w.options["port_base"]) for w in cfg.watchers] == \
+        [(3, 5000), (0, 5100), (0, 5200)]
+    assert cfg.watchers[0].stdout_stream == {"class": "JSONStdoutStream"}
+    for argv, needle in ((("nope",), "no process type 'nope'"), (("-c", "web=x"), "name=N"),
+                         (("-m", "db=1"), "no process type 'db'"), (("-e", "gone.env"), "no such file")):
+        with pytest.raises(circus.ConfigError, match=needle):
+            circus.procfile_config(_start_args(*argv))
+
+
+@pytest.mark.parametrize("body, rc, needle", [
+    ("web: a\nworker: b\n", 0, "Procfile: ok (2 process types: web, worker)"),
+    ("web: a\nWeb: b\n", 1, "Procfile:2: process type 'Web' is already defined on line 1"),
+    ("web: a\n  oops\n", 1, "Procfile:2: 'oops' is not a `name: command` line"),
+    ("# only a comment\n", 1, "no process types"),
+    (None, 1, "Procfile Procfile: No such file or directory"),
+])
+def test_check_procfile(tmp_path, monkeypatch, capsys, body, rc, needle):
+    monkeypatch.chdir(tmp_path)
+    if body is not None:
+        write(tmp_path / "Procfile", body)
+    assert circus.main(["check", "Procfile"]) == rc
+    out, err = capsys.readouterr()
+    assert needle in (out + err) and len((out + err).splitlines()) == 1
+
+
+def _start_session(root, *argv):
+    """``circus.py start`` in ``root``, its default endpoint private to ``root``."""
+    env = dict(os.environ, XDG_RUNTIME_DIR=str(root))
+    env.pop("PORT", None)
+    out = open(os.path.join(root, "out"), "wb")
+    proc = subprocess.Popen([sys.executable, str(CIRCUS_PY), "start"] + list(argv), cwd=str(root),
+                            env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+    out.close()
+    return proc, env
+
+
+def _end_session(proc):
+    kids = []
+    with contextlib.suppress(psutil.Error):
+        kids = psutil.Process(proc.pid).children(recursive=True)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    for p in kids:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    proc.wait(TIMEOUT)
+
+
+def test_e2e_procfile_ports_env_and_one_exit_stops_all_with_its_code(shortdir):
+    root = pathlib.Path(shortdir)
+    write(root / "Procfile", """
+        web: echo "web $PORT $GREETING"; exec sleep 120
+        worker: echo "worker $PORT"; exec sleep 120
+        clock: echo "clock $PORT"; while [ ! -e go ]; do sleep 0.02; done; exit 3
+        """)
+    write(root / ".env", "GREETING='hello there'\n")
+    proc, _ = _start_session(root, "-m", "web=2", "--no-colour")
+    try:
+        out = root / "out"
+        wait_for(lambda: all(s in out.read_text() for s in ("web 5000", "web 5001", "worker 5100", "clock 5200")),
+                 what="the 4 processes to talk")
+        pids = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
+        (root / "go").touch()
+        assert proc.wait(TIMEOUT) == 3
+        text = out.read_text()
+        for line in ("web.1    | web 5000 hello there", "web.2    | web 5001 hello there",
+                     "worker.1 | worker 5100", "clock.1  | clock 5200", "system   | clock.1 stopped (rc=3)"):
+            assert line in text, text
+        assert re.search(r"^\d\d:\d\d:\d\d system   \| web\.2 started \(pid=\d+\)$", text, re.M), text
+        assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    finally:
+        _end_session(proc)
+
+
+def test_e2e_procfile_session_answers_ctl_and_sigterm_exits_0(shortdir):
+    root = pathlib.Path(shortdir)
+    write(root / "Procfile", "web: exec sleep 120\n")
+    proc, env = _start_session(root, "--no-prefix")
+    try:
+        def status():
+            r = subprocess.run([sys.executable, str(CIRCUS_PY), "ctl", "status"], env=env,
+                               capture_output=True, text=True, timeout=LONG)
+            return r.stdout == "web: active\n"
+        # as for a daemon, ctl tries the default ipc endpoint once its socket is there
+        wait_for((root / "circus" / "control.sock").exists, what="the control socket")
+        wait_for(status, what="ctl to find the start session on the default endpoint")
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(TIMEOUT) == 0
+    finally:
+        _end_session(proc)
+
+
 def _spawning_config(marker, n, count=3):
     # parent_death_signal = none: only the daemon's own stop may end them
     return "".join("""
@@ -7624,6 +7839,31 @@ def test_restart_policies_back_off_on_an_injected_clock():
     w.policy = circus.RestartPolicy.of(w, before=w.policy)
     assert type(w.policy) is circus.RestartPolicy and w.policy.clock is clock
 
+
+def test_a_critical_watcher_that_will_not_run_on_calls_critical_exit_with_its_status():
+    """Each way a watcher gives up ends in one Arbiter.critical_exit(name, code, reason)
+    call when it is critical, and in none when it is not."""
+    import types
+
+    def watcher(**options):
+        w = _policy_watcher(clock, **options)
+        w.arbiter = types.SimpleNamespace(critical_exit=lambda *a: calls.append(a[:2]))
+        return w
+    clock, calls = FakeClock(1000.0), []
+    _exited(watcher(respawn=False, critical=True), clock, -9, 5)            # killed by SIGKILL
+    _exited(watcher(startsecs=1, autorestart="false", critical=True), clock, 2, 5)
+    _exited(watcher(startsecs=1, autorestart="unexpected", critical=True), clock, 0, 5)
+    w = watcher(max_retry=2, critical=True)
+    for _ in range(2):                  # FATAL after max_retry: its last exit code
+        _exited(w, clock, 3, 0.01)
+        clock.advance(10)
+    w = watcher(critical=True, **{"flapping.attempts": 2, "flapping.window": 10})
+    w.flapping = circus.Flapping.from_settings(None, w.conf.free)
+    for _ in range(2):
+        _exited(w, clock, 4, 5)
+    assert calls == [("w", 137), ("w", 2), ("w", 0), ("w", 3), ("w", 4)]
+    _exited(watcher(respawn=False), clock, 1, 5)                            # not critical
+    assert len(calls) == 5
 
 def test_set_startsecs_during_a_backoff_keeps_respawning():
     """`set startsecs` switches Circus's and Supervisor's rules while a backoff is pending:
