@@ -5959,7 +5959,9 @@ OWNER_KEYS = frozenset((
     "close_child_stderr", "check_flapping", "flapping_attempts", "flapping_window", "retry_in",
     "parent_death_signal", "ready", "ready_timeout", "startsecs", "autorestart", "exitcodes",
     "stopasgroup", "killasgroup", "redirect_stderr", "umask", "max_rss", "max_cpu",
-    "watchdog_interval", "watchdog_grace", "watchdog_signal") + HEALTH_KEYS)
+    "watchdog_interval", "watchdog_grace", "watchdog_signal",
+    # an exec: check runs as the watcher's user; health_action = exit would end every watcher
+    "health_check", "health_interval", "health_timeout", "health_failures"))
 
 class Peer:
     """A user other than root and the daemon's own who sent a request (the endpoint_owner)."""

@@ -6402,7 +6402,39 @@ def test_health_checks_exist_only_where_configured_and_follow_set():
     b.conf.set("health_check", None)
     arb._watch_resources(b)
     assert b.health is None
-    assert "health_check" in circus.OWNER_KEYS       # an exec: check runs a command
+    # an exec: check runs as the watcher's user; exit would end the daemon: root's
+    assert "health_check" in circus.OWNER_KEYS and "health_action" not in circus.OWNER_KEYS
+
+
+def test_health_keys_in_both_formats_and_in_metrics(tmp_path):
+    cfg = circus.load_config(write(tmp_path / "c.ini", """\
+[program:p]
+command = sleep 1
+numprocs = 2
+process_name = p%(process_num)d
+health_check = tcp://127.0.0.1:80%(process_num)02d
+health_action = signal:hup
+[watcher:w]
+cmd = sleep 1
+health_check = exec:check $(circus.wid)
+health_interval = 0.5
+"""))
+    o = {wc.name: wc.options for wc in cfg.watchers}
+    assert [o["p:p%d" % n]["health_check"] for n in (0, 1)] == ["tcp://127.0.0.1:8000", "tcp://127.0.0.1:8001"]
+    assert o["p:p0"]["health_action"] == "signal:SIGHUP" and o["p:p0"]["health_interval"] == 10.0
+    assert (o["w"]["health_check"], o["w"]["health_interval"], o["w"]["health_timeout"],
+            o["w"]["health_failures"], o["w"]["health_action"]) == ("exec:check $(circus.wid)", 0.5, 2.0, 3, "restart")
+    snap = {"time": 10.0, "daemon": {"rss": 1},
+            "watchers": [{"name": "w", "status": "active", "numprocesses": 2, "restarts": 0, "flapping": False,
+                          "health_failures": 4,
+                          "processes": [{"pid": 5, "wid": 1, "rss": 7, "cpu": 0.0, "started": 9.0,
+                                         "state": "RUNNING", "healthy": False},
+                                        {"pid": 6, "wid": 2, "rss": 7, "cpu": 0.0, "started": 9.0,
+                                         "state": "RUNNING", "healthy": None}]}]}
+    text = circus.metrics_text(snap)
+    assert 'circus_process_healthy{watcher="w",pid="5",wid="1"} 0' in text
+    assert not re.search(r'circus_process_healthy\{[^}]*pid="6"', text)      # not probed yet
+    assert 'circus_watcher_health_failures_total{watcher="w"} 4' in text
 
 
 def test_health_probes_http_tcp_and_an_exec_check_killed_with_its_group_at_timeout(tmp_path):
