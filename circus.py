@@ -6616,11 +6616,12 @@ def _stats_off_loop(watchers, extended):
 
     async def run():
         result = await asyncio.get_running_loop().run_in_executor(None, compute)
-        if extended:
-            for w, infos in result:
-                for pid, info in infos.items():
-                    if isinstance(info, dict):
-                        w.call_hook("extended_stats", pid=pid, stats=info)
+        for w, infos in result:
+            for pid, info in infos.items():
+                if isinstance(info, dict) and w.health is not None:
+                    info.update(_health_fields(w, pid))
+                if extended and isinstance(info, dict):
+                    w.call_hook("extended_stats", pid=pid, stats=info)
         return {w: {str(pid): info for pid, info in infos.items()} for w, infos in result}
     return run()
 

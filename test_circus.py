@@ -6537,9 +6537,10 @@ def test_e2e_health_checks_restart_stop_and_never_hold_up_a_respawn(daemon, shor
     wait_for(lambda: d.call("status", name="db")["status"] == "stopped", what="db stopped")
     # the HTTP worker answers 200, then 500: restarted after health_failures x health_interval
     wait_for(lambda: "health: ok" in d.ctl("status", "web", "--long").stdout, what="web healthy")
+    (pid,) = d.pids("web")
     assert [p["healthy"] for w in d.call("snapshot")["watchers"] if w["name"] == "web"
             for p in w["processes"]] == [True]
-    (pid,) = d.pids("web")
+    assert d.call("stats", name="web")["info"][str(pid)]["health"] == "health: ok"
     t0 = time.time()
     write(root / "sick", "")
     _, sick = ev.wait(lambda t, p: t == "watcher.web.unhealthy", what="web unhealthy")
