@@ -941,6 +941,48 @@ def _cron(value):
     return text
 
 
+_HEALTH_ADDR = re.compile(r"(http|tcp)://(\[[0-9A-Fa-f:.%\w]+\]|[^\s:/\[\]]+):(\d+)(/\S*)?")
+_HEALTH_FORMS = "use http://HOST:PORT/PATH, tcp://HOST:PORT or exec:COMMAND"
+
+
+def health_target(text: str) -> tuple:
+    """A health_check, expanded: ("http", host, port, path), ("tcp", host, port, None)
+    or ("exec", command, None, None). ValueError names the forms."""
+    text = str(text).strip()
+    if text.startswith("exec:"):
+        if not text[5:].strip():
+            raise ValueError("%r: exec: needs a command, e.g. exec:pg_isready -q" % text)
+        return "exec", text[5:].strip(), None, None
+    m = _HEALTH_ADDR.fullmatch(text)
+    if not m or (m.group(1) == "tcp" and m.group(4)):
+        hint = " (for https: exec:curl -fsS https://...)" if text.startswith("https:") else ""
+        raise ValueError("%r: %s%s" % (text, _HEALTH_FORMS, hint))
+    port = _port(m.group(3))
+    return m.group(1), m.group(2).strip("[]"), port, m.group(4) or ("/" if m.group(1) == "http" else None)
+
+
+def _health_check(value):
+    """Checked at load; one with $(circus.X) in its address is checked again per process."""
+    text = str(value).strip()
+    if not text:
+        return None
+    if _CIRCUS_VAR.search(text) and not text.startswith("exec:"):
+        if not text.startswith(("http://", "tcp://")):
+            raise ValueError("%r: %s" % (text, _HEALTH_FORMS))
+        return text
+    health_target(text)
+    return text
+
+
+def _health_action(value) -> str:
+    text = str(value).strip()
+    if text.lower() in ("restart", "stop", "exit"):
+        return text.lower()
+    if text.lower().startswith("signal:"):
+        return "signal:" + signame(to_signum(text[7:]))
+    raise ValueError("%r: use restart, stop, exit or signal:NAME (e.g. signal:USR1)" % (value,))
+
+
 #: Watcher options: name -> (converter, default). One table serves the INI
 #: parser, `add`, `set`, `options` and `get`.
 WATCHER_OPTIONS = {
@@ -1007,7 +1049,16 @@ WATCHER_OPTIONS = {
     "watchdog_interval": (_seconds, 5.0),
     "watchdog_grace": (_count, 3),
     "watchdog_signal": (lambda v: None if v in (None, "") else to_signum(v), None),
+    # health checks (see HealthCheck): each process probed every health_interval once up
+    "health_check": (lambda v: None if v in (None, "") else _health_check(v), None),
+    "health_interval": (ranged(_seconds, 0.1, 86400), 10.0),
+    "health_timeout": (ranged(_seconds, 0.01, 3600), 2.0),
+    "health_failures": (ranged(to_int, 1, 1000), 3),
+    "health_action": (_health_action, "restart"),
 }
+
+#: The health check keys, as both formats spell them.
+HEALTH_KEYS = ("health_check", "health_interval", "health_timeout", "health_failures", "health_action")
 
 #: The options `options`/`get` show, as circusd 0.19 does (plus free-form keys).
 VISIBLE_OPTIONS = (
@@ -2508,7 +2559,7 @@ _SV_PROGRAM_KEYS = {
     "socket", "socket_backlog", "socket_owner", "socket_mode",
     # circus.py's own: schedules
     "cron", "restart_cron",
-}
+} | set(HEALTH_KEYS)
 _SV_LISTENER_KEYS = {"events", "buffer_size", "result_handler"}
 #: Keys read once per section (no %(process_num)); the others are per process.
 _SV_PER_SECTION = {"priority", "autostart", "autorestart", "startsecs", "startretries", "stopsignal",
@@ -2828,6 +2879,10 @@ class _SvProgram:
         wc.sv = self.sv or None
         if gprio is not None and gname != self.pname:
             wc.group_priority = -gprio
+        for key in HEALTH_KEYS:         # per process: %(process_num)s may pick its port
+            text = self.get(key, names=per)
+            if text is not None:
+                wc.set(key, self.conv(key, text, WATCHER_OPTIONS[key][0]))
         wc.forward_output = False       # no logfile means discarded (kept for `ctl tail` only)
         for which in ("stdout", "stderr"):
             if not (which == "stderr" and common["redirect_stderr"]):     # stderr in stdout's log
@@ -4769,6 +4824,8 @@ class Watcher:
     # The WatcherConfig as the config file last gave it, kept apart from ``conf``
     # (which incr/set change): reloadconfig applies only what the file changed.
     file_conf: WatcherConfig | None = None
+    # Its HealthCheck (health_check), set by the arbiter: told when a process is up and gone.
+    health = None
 
     def __init__(self, name: str, cmd: str | None = None, args=None, *, config: WatcherConfig | None = None,
                  on_event=None, sockets: dict | None = None, arbiter=None, search_dirs=(),
@@ -4988,6 +5045,8 @@ class Watcher:
         elif o["startsecs"]:
             p.promote = asyncio.get_event_loop().call_later(o["startsecs"], self._promote, p)
         self.emit("spawn", process_pid=p.pid, time=p.started, state=p.state)
+        if self.health is not None and p.state == ProcState.RUNNING:
+            self.health.up(p)
         if not self.call_hook("after_spawn", pid=p.pid):
             self.processes.pop(p.pid, None)
             self.retiring[p.pid] = p
@@ -5049,6 +5108,8 @@ class Watcher:
         if p.alive and p.state == ProcState.STARTING:
             self.policy.process_up()
             p.enter(ProcState.RUNNING)
+            if self.health is not None:
+                self.health.up(p)
 
     async def wait_ready(self, procs) -> list:
         """Wait for the readiness of ``procs``; returns those that did not make it."""
@@ -5088,6 +5149,8 @@ class Watcher:
             p.promote = None
         if p.unready is not None:           # died before it was ready: stop waiting
             p.unready()
+        if self.health is not None:
+            self.health.gone(p)
         now = self.policy.clock.time()
         o = self.conf.options
         if not p.stopping and (o["stop_children"] or o["stopasgroup"] or o["killasgroup"]):
@@ -5121,6 +5184,15 @@ class Watcher:
         loop = asyncio.get_event_loop()
         loop.create_task(self.spawn_missing())
         loop.create_task(self._stop_process(p))
+
+    def restart_process(self, p: Process) -> None:
+        """In the background: stop ``p`` the usual way (hooks, stopasgroup,
+        graceful_timeout), then top up again."""
+        async def restart():
+            if p.pid in self.processes:
+                await self._stop_process(p)
+                await self.manage()
+        self.queue(restart)
 
     async def _stop_process(self, p: Process, sig=None):
         o = self.conf.options
@@ -5506,16 +5578,191 @@ class Watchdog:
             w.emit("watchdog", process_pid=pid, limit=what, value=value, max=limit, action=action)
             if self.signal:
                 w.processes[pid].send_signal(self.signal)
-            else:       # the usual stop (hooks, stopasgroup, graceful_timeout), then a respawn
-                proc = w.processes[pid]
-
-                async def restart(proc=proc):
-                    if proc.pid in w.processes:
-                        await w._stop_process(proc)
-                        await w.manage()
-                self._loop.create_task(w.arbiter_guard(_locked(w, restart)))
+            else:
+                w.restart_process(w.processes[pid])
         if self._loop is not None and not self._loop.is_closed():
             self._handle = self._loop.call_later(self.interval, self._tick)
+
+
+async def _net_probe(kind, host, port, path):
+    """One tcp:// or http:// probe (the caller bounds its time): None when healthy, else why not.
+    HTTP: a GET answered with a 2xx or 3xx status."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        if kind == "tcp":
+            return None
+        name = "[%s]" % host if ":" in host else host
+        writer.write(("GET %s HTTP/1.0\r\nHost: %s:%d\r\nUser-Agent: circus.py health check\r\n"
+                      "Connection: close\r\n\r\n" % (path, name, port)).encode("utf-8"))
+        await writer.drain()
+        line = await reader.readline()
+        parts = line.split()
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
+            return "no HTTP status line in the reply" if line else "closed without a reply"
+        code = int(parts[1])
+        return None if 200 <= code < 400 else "HTTP %d" % code
+    finally:
+        writer.close()
+
+
+async def _exec_probe(w, cmd: str, timeout: float):
+    """One exec: probe: ``cmd`` by /bin/sh as the watcher's processes run (user, folder,
+    environment), in a process group of its own that is killed when it times out or
+    when the wait is cancelled (the process it checks is gone). Exit 0 is healthy."""
+    o = w.conf.options
+    out = bytearray()
+
+    def keep(chunk):        # the end of its output says why it failed
+        out.extend(chunk["data"])
+        del out[:-512]
+    check = Process(0, cmd, shell=True, working_dir=o["working_dir"], uid=o["uid"], gid=o["gid"],
+                    env=w.env(), on_output=keep, stderr=subprocess.STDOUT, watcher_name=w.name,
+                    death_signal=signal.SIGKILL)
+    try:
+        check.spawn()
+    except (OSError, ValueError, subprocess.SubprocessError) as e:
+        return "cannot run it: %s" % (os_error_text(e) if isinstance(e, OSError) else e)
+    try:
+        code = await check.wait(timeout)
+    finally:
+        if check.alive:
+            check.signal_group(signal.SIGKILL)
+    if code is None:
+        return "timed out after %g s" % timeout
+    lines = bytes(out).decode("utf-8", "replace").strip().splitlines()
+    return None if code == 0 else describe_exit(code) + (": " + lines[-1][:200] if lines else "")
+
+
+class HealthCheck:
+    """``health_check`` of one watcher's processes.
+
+    Each process, once up (spawned, or past startsecs, or ready), is probed
+    every ``health_interval`` s, for ``health_timeout`` s at most; after
+    ``health_failures`` failed probes in a row it gets ``health_action`` and an
+    ``unhealthy`` event (``healthy`` when it passes again). Probes are asyncio
+    connections and subprocesses: a hung one holds up nothing else. A process
+    has one timer or one probe at a time; no process, no timer. ``probe``:
+    async (process) -> None or why not (tests pass their own).
+    """
+
+    def __init__(self, watcher, clock=None, probe=None):
+        o = watcher.conf.options
+        self.w = watcher
+        self.clock = clock or CLOCK
+        self.check = o["health_check"]
+        self.interval, self.timeout = o["health_interval"], o["health_timeout"]
+        self.limit, self.action = o["health_failures"], o["health_action"]
+        self.probe = probe or self._probe
+        self.pending: dict = {}     # pid -> timer of its next probe, or the running probe's task
+        self.health: dict = {}      # pid -> {"ok": last probe passed (None: none yet), "failures", "reason", "unhealthy"}
+        self.failed = 0             # failed probes in all (a /metrics counter)
+
+    def up(self, p) -> None:
+        """``p`` is up: its first probe in health_interval."""
+        if p.pid not in self.pending:
+            self.health.setdefault(p.pid, {"ok": None, "failures": 0, "reason": "", "unhealthy": False})
+            self._next(p)
+
+    def gone(self, p) -> None:
+        """``p`` exited or stops: no more probes (a running one is cancelled, its group killed)."""
+        handle = self.pending.pop(p.pid, None)
+        if handle is not None:
+            handle.cancel()
+        self.health.pop(p.pid, None)
+
+    def stop(self) -> None:
+        for handle in self.pending.values():
+            handle.cancel()
+        self.pending.clear()
+        self.health.clear()
+
+    def _next(self, p):
+        self.pending[p.pid] = self.clock.call_later(self.interval, lambda: self._due(p))
+
+    def _checked(self, p) -> bool:
+        return p.alive and self.w.processes.get(p.pid) is p and p.state == ProcState.RUNNING
+
+    def _due(self, p):
+        if not self._checked(p):
+            return self.gone(p)
+        self.pending[p.pid] = asyncio.get_event_loop().create_task(self._run(p))
+
+    async def _run(self, p):
+        why = await self.probe(p)
+        self.pending.pop(p.pid, None)
+        self.judge(p, why)
+
+    def target(self, p) -> tuple:
+        """health_target of ``p``: $(circus.wid) its wid, $(circus.sockets.NAME) a socket's
+        address (HOST:PORT, or the path of a unix socket)."""
+        socks = {name: s.path or ("[%s]:%s" if ":" in str(s.host) else "%s:%s") % (s.host, s.port)
+                 for name, s in self.w.sockets.items()}
+        return health_target(replace_circus_vars(self.check, self.w.launcher.vars(p.wid, socks)))
+
+    async def _probe(self, p):
+        try:
+            kind, what, port, path = self.target(p)
+            if kind == "exec":
+                return await _exec_probe(self.w, what, self.timeout)
+            return await asyncio.wait_for(_net_probe(kind, what, port, path), self.timeout)
+        except asyncio.TimeoutError:
+            return "timed out after %g s" % self.timeout
+        except OSError as e:        # refused, unreachable, no such host
+            return os.strerror(e.errno) if e.errno else str(e)
+        except ValueError as e:     # $(circus.X) made it no address
+            return str(e)
+
+    def judge(self, p, why) -> None:
+        """One probe's result (``why`` None: passed): counted, acted on, the next one timed."""
+        if not self._checked(p):        # stopping or gone meanwhile
+            return
+        h = self.health.setdefault(p.pid, {"ok": None, "failures": 0, "reason": "", "unhealthy": False})
+        if why is None:
+            if h["unhealthy"]:
+                self.w.emit("healthy", process_pid=p.pid)
+            h.update(ok=True, failures=0, reason="", unhealthy=False)
+        else:
+            self.failed += 1
+            h.update(ok=False, failures=h["failures"] + 1, reason=why)
+            if h["failures"] >= self.limit:
+                h.update(failures=0, unhealthy=True)
+                if not self._act(p, why):
+                    return
+        self._next(p)
+
+    def _act(self, p, why) -> bool:
+        """health_action on ``p``; True when ``p`` keeps running (signal:NAME)."""
+        w, act = self.w, self.action
+        _log().warning("watcher %s: pid %d failed its health check %d times in a row (%s): %s",
+                       w.name, p.pid, self.limit, why, act)
+        w.emit("unhealthy", process_pid=p.pid, failures=self.limit, reason=why, action=act)
+        if act.startswith("signal:"):
+            p.send_signal(to_signum(act[7:]))
+            return True
+        if act == "restart":
+            w.restart_process(p)
+        elif act == "exit" and w.arbiter is not None:      # the container exit policy
+            done = w.arbiter.critical_exit(w.name, 1, "unhealthy")
+            if asyncio.iscoroutine(done):
+                asyncio.get_event_loop().create_task(w.arbiter_guard(done))
+        else:       # stop (and exit with no daemon around: a Watcher used from Python)
+            w.queue(w.stop)
+        return False
+
+    def state(self, pid) -> dict | None:
+        """Health of a process: ok (None before its first probe), failures in a row, reason."""
+        return self.health.get(pid)
+
+    def describe(self, pid) -> str:
+        """For `status`: health: ok, failing 1/3 (why), unhealthy (why); empty before a probe."""
+        h = self.health.get(pid)
+        if h is None or h["ok"] is None:
+            return ""
+        if h["ok"]:
+            return "health: ok"
+        if h["unhealthy"]:
+            return "health: unhealthy (%s)" % h["reason"]
+        return "health: failing %d/%d (%s)" % (h["failures"], self.limit, h["reason"])
 
 
 def _stats_records(watchers, cache: dict) -> list:
@@ -5552,6 +5799,12 @@ def _stats_records(watchers, cache: dict) -> list:
     return out
 
 
+def _health_fields(w, pid) -> dict:
+    """A process's health for the dashboard: healthy (null: not probed yet) and a text."""
+    h = w.health.state(pid) if w.health is not None else None
+    return {"healthy": h and h["ok"], "health": w.health.describe(pid) if h else ""}
+
+
 def snapshot_skeleton(arbiter) -> dict:
     """Watchers and processes as they are now (on the loop: cheap, no psutil)."""
     ws = []
@@ -5563,8 +5816,9 @@ def snapshot_skeleton(arbiter) -> dict:
                                     and w.state == ProcState.STOPPED),
                    "last_error": w.last_error or None,
                    "next_run": arbiter.schedules[w].next_run() if w in arbiter.schedules else None,
-                   "processes": [{"wid": p.wid, "pid": p.pid, "state": p.state, "started": p.started}
-                                 for p in procs]})
+                   "health_failures": w.health.failed if w.health is not None else None,
+                   "processes": [dict({"wid": p.wid, "pid": p.pid, "state": p.state, "started": p.started},
+                                      **_health_fields(w, p.pid)) for p in procs]})
     return {"time": time.time(), "watchers": ws,
             "daemon": {"pid": os.getpid(), "version": __version__, "started": arbiter.started}}
 
@@ -5634,6 +5888,11 @@ def metrics_text(snap: dict) -> str:
            [(lab, p["cpu"]) for lab, p in procs])
     family("circus_process_age_seconds", "gauge", "seconds since spawn",
            [(lab, round(snap["time"] - p["started"], 3)) for lab, p in procs])
+    family("circus_process_healthy", "gauge", "1 if its last health check passed, 0 if it failed",
+           [({"watcher": w["name"], "pid": p["pid"], "wid": p["wid"]}, int(p["healthy"]))
+            for w in ws for p in w["processes"] if p.get("healthy") is not None])
+    family("circus_watcher_health_failures_total", "counter", "failed health checks",
+           [({"watcher": w["name"]}, w["health_failures"]) for w in ws if w.get("health_failures") is not None])
     family("circus_daemon_rss_bytes", "gauge", "the daemon's resident memory",
            [({}, snap["daemon"]["rss"] or 0)])
     return "\n".join(lines) + "\n"
@@ -6179,7 +6438,9 @@ OWNER_KEYS = frozenset((
     "close_child_stderr", "check_flapping", "flapping_attempts", "flapping_window", "retry_in",
     "parent_death_signal", "ready", "ready_timeout", "startsecs", "autorestart", "exitcodes",
     "stopasgroup", "killasgroup", "redirect_stderr", "umask", "max_rss", "max_cpu",
-    "watchdog_interval", "watchdog_grace", "watchdog_signal"))
+    "watchdog_interval", "watchdog_grace", "watchdog_signal",
+    # an exec: check runs as the watcher's user; health_action = exit would end every watcher
+    "health_check", "health_interval", "health_timeout", "health_failures"))
 
 class Peer:
     """A user other than root and the daemon's own who sent a request (the endpoint_owner)."""
@@ -6649,6 +6910,8 @@ def process_rows(w) -> list:
     for p in procs:
         name = w.name if w.numprocesses <= 1 and len(procs) == 1 else "%s:%d" % (w.name, p.wid)
         desc = "pid %d, uptime %s" % (p.pid, _uptime(now - p.started)) if p.state == ProcState.RUNNING else ""
+        if desc and w.health is not None and w.health.describe(p.pid):
+            desc += ", " + w.health.describe(p.pid)
         rows.append(_row(w, name, p.state, p.pid, now - p.started, desc))
     missing = w.numprocesses - len(w.processes)
     if procs and missing > 0 and w.sv_state == ProcState.BACKOFF and w.state == ProcState.RUNNING:
@@ -6876,11 +7139,12 @@ def _stats_off_loop(watchers, extended):
 
     async def run():
         result = await asyncio.get_running_loop().run_in_executor(None, compute)
-        if extended:
-            for w, infos in result:
-                for pid, info in infos.items():
-                    if isinstance(info, dict):
-                        w.call_hook("extended_stats", pid=pid, stats=info)
+        for w, infos in result:
+            for pid, info in infos.items():
+                if isinstance(info, dict) and w.health is not None:
+                    info.update(_health_fields(w, pid))
+                if extended and isinstance(info, dict):
+                    w.call_hook("extended_stats", pid=pid, stats=info)
         return {w: {str(pid): info for pid, info in infos.items()} for w, infos in result}
     return run()
 
@@ -7595,6 +7859,17 @@ class Arbiter:
             dog = self.watchdogs[w] = Watchdog(w, o)
             if self.loop is not None:
                 dog.start(self.loop)
+        self._watch_health(w)
+
+    def _watch_health(self, w):
+        """(Re)create the HealthCheck of ``w`` (none once removed or without health_check);
+        the processes already up are probed from now on."""
+        if w.health is not None:
+            w.health.stop()
+        w.health = HealthCheck(w) if w.conf.options["health_check"] and w in self.watchers else None
+        for p in list(w.processes.values()) if w.health is not None else ():
+            if p.state == ProcState.RUNNING:
+                w.health.up(p)
 
     def _prune_watchdogs(self):
         for w in [w for w in self.watchdogs if w not in self.watchers]:
@@ -7939,6 +8214,9 @@ class Arbiter:
             dog.stop()
         for sched in self.schedules.values():
             sched.stop()
+        for w in self.watchers:
+            if w.health is not None:
+                w.health.stop()
         if self._log_handler is not None:
             _log().removeHandler(self._log_handler)
             self._log_handler = None
@@ -8111,6 +8389,7 @@ class Arbiter:
         for w in ws:
             w._user_action(False)
             w._close_streams(final=True)
+            self._watch_health(w)
         self._prune_watchdogs()
 
     def _close_sockets(self, names=None) -> None:
@@ -11928,7 +12207,7 @@ tr.process td { font-size: .92em; } tr.process td:first-child { padding-left: 1.
 .state { font-weight: 600; text-transform: lowercase; }
 .state.active, .state.running { color: var(--ok); }
 .state.starting, .state.stopping, .state.backoff { color: var(--warn); }
-.state.stopped, .state.exited, .state.fatal, .state.flapping { color: var(--bad); }
+.state.stopped, .state.exited, .state.fatal, .state.flapping, .state.unhealthy { color: var(--bad); }
 .num { text-align: right; font-variant-numeric: tabular-nums; }
 .error { color: var(--bad); font-weight: normal; white-space: normal; }
 button, select { font: inherit; font-size: .85em; padding: .1em .5em; margin: 0 .1em; border: 1px solid var(--line);
@@ -12110,7 +12389,8 @@ function render(snap) {
       after = row;
       const c = row.cells_;
       c.name.textContent = s.name + ":" + p.wid;
-      setState(c.state, p.state);
+      setState(c.state, p.healthy === false ? "unhealthy" : p.state);     // failing its health check
+      c.state.title = p.health || "";
       c.pid.textContent = "pid " + p.pid;
       c.cpu.textContent = percent(p.cpu);
       c.rss.textContent = bytes(p.rss);

@@ -28,6 +28,7 @@ import sys
 import tempfile
 import textwrap
 import time
+import types
 import uuid
 
 import psutil
@@ -274,6 +275,19 @@ _LONG_PATH = "/tmp/" + "d" * 120 + ".sock"
     ("[watcher:a]\ncmd = x\nrlimit_nofile = 99999999999999999999999\n", 3, "-1 for unlimited"),
     ("[watcher:a]\ncmd = x\nrlimit_core = -2\n", 3, "rlimit_core: -2"),
     ("[watcher:a]\ncmd = x\nwatchdog_interval = nan\n", 3, "watchdog_interval"),
+    # health checks: the forms and the ranges
+    ("[watcher:a]\ncmd = x\nhealth_check = https://h:443/\n", 3, "health_check: 'https://h:443/': use "
+     "http://HOST:PORT/PATH, tcp://HOST:PORT or exec:COMMAND (for https: exec:curl"),
+    ("[watcher:a]\ncmd = x\nhealth_check = tcp://127.0.0.1\n", 3, "tcp://HOST:PORT"),
+    ("[watcher:a]\ncmd = x\nhealth_check = tcp://h:80/x\n", 3, "health_check: 'tcp://h:80/x'"),
+    ("[watcher:a]\ncmd = x\nhealth_check = http://h:99999/\n", 3, "99999 is out of range"),
+    ("[watcher:a]\ncmd = x\nhealth_check = exec:\n", 3, "exec: needs a command"),
+    ("[watcher:a]\ncmd = x\nhealth_check = udp://$(circus.sockets.s)\n", 3, "health_check: 'udp://"),
+    ("[watcher:a]\ncmd = x\nhealth_interval = 0\n", 3, "health_interval: 0 is out of range (use 0.1 to"),
+    ("[watcher:a]\ncmd = x\nhealth_timeout = nan\n", 3, "is not a finite number"),
+    ("[watcher:a]\ncmd = x\nhealth_failures = 0\n", 3, "health_failures: 0 is out of range (use 1 to 1000)"),
+    ("[watcher:a]\ncmd = x\nhealth_action = reboot\n", 3, "use restart, stop, exit or signal:NAME"),
+    ("[watcher:a]\ncmd = x\nhealth_action = signal:NOPE\n", 3, "health_action: 'NOPE' is not a signal name"),
     ("[watcher:a]\ncmd = x\nmax_rss = %s\n" % ("9" * 400), 3, "is not a finite number"),
     ("[watcher:a]\ncmd = x\nmax_cpu = -5\n", 3, "max_cpu: -5"),
     ("[watcher:a]\ncmd = x\nstdout_stream.max_bytes = -5\n", 3, "stdout_stream.max_bytes: -5"),
@@ -323,6 +337,8 @@ _LONG_PATH = "/tmp/" + "d" * 120 + ".sock"
     ("[fcgi-program:f]\ncommand = x\nsocket = unix:///tmp/f.sock\nsocket_mode = 1777\n", 4,
      "socket_mode: 1777"),
     ("[fcgi-program:f]\ncommand = x\nsocket = unix://%s\n" % _LONG_PATH, 3, "longer than a unix"),
+    ("[program:p]\ncommand = x\nhealth_check = http://h/\n", 3, "health_check: 'http://h/'"),
+    ("[program:p]\ncommand = x\nhealth_action = signal:NOPE\n", 3, "'NOPE' is not a signal name"),
     ("[eventlistener:e]\ncommand = x\n", 1, "an event listener needs events ="),
     ("[eventlistener:e]\ncommand = x\nevents = TICK_5, NOPE\n", 3, "events: unknown event type NOPE"),
     ("[eventlistener:e]\ncommand = x\nevents = TICK_5\nbuffer_size = 0\n", 4, "buffer_size: must be 1"),
@@ -6643,6 +6659,261 @@ def test_e2e_watchdog_restarts_a_process_over_its_memory_limit(daemon):
     ev.wait(lambda t, p: t == "watcher.hog.reap" and p["process_pid"] == pid, what="that hog stopped")
     wait_for(lambda: (lambda p: bool(p) and p[0] != pid)(d.pids("hog")), what="hog restarted")
     assert not [t for t, _ in ev.got if t == "watcher.lean.watchdog"]
+    ev.close()
+
+
+# -- health checks (health_check): the logic on a fake clock, the probes for real, then a daemon --
+
+class _HealthWatcher:
+    """What a HealthCheck uses of a watcher, recording the actions it takes."""
+
+    def __init__(self, **options):
+        conf = circus.WatcherConfig("web", dict({"cmd": "x", "health_check": "tcp://127.0.0.1:1"}, **options))
+        self.conf, self.name, self.processes, self.sockets = conf, "web", {}, {}
+        self.events, self.done = [], []
+        self.arbiter = types.SimpleNamespace(critical_exit=lambda *a: self.done.append(("critical_exit",) + a))
+
+    def emit(self, event, **payload):
+        self.events.append((event, payload))
+
+    def restart_process(self, p):
+        self.done.append(("restart", p.pid))
+
+    def stop(self):
+        pass
+
+    def queue(self, coro_fn):
+        self.done.append(("queue", coro_fn))
+
+
+def _health_run(w, results, steps):
+    """A HealthCheck of ``w`` on a FakeClock, its probes answering ``results`` in turn: the
+    clock moved one interval ``steps`` times. Returns (check, clock, process, signals)."""
+    import asyncio
+    clock, answers, signals = FakeClock(), iter(results), []
+    p = types.SimpleNamespace(pid=4242, wid=1, alive=True, state=circus.ProcState.RUNNING,
+                              send_signal=signals.append)
+    w.processes[p.pid] = p
+
+    async def probe(proc):
+        return next(answers)
+
+    async def run():
+        hc = circus.HealthCheck(w, clock=clock, probe=probe)
+        hc.up(p)
+        for _ in range(steps):
+            clock.advance(hc.interval)
+            for _ in range(3):
+                await asyncio.sleep(0)      # the probe's task runs, is judged, times the next one
+        return hc
+    return asyncio.run(run()), clock, p, signals
+
+
+def test_health_check_acts_after_failures_in_a_row_on_a_fake_clock():
+    w = _HealthWatcher(health_interval=0.5, health_failures=3)
+    hc, clock, p, _ = _health_run(w, [None, "HTTP 500", "HTTP 500", None, "HTTP 500", "HTTP 500",
+                                      "HTTP 500"], 7)
+    # the first probe health_interval after it is up, then one per interval; a pass resets the count
+    assert clock.delays == [0.5] * 7
+    assert w.done == [("restart", 4242)]
+    assert w.events == [("unhealthy", {"process_pid": 4242, "failures": 3, "reason": "HTTP 500",
+                                       "action": "restart"})]
+    assert not hc.pending and hc.failed == 5        # no more probes for a process being restarted
+    hc.gone(p)
+    assert hc.state(4242) is None
+
+
+def test_health_check_signal_action_keeps_probing_and_says_healthy_again():
+    w = _HealthWatcher(health_interval=0.2, health_failures=2, health_action="signal:usr1")
+    assert w.conf.options["health_action"] == "signal:SIGUSR1"
+    hc, clock, p, signals = _health_run(w, ["refused", "refused", None, "timed out after 2 s"], 4)
+    assert signals == [signal.SIGUSR1] and [e for e, _ in w.events] == ["unhealthy", "healthy"]
+    assert hc.describe(4242) == "health: failing 1/2 (timed out after 2 s)"
+    assert hc.state(4242)["ok"] is False and len(hc.pending) == 1
+    p.state = circus.ProcState.STOPPING         # a stop under way: the next probe does nothing
+    clock.advance(0.2)
+    assert not hc.pending and hc.state(4242) is None
+
+
+@pytest.mark.parametrize("action,done", [
+    ("stop", lambda w: [("queue", w.stop)]),
+    ("exit", lambda w: [("critical_exit", "web", 1, "unhealthy")]),     # the container exit policy
+])
+def test_health_check_stop_and_exit_actions(action, done):
+    w = _HealthWatcher(health_failures=1, health_action=action)
+    _health_run(w, ["closed without a reply"], 1)
+    assert w.done == done(w) and w.events[0][1]["action"] == action
+
+
+def test_health_checks_exist_only_where_configured_and_follow_set():
+    arb = circus.Arbiter([{"name": "a", "cmd": "sleep 1"},
+                          {"name": "b", "cmd": "sleep 1", "health_check": "exec:true"}], endpoint=None,
+                         pubsub_endpoint=None)
+    a, b = arb.watchers
+    assert a.health is None and isinstance(b.health, circus.HealthCheck)     # a never wakes for it
+    b.conf.set("health_check", None)
+    arb._watch_resources(b)
+    assert b.health is None
+    # an exec: check runs as the watcher's user; exit would end the daemon: root's
+    assert "health_check" in circus.OWNER_KEYS and "health_action" not in circus.OWNER_KEYS
+
+
+def test_health_keys_in_both_formats_and_in_metrics(tmp_path):
+    cfg = circus.load_config(write(tmp_path / "c.ini", """\
+[program:p]
+command = sleep 1
+numprocs = 2
+process_name = p%(process_num)d
+health_check = tcp://127.0.0.1:80%(process_num)02d
+health_action = signal:hup
+[watcher:w]
+cmd = sleep 1
+health_check = exec:check $(circus.wid)
+health_interval = 0.5
+"""))
+    o = {wc.name: wc.options for wc in cfg.watchers}
+    assert [o["p:p%d" % n]["health_check"] for n in (0, 1)] == ["tcp://127.0.0.1:8000", "tcp://127.0.0.1:8001"]
+    assert o["p:p0"]["health_action"] == "signal:SIGHUP" and o["p:p0"]["health_interval"] == 10.0
+    assert (o["w"]["health_check"], o["w"]["health_interval"], o["w"]["health_timeout"],
+            o["w"]["health_failures"], o["w"]["health_action"]) == ("exec:check $(circus.wid)", 0.5, 2.0, 3, "restart")
+    snap = {"time": 10.0, "daemon": {"rss": 1},
+            "watchers": [{"name": "w", "status": "active", "numprocesses": 2, "restarts": 0, "flapping": False,
+                          "health_failures": 4,
+                          "processes": [{"pid": 5, "wid": 1, "rss": 7, "cpu": 0.0, "started": 9.0,
+                                         "state": "RUNNING", "healthy": False},
+                                        {"pid": 6, "wid": 2, "rss": 7, "cpu": 0.0, "started": 9.0,
+                                         "state": "RUNNING", "healthy": None}]}]}
+    text = circus.metrics_text(snap)
+    assert 'circus_process_healthy{watcher="w",pid="5",wid="1"} 0' in text
+    assert not re.search(r'circus_process_healthy\{[^}]*pid="6"', text)      # not probed yet
+    assert 'circus_watcher_health_failures_total{watcher="w"} 4' in text
+
+
+def test_health_probes_http_tcp_and_an_exec_check_killed_with_its_group_at_timeout(tmp_path):
+    import asyncio
+    wid_file = tmp_path / "wid"
+
+    async def serve(reader, writer):
+        await reader.readline()
+        if served:
+            writer.write(served.pop(0))
+            await writer.drain()
+            writer.close()
+        else:
+            await reader.read()             # accepts, never answers (until the prober hangs up)
+
+    async def run():
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        w = circus.Watcher("web", "sleep 1", health_check="http://127.0.0.1:%d/health" % port,
+                           health_timeout=0.3)
+        w.sockets = {"s": types.SimpleNamespace(path=None, host="127.0.0.1", port=port)}
+        p = types.SimpleNamespace(pid=1, wid=7)
+        hc = circus.HealthCheck(w)
+        out = [await hc.probe(p) for _ in range(3)]
+        hc.check = "tcp://$(circus.sockets.s)"
+        out.append(await hc.probe(p))
+        server.close()
+        await server.wait_closed()
+        out.append(await hc.probe(p))       # nobody listens now
+        hc.check = "exec:sleep 61 & echo $(circus.wid) $$ $! > %s; exec sleep 62" % wid_file
+        t0 = time.monotonic()
+        out.append(await hc.probe(p))
+        out.append(time.monotonic() - t0)
+        _, leader, child = map(int, wid_file.read_text().split())
+        assert os.getpgid(child) == leader          # its own group, the one killed
+
+        def dead(pid):
+            try:
+                return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                return True
+        for _ in range(500):        # both killed (the orphan is init's to reap)
+            if dead(leader) and dead(child):
+                break
+            await asyncio.sleep(0.01)
+        else:
+            os.killpg(leader, signal.SIGKILL)
+            raise AssertionError("the timed-out check's process group is still there")
+        hc.check = "exec:echo not ready; exit 3"
+        out.append(await hc.probe(p))
+        return out
+    served = [b"HTTP/1.0 200 OK\r\n\r\n", b"HTTP/1.1 503 Service Unavailable\r\n\r\n"]
+    ok, bad, hung, tcp, refused, timed_out, took, failed = asyncio.run(run())
+    assert ok is None and bad == "HTTP 503" and hung == "timed out after 0.3 s"
+    assert tcp is None and "refused" in refused.lower()
+    assert timed_out == "timed out after 0.3 s" and took < TIMEOUT
+    assert wid_file.read_text().split()[0] == "7"          # $(circus.wid): the process's own
+    assert failed == "exit code 3: not ready"
+
+
+HEALTH_WORKER = """\
+import http.server, os, sys
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(500 if os.path.exists(sys.argv[2]) else 200)
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+"""
+
+
+def test_e2e_health_checks_restart_stop_and_never_hold_up_a_respawn(daemon, shortdir):
+    root = pathlib.Path(shortdir)
+    write(root / "worker.py", HEALTH_WORKER)
+    port, closed = free_ports(2)
+    d = daemon("""
+        [watcher:web]
+        cmd = %s %s/worker.py %d %s/sick
+        ready = listen
+        health_check = http://127.0.0.1:%d/healthz
+        health_interval = 0.2
+        health_failures = 3
+        [watcher:db]
+        cmd = sleep 120
+        health_check = tcp://127.0.0.1:%d
+        health_interval = 0.2
+        health_failures = 2
+        health_action = stop
+        [watcher:hung]
+        cmd = sleep 120
+        health_check = exec:sleep 60
+        health_interval = 0.2
+        health_timeout = 5
+        """ % (sys.executable, root, port, root, port, closed))
+    ev = subscribe_ready(d)
+    # tcp:// refused twice in a row: the watcher stops
+    _, db = ev.wait(lambda t, p: t == "watcher.db.unhealthy", what="db unhealthy")
+    assert db["action"] == "stop" and db["failures"] == 2 and "refused" in db["reason"].lower()
+    wait_for(lambda: d.call("status", name="db")["status"] == "stopped", what="db stopped")
+    # the HTTP worker answers 200, then 500: restarted after health_failures x health_interval
+    wait_for(lambda: "health: ok" in d.ctl("status", "web", "--long").stdout, what="web healthy")
+    (pid,) = d.pids("web")
+    assert [p["healthy"] for w in d.call("snapshot")["watchers"] if w["name"] == "web"
+            for p in w["processes"]] == [True]
+    assert d.call("stats", name="web")["info"][str(pid)]["health"] == "health: ok"
+    t0 = time.time()
+    write(root / "sick", "")
+    _, sick = ev.wait(lambda t, p: t == "watcher.web.unhealthy", what="web unhealthy")
+    (root / "sick").unlink()
+    assert sick["process_pid"] == pid and sick["reason"] == "HTTP 500" and sick["action"] == "restart"
+    assert 2 * 0.2 - 0.01 <= sick["time"] - t0 < TIMEOUT       # 3 failures: 2 intervals after the first
+    ev.wait(lambda t, p: t == "watcher.web.reap" and p["process_pid"] == pid, what="the sick worker stopped")
+    wait_for(lambda: (lambda p: bool(p) and p[0] != pid)(d.pids("web")), what="web respawned")
+    # a check that hangs holds up neither a respawn nor a command; its group goes with the process
+    def hung_check():
+        return [pid for pid, argv in d.cmdlines().items() if "sleep 60" in " ".join(argv)]
+    (check,) = wait_for(hung_check, what="a hung exec: check")
+    assert os.getpgid(check) == check
+    (worker,) = d.pids("hung")
+    t0 = time.time()
+    os.kill(worker, signal.SIGKILL)
+    _, spawn = ev.wait(lambda t, p: t == "watcher.hung.spawn", what="hung respawned")
+    assert spawn["time"] - t0 < 2.5        # well under the 5 s the check may take
+    assert time.time() - t0 < 5 and d.call("list")["status"] == "ok"
+    wait_for(lambda: check not in d.cmdlines(), what="the hung check killed with its process")
+    assert not [t for t, _ in ev.got if t == "watcher.hung.unhealthy"]
     ev.close()
 
 
