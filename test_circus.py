@@ -250,6 +250,31 @@ def test_config_errors_are_one_clear_line(tmp_path, body, needle):
     assert "\n" not in str(e.value)
 
 
+# issue 18 item 1: depends_on naming nothing, or a cycle, is a config error with file:line
+def test_depends_on_cycle_and_unknown_name_are_config_errors(tmp_path, capsys):
+    conf = write(tmp_path / "c.ini", "[watcher:a]\ncmd = x\ndepends_on = b\n"
+                                     "[watcher:b]\ncmd = x\ndepends_on = c\n"
+                                     "[watcher:c]\ncmd = x\ndepends_on = a\n")
+    with pytest.raises(circus.ConfigError) as e:
+        circus.load_config(conf)
+    assert str(e.value) == "%s:9: depends_on cycle: a -> b -> c -> a" % conf
+    assert circus.check_main([str(conf)]) == 1
+    assert "c.ini:9: depends_on cycle: a -> b -> c -> a" in capsys.readouterr().err
+    write(tmp_path / "c.ini", "[watcher:a]\ncmd = x\ndepends_on = b, nope\n[watcher:b]\ncmd = x\n")
+    with pytest.raises(circus.ConfigError, match=r"c\.ini:3 \[watcher:a\] depends_on: no "
+                                                 r"watcher, program or group named 'nope'"):
+        circus.load_config(conf)
+    # Supervisor: a program's name means all its processes; its own keys are read
+    write(tmp_path / "c.ini", "[program:db]\ncommand = x\nnumprocs = 2\nprocess_name = db_%(process_num)s\n"
+                "[program:web]\ncommand = x\ndepends_on = db\n"
+                "[program:migrate]\ncommand = x\noneshot = true\n")
+    cfg = circus.load_config(conf)
+    arb = circus.Arbiter.from_config(cfg)
+    web, migrate = arb.get_watcher("web"), arb.get_watcher("migrate")
+    assert sorted(w.name for w in arb.dependencies_of(web)) == ["db:db_0", "db:db_1"]
+    assert migrate.conf.options["oneshot"] is True and not cfg.warnings
+
+
 _LONG_PATH = "/tmp/" + "d" * 120 + ".sock"
 
 
@@ -2228,6 +2253,83 @@ def test_library_arbiter_in_callers_loop(tmp_path):
     pids = asyncio.run(run())
     assert out.read_bytes() == b"ready\n" and len(pids) == 1
     assert not psutil.pid_exists(pids[0])
+
+
+async def _until(predicate, what, timeout=TIMEOUT):
+    """wait_for inside the arbiter's loop: poll ``predicate`` (letting the loop run)."""
+    import asyncio
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out after %.1f s waiting for %s" % (timeout, what))
+        await asyncio.sleep(0.01)
+
+
+def _events_arbiter(specs):
+    """An arbiter with no channels, and the list its events go to (topic, payload)."""
+    arb = circus.get_arbiter(specs, controller=None, pubsub_endpoint=None)
+    events = []
+    arb.listeners.append(lambda topic, payload: events.append((topic, payload)))
+    return arb, events
+
+
+# issue 18 item 1: a FATAL dependency keeps its dependant waiting; fixed and started, both run
+def test_depends_on_fatal_dependency_keeps_dependant_waiting_until_it_recovers(tmp_path):
+    import asyncio
+    ok = tmp_path / "ok"
+
+    async def run():
+        arb, events = _events_arbiter([
+            {"name": "a", "cmd": "sh -c 'test -e %s && exec sleep 60'" % ok, "max_retry": 1,
+             "startsecs": 0.2},      # ready: RUNNING after startsecs
+            {"name": "b", "cmd": "sleep 60", "depends_on": "a"}])
+        a, b = arb.get_watcher("a"), arb.get_watcher("b")
+        await arb.start()
+        try:
+            await _until(lambda: a.sv_state == "FATAL", "a to go FATAL")
+            assert b.status == "waiting" and not b.processes
+            assert circus.process_rows(b)[0]["description"] == "waiting for a"
+            ok.touch()
+            await arb.start_watcher(a)
+            await _until(lambda: b.status == "active" and len(b.processes) == 1, "b to start")
+            assert a.status == "active"
+        finally:
+            await arb.stop()
+        return [t for t, _ in events]
+    topics = asyncio.run(run())
+    assert topics.index("watcher.b.waiting") < topics.index("watcher.b.spawn")
+
+
+# issue 18 item 2: a oneshot gates its dependants (done -> they start), runs once, again on start
+def test_oneshot_done_starts_dependants_and_failure_keeps_them_waiting(tmp_path):
+    import asyncio
+    ok = tmp_path / "ok"
+    runs = tmp_path / "runs"
+
+    async def run():
+        arb, events = _events_arbiter([
+            {"name": "migrate", "cmd": "sh -c 'echo x >> %s; test -e %s'" % (runs, ok),
+             "oneshot": True, "max_retry": 2},
+            {"name": "web", "cmd": "sleep 60", "numprocesses": 2, "depends_on": "migrate"}])
+        m, web = arb.get_watcher("migrate"), arb.get_watcher("web")
+        await arb.start()
+        try:
+            await _until(lambda: m.sv_state == "FATAL", "the failing task to go FATAL")
+            assert runs.read_text().count("x") == 2         # retried per max_retry, then FATAL
+            assert web.status == "waiting" and not web.processes
+            ok.touch()
+            await arb.start_watcher(m)       # `ctl start migrate`: runs it again
+            await _until(lambda: m.status == "done" and len(web.processes) == 2, "done, then web")
+            assert runs.read_text().count("x") == 3 and not m.processes     # not respawned
+            await _until(lambda: web.ready_now(), "web ready")
+            await arb.start_watcher(m)       # once more: a done task runs again
+            await _until(lambda: m.status == "done" and runs.read_text().count("x") == 4, "a rerun")
+        finally:
+            await arb.stop()
+        return [t for t, _ in events]
+    topics = asyncio.run(run())
+    assert topics.count("watcher.migrate.done") == 2 and "watcher.migrate.flapping" not in topics
+    assert topics.index("watcher.migrate.done") < topics.index("watcher.web.spawn")
 
 
 def test_second_quit_while_quitting_stops_once(monkeypatch):
