@@ -6008,18 +6008,34 @@ def _fmt_stop(reply):
 def cmd_stop(arb, props):
     """Stop the arbiter's watchers or one of them (processes get stop_signal, then SIGKILL);
     what depends on them (depends_on) stops first."""
-    async def one(w):
+    def one(w):
         first = arb.dependants_up([w])
-        if first:
-            await arb.stop_watchers(first)
-        await _locked(w, w.stop)
-        return {"info": None, "dependants": [x.name for x in first]} if first else {"info": None}
 
-    async def many(ws):
+        async def run():
+            if first:
+                await arb.stop_watchers(first)
+            await _locked(w, w.stop)
+            return {"info": None}
+        return _naming(arb, props, run(), first)
+
+    def many(ws):
         first = arb.dependants_up(ws)
-        await arb.stop_watchers(ws + first)
-        return {"dependants": [x.name for x in first]} if first else {}
+        return _naming(arb, props, _none(arb.stop_watchers(ws + first)), first)
     return _one_or_many(arb, props, one, many, lambda: _none(arb.stop_watchers()))
+
+
+def _naming(arb, props, coro, dependants):
+    """The reply names the ``dependants`` a stop stops first, with or without --waiting."""
+    if not dependants:
+        return coro
+    names = {"dependants": [x.name for x in dependants]}
+    if not _waiting(props):
+        asyncio.get_running_loop().create_task(arb._guarded(coro))
+        return names
+
+    async def run():
+        return dict(await coro, **names)
+    return run()
 
 
 @command("restart", "[name] [--waiting] [--match=glob]", peer=OWN)

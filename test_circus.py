@@ -7660,7 +7660,8 @@ def test_state_changes_go_through_one_checked_method():
     for attr in ("state", "status", "sv_state"):
         with pytest.raises(AttributeError):
             setattr(w, attr, S.RUNNING)
-    assert set(circus.CIRCUS_STATUS.values()) == {"stopped", "starting", "active", "stopping"}
+    assert set(circus.CIRCUS_STATUS.values()) == {"stopped", "starting", "active", "stopping",
+                                                  "waiting", "done"}    # issue 18: depends_on, oneshot
     assert not hasattr(circus, "STOPPED") and not hasattr(circus, "ACTIVE")     # one enum
 
 
@@ -7875,6 +7876,84 @@ def test_e2e_reload_keeps_the_old_generation_when_the_new_cannot_spawn(daemon, s
     assert sorted(d.pids("srv")) == old and d.call("status", name="srv")["status"] == "active"
     assert circus._setpriv_signal(signal.SIGRTMIN + 2) == "RTMIN+2"
     assert circus._setpriv_signal(signal.SIGTERM) == "TERM"
+
+
+# Slow to boot while the file "slow" exists; notes when it is ready, then says READY=1.
+SLOW_NOTIFIER = r'''
+import os, socket, time
+if os.path.exists("slow"):
+    time.sleep(1)
+with open("ready-at", "w") as f:
+    f.write(repr(time.time()))
+addr = os.environ["NOTIFY_SOCKET"]
+socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b"READY=1", "\0" + addr[1:])
+time.sleep(120)
+'''
+
+
+# issue 18 item 1: b starts once a is ready (notify), stops before it (over priority), and
+# `start b` / `stop a` bring the other along
+def test_e2e_depends_on_start_after_ready_and_stop_in_reverse(daemon, shortdir):
+    root = pathlib.Path(shortdir)
+    (root / "a.py").write_text(SLOW_NOTIFIER)
+    (root / "slow").touch()
+    d = daemon("""
+        [watcher:a]
+        cmd = %s a.py
+        ready = notify
+        [watcher:b]
+        cmd = sleep 120
+        depends_on = a
+        priority = 10
+        """ % sys.executable)
+    ev = subscribe_ready(d)
+    assert d.call("status", name="b")["status"] == "waiting"       # a still boots (1 s)
+    _, spawn = ev.wait(lambda t, p: t == "watcher.b.spawn", what="b to spawn")
+    assert spawn["time"] >= float((root / "ready-at").read_text())
+    del ev.got[:]
+    assert d.call("stop")["status"] == "ok"             # all: b first, though its priority is higher
+    ev.wait(lambda t, p: t == "watcher.a.stop", what="a to stop")
+    topics = [t for t, _ in ev.got]
+    assert topics.index("watcher.b.stop") < topics.index("watcher.a.state")
+    (root / "slow").unlink()
+    del ev.got[:]
+    assert d.ctl("start", "b").stdout == "ok\n"
+    ev.wait(lambda t, p: t == "watcher.b.start", what="b to start")
+    topics = [t for t, _ in ev.got]
+    assert topics.index("watcher.a.spawn") < topics.index("watcher.b.spawn")
+    r = d.ctl("stop", "a")
+    assert r.stdout == "stopped first, as they depend on it: b\nok\n", r
+    topics = [t for t, _ in ev.wait(lambda t, p: t == "watcher.a.stop", what="a to stop") and ev.got]
+    assert topics.index("watcher.b.stop") < topics.index("watcher.a.stop")
+    assert d.ctl("status").stdout == "a: stopped\nb: stopped\n"
+
+
+# issue 18 items 1 and 2: a failing task keeps its web workers waiting; fixed, `start` runs it,
+# done, they start
+def test_e2e_oneshot_gates_web_workers_and_waiting_shows(daemon, shortdir):
+    d = daemon("""
+        [watcher:migrate]
+        cmd = sh -c 'test -e ok'
+        oneshot = true
+        max_retry = 1
+        [watcher:web]
+        cmd = sleep 120
+        numprocesses = 2
+        depends_on = migrate
+        """)
+    state = lambda: d.call("status", name="migrate", long=True)["processes"][0]["state"]  # noqa: E731
+    wait_for(lambda: state() == "FATAL", what="the failing task to go FATAL")
+    assert d.ctl("status").stdout == "migrate: stopped\nweb: waiting\n"
+    assert d.ctl("status", "web").stdout == "waiting\n"
+    assert d.call("list")["waiting"] == ["web"] and d.pids("web") == []
+    (pathlib.Path(shortdir) / "ok").touch()
+    assert d.ctl("start", "migrate").stdout == "ok\n"
+    wait_for(lambda: len(d.pids("web")) == 2, what="the web workers to start")
+    assert d.ctl("status").stdout == "migrate: done\nweb: active\n"
+    d.conf.write_text(d.conf.read_text().replace("oneshot = true", "oneshot = true\ndepends_on = web"))
+    r = d.call("reloadconfig", waiting=True)       # a cycle: refused, nothing applied
+    assert r["status"] == "error" and "depends_on cycle: migrate -> web -> migrate" in r["reason"], r
+    assert d.call("status")["statuses"] == {"migrate": "done", "web": "active"}
 
 
 def test_e2e_ready_listen_and_notify_states(daemon, shortdir):
