@@ -4610,11 +4610,9 @@ class Watcher:
         if self.policy.starved:
             self.policy.spawned()
         _log().debug("watcher %s: spawned pid %d (wid %d)", self.name, p.pid, wid)
-        if not gated:
-            pass
-        elif o["ready"] is not None:
+        if gated and o["ready"] is not None:
             Readiness(self, p)
-        elif o["startsecs"]:
+        elif gated:
             p.promote = asyncio.get_event_loop().call_later(o["startsecs"], self._promote, p)
         self.emit("spawn", process_pid=p.pid, time=p.started, state=p.state)
         if not self.call_hook("after_spawn", pid=p.pid):
