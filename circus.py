@@ -11264,8 +11264,8 @@ td { padding: .25em .5em; border-bottom: 1px solid var(--line); vertical-align: 
 tbody tr.watcher td { background: var(--row); font-weight: 600; }
 tr.process td { font-size: .92em; } tr.process td:first-child { padding-left: 1.6em; font-weight: normal; }
 .state { font-weight: 600; text-transform: lowercase; }
-.state.active, .state.running { color: var(--ok); }
-.state.starting, .state.stopping, .state.backoff { color: var(--warn); }
+.state.active, .state.running, .state.done { color: var(--ok); }
+.state.starting, .state.stopping, .state.backoff, .state.waiting { color: var(--warn); }
 .state.stopped, .state.exited, .state.fatal, .state.flapping { color: var(--bad); }
 .num { text-align: right; font-variant-numeric: tabular-nums; }
 .error { color: var(--bad); font-weight: normal; white-space: normal; }
