@@ -7478,16 +7478,18 @@ class Arbiter:
                 if self.warmup_delay:
                     await asyncio.sleep(self.warmup_delay)
 
-    async def stop_watchers(self, watchers=None) -> None:
+    async def stop_watchers(self, watchers=None, deps=None) -> None:
         """Stop in reverse priority order; watchers of equal priority stop together.
         Supervisor's `stop g:*` / `stop all` go lowest priority first, as its start.
-        depends_on wins over priority: a watcher stops once what depends on it has."""
+        depends_on wins over priority: a watcher stops once what depends on it has
+        (``deps``: watcher -> its dependencies, for watchers already detached)."""
         if watchers is None:
             ws, prio = self.iter_watchers(reverse=True), (lambda w: w.boot_priority)
         else:
             ws, prio = sorted(watchers, key=lambda w: -w.priority if w.conf.group else w.priority), \
                 (lambda w: w.priority)
-        deps = {x: self.dependencies_of(x) for x in ws if x.conf.options["depends_on"]}
+        if deps is None:
+            deps = {x: self.dependencies_of(x) for x in ws if x.conf.options["depends_on"]}
         errors = []
         while ws:
             held = {d for x in ws if x in deps for d in deps[x]}    # still needed by one not stopped
@@ -7691,10 +7693,12 @@ class Arbiter:
         self._take_globals(new)
         self.flapping_plugin, self.plugin_limits = plugin_settings
         gone = diff.removed + [w for w, _ in diff.changed]
+        held = self.dependants_up(gone)     # they depend on one being replaced: stop first, start after
+        deps = {x: self.dependencies_of(x) for x in gone + held}    # before they are detached
         for w in gone:
             self.watchers.remove(w)
             self.emit("watcher.%s.remove" % w.topic_name, {"time": time.time()})
-        await self.stop_watchers(gone)
+        await self.stop_watchers(gone + held, deps)
         self._let_go(gone)
         self._close_sockets(diff.changed_socks)
         self._bind_sockets(diff.added_socks)
@@ -7707,7 +7711,7 @@ class Arbiter:
             self._attach(w)
             self.emit("watcher.%s.add" % w.topic_name, {"time": time.time()})
         self._link_dependencies()
-        await self.start_watchers([w for w in fresh if w.conf.options["autostart"]])
+        await self.start_watchers([w for w in fresh if w.conf.options["autostart"]] + held)
 
     def _take_globals(self, new: CircusConfig) -> None:
         old = self.config

@@ -2300,6 +2300,32 @@ def test_depends_on_fatal_dependency_keeps_dependant_waiting_until_it_recovers(t
     assert topics.index("watcher.b.waiting") < topics.index("watcher.b.spawn")
 
 
+# issue 18 item 1: reloadconfig replacing a dependency stops its dependant first, starts it after
+def test_depends_on_reloadconfig_stops_the_dependant_of_a_changed_watcher_first(tmp_path):
+    import asyncio
+    conf = tmp_path / "c.ini"
+    write(conf, "[watcher:a]\ncmd = sleep 60\n[watcher:b]\ncmd = sleep 60\ndepends_on = a\npriority = 10\n")
+
+    async def run():
+        arb = circus.Arbiter.from_config(circus.load_config(str(conf)))
+        arb.endpoint = arb.pubsub_endpoint = None
+        events = []
+        arb.listeners.append(lambda topic, payload: events.append(topic))
+        await arb.start()
+        try:
+            await _until(lambda: arb.get_watcher("b").status == "active", "b to start")
+            conf.write_text(conf.read_text().replace("cmd = sleep 60\n[", "cmd = sleep 61\n[", 1))
+            del events[:]
+            await arb.reload_config()
+            b = arb.get_watcher("b")
+            await _until(lambda: b.status == "active" and b.processes, "b to start again")
+            return list(events)
+        finally:
+            await arb.stop()
+    topics = [t for t in asyncio.run(run()) if t.endswith((".stop", ".spawn"))]
+    assert topics == ["watcher.b.stop", "watcher.a.stop", "watcher.a.spawn", "watcher.b.spawn"]
+
+
 # issue 18 item 2: a oneshot gates its dependants (done -> they start), runs once, again on start
 def test_oneshot_done_starts_dependants_and_failure_keeps_them_waiting(tmp_path):
     import asyncio
