@@ -99,8 +99,9 @@ DEFAULT_PUBSUB = "tcp://127.0.0.1:5556"
 class ProcState:
     """The one set of states, of a process and of a watcher (Supervisor's names).
 
-    A watcher moves between STOPPED, STARTING, RUNNING and STOPPING; Circus's
-    view of it (`status`, events) is derived: CIRCUS_STATUS.
+    A watcher moves between STOPPED, STARTING, RUNNING and STOPPING, and also
+    WAITING (for what it depends on: depends_on) and DONE (a oneshot that ran to
+    completion); Circus's view of it (`status`, events) is derived: CIRCUS_STATUS.
     """
     STOPPED = "STOPPED"
     STARTING = "STARTING"
@@ -109,11 +110,14 @@ class ProcState:
     STOPPING = "STOPPING"
     EXITED = "EXITED"
     FATAL = "FATAL"
+    WAITING = "WAITING"     # watchers only: depends_on not ready yet
+    DONE = "DONE"           # watchers only: a oneshot's processes all exited 0
 
 
 #: A watcher's state as Circus shows it, on the wire (`status`, events).
 CIRCUS_STATUS = {ProcState.STOPPED: "stopped", ProcState.STARTING: "starting",
-                 ProcState.RUNNING: "active", ProcState.STOPPING: "stopping"}
+                 ProcState.RUNNING: "active", ProcState.STOPPING: "stopping",
+                 ProcState.WAITING: "waiting", ProcState.DONE: "done"}
 
 
 # Error numbers of the control protocol (Circus's commands/errors.py values).
@@ -698,6 +702,12 @@ def _str_or_none(value):
     return None if value is None else str(value)
 
 
+def _names(value) -> list:
+    """``a, b`` (or a JSON list) -> ["a", "b"]: depends_on."""
+    items = value if isinstance(value, (list, tuple)) else re.split(r"[,\s]+", str(value or ""))
+    return [str(n).strip() for n in items if str(n).strip()]
+
+
 def _mode(value) -> int:
     """A umask or file mode: an int as it is (JSON), text as octal (``022``)."""
     if isinstance(value, int) and not isinstance(value, bool):
@@ -1029,6 +1039,10 @@ WATCHER_OPTIONS = {
     "critical": (to_bool, False),
     # each process gets PORT = port_base + wid - 1 in its environment (Procfile mode)
     "port_base": (lambda v: None if v in (None, "") else _port(v), None),
+    # start order: names of watchers (or Supervisor groups) that must be ready first
+    "depends_on": (_names, []),
+    # each process runs once to completion: exit 0 -> DONE, else retried per max_retry
+    "oneshot": (to_bool, False),
     # signal for the processes if the daemon dies (Linux): default stop_signal, "none" opts out
     "parent_death_signal": (lambda v: None if v is None else _death_signal(v), None),
     # readiness: "notify" (sd_notify READY=1), "listen" (a listening socket of its own) or
@@ -1252,6 +1266,7 @@ class WatcherConfig:
         self.group_priority = None      # a [group:x]'s priority (Circus's sense): boot, shutdown
         self.forward_output = True      # no stream: pass output on to the daemon's stdout/stderr
         self.where = None               # "file:line [section]", for errors found after loading
+        self.dep_where = None           # _Where of its depends_on key (cycle errors)
         for k, v in (options or {}).items():
             self.set(k, v)
 
@@ -1486,6 +1501,45 @@ def _free_key_warnings(ini, section, wc) -> list:
             for key in wc.free
             if not (key.startswith("flapping.") and key[9:] in FLAPPING_OPTIONS)
             and "circus.%s" % key.lower() not in text]
+
+
+def depends_on_matches(name: str, conf) -> bool:
+    """Does the depends_on ``name`` mean the watcher of ``conf``: by its own name, or by its
+    Supervisor group (every process of a program, or of a [group:x])."""
+    n = name.lower()
+    return conf.name.lower() == n or (conf.group or "").lower() == n
+
+
+def check_dependencies(confs) -> None:
+    """ConfigError for a depends_on that names nothing, or for a cycle (named, with the
+    file:line of the depends_on that closes it)."""
+    deps = {}
+    for wc in confs:
+        found = deps[wc.name.lower()] = []
+        for n in wc.options["depends_on"]:
+            them = [x for x in confs if depends_on_matches(n, x)]
+            if not them:
+                raise ConfigError("%s: no watcher, program or group named %r"
+                                  % (wc.dep_where or "watcher %s depends_on" % wc.name, n))
+            found += [x for x in them if x not in found]
+    state, path = {}, []        # name -> 1 (on the path) or 2 (done)
+
+    def visit(wc):
+        state[wc.name.lower()] = 1
+        path.append(wc)
+        for d in deps[wc.name.lower()]:
+            if state.get(d.name.lower()) == 1:
+                cycle = " -> ".join(x.name for x in path[path.index(d):] + [d])
+                w = wc.dep_where
+                raise ConfigError("%s: depends_on cycle: %s" % (
+                    "%s:%s" % (w.file, w.line) if w else "watcher " + wc.name, cycle))
+            if d.name.lower() not in state:
+                visit(d)
+        state[wc.name.lower()] = 2
+        path.pop()
+    for wc in confs:
+        if wc.name.lower() not in state:
+            visit(wc)
 
 
 def _check_max_processes(cfg, n, where) -> None:
@@ -2557,8 +2611,8 @@ _SV_PROGRAM_KEYS = {
     "critical",
     # fcgi-program
     "socket", "socket_backlog", "socket_owner", "socket_mode",
-    # circus.py's own: schedules
-    "cron", "restart_cron",
+    # circus.py's own: schedules, start order and run-once tasks
+    "cron", "restart_cron", "depends_on", "oneshot",
 } | set(HEALTH_KEYS)
 _SV_LISTENER_KEYS = {"events", "buffer_size", "result_handler"}
 #: Keys read once per section (no %(process_num)); the others are per process.
@@ -2566,7 +2620,7 @@ _SV_PER_SECTION = {"priority", "autostart", "autorestart", "startsecs", "startre
                    "stopwaitsecs", "stopasgroup", "killasgroup", "exitcodes", "redirect_stderr",
                    "numprocs", "numprocs_start", "user", "umask", "serverurl",
                    "stdout_capture_maxbytes", "stderr_capture_maxbytes", "stdout_events_enabled",
-                   "stderr_events_enabled", "cron", "restart_cron", "critical"}
+                   "stderr_events_enabled", "cron", "restart_cron", "critical", "depends_on", "oneshot"}
 def _sv_path(value) -> str:
     return os.path.abspath(os.path.expanduser(value))
 
@@ -2616,6 +2670,8 @@ _SV_PLAIN_KEYS = {
     "cron": (None, _cron, "cron"),
     "restart_cron": (None, _cron, "restart_cron"),
     "critical": ("false", to_bool, "critical"),
+    "depends_on": ("", _names, "depends_on"),
+    "oneshot": ("false", to_bool, "oneshot"),
 }
 
 
@@ -2876,6 +2932,7 @@ class _SvProgram:
         wc.set("environment_file", files)
         wc.env_file = env_file_values(self.r, self.section, files)
         wc.group = gname
+        wc.dep_where = self.where("depends_on")
         wc.sv = self.sv or None
         if gprio is not None and gname != self.pname:
             wc.group_priority = -gprio
@@ -3113,6 +3170,7 @@ class _CircusReader(_Reader):
                     and not is_supervisor_section(name):
                 self.cfg.warnings.append("%s: unknown section, ignored" % self.ini.where(name))
         self._check_socket_refs()
+        check_dependencies(self.cfg.watchers)
         return self.cfg
 
     def read_circus(self):
@@ -3143,6 +3201,7 @@ class _CircusReader(_Reader):
         wname = self._watcher_name(name)
         wc = WatcherConfig(wname)
         wc.where = str(ini.where(name))
+        wc.dep_where = ini.where(name, "depends_on")
         wenv = self._watcher_env(wname)
         wtable = dict(self.table)
         wtable.update({"env." + k.lower(): v for k, v in wenv.items()})
@@ -4319,6 +4378,9 @@ class RestartPolicy:
         """A counted process exited by itself while the watcher runs."""
         w = self.w
         w._enter(shown=p.state)
+        if w.conf.options["oneshot"]:
+            self._oneshot_exited(p)     # a task's end: no restart, no flapping
+            return
         w.restarts += 1
         self.last_code = p.returncode
         # an exit the user caused with `signal` is neither a failed start nor flapping
@@ -4344,6 +4406,19 @@ class RestartPolicy:
         return True
 
     # -- the rules ---------------------------------------------------------------
+    def _oneshot_exited(self, p: Process) -> None:
+        """A oneshot's process ended: exit 0 is done (DONE once all are), anything else
+        a failed start, retried per max_retry, then FATAL."""
+        w = self.w
+        if p.returncode == 0:
+            w.finished += 1
+            self.failures = 0
+            if not w.processes and w.finished >= w.numprocesses:
+                self._stop_soon(ProcState.DONE)
+            return
+        w.last_error = "oneshot pid %d %s" % (p.pid, describe_exit(p.returncode))
+        self._failed_start()
+
     def _after_exit(self, p: Process, now: float) -> None:
         """Circus: respawn, unless respawn is off or it died at once (a failed start)."""
         w = self.w
@@ -4801,6 +4876,12 @@ WATCHER_TRANSITIONS = {
     (_S.STARTING, _S.STOPPED): None,            # its output stream could not be opened
     (_S.STARTING, _S.STOPPING): None, (_S.RUNNING, _S.STOPPING): None,
     (_S.STOPPING, _S.STOPPED): "stop",
+    # depends_on: it waits for what it depends on, then starts (or is stopped meanwhile)
+    (_S.STOPPED, _S.WAITING): "waiting", (_S.WAITING, _S.STARTING): None,
+    (_S.WAITING, _S.STOPPED): "stop",
+    # oneshot: every process exited 0; `start` runs it again
+    (_S.STOPPING, _S.DONE): "done", (_S.DONE, _S.STARTING): None,
+    (_S.DONE, _S.WAITING): "waiting", (_S.DONE, _S.STOPPED): "stop",
 }
 #: What Supervisor's view may show for a watcher's slot with no process in it.
 _SHOWN_STATES = frozenset((_S.STOPPED, _S.STARTING, _S.RUNNING, _S.BACKOFF, _S.EXITED, _S.FATAL))
@@ -4864,6 +4945,8 @@ class Watcher:
         self.flapping = None            # a Flapping, when configured
         self.restarts = 0               # processes replaced after they died
         self._timers: dict = {}         # pid -> max_age timer
+        self.finished = 0               # oneshot: processes of this run that exited 0
+        self.on_ready = None            # callable(watcher) once ready_now() (set if others depend on it)
         for which in ("stdout_stream", "stderr_stream"):
             self.output.check(getattr(config, which))
         for hook in config.hooks.values():
@@ -4875,12 +4958,13 @@ class Watcher:
     # -- state ----------------------------------------------------------------
     @property
     def state(self) -> str:
-        """STOPPED, STARTING, RUNNING or STOPPING (ProcState); only _enter() changes it."""
+        """STOPPED, STARTING, RUNNING, STOPPING, WAITING or DONE (ProcState); only _enter()
+        changes it."""
         return self._state
 
     @property
     def status(self) -> str:
-        """Its state as Circus shows it: stopped, starting, active, stopping."""
+        """Its state as Circus shows it: stopped, starting, active, stopping, waiting, done."""
         return CIRCUS_STATUS[self._state]
 
     @property
@@ -4899,7 +4983,10 @@ class Watcher:
         return sum(1 for p in self.processes.values() if p.alive and p.state == ProcState.RUNNING)
 
     def ready_now(self) -> bool:
-        """Every process the watcher should have is up and ready."""
+        """Every process the watcher should have is up and ready (RUNNING: at spawn, after
+        startsecs, or once its `ready` check passed, as configured); a oneshot: DONE."""
+        if self.conf.options["oneshot"]:
+            return self._state == ProcState.DONE
         return self.running and self._up() >= self.numprocesses
 
     def not_ready_reason(self) -> str | None:
@@ -4910,12 +4997,21 @@ class Watcher:
             if self._shown in (ProcState.FATAL, ProcState.BACKOFF):
                 return "%s: %s" % (self._shown, self.last_error or "no reason recorded")
             return None
-        if self._state == ProcState.STOPPING or self.ready_now():
+        if self._state in (ProcState.STOPPING, ProcState.DONE) or self.ready_now():
             return None
+        if self._state == ProcState.WAITING:
+            return self.waiting_for()
+        if self.conf.options["oneshot"]:
+            return "running once (oneshot), not done yet"
         why = "%d of %d processes ready" % (self._up(), self.numprocesses)
         if self._shown == ProcState.BACKOFF and self.last_error:
             why += " (%s)" % self.last_error
         return why
+
+    def waiting_for(self) -> str:
+        """What a WAITING watcher waits for (its depends_on that are not ready)."""
+        deps = self.arbiter.dependencies_of(self) if self.arbiter is not None else []
+        return "waiting for %s" % ", ".join(d.name for d in deps if not d.ready_now())
 
     def _enter(self, to: str | None = None, shown: str | None = None, **payload) -> None:
         """The one way its state changes: to state ``to``, checked against WATCHER_TRANSITIONS,
@@ -4934,6 +5030,11 @@ class Watcher:
 
     def _on_process_state(self, p: Process, event: str) -> None:
         self.emit(event, process_pid=p.pid, state=p.state)
+
+    def _maybe_ready(self) -> None:
+        """Tell whoever waits for it (depends_on) once it is ready: no polling."""
+        if self.on_ready is not None and self.ready_now():
+            self.on_ready(self)
 
     # -- options ------------------------------------------------------------
     def opt(self, key) -> object:
@@ -5024,8 +5125,10 @@ class Watcher:
         try:
             fds, fresh = launcher.socket_fds()
             p = launcher.process(wid, fds)
-            # Supervisor: RUNNING only once it has stayed up startsecs (or got ready)
-            p.spawn(starting=o["ready"] is not None or bool(o["startsecs"]))
+            # Supervisor: RUNNING only once it has stayed up startsecs (or got ready);
+            # a oneshot is ready when it is done, not before
+            gated = not o["oneshot"] and (o["ready"] is not None or bool(o["startsecs"]))
+            p.spawn(starting=gated)
         except (OSError, ValueError, subprocess.SubprocessError) as e:
             launcher.release_wid(wid)
             self.last_error = "spawn failed: %s" % (e,)
@@ -5040,9 +5143,9 @@ class Watcher:
         if self.policy.starved:
             self.policy.spawned()
         _log().debug("watcher %s: spawned pid %d (wid %d)", self.name, p.pid, wid)
-        if o["ready"] is not None:
+        if gated and o["ready"] is not None:
             Readiness(self, p)
-        elif o["startsecs"]:
+        elif gated:
             p.promote = asyncio.get_event_loop().call_later(o["startsecs"], self._promote, p)
         self.emit("spawn", process_pid=p.pid, time=p.started, state=p.state)
         if self.health is not None and p.state == ProcState.RUNNING:
@@ -5057,6 +5160,8 @@ class Watcher:
             import random
             delay = o["max_age"] + random.randint(0, max(0, o["max_age_variance"]))
             self._timers[p.pid] = asyncio.get_event_loop().call_later(delay, self._expire, p)
+        if not gated:
+            self._maybe_ready()
         return p
 
     async def spawn_missing(self, force=0) -> None:
@@ -5073,7 +5178,7 @@ class Watcher:
         o = self.conf.options
         try:
             pause = time.monotonic() + 0.005
-            while self.running and (force > 0 or len(self.processes) < self.numprocesses):
+            while self.running and (force > 0 or len(self.processes) + self.finished < self.numprocesses):
                 if self.policy.stop_pending:
                     return          # given up while starting: the queued stop waits for this loop
                 if self.arbiter is not None and self.arbiter.stopping:
@@ -5110,6 +5215,7 @@ class Watcher:
             p.enter(ProcState.RUNNING)
             if self.health is not None:
                 self.health.up(p)
+            self._maybe_ready()
 
     async def wait_ready(self, procs) -> list:
         """Wait for the readiness of ``procs``; returns those that did not make it."""
@@ -5223,11 +5329,15 @@ class Watcher:
         if self.running:
             await self.spawn_missing()
             return {"started": [p for p in self.processes if p not in kept], "kept": kept}
+        if self.arbiter is not None and not self.arbiter.dependencies_ready(self):
+            self._enter(ProcState.WAITING, ProcState.STOPPED)     # the "waiting" event
+            return {"started": [], "kept": []}      # the arbiter starts it once they are ready
         if not self.call_hook("before_start"):
             _log().warning("watcher %s: before_start hook said no", self.name)
             return {"started": [], "kept": []}
         self._enter(ProcState.STARTING, ProcState.STARTING)
         self.policy.failures = 0
+        self.finished = 0
         self.last_error = None
         try:
             self.output.open()
@@ -5244,19 +5354,24 @@ class Watcher:
             return {"started": [], "kept": []}
         self._enter(ProcState.RUNNING)      # the "start" event
         _log().info("watcher %s started (%d processes)", self.name, len(self.processes))
+        self._maybe_ready()
         return {"started": list(self.processes), "kept": []}
 
     async def stop(self, final_state=ProcState.STOPPED, by_flapping=False) -> None:
         """Stop every process (stop_signal, then SIGKILL after graceful_timeout).
 
         ``final_state`` is what `status --long` shows afterwards (STOPPED, or
-        EXITED / FATAL / BACKOFF when the watcher ended by itself).
+        EXITED / FATAL / BACKOFF when the watcher ended by itself); DONE: a oneshot
+        whose processes all exited 0.
         """
         self._user_action(by_flapping)
         if self._state == ProcState.STOPPED:
             if not by_flapping and self._shown == ProcState.BACKOFF:
                 self.last_error = None
                 self._enter(shown=ProcState.STOPPED)
+            return
+        if self._state in (ProcState.WAITING, ProcState.DONE):     # nothing runs
+            self._enter(ProcState.STOPPED, ProcState.STOPPED, state=ProcState.STOPPED)
             return
         self.policy.cancel()
         self._enter(ProcState.STOPPING)
@@ -5267,9 +5382,13 @@ class Watcher:
             t.cancel()
         self._timers.clear()
         self.output.close()
-        self._enter(ProcState.STOPPED, final_state, state=final_state)     # the "stop" event
+        if final_state == ProcState.DONE:
+            self._enter(ProcState.DONE, ProcState.EXITED)      # the "done" event
+        else:
+            self._enter(ProcState.STOPPED, final_state, state=final_state)     # the "stop" event
         self.call_hook("after_stop")
-        _log().info("watcher %s stopped", self.name)
+        _log().info("watcher %s %s", self.name, "done" if final_state == ProcState.DONE else "stopped")
+        self._maybe_ready()
 
     async def until_running(self) -> None:
         """supervisorctl's wait: until each STARTING process is RUNNING (startsecs);
@@ -5295,7 +5414,7 @@ class Watcher:
 
     async def reload(self, graceful=True, sequential=False) -> dict:
         """New processes replace the old ones; SIGHUP instead with send_hup."""
-        if self._state == ProcState.STOPPED:
+        if self._state in (ProcState.STOPPED, ProcState.WAITING, ProcState.DONE):
             info = await self.start()
             info["stopped"] = []
             return info
@@ -6413,7 +6532,8 @@ def _waiting(props) -> bool:
 _OPTION_OBJECTS = ("env", "hooks", "rlimits", "stdout_stream", "stderr_stream", "retry_in")
 _OPTION_PREFIXES = ("stdout_stream.", "stderr_stream.", "hooks.", "rlimit_")
 #: Fixed when a watcher is made: `add` and `set` refuse them (Circus's rule).
-_FIXED_KEYS = ("priority", "use_sockets", "on_demand", "autostart", "environment_file")
+_FIXED_KEYS = ("priority", "use_sockets", "on_demand", "autostart", "environment_file", "depends_on",
+               "oneshot")
 
 
 def _check_option_name(key, w=None) -> None:
@@ -6605,7 +6725,7 @@ async def _until_running(props, ws) -> None:
 def cmd_start(arb, props):
     """Start the arbiter or a watcher (even one with autostart = false)."""
     async def one(w):
-        info = await _locked(w, w.start)
+        info = await arb.start_watcher(w)       # what it depends on first
         await _until_running(props, [w])
         return {"info": {"started": info["started"], "kept": info["kept"]}}
 
@@ -6616,14 +6736,43 @@ def cmd_start(arb, props):
     return _one_or_many(arb, props, one, many, lambda: _none(arb.start_watchers()))
 
 
-@command("stop", "[name] [--waiting] [--match=glob]", peer=OWN)
+def _fmt_stop(reply):
+    first = reply.get("dependants")
+    return "stopped first, as they depend on it: %s\nok" % ", ".join(first) if first else "ok"
+
+
+@command("stop", "[name] [--waiting] [--match=glob]", _fmt_stop, peer=OWN)
 def cmd_stop(arb, props):
-    """Stop the arbiter's watchers or one of them (processes get stop_signal, then SIGKILL)."""
-    async def one(w):
-        await _locked(w, w.stop)
-        return {"info": None}
-    return _one_or_many(arb, props, one, lambda ws: _none(arb.stop_watchers(ws)),
-                        lambda: _none(arb.stop_watchers()))
+    """Stop the arbiter's watchers or one of them (processes get stop_signal, then SIGKILL);
+    what depends on them (depends_on) stops first."""
+    def one(w):
+        first = arb.dependants_up([w])
+
+        async def run():
+            if first:
+                await arb.stop_watchers(first)
+            await _locked(w, w.stop)
+            return {"info": None}
+        return _naming(arb, props, run(), first)
+
+    def many(ws):
+        first = arb.dependants_up(ws)
+        return _naming(arb, props, _none(arb.stop_watchers(ws + first)), first)
+    return _one_or_many(arb, props, one, many, lambda: _none(arb.stop_watchers()))
+
+
+def _naming(arb, props, coro, dependants):
+    """The reply names the ``dependants`` a stop stops first, with or without --waiting."""
+    if not dependants:
+        return coro
+    names = {"dependants": [x.name for x in dependants]}
+    if not _waiting(props):
+        asyncio.get_running_loop().create_task(arb._guarded(coro))
+        return names
+
+    async def run():
+        return dict(await coro, **names)
+    return run()
 
 
 @command("restart", "[name] [--waiting] [--match=glob]", peer=OWN)
@@ -6929,6 +7078,8 @@ def _row(w, name, state, pid, uptime, description) -> dict:
 
 def _idle_description(w) -> str:
     """What a watcher with no process shows: why it failed, or since when it is stopped."""
+    if w.state == ProcState.WAITING:
+        return w.waiting_for()
     if w.sv_state in (ProcState.BACKOFF, ProcState.FATAL):
         return w.last_error or 'unknown error (try "tail %s")' % w.name
     if w.sv_state in (ProcState.STOPPED, ProcState.EXITED):
@@ -6953,8 +7104,14 @@ def cmd_list(arb, props):
     """Watcher names, or the pids of one watcher in spawn order."""
     if props.get("name"):
         w = _watcher(arb, props)
-        return {"pids": sorted(w.processes, key=lambda pid: w.processes[pid].started)}
-    return {"watchers": sorted(w.name.lower() for w in arb.watchers)}
+        reply = {"pids": sorted(w.processes, key=lambda pid: w.processes[pid].started)}
+        ws = [w]
+    else:
+        reply, ws = {"watchers": sorted(w.name.lower() for w in arb.watchers)}, arb.watchers
+    waiting = sorted(w.name.lower() for w in ws if w.state == ProcState.WAITING)
+    if waiting:     # depends_on: no pid yet, and why
+        reply["waiting"] = waiting
+    return reply
 
 
 def _fmt_field(key):
@@ -7817,6 +7974,7 @@ class Arbiter:
         self._socket_confs = list(sockets)
         for w in watchers:
             self._attach(w if isinstance(w, Watcher) else self._make_watcher(w))
+        self._link_dependencies()
 
     @classmethod
     def from_config(cls, cfg: CircusConfig) -> "Arbiter":
@@ -7836,6 +7994,7 @@ class Arbiter:
         arb.flapping_plugin, arb.plugin_limits = flapping_defaults(cfg), plugin_limits(cfg)
         for wc in cfg.watchers:
             arb._attach(arb._make_watcher(wc))
+        arb._link_dependencies()
         configure_plugins(arb, cfg)
         return arb
 
@@ -7901,14 +8060,14 @@ class Arbiter:
                     _log().info("watcher %s: restart_cron: stopped, left so", w.name)
                     return
                 _log().info("watcher %s: restart_cron: restarting", w.name)
-                return await w.restart()
+                return await _locked(w, w.restart)
             if w.state != ProcState.STOPPED and any(p.alive for p in w.processes.values()):
                 _log().warning("watcher %s: cron: the last run is still going; this run is skipped",
                                w.name)
                 return
             _log().info("watcher %s: cron: starting", w.name)
-            return await w.start()
-        self.loop.create_task(self._guarded(_locked(w, run)))
+            return await self.start_watcher(w)      # what it depends on first, as `start NAME`
+        self.loop.create_task(self._guarded(run()))
 
     def _make_watcher(self, spec) -> Watcher:
         if isinstance(spec, WatcherConfig):
@@ -7950,6 +8109,66 @@ class Arbiter:
         """By priority, highest first (stable on config order); reverse for stopping."""
         ws = sorted(self.watchers, key=lambda w: -w.boot_priority)
         return list(reversed(ws)) if reverse else ws
+
+    # -- depends_on: start after what a watcher depends on is ready, stop before it ------
+    def dependencies_of(self, w) -> list:
+        """The watchers ``w`` depends on (depends_on: names or Supervisor groups)."""
+        names = w.conf.options["depends_on"]
+        if not names:
+            return []
+        return [x for x in self.watchers if x is not w and any(depends_on_matches(n, x.conf) for n in names)]
+
+    def dependants_of(self, w) -> list:
+        """The watchers that depend on ``w``."""
+        return [x for x in self.watchers if x.conf.options["depends_on"] and w in self.dependencies_of(x)]
+
+    def dependencies_ready(self, w) -> bool:
+        """Is everything ``w`` depends on ready (Watcher.ready_now)?"""
+        return all(d.ready_now() for d in self.dependencies_of(w))
+
+    def dependants_up(self, ws) -> list:
+        """What depends on ``ws``, transitively, and runs or waits: `stop` stops it first."""
+        out, todo = [], list(ws)
+        while todo:
+            for x in self.dependants_of(todo.pop()):
+                if x not in out and x not in ws and x.state not in (ProcState.STOPPED, ProcState.DONE):
+                    out.append(x)
+                    todo.append(x)
+        return out
+
+    def _link_dependencies(self) -> None:
+        """Watch the readiness of the watchers others depend on (only those: no work on the
+        others' spawns). ConfigError for a name that is not there or a cycle."""
+        check_dependencies([w.conf for w in self.watchers])
+        needed = set()
+        for w in self.watchers:
+            needed.update(self.dependencies_of(w))
+        for w in self.watchers:
+            w.on_ready = self._dependency_ready if w in needed else None
+
+    def _dependency_ready(self, dep) -> None:
+        """``dep`` got ready: start the watchers waiting for it that now have all they need."""
+        for w in self.dependants_of(dep):
+            if w.state == ProcState.WAITING and self.dependencies_ready(w):
+                w.queue(lambda w=w: self._start_waiting(w))
+
+    async def _start_waiting(self, w) -> None:
+        if w.state == ProcState.WAITING and not self.stopping and w in self.watchers:   # under its lock
+            await w.start()
+
+    async def start_watcher(self, w, started=None) -> dict:
+        """Start ``w`` after what it depends on that is stopped (transitively: `start b`
+        starts a first); ``w`` waits (WAITING) until they are ready. ``started``: the
+        watchers this pass already started."""
+        started = set() if started is None else started
+        if w in started:
+            return {"started": [], "kept": list(w.processes)}
+        started.add(w)
+        for d in self.dependencies_of(w):
+            if d.state == ProcState.STOPPED:
+                await self.start_watcher(d, started)
+        async with w.lock:
+            return await w.start()
 
     def publish_followed(self, topic: str, make_payload) -> None:
         """Send to listeners that follow ``topic`` (output, log), only if someone does.
@@ -8092,32 +8311,39 @@ class Arbiter:
         """Start the autostart watchers (or those given) by priority."""
         ws = self.iter_watchers() if names is None else \
             sorted((w for w in self.watchers if w in names), key=lambda w: -w.priority)
+        started = set()
         for w in ws:
             if self.stopping:           # a quit came in: it stops what did start
                 break
             if names is not None or w.conf.starts_at_boot:
                 if names is None and w.conf.options["on_demand"] and self.on_demand.arm(w):
                     continue
-                async with w.lock:
-                    try:
-                        await w.start()
-                    except CircusError as e:    # one broken watcher never stops the others
-                        _log().error("%s", e)
+                try:
+                    await self.start_watcher(w, started)
+                except CircusError as e:    # one broken watcher never stops the others
+                    _log().error("%s", e)
                 if self.warmup_delay:
                     await asyncio.sleep(self.warmup_delay)
 
-    async def stop_watchers(self, watchers=None) -> None:
+    async def stop_watchers(self, watchers=None, deps=None) -> None:
         """Stop in reverse priority order; watchers of equal priority stop together.
-        Supervisor's `stop g:*` / `stop all` go lowest priority first, as its start."""
+        Supervisor's `stop g:*` / `stop all` go lowest priority first, as its start.
+        depends_on wins over priority: a watcher stops once what depends on it has
+        (``deps``: watcher -> its dependencies, for watchers already detached)."""
         if watchers is None:
             ws, prio = self.iter_watchers(reverse=True), (lambda w: w.boot_priority)
         else:
             ws, prio = sorted(watchers, key=lambda w: -w.priority if w.conf.group else w.priority), \
                 (lambda w: w.priority)
-        i, errors = 0, []
-        while i < len(ws):
-            group = [w for w in ws[i:] if prio(w) == prio(ws[i])]
-            i += len(group)
+        if deps is None:
+            deps = {x: self.dependencies_of(x) for x in ws if x.conf.options["depends_on"]}
+        errors = []
+        while ws:
+            held = {d for x in ws if x in deps for d in deps[x]}    # still needed by one not stopped
+            free = [w for w in ws if w not in held] or ws
+            group = [w for w in free if prio(w) == prio(free[0])]
+            gone = set(group)
+            ws = [w for w in ws if w not in gone]
 
             async def stop_one(w):
                 self.on_demand.disarm(w)
@@ -8262,7 +8488,7 @@ class Arbiter:
         for w in self.iter_watchers():
             if self.stopping:
                 break
-            if w.state == ProcState.STOPPED or w in skip:
+            if w.state in (ProcState.STOPPED, ProcState.WAITING, ProcState.DONE) or w in skip:
                 continue
             async with w.lock:
                 try:
@@ -8355,10 +8581,12 @@ class Arbiter:
         self._take_globals(new)
         self.flapping_plugin, self.plugin_limits = plugin_settings
         gone = diff.removed + [w for w, _ in diff.changed]
+        held = self.dependants_up(gone)     # they depend on one being replaced: stop first, start after
+        deps = {x: self.dependencies_of(x) for x in gone + held}    # before they are detached
         for w in gone:
             self.watchers.remove(w)
             self.emit("watcher.%s.remove" % w.topic_name, {"time": time.time()})
-        await self.stop_watchers(gone)
+        await self.stop_watchers(gone + held, deps)
         self._let_go(gone)
         self._close_sockets(diff.changed_socks)
         self._bind_sockets(diff.added_socks)
@@ -8370,7 +8598,8 @@ class Arbiter:
         for w in fresh:
             self._attach(w)
             self.emit("watcher.%s.add" % w.topic_name, {"time": time.time()})
-        await self.start_watchers([w for w in fresh if w.conf.starts_at_boot])
+        self._link_dependencies()
+        await self.start_watchers([w for w in fresh if w.conf.starts_at_boot] + held)
 
     def _take_globals(self, new: CircusConfig) -> None:
         old = self.config
@@ -8421,6 +8650,7 @@ class Arbiter:
                     _log().error("%s", e)
                 for wc in new.watchers:
                     self._attach(self._make_watcher(wc))
+                self._link_dependencies()
                 self._bind_sockets(new.sockets)
             await self.start_watchers()
 
@@ -12205,8 +12435,8 @@ td { padding: .25em .5em; border-bottom: 1px solid var(--line); vertical-align: 
 tbody tr.watcher td { background: var(--row); font-weight: 600; }
 tr.process td { font-size: .92em; } tr.process td:first-child { padding-left: 1.6em; font-weight: normal; }
 .state { font-weight: 600; text-transform: lowercase; }
-.state.active, .state.running { color: var(--ok); }
-.state.starting, .state.stopping, .state.backoff { color: var(--warn); }
+.state.active, .state.running, .state.done { color: var(--ok); }
+.state.starting, .state.stopping, .state.backoff, .state.waiting { color: var(--warn); }
 .state.stopped, .state.exited, .state.fatal, .state.flapping, .state.unhealthy { color: var(--bad); }
 .num { text-align: right; font-variant-numeric: tabular-nums; }
 .error { color: var(--bad); font-weight: normal; white-space: normal; }

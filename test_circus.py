@@ -251,6 +251,31 @@ def test_config_errors_are_one_clear_line(tmp_path, body, needle):
     assert "\n" not in str(e.value)
 
 
+# issue 18 item 1: depends_on naming nothing, or a cycle, is a config error with file:line
+def test_depends_on_cycle_and_unknown_name_are_config_errors(tmp_path, capsys):
+    conf = write(tmp_path / "c.ini", "[watcher:a]\ncmd = x\ndepends_on = b\n"
+                                     "[watcher:b]\ncmd = x\ndepends_on = c\n"
+                                     "[watcher:c]\ncmd = x\ndepends_on = a\n")
+    with pytest.raises(circus.ConfigError) as e:
+        circus.load_config(conf)
+    assert str(e.value) == "%s:9: depends_on cycle: a -> b -> c -> a" % conf
+    assert circus.check_main([str(conf)]) == 1
+    assert "c.ini:9: depends_on cycle: a -> b -> c -> a" in capsys.readouterr().err
+    write(tmp_path / "c.ini", "[watcher:a]\ncmd = x\ndepends_on = b, nope\n[watcher:b]\ncmd = x\n")
+    with pytest.raises(circus.ConfigError, match=r"c\.ini:3 \[watcher:a\] depends_on: no "
+                                                 r"watcher, program or group named 'nope'"):
+        circus.load_config(conf)
+    # Supervisor: a program's name means all its processes; its own keys are read
+    write(tmp_path / "c.ini", "[program:db]\ncommand = x\nnumprocs = 2\nprocess_name = db_%(process_num)s\n"
+                "[program:web]\ncommand = x\ndepends_on = db\n"
+                "[program:migrate]\ncommand = x\noneshot = true\n")
+    cfg = circus.load_config(conf)
+    arb = circus.Arbiter.from_config(cfg)
+    web, migrate = arb.get_watcher("web"), arb.get_watcher("migrate")
+    assert sorted(w.name for w in arb.dependencies_of(web)) == ["db:db_0", "db:db_1"]
+    assert migrate.conf.options["oneshot"] is True and not cfg.warnings
+
+
 _LONG_PATH = "/tmp/" + "d" * 120 + ".sock"
 
 
@@ -2290,6 +2315,109 @@ def test_library_arbiter_in_callers_loop(tmp_path):
     pids = asyncio.run(run())
     assert out.read_bytes() == b"ready\n" and len(pids) == 1
     assert not psutil.pid_exists(pids[0])
+
+
+async def _until(predicate, what, timeout=TIMEOUT):
+    """wait_for inside the arbiter's loop: poll ``predicate`` (letting the loop run)."""
+    import asyncio
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out after %.1f s waiting for %s" % (timeout, what))
+        await asyncio.sleep(0.01)
+
+
+def _events_arbiter(specs):
+    """An arbiter with no channels, and the list its events go to (topic, payload)."""
+    arb = circus.get_arbiter(specs, controller=None, pubsub_endpoint=None)
+    events = []
+    arb.listeners.append(lambda topic, payload: events.append((topic, payload)))
+    return arb, events
+
+
+# issue 18 item 1: a FATAL dependency keeps its dependant waiting; fixed and started, both run
+def test_depends_on_fatal_dependency_keeps_dependant_waiting_until_it_recovers(tmp_path):
+    import asyncio
+    ok = tmp_path / "ok"
+
+    async def run():
+        arb, events = _events_arbiter([
+            {"name": "a", "cmd": "sh -c 'test -e %s && exec sleep 60'" % ok, "max_retry": 1,
+             "startsecs": 0.2},      # ready: RUNNING after startsecs
+            {"name": "b", "cmd": "sleep 60", "depends_on": "a"}])
+        a, b = arb.get_watcher("a"), arb.get_watcher("b")
+        await arb.start()
+        try:
+            await _until(lambda: a.sv_state == "FATAL", "a to go FATAL")
+            assert b.status == "waiting" and not b.processes
+            assert circus.process_rows(b)[0]["description"] == "waiting for a"
+            ok.touch()
+            await arb.start_watcher(a)
+            await _until(lambda: b.status == "active" and len(b.processes) == 1, "b to start")
+            assert a.status == "active"
+        finally:
+            await arb.stop()
+        return [t for t, _ in events]
+    topics = asyncio.run(run())
+    assert topics.index("watcher.b.waiting") < topics.index("watcher.b.spawn")
+
+
+# issue 18 item 1: reloadconfig replacing a dependency stops its dependant first, starts it after
+def test_depends_on_reloadconfig_stops_the_dependant_of_a_changed_watcher_first(tmp_path):
+    import asyncio
+    conf = tmp_path / "c.ini"
+    write(conf, "[watcher:a]\ncmd = sleep 60\n[watcher:b]\ncmd = sleep 60\ndepends_on = a\npriority = 10\n")
+
+    async def run():
+        arb = circus.Arbiter.from_config(circus.load_config(str(conf)))
+        arb.endpoint = arb.pubsub_endpoint = None
+        events = []
+        arb.listeners.append(lambda topic, payload: events.append(topic))
+        await arb.start()
+        try:
+            await _until(lambda: arb.get_watcher("b").status == "active", "b to start")
+            conf.write_text(conf.read_text().replace("cmd = sleep 60\n[", "cmd = sleep 61\n[", 1))
+            del events[:]
+            await arb.reload_config()
+            b = arb.get_watcher("b")
+            await _until(lambda: b.status == "active" and b.processes, "b to start again")
+            return list(events)
+        finally:
+            await arb.stop()
+    topics = [t for t in asyncio.run(run()) if t.endswith((".stop", ".spawn"))]
+    assert topics == ["watcher.b.stop", "watcher.a.stop", "watcher.a.spawn", "watcher.b.spawn"]
+
+
+# issue 18 item 2: a oneshot gates its dependants (done -> they start), runs once, again on start
+def test_oneshot_done_starts_dependants_and_failure_keeps_them_waiting(tmp_path):
+    import asyncio
+    ok = tmp_path / "ok"
+    runs = tmp_path / "runs"
+
+    async def run():
+        arb, events = _events_arbiter([
+            {"name": "migrate", "cmd": "sh -c 'echo x >> %s; test -e %s'" % (runs, ok),
+             "oneshot": True, "max_retry": 2},
+            {"name": "web", "cmd": "sleep 60", "numprocesses": 2, "depends_on": "migrate"}])
+        m, web = arb.get_watcher("migrate"), arb.get_watcher("web")
+        await arb.start()
+        try:
+            await _until(lambda: m.sv_state == "FATAL", "the failing task to go FATAL")
+            assert runs.read_text().count("x") == 2         # retried per max_retry, then FATAL
+            assert web.status == "waiting" and not web.processes
+            ok.touch()
+            await arb.start_watcher(m)       # `ctl start migrate`: runs it again
+            await _until(lambda: m.status == "done" and len(web.processes) == 2, "done, then web")
+            assert runs.read_text().count("x") == 3 and not m.processes     # not respawned
+            await _until(lambda: web.ready_now(), "web ready")
+            await arb.start_watcher(m)       # once more: a done task runs again
+            await _until(lambda: m.status == "done" and runs.read_text().count("x") == 4, "a rerun")
+        finally:
+            await arb.stop()
+        return [t for t, _ in events]
+    topics = asyncio.run(run())
+    assert topics.count("watcher.migrate.done") == 2 and "watcher.migrate.flapping" not in topics
+    assert topics.index("watcher.migrate.done") < topics.index("watcher.web.spawn")
 
 
 def test_second_quit_while_quitting_stops_once(monkeypatch):
@@ -8432,7 +8560,8 @@ def test_state_changes_go_through_one_checked_method():
     for attr in ("state", "status", "sv_state"):
         with pytest.raises(AttributeError):
             setattr(w, attr, S.RUNNING)
-    assert set(circus.CIRCUS_STATUS.values()) == {"stopped", "starting", "active", "stopping"}
+    assert set(circus.CIRCUS_STATUS.values()) == {"stopped", "starting", "active", "stopping",
+                                                  "waiting", "done"}    # issue 18: depends_on, oneshot
     assert not hasattr(circus, "STOPPED") and not hasattr(circus, "ACTIVE")     # one enum
 
 
@@ -8647,6 +8776,84 @@ def test_e2e_reload_keeps_the_old_generation_when_the_new_cannot_spawn(daemon, s
     assert sorted(d.pids("srv")) == old and d.call("status", name="srv")["status"] == "active"
     assert circus._setpriv_signal(signal.SIGRTMIN + 2) == "RTMIN+2"
     assert circus._setpriv_signal(signal.SIGTERM) == "TERM"
+
+
+# Slow to boot while the file "slow" exists; notes when it is ready, then says READY=1.
+SLOW_NOTIFIER = r'''
+import os, socket, time
+if os.path.exists("slow"):
+    time.sleep(1)
+with open("ready-at", "w") as f:
+    f.write(repr(time.time()))
+addr = os.environ["NOTIFY_SOCKET"]
+socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b"READY=1", "\0" + addr[1:])
+time.sleep(120)
+'''
+
+
+# issue 18 item 1: b starts once a is ready (notify), stops before it (over priority), and
+# `start b` / `stop a` bring the other along
+def test_e2e_depends_on_start_after_ready_and_stop_in_reverse(daemon, shortdir):
+    root = pathlib.Path(shortdir)
+    (root / "a.py").write_text(SLOW_NOTIFIER)
+    (root / "slow").touch()
+    d = daemon("""
+        [watcher:a]
+        cmd = %s a.py
+        ready = notify
+        [watcher:b]
+        cmd = sleep 120
+        depends_on = a
+        priority = 10
+        """ % sys.executable)
+    ev = subscribe_ready(d)
+    assert d.call("status", name="b")["status"] == "waiting"       # a still boots (1 s)
+    _, spawn = ev.wait(lambda t, p: t == "watcher.b.spawn", what="b to spawn")
+    assert spawn["time"] >= float((root / "ready-at").read_text())
+    del ev.got[:]
+    assert d.call("stop")["status"] == "ok"             # all: b first, though its priority is higher
+    ev.wait(lambda t, p: t == "watcher.a.stop", what="a to stop")
+    topics = [t for t, _ in ev.got]
+    assert topics.index("watcher.b.stop") < topics.index("watcher.a.state")
+    (root / "slow").unlink()
+    del ev.got[:]
+    assert d.ctl("start", "b").stdout == "ok\n"
+    ev.wait(lambda t, p: t == "watcher.b.start", what="b to start")
+    topics = [t for t, _ in ev.got]
+    assert topics.index("watcher.a.spawn") < topics.index("watcher.b.spawn")
+    r = d.ctl("stop", "a")
+    assert r.stdout == "stopped first, as they depend on it: b\nok\n", r
+    topics = [t for t, _ in ev.wait(lambda t, p: t == "watcher.a.stop", what="a to stop") and ev.got]
+    assert topics.index("watcher.b.stop") < topics.index("watcher.a.stop")
+    assert d.ctl("status").stdout == "a: stopped\nb: stopped\n"
+
+
+# issue 18 items 1 and 2: a failing task keeps its web workers waiting; fixed, `start` runs it,
+# done, they start
+def test_e2e_oneshot_gates_web_workers_and_waiting_shows(daemon, shortdir):
+    d = daemon("""
+        [watcher:migrate]
+        cmd = sh -c 'test -e ok'
+        oneshot = true
+        max_retry = 1
+        [watcher:web]
+        cmd = sleep 120
+        numprocesses = 2
+        depends_on = migrate
+        """)
+    state = lambda: d.call("status", name="migrate", long=True)["processes"][0]["state"]  # noqa: E731
+    wait_for(lambda: state() == "FATAL", what="the failing task to go FATAL")
+    assert d.ctl("status").stdout == "migrate: stopped\nweb: waiting\n"
+    assert d.ctl("status", "web").stdout == "waiting\n"
+    assert d.call("list")["waiting"] == ["web"] and d.pids("web") == []
+    (pathlib.Path(shortdir) / "ok").touch()
+    assert d.ctl("start", "migrate").stdout == "ok\n"
+    wait_for(lambda: len(d.pids("web")) == 2, what="the web workers to start")
+    assert d.ctl("status").stdout == "migrate: done\nweb: active\n"
+    d.conf.write_text(d.conf.read_text().replace("oneshot = true", "oneshot = true\ndepends_on = web"))
+    r = d.call("reloadconfig", waiting=True)       # a cycle: refused, nothing applied
+    assert r["status"] == "error" and "depends_on cycle: migrate -> web -> migrate" in r["reason"], r
+    assert d.call("status")["statuses"] == {"migrate": "done", "web": "active"}
 
 
 def test_e2e_ready_listen_and_notify_states(daemon, shortdir):
