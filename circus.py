@@ -1390,9 +1390,10 @@ class CircusSocket:
 # ---------------------------------------------------------------------------
 # 6. Streams and logging
 # ---------------------------------------------------------------------------
-# A stream is a callable taking {"data": bytes, "pid": int, "name": "stdout"}
-# with an optional close(). Output is passed on as raw bytes, in the chunks
-# read (up to 1 MiB), unless a time_format prefix asks for per-line work.
+# A stream is a callable taking {"data": bytes, "pid": int, "name": "stdout",
+# "wid": int, "watcher": str} with an optional close(). File streams pass output
+# on as raw bytes, in the chunks read (up to 1 MiB), unless a time_format prefix
+# asks for per-line work; the stdout streams write whole lines (LineAssembler).
 
 class _Prefixer:
     """Adds ``<time> [<pid>] | `` at the start of every line, across chunks."""
@@ -1726,7 +1727,10 @@ class PrefixStdoutStream(StdoutStream):
 
     def __init__(self, width=0, colour="auto", time_format="%H:%M:%S", **_):
         super().__init__()
-        self.width = _count(width or 0)
+        try:
+            self.width = _count(width or 0)
+        except ValueError as e:
+            raise ValueError("width: %s" % e) from None
         self.colour = use_colour(colour)
         self.time_format = time_format or "%H:%M:%S"
 
@@ -4233,7 +4237,10 @@ class WatcherOutput:
                 except ImportError as e:
                     raise ValueError("stream class %r cannot be imported: %s" % (name, e)) from None
             elif "Stdout" in short:     # built without side effects: its options checked now
-                _STREAM_CLASSES[short](**{k: v for k, v in conf.items() if k != "class"})
+                try:
+                    _STREAM_CLASSES[short](**{k: v for k, v in conf.items() if k != "class"})
+                except (TypeError, ValueError) as e:
+                    raise ValueError("%s %s" % (short, e)) from None
             why = log_folder_error(conf)
             if why:
                 raise ValueError(why)
