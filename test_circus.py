@@ -6984,11 +6984,12 @@ def test_e2e_control_answers_during_an_output_flood(daemon):
     assert times[len(times) // 2] < 0.1, times
 
 
-@pytest.mark.parametrize("cls", ["StdoutStream", "JSONStdoutStream"])
+@pytest.mark.parametrize("cls", ["StdoutStream", "JSONStdoutStream", None])
 def test_e2e_merged_stdout_keeps_every_line_whole(daemon, shortdir, cls):
     """Issue 17 item 6: 10 processes x 10,000 lines, written in pieces cut mid-line, on the
     daemon's stdout (a pipe): every line once, unbroken, in each process's order; the last
-    one, with no newline, is let out at the process's exit."""
+    one, with no newline, is let out at the process's exit. None: no stream, the output
+    forwarded to the daemon's stdout (the default)."""
     import select
     writer = pathlib.Path(shortdir) / "lines.py"
     writer.write_text(
@@ -7002,12 +7003,14 @@ def test_e2e_merged_stdout_keeps_every_line_whole(daemon, shortdir, cls):
         "    os.write(1, data[i:i + n])\n"
         "    i += n\n")
     d = daemon("""
+        log_format = %s
         [watcher:many]
         cmd = %s %s $(circus.wid)
         numprocesses = 10
         respawn = false
-        stdout_stream.class = %s
-        """ % (sys.executable, writer, cls), start=False)
+        %s
+        """ % ("json" if cls == "JSONStdoutStream" else "text", sys.executable, writer,
+               "stdout_stream.class = %s" % cls if cls else ""), start=False)
     r, w = os.pipe()
     got = bytearray()
     try:
@@ -7026,6 +7029,9 @@ def test_e2e_merged_stdout_keeps_every_line_whole(daemon, shortdir, cls):
             os.close(w)
     lines = bytes(got).decode().splitlines()
     if cls == "JSONStdoutStream":
+        records = [json.loads(line) for line in d.log.read_text().splitlines()]   # log_format = json
+        assert {r["name"] for r in records} == {"circus"}
+        assert any("arbiter ready" in r["message"] and r["level"] == "info" for r in records)
         objs = [json.loads(line) for line in lines]
         assert {(o["name"], o["stream"]) for o in objs} == {("many", "stdout")}
         assert all(o["line"].startswith("w%d " % o["wid"]) for o in objs)
