@@ -3554,7 +3554,7 @@ class Process:
         self.unready = None             # gives up waiting for it (set with ready)
         self._pipes: dict = {}          # read end fd -> "stdout" / "stderr"
         self._big = ()                  # pipes already widened
-        self._sinks: dict = {}          # fd -> the _Console its output went to (see _hold)
+        self._sinks = None              # {fd: the _Console its output went to} (see _hold)
         self._exited = None             # future resolved on exit
         self.stdin_pipe = None          # our end of its stdin when stdin=subprocess.PIPE
 
@@ -3698,7 +3698,7 @@ class Process:
         name = self._pipes.get(fd)
         if name is None:
             return
-        sink = self._sinks.get(fd)
+        sink = self._sinks.get(fd) if self._sinks else None
         if sink is not None and sink.busy():
             self._hold(fd, sink)
             return
@@ -3718,6 +3718,8 @@ class Process:
             self._big += (fd,)
         sink = self._output(data, name)
         if isinstance(sink, _Console):
+            if self._sinks is None:
+                self._sinks = {}
             self._sinks[fd] = sink
 
     def _output(self, data: bytes, name: str):
