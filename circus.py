@@ -53,8 +53,8 @@ __all__ = [
     "Process", "Watcher", "Arbiter", "get_arbiter", "Client", "subscribe", "load_config",
     "default_endpoint", "client_keys", "Plugin",
     "CircusError", "ConfigError", "CommandError", "MessageError",
-    "StdoutStream", "FancyStdoutStream", "JSONStdoutStream", "PrefixStdoutStream", "FileStream",
-    "WatchedFileStream", "TimedRotatingFileStream", "QueueStream",
+    "StdoutStream", "StderrStream", "FancyStdoutStream", "JSONStdoutStream", "PrefixStdoutStream",
+    "FileStream", "WatchedFileStream", "TimedRotatingFileStream", "QueueStream",
 ]
 
 
@@ -1705,6 +1705,14 @@ class FancyStdoutStream(StdoutStream):
         return b"".join(self._start + line + b"\033[0m\n" for line in block.split(b"\n")[:-1])
 
 
+class StderrStream(StdoutStream):
+    """StdoutStream's rules, on the daemon's stderr (Supervisor's ``/dev/stderr`` log)."""
+
+    @property
+    def console(self):
+        return _console(2)
+
+
 class JSONStdoutStream(StdoutStream):
     """One JSON object per line on stdout, for log collectors: ``{"time", "name", "wid",
     "pid", "stream", "line"}`` (time as utc_iso; the line decoded as UTF-8, bad bytes
@@ -2078,9 +2086,9 @@ class QueueStream:
         pass
 
 
-_STREAM_CLASSES = {c.__name__: c for c in (StdoutStream, FancyStdoutStream, JSONStdoutStream,
-                                           PrefixStdoutStream, FileStream, WatchedFileStream,
-                                           TimedRotatingFileStream, QueueStream)}
+_STREAM_CLASSES = {c.__name__: c for c in (StdoutStream, StderrStream, FancyStdoutStream,
+                                           JSONStdoutStream, PrefixStdoutStream, FileStream,
+                                           WatchedFileStream, TimedRotatingFileStream, QueueStream)}
 
 
 class ThreadedStream:
@@ -2431,6 +2439,11 @@ def _sv_user(value) -> str:
     return value
 
 
+#: logfiles that name the daemon's own stdout/stderr: written as its console, not as a file
+_SV_CONSOLES = {"/dev/stdout": "StdoutStream", "/dev/fd/1": "StdoutStream",
+                "/proc/self/fd/1": "StdoutStream", "/dev/stderr": "StderrStream",
+                "/dev/fd/2": "StderrStream", "/proc/self/fd/2": "StderrStream"}
+
 #: [supervisord] keys: name -> (CircusConfig attribute, converter), set unless [circus]
 #: already gave it; attribute None: checked only; no rule: accepted and ignored.
 #: environment and childlogdir are read by _SupervisorReader itself.
@@ -2723,7 +2736,8 @@ class _SvProgram:
         return wc
 
     def _logfile(self, wc, which, per) -> None:
-        """stdout_logfile and friends as a FileStream (AUTO: in childlogdir)."""
+        """stdout_logfile and friends as a FileStream (AUTO: in childlogdir), or the daemon's
+        own stdout/stderr for /dev/stdout and /dev/stderr."""
         logfile = self.get(which + "_logfile", "AUTO", per)
         size = self.get(which + "_logfile_maxbytes", "50MB", per)
         backups = self.get(which + "_logfile_backups", "10", per)
@@ -2738,6 +2752,10 @@ class _SvProgram:
                                    "%s-%s---supervisor.log" % (wc.name.replace(":", "_"), which))
         else:
             logfile = os.path.abspath(os.path.expanduser(logfile))
+        console = _SV_CONSOLES.get(logfile)
+        if console:         # the container pattern: whole lines, never blocking (no rotation)
+            wc.set(which + "_stream.class", console)
+            return
         wc.set(which + "_stream.class", "FileStream")
         wc.set(which + "_stream.filename", logfile)
         why = log_folder_error(getattr(wc, which + "_stream"))

@@ -2124,6 +2124,17 @@ def test_stdout_stream_on_a_pipe_nobody_reads_drops_whole_lines(monkeypatch):
         os.close(w)
 
 
+
+def test_sv_logfile_dev_stdout_is_the_daemons_console(tmp_path):
+    """Supervisor in Docker: stdout_logfile=/dev/stdout was a FileStream writing blocking, raw
+    chunks; now the daemon's console, whole lines (rotation keys have nothing to rotate)."""
+    conf = write(tmp_path / "s.conf", "[supervisord]\n[program:a]\ncommand = true\n"
+                 "stdout_logfile = /dev/stdout\nstdout_logfile_maxbytes = 0\n"
+                 "stderr_logfile = /dev/stderr\n")
+    (wc,) = circus.load_config(str(conf)).watchers
+    assert wc.stdout_stream == {"class": "StdoutStream"} and wc.stderr_stream == {"class": "StderrStream"}
+    assert circus.build_stream(wc.stderr_stream).console is circus._console(2)
+
 def test_log_format_json_for_the_daemons_own_records(tmp_path):
     path = write(tmp_path / "c.ini", "[circus]\nlog_format = JSON\n")
     assert circus.load_config(path).log_format == "json"
