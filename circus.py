@@ -4256,7 +4256,7 @@ class WatcherOutput:
                     import_dotted(name, self.w.search_dirs)
                 except ImportError as e:
                     raise ValueError("stream class %r cannot be imported: %s" % (name, e)) from None
-            elif "Stdout" in short:     # built without side effects: its options checked now
+            elif issubclass(_STREAM_CLASSES[short], StdoutStream):     # no side effects: options checked now
                 try:
                     _STREAM_CLASSES[short](**{k: v for k, v in conf.items() if k != "class"})
                 except (TypeError, ValueError) as e:
