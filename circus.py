@@ -53,8 +53,8 @@ __all__ = [
     "Process", "Watcher", "Arbiter", "get_arbiter", "Client", "subscribe", "load_config",
     "default_endpoint", "client_keys", "Plugin",
     "CircusError", "ConfigError", "CommandError", "MessageError",
-    "StdoutStream", "FancyStdoutStream", "FileStream", "WatchedFileStream",
-    "TimedRotatingFileStream", "QueueStream",
+    "StdoutStream", "StderrStream", "FancyStdoutStream", "JSONStdoutStream", "PrefixStdoutStream",
+    "FileStream", "WatchedFileStream", "TimedRotatingFileStream", "QueueStream",
 ]
 
 
@@ -1403,6 +1403,7 @@ class CircusConfig:
         self.pidfile = None
         self.loglevel = None
         self.logoutput = None
+        self.log_format = "text"        # or json: one object per record (see setup_logging)
         self.log_echo = False           # [supervisord] logfile: also on stdout in the foreground
         self.sv_http = []               # [unix_http_server]/[inet_http_server]: SvHttpConf, XML-RPC
         self.loggerconfig = None
@@ -1448,6 +1449,13 @@ def _logoutput(value) -> str:
     return text
 
 
+def _log_format(value) -> str:
+    text = str(value).strip().lower()
+    if text not in ("text", "json"):
+        raise ValueError("%r: use text or json" % (value,))
+    return text
+
+
 def _known_user(value) -> str:
     """endpoint_owner: a user this machine knows (not a traceback when the socket is bound)."""
     text = str(value).strip()
@@ -1462,6 +1470,7 @@ _CIRCUS_KEYS = {
     "check_delay": ranged(to_float), "warmup_delay": _delay, "umask": _umask,
     "httpd": to_bool, "httpd_host": str, "httpd_port": _port, "httpd_token": str, "debug": to_bool,
     "debug_gc": to_bool, "pidfile": str, "loglevel": _loglevel, "logoutput": _logoutput,
+    "log_format": _log_format,
     "loggerconfig": str, "fqdn_prefix": str, "include": str, "include_dir": str,
     "metrics_endpoint": host_port, "max_processes": _count, "allow_insecure_endpoint": to_bool,
     "shutdown_timeout": _seconds,
@@ -1686,9 +1695,10 @@ class CircusSocket:
 # ---------------------------------------------------------------------------
 # 6. Streams and logging
 # ---------------------------------------------------------------------------
-# A stream is a callable taking {"data": bytes, "pid": int, "name": "stdout"}
-# with an optional close(). Output is passed on as raw bytes, in the chunks
-# read (up to 1 MiB), unless a time_format prefix asks for per-line work.
+# A stream is a callable taking {"data": bytes, "pid": int, "name": "stdout",
+# "wid": int, "watcher": str} with an optional close(). File streams pass output
+# on as raw bytes, in the chunks read (up to 1 MiB), unless a time_format prefix
+# asks for per-line work; the stdout streams write whole lines (LineAssembler).
 
 class _Prefixer:
     """Adds ``<time> [<pid>] | `` at the start of every line, across chunks."""
@@ -1731,6 +1741,7 @@ class _Console:
     """
 
     MAX_PENDING = 4 << 20
+    LOW = 1 << 20           # readers held (Process._hold) resume below this
 
     def __init__(self, fd: int):
         import atexit
@@ -1753,6 +1764,7 @@ class _Console:
             self._direct = True         # closed: writes fail at once, nothing can block
         self._chunks = collections.deque()
         self._pending = 0
+        self._waiters: dict = {}        # key -> callable, called once pending is below LOW
         self._cond = threading.Condition()
         if not self._direct:
             threading.Thread(target=self._run, name="console " + self.name, daemon=True).start()
@@ -1768,7 +1780,7 @@ class _Console:
                 pass
             return True
         with self._cond:
-            room = self._pending + len(data) <= self.MAX_PENDING
+            room = self._pending <= self.MAX_PENDING - min(len(data), self.LOW)
             if room:
                 self._chunks.append(data)
                 self._pending += len(data)
@@ -1801,6 +1813,28 @@ class _Console:
                 with self._cond:
                     self._pending -= n
                     self._cond.notify_all()
+                    freed = [] if self._pending > self.LOW else list(self._waiters.values())
+                    if freed:
+                        self._waiters.clear()
+                for callback in freed:
+                    callback()
+
+    def busy(self) -> bool:
+        """Is its reader behind (more than LOW bytes wait)?"""
+        return self._pid == os.getpid() and not self._direct and self._pending > self.LOW
+
+    def when_free(self, key, callback) -> None:
+        """Call ``callback`` (in the writer thread) once no more than LOW bytes wait; None
+        forgets ``key``'s."""
+        with self._cond:
+            if callback is None:
+                self._waiters.pop(key, None)
+                return
+            free = self._pending <= self.LOW
+            if not free:
+                self._waiters[key] = callback
+        if free:
+            callback()
 
     def flush(self, timeout: float) -> None:
         """Wait up to ``timeout`` s for what is queued to be written (at exit, before a fork)."""
@@ -1821,42 +1855,202 @@ def _console(fd: int) -> _Console:
     return con
 
 
+def utc_iso(t: float) -> str:
+    """``t`` as ISO 8601 UTC with milliseconds: ``2024-05-01T13:05:09.042Z`` (the JSON logs' time)."""
+    ms = int(t * 1000) % 1000
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + ".%03dZ" % ms
+
+
+def use_colour(setting="auto", fd: int = 1) -> bool:
+    """Colour on or off. ``true``/``false`` as set; ``auto``: never when NO_COLOR is set and
+    not empty, always when FORCE_COLOR is, else only when ``fd`` is a terminal."""
+    if str(setting).strip().lower() != "auto":
+        try:
+            return to_bool(setting)
+        except ValueError:
+            raise ValueError("colour %r: use true, false or auto" % (setting,)) from None
+    if os.environ.get("NO_COLOR"):
+        return False
+    if os.environ.get("FORCE_COLOR"):
+        return True
+    try:
+        return os.isatty(fd)
+    except OSError:
+        return False
+
+
+# honcho's order: cyan, yellow, green, magenta, red, blue, then their bright variants
+_LABEL_CYCLE = ("36", "33", "32", "35", "31", "34", "1;36", "1;33", "1;32", "1;35", "1;31", "1;34")
+_LABEL_COLOURS: dict = {}
+
+
+def label_colour(name: str) -> str:
+    """The SGR code of ``name``'s colour: the next of the cycle the first time it is asked."""
+    code = _LABEL_COLOURS.get(name)
+    if code is None:
+        code = _LABEL_COLOURS[name] = _LABEL_CYCLE[len(_LABEL_COLOURS) % len(_LABEL_CYCLE)]
+    return code
+
+
+def prefix_line(label: str, line, width: int = 0, colour=None, time_format="%H:%M:%S",
+                now=None) -> bytes:
+    """``{time} {label} | {line}\\n`` (honcho's look), for each line of ``line`` (str or bytes):
+    the label left-justified to ``width``, the prefix in SGR ``colour`` (e.g. label_colour(
+    name)) when given. Used by PrefixStdoutStream and for the daemon's own ``system`` lines."""
+    if isinstance(line, str):
+        line = line.encode("utf-8", "replace")
+    stamp = time.strftime(time_format, time.localtime(now))
+    head = "%s %s | " % (stamp, label.ljust(width))
+    if colour:
+        head = "\033[%sm%s\033[0m" % (colour, head)
+    head = head.encode()
+    lines = line.split(b"\n")
+    if lines[-1] == b"":
+        lines.pop()
+    return b"".join(head + part.rstrip(b"\r") + b"\n" for part in lines or [b""])
+
+
+class LineAssembler:
+    """Whole lines out of the chunks of many processes, so that their output never mixes
+    mid-line on one stdout. What follows a chunk's last newline is held per key (the
+    process and stream) until its newline comes, until it passes CAP bytes (then it goes
+    out in CAP-byte pieces, each ending in a newline) or until end() (the process exited:
+    the rest gets a newline). No timer: the idle daemon stays idle."""
+
+    CAP = 64 << 10
+
+    def __init__(self):
+        self._held: dict = {}          # key -> bytes of an unfinished line
+
+    def feed(self, key, data: bytes) -> bytes:
+        """The whole lines that ``data`` completes (b"" for none), each ending in a newline."""
+        held = self._held.pop(key, None)
+        if held:
+            data = held + data
+        cut = data.rfind(b"\n") + 1
+        done, rest = data[:cut], data[cut:]
+        if len(done) > self.CAP:        # only then can a line be over the cap
+            done = self._cut(done)
+        if len(rest) > self.CAP:
+            n = (len(rest) - 1) // self.CAP * self.CAP
+            done += self._cut(rest[:n] + b"\n")
+            rest = rest[n:]
+        if rest:
+            self._held[key] = rest
+        return done
+
+    def _cut(self, block: bytes) -> bytes:
+        lines = block.split(b"\n")[:-1]
+        if max(map(len, lines)) <= self.CAP:
+            return block
+        cap = self.CAP
+        return b"".join(line[i:i + cap] + b"\n" for line in lines
+                        for i in range(0, max(len(line), 1), cap))
+
+    def end(self, pid=None) -> list:
+        """``[(key, rest + newline)]`` for the unfinished lines of ``pid`` (a key's first item),
+        or of every key when None; they are forgotten."""
+        keys = [k for k in self._held if pid is None or k[0] == pid]
+        return [(k, self._held.pop(k) + b"\n") for k in keys]
+
+
 class StdoutStream:
-    """Writes output to the daemon's own stdout (never blocking: see _Console)."""
+    """Writes output to the daemon's own stdout, whole lines only (LineAssembler), never
+    blocking: past _Console's bound whole lines are dropped and counted."""
 
     def __init__(self, time_format=None, **_):
         self._prefix = _Prefixer(time_format) if time_format else None
         self.dropped = 0                # bytes dropped because stdout is not being read
+        self._lines = LineAssembler()
 
     def __call__(self, data: dict) -> None:
-        chunk = data["data"]
-        if self._prefix:
-            chunk = self._prefix(chunk, data.get("pid"))
-        if not _console(1).write(chunk):
-            self.dropped += len(chunk)
+        key = (data.get("pid"), data.get("name", "stdout"), data.get("watcher"), data.get("wid"))
+        block = self._lines.feed(key, data["data"])
+        if block:
+            self._write(self.format(key, block))
+
+    def end(self, pid) -> None:
+        """Process ``pid`` is gone (reaped, pipes drained): out goes what it left mid-line."""
+        for key, block in self._lines.end(pid):
+            self._write(self.format(key, block))
+
+    def format(self, key, block: bytes) -> bytes:
+        """The bytes to write for ``block``, whole lines of output of ``key`` =
+        (pid, stream, watcher, wid)."""
+        return self._prefix(block, key[0]) if self._prefix else block
+
+    @property
+    def console(self):
+        return _console(1)
+
+    def _write(self, out: bytes) -> None:
+        if not self.console.write(out):
+            self.dropped += len(out)
 
     def close(self):
-        pass
+        self.end(None)
 
 
 class FancyStdoutStream(StdoutStream):
-    """Stdout with a coloured ``<time> [<pid>] | `` prefix per line."""
+    """Stdout with a ``<time> [<pid>] | `` prefix per line, coloured when colour is on
+    (use_colour: a terminal, NO_COLOR, FORCE_COLOR)."""
 
     COLORS = {"red": 1, "green": 2, "yellow": 3, "blue": 4, "magenta": 5, "cyan": 6, "white": 7}
 
     def __init__(self, color=None, time_format="%Y-%m-%d %H:%M:%S", **_):
         import random
+        super().__init__(time_format or "%Y-%m-%d %H:%M:%S")
         code = self.COLORS.get(str(color).lower()) or random.choice(list(self.COLORS.values()))
-        self._start = b"\033[0;3%d;40m" % code
-        self._prefix = _Prefixer(time_format or "%Y-%m-%d %H:%M:%S")
-        self.dropped = 0
+        self._start = b"\033[0;3%d;40m" % code if use_colour() else None
 
-    def __call__(self, data: dict) -> None:
-        lines = self._prefix(data["data"], data.get("pid")).splitlines(True)
-        out = b"".join(self._start + line.rstrip(b"\n") + b"\033[0m" +
-                       (b"\n" if line.endswith(b"\n") else b"") for line in lines)
-        if not _console(1).write(out):
-            self.dropped += len(out)
+    def format(self, key, block: bytes) -> bytes:
+        block = self._prefix(block, key[0])
+        if self._start is None:
+            return block
+        return b"".join(self._start + line + b"\033[0m\n" for line in block.split(b"\n")[:-1])
+
+
+class StderrStream(StdoutStream):
+    """StdoutStream's rules, on the daemon's stderr (Supervisor's ``/dev/stderr`` log)."""
+
+    @property
+    def console(self):
+        return _console(2)
+
+
+class JSONStdoutStream(StdoutStream):
+    """One JSON object per line on stdout, for log collectors: ``{"time", "name", "wid",
+    "pid", "stream", "line"}`` (time as utc_iso; the line decoded as UTF-8, bad bytes
+    replaced, without its line ending)."""
+
+    def format(self, key, block: bytes) -> bytes:
+        pid, stream, watcher, wid = key
+        head = '{"time": "%s", "name": %s, "wid": %s, "pid": %s, "stream": %s, "line": ' % (
+            utc_iso(time.time()), json.dumps(watcher), json.dumps(wid), json.dumps(pid),
+            json.dumps(stream))
+        text = block.decode("utf-8", "replace").split("\n")[:-1]
+        return "".join(head + json.dumps(line[:-1] if line.endswith("\r") else line,
+                                         ensure_ascii=False) + "}\n"
+                       for line in text).encode("utf-8")
+
+
+class PrefixStdoutStream(StdoutStream):
+    """Honcho's look: ``{time} {watcher}.{wid} | {line}``, the label padded to ``width``
+    and coloured per watcher when ``colour`` (true, false or auto: use_colour) is on."""
+
+    def __init__(self, width=0, colour="auto", time_format="%H:%M:%S", **_):
+        super().__init__()
+        try:
+            self.width = _count(width or 0)
+        except ValueError as e:
+            raise ValueError("width: %s" % e) from None
+        self.colour = use_colour(colour)
+        self.time_format = time_format or "%H:%M:%S"
+
+    def format(self, key, block: bytes) -> bytes:
+        pid, stream, watcher, wid = key
+        return prefix_line("%s.%s" % (watcher, wid), block, self.width,
+                           label_colour(str(watcher)) if self.colour else None, self.time_format)
 
 
 def os_error_text(e: OSError) -> str:
@@ -2261,38 +2455,9 @@ class QueueStream:
         pass
 
 
-_STREAM_CLASSES = {c.__name__: c for c in (StdoutStream, FancyStdoutStream, FileStream,
+_STREAM_CLASSES = {c.__name__: c for c in (StdoutStream, StderrStream, FancyStdoutStream,
+                                           JSONStdoutStream, PrefixStdoutStream, FileStream,
                                            WatchedFileStream, TimedRotatingFileStream, QueueStream)}
-
-
-# ---- SHIM (branch wip-b, delete at merge): stand-ins for the stream helper's
-# PrefixStdoutStream and JSONStdoutStream, with the agreed options, so Procfile mode
-# runs on this branch. No line buffering across chunks: theirs does it properly.
-class PrefixStdoutStream(StdoutStream):
-    def __init__(self, width=0, colour="auto", time_format="%H:%M:%S", **_):
-        super().__init__()
-        self.width, self.time_format = int(width), time_format
-        self.colour = sys.stdout.isatty() if str(colour).lower() == "auto" else to_bool(colour)
-
-    def __call__(self, data: dict) -> None:
-        label = ("%s.%s" % (data.get("watcher"), data.get("wid"))).ljust(self.width)
-        if self.colour:
-            label = "\033[%dm%s\033[0m" % (31 + sum(label.encode()) % 6, label)
-        head = ("%s %s | " % (time.strftime(self.time_format), label)).encode()
-        _console(1).write(b"".join(head + line for line in data["data"].splitlines(True)))
-
-
-class JSONStdoutStream(StdoutStream):
-    def __call__(self, data: dict) -> None:
-        _console(1).write(b"".join(json.dumps({
-            "time": time.time(), "name": data.get("watcher"), "wid": data.get("wid"),
-            "pid": data.get("pid"), "stream": data["name"],
-            "line": line.decode("utf-8", "replace")}).encode() + b"\n"
-            for line in data["data"].splitlines()))
-
-
-_STREAM_CLASSES.update(PrefixStdoutStream=PrefixStdoutStream, JSONStdoutStream=JSONStdoutStream)
-# ---- END SHIM
 
 
 class ThreadedStream:
@@ -2447,6 +2612,20 @@ def build_stream(conf: dict, search_dirs=()):
 _LOG_FORMAT = "%(asctime)s %(name)s[%(process)d] [%(levelname)s] %(message)s"
 
 
+def _json_log_formatter():
+    """log_format = json: ``{"time", "level", "name", "message"}`` per record, one line each
+    (time as utc_iso; a traceback in "exception"). A process's JSON line has "stream" instead
+    of "level", so a collector tells the daemon's records apart."""
+    class JSONFormatter(logging.Formatter):
+        def format(self, record):
+            out = {"time": utc_iso(record.created), "level": record.levelname.lower(),
+                   "name": record.name, "message": record.getMessage()}
+            if record.exc_info:
+                out["exception"] = self.formatException(record.exc_info)
+            return json.dumps(out, ensure_ascii=False)
+    return JSONFormatter()
+
+
 def _console_handler(fd: int):
     """A logging handler for the daemon's stdout/stderr that never blocks (see _Console)."""
     class ConsoleHandler(logging.Handler):
@@ -2458,9 +2637,10 @@ def _console_handler(fd: int):
     return ConsoleHandler()
 
 
-def setup_logging(level="info", output="-", echo=False):
+def setup_logging(level="info", output="-", echo=False, fmt="text"):
     """Configure the "circus" logger (only the CLI calls this, never an import).
-    ``echo``: a file or syslog log is also written to stdout (supervisord in the foreground)."""
+    ``echo``: a file or syslog log is also written to stdout (supervisord in the foreground).
+    ``fmt``: text, or json (one object per record: _json_log_formatter)."""
     import logging.handlers as handlers
     logger = logging.getLogger("circus")
     for h in list(logger.handlers):
@@ -2485,11 +2665,13 @@ def setup_logging(level="info", output="-", echo=False):
                 return os.fdopen(open_log(self.baseFilename), "a", encoding=self.encoding,
                                  errors=getattr(self, "errors", None))
         handler = SafeFileHandler(output)
-    handler.setFormatter(logging.Formatter(_LOG_FORMAT, datefmt))
+    json_lines = _log_format(fmt) == "json"
+    handler.setFormatter(_json_log_formatter() if json_lines else logging.Formatter(_LOG_FORMAT, datefmt))
     logger.addHandler(handler)
     if echo and output not in ("-", "stderr", "stdout"):
         echoed = _console_handler(1)
-        echoed.setFormatter(logging.Formatter(_LOG_FORMAT, "%Y-%m-%d %H:%M:%S"))
+        echoed.setFormatter(_json_log_formatter() if json_lines else
+                            logging.Formatter(_LOG_FORMAT, "%Y-%m-%d %H:%M:%S"))
         logger.addHandler(echoed)
     logger.setLevel(lvl)
     logger.propagate = False
@@ -2639,6 +2821,11 @@ def _sv_user(value) -> str:
     resolve_user(value, None)           # raises when there is no such user
     return value
 
+
+#: logfiles that name the daemon's own stdout/stderr: written as its console, not as a file
+_SV_CONSOLES = {"/dev/stdout": "StdoutStream", "/dev/fd/1": "StdoutStream",
+                "/proc/self/fd/1": "StdoutStream", "/dev/stderr": "StderrStream",
+                "/dev/fd/2": "StderrStream", "/proc/self/fd/2": "StderrStream"}
 
 #: [supervisord] keys: name -> (CircusConfig attribute, converter), set unless [circus]
 #: already gave it; attribute None: checked only; no rule: accepted and ignored.
@@ -2947,7 +3134,8 @@ class _SvProgram:
         return wc
 
     def _logfile(self, wc, which, per) -> None:
-        """stdout_logfile and friends as a FileStream (AUTO: in childlogdir)."""
+        """stdout_logfile and friends as a FileStream (AUTO: in childlogdir), or the daemon's
+        own stdout/stderr for /dev/stdout and /dev/stderr."""
         logfile = self.get(which + "_logfile", "AUTO", per)
         size = self.get(which + "_logfile_maxbytes", "50MB", per)
         backups = self.get(which + "_logfile_backups", "10", per)
@@ -2962,6 +3150,10 @@ class _SvProgram:
                                    "%s-%s---supervisor.log" % (wc.name.replace(":", "_"), which))
         else:
             logfile = os.path.abspath(os.path.expanduser(logfile))
+        console = _SV_CONSOLES.get(logfile)
+        if console:         # the container pattern: whole lines, never blocking (no rotation)
+            wc.set(which + "_stream.class", console)
+            return
         wc.set(which + "_stream.class", "FileStream")
         wc.set(which + "_stream.filename", logfile)
         why = log_folder_error(getattr(wc, which + "_stream"))
@@ -3741,7 +3933,7 @@ class Process:
                  "rlimits", "executable", "pass_fds", "stdout", "stderr", "close_child_stdin",
                  "stdin", "umask", "death_signal", "on_output", "on_exit", "on_state", "loop",
                  "watcher_name", "pid", "started", "returncode", "_state", "since", "stopping", "promote", "ready",
-                 "unready", "signalled", "_pipes", "_big", "_exited", "stdin_pipe")
+                 "unready", "signalled", "_pipes", "_big", "_sinks", "_exited", "stdin_pipe")
 
     def __init__(self, wid: int, cmd: str, args=None, *, working_dir=None, shell=False,
                  shell_args=None, uid=None, gid=None, env=None, rlimits=None,
@@ -3781,6 +3973,7 @@ class Process:
         self.unready = None             # gives up waiting for it (set with ready)
         self._pipes: dict = {}          # read end fd -> "stdout" / "stderr"
         self._big = ()                  # pipes already widened
+        self._sinks = None              # {fd: the _Console its output went to} (see _hold)
         self._exited = None             # future resolved on exit
         self.stdin_pipe = None          # our end of its stdin when stdin=subprocess.PIPE
 
@@ -3924,6 +4117,10 @@ class Process:
         name = self._pipes.get(fd)
         if name is None:
             return
+        sink = self._sinks.get(fd) if self._sinks else None
+        if sink is not None and sink.busy():
+            self._hold(fd, sink)
+            return
         try:
             data = os.read(fd, 1 << 20)
         except BlockingIOError:
@@ -3938,11 +4135,46 @@ class Process:
         if len(data) == 65536 and fd not in self._big:
             _widen_pipe(fd)     # a full default pipe: a heavy writer, fewer wake-ups for it
             self._big += (fd,)
+        sink = self._output(data, name)
+        if isinstance(sink, _Console):
+            if self._sinks is None:
+                self._sinks = {}
+            self._sinks[fd] = sink
+
+    def _output(self, data: bytes, name: str):
+        """Give ``data`` to on_output; what it returns (the _Console it went to, if any)."""
         try:
-            self.on_output({"data": data, "pid": self.pid, "name": name, "wid": self.wid,
-                            "watcher": self.watcher_name})
+            return self.on_output({"data": data, "pid": self.pid, "name": name, "wid": self.wid,
+                                   "watcher": self.watcher_name})
         except Exception:       # a broken stream never breaks the process
             _log().exception("output handler of %s failed", self)
+
+    HOLD = 1.0
+
+    def _hold(self, fd: int, sink) -> None:
+        """Its output goes to a stdout whose reader is behind: stop reading ``fd`` (the process
+        waits on its own write, as on a full pipe) until that reader catches up, so that a
+        burst is not dropped. After HOLD s one chunk is read anyway: a stalled reader holds
+        nobody, and _Console drops and counts past its bound. Only while held is a timer set."""
+        self.loop.remove_reader(fd)
+        key, done = (id(self), fd), []
+
+        def resume(late):
+            sink.when_free(key, None)
+            if done or self._pipes.get(fd) is None:
+                return
+            done.append(timer.cancel())
+            if late:
+                self._sinks[fd] = None
+            self.loop.add_reader(fd, self._read, fd)
+
+        def freed():                # in the console's thread
+            try:
+                self.loop.call_soon_threadsafe(resume, False)
+            except RuntimeError:    # the loop is closed: the daemon is gone
+                pass
+        timer = self.loop.call_later(self.HOLD, resume, True)
+        sink.when_free(key, freed)
 
     def drain(self) -> None:
         """Read what is left in the pipes, then close them (called once it is reaped, so
@@ -3956,11 +4188,7 @@ class Process:
                     break
                 if not data:
                     break
-                try:
-                    self.on_output({"data": data, "pid": self.pid, "name": name, "wid": self.wid,
-                                    "watcher": self.watcher_name})
-                except Exception:
-                    _log().exception("output handler of %s failed", self)
+                self._output(data, name)
             del self._pipes[fd]
             self.loop.remove_reader(fd)
             os.close(fd)
@@ -4564,6 +4792,7 @@ class WatcherOutput:
         self.streams = {"stdout": None, "stderr": None}
         self.tails = {"stdout": RingBuffer(), "stderr": RingBuffer()}   # for `ctl tail`
         self._dropped: dict = {}        # stream -> bytes its stream lost (disk full), last seen
+        self._forwarded = LineAssembler()   # output forwarded without a stream: whole lines too
 
     def check(self, conf) -> None:
         """ValueError unless the stream ``conf`` can be built."""
@@ -4575,6 +4804,11 @@ class WatcherOutput:
                     import_dotted(name, self.w.search_dirs)
                 except ImportError as e:
                     raise ValueError("stream class %r cannot be imported: %s" % (name, e)) from None
+            elif issubclass(_STREAM_CLASSES[short], StdoutStream):     # no side effects: options checked now
+                try:
+                    _STREAM_CLASSES[short](**{k: v for k, v in conf.items() if k != "class"})
+                except (TypeError, ValueError) as e:
+                    raise ValueError("%s %s" % (short, e)) from None
             why = log_folder_error(conf)
             if why:
                 raise ValueError(why)
@@ -4607,25 +4841,41 @@ class WatcherOutput:
                 except Exception:
                     _log().exception("closing %s_stream of %s", which, self.w.name)
 
-    def write(self, chunk: dict) -> None:
-        """A chunk a process wrote: to the ring buffer, its stream, `tail -f` followers."""
+    def write(self, chunk: dict):
+        """A chunk a process wrote: to the ring buffer, its stream, `tail -f` followers.
+        Returns the daemon's console it went to, if any (the process may be held: _hold)."""
         name, w = chunk["name"], self.w
         self.tails[name].append(chunk["data"])
-        stream = self.streams[name]
+        stream, sink = self.streams[name], None
         if stream is not None:
             stream(chunk)
+            sink = getattr(stream, "console", None)
             dropped = getattr(stream, "dropped", 0)
             if dropped != self._dropped.get(name, 0):
                 self._dropped[name] = dropped
                 w.emit("output_dropped", stream=name, bytes=dropped)
         elif w.conf.forward_output and not w.conf.options["close_child_" + name]:
             # what an inherited stdout/stderr would have shown, unless nobody reads it
-            if not _console(1 if name == "stdout" else 2).write(chunk["data"]):
-                key = "forwarded " + name
-                self._dropped[key] = self._dropped.get(key, 0) + len(chunk["data"])
-                w.emit("output_dropped", stream=name, bytes=self._dropped[key])
+            self._forward(name, self._forwarded.feed((chunk["pid"], name), chunk["data"]))
+            sink = _console(1 if name == "stdout" else 2)
         if w.on_output_event is not None:
             w.on_output_event(w, chunk)
+        return sink
+
+    def _forward(self, name: str, block: bytes) -> None:
+        if block and not _console(1 if name == "stdout" else 2).write(block):
+            key = "forwarded " + name
+            self._dropped[key] = self._dropped.get(key, 0) + len(block)
+            self.w.emit("output_dropped", stream=name, bytes=self._dropped[key])
+
+    def ended(self, pid: int) -> None:
+        """Process ``pid`` is reaped and its pipes drained: what it left mid-line goes out."""
+        for stream in self.streams.values():
+            end = getattr(stream, "end", None)
+            if end is not None:
+                end(pid)
+        for (_, name), block in self._forwarded.end(pid):
+            self._forward(name, block)
 
 
 class Launcher:
@@ -5245,6 +5495,7 @@ class Watcher:
 
     def _on_exit(self, p: Process):
         counted = self.processes.pop(p.pid, None) is not None
+        self.output.ended(p.pid)
         self.retiring.pop(p.pid, None)
         self.launcher.release_wid(p.wid)
         timer = self._timers.pop(p.pid, None)
@@ -11933,7 +12184,7 @@ def _daemon_setup(args, cfg) -> tuple:
         _logger_config(loggerconfig)
     else:
         setup_logging(args.loglevel or cfg.loglevel or "info", args.logoutput or cfg.logoutput or "-",
-                      echo=cfg.log_echo and not args.daemon)
+                      echo=cfg.log_echo and not args.daemon, fmt=cfg.log_format)
     path = args.pidfile or cfg.pidfile
     pidfile = Pidfile(path) if path else None
     if pidfile:
@@ -12198,8 +12449,13 @@ class _ProcfileSays:
 def _procfile_logging(args, width) -> None:
     """``HH:MM:SS system | ...`` lines on stdout (stderr with --json: stdout is JSON lines)."""
     setup_logging("warning", "stderr" if args.json else "stdout")
+    colour = None if args.no_colour or not use_colour("auto", 2 if args.json else 1) else label_colour("system")
+
+    class SystemLines(logging.Formatter):
+        def format(self, record):
+            return prefix_line("system", super().format(record), width, colour).decode().rstrip("\n")
     for h in _log().handlers:
-        h.setFormatter(logging.Formatter("%%(asctime)s %s | %%(message)s" % "system".ljust(width), "%H:%M:%S"))
+        h.setFormatter(SystemLines("%(message)s"))
 
 
 def _start_parser():

@@ -2017,6 +2017,23 @@ def test_log_file_folder_must_exist(tmp_path):
     assert not (tmp_path / "nope").exists()
 
 
+def drain_console(con, r) -> bytes:
+    """Read pipe ``r`` until _Console ``con`` has nothing left to write (so that its thread
+    writes nothing more once the test closes the pipe and the fd number is reused)."""
+    os.set_blocking(r, False)
+    got = []
+
+    def empty():
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                got.append(os.read(r, 1 << 20))
+        return not con._pending
+    wait_for(empty, what="the console to write all it holds")
+    with contextlib.suppress(BlockingIOError):
+        got.append(os.read(r, 1 << 20))
+    return b"".join(got)
+
+
 def test_console_never_blocks_on_a_pipe_nobody_reads(caplog):
     """Issue 13 item 10: the daemon's own stdout/stderr, when nobody reads it."""
     r, w = os.pipe()
@@ -2039,9 +2056,170 @@ def test_console_never_blocks_on_a_pipe_nobody_reads(caplog):
             return con.write(b"y")
         wait_for(read_then_write, what="room again once the pipe is read")
         assert "the daemon's fd %d is read again" % w in caplog.text
+        drain_console(con, r)
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_line_assembler_partial_lines_cap_and_exit_flush():
+    """Issue 17 item 6: whole lines per (process, stream), whatever the chunks."""
+    a = circus.LineAssembler()
+    a.CAP = 8
+    assert a.feed((1, "stdout"), b"ab") == b""                     # held, no timer
+    assert a.feed((2, "stdout"), b"zz\n") == b"zz\n"                # another process, its own buffer
+    assert a.feed((1, "stderr"), b"err") == b""                     # another stream of the same one
+    assert a.feed((1, "stdout"), b"c\r\nde") == b"abc\r\n"          # \r\n passes as it is
+    # past the cap: pieces of 8, each with a newline; the last bit waits
+    assert a.feed((1, "stdout"), b"x" * 15) == b"dexxxxxx\nxxxxxxxx\n"
+    assert a.feed((1, "stdout"), b"\n0123456789abcdefgh\nok\n") == \
+        b"x\n01234567\n89abcdef\ngh\nok\n"      # a long line that came with its newline
+    assert a.feed((1, "stdout"), b"tail") == b""
+    assert sorted(a.end(1)) == [((1, "stderr"), b"err\n"), ((1, "stdout"), b"tail\n")]
+    assert a.end(1) == [] and a.feed((1, "stdout"), b"new\n") == b"new\n"   # nothing kept
+    a.CAP = 64 << 10                            # the real cap: a 200 KiB line, no newline yet
+    out = a.feed((3, "stdout"), b"y" * (200 << 10))
+    assert out.split(b"\n")[:-1] == [b"y" * (64 << 10)] * 3
+    assert a.end(None) == [((3, "stdout"), b"y" * (8 << 10) + b"\n")]
+
+
+@pytest.fixture
+def console_file(tmp_path, monkeypatch):
+    """The daemon's stdout (fd 1, as the streams see it) made a file the test reads."""
+    path = tmp_path / "stdout"
+    fd = os.open(str(path), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    monkeypatch.setitem(circus._CONSOLES, 1, circus._Console(fd))
+    yield path
+    os.close(fd)
+
+
+def test_colour_rules(monkeypatch):
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.delenv("FORCE_COLOR", raising=False)
+    master, slave = os.openpty()
+    r, w = os.pipe()
+    try:
+        assert circus.use_colour("auto", slave) and not circus.use_colour("auto", w)
+        monkeypatch.setenv("FORCE_COLOR", "1")
+        assert circus.use_colour("auto", w)
+        monkeypatch.setenv("NO_COLOR", "1")                 # NO_COLOR wins over FORCE_COLOR
+        assert not circus.use_colour("auto", slave)
+        assert circus.use_colour("true", w) and not circus.use_colour(False, slave)  # as set
+        monkeypatch.setenv("NO_COLOR", "")                  # set but empty: not honoured
+        monkeypatch.setenv("FORCE_COLOR", "")
+        assert circus.use_colour("auto", slave) and not circus.use_colour("auto", w)
+        with pytest.raises(ValueError, match="colour 'maybe': use true, false or auto"):
+            circus.use_colour("maybe")
+    finally:
+        for fd in (master, slave, r, w):
+            os.close(fd)
+
+
+def test_prefix_stdout_stream_format_and_padding(console_file, monkeypatch):
+    monkeypatch.setenv("NO_COLOR", "1")
+    s = circus.PrefixStdoutStream(width=8)
+    s({"data": b"hello\r\nwor", "pid": 7, "name": "stdout", "watcher": "web", "wid": 1})
+    s({"data": b"ld\n", "pid": 7, "name": "stdout", "watcher": "web", "wid": 1})
+    s({"data": b"no newline", "pid": 8, "name": "stderr", "watcher": "worker", "wid": 12})
+    s.end(8)                                    # its exit: the rest, with a newline
+    lines = console_file.read_bytes().split(b"\n")
+    assert [re.sub(rb"^\d\d:\d\d:\d\d ", b"T ", x) for x in lines] == [
+        b"T web.1    | hello", b"T web.1    | world", b"T worker.12 | no newline", b""]
+    # colour on: the prefix in the watcher's colour, the same for all its processes
+    s = circus.PrefixStdoutStream(colour="true", time_format="%H")
+    s({"data": b"a\n", "pid": 9, "name": "stdout", "watcher": "colourful", "wid": 2})
+    code = circus.label_colour("colourful")
+    assert console_file.read_bytes().endswith(b"\033[%sm%s colourful.2 | \033[0ma\n" % (
+        code.encode(), time.strftime("%H").encode()))
+    assert circus.label_colour("another") != code and circus.label_colour("colourful") == code
+    # the daemon's own lines, in that mode
+    assert circus.prefix_line("system", "started", 10, now=0) == \
+        time.strftime("%H:%M:%S", time.localtime(0)).encode() + b" system     | started\n"
+    with pytest.raises(ValueError, match="use true, false or auto"):
+        circus.Watcher("w", "x", stdout_stream={"class": "PrefixStdoutStream", "colour": "maybe"})
+
+
+def test_json_stdout_stream_and_fancy_keep_lines_whole(console_file, monkeypatch):
+    s = circus.JSONStdoutStream()
+    s({"data": b"caf\xc3\xa9 \xff\r\npart", "pid": 7, "name": "stderr", "watcher": "web", "wid": 3})
+    s({"data": b"ial", "pid": 7, "name": "stderr", "watcher": "web", "wid": 3})
+    s.close()                                   # a closing stream lets out what it held
+    objs = [json.loads(x) for x in console_file.read_text().splitlines()]
+    assert [{k: v for k, v in o.items() if k != "time"} for o in objs] == [
+        {"name": "web", "wid": 3, "pid": 7, "stream": "stderr", "line": "café \ufffd"},
+        {"name": "web", "wid": 3, "pid": 7, "stream": "stderr", "line": "partial"}]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", objs[0]["time"])
+    monkeypatch.setenv("NO_COLOR", "1")         # not a terminal: no escape codes
+    console_file.write_bytes(b"")
+    f = circus.FancyStdoutStream(color="red")
+    f({"data": b"one\ntw", "pid": 5, "name": "stdout"})
+    f({"data": b"o\n", "pid": 5, "name": "stdout"})
+    assert [x.split(b" [5] | ")[1] for x in console_file.read_bytes().splitlines()] == [b"one", b"two"]
+    monkeypatch.setenv("NO_COLOR", "")
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    f = circus.FancyStdoutStream(color="red")
+    f({"data": b"three\n", "pid": 5, "name": "stdout"})
+    assert console_file.read_bytes().splitlines()[-1].startswith(b"\033[0;31;40m")
+
+
+def test_stdout_stream_on_a_pipe_nobody_reads_drops_whole_lines(monkeypatch):
+    """A stalled reader: the stream returns at once, drops and counts whole lines."""
+    r, w = os.pipe()
+    try:
+        con = circus._Console(w)
+        con.MAX_PENDING = 256 << 10
+        monkeypatch.setitem(circus._CONSOLES, 1, con)
+        s = circus.JSONStdoutStream()
+        t0 = time.monotonic()
+        for i in range(300):
+            s({"data": b"line %d\n" % i * 100, "pid": 1, "name": "stdout", "watcher": "w", "wid": 1})
+        assert time.monotonic() - t0 < 5 and s.dropped > 0
+        got = drain_console(con, r)             # what was kept: whole lines, in order
+        numbers = [int(json.loads(x)["line"].split()[1]) for x in got.splitlines()]
+        assert got.endswith(b"}\n") and numbers == sorted(numbers) and len(numbers) < 30000
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+
+def test_sv_logfile_dev_stdout_is_the_daemons_console(tmp_path):
+    """Supervisor in Docker: stdout_logfile=/dev/stdout was a FileStream writing blocking, raw
+    chunks; now the daemon's console, whole lines (rotation keys have nothing to rotate)."""
+    conf = write(tmp_path / "s.conf", "[supervisord]\n[program:a]\ncommand = true\n"
+                 "stdout_logfile = /dev/stdout\nstdout_logfile_maxbytes = 0\n"
+                 "stderr_logfile = /dev/stderr\n")
+    (wc,) = circus.load_config(str(conf)).watchers
+    assert wc.stdout_stream == {"class": "StdoutStream"} and wc.stderr_stream == {"class": "StderrStream"}
+    assert circus.build_stream(wc.stderr_stream).console is circus._console(2)
+
+def test_log_format_json_for_the_daemons_own_records(tmp_path):
+    path = write(tmp_path / "c.ini", "[circus]\nlog_format = JSON\n")
+    assert circus.load_config(path).log_format == "json"
+    path = write(tmp_path / "d.ini", "[circus]\nlog_format = yaml\n")
+    with pytest.raises(circus.ConfigError, match="log_format: 'yaml': use text or json"):
+        circus.load_config(path)
+    import logging
+    logger = logging.getLogger("circus")
+    saved = logger.handlers[:], logger.level, logger.propagate
+    try:
+        circus.setup_logging("info", str(tmp_path / "daemon.log"), fmt="json")
+        logger.info("watcher %s: started", "web")
+        try:
+            raise KeyError("boom")
+        except KeyError:
+            logger.exception("it failed")
+        for h in logger.handlers:
+            h.flush()
+    finally:
+        for h in logger.handlers:
+            h.close()
+        logger.handlers[:], logger.level, logger.propagate = saved
+    first, second = [json.loads(x) for x in (tmp_path / "daemon.log").read_text().splitlines()]
+    assert {k: v for k, v in first.items() if k != "time"} == \
+        {"level": "info", "name": "circus", "message": "watcher web: started"}
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", first["time"])
+    assert second["level"] == "error" and "KeyError: 'boom'" in second["exception"]
 
 
 def test_build_stream_names():
@@ -7582,6 +7760,66 @@ def test_e2e_control_answers_during_an_output_flood(daemon):
     assert times[len(times) // 2] < 0.1, times
 
 
+@pytest.mark.parametrize("cls", ["StdoutStream", "JSONStdoutStream", None])
+def test_e2e_merged_stdout_keeps_every_line_whole(daemon, shortdir, cls):
+    """Issue 17 item 6: 10 processes x 10,000 lines, written in pieces cut mid-line, on the
+    daemon's stdout (a pipe): every line once, unbroken, in each process's order; the last
+    one, with no newline, is let out at the process's exit. None: no stream, the output
+    forwarded to the daemon's stdout (the default)."""
+    import select
+    writer = pathlib.Path(shortdir) / "lines.py"
+    writer.write_text(
+        "import os, random, sys\n"
+        "wid = sys.argv[1]\n"
+        "data = ''.join('w%s %d %s\\n' % (wid, i, 'x' * (i % 30)) for i in range(10000))\n"
+        "data = (data + 'w%s end' % wid).encode()\n"
+        "i = 0\n"
+        "while i < len(data):\n"
+        "    n = random.randint(1, 3000)\n"
+        "    os.write(1, data[i:i + n])\n"
+        "    i += n\n")
+    d = daemon("""
+        log_format = %s
+        [watcher:many]
+        cmd = %s %s $(circus.wid)
+        numprocesses = 10
+        respawn = false
+        %s
+        """ % ("json" if cls == "JSONStdoutStream" else "text", sys.executable, writer,
+               "stdout_stream.class = %s" % cls if cls else ""), start=False)
+    r, w = os.pipe()
+    got = bytearray()
+    try:
+        d.start(stdout=w, wait=False)
+        os.close(w)
+        w = None
+        deadline, count = time.monotonic() + LONG, 0
+        while count < 100010 and time.monotonic() < deadline:
+            if select.select([r], [], [], 0.5)[0]:
+                data = os.read(r, 1 << 20)
+                got += data
+                count += data.count(b"\n")
+    finally:
+        os.close(r)
+        if w is not None:
+            os.close(w)
+    lines = bytes(got).decode().splitlines()
+    if cls == "JSONStdoutStream":
+        records = [json.loads(line) for line in d.log.read_text().splitlines()]   # log_format = json
+        assert {r["name"] for r in records} == {"circus"}
+        assert any("arbiter ready" in r["message"] and r["level"] == "info" for r in records)
+        objs = [json.loads(line) for line in lines]
+        assert {(o["name"], o["stream"]) for o in objs} == {("many", "stdout")}
+        assert all(o["line"].startswith("w%d " % o["wid"]) for o in objs)
+        lines = [o["line"] for o in objs]
+    per = {}
+    for line in lines:
+        per.setdefault(line.split(" ")[0], []).append(line)
+    assert sorted(per) == sorted("w%d" % i for i in range(1, 11)), "%d lines" % len(lines)
+    for wid, seen in per.items():
+        assert seen == ["%s %d %s" % (wid, i, "x" * (i % 30)) for i in range(10000)] + [wid + " end"]
+
+
 def test_e2e_a_stdout_nobody_reads_never_blocks_the_daemon(daemon, shortdir):
     """Issue 13 item 10: output forwarded to the daemon's stdout was written blocking, from
     the event loop: with a pipe nobody reads, control froze and killed children stayed
@@ -7599,7 +7837,10 @@ def test_e2e_a_stdout_nobody_reads_never_blocks_the_daemon(daemon, shortdir):
         [watcher:fancy]
         cmd = %s %s z
         stdout_stream.class = FancyStdoutStream
-        """ % (sys.executable, writer, sys.executable, writer), start=False)
+        [watcher:json]
+        cmd = %s %s j
+        stdout_stream.class = JSONStdoutStream
+        """ % ((sys.executable, writer) * 3), start=False)
     r, w = os.pipe()            # the daemon's stdout: nobody ever reads it
     try:
         d.start(stdout=w, wait=False)
@@ -7615,6 +7856,7 @@ def test_e2e_a_stdout_nobody_reads_never_blocks_the_daemon(daemon, shortdir):
         ev = subscribe_ready(d, (b"watcher.",))
         ev.wait(lambda t, p: t == "watcher.flood.output_dropped", what="a dropped-output event")
         ev.wait(lambda t, p: t == "watcher.fancy.output_dropped", what="a dropped-output event")
+        ev.wait(lambda t, p: t == "watcher.json.output_dropped", what="a dropped-output event")
         wait_for(lambda: "the daemon's stdout is not being read" in d.log.read_text(), what="the log line")
         (victim,) = d.pids("plain")
         os.kill(victim, signal.SIGKILL)
