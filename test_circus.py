@@ -2922,6 +2922,89 @@ def test_e2e_grandchildren_of_an_exited_process_cost_no_fds_and_go_with_their_gr
         _kill_daemon_then_marked(d, *markers.values())
 
 
+def _tree_mechanism(d):
+    """The daemon's start-up line saying how whole-tree stops work (TreeKeeper.setup)."""
+    return next((line for line in d.log.read_text().splitlines() if "whole-tree stop:" in line), "")
+
+
+@pytest.mark.parametrize("cgroup", ["true", "false"])
+def test_e2e_stop_and_quit_end_setsid_grandchildren(daemon, cgroup):
+    """Issue 17 items 1-2: as a subreaper the daemon adopts a double-forked, setsid'ed
+    grandchild; `stop NAME` ends it (and not another watcher's), `quit` ends the rest:
+    through a cgroup per watcher (cgroup.kill), or without one (cgroup = false) through
+    the process group and the adopted orphans named in their environment."""
+    marks = (_marker(), _marker())
+    d = daemon("""\
+        cgroup = %s
+        [watcher:a]
+        cmd = sh -c '(setsid sleep %s &) && exec sleep 120'
+        [watcher:b]
+        cmd = sh -c '(setsid sleep %s &) && exec sleep 120'
+        """ % ((cgroup,) + marks))
+    try:
+        how = _tree_mechanism(d)
+        assert how, "the daemon does not say how it stops whole trees: " + d.describe()
+        if cgroup == "true" and "cgroup v2" not in how:
+            pytest.skip("no cgroup v2 the daemon can write here: %s" % how)
+        if "subreaper;" not in how:
+            pytest.skip("the daemon could not become a subreaper: %s" % how)
+        kids = [wait_for(lambda: procs_mentioning(m), what="grandchild %s" % m)[0] for m in marks]
+        assert all(k.ppid() == d.pid for k in kids)     # adopted by the daemon, not by init
+        assert d.call("stop", name="a", waiting=True)["status"] == "ok"
+        wait_for(lambda: not procs_mentioning(marks[0]), what="a's grandchild to go with a's stop")
+        assert procs_mentioning(marks[1])               # b's is b's
+        assert d.call("quit", waiting=True)["status"] == "ok"
+        assert d.proc.wait(TIMEOUT) == 0
+        assert not procs_mentioning(marks[1])
+    finally:
+        _kill_daemon_then_marked(d, *marks)
+
+
+def test_e2e_pid1_reaps_every_orphan_and_stops_on_sigterm(shortdir):
+    """Issue 17 item 1: as PID 1 of a pid namespace the daemon reaps the orphans landing on
+    it at once (no zombie lingers) and SIGTERM stops it with exit code 0."""
+    require_root("a pid namespace", "unshare")
+    probe = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"],
+                           capture_output=True, text=True, timeout=LONG)
+    if probe.returncode != 0:
+        pytest.skip("unshare --pid is not allowed here: %s" % probe.stderr.strip())
+    mark = _marker()
+    d = Daemon(shortdir, """\
+        [watcher:orphans]
+        cmd = sh -c 'sleep 0.3 & exec sleep 0.1'
+        numprocesses = 3
+        max_retry = -1
+        check_flapping = false
+        [watcher:daemonized]
+        cmd = sh -c '(setsid sleep %s &) && exec sleep 120'
+        """ % mark, program=["unshare", "--pid", "--fork", "--mount-proc", sys.executable,
+                             CIRCUS_PY, "daemon"], label="our daemon as PID 1")
+    try:
+        d.start()
+        (pid1,) = psutil.Process(d.pid).children()
+
+        def zombies():
+            return {p.pid for p in pid1.children(recursive=True) if _status(p) == psutil.STATUS_ZOMBIE}
+        wait_for(lambda: d.call("status", name="orphans", long=True)["processes"][0]["restarts"] >= 6,
+                 what="orphans to be made")
+        seen = zombies()
+        wait_for(lambda: not seen & zombies(), what=lambda: "zombies %r to be reaped" % (seen & zombies()))
+        assert "PID 1, reaping orphans" in _tree_mechanism(d)
+        assert procs_mentioning(mark)
+        os.kill(pid1.pid, signal.SIGTERM)
+        assert d.proc.wait(TIMEOUT) == 0
+        assert not procs_mentioning(mark)
+    finally:
+        _kill_daemon_then_marked(d, mark)
+
+
+def _status(p):
+    try:
+        return p.status()
+    except psutil.Error:
+        return None
+
+
 def test_e2e_prefork_socket_shared_and_bound_across_restart(daemon, shortdir):
     server = pathlib.Path(shortdir) / "srv.py"
     server.write_text(textwrap.dedent("""\
