@@ -3074,6 +3074,22 @@ def _orphans() -> list:
     return [pid for pid in own_children() if pid not in managed]
 
 
+def _remove_stale_cgroups(home) -> None:
+    """What daemons killed unannounced left: only empty cgroups go (rmdir refuses others)."""
+    try:
+        names = os.listdir(home)
+    except OSError:
+        return
+    for name in names:
+        m = re.match(r"circus\.py-(\d+)-[0-9a-f]+$", name)
+        if m and not _psutil.pid_exists(int(m.group(1))):
+            for folder, _, _ in os.walk(os.path.join(home, name), topdown=False):
+                try:
+                    os.rmdir(folder)
+                except OSError:
+                    pass
+
+
 class TreeKeeper:
     """What each process leaves behind (double-forked, setsid'ed daemons) goes with it.
 
@@ -3120,6 +3136,7 @@ class TreeKeeper:
         home, why = _cgroup_home()
         if home is None:
             return why
+        _remove_stale_cgroups(home)
         top = os.path.join(home, self.tag)
         try:
             # cgroup v2's no-internal-process rule does not bite: the daemon's own cgroup has

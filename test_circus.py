@@ -234,6 +234,7 @@ def test_defaults_and_types(tmp_path):
     ("no section = 1\n", "outside any section"),
     ("[watcher:a]\nthis line is garbage\n", "cannot parse"),
     ("[circus]\ncheck_delay = soon\n", "[circus] check_delay"),
+    ("[circus]\nsubreaper = sometimes\n", "[circus] subreaper"),
     ("[watcher:a]\ncmd = x\nready = 90\n", "ready = 90 can never happen within ready_timeout = 60"),
     ("[watcher:a]\ncmd = x\nready = soon\n", "'soon' is not notify, listen or a number of seconds"),
 ])
@@ -2139,6 +2140,34 @@ def test_ctl_imports_no_asyncio_or_psutil():
 # ===========================================================================
 # 7-9. Process, Watcher, Arbiter used as a library (in-process, no CLI)
 # ===========================================================================
+
+def test_orphan_reaper_takes_only_zombies_nobody_else_waits_for(monkeypatch):
+    """Issue 17 item 1: the SIGCHLD scan of a PID 1 / subreaper daemon reaps an adopted
+    orphan's zombie, never a managed process's (its status stays its own) nor one of a
+    child in the daemon's own process group (code in the daemon waits for it)."""
+    import asyncio
+    orphan = subprocess.Popen(["true"], start_new_session=True)    # a group of its own
+    mine = subprocess.Popen(["sh", "-c", "exit 5"])
+    managed = subprocess.Popen(["sh", "-c", "exit 7"], start_new_session=True)
+    procs = (orphan, mine, managed)
+    for p in procs:
+        wait_for(lambda: psutil.Process(p.pid).status() == psutil.STATUS_ZOMBIE, what="pid %d to exit" % p.pid)
+    monkeypatch.setattr(circus, "own_children", lambda: [p.pid for p in procs])
+    loop = asyncio.new_event_loop()
+    try:
+        cw = circus.ChildWatcher(loop)
+        done = loop.create_future()
+        cw.add(managed.pid, lambda pid, status: done.set_result(status))
+        cw.reap_orphans()
+        assert not psutil.pid_exists(orphan.pid)            # reaped at once
+        assert psutil.Process(mine.pid).status() == psutil.STATUS_ZOMBIE
+        assert circus.exit_code_of(loop.run_until_complete(asyncio.wait_for(done, TIMEOUT))) == 7
+        cw.close()
+    finally:
+        loop.close()
+        orphan.returncode = managed.returncode = 0      # reaped above: nothing for Popen to wait
+    assert mine.wait(TIMEOUT) == 5
+
 
 def test_library_process_output_and_exit():
     import asyncio
