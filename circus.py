@@ -2898,7 +2898,8 @@ class ChildWatcher:
 
     Linux 5.3+: one pidfd per child in the event loop (readable on exit).
     Elsewhere: a SIGCHLD handler that waits on *our* pids only (never
-    ``waitpid(-1)``, which would steal other code's children).
+    ``waitpid(-1)``, which would steal other code's children). As PID 1 or
+    a subreaper, SIGCHLD also has it reap the orphans it adopted.
     """
 
     def __init__(self, loop):
@@ -2980,15 +2981,14 @@ class ChildWatcher:
         SIGCHLD above) nor a child code in the daemon's own process group waits for."""
         self._scan = None
         ours = os.getpgrp()
-        reaped = False
         for pid in own_children():
             if pid not in self._cbs and _zombie_pgid(pid) not in (None, ours):
+                where = TREES.cgroup_of(pid)
                 try:
-                    reaped = os.waitpid(pid, os.WNOHANG)[0] == pid or reaped
+                    os.waitpid(pid, os.WNOHANG)
                 except ChildProcessError:
                     pass
-        if reaped:
-            TREES.tidy()            # a leaf may be empty now
+                TREES.tidy(where)       # its leaf may be empty now
 
     def close(self):
         for pid, (cb, fd) in list(self._cbs.items()):
@@ -3283,11 +3283,25 @@ class TreeKeeper:
         """A process reaped: its leaf goes once what it left has gone too."""
         if self.root is not None and name:
             self.lingering.add(self.path(name))
-            self.tidy()
+            self.tidy(self.path(name))
 
-    def tidy(self) -> None:
-        """Remove the cgroups that are empty now (deepest first)."""
-        for path in sorted(self.lingering, key=len, reverse=True):
+    def cgroup_of(self, pid: int):
+        """The cgroup folder of a process (a zombie's too), if it is one of ours."""
+        if self.root is None:
+            return None
+        try:
+            with open("/proc/%d/cgroup" % pid) as f:
+                rel = next((line.rstrip("\n")[3:] for line in f if line.startswith("0::")), "")
+        except OSError:
+            return None
+        mine = "/%s/" % self.tag
+        return self.root + rel[rel.index(mine) + len(mine) - 1:] if mine in rel + "/" else None
+
+    def tidy(self, path=None) -> None:
+        """Remove the cgroups that are empty now (deepest first), or only ``path``."""
+        todo = sorted(self.lingering, key=len, reverse=True) if path is None else \
+            [path] if path in self.lingering else []
+        for path in todo:
             try:
                 os.rmdir(path)
             except FileNotFoundError:
