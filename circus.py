@@ -11110,6 +11110,8 @@ def daemon_main(argv) -> int:
     """``daemon``: read the config (errors -> one line, exit 1), then run."""
     args = _daemon_parser().parse_args(argv)
     err = sys.stderr
+    if os.getpid() == 1:    # the kernel drops what PID 1 has no handler for: SIGTERM quits until the loop's own
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         import psutil  # noqa: F401  (fail early with one line)
         import zmq  # noqa: F401
