@@ -2931,6 +2931,10 @@ class ChildWatcher:
         if not self._sigchld:
             self.loop.add_signal_handler(signal.SIGCHLD, self._on_sigchld)
             self._sigchld = True
+            # a wave of deaths fills the loop's wakeup pipe: harmless (one byte wakes the
+            # scan of all), so no "Exception ignored" line per signal on stderr
+            fd = signal.set_wakeup_fd(-1)
+            signal.set_wakeup_fd(fd, warn_on_full_buffer=False)
 
     def _exit_seen(self, pid, fd):
         """A pidfd turned readable. A wave of deaths is reaped in turns of 5 ms, so the
