@@ -7897,7 +7897,7 @@ class Arbiter:
             return
         self.check_delay, self.warmup_delay = new.check_delay, new.warmup_delay
         for k in ("endpoint", "pubsub_endpoint", "multicast_endpoint", "curve_secret_key",
-                  "curve_owner_keys", "endpoint_owner"):
+                  "curve_owner_keys", "endpoint_owner", "subreaper", "cgroup"):
             if getattr(new, k) != getattr(old, k):
                 _log().warning("reloadconfig: %s changed; it takes effect at the next "
                                "daemon start (a restart keeps the old one)", k)
