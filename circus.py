@@ -3079,14 +3079,15 @@ def _orphans() -> list:
 
 
 def _remove_stale_cgroups(home) -> None:
-    """What daemons killed unannounced left: only empty cgroups go (rmdir refuses others)."""
+    """What daemons killed unannounced left: only empty cgroups go (rmdir refuses others).
+    A PID 1's pid says nothing here (another namespace's): its empty ones go too."""
     try:
         names = os.listdir(home)
     except OSError:
         return
     for name in names:
         m = re.match(r"circus\.py-(\d+)-[0-9a-f]+$", name)
-        if m and not _psutil.pid_exists(int(m.group(1))):
+        if m and (m.group(1) == "1" or not _psutil.pid_exists(int(m.group(1)))):
             for folder, _, _ in os.walk(os.path.join(home, name), topdown=False):
                 try:
                     os.rmdir(folder)
