@@ -1414,6 +1414,8 @@ class CircusConfig:
         self.minfds = None              # [supervisord] minfds: raise RLIMIT_NOFILE to it
         self.directory = None           # [supervisord] directory: chdir at start
         self.user = None                # [supervisord] user: drop privileges at start
+        self.subreaper = True           # Linux: orphans of its processes come back to the daemon
+        self.cgroup = True              # a cgroup v2 per watcher where the daemon can make one
         self.sockets: list = []
         self.watchers: list = []
         self.plugins: list = []
@@ -1475,6 +1477,7 @@ _CIRCUS_KEYS = {
     "metrics_endpoint": host_port, "max_processes": _count, "allow_insecure_endpoint": to_bool,
     "shutdown_timeout": _seconds,
     "curve_secret_key": str, "curve_authorized_keys": str, "curve_owner_keys": str,
+    "subreaper": to_bool, "cgroup": to_bool,
     # Documented by Circus but not read by it; accepted for the same files.
     "statsd_close_outputs": to_bool, "httpd_close_outputs": to_bool, "stream_backend": str,
 }
@@ -3518,7 +3521,8 @@ class ChildWatcher:
 
     Linux 5.3+: one pidfd per child in the event loop (readable on exit).
     Elsewhere: a SIGCHLD handler that waits on *our* pids only (never
-    ``waitpid(-1)``, which would steal other code's children).
+    ``waitpid(-1)``, which would steal other code's children). As PID 1 or
+    a subreaper, SIGCHLD also has it reap the orphans it adopted.
     """
 
     def __init__(self, loop):
@@ -3527,6 +3531,9 @@ class ChildWatcher:
         self._sigchld = False
         self._exited: list = []         # pids whose pidfd turned readable, reaped in 5 ms turns
         self._draining = False
+        self._scan = None               # an orphan scan is due (PID 1, subreaper)
+        if TREES.reaping:
+            self._on_sigchld_too()
 
     def add(self, pid: int, callback) -> None:
         """Call ``callback(pid, wait_status)`` once ``pid`` has exited (it is reaped)."""
@@ -3540,10 +3547,17 @@ class ChildWatcher:
                 self.loop.add_reader(fd, self._exit_seen, pid, fd)
                 return
         self._cbs[pid] = (callback, None)
+        self._on_sigchld_too()
+        self._ready(pid)            # it may have exited before the handler existed
+
+    def _on_sigchld_too(self):
         if not self._sigchld:
             self.loop.add_signal_handler(signal.SIGCHLD, self._on_sigchld)
             self._sigchld = True
-        self._ready(pid)            # it may have exited before the handler existed
+            # a wave of deaths fills the loop's wakeup pipe: harmless (one byte wakes the
+            # scan of all), so no "Exception ignored" line per signal on stderr
+            fd = signal.set_wakeup_fd(-1)
+            signal.set_wakeup_fd(fd, warn_on_full_buffer=False)
 
     def _exit_seen(self, pid, fd):
         """A pidfd turned readable. A wave of deaths is reaped in turns of 5 ms, so the
@@ -3585,6 +3599,23 @@ class ChildWatcher:
         for pid, (cb, fd) in list(self._cbs.items()):
             if fd is None:
                 self._ready(pid)
+        if TREES.reaping and self._scan is None:    # once per burst of signals
+            self._scan = self.loop.call_soon(self.reap_orphans)
+
+    def reap_orphans(self) -> None:
+        """Reap the zombies among the daemon's children that are not ours to wait for
+        (orphans adopted as PID 1 or subreaper), never a managed process (pidfd or
+        SIGCHLD above) nor a child code in the daemon's own process group waits for."""
+        self._scan = None
+        ours = os.getpgrp()
+        for pid in own_children():
+            if pid not in self._cbs and _zombie_pgid(pid) not in (None, ours):
+                where = TREES.cgroup_of(pid)
+                try:
+                    os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    pass
+                TREES.tidy(where)       # its leaf may be empty now
 
     def close(self):
         for pid, (cb, fd) in list(self._cbs.items()):
@@ -3593,6 +3624,9 @@ class ChildWatcher:
                 os.close(fd)
         self._cbs.clear()
         self._exited.clear()
+        if self._scan is not None:
+            self._scan.cancel()
+            self._scan = None
         if self._sigchld:
             self.loop.remove_signal_handler(signal.SIGCHLD)
             self._sigchld = False
@@ -3606,6 +3640,329 @@ def _child_watcher(loop) -> ChildWatcher:
     if cw is None or cw.loop is not loop:
         cw = _CHILD_WATCHERS[loop] = ChildWatcher(loop)
     return cw
+
+
+def _prctl(option: int, arg: int) -> bool:
+    import ctypes
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(option, arg, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def own_children() -> list:
+    """The pids of the daemon's children (Linux: /proc, every thread's), [] elsewhere."""
+    kids = []
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return kids
+    for tid in tasks:
+        try:
+            with open("/proc/self/task/%s/children" % tid) as f:
+                kids += [int(x) for x in f.read().split()]
+        except (OSError, ValueError):
+            pass
+    return kids
+
+
+def _zombie_pgid(pid: int):
+    """The process group of ``pid`` if it is a zombie (/proc/PID/stat), else None."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()   # state ppid pgrp ...
+    except (OSError, IndexError):
+        return None
+    return int(fields[2]) if fields[0] == b"Z" else None
+
+
+def _cgroup_home():
+    """The daemon's own cgroup v2 folder, or the reason there is none."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            rel = next((line.rstrip("\n")[3:] for line in f if line.startswith("0::")), None)
+        with open("/proc/self/mountinfo") as f:
+            mounts = [line.split() for line in f if " - cgroup2 " in line]
+    except OSError as e:
+        return None, "cannot read /proc: %s" % e.strerror
+    if rel is None or not mounts:
+        return None, "no cgroup v2 hierarchy"
+    root, point = mounts[0][3], mounts[0][4]
+    if root != "/" and not (rel + "/").startswith(root + "/"):
+        return None, "the daemon's cgroup %s is outside the cgroup2 mount" % rel
+    return os.path.join(point, rel[len(root.rstrip("/")):].lstrip("/")), None
+
+
+def _orphans() -> list:
+    """The daemon's children no ChildWatcher waits for."""
+    managed = set()
+    for cw in list(_CHILD_WATCHERS.values()):
+        managed.update(cw._cbs)
+    return [pid for pid in own_children() if pid not in managed]
+
+
+def _remove_stale_cgroups(home) -> None:
+    """What daemons killed unannounced left: only empty cgroups go (rmdir refuses others).
+    A PID 1's pid says nothing here (another namespace's): its empty ones go too."""
+    try:
+        names = os.listdir(home)
+    except OSError:
+        return
+    for name in names:
+        m = re.match(r"circus\.py-(\d+)-[0-9a-f]+$", name)
+        if m and (m.group(1) == "1" or not _psutil.pid_exists(int(m.group(1)))):
+            for folder, _, _ in os.walk(os.path.join(home, name), topdown=False):
+                try:
+                    os.rmdir(folder)
+                except OSError:
+                    pass
+
+
+class TreeKeeper:
+    """What each process leaves behind (double-forked, setsid'ed daemons) goes with it.
+
+    Set up by the daemon (setup()): on Linux it makes itself a child subreaper
+    (or is PID 1), so orphans of its processes come back to it and ChildWatcher
+    reaps them. Each watcher gets a cgroup v2 under the daemon's own, and each
+    process a leaf in it: ``<own>/circus.py-<pid>-<x>/w<n>-<watcher>/p<n>``. The
+    daemon steps into the leaf around fork (two writes, no preexec_fn, no race
+    with a child that forks at once) and a stop ends it with ``cgroup.kill``.
+    Without a cgroup (not root, no cgroup2, cgroup = false) a process carries
+    its leaf's name in $CIRCUS_PY_TREE: a stop signals its process group, its
+    descendants and the adopted orphans that carry that name.
+    """
+
+    ENV = "CIRCUS_PY_TREE"
+
+    def __init__(self):
+        self.reaping = False    # orphans are ours to reap (PID 1 or subreaper)
+        self.pid1 = False
+        self.tag = None         # set up: names start with it; None: nothing kept
+        self.root = None        # the cgroup folder of it all, in cgroup mode
+        self.kill_file = False  # cgroup.kill (Linux 5.14+)
+        self._home = None       # fd of the daemon's own cgroup.procs
+        self._seq = 0
+        self.lingering = set()  # cgroup folders to remove once empty
+
+    def setup(self, subreaper=True, cgroup=True) -> str:
+        """Become PID 1's or a subreaper's reaper, find or make the cgroup; says which
+        mechanism whole-tree stops use."""
+        linux = sys.platform.startswith("linux")
+        self.pid1 = os.getpid() == 1
+        if linux and subreaper and not self.pid1:
+            subreaper = _prctl(36, 1)       # PR_SET_CHILD_SUBREAPER
+        self.reaping = linux and (self.pid1 or bool(subreaper))
+        self.tag = "circus.py-%d-%s" % (os.getpid(), os.urandom(3).hex())
+        why = self._make_root() if cgroup and linux else ("cgroup = false" if linux else "not Linux")
+        how = ("cgroup v2 %s (cgroup.kill%s)" % (self.root, "" if self.kill_file else ": no, SIGKILL per pid")
+               if why is None else "process group%s (no cgroup: %s)"
+               % (" + adopted orphans" if self.reaping else "", why))
+        return "%s; whole-tree stop: %s" % ("PID 1, reaping orphans" if self.pid1 else "subreaper"
+                                            if self.reaping else "not a subreaper", how)
+
+    def _make_root(self):
+        home, why = _cgroup_home()
+        if home is None:
+            return why
+        _remove_stale_cgroups(home)
+        top = os.path.join(home, self.tag)
+        try:
+            # cgroup v2's no-internal-process rule does not bite: the daemon's own cgroup has
+            # the daemon in it, so it has no controllers enabled (or is a root, exempt)
+            os.mkdir(top)
+            self._home = os.open(os.path.join(home, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC)
+            os.write(self._home, b"0")      # allowed to come back home: checked now
+        except OSError as e:
+            if self._home is not None:
+                os.close(self._home)
+                self._home = None
+            try:
+                os.rmdir(top)
+            except OSError:
+                pass
+            return "%s: %s" % (home, e.strerror)
+        self.root = top
+        self.kill_file = os.path.exists(os.path.join(top, "cgroup.kill"))
+        return None
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.root, name)
+
+    def branch(self, watcher_name: str) -> str | None:
+        """A new name (and cgroup) for a watcher's processes; None when not set up."""
+        if self.tag is None:
+            return None
+        self._seq += 1
+        name = "w%d-%s" % (self._seq, re.sub(r"[^A-Za-z0-9_.-]", "_", watcher_name)[:64])
+        return self._mkdir(name)
+
+    def leaf(self, branch: str) -> str:
+        self._seq += 1
+        return self._mkdir("%s/p%d" % (branch, self._seq))
+
+    def _mkdir(self, name):
+        if self.root is not None:
+            try:
+                os.makedirs(self.path(name), exist_ok=True)
+            except OSError as e:
+                _log().error("cgroup %s: %s; without cgroups from now on", self.path(name), e.strerror)
+                self.root = None
+        return name
+
+    def spawn_in(self, name: str, popen):
+        """``popen()`` with the daemon inside cgroup ``name``, so the child is born there."""
+        if self.root is None:
+            return popen()
+        fd = None
+        try:
+            fd = os.open(os.path.join(self.path(name), "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC)
+            os.write(fd, b"0")
+        except OSError as e:        # e.g. privileges dropped since: the fallback from now on
+            _log().error("cgroup %s: %s; without cgroups from now on", self.path(name), e.strerror)
+            self.root = None
+            return popen()
+        finally:
+            if fd is not None:
+                os.close(fd)
+        try:
+            return popen()
+        finally:
+            self._go_home()
+
+    def _go_home(self):
+        try:
+            os.write(self._home, b"0")
+        except OSError as e:        # never kill a cgroup the daemon may still be in
+            _log().error("cannot leave a process's cgroup (%s): no cgroups from now on", e.strerror)
+            self.root = None
+
+    def env(self, name: str) -> dict:
+        """What a process's environment gets so its orphans can be told (no cgroup only)."""
+        return {self.ENV: "%s/%s" % (self.tag, name)} if self.reaping and self.root is None else {}
+
+    def kill(self, name: str, signum=signal.SIGKILL) -> None:
+        """Signal everything in tree ``name`` (a watcher's branch or a process's leaf)."""
+        if self.tag is None:
+            return
+        if self.root is None:
+            return self._signal(self._adopted(name), signum)
+        path = self.path(name)
+        if signum == signal.SIGKILL and self.kill_file:
+            try:
+                with open(os.path.join(path, "cgroup.kill"), "w") as f:
+                    f.write("1")
+            except OSError:     # gone already
+                pass
+            return
+        for _ in range(3 if signum == signal.SIGKILL else 1):   # SIGKILL: what forked meanwhile too
+            pids = self._members(path)
+            for pid in pids:
+                try:
+                    os.kill(pid, signum)
+                except OSError:
+                    pass
+            if not pids:
+                break
+
+    @staticmethod
+    def _members(path) -> list:
+        pids = []
+        for folder, _, _ in os.walk(path):
+            try:
+                with open(os.path.join(folder, "cgroup.procs")) as f:
+                    pids += [int(x) for x in f.read().split()]
+            except (OSError, ValueError):
+                pass
+        return pids
+
+    def _adopted(self, name) -> list:
+        """The daemon's children it did not start (adopted orphans) carrying tree ``name``,
+        and their descendants (psutil objects)."""
+        want, found = "%s=%s/%s" % (self.ENV, self.tag, name), []
+        for pid in _orphans():
+            try:
+                with open("/proc/%d/environ" % pid, "rb") as f:
+                    env = f.read().decode("utf-8", "replace").split("\0")
+                if any(v == want or v.startswith(want + "/") for v in env):
+                    p = _psutil.Process(pid)
+                    found += [p] + p.children(recursive=True)
+            except (OSError, _psutil.Error):
+                pass
+        return found
+
+    @staticmethod
+    def _signal(procs, signum):
+        for p in procs:
+            try:
+                p.send_signal(signum)
+            except (_psutil.Error, OSError):
+                pass
+
+    def remove(self, name: str) -> None:
+        """A watcher or process gone: its tree killed, its cgroup removed (once empty)."""
+        if self.tag is None or name is None:
+            return
+        self.kill(name)
+        if self.root is not None:
+            self.lingering.add(self.path(name))
+            self.tidy()
+
+    def release(self, name: str) -> None:
+        """A process reaped: its leaf goes once what it left has gone too."""
+        if self.root is not None and name:
+            self.lingering.add(self.path(name))
+            self.tidy(self.path(name))
+
+    def cgroup_of(self, pid: int):
+        """The cgroup folder of a process (a zombie's too), if it is one of ours."""
+        if self.root is None:
+            return None
+        try:
+            with open("/proc/%d/cgroup" % pid) as f:
+                rel = next((line.rstrip("\n")[3:] for line in f if line.startswith("0::")), "")
+        except OSError:
+            return None
+        mine = "/%s/" % self.tag
+        return self.root + rel[rel.index(mine) + len(mine) - 1:] if mine in rel + "/" else None
+
+    def tidy(self, path=None) -> None:
+        """Remove the cgroups that are empty now (deepest first), or only ``path``."""
+        todo = sorted(self.lingering, key=len, reverse=True) if path is None else \
+            [path] if path in self.lingering else []
+        for path in todo:
+            try:
+                os.rmdir(path)
+            except FileNotFoundError:
+                pass
+            except OSError:         # EBUSY: a process or a cgroup still in it
+                continue
+            self.lingering.discard(path)
+
+    async def close(self, timeout=2.0) -> None:
+        """At quit: nothing may remain under the daemon. Everything left is killed, the
+        daemon waits (bounded) until its reaper has reaped it, then removes its cgroups."""
+        if self.tag is None:
+            return
+        if self.root is not None:
+            self.kill("")
+            for folder, _, _ in os.walk(self.root):
+                self.lingering.add(folder)
+        else:
+            self._signal(_psutil.Process().children(recursive=True), signal.SIGKILL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and (self.reaping and _orphans() or self._busy()):
+            await asyncio.sleep(0.01)       # the SIGCHLD reaper does the reaping
+        self.tidy()
+        if self._home is not None:
+            os.close(self._home)
+            self._home = None
+
+    def _busy(self) -> bool:
+        self.tidy()
+        return bool(self.lingering)
+
+
+TREES = TreeKeeper()
 
 
 class NotifyListener:
@@ -3933,13 +4290,14 @@ class Process:
                  "rlimits", "executable", "pass_fds", "stdout", "stderr", "close_child_stdin",
                  "stdin", "umask", "death_signal", "on_output", "on_exit", "on_state", "loop",
                  "watcher_name", "pid", "started", "returncode", "_state", "since", "stopping", "promote", "ready",
-                 "unready", "signalled", "_pipes", "_big", "_sinks", "_exited", "stdin_pipe")
+                 "unready", "signalled", "_pipes", "_big", "_sinks", "_exited", "stdin_pipe", "branch",
+                 "tree")
 
     def __init__(self, wid: int, cmd: str, args=None, *, working_dir=None, shell=False,
                  shell_args=None, uid=None, gid=None, env=None, rlimits=None,
                  executable=None, pass_fds=(), stdout=None, stderr=None,
                  close_child_stdin=True, stdin=None, on_output=None, on_exit=None, loop=None,
-                 watcher_name="", umask=None, death_signal=0, on_state=None):
+                 watcher_name="", umask=None, death_signal=0, on_state=None, tree=None):
         self.wid = wid
         self.cmd = cmd
         self.args = args
@@ -3976,6 +4334,8 @@ class Process:
         self._sinks = None              # {fd: the _Console its output went to} (see _hold)
         self._exited = None             # future resolved on exit
         self.stdin_pipe = None          # our end of its stdin when stdin=subprocess.PIPE
+        self.branch = tree              # its watcher's tree (TreeKeeper), if kept
+        self.tree = None                # its own leaf in it, once spawned
 
     def __repr__(self):
         return "<Process wid=%s pid=%s state=%s rc=%s>" % (self.wid, self.pid, self._state, self.returncode)
@@ -4019,7 +4379,10 @@ class Process:
         self.loop = loop
         argv, kw = self._popen_args()
         argv = self._wrap(argv, kw)
-        self.pid, pipes = self._popen(argv, kw)
+        if self.branch:
+            self.pid, pipes = self._popen_in_tree(argv, kw)
+        else:
+            self.pid, pipes = self._popen(argv, kw)
         self.started = time.time()
         self.enter(ProcState.STARTING if starting else ProcState.RUNNING)
         self._exited = loop.create_future()
@@ -4090,6 +4453,18 @@ class Process:
             _check_executable(argv[0], self.working_dir, self.env)    # fail here, as Popen would
             argv = chain + argv
         return argv
+
+    def _popen_in_tree(self, argv, kw):
+        """_popen in a leaf of its watcher's tree: its cgroup, else a name in its environment."""
+        self.tree = TREES.leaf(self.branch)
+        extra = TREES.env(self.tree)
+        if extra:
+            kw["env"] = dict(os.environ if kw["env"] is None else kw["env"], **extra)
+        try:
+            return TREES.spawn_in(self.tree, lambda: self._popen(argv, kw))
+        except BaseException:
+            TREES.release(self.tree)
+            raise
 
     @staticmethod
     def _popen(argv, kw):
@@ -4199,6 +4574,7 @@ class Process:
         self.enter(ProcState.STOPPED if self.stopping else
                    ProcState.BACKOFF if self._state == ProcState.STARTING else ProcState.EXITED)
         self.drain()
+        TREES.release(self.tree)            # its cgroup, once what it left has gone too
         if self.stdin_pipe is not None:     # nobody took our end of its stdin
             os.close(self.stdin_pipe)
             self.stdin_pipe = None
@@ -4294,8 +4670,23 @@ class Process:
             if on_kill:
                 on_kill(self)
             code = await self.wait() if killed else None    # not ours to kill (EPERM): give up
-        self.signal_group(sig)
+        if self.tree:
+            self.kill_tree(signal.SIGKILL)      # what it left behind, setsid'ed daemons too
+        else:
+            self.signal_group(sig)
         return code
+
+    def kill_tree(self, signum=signal.SIGKILL) -> None:
+        """Signal the process and everything it left: its cgroup where it has one; else its
+        process group, its descendants and the orphans the daemon adopted from it."""
+        if self.tree and TREES.root is not None:
+            return TREES.kill(self.tree, signum)
+        family = self.children(recursive=True) if self.alive else []
+        self.send_signal(signum)
+        self.signal_group(signum)
+        TREES._signal(family, signum)
+        if self.tree:
+            TREES.kill(self.tree, signum)
 
     def info(self) -> dict:
         """pid, wid, state, start time and age, as a dict."""
@@ -4995,7 +5386,10 @@ class Launcher:
         return short
 
     def death_signal(self) -> int:
-        """What the processes get if the daemon dies: parent_death_signal, else stop_signal."""
+        """What the processes get if the daemon dies: parent_death_signal, else stop_signal.
+        None as PID 1: the kernel ends the whole namespace with it (one exec per spawn)."""
+        if TREES.pid1:
+            return 0
         sig = self.w.conf.options["parent_death_signal"]
         return self.w.conf.options["stop_signal"] if sig is None else sig
 
@@ -5047,7 +5441,14 @@ class Launcher:
                        close_child_stdin=o["close_child_stdin"],
                        stdin=subprocess.PIPE if "pool" in (w.conf.sv or {}) else self.stdin_fd(),
                        on_output=w.output.write, on_exit=w._on_exit, on_state=w._on_process_state,
-                       watcher_name=w.name, umask=o["umask"], death_signal=self.death_signal())
+                       watcher_name=w.name, umask=o["umask"], death_signal=self.death_signal(),
+                       tree=self.branch())
+
+    def branch(self):
+        """The watcher's tree (TreeKeeper: its cgroup), made at its first spawn."""
+        if self.w.tree is None:
+            self.w.tree = TREES.branch(self.w.name)
+        return self.w.tree
 
 
 class Readiness:
@@ -5197,6 +5598,7 @@ class Watcher:
         self._timers: dict = {}         # pid -> max_age timer
         self.finished = 0               # oneshot: processes of this run that exited 0
         self.on_ready = None            # callable(watcher) once ready_now() (set if others depend on it)
+        self.tree = None                # its branch of the TreeKeeper (cgroup), once spawned
         for which in ("stdout_stream", "stderr_stream"):
             self.output.check(getattr(config, which))
         for hook in config.hooks.values():
@@ -5632,6 +6034,8 @@ class Watcher:
         for t in self._timers.values():
             t.cancel()
         self._timers.clear()
+        if self.tree:
+            TREES.kill(self.tree)       # what its processes (the earlier ones too) left behind
         self.output.close()
         if final_state == ProcState.DONE:
             self._enter(ProcState.DONE, ProcState.EXITED)      # the "done" event
@@ -8221,6 +8625,7 @@ class Arbiter:
         self.shutdown_timeout = None    # a quit's budget: then SIGKILL to what is left
         self.exit_code = None       # set by critical_exit: what run() returns (else 0)
         self.on_demand = _OnDemand(self)
+        self.keep_trees = None      # (subreaper, cgroup): the daemon's whole-tree stops (TreeKeeper)
         self._done = None
         self._socket_confs = list(sockets)
         for w in watchers:
@@ -8523,6 +8928,8 @@ class Arbiter:
             sched.start()
         if self.config is not None and self.config.user:
             drop_privileges(self.config.user)       # after binding, as supervisord does
+        if self.keep_trees:
+            _log().info("%s", TREES.setup(*self.keep_trees))
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
                 self.loop.add_signal_handler(sig, self._on_quit_signal, sig)
@@ -8663,12 +9070,12 @@ class Arbiter:
             task.cancel()
 
     def _kill_left(self) -> int:
-        """SIGKILL to every process of ours still alive, and its group; how many there were."""
+        """SIGKILL to every process of ours still alive, and all it left (kill_tree); how
+        many there were."""
         left = [p for w in self.watchers for p in list(w.processes.values()) + list(w.retiring.values())
                 if p.alive]
         for p in left:
-            p.signal_group(signal.SIGKILL)
-            p.send_signal(signal.SIGKILL)
+            p.kill_tree(signal.SIGKILL)
         return len(left)
 
     def critical_exit(self, watcher_name: str, code: int, reason: str):
@@ -8704,6 +9111,8 @@ class Arbiter:
         nl = _NOTIFY_LISTENERS.pop(self.loop, None)
         if nl is not None:
             nl.close()
+        if self.keep_trees:
+            await TREES.close()         # nothing left under the daemon; reaped before cw closes
         cw = _CHILD_WATCHERS.pop(self.loop, None)
         if cw is not None:
             cw.close()
@@ -8780,6 +9189,7 @@ class Arbiter:
         async def stop_and_close():
             await w.stop()
             w._close_streams(final=True)
+            TREES.remove(w.tree)
         return _none(_locked(w, stop_and_close))
 
     # -- config reload: parse completely (errors change nothing), diff, apply the differences
@@ -8859,7 +9269,7 @@ class Arbiter:
         self.check_delay, self.warmup_delay = new.check_delay, new.warmup_delay
         self.shutdown_timeout = new.shutdown_timeout
         for k in ("endpoint", "pubsub_endpoint", "multicast_endpoint", "curve_secret_key",
-                  "curve_owner_keys", "endpoint_owner"):
+                  "curve_owner_keys", "endpoint_owner", "subreaper", "cgroup"):
             if getattr(new, k) != getattr(old, k):
                 _log().warning("reloadconfig: %s changed; it takes effect at the next "
                                "daemon start (a restart keeps the old one)", k)
@@ -8870,6 +9280,7 @@ class Arbiter:
             w._user_action(False)
             w._close_streams(final=True)
             self._watch_health(w)
+            TREES.remove(w.tree)
         self._prune_watchdogs()
 
     def _close_sockets(self, names=None) -> None:
@@ -12137,6 +12548,8 @@ def daemon_main(argv) -> int:
     """``daemon``: read the config (errors -> one line, exit 1), then run."""
     args = _daemon_parser().parse_args(argv)
     err = sys.stderr
+    if os.getpid() == 1:    # the kernel drops what PID 1 has no handler for: SIGTERM quits until the loop's own
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
     missing = _missing_dependency()
     if missing:
         err.write("error: %s\n" % missing)
@@ -12164,6 +12577,7 @@ def daemon_main(argv) -> int:
 
 def _run_arbiter(arbiter, pidfile=None) -> int:
     """Run until quit; the daemon's exit code (critical_exit's, 0, or 1 on an error)."""
+    arbiter.keep_trees = (arbiter.config.subreaper, arbiter.config.cgroup)     # a daemon's, not a library's
     try:
         return arbiter.run()
     except CircusError as e:

@@ -235,6 +235,7 @@ def test_defaults_and_types(tmp_path):
     ("no section = 1\n", "outside any section"),
     ("[watcher:a]\nthis line is garbage\n", "cannot parse"),
     ("[circus]\ncheck_delay = soon\n", "[circus] check_delay"),
+    ("[circus]\nsubreaper = sometimes\n", "[circus] subreaper"),
     ("[watcher:a]\ncmd = x\nready = 90\n", "ready = 90 can never happen within ready_timeout = 60"),
     ("[watcher:a]\ncmd = x\nready = soon\n", "'soon' is not notify, listen or a number of seconds"),
 ])
@@ -2405,6 +2406,34 @@ def test_ctl_imports_no_asyncio_or_psutil():
 # 7-9. Process, Watcher, Arbiter used as a library (in-process, no CLI)
 # ===========================================================================
 
+def test_orphan_reaper_takes_only_zombies_nobody_else_waits_for(monkeypatch):
+    """Issue 17 item 1: the SIGCHLD scan of a PID 1 / subreaper daemon reaps an adopted
+    orphan's zombie, never a managed process's (its status stays its own) nor one of a
+    child in the daemon's own process group (code in the daemon waits for it)."""
+    import asyncio
+    orphan = subprocess.Popen(["true"], start_new_session=True)    # a group of its own
+    mine = subprocess.Popen(["sh", "-c", "exit 5"])
+    managed = subprocess.Popen(["sh", "-c", "exit 7"], start_new_session=True)
+    procs = (orphan, mine, managed)
+    for p in procs:
+        wait_for(lambda: psutil.Process(p.pid).status() == psutil.STATUS_ZOMBIE, what="pid %d to exit" % p.pid)
+    monkeypatch.setattr(circus, "own_children", lambda: [p.pid for p in procs])
+    loop = asyncio.new_event_loop()
+    try:
+        cw = circus.ChildWatcher(loop)
+        done = loop.create_future()
+        cw.add(managed.pid, lambda pid, status: done.set_result(status))
+        cw.reap_orphans()
+        assert not psutil.pid_exists(orphan.pid)            # reaped at once
+        assert psutil.Process(mine.pid).status() == psutil.STATUS_ZOMBIE
+        assert circus.exit_code_of(loop.run_until_complete(asyncio.wait_for(done, TIMEOUT))) == 7
+        cw.close()
+    finally:
+        loop.close()
+        orphan.returncode = managed.returncode = 0      # reaped above: nothing for Popen to wait
+    assert mine.wait(TIMEOUT) == 5
+
+
 def test_library_process_output_and_exit():
     import asyncio
     chunks = []
@@ -3288,6 +3317,89 @@ def test_e2e_grandchildren_of_an_exited_process_cost_no_fds_and_go_with_their_gr
         assert procs_mentioning(markers["children"]) + procs_mentioning(markers["group"]) == []
     finally:
         _kill_daemon_then_marked(d, *markers.values())
+
+
+def _tree_mechanism(d):
+    """The daemon's start-up line saying how whole-tree stops work (TreeKeeper.setup)."""
+    return next((line for line in d.log.read_text().splitlines() if "whole-tree stop:" in line), "")
+
+
+@pytest.mark.parametrize("cgroup", ["true", "false"])
+def test_e2e_stop_and_quit_end_setsid_grandchildren(daemon, cgroup):
+    """Issue 17 items 1-2: as a subreaper the daemon adopts a double-forked, setsid'ed
+    grandchild; `stop NAME` ends it (and not another watcher's), `quit` ends the rest:
+    through a cgroup per watcher (cgroup.kill), or without one (cgroup = false) through
+    the process group and the adopted orphans named in their environment."""
+    marks = (_marker(), _marker())
+    d = daemon("""\
+        cgroup = %s
+        [watcher:a]
+        cmd = sh -c '(setsid sleep %s &) && exec sleep 120'
+        [watcher:b]
+        cmd = sh -c '(setsid sleep %s &) && exec sleep 120'
+        """ % ((cgroup,) + marks))
+    try:
+        how = _tree_mechanism(d)
+        assert how, "the daemon does not say how it stops whole trees: " + d.describe()
+        if cgroup == "true" and "cgroup v2" not in how:
+            pytest.skip("no cgroup v2 the daemon can write here: %s" % how)
+        if "subreaper;" not in how:
+            pytest.skip("the daemon could not become a subreaper: %s" % how)
+        kids = [wait_for(lambda: procs_mentioning(m), what="grandchild %s" % m)[0] for m in marks]
+        assert all(k.ppid() == d.pid for k in kids)     # adopted by the daemon, not by init
+        assert d.call("stop", name="a", waiting=True)["status"] == "ok"
+        wait_for(lambda: not procs_mentioning(marks[0]), what="a's grandchild to go with a's stop")
+        assert procs_mentioning(marks[1])               # b's is b's
+        assert d.call("quit", waiting=True)["status"] == "ok"
+        assert d.proc.wait(TIMEOUT) == 0
+        assert not procs_mentioning(marks[1])
+    finally:
+        _kill_daemon_then_marked(d, *marks)
+
+
+def test_e2e_pid1_reaps_every_orphan_and_stops_on_sigterm(shortdir):
+    """Issue 17 item 1: as PID 1 of a pid namespace the daemon reaps the orphans landing on
+    it at once (no zombie lingers) and SIGTERM stops it with exit code 0."""
+    require_root("a pid namespace", "unshare")
+    probe = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"],
+                           capture_output=True, text=True, timeout=LONG)
+    if probe.returncode != 0:
+        pytest.skip("unshare --pid is not allowed here: %s" % probe.stderr.strip())
+    mark = _marker()
+    d = Daemon(shortdir, """\
+        [watcher:orphans]
+        cmd = sh -c 'sleep 0.3 & exec sleep 0.1'
+        numprocesses = 3
+        max_retry = -1
+        check_flapping = false
+        [watcher:daemonized]
+        cmd = sh -c '(setsid sleep %s &) && exec sleep 120'
+        """ % mark, program=["unshare", "--pid", "--fork", "--mount-proc", sys.executable,
+                             CIRCUS_PY, "daemon"], label="our daemon as PID 1")
+    try:
+        d.start()
+        (pid1,) = psutil.Process(d.pid).children()
+
+        def zombies():
+            return {p.pid for p in pid1.children(recursive=True) if _status(p) == psutil.STATUS_ZOMBIE}
+        wait_for(lambda: d.call("status", name="orphans", long=True)["processes"][0]["restarts"] >= 6,
+                 what="orphans to be made")
+        seen = zombies()
+        wait_for(lambda: not seen & zombies(), what=lambda: "zombies %r to be reaped" % (seen & zombies()))
+        assert "PID 1, reaping orphans" in _tree_mechanism(d)
+        assert procs_mentioning(mark)
+        os.kill(pid1.pid, signal.SIGTERM)
+        assert d.proc.wait(TIMEOUT) == 0
+        assert not procs_mentioning(mark)
+    finally:
+        _kill_daemon_then_marked(d, mark)
+
+
+def _status(p):
+    try:
+        return p.status()
+    except psutil.Error:
+        return None
 
 
 def test_e2e_prefork_socket_shared_and_bound_across_restart(daemon, shortdir):
