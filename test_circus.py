@@ -2742,6 +2742,22 @@ def test_readme_has_the_examples():
                                    "watch_events.py"}
 
 
+def test_readme_worked_example_and_container_configs_load_as_described(tmp_path):
+    for fname, text in readme_files().items():
+        (tmp_path / fname).write_text(text)
+    cfg = circus.load_config(str(tmp_path / "app.ini"))
+    ws = {w.name: w for w in cfg.watchers}
+    assert ws["migrate"].options["oneshot"] and ws["web"].options["depends_on"] == ["migrate"]
+    assert ws["worker"].options["depends_on"] == ["web"] and ws["worker"].options["restart_cron"]
+    assert ws["nightly"].options["cron"] == "30 3 * * *" and not ws["nightly"].starts_at_boot
+    assert ws["web"].env_file == {"DATABASE_URL": "postgres://app@db/app", "SECRET_KEY": "s3cr#t"}
+    assert ws["web"].options["health_check"].startswith("http://") and cfg.shutdown_timeout == 25
+    cfg = circus.load_config(str(tmp_path / "container.ini"))
+    ws = {w.name: w for w in cfg.watchers}
+    assert cfg.shutdown_timeout == 25 and cfg.log_format == "json" and ws["web"].options["critical"]
+    assert ws["worker"].stdout_stream["class"] == "JSONStdoutStream"
+
+
 def test_readme_api_example(tmp_path):
     r = run_readme_example(tmp_path, "api_example.py")
     assert r.returncode == 0, r.stderr
