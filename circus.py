@@ -4997,11 +4997,11 @@ class RestartPolicy:
         """A counted process exited by itself while the watcher runs."""
         w = self.w
         w._enter(shown=p.state)
+        self.last_code = p.returncode       # what a critical watcher's give-up exits with
         if w.conf.options["oneshot"]:
             self._oneshot_exited(p)     # a task's end: no restart, no flapping
             return
         w.restarts += 1
-        self.last_code = p.returncode
         # an exit the user caused with `signal` is neither a failed start nor flapping
         if not p.signalled and w.flapping is not None and w.flapping.record(now):
             self._flap()

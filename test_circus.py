@@ -8633,6 +8633,12 @@ def test_a_critical_watcher_that_will_not_run_on_calls_critical_exit_with_its_st
     assert calls == [("w", 137), ("w", 2), ("w", 0), ("w", 3), ("w", 4)]
     _exited(watcher(respawn=False), clock, 1, 5)                            # not critical
     assert len(calls) == 5
+    _exited(watcher(oneshot=True, critical=True), clock, 0, 5)              # a task done: no exit
+    assert len(calls) == 5
+    w = watcher(oneshot=True, critical=True, max_retry=2)
+    for _ in range(2):                  # a failing task: FATAL, with its own exit code
+        _exited(w, clock, 6, 5)
+    assert calls[5:] == [("w", 6)]
 
 def test_set_startsecs_during_a_backoff_keeps_respawning():
     """`set startsecs` switches Circus's and Supervisor's rules while a backoff is pending:
