@@ -5644,13 +5644,19 @@ class Watcher:
     def not_ready_reason(self) -> str | None:
         """Why a probe should wait for it (`ready`, /readyz), or None. A watcher stopped by a
         user, never started, or ended by itself (EXITED: respawn/autorestart off) is not
-        waited for; one that gave up (FATAL) or stopped flapping (BACKOFF) is."""
+        waited for; one that gave up (FATAL) or stopped flapping (BACKOFF) is. A `cron` job is
+        never waited for (a service's readiness is no scheduled run's business); a process
+        its health check found unhealthy (still running: health_action = signal:NAME) is."""
+        if self.conf.options["cron"]:
+            return None
         if self._state == ProcState.STOPPED:
             if self._shown in (ProcState.FATAL, ProcState.BACKOFF):
                 return "%s: %s" % (self._shown, self.last_error or "no reason recorded")
             return None
-        if self._state in (ProcState.STOPPING, ProcState.DONE) or self.ready_now():
+        if self._state in (ProcState.STOPPING, ProcState.DONE):
             return None
+        if self.ready_now():
+            return self._unhealthy()
         if self._state == ProcState.WAITING:
             return self.waiting_for()
         if self.conf.options["oneshot"]:
@@ -5659,6 +5665,12 @@ class Watcher:
         if self._shown == ProcState.BACKOFF and self.last_error:
             why += " (%s)" % self.last_error
         return why
+
+    def _unhealthy(self) -> str | None:
+        """Its running processes that failed health_failures probes in a row, as a reason."""
+        states = [(pid, self.health.state(pid)) for pid in self.processes] if self.health is not None else []
+        sick = ["pid %d (%s)" % (pid, h["reason"]) for pid, h in states if h and h["unhealthy"]]
+        return "unhealthy: %s" % ", ".join(sick) if sick else None
 
     def waiting_for(self) -> str:
         """What a WAITING watcher waits for (its depends_on that are not ready)."""
@@ -6520,7 +6532,10 @@ class HealthCheck:
             if asyncio.iscoroutine(done):
                 asyncio.get_event_loop().create_task(w.arbiter_guard(done))
         else:       # stop (and exit with no daemon around: a Watcher used from Python)
-            w.queue(w.stop)
+            # shown FATAL, with why: `status` says it and the probes wait for it (a user's
+            # stop they would not)
+            w.last_error = "pid %d: %d failed health checks in a row (%s)" % (p.pid, self.limit, why)
+            w.queue(lambda: w.stop(ProcState.FATAL))
         return False
 
     def state(self, pid) -> dict | None:
@@ -7795,7 +7810,7 @@ def readiness(arb, watchers) -> list:
     if arb.stopping:
         waiting.append({"watcher": None, "reason": "the daemon is shutting down"})
     for w in watchers:
-        if arb.booting and w.state == ProcState.STOPPED and w.opt("autostart") and not w.on_demand_fds:
+        if arb.booting and w.state == ProcState.STOPPED and w.conf.starts_at_boot and not w.on_demand_fds:
             why = "not started yet (the daemon is starting)"
         else:
             why = w.not_ready_reason()

@@ -2383,6 +2383,35 @@ def test_ready_is_one_judgement_of_every_watcher():
     assert circus.build_request("ready", [])["properties"] == {}
 
 
+def test_ready_with_cron_jobs_oneshots_dependencies_and_health():
+    """/readyz at the seams: a cron job is never waited for (not yet run, running or failed),
+    not even during start-up; a oneshot is ready once done; a waiting watcher says what for;
+    a running process its health check found unhealthy makes its watcher not ready."""
+    import types
+    S = circus.ProcState
+    arb = circus.Arbiter([
+        {"name": "nightly", "cmd": "true", "oneshot": True, "cron": "0 3 * * *"},
+        {"name": "migrate", "cmd": "true", "oneshot": True},
+        {"name": "web", "cmd": "sleep 1", "depends_on": "migrate", "health_check": "tcp://127.0.0.1:1"}],
+        endpoint=None, pubsub_endpoint=None)
+    nightly, migrate, web = arb.watchers
+    waiting = lambda: {r["watcher"]: r["reason"] for r in circus.readiness(arb, arb.watchers)}  # noqa: E731
+    assert waiting() == {"migrate": "not started yet (the daemon is starting)",
+                         "web": "not started yet (the daemon is starting)"}
+    arb.booting = False
+    migrate._state, web._state = S.RUNNING, S.WAITING
+    nightly._state, nightly._shown, nightly.last_error = S.STOPPED, S.FATAL, "exit code 1"
+    assert waiting() == {"migrate": "running once (oneshot), not done yet", "web": "waiting for migrate"}
+    nightly._state = S.RUNNING
+    migrate._state, web._state = S.DONE, S.RUNNING
+    web.processes = {7: types.SimpleNamespace(alive=True, state=S.RUNNING)}
+    assert waiting() == {}
+    web.health.health[7] = {"ok": False, "failures": 1, "reason": "HTTP 500", "unhealthy": True}
+    assert waiting() == {"web": "unhealthy: pid 7 (HTTP 500)"}
+    web.health.health[7].update(ok=True, unhealthy=False)
+    assert waiting() == {}
+
+
 @pytest.mark.parametrize("argv,text", [
     (["--endpoint"], "error: --endpoint needs a value"),
     (["--timeout", "x", "status"], "error: --timeout takes seconds, not 'x'"),
@@ -7113,11 +7142,11 @@ class _HealthWatcher:
     def restart_process(self, p):
         self.done.append(("restart", p.pid))
 
-    def stop(self):
-        pass
+    def stop(self, final_state=circus.ProcState.STOPPED):
+        self.done.append(("stop", final_state))
 
     def queue(self, coro_fn):
-        self.done.append(("queue", coro_fn))
+        coro_fn()
 
 
 def _health_run(w, results, steps):
@@ -7170,13 +7199,16 @@ def test_health_check_signal_action_keeps_probing_and_says_healthy_again():
 
 
 @pytest.mark.parametrize("action,done", [
-    ("stop", lambda w: [("queue", w.stop)]),
-    ("exit", lambda w: [("critical_exit", "web", 1, "unhealthy")]),     # the container exit policy
+    # stopped as FATAL, with why: status says it, /readyz waits for it (not a user's stop)
+    ("stop", [("stop", circus.ProcState.FATAL)]),
+    ("exit", [("critical_exit", "web", 1, "unhealthy")]),     # the container exit policy
 ])
 def test_health_check_stop_and_exit_actions(action, done):
     w = _HealthWatcher(health_failures=1, health_action=action)
     _health_run(w, ["closed without a reply"], 1)
-    assert w.done == done(w) and w.events[0][1]["action"] == action
+    assert w.done == done and w.events[0][1]["action"] == action
+    if action == "stop":
+        assert w.last_error == "pid 4242: 1 failed health checks in a row (closed without a reply)"
 
 
 def test_health_checks_exist_only_where_configured_and_follow_set():
