@@ -9090,6 +9090,9 @@ class Arbiter:
         left = [p for w in self.watchers for p in list(w.processes.values()) + list(w.retiring.values())
                 if p.alive]
         for p in left:
+            if not p.stopping:      # its death is part of the quit, not an exit to act on
+                p.stopping = True
+                p.enter(ProcState.STOPPING, publish=False)
             p.kill_tree(signal.SIGKILL)
         return len(left)
 

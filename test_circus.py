@@ -2656,6 +2656,32 @@ def test_oneshot_done_starts_dependants_and_failure_keeps_them_waiting(tmp_path)
     assert topics.index("watcher.migrate.done") < topics.index("watcher.web.spawn")
 
 
+# issue 17 item 4 x issue 18 item 1: a quit's budget ends what is left; dependants stop first
+def test_shutdown_timeout_with_depends_on_kills_the_rest_as_part_of_the_quit(caplog):
+    import asyncio
+
+    async def run():
+        arb, events = _events_arbiter([
+            {"name": "a", "cmd": "sleep 60"},
+            {"name": "b", "cmd": "sh -c 'trap \"\" TERM; exec sleep 60'", "depends_on": "a",
+             "graceful_timeout": 60}])
+        arb.shutdown_timeout = 0.3
+        await arb.start()
+        b = arb.get_watcher("b")
+        await _until(lambda: [p for p in b.processes if psutil.Process(p).name() == "sleep"], "b's trap set")
+        pids = list(arb.get_watcher("a").processes) + list(b.processes)
+        start = time.monotonic()
+        await arb.stop()
+        return events, time.monotonic() - start, pids
+    events, took, pids = asyncio.run(run())
+    topics = [t for t, _ in events]
+    assert took < 5 and not [p for p in pids if psutil.pid_exists(p)]
+    assert topics.index("watcher.b.stop") < topics.index("watcher.a.stop")
+    assert "SIGKILL to the 2 processes" in caplog.text
+    # the quit's own kill: stopped, not an exit for the restart policy to act on
+    assert [p["state"] for t, p in events if t.endswith(".reap")] == ["STOPPED", "STOPPED"]
+
+
 def test_second_quit_while_quitting_stops_once(monkeypatch):
     """A second quit (SIGINT after SIGTERM, `quit` during a quit) joins the first: one
     STOPPING=1 for systemd, one SUPERVISOR_STATE_CHANGE_STOPPING for the event listeners,
