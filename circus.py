@@ -7862,9 +7862,12 @@ def cmd_get(arb, props):
     opts = w.options()
     out = {}
     for k in keys:
-        if k not in opts:
+        if k in opts:
+            out[k] = opts[k]
+        elif k in WATCHER_OPTIONS:      # circus.py's own keys (`set` takes them), not in circusd's list
+            out[k] = w.conf.options[k]
+        else:
             raise MessageError("%r option not found" % k)
-        out[k] = opts[k]
     return {"options": out}
 
 

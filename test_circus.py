@@ -2287,6 +2287,19 @@ def test_one_value_converter_for_config_set_and_ctl(monkeypatch):
     assert circus._set_value("numprocesses", "1") == 42 == circus._prop({"nb": "1"}, "nb", int)
 
 
+def test_get_answers_the_keys_set_takes():
+    """`get` of circus.py's own keys (not in circusd's `options` list): what `set` took."""
+    arb = circus.Arbiter([{"name": "w", "cmd": "true", "oneshot": True, "cron": "0 3 * * *",
+                           "health_check": "tcp://127.0.0.1:1", "critical": True}],
+                         endpoint=None, pubsub_endpoint=None)
+    get = lambda *keys: circus.cmd_get(arb, {"name": "w", "keys": list(keys)})["options"]  # noqa: E731
+    assert get("cron", "health_check", "critical", "backoff_max", "numprocesses") == {
+        "cron": "0 3 * * *", "health_check": "tcp://127.0.0.1:1", "critical": True,
+        "backoff_max": None, "numprocesses": 1}
+    with pytest.raises(circus.MessageError, match="'bogus' option not found"):
+        get("bogus")
+
+
 def test_ctl_help_and_unknown(capsys):
     assert circus.main(["ctl", "help"]) == 0
     out = capsys.readouterr().out
