@@ -7223,7 +7223,7 @@ def _check_option_name(key, w=None) -> None:
 #: streams, rlimits...) is acted on by the root daemon itself, so only root may change it.
 OWNER_KEYS = frozenset((
     "cmd", "args", "numprocesses", "warmup_delay", "shell", "shell_args", "uid", "gid", "env",
-    "send_hup", "stop_signal", "stop_children", "max_retry", "graceful_timeout", "singleton",
+    "send_hup", "stop_signal", "stop_children", "max_retry", "backoff_max", "graceful_timeout", "singleton",
     "respawn", "max_age", "max_age_variance", "close_child_stdin", "close_child_stdout",
     "close_child_stderr", "check_flapping", "flapping_attempts", "flapping_window", "retry_in",
     "parent_death_signal", "ready", "ready_timeout", "startsecs", "autorestart", "exitcodes",

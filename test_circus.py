@@ -7261,6 +7261,8 @@ def test_health_checks_exist_only_where_configured_and_follow_set():
     assert b.health is None
     # an exec: check runs as the watcher's user; exit would end the daemon: root's
     assert "health_check" in circus.OWNER_KEYS and "health_action" not in circus.OWNER_KEYS
+    # as max_retry, backoff_max is the owner's; critical and cron could stop or start others
+    assert "backoff_max" in circus.OWNER_KEYS and not {"critical", "cron"} & circus.OWNER_KEYS
 
 
 def test_health_keys_in_both_formats_and_in_metrics(tmp_path):
