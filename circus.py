@@ -8435,6 +8435,11 @@ def _not_reloaded(e: Exception) -> CommandError:
     return CommandError("config not reloaded, nothing changed: %s" % e, E_MESSAGE_ERROR)
 
 
+#: Keys a reloadconfig changes in place (as `set` would): what the daemon does around the
+#: processes, not what they run with, so a new schedule or health check restarts nothing.
+RELOAD_IN_PLACE = ("critical", "cron", "restart_cron", "backoff_max") + HEALTH_KEYS
+
+
 class _ConfigDiff:
     """What moving the arbiter to a new config changes (reloadconfig, reread, update).
 
@@ -8443,8 +8448,9 @@ class _ConfigDiff:
     ``changed_socks`` (names, changed or gone) close, ``added_socks`` (new or
     changed) are bound. Watchers: ``removed`` go, ``changed`` ((watcher, new
     conf) pairs, incl. those using a changed socket) are replaced, ``resized``
-    only take the new numprocesses, ``added`` are new confs; ``to_build`` are
-    the confs of the watchers to create, in the file's order.
+    take the new numprocesses, ``tuned`` only new RELOAD_IN_PLACE values (both:
+    a watcher that changed in both ways), ``added`` are new confs; ``to_build`` are the confs of
+    the watchers to create, in the file's order.
     """
 
     def __init__(self, old: CircusConfig, watchers, new: CircusConfig):
@@ -8452,7 +8458,7 @@ class _ConfigDiff:
         old_w = {w.name.lower(): w for w in watchers}
         new_w = {wc.name.lower(): wc for wc in new.watchers}
         self.removed = [w for n, w in old_w.items() if n not in new_w]
-        self.changed, self.resized = [], []
+        self.changed, self.resized, self.tuned = [], [], []
         for n, wc in new_w.items():
             if n in old_w:
                 self._compare(old_w[n], wc)
@@ -8471,9 +8477,13 @@ class _ConfigDiff:
 
     def _compare(self, w, wc):
         was = w.file_conf or w.conf     # what the file said, not what incr/set made of it
-        if any(self._uses(w, s) for s in self.changed_socks) or self._differs_beyond_numprocesses(was, wc):
+        if any(self._uses(w, s) for s in self.changed_socks) or \
+                self._differs_beyond(was, wc, ("numprocesses",) + RELOAD_IN_PLACE):
             self.changed.append((w, wc))
-        elif was.options["numprocesses"] != wc.options["numprocesses"]:
+            return
+        if self._differs_beyond(was, wc, ("numprocesses",)):
+            self.tuned.append((w, wc))
+        if was.options["numprocesses"] != wc.options["numprocesses"]:
             self.resized.append((w, wc))
 
     @staticmethod
@@ -8483,18 +8493,19 @@ class _ConfigDiff:
             o["use_sockets"] or (o["stdin_socket"] or "").lower() == sock_name
 
     @staticmethod
-    def _differs_beyond_numprocesses(a: WatcherConfig, b: WatcherConfig) -> bool:
-        na, nb = a.options["numprocesses"], b.options["numprocesses"]
+    def _differs_beyond(a: WatcherConfig, b: WatcherConfig, keys) -> bool:
+        """Do ``a`` and ``b`` differ in more than ``keys``?"""
+        saved = {k: a.options[k] for k in keys}
         try:
-            a.options["numprocesses"] = nb
+            a.options.update((k, b.options[k]) for k in keys)
             return a.key() != b.key()
         finally:
-            a.options["numprocesses"] = na
+            a.options.update(saved)
 
     def names(self) -> dict:
         """Names added, changed (incl. resized) and removed, for reread/update."""
         return {"added": sorted(wc.name for wc in self.added),
-                "changed": sorted(w.name for w, _ in self.changed + self.resized),
+                "changed": sorted({w.name for w, _ in self.changed + self.resized + self.tuned}),
                 "removed": sorted(w.name for w in self.removed)}
 
 
@@ -9273,6 +9284,9 @@ class Arbiter:
         self._close_sockets(diff.changed_socks)
         self._bind_sockets(diff.added_socks)
         self.config = new
+        for w, wc in diff.tuned:
+            self._tune(w, wc)
+            w.file_conf = wc
         for w, wc in diff.resized:
             w.file_conf = wc
             async with w.lock:
@@ -9282,6 +9296,17 @@ class Arbiter:
             self.emit("watcher.%s.add" % w.topic_name, {"time": time.time()})
         self._link_dependencies()
         await self.start_watchers([w for w in fresh if w.conf.starts_at_boot] + held)
+
+    def _tune(self, w, wc) -> None:
+        """The RELOAD_IN_PLACE keys the file changed, taken as `set` takes them (a runtime
+        `set` of another key stays); schedule and health check re-armed."""
+        was = w.file_conf or w.conf
+        for k in RELOAD_IN_PLACE:
+            if was.options[k] != wc.options[k]:
+                w.conf.options[k] = wc.options[k]
+                w.emit("updated", key=k)
+        self._watch_resources(w)
+        self._schedule(w)
 
     def _take_globals(self, new: CircusConfig) -> None:
         old = self.config

@@ -2750,6 +2750,44 @@ def test_reloadconfig_diff_sorts_every_change_and_touches_nothing(tmp_path):
     assert arb.get_watcher("keep").conf.options["numprocesses"] == 4
 
 
+def test_reloadconfig_takes_schedules_health_checks_and_critical_in_place(tmp_path):
+    """A changed critical, cron/restart_cron, backoff_max or health_* key is taken as `set`
+    takes it: the processes keep running, the schedule and the health check are re-armed;
+    a runtime `incr` stays unless the file changed numprocesses too."""
+    import asyncio
+    conf = tmp_path / "c.ini"
+    write(conf, "[watcher:web]\ncmd = sleep 60\nhealth_check = tcp://127.0.0.1:1\n"
+                "[watcher:two]\ncmd = sleep 60\n[watcher:job]\ncmd = true\noneshot = true\n"
+                "cron = 0 3 * * *\n")
+
+    async def run():
+        arb = circus.Arbiter.from_config(circus.load_config(str(conf)))
+        arb.endpoint = arb.pubsub_endpoint = None
+        await arb.start()
+        try:
+            web, two, job = (arb.get_watcher(n) for n in ("web", "two", "job"))
+            await _until(lambda: web.processes and two.processes, "both up")
+            await two.set_numprocesses(2)       # as `incr` leaves it
+            before = set(web.processes) | set(two.processes)
+            check, sched = web.health, arb.schedules[job]
+            conf.write_text(conf.read_text().replace("tcp://127.0.0.1:1", "tcp://127.0.0.1:2\ncritical = true")
+                            .replace("[watcher:two]\ncmd = sleep 60", "[watcher:two]\ncmd = sleep 60\n"
+                                     "backoff_max = 3").replace("0 3 * * *", "30 4 * * *"))
+            assert arb.config_diff(circus.load_config(str(conf)))["changed"] == ["job", "two", "web"]
+            await arb.reload_config()
+            assert set(arb.watchers) == {web, two, job} and set(web.processes) | set(two.processes) == before
+            assert web.opt("critical") and web.health is not check and web.health.check.endswith(":2")
+            assert two.opt("backoff_max") == 3.0 and len(two.processes) == 2
+            assert arb.schedules[job] is not sched and job.opt("cron") == "30 4 * * *"
+            conf.write_text(conf.read_text().replace("backoff_max = 3", "backoff_max = 4\nnumprocesses = 3"))
+            await arb.reload_config()
+            await _until(lambda: len(two.processes) == 3, "two resized by the file")
+            assert two.opt("backoff_max") == 4.0 and set(web.processes) <= before
+        finally:
+            await arb.stop()
+    asyncio.run(run())
+
+
 def test_sighup_passes_merge_and_each_is_framed_for_systemd():
     """Issue 15: the SIGHUP scheduling is a small object of its own: SIGHUPs during a pass make
     exactly one more pass, each framed by RELOADING=1 / READY=1; none once quitting."""
