@@ -6393,8 +6393,9 @@ async def _net_probe(kind, host, port, path):
 
 async def _exec_probe(w, cmd: str, timeout: float):
     """One exec: probe: ``cmd`` by /bin/sh as the watcher's processes run (user, folder,
-    environment), in a process group of its own that is killed when it times out or
-    when the wait is cancelled (the process it checks is gone). Exit 0 is healthy."""
+    environment), in a process group and a leaf of the watcher's tree of its own (TreeKeeper),
+    all of it killed once it ends, times out or the wait is cancelled (the process it checks
+    is gone): nothing it started outlives it, setsid'ed ones included. Exit 0 is healthy."""
     o = w.conf.options
     out = bytearray()
 
@@ -6403,7 +6404,7 @@ async def _exec_probe(w, cmd: str, timeout: float):
         del out[:-512]
     check = Process(0, cmd, shell=True, working_dir=o["working_dir"], uid=o["uid"], gid=o["gid"],
                     env=w.env(), on_output=keep, stderr=subprocess.STDOUT, watcher_name=w.name,
-                    death_signal=signal.SIGKILL)
+                    death_signal=0 if TREES.pid1 else signal.SIGKILL, tree=w.tree)
     try:
         check.spawn()
     except (OSError, ValueError, subprocess.SubprocessError) as e:
@@ -6411,8 +6412,7 @@ async def _exec_probe(w, cmd: str, timeout: float):
     try:
         code = await check.wait(timeout)
     finally:
-        if check.alive:
-            check.signal_group(signal.SIGKILL)
+        check.kill_tree(signal.SIGKILL)
     if code is None:
         return "timed out after %g s" % timeout
     lines = bytes(out).decode("utf-8", "replace").strip().splitlines()

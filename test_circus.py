@@ -7423,7 +7423,7 @@ def test_e2e_health_checks_restart_stop_and_never_hold_up_a_respawn(daemon, shor
         health_action = stop
         [watcher:hung]
         cmd = sleep 120
-        health_check = exec:sleep 60
+        health_check = exec:setsid sleep 63 & sleep 60
         health_interval = 0.2
         health_timeout = 5
         """ % (sys.executable, root, port, root, port, closed))
@@ -7458,6 +7458,9 @@ def test_e2e_health_checks_restart_stop_and_never_hold_up_a_respawn(daemon, shor
     assert spawn["time"] - t0 < 2.5        # well under the 5 s the check may take
     assert time.time() - t0 < 5 and d.call("list")["status"] == "ok"
     wait_for(lambda: check not in d.cmdlines(), what="the hung check killed with its process")
+    # and what it left: a setsid'ed daemon is in its tree (cgroup leaf, or its tag), not its group
+    wait_for(lambda: not [a for a in d.cmdlines().values() if a[-2:] == ["sleep", "63"]],
+             what="the check's setsid'ed child killed too")
     assert not [t for t, _ in ev.got if t == "watcher.hung.unhealthy"]
     ev.close()
 
