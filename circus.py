@@ -5675,7 +5675,9 @@ class Watcher:
     def waiting_for(self) -> str:
         """What a WAITING watcher waits for (its depends_on that are not ready)."""
         deps = self.arbiter.dependencies_of(self) if self.arbiter is not None else []
-        return "waiting for %s" % ", ".join(d.name for d in deps if not d.ready_now())
+        names = [d.name for d in deps if not d.ready_now()]
+        # none: they just got ready, its start is queued
+        return "waiting for %s" % ", ".join(names) if names else "starting: what it depends on is ready"
 
     def _enter(self, to: str | None = None, shown: str | None = None, **payload) -> None:
         """The one way its state changes: to state ``to``, checked against WATCHER_TRANSITIONS,

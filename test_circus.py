@@ -2415,6 +2415,8 @@ def test_ready_with_cron_jobs_oneshots_dependencies_and_health():
     migrate._state, web._state = S.RUNNING, S.WAITING
     nightly._state, nightly._shown, nightly.last_error = S.STOPPED, S.FATAL, "exit code 1"
     assert waiting() == {"migrate": "running once (oneshot), not done yet", "web": "waiting for migrate"}
+    migrate._state = S.DONE         # web's start is queued behind its lock
+    assert waiting() == {"web": "starting: what it depends on is ready"}
     nightly._state = S.RUNNING
     migrate._state, web._state = S.DONE, S.RUNNING
     web.processes = {7: types.SimpleNamespace(alive=True, state=S.RUNNING)}
