@@ -7613,11 +7613,21 @@ def cmd_add(arb, props):
     return _Await(add())
 
 
-@command("rm", "name [--nostop] [--waiting]", peer=OWN)
+@command("rm", "name [--nostop] [--waiting]", _fmt_stop, peer=OWN)
 def cmd_rm(arb, props):
-    """Remove a watcher (its processes are stopped unless nostop)."""
+    """Remove a watcher (its processes are stopped unless nostop); what depends on it
+    (depends_on) stops first, as with `stop`."""
     w = _watcher(arb, props)
-    return arb.rm_watcher(w, _prop(props, "nostop", bool, False))
+    nostop = _prop(props, "nostop", bool, False)
+    first = [] if nostop else arb.dependants_up([w])
+    gone = arb.rm_watcher(w, nostop)        # detached now; its stop runs once awaited
+    if not first:
+        return gone
+
+    async def run():
+        await arb.stop_watchers(first)
+        return await gone
+    return _naming(arb, props, run(), first)
 
 
 def _circusctl_settable() -> frozenset:

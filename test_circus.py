@@ -2613,6 +2613,28 @@ def test_depends_on_fatal_dependency_keeps_dependant_waiting_until_it_recovers(t
     assert topics.index("watcher.b.waiting") < topics.index("watcher.b.spawn")
 
 
+# issue 18 item 1 x rm: what depends on a removed watcher stops first (none left waiting for it)
+def test_rm_of_a_dependency_stops_its_dependants_first():
+    import asyncio
+
+    async def run():
+        arb, events = _events_arbiter([{"name": "a", "cmd": "sleep 60"},
+                                       {"name": "b", "cmd": "sleep 60", "depends_on": "a"},
+                                       {"name": "c", "cmd": "sleep 60", "depends_on": "b"}])
+        await arb.start()
+        try:
+            await _until(lambda: all(w.processes for w in arb.watchers), "all up")
+            reply = await circus.cmd_rm(arb, {"name": "a", "waiting": True})
+            assert [w.name for w in arb.watchers] == ["b", "c"]
+            assert all(w.status == "stopped" for w in arb.watchers)
+        finally:
+            await arb.stop()
+        return reply, [t for t, _ in events if t.endswith(".stop")]
+    reply, stops = asyncio.run(run())
+    assert reply["dependants"] == ["b", "c"] and stops[:3] == ["watcher.c.stop", "watcher.b.stop", "watcher.a.stop"]
+    assert circus.COMMANDS["rm"].fmt(reply) == "stopped first, as they depend on it: b, c\nok"
+
+
 # issue 18 item 1: reloadconfig replacing a dependency stops its dependant first, starts it after
 def test_depends_on_reloadconfig_stops_the_dependant_of_a_changed_watcher_first(tmp_path):
     import asyncio
