@@ -6414,7 +6414,8 @@ async def _exec_probe(w, cmd: str, timeout: float):
     try:
         code = await check.wait(timeout)
     finally:
-        check.kill_tree(signal.SIGKILL)
+        if check.alive or check.tree:       # (no tree: a Watcher used from Python)
+            check.kill_tree(signal.SIGKILL)
     if code is None:
         return "timed out after %g s" % timeout
     lines = bytes(out).decode("utf-8", "replace").strip().splitlines()
