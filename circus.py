@@ -9362,6 +9362,7 @@ class Arbiter:
             await self.stop_watchers()
             if new is not None:
                 self._close_sockets()
+                self._take_globals(new)         # shutdown_timeout, check_delay...
                 self.config = new
                 old, self.watchers = self.watchers, []
                 self._let_go(old)
