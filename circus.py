@@ -5021,7 +5021,7 @@ class RestartPolicy:
         w, code = self.w, self.last_code
         if not w.conf.options["critical"] or w.arbiter is None:
             return False
-        w.arbiter.critical_exit(w.name, 1 if code is None else exit_status(code), what)
+        w.arbiter.critical_exit(w.name, 1 if code is None else exit_status(code), "is critical and " + what)
         return True
 
     # -- the rules ---------------------------------------------------------------
@@ -6531,7 +6531,7 @@ class HealthCheck:
         if act == "restart":
             w.restart_process(p)
         elif act == "exit" and w.arbiter is not None:      # the container exit policy
-            done = w.arbiter.critical_exit(w.name, 1, "unhealthy")
+            done = w.arbiter.critical_exit(w.name, 1, "is unhealthy and its health_action is exit")
             if asyncio.iscoroutine(done):
                 asyncio.get_event_loop().create_task(w.arbiter_guard(done))
         else:       # stop (and exit with no daemon around: a Watcher used from Python)
@@ -9124,14 +9124,14 @@ class Arbiter:
         return len(left)
 
     def critical_exit(self, watcher_name: str, code: int, reason: str):
-        """A critical watcher gave up (or a health check says so): stop everything, in
-        reverse priority, then the daemon exits with ``code`` (run() returns it). The
-        first call wins; during a quit it does nothing. Returns the stop task, or None."""
+        """A critical watcher gave up (or a health check says so; ``reason`` follows its name
+        in the log line): stop everything, in reverse priority, then the daemon exits with
+        ``code`` (run() returns it). The first call wins; during a quit it does nothing.
+        Returns the stop task, or None."""
         if self.stopping or self.exit_code is not None:
             return None
         self.exit_code = code
-        _log().error("watcher %s is critical and %s: stopping everything, then exiting with code %d",
-                     watcher_name, reason, code)
+        _log().error("watcher %s %s: stopping everything, then exiting with code %d", watcher_name, reason, code)
         return self.stop()
 
     async def _finish(self):

@@ -7305,7 +7305,7 @@ def test_health_check_signal_action_keeps_probing_and_says_healthy_again():
 @pytest.mark.parametrize("action,done", [
     # stopped as FATAL, with why: status says it, /readyz waits for it (not a user's stop)
     ("stop", [("stop", circus.ProcState.FATAL)]),
-    ("exit", [("critical_exit", "web", 1, "unhealthy")]),     # the container exit policy
+    ("exit", [("critical_exit", "web", 1, "is unhealthy and its health_action is exit")]),     # as critical
 ])
 def test_health_check_stop_and_exit_actions(action, done):
     w = _HealthWatcher(health_failures=1, health_action=action)
