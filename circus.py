@@ -6091,6 +6091,8 @@ class Watcher:
             for p in self.processes.values():
                 p.send_signal(signal.SIGHUP)
             return {"stopped": [], "started": [], "kept": list(self.processes)}
+        if self.conf.options["oneshot"]:    # a task runs to its end: not cut off, no copy beside it
+            return {"stopped": [], "started": [], "kept": list(self.processes)}
         if not graceful:
             return await self.restart()
         old = list(self.processes.values())

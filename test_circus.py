@@ -2613,6 +2613,29 @@ def test_depends_on_fatal_dependency_keeps_dependant_waiting_until_it_recovers(t
     assert topics.index("watcher.b.waiting") < topics.index("watcher.b.spawn")
 
 
+# issue 18 item 2 x reload: a running task is neither cut off nor doubled by a reload or a SIGHUP
+def test_reload_leaves_a_running_oneshot_to_finish():
+    import asyncio
+
+    async def run():
+        arb, events = _events_arbiter([{"name": "task", "cmd": "sleep 60", "oneshot": True},
+                                       {"name": "web", "cmd": "sleep 60"}])
+        task, web = arb.get_watcher("task"), arb.get_watcher("web")
+        await arb.start()
+        try:
+            await _until(lambda: task.processes and web.processes, "both up")
+            pids, old_web = set(task.processes), set(web.processes)
+            await arb.reload()                  # SIGHUP's graceful reload of every running watcher
+            await task.reload()                 # `ctl reload task`
+            assert set(task.processes) == pids and task.status == "active"
+            assert web.processes and set(web.processes) != old_web      # the others are reloaded
+        finally:
+            await arb.stop()
+        return [t for t, _ in events]
+    topics = asyncio.run(run())
+    assert topics.count("watcher.task.spawn") == 1
+
+
 # issue 18 item 1 x rm: what depends on a removed watcher stops first (none left waiting for it)
 def test_rm_of_a_dependency_stops_its_dependants_first():
     import asyncio
