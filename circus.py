@@ -8464,8 +8464,8 @@ class _ConfigDiff:
     changed) are bound. Watchers: ``removed`` go, ``changed`` ((watcher, new
     conf) pairs, incl. those using a changed socket) are replaced, ``resized``
     take the new numprocesses, ``tuned`` only new RELOAD_IN_PLACE values (both:
-    a watcher that changed in both ways), ``added`` are new confs; ``to_build`` are the confs of
-    the watchers to create, in the file's order.
+    a watcher that changed in both ways), ``added`` are new confs; ``to_build``
+    are the confs of the watchers to create, in the file's order.
     """
 
     def __init__(self, old: CircusConfig, watchers, new: CircusConfig):
@@ -8492,8 +8492,11 @@ class _ConfigDiff:
 
     def _compare(self, w, wc):
         was = w.file_conf or w.conf     # what the file said, not what incr/set made of it
+        # a cron added or dropped is a task that starts at boot now, or no more: replaced
+        tuned = RELOAD_IN_PLACE if bool(was.options["cron"]) == bool(wc.options["cron"]) else \
+            tuple(k for k in RELOAD_IN_PLACE if k != "cron")
         if any(self._uses(w, s) for s in self.changed_socks) or \
-                self._differs_beyond(was, wc, ("numprocesses",) + RELOAD_IN_PLACE):
+                self._differs_beyond(was, wc, ("numprocesses",) + tuned):
             self.changed.append((w, wc))
             return
         if self._differs_beyond(was, wc, ("numprocesses",)):
@@ -9133,7 +9136,8 @@ class Arbiter:
         if self.stopping or self.exit_code is not None:
             return None
         self.exit_code = code
-        _log().error("watcher %s %s: stopping everything, then exiting with code %d", watcher_name, reason, code)
+        _log().error("watcher %s %s: stopping everything, then exiting with code %d",
+                     watcher_name, reason, code)
         return self.stop()
 
     async def _finish(self):

@@ -2830,6 +2830,9 @@ def test_reloadconfig_takes_schedules_health_checks_and_critical_in_place(tmp_pa
             await arb.reload_config()
             await _until(lambda: len(two.processes) == 3, "two resized by the file")
             assert two.opt("backoff_max") == 4.0 and set(web.processes) <= before
+            conf.write_text(conf.read_text().replace("cron = 30 4 * * *\n", ""))
+            diff = circus._ConfigDiff(arb.config, arb.watchers, circus.load_config(str(conf)))
+            assert [w for w, _ in diff.changed] == [job]    # no cron: a boot task now, replaced
             conf.write_text("[circus]\nshutdown_timeout = 7\n" + conf.read_text())
             await arb.restart()                 # `ctl restart`: the globals too
             assert arb.shutdown_timeout == 7.0
