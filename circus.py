@@ -3563,6 +3563,7 @@ class ChildWatcher:
         """A pidfd turned readable. A wave of deaths is reaped in turns of 5 ms, so the
         control channel answers between them (waitpid can be slow when thousands exit)."""
         self.loop.remove_reader(fd)
+        TREES.forget(pid)       # dead: no move into a cgroup once its pid can be reused
         self._exited.append(pid)
         if not self._draining:
             self._draining = True
@@ -3724,12 +3725,14 @@ class TreeKeeper:
     Set up by the daemon (setup()): on Linux it makes itself a child subreaper
     (or is PID 1), so orphans of its processes come back to it and ChildWatcher
     reaps them. Each watcher gets a cgroup v2 under the daemon's own, and each
-    process a leaf in it: ``<own>/circus.py-<pid>-<x>/w<n>-<watcher>/p<n>``. The
-    daemon steps into the leaf around fork (two writes, no preexec_fn, no race
-    with a child that forks at once) and a stop ends it with ``cgroup.kill``.
-    Without a cgroup (not root, no cgroup2, cgroup = false) a process carries
-    its leaf's name in $CIRCUS_PY_TREE: a stop signals its process group, its
-    descendants and the adopted orphans that carry that name.
+    process a leaf in it: ``<own>/circus.py-<pid>-<x>/w<n>-<watcher>/p<n>``. A
+    thread of its own moves each new process into its leaf (a migration waits
+    for an RCU grace period, ~10 ms: never on the event loop, never in the
+    respawn's path) and a stop ends the leaf with ``cgroup.kill``. Every process
+    also carries its leaf's name in $CIRCUS_PY_TREE, so what escaped before the
+    move (or everything, without a cgroup: not root, no cgroup2, cgroup =
+    false) is found too: a stop signals its process group, its descendants and
+    the adopted orphans that carry that name.
     """
 
     ENV = "CIRCUS_PY_TREE"
@@ -3740,9 +3743,12 @@ class TreeKeeper:
         self.tag = None         # set up: names start with it; None: nothing kept
         self.root = None        # the cgroup folder of it all, in cgroup mode
         self.kill_file = False  # cgroup.kill (Linux 5.14+)
-        self._home = None       # fd of the daemon's own cgroup.procs
         self._seq = 0
         self.lingering = set()  # cgroup folders to remove once empty
+        import threading
+        self._moving: dict = {}     # pid -> leaf, for the mover thread (under _lock)
+        self._lock = threading.Lock()
+        self._mover = None      # the one-thread executor that moves processes into leaves
 
     def setup(self, subreaper=True, cgroup=True) -> str:
         """Become PID 1's or a subreaper's reaper, find or make the cgroup; says which
@@ -3761,6 +3767,8 @@ class TreeKeeper:
                                             if self.reaping else "not a subreaper", how)
 
     def _make_root(self):
+        if not HAS_PIDFD:       # a pid must be known dead before it is reaped (see forget)
+            return "no pidfd (Linux before 5.3)"
         home, why = _cgroup_home()
         if home is None:
             return why
@@ -3770,12 +3778,10 @@ class TreeKeeper:
             # cgroup v2's no-internal-process rule does not bite: the daemon's own cgroup has
             # the daemon in it, so it has no controllers enabled (or is a root, exempt)
             os.mkdir(top)
-            self._home = os.open(os.path.join(home, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC)
-            os.write(self._home, b"0")      # allowed to come back home: checked now
+            # moving a child from here into a leaf takes writing both cgroup.procs: checked now
+            for where in (home, top):
+                os.close(os.open(os.path.join(where, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC))
         except OSError as e:
-            if self._home is not None:
-                os.close(self._home)
-                self._home = None
             try:
                 os.rmdir(top)
             except OSError:
@@ -3810,42 +3816,54 @@ class TreeKeeper:
         return name
 
     def spawn_in(self, name: str, popen):
-        """``popen()`` with the daemon inside cgroup ``name``, so the child is born there."""
-        if self.root is None:
-            return popen()
-        fd = None
-        try:
-            fd = os.open(os.path.join(self.path(name), "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC)
-            os.write(fd, b"0")
-        except OSError as e:        # e.g. privileges dropped since: the fallback from now on
-            _log().error("cgroup %s: %s; without cgroups from now on", self.path(name), e.strerror)
-            self.root = None
-            return popen()
-        finally:
-            if fd is not None:
-                os.close(fd)
-        try:
-            return popen()
-        finally:
-            self._go_home()
+        """``popen()`` (returning ``(pid, ...)``), then the child moved into cgroup ``name``
+        by the mover thread."""
+        spawned = popen()
+        if self.root is not None:
+            pid = spawned[0]
+            with self._lock:
+                self._moving[pid] = name
+            if self._mover is None:
+                import concurrent.futures
+                self._mover = concurrent.futures.ThreadPoolExecutor(1, "circus-cgroup")
+            self._mover.submit(self._move, pid)
+        return spawned
 
-    def _go_home(self):
-        try:
-            os.write(self._home, b"0")
-        except OSError as e:        # never kill a cgroup the daemon may still be in
-            _log().error("cannot leave a process's cgroup (%s): no cgroups from now on", e.strerror)
-            self.root = None
+    def _move(self, pid: int) -> None:
+        """(mover thread) Into its leaf, unless it died meanwhile: a pid forgotten (see
+        forget) may be another process's by now."""
+        with self._lock:
+            name = self._moving.pop(pid, None)
+            root = self.root
+            if name is None or root is None:
+                return
+            try:
+                fd = os.open(os.path.join(root, name, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC)
+                try:
+                    os.write(fd, b"%d" % pid)
+                finally:
+                    os.close(fd)
+            except OSError:     # gone already, or its leaf is: $CIRCUS_PY_TREE still finds it
+                pass
+
+    def forget(self, pid: int) -> None:
+        """``pid`` exited and is about to be reaped: never move it (the mover holds the
+        lock while it writes, so a move either happened or will not)."""
+        if self._moving:
+            with self._lock:
+                self._moving.pop(pid, None)
 
     def env(self, name: str) -> dict:
-        """What a process's environment gets so its orphans can be told (no cgroup only)."""
-        return {self.ENV: "%s/%s" % (self.tag, name)} if self.reaping and self.root is None else {}
+        """What a process's environment gets so its orphans can be told apart."""
+        return {self.ENV: "%s/%s" % (self.tag, name)} if self.reaping else {}
 
     def kill(self, name: str, signum=signal.SIGKILL) -> None:
         """Signal everything in tree ``name`` (a watcher's branch or a process's leaf)."""
         if self.tag is None:
             return
+        self._signal(self._adopted(name), signum)      # what left before a move, or without cgroups
         if self.root is None:
-            return self._signal(self._adopted(name), signum)
+            return
         path = self.path(name)
         if signum == signal.SIGKILL and self.kill_file:
             try:
@@ -3947,15 +3965,14 @@ class TreeKeeper:
             self.kill("")
             for folder, _, _ in os.walk(self.root):
                 self.lingering.add(folder)
-        else:
-            self._signal(_psutil.Process().children(recursive=True), signal.SIGKILL)
+        self._signal(_psutil.Process().children(recursive=True), signal.SIGKILL)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and (self.reaping and _orphans() or self._busy()):
             await asyncio.sleep(0.01)       # the SIGCHLD reaper does the reaping
         self.tidy()
-        if self._home is not None:
-            os.close(self._home)
-            self._home = None
+        if self._mover is not None:
+            self._mover.shutdown(wait=False)
+            self._mover = None
 
     def _busy(self) -> bool:
         self.tidy()
@@ -4679,8 +4696,6 @@ class Process:
     def kill_tree(self, signum=signal.SIGKILL) -> None:
         """Signal the process and everything it left: its cgroup where it has one; else its
         process group, its descendants and the orphans the daemon adopted from it."""
-        if self.tree and TREES.root is not None:
-            return TREES.kill(self.tree, signum)
         family = self.children(recursive=True) if self.alive else []
         self.send_signal(signum)
         self.signal_group(signum)

@@ -3522,6 +3522,10 @@ def test_e2e_stop_and_quit_end_setsid_grandchildren(daemon, cgroup):
             pytest.skip("the daemon could not become a subreaper: %s" % how)
         kids = [wait_for(lambda: procs_mentioning(m), what="grandchild %s" % m)[0] for m in marks]
         assert all(k.ppid() == d.pid for k in kids)     # adopted by the daemon, not by init
+        if cgroup == "true":        # moved into its leaf, off the spawn's path
+            (pid,) = d.call("list", name="b")["pids"]
+            wait_for(lambda: "/circus.py-%d-" % d.pid in pathlib.Path("/proc/%d/cgroup" % pid).read_text(),
+                     what="b's process in its cgroup leaf")
         assert d.call("stop", name="a", waiting=True)["status"] == "ok"
         wait_for(lambda: not procs_mentioning(marks[0]), what="a's grandchild to go with a's stop")
         assert procs_mentioning(marks[1])               # b's is b's
