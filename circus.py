@@ -3803,8 +3803,9 @@ class TreeKeeper:
         return self._mkdir(name)
 
     def leaf(self, branch: str) -> str:
+        """A new process's leaf name in ``branch``; the mover thread makes the cgroup."""
         self._seq += 1
-        return self._mkdir("%s/p%d" % (branch, self._seq))
+        return "%s/p%d" % (branch, self._seq)
 
     def _mkdir(self, name):
         if self.root is not None:
@@ -3823,11 +3824,15 @@ class TreeKeeper:
             pid = spawned[0]
             with self._lock:
                 self._moving[pid] = name
-            if self._mover is None:
-                import concurrent.futures
-                self._mover = concurrent.futures.ThreadPoolExecutor(1, "circus-cgroup")
-            self._mover.submit(self._move, pid)
+            self._submit(self._move, pid)
         return spawned
+
+    def _submit(self, fn, *args) -> None:
+        """Run ``fn`` in the mover thread (cgroup writes, mkdir and rmdir: off the loop)."""
+        if self._mover is None:
+            import concurrent.futures
+            self._mover = concurrent.futures.ThreadPoolExecutor(1, "circus-cgroup")
+        self._mover.submit(fn, *args)
 
     def _move(self, pid: int) -> None:
         """(mover thread) Into its leaf, unless it died meanwhile: a pid forgotten (see
@@ -3838,6 +3843,7 @@ class TreeKeeper:
             if name is None or root is None:
                 return
             try:
+                os.makedirs(os.path.join(root, name), exist_ok=True)
                 fd = os.open(os.path.join(root, name, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC)
                 try:
                     os.write(fd, b"%d" % pid)
@@ -3926,10 +3932,15 @@ class TreeKeeper:
             self.tidy()
 
     def release(self, name: str) -> None:
-        """A process reaped: its leaf goes once what it left has gone too."""
+        """A process reaped: its leaf goes once what it left has gone too (in the mover
+        thread, after its move)."""
         if self.root is not None and name:
-            self.lingering.add(self.path(name))
-            self.tidy(self.path(name))
+            self._submit(self._linger, self.path(name))
+
+    def _linger(self, path) -> None:
+        with self._lock:
+            self.lingering.add(path)
+        self.tidy(path)
 
     def cgroup_of(self, pid: int):
         """The cgroup folder of a process (a zombie's too), if it is one of ours."""
@@ -3945,22 +3956,26 @@ class TreeKeeper:
 
     def tidy(self, path=None) -> None:
         """Remove the cgroups that are empty now (deepest first), or only ``path``."""
-        todo = sorted(self.lingering, key=len, reverse=True) if path is None else \
-            [path] if path in self.lingering else []
-        for path in todo:
-            try:
-                os.rmdir(path)
-            except FileNotFoundError:
-                pass
-            except OSError:         # EBUSY: a process or a cgroup still in it
-                continue
-            self.lingering.discard(path)
+        with self._lock:        # the loop's thread and the mover's
+            todo = sorted(self.lingering, key=len, reverse=True) if path is None else \
+                [path] if path in self.lingering else []
+            for path in todo:
+                try:
+                    os.rmdir(path)
+                except FileNotFoundError:
+                    pass
+                except OSError:         # EBUSY: a process or a cgroup still in it
+                    continue
+                self.lingering.discard(path)
 
     async def close(self, timeout=2.0) -> None:
         """At quit: nothing may remain under the daemon. Everything left is killed, the
         daemon waits (bounded) until its reaper has reaped it, then removes its cgroups."""
         if self.tag is None:
             return
+        if self._mover is not None:     # what it has yet to do (moves, removals) first
+            self._mover.shutdown(wait=True)
+            self._mover = None
         if self.root is not None:
             self.kill("")
             for folder, _, _ in os.walk(self.root):
@@ -3970,9 +3985,6 @@ class TreeKeeper:
         while time.monotonic() < deadline and (self.reaping and _orphans() or self._busy()):
             await asyncio.sleep(0.01)       # the SIGCHLD reaper does the reaping
         self.tidy()
-        if self._mover is not None:
-            self._mover.shutdown(wait=False)
-            self._mover = None
 
     def _busy(self) -> bool:
         self.tidy()
