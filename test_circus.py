@@ -40,6 +40,26 @@ CIRCUS_PY = HERE / "circus.py"
 sys.path.insert(0, str(HERE))
 import circus  # noqa: E402
 
+_COMPILED: list = []
+
+
+def run_circus(*args) -> list:
+    """The command line of ``python circus.py ARGS...`` for the daemons and ctls the harness
+    starts, run from circus.py's bytecode compiled once per session, the way the daemon's
+    own lean restart runs it (``python X.pyc --source=circus.py ARGS``): Python compiles a
+    script on every start (0.2-0.3 s for this file), which would cost the suite minutes.
+    Tests of the script's own start-up run CIRCUS_PY itself."""
+    if not _COMPILED:
+        import atexit
+        import py_compile
+        import shutil
+        import tempfile
+        folder = tempfile.mkdtemp(prefix="circus-test-pyc-")
+        atexit.register(shutil.rmtree, folder, True)
+        _COMPILED.append(py_compile.compile(str(CIRCUS_PY), cfile=os.path.join(folder, "circus.pyc"),
+                                            doraise=True))
+    return [sys.executable, _COMPILED[0], circus._SOURCE_ARG + str(CIRCUS_PY)] + [str(a) for a in args]
+
 # Bounds on waits, in seconds. A wait polls for its condition and usually ends long before
 # its bound: a bound only decides how long a failing test takes to say what never happened.
 TIMEOUT = 15.0      # any single condition on a loaded CI box: a process up or gone, a reply, an event
@@ -3082,7 +3102,7 @@ class Daemon:
     circusd or supervisord (``program``: the argv before the config file)."""
 
     def __init__(self, root, body=None, name="c.ini", extra_args=(), program=None, label="our daemon",
-                 endpoint=None, log="daemon.log"):
+                 endpoint=None, log="daemon.log", script=False):
         """``body`` is written after a [circus] section with our endpoints; without it,
         ``name`` is an existing config that uses ``endpoint`` (default ipc://ROOT/ctl.sock)
         and ipc://ROOT/pub.sock."""
@@ -3094,7 +3114,9 @@ class Daemon:
             head = "[circus]\nendpoint = %s\npubsub_endpoint = %s\n" % (self.endpoint, self.pubsub)
             self.conf.write_text(head + textwrap.dedent(body))
         self.ours = program is None
-        self.argv = [str(a) for a in (program or [sys.executable, CIRCUS_PY, "daemon"])] + [str(name)]
+        # script: `python circus.py daemon` itself, for the tests of its own start-up
+        ours = [sys.executable, CIRCUS_PY, "daemon"] if script else run_circus("daemon")
+        self.argv = [str(a) for a in (program or ours)] + [str(name)]
         self.label = label
         self.log = self.root / log
         self.extra_args = list(extra_args)
@@ -3186,8 +3208,8 @@ class Daemon:
             s.close(0)
 
     def ctl(self, *args, timeout=LONG):
-        return subprocess.run([sys.executable, str(CIRCUS_PY), "ctl", "--endpoint", self.endpoint] +
-                              [str(a) for a in args], capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(run_circus("ctl", "--endpoint", self.endpoint, *args), capture_output=True,
+                              text=True, timeout=timeout)
 
     def pids(self, name):
         r = self.call("list", name=name)
@@ -5236,7 +5258,7 @@ def our_ctl(real_bin):
         return Ctl("real circusctl (selfcheck)", [real_bin / "circusctl"])
     if not CIRCUS_PY.exists():
         pytest.fail("%s does not exist" % CIRCUS_PY)
-    return Ctl("our ctl", [sys.executable, CIRCUS_PY, "ctl"])
+    return Ctl("our ctl", run_circus("ctl"))
 
 
 @pytest.fixture
@@ -9550,7 +9572,7 @@ def test_e2e_daemon_runs_from_private_bytecode(daemon, shortdir):
     """`python circus.py daemon` re-executes from a cached .pyc: the compiler's memory
     does not stay with a long-lived daemon, and the cache is private."""
     env = dict(os.environ, XDG_RUNTIME_DIR=shortdir)
-    d = daemon("[watcher:w]\ncmd = sleep 120\n", start=False)
+    d = daemon("[watcher:w]\ncmd = sleep 120\n", start=False, script=True)
     d.start(env=env)
     cache = pathlib.Path(shortdir) / "circus" / "bytecode"
     (pyc,) = cache.glob("circus-*.pyc")
@@ -9575,7 +9597,7 @@ def test_e2e_daemon_cmdline_names_circus_py_and_config_old_bytecode_pruned(daemo
     user = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", str(used)],
                             start_new_session=True)
     try:
-        d = daemon("[watcher:w]\ncmd = sleep 120\n", start=False)
+        d = daemon("[watcher:w]\ncmd = sleep 120\n", start=False, script=True)
         d.start(env=dict(os.environ, XDG_RUNTIME_DIR=shortdir))
         cmdline = " ".join(psutil.Process(d.proc.pid).cmdline())
         assert ".pyc" in cmdline and "circus.py daemon c.ini" in cmdline, cmdline
